@@ -1,0 +1,94 @@
+"""The attention contract: batch metadata and the backend interface.
+
+The model runner builds one :class:`AttentionMetadata` per step and hands it to
+every attention layer. A batch is a flat run of tokens from several requests: the
+new tokens of request ``i`` are ``query_start_loc[i]:query_start_loc[i+1]``, and
+they sit at the end of that request's context of ``seq_lens[i]`` tokens. A decode
+is a request whose query length is 1; a prefill (or a prefill chunk, or a prefill
+after a prefix-cache hit) has a query longer than 1 and may start after tokens
+already in the cache.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+__all__ = ["AttentionBackend", "AttentionLayerSpec", "AttentionMetadata"]
+
+
+@dataclass(frozen=True)
+class AttentionLayerSpec:
+    """What an attention backend needs to know about the model's attention."""
+
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (grouped-query when fewer than num_heads)
+    head_dim: int
+    scale: float  # softmax scale, usually head_dim ** -0.5
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's batch layout, shared by all layers. Tensors live on the platform device."""
+
+    num_tokens: int  # T: new tokens in this step, all requests together
+    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset for each new token
+    query_start_loc: torch.Tensor  # [B+1] int32: cumulative query lengths, starts at 0
+    seq_lens: torch.Tensor  # [B] int32: context length of each request after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32: block ids, padded with 0
+    query_lens: list[int]  # [B] host copy of the query lengths
+    seq_lens_host: list[int]  # [B] host copy of seq_lens
+    block_size: int  # tokens per KV block
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_all_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(ABC):
+    """Attention over a paged KV cache, for one platform.
+
+    Invariants an implementation keeps:
+    - ``forward`` first writes the step's new keys and values into the cache at
+      ``meta.slot_mapping``, then attends each new query token to every context token
+      of its own request up to and including its own position (causal), never to
+      another request's tokens.
+    - The KV cache of one layer is one tensor of ``kv_cache_shape(...)`` as allocated
+      by the platform's allocator; the backend never reallocates it.
+    - Grouped-query attention maps query head ``h`` to kv head ``h // (num_heads //
+      num_kv_heads)``.
+    - The result equals :class:`kvrun.attention.reference.ReferenceAttention` within
+      floating-point tolerance.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, spec: AttentionLayerSpec) -> None:
+        self.spec = spec
+
+    @staticmethod
+    @abstractmethod
+    def kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        """Shape of one layer's KV-cache tensor."""
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [T, num_heads, head_dim]
+        key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # one layer's cache, kv_cache_shape(...)
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """Store the new K/V in the cache and return the attention output."""

@@ -1,0 +1,1 @@
+"""The `kvrun` command line."""

@@ -1,0 +1,62 @@
+"""`kvrun`: one verb per module, imported only when that verb runs.
+
+Each verb module defines ``add_arguments(parser)`` and ``run(args, env) -> int``.
+A :class:`kvrun.errors.KvrunError` is a user error: its message is printed alone
+(no traceback) and the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from kvrun.errors import KvrunError
+from kvrun.version import __version__
+
+__all__ = ["main"]
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "env": ("kvrun.cli.env_cmd", "show every VLLM_* variable: value, default, source, doc"),
+    "plugins": ("kvrun.cli.plugins_cmd", "list discovered plugins and the selected platform"),
+    "generate": ("kvrun.cli.generate_cmd", "generate text from a prompt with a model"),
+    "serve": ("kvrun.cli.serve_cmd", "serve a model over an OpenAI-compatible HTTP API"),
+    "bench": ("kvrun.cli.bench_cmd", "benchmark a running server"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvrun", description="kvrun LLM inference runtime")
+    parser.add_argument("--version", action="version", version=f"kvrun {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for verb, (module, help_text) in VERBS.items():
+        verb_parser = sub.add_parser(verb, help=help_text, description=help_text)
+        verb_parser.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(verb_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from kvrun import envs
+
+    args = _parser().parse_args(argv)
+    try:
+        env = envs.read_env()
+        from kvrun.logging_config import configure_logging
+
+        configure_logging(env)
+        envs.warn_unknown_variables()
+        status: int = importlib.import_module(args._module).run(args, env)
+    except KvrunError as exc:
+        print(f"kvrun: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Plain-torch reference implementations of every kernel, by op name.
+
+These are the oracle: each platform's kernels are tested against them on random
+inputs. They favour clarity over speed, but they are also what a platform runs
+for any op it does not override, so they must be correct for every shape the
+models produce.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "fused_add_rms_norm",
+    "paged_attention",
+    "reshape_and_cache",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+]
+
+
+def rms_norm(
+    x: torch.Tensor,  # [T, H]
+    weight: torch.Tensor,  # [H]
+    eps: float,
+) -> torch.Tensor:  # [T, H]
+    dtype = x.dtype
+    xf = x.float()
+    variance = xf.pow(2).mean(dim=-1, keepdim=True)
+    return weight * (xf * torch.rsqrt(variance + eps)).to(dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,  # [T, H]
+    residual: torch.Tensor,  # [T, H]
+    weight: torch.Tensor,  # [H]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (normed [T, H], x + residual [T, H])
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [T] int
+    query: torch.Tensor,  # [T, Hq, D]
+    key: torch.Tensor,  # [T, Hk, D]
+    cos_sin_cache: torch.Tensor,  # [max_pos, D]: cos in [:, :D/2], sin in [:, D/2:]
+) -> tuple[torch.Tensor, torch.Tensor]:  # (query, key) rotated, same shapes
+    """Rotary position embedding, rotate-half (GPT-NeoX / Hugging Face Llama) style."""
+    half = cos_sin_cache.shape[-1] // 2
+    cos_sin = cos_sin_cache.index_select(0, positions)  # [T, D]
+    cos = cos_sin[:, :half].unsqueeze(1)  # [T, 1, D/2]
+    sin = cos_sin[:, half:].unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., :half], x[..., half:]
+        c, s = cos.to(x.dtype), sin.to(x.dtype)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+    return rotate(query), rotate(key)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def reshape_and_cache(
+    key: torch.Tensor,  # [T, Hk, D]
+    value: torch.Tensor,  # [T, Hk, D]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D]
+    slot_mapping: torch.Tensor,  # [T] int64, block_id * block_size + offset
+) -> None:
+    """Write each token's key and value into its cache slot, in place."""
+    num_blocks, block_size = key_cache.shape[:2]
+    key_cache.view(num_blocks * block_size, *key_cache.shape[2:])[slot_mapping] = key.to(
+        key_cache.dtype
+    )
+    value_cache.view(num_blocks * block_size, *value_cache.shape[2:])[slot_mapping] = value.to(
+        value_cache.dtype
+    )
+
+
+def paged_attention(
+    query: torch.Tensor,  # [T, Hq, D]: the new tokens of all requests, flat
+    key_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int
+    seq_lens: list[int],  # [B] context length after this step
+    query_lens: list[int],  # [B] new tokens per request (they end the context)
+    scale: float,
+) -> torch.Tensor:  # [T, Hq, D]
+    """Causal attention of each request's new tokens over its paged context.
+
+    Gathers each request's whole context, which is what makes it a reference and not
+    a fast path.
+    """
+    block_size = key_cache.shape[1]
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    start = 0
+    for i, (seq_len, q_len) in enumerate(zip(seq_lens, query_lens)):
+        n_blocks = (seq_len + block_size - 1) // block_size
+        blocks = block_tables[i, :n_blocks].long()
+        k = key_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [S, Hk, D]
+        v = value_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        k = k.repeat_interleave(group, dim=1).float()  # [S, Hq, D]
+        v = v.repeat_interleave(group, dim=1).float()
+        q = query[start : start + q_len].float()  # [Q, Hq, D]
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, Q, S]
+        # query j sits at absolute position seq_len - q_len + j and sees keys 0..that.
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device).unsqueeze(1)
+        k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)
+        scores = scores.masked_fill((k_pos > q_pos).unsqueeze(0), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start : start + q_len] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
+        start += q_len
+    return out

@@ -1,0 +1,1 @@
+"""Shared pytest configuration. Shared fixtures live in tests/support/ modules."""
