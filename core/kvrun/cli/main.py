@@ -27,22 +27,26 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(verb: str | None) -> argparse.ArgumentParser:
+    """All verbs are listed; only the one being run imports its module (keeps start-up cheap)."""
     parser = argparse.ArgumentParser(prog="kvrun", description="kvrun LLM inference runtime")
     parser.add_argument("--version", action="version", version=f"kvrun {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
-    for verb, (module, help_text) in VERBS.items():
-        verb_parser = sub.add_parser(verb, help=help_text, description=help_text)
+    for name, (module, help_text) in VERBS.items():
+        verb_parser = sub.add_parser(name, help=help_text, description=help_text)
         verb_parser.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(verb_parser)
+        if name == verb:
+            importlib.import_module(module).add_arguments(verb_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from kvrun import envs
 
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    args = _parser(verb).parse_args(argv)
     try:
         env = envs.read_env()
         from kvrun.logging_config import configure_logging
