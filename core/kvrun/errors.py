@@ -4,7 +4,7 @@ Entry points (the CLI, the server) print a :class:`KvrunError`'s message alone a
 exit non-zero; anything else is a bug and keeps its traceback.
 """
 
-__all__ = ["ConfigError", "KvrunError", "ModelLoadError", "PluginError"]
+__all__ = ["ConfigError", "KvrunError", "ModelLoadError", "PluginError", "RequestError"]
 
 
 class KvrunError(ValueError):
@@ -21,3 +21,12 @@ class PluginError(KvrunError):
 
 class ModelLoadError(KvrunError):
     """A model path, checkpoint or tokenizer that cannot be loaded."""
+
+
+class RequestError(KvrunError):
+    """A request the engine refuses; the server answers 400 with ``param`` and ``code``."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # the request field at fault, e.g. "max_tokens"
+        self.code = code  # a machine-readable code, e.g. "context_length_exceeded"
