@@ -79,13 +79,15 @@ class KVCachePlan:
     block_size: int
     dtype: torch.dtype
     layer_shape: tuple[int, ...]  # one layer's tensor shape; allocate() returns these
+    num_layers: int
     budget_bytes: int  # the budget the blocks were carved from
     reason: str  # one line for the start-up log: where the budget came from
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of all layers' cache tensors together."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        n = 1
+        n = self.num_layers
         for d in self.layer_shape:
             n *= d
         return n * elem
@@ -191,6 +193,7 @@ class Platform(ABC):
             block_size=request.block_size,
             dtype=request.dtype,
             layer_shape=request.layer_shape(num_blocks),
+            num_layers=request.num_layers,
             budget_bytes=budget,
             reason=why,
         )

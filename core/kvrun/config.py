@@ -1,0 +1,124 @@
+"""Engine options: what a user asks for (EngineArgs) and what the engine resolved (EngineConfig)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from kvrun.errors import ConfigError
+
+__all__ = ["DTYPES", "EngineArgs", "EngineConfig", "parse_dtype"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype | None:
+    """None for "auto" (the platform decides); a ConfigError for an unknown name."""
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r} is not known; accepted: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """User options, named as in vLLM so existing code and command lines carry over."""
+
+    model: str | None = None  # path, hub id or GGUF file; None = the default model
+    tokenizer: str | None = None  # defaults to the model's own
+    revision: str | None = None
+    download_dir: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto picks what the platform runs fastest
+    max_model_len: int | None = None  # defaults to the model's context length
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 256  # requests running at once
+    max_num_batched_tokens: int | None = None  # tokens per step; default below
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    num_kv_blocks: int | None = None  # overrides the platform's KV budget (tests, tuning)
+    attention_backend: str | None = None  # overrides VLLM_ATTENTION_BACKEND
+    seed: int = 0
+    max_logprobs: int = 20  # cap on logprobs / prompt_logprobs per position
+    disable_log_stats: bool = False
+    enforce_eager: bool = True  # False tries torch.compile on the model step
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 when given, got {value}")
+        if self.max_logprobs < 0:
+            raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        parse_dtype(self.dtype)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, *, model_positional: bool = False) -> None:
+        """Add the engine options as --flags (vLLM's spellings)."""
+        group = parser.add_argument_group("engine")
+        if not model_positional:
+            group.add_argument("--model", default=None, help="model path, hub id or GGUF file")
+        group.add_argument("--tokenizer", default=None)
+        group.add_argument("--revision", default=None)
+        group.add_argument("--download-dir", default=None)
+        group.add_argument("--served-model-name", default=None)
+        group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+        group.add_argument("--max-model-len", type=int, default=None)
+        group.add_argument("--block-size", type=int, default=16)
+        group.add_argument("--max-num-seqs", type=int, default=256)
+        group.add_argument("--max-num-batched-tokens", type=int, default=None)
+        group.add_argument(
+            "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True
+        )
+        group.add_argument(
+            "--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True
+        )
+        group.add_argument("--num-kv-blocks", type=int, default=None)
+        group.add_argument("--attention-backend", default=None)
+        group.add_argument("--seed", type=int, default=0)
+        group.add_argument("--max-logprobs", type=int, default=20)
+        group.add_argument("--disable-log-stats", action="store_true")
+        group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        values: dict[str, Any] = {
+            f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)
+        }
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine resolved from EngineArgs, the model and the platform."""
+
+    model_source: str  # what was loaded: path or hub id
+    model_name: str  # the name the server reports (served_model_name or model_source)
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool
+    enable_chunked_prefill: bool
+    seed: int
+    max_logprobs: int
+    platform_name: str
+    attention_backend: str  # the backend's name as VLLM_ATTENTION_BACKEND spells it
+    num_kv_blocks: int = 0  # filled once the cache is planned
+    kv_cache_bytes: int = 0

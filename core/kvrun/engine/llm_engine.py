@@ -1,0 +1,306 @@
+"""The engine loop: requests in, scheduler step, model step, sampler, outputs.
+
+One :meth:`LLMEngine.step` schedules a batch (prefill chunks and decodes under
+one token budget), runs the model on the selected platform, samples a token for
+each request that reached the end of its known tokens, and lets the scheduler
+append tokens, apply stops and free blocks. Everything device-specific comes
+from the platform built in :mod:`kvrun.engine.setup`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import torch
+
+from kvrun.config import EngineArgs, EngineConfig
+from kvrun.engine.model_runner import ModelRunner
+from kvrun.engine.sampling_step import SamplingStep
+from kvrun.engine.sequence import ParentRequest, SequenceState, make_detokenizer
+from kvrun.engine.setup import build_engine_parts
+from kvrun.envs import EnvSnapshot
+from kvrun.errors import RequestError
+from kvrun.outputs import RequestMetrics, RequestOutput
+from kvrun.sampling_params import SamplingParams
+from kvrun.scheduling.output import ScheduledChunk
+from kvrun.scheduling.request import Request, RequestStatus
+from kvrun.scheduling.scheduler import Scheduler
+
+__all__ = ["EngineStats", "LLMEngine"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters for logs and /metrics (vLLM's metric meanings)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1 of the KV blocks in use
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found
+    num_preemptions_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+class LLMEngine:
+    """Synchronous engine: call :meth:`add_request`, then :meth:`step` until idle."""
+
+    def __init__(self, args: EngineArgs, env: EnvSnapshot) -> None:
+        parts = build_engine_parts(args, env)
+        self.env = env
+        self.platform = parts.platform
+        self.config: EngineConfig = parts.config
+        self.tokenizer = parts.tokenizer
+        self.scheduler: Scheduler = parts.scheduler
+        self.runner: ModelRunner = parts.runner
+        self.sampling = SamplingStep(
+            self.platform.device, logits_processor_threads=env.VLLM_LOGITS_PROCESSOR_THREADS
+        )
+        self._parents: dict[str, ParentRequest] = {}
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._last_batch_log = time.monotonic()
+        self._profiler: object | None = None
+
+    # requests -----------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request; a RequestError (or ValueError) says why one is refused."""
+        if request_id in self._parents:
+            raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+        prompt_text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(token_ids)
+        params.verify(self.config.vocab_size, self.config.max_logprobs)
+        room = self.config.max_model_len - len(token_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens > room:
+            raise RequestError(
+                f"This model's maximum context length is {self.config.max_model_len} tokens. "
+                f"However, you requested {len(token_ids) + max_tokens} tokens "
+                f"({len(token_ids)} in the prompt, {max_tokens} for the completion). "
+                "Please reduce the length of the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        now = time.monotonic()
+        parent = ParentRequest(
+            request_id=request_id,
+            prompt=prompt_text,
+            prompt_token_ids=token_ids,
+            params=params,
+            metrics=RequestMetrics(arrival_time=arrival_time or now),
+        )
+        bad_words = self._bad_words_ids(params.bad_words or [])
+        eos = self.tokenizer.eos_token_ids
+        for index in range(params.n):
+            seq_params = params
+            if params.n > 1 and params.seed is not None:
+                seq_params = replace(params, seed=params.seed + index)
+            state = SequenceState(
+                parent=parent,
+                index=index,
+                params=seq_params,
+                generator=self.sampling.make_generator(seq_params.seed),
+                detokenizer=make_detokenizer(self.tokenizer, token_ids, seq_params),
+                bad_words_ids=bad_words,
+                eos_token_ids=eos,
+            )
+            parent.sequences.append(state)
+            request = Request(
+                request_id=self._seq_id(request_id, index, params.n),
+                prompt_token_ids=token_ids,
+                max_tokens=max_tokens,
+                min_tokens=params.min_tokens,
+                ignore_eos=params.ignore_eos,
+                eos_token_ids=eos,
+                stop_token_ids=frozenset(params.stop_token_ids or ()),
+                arrival_time=parent.metrics.arrival_time,
+                payload=state,
+                skip_prefix_cache=params.prompt_logprobs is not None,
+            )
+            self.scheduler.add_request(request)
+        self._parents[request_id] = parent
+        self._prompt_tokens_total += len(token_ids)
+
+    def abort_request(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            parent = self._parents.pop(request_id, None)
+            if parent is None:
+                continue
+            n = len(parent.sequences)
+            ids = [self._seq_id(request_id, i, n) for i in range(n)]
+            self.scheduler.abort_requests(ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    # the loop ----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler + model step; cumulative outputs of requests that progressed."""
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            return []
+        now = time.monotonic()
+        wants_prompt_logprobs = frozenset(
+            chunk.request_id
+            for chunk in out.chunks
+            if self._needs_prompt_logprobs(chunk.request_id, chunk.start_position)
+        )
+        logits = self.runner.execute(out.chunks, wants_prompt_logprobs)
+        states = [self._state(rid) for rid in logits.request_ids]
+        sampled = self.sampling.sample(logits.logits, states)
+        for chunk in out.chunks:
+            if chunk.request_id in logits.prompt_logits:
+                self._add_prompt_logprobs(chunk, logits.prompt_logits[chunk.request_id])
+        new_tokens = {rid: [t] for rid, t in zip(logits.request_ids, sampled.token_ids)}
+        updated = self.scheduler.update(out, new_tokens)
+        logprobs_by_id = dict(zip(logits.request_ids, sampled.logprobs))
+        touched: dict[str, ParentRequest] = {}
+        for request in updated:
+            state: SequenceState = request.payload  # type: ignore[assignment]
+            token = request.output_token_ids[-1]
+            entry = logprobs_by_id.get(request.request_id)
+            if entry is not None:
+                entry = self.sampling.decode_logprobs(entry, self.tokenizer)
+            stop = state.add_token(token, entry)
+            self._generation_tokens_total += 1
+            if stop is not None and not request.status.is_finished():
+                self.scheduler.finish_request(
+                    request.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop
+                )
+                state.finish("stop", stop)
+            elif request.status.is_finished():
+                state.finish(request.finish_reason or "stop", request.stop_reason)
+            parent = state.parent
+            parent.metrics.num_cached_tokens = max(
+                parent.metrics.num_cached_tokens, request.num_cached_tokens
+            )
+            parent.mark_token(now)
+            touched[parent.request_id] = parent
+        outputs = []
+        for parent in touched.values():
+            if parent.finished:
+                parent.metrics.finished_time = time.monotonic()
+                self._parents.pop(parent.request_id, None)
+            outputs.append(parent.output())
+        self._maybe_log_batch(len(out.chunks), out.num_batched_tokens)
+        return outputs
+
+    # stats and control ----------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_cache_usage=s.kv_cache_usage,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            num_preemptions_total=s.num_preemptions_total,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.reset_prefix_cache()
+
+    def start_profile(self) -> None:
+        from kvrun.engine.profiling import start_profile
+
+        self._profiler = start_profile(self.env.VLLM_TORCH_PROFILER_DIR, self._profiler)
+
+    def stop_profile(self) -> None:
+        from kvrun.engine.profiling import stop_profile
+
+        stop_profile(self._profiler)
+        self._profiler = None
+
+    @staticmethod
+    def new_request_id() -> str:
+        return uuid.uuid4().hex
+
+    # helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def _seq_id(request_id: str, index: int, n: int) -> str:
+        return request_id if n == 1 else f"{request_id}#{index}"
+
+    def _state(self, seq_id: str) -> SequenceState:
+        request = self.scheduler.get_request(seq_id)
+        assert request is not None, seq_id
+        state: SequenceState = request.payload  # type: ignore[assignment]
+        return state
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        vocab = self.config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(
+                f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt"
+            )
+        if len(token_ids) >= self.config.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.config.max_model_len} tokens. "
+                f"However, the prompt has {len(token_ids)} tokens, leaving no room to generate.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word as token ids, alone and after a space (how it appears mid-text)."""
+        ids: list[list[int]] = []
+        for word in words:
+            for variant in (word, " " + word.lstrip()):
+                tokens = self.tokenizer.encode(variant, add_special_tokens=False)
+                if tokens and tokens not in ids:
+                    ids.append(tokens)
+        return ids
+
+    def _needs_prompt_logprobs(self, seq_id: str, start: int) -> bool:
+        """Whether this chunk covers prompt positions whose logprobs are still owed."""
+        state = self._state(seq_id)
+        if state.params.prompt_logprobs is None or state.index != 0:
+            return False
+        parent = state.parent
+        have = len(parent.prompt_logprobs) if parent.prompt_logprobs else 1
+        return have < len(parent.prompt_token_ids) and start < len(parent.prompt_token_ids) - 1
+
+    def _add_prompt_logprobs(self, chunk: ScheduledChunk, chunk_logits: torch.Tensor) -> None:
+        """Row j of the chunk's logits predicts prompt token start + j + 1."""
+        parent = self._state(chunk.request_id).parent
+        prompt = parent.prompt_token_ids
+        if parent.prompt_logprobs is None:
+            parent.prompt_logprobs = [None]
+        first = len(parent.prompt_logprobs) - 1 - chunk.start_position  # first row still owed
+        last = min(chunk_logits.shape[0], len(prompt) - 1 - chunk.start_position)
+        if first >= last:
+            return
+        targets = prompt[chunk.start_position + first + 1 : chunk.start_position + last + 1]
+        num = parent.params.prompt_logprobs or 0
+        entries = self.sampling.prompt_logprobs(chunk_logits[first:last], targets, num)
+        parent.prompt_logprobs.extend(
+            self.sampling.decode_logprobs(e, self.tokenizer) for e in entries
+        )
+
+    def _maybe_log_batch(self, num_seqs: int, num_tokens: int) -> None:
+        interval = self.env.VLLM_LOG_BATCHSIZE_INTERVAL
+        if interval < 0:
+            return
+        now = time.monotonic()
+        if now - self._last_batch_log >= interval:
+            self._last_batch_log = now
+            logger.info("batch: %d sequences, %d tokens this step", num_seqs, num_tokens)

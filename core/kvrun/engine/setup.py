@@ -1,0 +1,204 @@
+"""Engine start-up: platform, model, KV cache and scheduler, each choice logged with why."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+
+from kvrun.attention.base import AttentionLayerSpec
+from kvrun.config import EngineArgs, EngineConfig, parse_dtype
+from kvrun.engine.model_runner import ModelRunner
+from kvrun.envs import EnvSnapshot
+from kvrun.errors import ConfigError
+from kvrun.loader import load_checkpoint, load_tokenizer
+from kvrun.models.config import ModelConfig
+from kvrun.models.registry import ModelRegistry
+from kvrun.ops import reference_ops
+from kvrun.platforms import KVCachePlan, KVCacheRequest, Platform
+from kvrun.plugins import create_platform, load_general_plugins
+from kvrun.scheduling.scheduler import Scheduler, SchedulerConfig
+from kvrun.tokenizer import Tokenizer
+
+__all__ = ["EngineParts", "build_engine_parts", "resolve_max_model_len"]
+
+logger = logging.getLogger(__name__)
+
+GiB = float(1 << 30)
+# Per-step token budget with chunked prefill: large enough to keep matmuls efficient,
+# small enough that a long prompt does not stall running decodes for long.
+DEFAULT_CHUNKED_BATCH_TOKENS = 2048
+
+
+@dataclass
+class EngineParts:
+    platform: Platform
+    config: EngineConfig
+    tokenizer: Tokenizer
+    scheduler: Scheduler
+    runner: ModelRunner
+
+
+def resolve_max_model_len(
+    requested: int | None, model: ModelConfig, allow_long: bool
+) -> tuple[int, str]:
+    """The context length to serve, and why; longer than the model allows needs the opt-in."""
+    limit = model.max_position_embeddings
+    why = f"the model's max_position_embeddings={limit}"
+    if model.sliding_window is not None and model.sliding_window < limit:
+        limit = model.sliding_window
+        why = f"the model's sliding_window={limit} (kvrun attends globally)"
+    if requested is None:
+        return limit, why
+    if requested > limit:
+        if not allow_long:
+            raise ConfigError(
+                f"max_model_len={requested} exceeds {why}; lower it, or set "
+                "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 to allow it (outputs may be wrong)"
+            )
+        logger.warning(
+            "max_model_len=%d exceeds %s; allowed by VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, "
+            "outputs past the model's limit may be wrong",
+            requested,
+            why,
+        )
+    return requested, "asked for"
+
+
+def build_engine_parts(args: EngineArgs, env: EnvSnapshot) -> EngineParts:
+    platform = create_platform(env)
+    platform.setup_process()
+    plugin_manager = load_general_plugins(env.VLLM_PLUGINS)
+    registry = ModelRegistry()
+    for extra in plugin_manager.hook.kvrun_model_architectures():
+        registry = registry.extended(extra)
+
+    checkpoint = load_checkpoint(
+        args.model,
+        revision=args.revision,
+        hf_hub_offline=env.HF_HUB_OFFLINE,
+        use_modelscope=env.VLLM_USE_MODELSCOPE,
+        download_dir=args.download_dir,
+    )
+    source = checkpoint.source
+    model_config = ModelConfig.from_hf(checkpoint.hf_config, source)
+    model_cls = registry.resolve(model_config.architecture, source)
+    dtype = parse_dtype(args.dtype) or platform.default_dtype()
+    max_model_len, len_why = resolve_max_model_len(
+        args.max_model_len, model_config, env.VLLM_ALLOW_LONG_MAX_MODEL_LEN
+    )
+    backend_name = args.attention_backend or env.VLLM_ATTENTION_BACKEND
+    spec = AttentionLayerSpec(
+        num_heads=model_config.num_heads,
+        num_kv_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim,
+        scale=model_config.head_dim**-0.5,
+    )
+    attention = platform.attention_backend(backend_name, spec)
+    batched_tokens = args.max_num_batched_tokens or (
+        DEFAULT_CHUNKED_BATCH_TOKENS if args.enable_chunked_prefill else max_model_len
+    )
+    if not args.enable_chunked_prefill and batched_tokens < max_model_len:
+        raise ConfigError(
+            f"max_num_batched_tokens={batched_tokens} is smaller than max_model_len="
+            f"{max_model_len}; without chunked prefill a whole prompt must fit one step"
+        )
+    config = EngineConfig(
+        model_source=source,
+        model_name=args.served_model_name or source,
+        architecture=model_config.architecture,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        vocab_size=model_config.vocab_size,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        seed=args.seed,
+        max_logprobs=args.max_logprobs,
+        platform_name=platform.name,
+        attention_backend=attention.name,
+    )
+    config, adjustments = platform.check_config(config)
+    for reason in adjustments:
+        logger.info("platform %s adjusted the config: %s", platform.name, reason)
+
+    torch.manual_seed(args.seed)
+    ops = reference_ops().with_overrides(platform.ops(), f"platform {platform.name!r}")
+    model = model_cls(model_config, ops, attention, config.dtype, platform.device)
+    model.load_weights(checkpoint.iter_weights(config.dtype), source)
+    tokenizer = load_tokenizer(checkpoint)
+
+    kv_request = KVCacheRequest(
+        num_layers=model_config.num_layers,
+        num_kv_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim,
+        block_size=config.block_size,
+        dtype=config.dtype,
+        max_model_len=max_model_len,
+        layer_shape=lambda n: attention.kv_cache_shape(
+            n, config.block_size, model_config.num_kv_heads, model_config.head_dim
+        ),
+    )
+    plan = _plan_kv_cache(platform, kv_request, args.num_kv_blocks)
+    kv_caches = platform.allocate_kv_cache(plan, model_config.num_layers)
+    config = replace(config, num_kv_blocks=plan.num_blocks, kv_cache_bytes=plan.total_bytes)
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+            block_size=config.block_size,
+            num_blocks=plan.num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+    )
+    runner = ModelRunner(model, kv_caches, config.block_size, platform.device)
+    _log_start(platform, config, plan, len_why)
+    return EngineParts(platform, config, tokenizer, scheduler, runner)
+
+
+def _plan_kv_cache(
+    platform: Platform, request: KVCacheRequest, num_blocks: int | None
+) -> KVCachePlan:
+    if num_blocks is None:
+        return platform.plan_kv_cache(request)
+    if num_blocks < request.min_blocks:
+        raise ConfigError(
+            f"num_kv_blocks={num_blocks} cannot hold one sequence of max_model_len="
+            f"{request.max_model_len} ({request.min_blocks} blocks of {request.block_size} "
+            "tokens); raise num_kv_blocks or lower max_model_len"
+        )
+    return KVCachePlan(
+        num_blocks=num_blocks,
+        block_size=request.block_size,
+        dtype=request.dtype,
+        layer_shape=request.layer_shape(num_blocks),
+        num_layers=request.num_layers,
+        budget_bytes=num_blocks * request.bytes_per_block,
+        reason=f"num_kv_blocks={num_blocks} asked for",
+    )
+
+
+def _log_start(platform: Platform, config: EngineConfig, plan: KVCachePlan, len_why: str) -> None:
+    logger.info("platform: %s", platform.describe())
+    logger.info(
+        "model %s (%s), dtype %s, attention backend %s",
+        config.model_source,
+        config.architecture,
+        str(config.dtype).removeprefix("torch."),
+        config.attention_backend,
+    )
+    logger.info(
+        "KV cache: %d blocks of %d tokens, %.3f GiB (%s); max_model_len %d (%s)",
+        plan.num_blocks,
+        plan.block_size,
+        plan.total_bytes / GiB,
+        plan.reason,
+        config.max_model_len,
+        len_why,
+    )
+

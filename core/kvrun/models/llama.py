@@ -1,0 +1,160 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) as kvrun code.
+
+Weights are plain tensors, not nn.Modules: one step is a fixed sequence of
+kernel calls, and module dispatch would only add overhead to it. The
+projections that read the same input are merged (q|k|v, gate|up) so each layer
+runs four matmuls. Every kernel comes from the platform's op table and the
+attention from the platform's backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvrun.attention.base import AttentionBackend, AttentionMetadata
+from kvrun.errors import ModelLoadError
+from kvrun.models.config import ModelConfig
+from kvrun.models.rope import cos_sin_cache
+from kvrun.ops import OpTable
+
+__all__ = ["LlamaForCausalLM"]
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor  # [H]
+    qkv: torch.Tensor  # [(Hq + 2 Hk) * D, H]
+    qkv_bias: torch.Tensor | None  # [(Hq + 2 Hk) * D] (Qwen2)
+    o: torch.Tensor  # [H, Hq * D]
+    post_norm: torch.Tensor  # [H]
+    gate_up: torch.Tensor  # [2 I, H]
+    down: torch.Tensor  # [H, I]
+
+
+class LlamaForCausalLM:
+    """A Llama-family decoder over a paged KV cache."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        ops: OpTable,
+        attention: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.ops = ops
+        self.attention = attention
+        self.dtype = dtype
+        self.device = device
+        c = config
+        self.q_size = c.num_heads * c.head_dim
+        self.kv_size = c.num_kv_heads * c.head_dim
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        self.embed = empty(c.vocab_size, c.hidden_size)
+        self.layers = [
+            _Layer(
+                input_norm=empty(c.hidden_size),
+                qkv=empty(self.q_size + 2 * self.kv_size, c.hidden_size),
+                qkv_bias=empty(self.q_size + 2 * self.kv_size) if c.attention_bias else None,
+                o=empty(c.hidden_size, self.q_size),
+                post_norm=empty(c.hidden_size),
+                gate_up=empty(2 * c.intermediate_size, c.hidden_size),
+                down=empty(c.hidden_size, c.intermediate_size),
+            )
+            for _ in range(c.num_layers)
+        ]
+        self.norm = empty(c.hidden_size)
+        self.lm_head = self.embed if c.tie_word_embeddings else empty(c.vocab_size, c.hidden_size)
+        # RoPE is computed in float32 like the reference implementation, whatever the dtype.
+        self.cos_sin = cos_sin_cache(
+            c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings
+        ).to(device)
+
+    # loading -------------------------------------------------------------------------
+    def _destinations(self) -> dict[str, torch.Tensor]:
+        """Hugging Face parameter name -> the slice of our tensor it fills."""
+        q, kv, inter = self.q_size, self.kv_size, self.config.intermediate_size
+        dest = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        if not self.config.tie_word_embeddings:
+            dest["lm_head.weight"] = self.lm_head
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            dest[p + "input_layernorm.weight"] = layer.input_norm
+            dest[p + "post_attention_layernorm.weight"] = layer.post_norm
+            dest[p + "self_attn.q_proj.weight"] = layer.qkv[:q]
+            dest[p + "self_attn.k_proj.weight"] = layer.qkv[q : q + kv]
+            dest[p + "self_attn.v_proj.weight"] = layer.qkv[q + kv :]
+            if layer.qkv_bias is not None:
+                dest[p + "self_attn.q_proj.bias"] = layer.qkv_bias[:q]
+                dest[p + "self_attn.k_proj.bias"] = layer.qkv_bias[q : q + kv]
+                dest[p + "self_attn.v_proj.bias"] = layer.qkv_bias[q + kv :]
+            dest[p + "self_attn.o_proj.weight"] = layer.o
+            dest[p + "mlp.gate_proj.weight"] = layer.gate_up[:inter]
+            dest[p + "mlp.up_proj.weight"] = layer.gate_up[inter:]
+            dest[p + "mlp.down_proj.weight"] = layer.down
+        return dest
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+        """Fill every parameter from (Hugging Face name, tensor) pairs; all must be present."""
+        dest = self._destinations()
+        missing = set(dest)
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # some tied checkpoints still carry a copy
+            target = dest.get(name)
+            if target is None:
+                raise ModelLoadError(f"{source}: unexpected weight {name!r} for {self.config.architecture}")
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ModelLoadError(
+                    f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            missing.discard(name)
+        if missing:
+            shown = ", ".join(sorted(missing)[:5])
+            raise ModelLoadError(f"{source}: {len(missing)} weight(s) missing, e.g. {shown}")
+
+    # forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[torch.Tensor],  # one per layer
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, H] final hidden states (normed)
+        c, ops = self.config, self.ops
+        num_tokens = input_ids.shape[0]
+        x = F.embedding(input_ids, self.embed)
+        residual = x
+        h = ops.rms_norm(x, self.layers[0].input_norm, c.rms_norm_eps)
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                h, residual = ops.fused_add_rms_norm(x, residual, layer.input_norm, c.rms_norm_eps)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            q = qkv[:, : self.q_size].view(num_tokens, c.num_heads, c.head_dim)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size]
+            v = qkv[:, self.q_size + self.kv_size :]
+            k = k.view(num_tokens, c.num_kv_heads, c.head_dim)
+            v = v.view(num_tokens, c.num_kv_heads, c.head_dim)
+            q, k = ops.rotary_embedding(positions, q, k, self.cos_sin)
+            attn = self.attention.forward(q, k, v, kv_caches[i], meta)
+            x = F.linear(attn.reshape(num_tokens, self.q_size), layer.o)
+            h, residual = ops.fused_add_rms_norm(x, residual, layer.post_norm, c.rms_norm_eps)
+            x = F.linear(ops.silu_and_mul(F.linear(h, layer.gate_up)), layer.down)
+        out, _ = ops.fused_add_rms_norm(x, residual, self.norm, c.rms_norm_eps)
+        result: torch.Tensor = out
+        return result
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B, V] fp32
+        return F.linear(hidden, self.lm_head).float()

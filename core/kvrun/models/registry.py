@@ -1,0 +1,43 @@
+"""Model classes by Hugging Face architecture name, extensible by general plugins.
+
+Entries are lazily imported dotted paths ("module:Class"), so listing or
+extending the registry imports no model code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvrun.errors import ModelLoadError
+
+__all__ = ["BUILTIN_ARCHITECTURES", "ModelRegistry"]
+
+_LLAMA = "kvrun.models.llama:LlamaForCausalLM"
+BUILTIN_ARCHITECTURES: Mapping[str, str] = {
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2ForCausalLM": _LLAMA,
+}
+
+
+@dataclass(frozen=True)
+class ModelRegistry:
+    """Architecture name -> "module:Class"; plugins add entries through their hook."""
+
+    entries: Mapping[str, str] = field(default_factory=lambda: dict(BUILTIN_ARCHITECTURES))
+
+    def extended(self, more: Mapping[str, str]) -> ModelRegistry:
+        return ModelRegistry({**self.entries, **more})
+
+    def resolve(self, architecture: str, source: str) -> Any:
+        path = self.entries.get(architecture)
+        if path is None:
+            raise ModelLoadError(
+                f"{source}: architecture {architecture!r} is not supported; supported: "
+                f"{', '.join(sorted(self.entries))}"
+            )
+        module, _, name = path.partition(":")
+        return getattr(importlib.import_module(module), name)
