@@ -1,0 +1,21 @@
+# The two entry points of the README. Both set up .venv first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+
+.PHONY: setup serve test lint typecheck
+
+setup:
+	@bash scripts/bootstrap.sh $(VENV)
+
+serve: setup
+	$(VENV)/bin/kvrun serve --host 127.0.0.1 --port $(PORT)
+
+test: setup
+	$(PY) -m pytest tests plugins/cpu/tests -q
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy

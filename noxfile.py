@@ -1,0 +1,68 @@
+"""nox sessions: tests, lint, typecheck, one per plugin, bench, serve.
+
+Every session installs the CPU build of torch 2.13.0 first (an unpinned resolve
+pulls a multi-GB CUDA build), then kvrun. Reuse venvs with ``nox -r``.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+TORCH = "torch==2.13.0"
+HARDWARE = ("cuda", "rocm", "openvino", "tpu", "hpu")
+
+
+def _install_core(session: nox.Session) -> None:
+    session.install(TORCH)
+    session.install("-e", ".[test]", "-e", "plugins/cpu")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The default suite: what `make test` runs (fixtures and default model included)."""
+    session.run("bash", "scripts/bootstrap.sh", session.virtualenv.location, external=True)
+    session.run("python", "-m", "pytest", "tests", "plugins/cpu/tests", "-q", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    _install_core(session)
+    session.run("mypy")
+
+
+@nox.session
+def cpu(session: nox.Session) -> None:
+    """The cpu plugin's own tests (kernels against the core's reference ops)."""
+    _install_core(session)
+    session.run("python", "-m", "pytest", "plugins/cpu/tests", "-q", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("hw", HARDWARE)
+def plugin(session: nox.Session, hw: str) -> None:
+    """A hardware plugin with its own stack installed; its tests skip without the hardware."""
+    _install_core(session)
+    session.install("-e", f"plugins/{hw}")
+    session.run("python", "-m", "pytest", f"plugins/{hw}", "-q", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Throughput and latency against the peers (see BENCHMARKS.md)."""
+    session.run("bash", "scripts/bootstrap.sh", session.virtualenv.location, external=True)
+    session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session
+def serve(session: nox.Session) -> None:
+    """Serve the default model on 127.0.0.1:8000."""
+    session.run("bash", "scripts/bootstrap.sh", session.virtualenv.location, external=True)
+    session.run("kvrun", "serve", *session.posargs)
