@@ -61,7 +61,7 @@ class LLMEngine:
         self.scheduler: Scheduler = parts.scheduler
         self.runner: ModelRunner = parts.runner
         self.sampling = SamplingStep(
-            self.platform.device, logits_processor_threads=env.VLLM_LOGITS_PROCESSOR_THREADS
+            self.platform.device, logits_processor_threads=env.VLLM_LOGITS_PROCESSOR_THREADS or 0
         )
         self._parents: dict[str, ParentRequest] = {}
         self._prompt_tokens_total = 0

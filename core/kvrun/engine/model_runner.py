@@ -72,7 +72,9 @@ def build_batch(
         input_ids.extend(chunk.token_ids)
         positions.extend(range(start, start + n))
         blocks = chunk.block_ids
-        slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+        slots.extend(
+            blocks[p // block_size] * block_size + p % block_size for p in range(start, start + n)
+        )
         query_start.append(query_start[-1] + n)
         seq_lens.append(start + n)
         query_lens.append(n)

@@ -65,6 +65,8 @@ class SequenceState:
         self.finish_reason = reason
         self.stop_reason = stop_reason
         if self.final_text is None:
+            if self.detokenizer is not None:
+                self.text += self.detokenizer.finish()  # a trailing partial character
             self.final_text = self.text
 
     def visible_text(self) -> str:

@@ -12,14 +12,14 @@ from kvrun.config import EngineArgs, EngineConfig, parse_dtype
 from kvrun.engine.model_runner import ModelRunner
 from kvrun.envs import EnvSnapshot
 from kvrun.errors import ConfigError
-from kvrun.loader import load_checkpoint, load_tokenizer
+from kvrun.loader import load_checkpoint
 from kvrun.models.config import ModelConfig
 from kvrun.models.registry import ModelRegistry
 from kvrun.ops import reference_ops
 from kvrun.platforms import KVCachePlan, KVCacheRequest, Platform
 from kvrun.plugins import create_platform, load_general_plugins
 from kvrun.scheduling.scheduler import Scheduler, SchedulerConfig
-from kvrun.tokenizer import Tokenizer
+from kvrun.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["EngineParts", "build_engine_parts", "resolve_max_model_len"]
 
@@ -201,4 +201,3 @@ def _log_start(platform: Platform, config: EngineConfig, plan: KVCachePlan, len_
         config.max_model_len,
         len_why,
     )
-
