@@ -20,6 +20,7 @@ from kvrun.platforms import KVCachePlan, KVCacheRequest, Platform
 from kvrun.plugins import create_platform, load_general_plugins
 from kvrun.scheduling.scheduler import Scheduler, SchedulerConfig
 from kvrun.tokenizer import Tokenizer, load_tokenizer
+from kvrun.usage import record_usage
 
 __all__ = ["EngineParts", "build_engine_parts", "resolve_max_model_len"]
 
@@ -158,6 +159,16 @@ def build_engine_parts(args: EngineArgs, env: EnvSnapshot) -> EngineParts:
     )
     runner = ModelRunner(model, kv_caches, config.block_size, platform.device)
     _log_start(platform, config, plan, len_why)
+    record_usage(
+        env,
+        platform=platform.name,
+        architecture=config.architecture,
+        extra={
+            "dtype": str(config.dtype).removeprefix("torch."),
+            "attention_backend": config.attention_backend,
+            "max_model_len": config.max_model_len,
+        },
+    )
     return EngineParts(platform, config, tokenizer, scheduler, runner)
 
 

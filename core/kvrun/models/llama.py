@@ -113,7 +113,9 @@ class LlamaForCausalLM:
                 continue  # some tied checkpoints still carry a copy
             target = dest.get(name)
             if target is None:
-                raise ModelLoadError(f"{source}: unexpected weight {name!r} for {self.config.architecture}")
+                raise ModelLoadError(
+                    f"{source}: unexpected weight {name!r} for {self.config.architecture}"
+                )
             if tuple(tensor.shape) != tuple(target.shape):
                 raise ModelLoadError(
                     f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, "

@@ -19,9 +19,7 @@ def inverse_frequencies(
     head_dim: int, theta: float, scaling: Mapping[str, Any] | None
 ) -> torch.Tensor:  # [head_dim/2] float32
     """Per-pair rotation frequencies, computed as Hugging Face does (the oracle)."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-    )
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if scaling is None:
         return inv_freq
     kind = scaling.get("rope_type", scaling.get("type", "default"))

