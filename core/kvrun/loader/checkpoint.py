@@ -32,6 +32,9 @@ class Checkpoint:
     generation_config: dict[str, Any] = field(default_factory=dict)  # generation_config.json, {}
     # GGUF key/value metadata (tokenizer vocabulary included); empty for safetensors
     gguf_metadata: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # The parsed gguf.GGUFReader, kept so the weights are read without parsing the file's
+    # metadata (seconds for a 49k-token vocabulary) a second time; None for safetensors.
+    gguf_reader: Any = field(default=None, repr=False, compare=False)
 
     @property
     def gguf_file(self) -> Path | None:
@@ -59,7 +62,7 @@ class Checkpoint:
         if self.format == "gguf":
             from kvrun.loader.gguf_loader import iter_gguf
 
-            pairs = iter_gguf(self.weight_files[0], self.hf_config, dtype)
+            pairs = iter_gguf(self.weight_files[0], self.hf_config, dtype, self.gguf_reader)
         else:
             from kvrun.loader.safetensors_loader import iter_safetensors
 

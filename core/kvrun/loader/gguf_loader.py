@@ -243,12 +243,16 @@ def unpermute_rotary(rows: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def iter_gguf(
-    path: Path, hf_config: Mapping[str, Any], dtype: torch.dtype
+    path: Path, hf_config: Mapping[str, Any], dtype: torch.dtype, reader: Any = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face name, dequantized tensor in ``dtype``) for every GGUF tensor."""
+    """Yield (Hugging Face name, dequantized tensor in ``dtype``) for every GGUF tensor.
+
+    ``reader`` is the already opened ``open_gguf(path)``, when the caller has one.
+    """
     from gguf.quants import dequantize
 
-    reader = open_gguf(path)
+    if reader is None:
+        reader = open_gguf(path)
     arch = GGUF_ARCHITECTURES[str(read_gguf_metadata_key(reader, "general.architecture"))]
     heads = int(hf_config["num_attention_heads"])
     kv_heads = int(hf_config["num_key_value_heads"])

@@ -134,6 +134,7 @@ def _load_gguf(path: Path, source: str) -> Checkpoint:
         weight_files=(path,),
         num_tensors=sum(name != "rope_freqs.weight" for name in names),
         gguf_metadata=metadata,
+        gguf_reader=reader,
     )
 
 
