@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-
+from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
+from kvrun.attention.reference import ReferenceAttention
 from kvrun.platforms import KVCacheRequest, Platform
 
+from kvrun_cpu.attention import TorchSdpaAttention
+from kvrun_cpu.attention.native import DecodeKernel, load_decode_kernel
+from kvrun_cpu.ops import cpu_ops
+from kvrun_cpu.threads import apply_threads_bind, format_cores, parse_threads_bind
+
+if TYPE_CHECKING:
+    from kvrun.envs import EnvSnapshot
+
 __all__ = ["CpuPlatform"]
+
+logger = logging.getLogger("kvrun.cpu")  # under "kvrun", the logger entry points configure
 
 GiB = 1 << 30
 # VLLM_CPU_KVCACHE_SPACE of 0 (its default) means this many GiB, as in vLLM.
@@ -26,7 +41,66 @@ class CpuPlatform(Platform):
         torch.bfloat16,
         torch.float16,
     )
+    # Measured fastest (benchmarks/bench_attention.py, README.md).
+    default_attention_backend = TorchSdpaAttention.name
 
+    def __init__(self, env: EnvSnapshot) -> None:
+        super().__init__(env)
+        # One backend per (name, layer spec): layers that share a spec share its batch
+        # plan and gather buffers instead of each holding their own.
+        self._backends: dict[tuple[str, AttentionLayerSpec], AttentionBackend] = {}
+        self._decode_kernel: tuple[DecodeKernel | None, str] | None = None  # built on first use
+
+    # identity -------------------------------------------------------------------
+    def setup_process(self, rank: int = 0) -> None:
+        """Bind this rank's threads as VLLM_CPU_OMP_THREADS_BIND says ("all": leave them)."""
+        cores = parse_threads_bind(
+            self.env.VLLM_CPU_OMP_THREADS_BIND, rank, os.sched_getaffinity(0)
+        )
+        if cores is not None:
+            apply_threads_bind(cores)
+
+    def describe(self) -> str:
+        isa = torch.backends.cpu.get_cpu_capability()
+        cores = format_cores(os.sched_getaffinity(0))
+        line = f"{self.name} ({isa}; {torch.get_num_threads()} threads on cores {cores}"
+        if self._decode_kernel is not None:
+            kernel = "native" if self._decode_kernel[0] is not None else "torch"
+            line += f"; {kernel} decode attention"
+        return line + ")"
+
+    # attention ------------------------------------------------------------------
+    def attention_backends(self) -> Mapping[str, type[AttentionBackend]]:
+        return {
+            ReferenceAttention.name: ReferenceAttention,
+            TorchSdpaAttention.name: TorchSdpaAttention,
+        }
+
+    def attention_backend(self, name: str | None, spec: AttentionLayerSpec) -> AttentionBackend:
+        chosen = name or self.default_attention_backend
+        backend = self._backends.get((chosen, spec))
+        if backend is None:
+            if chosen == TorchSdpaAttention.name:
+                backend = TorchSdpaAttention(spec, decode_kernel=self.decode_kernel())
+            else:
+                backend = super().attention_backend(name, spec)  # validates the name
+            self._backends[(chosen, spec)] = backend
+        return backend
+
+    def decode_kernel(self) -> DecodeKernel | None:
+        """The native decode kernel, built once under $VLLM_CACHE_ROOT/kvrun_cpu; None if
+        it cannot be built (the reason is logged and TORCH_SDPA keeps its torch path)."""
+        if self._decode_kernel is None:
+            cache_dir = Path(self.env.VLLM_CACHE_ROOT) / "kvrun_cpu"
+            kernel, why = load_decode_kernel(cache_dir, torch.get_num_threads())
+            if kernel is None:
+                logger.warning("native decode kernel unavailable, using torch: %s", why)
+            else:
+                logger.info("native decode kernel: %s", why)
+            self._decode_kernel = (kernel, why)
+        return self._decode_kernel[0]
+
+    # KV cache -------------------------------------------------------------------
     def kv_cache_budget(self, request: KVCacheRequest) -> tuple[int, str]:
         gib = self.env.VLLM_CPU_KVCACHE_SPACE
         if gib == 0:
@@ -34,3 +108,7 @@ class CpuPlatform(Platform):
                 f"VLLM_CPU_KVCACHE_SPACE unset or 0: the default {DEFAULT_KVCACHE_GIB} GiB"
             )
         return int(gib * GiB), f"VLLM_CPU_KVCACHE_SPACE={gib} GiB"
+
+    # kernels --------------------------------------------------------------------
+    def ops(self) -> Mapping[str, Callable[..., Any]]:
+        return cpu_ops(self.decode_kernel())

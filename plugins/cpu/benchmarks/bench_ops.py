@@ -1,0 +1,157 @@
+"""Micro-benchmark: each CPU kernel against the core's reference op.
+
+Shapes are SmolLM2-135M's (hidden 576, intermediate 1536, 9 query heads and 3 kv heads
+of 64). Reference and CPU kernel run alternately, so load from other processes hits
+both alike; each number is the median of --runs timings.
+
+    python plugins/cpu/benchmarks/bench_ops.py [--runs 200] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from kvrun.ops import reference
+from kvrun_cpu import ops
+from kvrun_cpu.attention.native import load_decode_kernel
+
+HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 576, 1536, 9, 3, 64, 16
+
+
+# wall: what a user waits for; cpu: this process's CPU time, which other processes on a
+# busy machine disturb far less (meaningful with --threads 1).
+TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def compare(
+    runs: int, ref: Callable[[], Any], mine: Callable[[], Any], clock: Callable[[], float]
+) -> tuple[float, float]:
+    """Median microseconds of the reference and of ours, run alternately."""
+
+    def timed(fn: Callable[[], Any]) -> float:
+        start = clock()
+        fn()
+        return clock() - start
+
+    for _ in range(3):
+        ref(), mine()
+    ref_t, mine_t = [], []
+    for _ in range(runs):
+        ref_t.append(timed(ref))
+        mine_t.append(timed(mine))
+    return statistics.median(ref_t) * 1e6, statistics.median(mine_t) * 1e6
+
+
+def cases(tokens: int) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, HIDDEN, generator=g)
+    res = torch.randn(tokens, HIDDEN, generator=g)
+    w = torch.randn(HIDDEN, generator=g)
+    # q, k and v sliced from one fused projection, as the model does
+    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, generator=g)
+    q = qkv[:, : HEADS * HEAD_DIM].view(tokens, HEADS, HEAD_DIM)
+    k = qkv[:, HEADS * HEAD_DIM : (HEADS + KV_HEADS) * HEAD_DIM].view(tokens, KV_HEADS, HEAD_DIM)
+    v = qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :].view(tokens, KV_HEADS, HEAD_DIM)
+    q_alone, k_alone = q.contiguous(), k.contiguous()
+    pos = torch.randint(0, 2048, (tokens,), generator=g)
+    cos_sin = torch.randn(2048, HEAD_DIM, generator=g)
+    gate_up = torch.randn(tokens, 2 * INTER, generator=g)
+    num_blocks = 4096
+    kc = torch.zeros(num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(num_blocks * BLOCK, generator=g)[:tokens]
+    return {
+        "rms_norm": (
+            lambda: reference.rms_norm(x, w, 1e-5),
+            lambda: ops.rms_norm(x, w, 1e-5),
+        ),
+        "fused_add_rms_norm": (
+            lambda: reference.fused_add_rms_norm(x, res, w, 1e-5),
+            lambda: ops.fused_add_rms_norm(x, res, w, 1e-5),
+        ),
+        "rotary_embedding (q, k from one qkv)": (
+            lambda: reference.rotary_embedding(pos, q, k, cos_sin),
+            lambda: ops.rotary_embedding(pos, q, k, cos_sin),
+        ),
+        "rotary_embedding (separate q, k)": (
+            lambda: reference.rotary_embedding(pos, q_alone, k_alone, cos_sin),
+            lambda: ops.rotary_embedding(pos, q_alone, k_alone, cos_sin),
+        ),
+        "silu_and_mul": (
+            lambda: reference.silu_and_mul(gate_up),
+            lambda: ops.silu_and_mul(gate_up),
+        ),
+        "reshape_and_cache": (
+            lambda: reference.reshape_and_cache(k, v, kc, vc, slots),
+            lambda: ops.reshape_and_cache(k, v, kc, vc, slots),
+        ),
+    }
+
+
+def attention_cases() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """paged_attention over the reference cache layout, as CpuPlatform.ops() hands it out."""
+    kernel, why = load_decode_kernel(Path(tempfile.mkdtemp()), torch.get_num_threads())
+    if kernel is None:
+        print(f"(native decode kernel unavailable: {why})")
+    paged_attention = ops.cpu_ops(kernel)["paged_attention"]
+    g = torch.Generator().manual_seed(1)
+    num_blocks = 6000
+    kc = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=g)
+    vc = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=g)
+    out: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
+    scenarios = {
+        "decode 1 x 600": ([600], [1]),
+        "decode 16 x 100..600": ([100 + 33 * i for i in range(16)], [1] * 16),
+        "decode 64 x 600": ([600] * 64, [1] * 64),
+        "prefill 512 after 600": ([1112], [512]),
+    }
+    for name, (seq_lens, query_lens) in scenarios.items():
+        perm = torch.randperm(num_blocks, generator=g).tolist()
+        width = -(-max(seq_lens) // BLOCK)
+        tables = torch.tensor(
+            [[perm.pop() for _ in range(width)] for _ in seq_lens], dtype=torch.int32
+        )
+        q = torch.randn(sum(query_lens), HEADS, HEAD_DIM, generator=g)
+        args = (q, kc, vc, tables, seq_lens, query_lens, HEAD_DIM**-0.5)
+        out[f"paged_attention {name}"] = (
+            functools.partial(reference.paged_attention, *args),
+            functools.partial(paged_attention, *args),
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--timer", choices=sorted(TIMERS), default="wall")
+    args = parser.parse_args()
+    clock = TIMERS[args.timer]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    isa = torch.backends.cpu.get_cpu_capability()
+    threads = torch.get_num_threads()
+    print(
+        f"torch {torch.__version__}, {isa}, {threads} threads, {args.runs} runs, {args.timer} time"
+    )
+    print("| op | tokens | reference µs | kvrun-cpu µs | speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    for tokens in (1, 64, 512):
+        for name, (ref, mine) in cases(tokens).items():
+            r, m = compare(args.runs, ref, mine, clock)
+            print(f"| {name} | {tokens} | {r:.1f} | {m:.1f} | {r / m:.2f}x |")
+    for name, (ref, mine) in attention_cases().items():
+        r, m = compare(max(5, args.runs // 20), ref, mine, clock)
+        print(f"| {name} | | {r:.1f} | {m:.1f} | {r / m:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

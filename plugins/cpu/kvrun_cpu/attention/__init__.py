@@ -1,0 +1,5 @@
+"""The CPU platform's attention backends over the paged KV cache."""
+
+from kvrun_cpu.attention.sdpa import TorchSdpaAttention
+
+__all__ = ["TorchSdpaAttention"]

@@ -1,0 +1,165 @@
+"""Each CPU kernel against the core's reference op on random inputs."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import pytest
+import torch
+from kvrun.ops import OP_NAMES, reference, reference_ops
+from kvrun_cpu import ops
+from kvrun_cpu.attention.native import DecodeKernel
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_cpu_ops_override_every_op_by_its_known_name() -> None:
+    overrides = ops.cpu_ops()
+    assert sorted(overrides) == sorted(OP_NAMES)
+    table = reference_ops().with_overrides(overrides, "kvrun-cpu")
+    assert table.rms_norm is ops.rms_norm and table.paged_attention is ops.paged_attention
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("tokens", "hidden"), [(1, 576), (7, 33), (64, 576)])
+def test_rms_norm(dtype: torch.dtype, tokens: int, hidden: int) -> None:
+    x, w = randn(tokens, hidden, dtype=dtype), randn(hidden, dtype=dtype, seed=1)
+    before = x.clone()
+    close(ops.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), dtype)
+    assert torch.equal(x, before)
+
+
+def test_rms_norm_mixed_dtypes_keeps_the_reference_result_dtype() -> None:
+    x, w = randn(3, 16, dtype=torch.bfloat16), randn(16, seed=1)
+    close(ops.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("tokens", "hidden"), [(1, 576), (7, 33), (64, 576)])
+def test_fused_add_rms_norm(dtype: torch.dtype, tokens: int, hidden: int) -> None:
+    x, r = randn(tokens, hidden, dtype=dtype), randn(tokens, hidden, dtype=dtype, seed=2)
+    w = randn(hidden, dtype=dtype, seed=1)
+    x0, r0 = x.clone(), r.clone()
+    normed, summed = ops.fused_add_rms_norm(x, r, w, 1e-5)
+    want_normed, want_summed = reference.fused_add_rms_norm(x, r, w, 1e-5)
+    close(normed, want_normed, dtype)
+    close(summed, want_summed, dtype)
+    assert torch.equal(x, x0) and torch.equal(r, r0)  # inputs untouched
+
+
+def cos_sin_cache(max_pos: int, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv[None, :]
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("tokens", "heads", "kv_heads", "dim"), [(1, 9, 3, 64), (5, 4, 4, 32), (33, 8, 2, 64)]
+)
+def test_rotary_embedding(
+    dtype: torch.dtype, tokens: int, heads: int, kv_heads: int, dim: int
+) -> None:
+    q, k = randn(tokens, heads, dim, dtype=dtype), randn(tokens, kv_heads, dim, dtype=dtype, seed=1)
+    positions = torch.randint(0, 300, (tokens,), generator=torch.Generator().manual_seed(3))
+    cache = cos_sin_cache(300, dim)
+    q0, k0 = q.clone(), k.clone()
+    got_q, got_k = ops.rotary_embedding(positions, q, k, cache)
+    want_q, want_k = reference.rotary_embedding(positions, q, k, cache)
+    close(got_q, want_q, dtype)
+    close(got_k, want_k, dtype)
+    assert torch.equal(q, q0) and torch.equal(k, k0)
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_rotary_embedding_on_views_of_a_fused_projection(tokens: int) -> None:
+    # The model slices q and k from one qkv projection: the kernel rotates them as one.
+    qkv = randn(tokens, (9 + 3 + 3) * 64)
+    q = qkv[:, : 9 * 64].view(tokens, 9, 64)
+    k = qkv[:, 9 * 64 : 12 * 64].view(tokens, 3, 64)
+    assert ops._joint_view(q, k) is not None
+    positions = torch.tensor([0, 1, 2, 40, 41, 511][:tokens])
+    cache = cos_sin_cache(512, 64)
+    qkv0 = qkv.clone()
+    got_q, got_k = ops.rotary_embedding(positions, q, k, cache)
+    want_q, want_k = reference.rotary_embedding(positions, q, k, cache)
+    close(got_q, want_q, torch.float32)
+    close(got_k, want_k, torch.float32)
+    assert torch.equal(qkv, qkv0)
+
+
+def test_rotary_joint_view_only_for_adjacent_q_and_k() -> None:
+    qkv = randn(4, 15 * 64)
+    q = qkv[:, : 9 * 64].view(4, 9, 64)
+    v = qkv[:, 12 * 64 :].view(4, 3, 64)  # not right after q
+    assert ops._joint_view(q, v) is None
+    assert ops._joint_view(q, randn(4, 3, 64)) is None  # another tensor
+    assert ops._joint_view(q, qkv[:, 9 * 64 : 12 * 64].view(4, 3, 64).to(torch.bfloat16)) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("tokens", "inter"), [(1, 1536), (7, 17), (64, 1536)])
+def test_silu_and_mul(dtype: torch.dtype, tokens: int, inter: int) -> None:
+    x = randn(tokens, 2 * inter, dtype=dtype)
+    x0 = x.clone()
+    close(ops.silu_and_mul(x), reference.silu_and_mul(x), dtype)
+    assert torch.equal(x, x0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_reshape_and_cache_writes_exactly_the_reference_slots(
+    dtype: torch.dtype, tokens: int
+) -> None:
+    num_blocks, block_size, kv_heads, dim = 12, 16, 3, 8
+    k, v = randn(tokens, kv_heads, dim), randn(tokens, kv_heads, dim, seed=1)
+    gen = torch.Generator().manual_seed(4)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    caches = [randn(num_blocks, block_size, kv_heads, dim, dtype=dtype, seed=s) for s in (5, 6)]
+    want = [c.clone() for c in caches]
+    ops.reshape_and_cache(k, v, caches[0], caches[1], slots)
+    reference.reshape_and_cache(k, v, want[0], want[1], slots)
+    assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
+
+
+@pytest.fixture(params=["torch", "native"])
+def paged_attention(request: pytest.FixtureRequest) -> Callable[..., torch.Tensor]:
+    """The op as cpu_ops() hands it out: without, and bound to, the native decode kernel."""
+    if request.param == "torch":
+        return ops.paged_attention
+    kernel: DecodeKernel = request.getfixturevalue("decode_kernel")
+    bound = ops.cpu_ops(kernel)["paged_attention"]
+    assert isinstance(bound, functools.partial) and bound.keywords == {"decode_kernel": kernel}
+    return bound
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (9, 3), (8, 2)])
+def test_paged_attention(
+    paged_attention: Callable[..., torch.Tensor], dtype: torch.dtype, heads: int, kv_heads: int
+) -> None:
+    num_blocks, block_size, dim = 80, 16, 32
+    # decode, prefill from scratch, decode, chunk after a prefix hit, decode, tiny prefill
+    seq_lens = [50, 30, 7, 33, 200, 2]
+    query_lens = [1, 30, 1, 17, 1, 2]
+    gen = torch.Generator().manual_seed(7)
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    rows = [[free.pop() for _ in range(-(-s // block_size))] for s in seq_lens]
+    width = max(len(r) for r in rows)
+    tables = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
+    key_cache = randn(num_blocks, block_size, kv_heads, dim, dtype=dtype, seed=8)
+    value_cache = randn(num_blocks, block_size, kv_heads, dim, dtype=dtype, seed=9)
+    query = randn(sum(query_lens), heads, dim, dtype=dtype, seed=10)
+    args = (query, key_cache, value_cache, tables, seq_lens, query_lens, dim**-0.5)
+    close(paged_attention(*args), reference.paged_attention(*args), dtype)
