@@ -149,6 +149,7 @@ class LLMEngine:
         return bool(self._parents)
 
     # the loop ----------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduler + model step; cumulative outputs of requests that progressed."""
         out = self.scheduler.schedule()
