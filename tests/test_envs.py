@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kvrun import envs
 from kvrun.cli.env_cmd import markdown_table
 from kvrun.errors import ConfigError

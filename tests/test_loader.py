@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+
 from kvrun.errors import ModelLoadError
 from kvrun.loader import SUPPORTED_GGUF_TYPES, Checkpoint, default_model, load_checkpoint
 from kvrun.loader.hf_config import normalize_hf_config

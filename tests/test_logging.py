@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from kvrun import envs
 from kvrun.errors import ConfigError
 from kvrun.logging_config import configure_logging, stop_tracing, warn_deprecated

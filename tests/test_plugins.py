@@ -18,6 +18,7 @@ from types import ModuleType
 
 import pytest
 import torch
+
 from kvrun.envs import read_env
 from kvrun.errors import PluginError
 from kvrun.platforms import KVCacheRequest
@@ -29,7 +30,6 @@ from kvrun.plugins import (
     run_general_plugins,
     select_platform,
 )
-
 from tests.support.fixture_plugins import install_fixture_plugins
 
 SUPPORTS = "this kvrun 0.1.0 supports v1"

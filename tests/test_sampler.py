@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+
 from kvrun.sampling import (
     Sampler,
     SamplingMetadata,

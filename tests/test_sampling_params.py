@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+
 from kvrun.errors import KvrunError
 from kvrun.sampling_params import SamplingParams, SamplingType
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pytest
+
 from kvrun.errors import ConfigError
 from kvrun.scheduling import (
     Request,

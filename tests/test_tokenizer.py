@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import transformers
+
 from kvrun.loader import load_checkpoint
 from kvrun.testing.checkpoints import build_gguf_from_hf
 from kvrun.tokenizer import (
@@ -21,7 +22,6 @@ from kvrun.tokenizer import (
     load_tokenizer,
     load_tokenizer_from_dir,
 )
-
 from tests.support.checkpoints import cached_build
 
 TEXTS = [

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from kvrun import envs
 from kvrun.usage import USAGE_FILE, record_usage, stats_url, usage_enabled
 from kvrun.version import __version__

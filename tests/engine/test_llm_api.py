@@ -123,8 +123,12 @@ def test_logprobs_and_prompt_logprobs(llm: LLM) -> None:
     for token, entry in zip(seq.token_ids, seq.logprobs):
         assert entry[token].rank == 1  # greedy picks the most likely token
         assert 3 <= len(entry) <= 4
-        assert entry[token].decoded_token == llm.get_tokenizer().decode([token], skip_special_tokens=False)
-    assert seq.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(seq.token_ids, seq.logprobs)))
+        assert entry[token].decoded_token == llm.get_tokenizer().decode(
+            [token], skip_special_tokens=False
+        )
+    assert seq.cumulative_logprob == pytest.approx(
+        sum(e[t].logprob for t, e in zip(seq.token_ids, seq.logprobs))
+    )
     assert out.prompt_logprobs is not None
     assert len(out.prompt_logprobs) == len(out.prompt_token_ids)
     assert out.prompt_logprobs[0] is None
@@ -180,18 +184,22 @@ def test_configuration_errors_are_actionable(smollm2_hf_dir: Path, tmp_path: Pat
         LLM(model=str(smollm2_hf_dir), max_model_len=10000)
     with pytest.MonkeyPatch.context() as mp:
         _env(mp, VLLM_ATTENTION_BACKEND="NOPE")
-        with pytest.raises(ConfigError, match="valid backends are: .*TORCH_SDPA"):
+        with pytest.raises(ConfigError, match=r"valid backends are: .*TORCH_SDPA"):
             LLM(model=str(smollm2_hf_dir), max_model_len=256)
     broken = tmp_path / "gpt2ish"
     shutil.copytree(smollm2_hf_dir, broken)
     config = json.loads((broken / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="'GPT2LMHeadModel' is not supported; supported: LlamaForCausalLM"):
+    with pytest.raises(
+        ModelLoadError, match="'GPT2LMHeadModel' is not supported; supported: LlamaForCausalLM"
+    ):
         LLM(model=str(broken))
 
 
-def test_long_max_model_len_needs_the_opt_in(smollm2_hf_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_long_max_model_len_needs_the_opt_in(
+    smollm2_hf_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with pytest.MonkeyPatch.context() as mp:
         _env(mp, VLLM_ALLOW_LONG_MAX_MODEL_LEN="1", VLLM_CPU_KVCACHE_SPACE="1")
         with caplog.at_level(logging.WARNING, logger="kvrun"):
@@ -200,10 +208,17 @@ def test_long_max_model_len_needs_the_opt_in(smollm2_hf_dir: Path, caplog: pytes
     assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1" in caplog.text
 
 
-def test_profiler_and_batch_size_log(smollm2_hf_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_profiler_and_batch_size_log(
+    smollm2_hf_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     trace_dir = tmp_path / "traces"
     with pytest.MonkeyPatch.context() as mp:
-        _env(mp, VLLM_TORCH_PROFILER_DIR=str(trace_dir), VLLM_LOG_BATCHSIZE_INTERVAL="0", VLLM_CPU_KVCACHE_SPACE="0.25")
+        _env(
+            mp,
+            VLLM_TORCH_PROFILER_DIR=str(trace_dir),
+            VLLM_LOG_BATCHSIZE_INTERVAL="0",
+            VLLM_CPU_KVCACHE_SPACE="0.25",
+        )
         llm = LLM(model=str(smollm2_hf_dir), max_model_len=256)
     llm.start_profile()
     with caplog.at_level(logging.INFO, logger="kvrun"):

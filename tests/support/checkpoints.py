@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import transformers
+
 from kvrun.loader import DEFAULT_HUB_MODEL, default_model
 from kvrun.testing.checkpoints import build_hf_checkpoint_from_gguf, build_random_checkpoint
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,12 @@ from kvrun.engine.llm_engine import LLMEngine
 from kvrun.envs import read_env
 from kvrun.outputs import RequestOutput
 from kvrun.sampling_params import SamplingParams
+from tests.support.checkpoints import cached_build
 
 
-def make_engine(model: str | Path, env: Mapping[str, str] | None = None, **kwargs: Any) -> LLMEngine:
+def make_engine(
+    model: str | Path, env: Mapping[str, str] | None = None, **kwargs: Any
+) -> LLMEngine:
     """An engine on the cpu platform; ``env`` adds variables to the real environment."""
     environ = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", **(env or {})}
     kwargs.setdefault("dtype", "float32")
@@ -49,33 +54,66 @@ def run_all(
     return [finished[r] for r in ids]
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class Reference:
+    """Transformers' greedy continuation of each prompt, with per-step logprobs."""
+
+    tokens: list[list[int]]  # [prompt][step] chosen token id
+    chosen_logprobs: list[list[float]]  # [prompt][step] the chosen token's logprob
+    top_ids: list[list[list[int]]]  # [prompt][step][k] the TOP_K most likely ids
+    top_logprobs: list[list[list[float]]]  # [prompt][step][k] their logprobs
+
+
+TOP_K = 8
+
+
 def hf_greedy(
     model_dir: str | Path, prompts: Sequence[list[int]], max_new_tokens: int
-) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Hugging Face transformers' greedy continuation of each prompt (fp32, one at a time).
+) -> Reference:
+    """Hugging Face transformers' greedy continuation (fp32, one prompt at a time), cached.
 
     EOS does not stop it (like ignore_eos), and nothing is masked: a plain argmax loop
-    over the model's KV cache. Also returns each step's log-softmax rows [N, V].
+    over the model's KV cache. The result is cached on disk keyed by the model
+    directory, the prompts and transformers' version, since it is the slow part.
     """
+    key = {"model": str(model_dir), "prompts": [list(p) for p in prompts], "n": max_new_tokens}
+
+    def build(out: Path) -> Path:
+        ref = _hf_greedy(model_dir, prompts, max_new_tokens)
+        (out / "reference.json").write_text(json.dumps(asdict(ref)))
+        return out
+
+    data = json.loads((cached_build("hf-greedy", key, build) / "reference.json").read_text())
+    return Reference(**data)
+
+
+@torch.inference_mode()
+def _hf_greedy(
+    model_dir: str | Path, prompts: Sequence[list[int]], max_new_tokens: int
+) -> Reference:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
-    tokens_out, logprobs_out = [], []
+    ref = Reference([], [], [], [])
     for prompt in prompts:
         out = model(torch.tensor([prompt]), use_cache=True)
         past = out.cache
         logits = out.logits[0, -1]
-        generated: list[int] = []
-        rows = []
+        tokens, chosen, top_ids, top_values = [], [], [], []
         for _ in range(max_new_tokens):
-            rows.append(torch.log_softmax(logits.float(), dim=-1))
+            row = torch.log_softmax(logits.float(), dim=-1)
             token = int(logits.argmax())
-            generated.append(token)
+            top = torch.topk(row, TOP_K)
+            tokens.append(token)
+            chosen.append(float(row[token]))
+            top_ids.append(top.indices.tolist())
+            top_values.append(top.values.tolist())
             out = model(torch.tensor([[token]]), cache=past, use_cache=True)
             past = out.cache
             logits = out.logits[0, -1]
-        tokens_out.append(generated)
-        logprobs_out.append(torch.stack(rows))
-    return tokens_out, logprobs_out
+        ref.tokens.append(tokens)
+        ref.chosen_logprobs.append(chosen)
+        ref.top_ids.append(top_ids)
+        ref.top_logprobs.append(top_values)
+    return ref

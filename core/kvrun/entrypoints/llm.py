@@ -123,10 +123,10 @@ class LLM:
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
     if isinstance(prompts, str | Mapping):
         return [prompts]
-    items = list(prompts)
+    items: list[Any] = list(prompts)
     if items and all(isinstance(t, int) for t in items):
         return [items]  # one prompt given as token ids
-    return items  # type: ignore[return-value]
+    return items
 
 
 def _prompt_of(item: PromptInput) -> str | list[int]:

@@ -147,8 +147,11 @@ class Platform(ABC):
         """The dtype ``dtype="auto"`` resolves to: the fastest this hardware runs."""
         return self.supported_dtypes[0]
 
-    def setup_process(self) -> None:
-        """Per-process set-up before the model loads (threads, affinity, device index)."""
+    def setup_process(self, rank: int = 0) -> None:  # noqa: B027 - optional hook
+        """Per-process set-up before the model loads (threads, affinity, device index).
+
+        ``rank`` is the process's local rank (0 for a single process).
+        """
 
     def describe(self) -> str:
         """One line for the start-up log."""
@@ -223,4 +226,3 @@ class Platform(ABC):
                 f"{self.name} platform; supported: {names}"
             )
         return config, []
-

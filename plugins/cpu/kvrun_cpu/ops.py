@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from kvrun.ops import reference
 
+from kvrun.ops import reference
 from kvrun_cpu.attention.kernels import decode_attention, prefill_attention
 from kvrun_cpu.attention.native import DecodeKernel, decode_batch
 from kvrun_cpu.attention.plan import build_plan

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
+
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
 from kvrun.attention.reference import ReferenceAttention
 from kvrun.platforms import KVCachePlan, KVCacheRequest, Platform
-
 from kvrun_cpu.attention import TorchSdpaAttention
 from kvrun_cpu.attention.native import DecodeKernel, load_decode_kernel
 from kvrun_cpu.ops import cpu_ops

@@ -11,6 +11,7 @@ import os
 from collections.abc import Collection, Iterable
 
 import torch
+
 from kvrun.errors import ConfigError
 
 __all__ = ["apply_threads_bind", "format_cores", "parse_threads_bind"]

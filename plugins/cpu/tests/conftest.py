@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kvrun_cpu.attention.native import DecodeKernel, load_decode_kernel
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, AttentionMetadata
 from kvrun.attention.reference import ReferenceAttention
 from kvrun_cpu.attention import TorchSdpaAttention

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from kvrun.ops import reference
 from kvrun_cpu.attention.native import (
     _SPLIT_MIN_WORK,

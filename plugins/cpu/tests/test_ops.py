@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from kvrun.ops import OP_NAMES, reference, reference_ops
 from kvrun_cpu import ops
 from kvrun_cpu.attention.native import DecodeKernel

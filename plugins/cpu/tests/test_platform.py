@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from kvrun.attention.base import AttentionLayerSpec
 from kvrun.attention.reference import ReferenceAttention
 from kvrun.envs import read_env

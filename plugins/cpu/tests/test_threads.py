@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from kvrun.envs import read_env
 from kvrun.errors import ConfigError
 from kvrun_cpu.platform import CpuPlatform

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+
 from kvrun.platforms import KVCacheRequest, Platform
 
 __all__ = ["MEMORY_FRACTION", "CudaPlatform", "device_memory_budget"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvrun.platforms import Unavailable
 from kvrun_cuda import probe
 from kvrun_cuda.platform import CudaPlatform, device_memory_budget

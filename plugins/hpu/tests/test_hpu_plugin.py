@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+
 from kvrun.platforms import Unavailable
 from kvrun_hpu import probe
 from kvrun_hpu.platform import HpuPlatform

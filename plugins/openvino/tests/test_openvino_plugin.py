@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+
 from kvrun.envs import read_env
 from kvrun.platforms import KVCacheRequest, Unavailable
 from kvrun_openvino import probe

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+
 from kvrun.platforms import KVCacheRequest, Platform
 
 __all__ = ["MEMORY_FRACTION", "RocmPlatform", "device_memory_budget"]

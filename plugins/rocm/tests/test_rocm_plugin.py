@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvrun.platforms import Unavailable
 from kvrun_rocm import probe
 from kvrun_rocm.platform import RocmPlatform, device_memory_budget

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+
 from kvrun.errors import PluginError
 from kvrun.platforms import KVCacheRequest, Platform
 

@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+
 from kvrun.errors import PluginError
 from kvrun.platforms import Unavailable
 from kvrun_tpu import probe

@@ -13,8 +13,8 @@ on SDPA. As in vLLM's CPU backend of the same name.
 from __future__ import annotations
 
 import torch
-from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, AttentionMetadata
 
+from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, AttentionMetadata
 from kvrun_cpu.attention.kernels import Workspace, decode_attention, prefill_attention
 from kvrun_cpu.attention.native import DecodeKernel, decode_batch
 from kvrun_cpu.attention.plan import BatchPlan, build_plan

@@ -1,0 +1,274 @@
+"""The engine side of the server: one loop that owns the LLMEngine.
+
+The loop drains incoming messages (add, abort, utility, shutdown), runs one engine
+step while any request is unfinished, and sends the step's outputs as deltas with
+the engine's stats. When idle it still sends stats every ``heartbeat_s`` so the
+frontend can tell a hung engine from an idle one. The same loop runs in a thread
+(VLLM_ENABLE_V1_MULTIPROCESSING=0) or in its own process behind ZeroMQ.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kvrun.errors import KvrunError, RequestError
+from kvrun.server.deltas import DeltaEncoder
+from kvrun.server.wire import (
+    Abort,
+    AddRequest,
+    Dead,
+    EngineInfo,
+    EngineMessage,
+    FrontendMessage,
+    Hello,
+    Outputs,
+    Ready,
+    Rejected,
+    Shutdown,
+    Stats,
+    Utility,
+    UtilityResult,
+)
+
+if TYPE_CHECKING:
+    from kvrun.config import EngineArgs
+    from kvrun.engine.llm_engine import LLMEngine
+    from kvrun.envs import EnvSnapshot
+    from kvrun.server.ipc import IpcPaths
+
+__all__ = [
+    "HEARTBEAT_S",
+    "EngineEndpoint",
+    "EngineLoop",
+    "engine_info",
+    "engine_process_main",
+    "run_engine",
+]
+
+logger = logging.getLogger(__name__)
+
+# Idle stats interval; the frontend's hang detection needs it well under 1 s
+# (VLLM_ENGINE_ITERATION_TIMEOUT_S is whole seconds, at least 1).
+HEARTBEAT_S = 0.25
+
+Send = Callable[[EngineMessage], None]
+# timeout in seconds (0: do not wait) -> the messages that arrived
+Receive = Callable[[float], list[FrontendMessage]]
+
+
+def engine_info(engine: LLMEngine) -> EngineInfo:
+    config = engine.config
+    return EngineInfo(
+        model_name=config.model_name,
+        model_path=config.model_source,
+        max_model_len=config.max_model_len,
+        vocab_size=config.vocab_size,
+        max_logprobs=config.max_logprobs,
+        platform_name=config.platform_name,
+        attention_backend=config.attention_backend,
+        dtype=str(config.dtype).removeprefix("torch."),
+        num_kv_blocks=config.num_kv_blocks,
+        block_size=config.block_size,
+    )
+
+
+def _stats(engine: LLMEngine) -> Stats:
+    s = engine.stats()
+    return Stats(
+        num_running=s.num_running,
+        num_waiting=s.num_waiting,
+        kv_cache_usage=s.kv_cache_usage,
+        prefix_cache_queries=s.prefix_cache_queries,
+        prefix_cache_hits=s.prefix_cache_hits,
+        num_preemptions_total=s.num_preemptions_total,
+        prompt_tokens_total=s.prompt_tokens_total,
+        generation_tokens_total=s.generation_tokens_total,
+    )
+
+
+class EngineLoop:
+    """Drives one LLMEngine from messages; ``run`` returns on Shutdown or ``should_stop``."""
+
+    def __init__(self, engine: LLMEngine, send: Send, *, heartbeat_s: float = HEARTBEAT_S) -> None:
+        self.engine = engine
+        self.send = send
+        self.heartbeat_s = heartbeat_s
+        self._encoder = DeltaEncoder()
+        self._rejected: list[Rejected] = []
+
+    def handle(self, msg: FrontendMessage) -> bool:
+        """Apply one message; False on Shutdown."""
+        if isinstance(msg, AddRequest):
+            self._add(msg)
+        elif isinstance(msg, Abort):
+            self.engine.abort_request(msg.request_ids)
+            self._encoder.forget(msg.request_ids)
+        elif isinstance(msg, Utility):
+            self.send(self._utility(msg))
+        elif isinstance(msg, Shutdown):
+            return False
+        return True
+
+    def _add(self, msg: AddRequest) -> None:
+        from kvrun.sampling_params import SamplingParams
+
+        try:
+            params = SamplingParams(**msg.params.kwargs())  # type: ignore[arg-type]
+            self.engine.add_request(
+                msg.request_id, msg.prompt_token_ids, params, arrival_time=msg.arrival_time
+            )
+        except RequestError as exc:
+            self._rejected.append(Rejected(msg.request_id, str(exc), exc.param, exc.code, 400))
+        except ValueError as exc:  # SamplingParams validation, KvrunError included
+            self._rejected.append(Rejected(msg.request_id, str(exc), None, None, 400))
+        except Exception as exc:  # a bug refusing one request must not stop the others
+            logger.exception("adding request %s failed", msg.request_id)
+            self._rejected.append(
+                Rejected(
+                    msg.request_id,
+                    f"the engine failed to add the request: {exc!r}",
+                    None,
+                    None,
+                    500,
+                )
+            )
+
+    def _utility(self, msg: Utility) -> UtilityResult:
+        try:
+            if msg.method == "reset_prefix_cache":
+                return UtilityResult(msg.call_id, True, self.engine.reset_prefix_cache(), None)
+            if msg.method == "start_profile":
+                self.engine.start_profile()
+            else:
+                self.engine.stop_profile()
+            return UtilityResult(msg.call_id, True, None, None)
+        except Exception as exc:  # answered to the caller; the engine keeps running
+            logger.exception("utility call %s failed", msg.method)
+            return UtilityResult(msg.call_id, False, None, str(exc))
+
+    def run(self, receive: Receive, should_stop: Callable[[], bool] = lambda: False) -> None:
+        last_sent = 0.0
+        while not should_stop():
+            busy = self.engine.has_unfinished_requests()
+            messages = receive(0.0 if busy else self.heartbeat_s)
+            for msg in messages:
+                if not self.handle(msg):
+                    return
+            outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+            now = time.time()
+            if outputs or messages or self._rejected or now - last_sent >= self.heartbeat_s:
+                deltas = [self._encoder.encode(o) for o in outputs]
+                rejected, self._rejected = self._rejected, []
+                self.send(Outputs(deltas, rejected, _stats(self.engine), now))
+                last_sent = now
+
+
+def run_engine(
+    engine_args: EngineArgs,
+    env: EnvSnapshot,
+    send: Send,
+    receive: Receive,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Load the engine, announce it, and serve until Shutdown; failures are sent as Dead."""
+    from kvrun.engine.llm_engine import LLMEngine
+
+    try:
+        engine = LLMEngine(engine_args, env)
+    except KvrunError as exc:
+        send(Dead(str(exc), user_error=True))
+        return
+    except Exception:
+        send(Dead(traceback.format_exc(), user_error=False))
+        return
+    send(Ready(engine_info(engine)))
+    try:
+        EngineLoop(engine, send).run(receive, should_stop)
+    except Exception:
+        logger.exception("the engine loop failed")
+        send(Dead(traceback.format_exc(), user_error=False))
+
+
+class EngineEndpoint:
+    """The engine's two sockets: binds its input (0600), connects to the frontend's.
+
+    Whatever arrives that is not one frame holding a valid message is logged and dropped.
+    """
+
+    def __init__(self, paths: IpcPaths) -> None:
+        import msgspec
+        import zmq
+
+        from kvrun.server.ipc import IpcPaths, bind_private
+        from kvrun.server.wire import frontend_decoder
+
+        self._zmq = zmq
+        self._decode_error = msgspec.DecodeError
+        self._ctx = zmq.Context()
+        self._inbox = self._ctx.socket(zmq.PULL)
+        bind_private(self._inbox, paths.engine_input)
+        self._outbox = self._ctx.socket(zmq.PUSH)
+        self._outbox.setsockopt(zmq.LINGER, 2000)
+        self._outbox.connect(IpcPaths.address(paths.frontend_input))
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = frontend_decoder()
+        self.dropped = 0  # messages dropped as undecodable
+
+    def send(self, msg: EngineMessage) -> None:
+        self._outbox.send(self._encoder.encode(msg), copy=False)
+
+    def receive(self, timeout: float) -> list[FrontendMessage]:
+        """What arrived within ``timeout`` seconds (0: only what is already there)."""
+        messages: list[FrontendMessage] = []
+        if not self._inbox.poll(int(timeout * 1000)):
+            return messages
+        while True:
+            try:
+                frames = self._inbox.recv_multipart(self._zmq.NOBLOCK)
+            except self._zmq.Again:
+                return messages
+            if len(frames) != 1:
+                self.dropped += 1
+                logger.warning("dropped a %d-part message on the engine socket", len(frames))
+                continue
+            try:
+                messages.append(self._decoder.decode(frames[0]))
+            except self._decode_error as exc:
+                self.dropped += 1
+                logger.warning(
+                    "dropped %d bytes on the engine socket that are not a kvrun message: %s",
+                    len(frames[0]),
+                    exc,
+                )
+
+    def close(self) -> None:
+        self._inbox.close(linger=0)
+        self._outbox.close()
+        self._ctx.term()
+
+
+def engine_process_main(
+    engine_args: EngineArgs, env: EnvSnapshot, paths: IpcPaths, parent_pid: int
+) -> None:
+    """Entry point of the engine process (multiprocessing spawn)."""
+    from kvrun.logging_config import configure_logging
+
+    # Ctrl-C reaches the whole process group; the frontend decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(env)
+    endpoint = EngineEndpoint(paths)
+
+    def orphaned() -> bool:
+        return os.getppid() != parent_pid
+
+    endpoint.send(Hello(os.getpid()))
+    try:
+        run_engine(engine_args, env, endpoint.send, endpoint.receive, orphaned)
+    finally:
+        endpoint.close()

@@ -1,0 +1,99 @@
+"""Request-size limits answered in OpenAI's error envelope.
+
+uvicorn's own header limit answers a bare 400 without the envelope, so the server
+sets uvicorn's limit well above ``max_header_bytes`` and checks here; the body is
+read up to ``max_body_bytes`` before the application sees it, so an over-size or
+lying ``Content-Length`` never reaches a handler.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kvrun.server.errors import error_body
+
+__all__ = ["RequestLimitsMiddleware"]
+
+
+async def _reject(send: Send, message: str, code: str) -> None:
+    body = json.dumps(error_body(message, 400, code=code)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestLimitsMiddleware:
+    """Refuse requests whose headers or body exceed the configured sizes."""
+
+    def __init__(self, app: ASGIApp, *, max_header_bytes: int, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope.get("headers", ())
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in headers)  # "k: v\r\n"
+        if header_bytes > self.max_header_bytes:
+            await _reject(
+                send,
+                f"request headers are {header_bytes} bytes; the limit is "
+                f"{self.max_header_bytes} bytes (--max-header-bytes)",
+                "header_too_large",
+            )
+            return
+        for name, value in headers:
+            too_big = value.isdigit() and int(value) > self.max_body_bytes
+            if name == b"content-length" and too_big:
+                await _reject(send, self._body_message(int(value)), "body_too_large")
+                return
+        # Buffer the body (bounded by the limit) so chunked uploads are counted too.
+        chunks: list[bytes] = []
+        size = 0
+        disconnect: Message | None = None
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                disconnect = message
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await _reject(send, self._body_message(size, at_least=True), "body_too_large")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if disconnect is not None:
+                return disconnect
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            # After the body, the only thing left to hear is the client going away.
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _body_message(self, size: int, *, at_least: bool = False) -> str:
+        qualifier = "at least " if at_least else ""
+        return (
+            f"request body is {qualifier}{size} bytes; the limit is "
+            f"{self.max_body_bytes} bytes (--max-request-body-bytes)"
+        )

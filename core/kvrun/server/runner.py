@@ -1,0 +1,141 @@
+"""Run the server: start the engine, serve HTTP until SIGTERM/SIGINT or engine death, clean up.
+
+SIGTERM (or Ctrl-C) stops accepting connections, gives in-flight requests up to
+``--shutdown-timeout`` seconds, then aborts what is left, stops the engine
+process and removes its socket files. Engine death fails in-flight requests (500),
+turns /health to 503 and exits with status 1, unless
+VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1 keeps the server up answering 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Generator
+from typing import TYPE_CHECKING
+
+import uvicorn
+
+from kvrun.server.app import attach_state, build_app
+from kvrun.server.config import ServerConfig
+from kvrun.server.engine_client import EngineClient
+from kvrun.server.metrics import ServerMetrics
+from kvrun.server.state import ServerState
+
+if TYPE_CHECKING:
+    from kvrun.config import EngineArgs
+    from kvrun.envs import EnvSnapshot
+    from kvrun.tokenizer import Tokenizer
+
+__all__ = ["run_server"]
+
+logger = logging.getLogger(__name__)
+
+# uvicorn answers a bare 400 (no envelope) past its own header limit; keep it well
+# above ours so the envelope is what clients normally see.
+_UVICORN_HEADER_FACTOR = 4
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a caught SIGTERM after serving, which would kill the process
+    before the engine is stopped; this server only records it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        handlers = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+
+def _load_tokenizer(engine_args: EngineArgs, env: EnvSnapshot) -> Tokenizer:
+    """The frontend's own tokenizer (the engine's lives in the engine process)."""
+    from kvrun.loader import load_checkpoint
+    from kvrun.tokenizer import load_tokenizer
+
+    checkpoint = load_checkpoint(
+        engine_args.tokenizer or engine_args.model,
+        revision=engine_args.revision,
+        # as the engine does until envs has HF_HUB_OFFLINE (see engine/setup.py)
+        hf_hub_offline=bool(getattr(env, "HF_HUB_OFFLINE", False)),
+        use_modelscope=env.VLLM_USE_MODELSCOPE,
+        download_dir=engine_args.download_dir,
+    )
+    return load_tokenizer(checkpoint)
+
+
+async def _serve(engine_args: EngineArgs, config: ServerConfig, env: EnvSnapshot) -> int:
+    exit_status = 0
+    server: _Server | None = None
+
+    def on_dead(reason: str) -> None:
+        nonlocal exit_status
+        if config.keep_alive_on_engine_death:
+            logger.error("engine died; VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1 keeps serving 503")
+            return
+        exit_status = 1
+        if server is not None:
+            server.should_exit = True
+
+    client = EngineClient(engine_args, env, on_dead=on_dead)
+    # Until uvicorn takes over the signals, SIGTERM cancels start-up cleanly.
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, main.cancel)
+    # The frontend's tokenizer loads while the engine process loads the model.
+    tokenizer_task = asyncio.ensure_future(asyncio.to_thread(_load_tokenizer, engine_args, env))
+    try:
+        info = await client.start()
+        tokenizer = await tokenizer_task
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        metrics = ServerMetrics(info.model_name, lambda: client.stats)
+        client.metrics = metrics
+        app = build_app(config)
+        attach_state(
+            app, ServerState(config, client, info, tokenizer, metrics, started_at=int(time.time()))
+        )
+        uv_config = uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            root_path=config.root_path,
+            http="h11",
+            lifespan="off",
+            log_level=config.uvicorn_log_level,
+            access_log=config.access_log,
+            timeout_graceful_shutdown=max(1, round(config.shutdown_timeout)),
+            h11_max_incomplete_event_size=config.max_header_bytes * _UVICORN_HEADER_FACTOR,
+        )
+        server = _Server(uv_config)
+        logger.info(
+            "serving %s on http://%s:%d%s (api key %s)",
+            info.model_name,
+            config.host,
+            config.port,
+            config.root_path,
+            "required" if config.api_key else "not required",
+        )
+        await server.serve()
+        if client.dead_reason is not None and not config.keep_alive_on_engine_death:
+            exit_status = 1
+        return exit_status
+    except asyncio.CancelledError:
+        logger.info("stopped during start-up")
+        return 1
+    finally:
+        tokenizer_task.cancel()
+        await client.shutdown(config.shutdown_timeout)
+        logger.info("engine stopped")
+
+
+def run_server(engine_args: EngineArgs, config: ServerConfig, env: EnvSnapshot) -> int:
+    """Serve until stopped; the process exit status (0 after SIGTERM, 1 after engine death)."""
+    return asyncio.run(_serve(engine_args, config, env))

@@ -1,0 +1,224 @@
+"""Typed messages between the HTTP frontend and the engine loop.
+
+Encoded as msgpack by msgspec into tagged-union Structs: a payload that is not one
+of these messages (garbage, a pickle, a message with a wrong field type) fails to
+decode and is dropped by the receiver. Nothing here is ever unpickled.
+
+Outputs travel as deltas: the engine's outputs are cumulative, so sending them
+whole every step would cost O(length^2) bytes per request. Each
+:class:`CompletionDelta` says how much of what was sent before still stands and
+what follows it, which also carries a stop string being cut off the end.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+__all__ = [
+    "Abort",
+    "AddRequest",
+    "CompletionDelta",
+    "Dead",
+    "EngineInfo",
+    "EngineMessage",
+    "FrontendMessage",
+    "Hello",
+    "LogprobEntry",
+    "Outputs",
+    "Ready",
+    "Rejected",
+    "RequestDelta",
+    "Shutdown",
+    "Stats",
+    "Utility",
+    "UtilityMethod",
+    "UtilityResult",
+    "WireSampling",
+    "engine_decoder",
+    "frontend_decoder",
+]
+
+UNSET = msgspec.UNSET
+
+
+class _Message(msgspec.Struct, forbid_unknown_fields=True):
+    """Base of every message: a field we do not know is a malformed message."""
+
+
+class WireSampling(_Message, omit_defaults=True):
+    """The SamplingParams fields a request set; unset ones keep SamplingParams' defaults."""
+
+    n: int | msgspec.UnsetType = UNSET
+    temperature: float | msgspec.UnsetType = UNSET
+    top_p: float | msgspec.UnsetType = UNSET
+    top_k: int | msgspec.UnsetType = UNSET
+    min_p: float | msgspec.UnsetType = UNSET
+    seed: int | msgspec.UnsetType | None = UNSET
+    stop: list[str] | msgspec.UnsetType = UNSET
+    stop_token_ids: list[int] | msgspec.UnsetType = UNSET
+    max_tokens: int | msgspec.UnsetType = UNSET
+    min_tokens: int | msgspec.UnsetType = UNSET
+    ignore_eos: bool | msgspec.UnsetType = UNSET
+    logprobs: int | msgspec.UnsetType | None = UNSET
+    prompt_logprobs: int | msgspec.UnsetType | None = UNSET
+    presence_penalty: float | msgspec.UnsetType = UNSET
+    frequency_penalty: float | msgspec.UnsetType = UNSET
+    repetition_penalty: float | msgspec.UnsetType = UNSET
+    logit_bias: dict[int, float] | msgspec.UnsetType = UNSET
+    allowed_token_ids: list[int] | msgspec.UnsetType = UNSET
+    bad_words: list[str] | msgspec.UnsetType = UNSET
+    include_stop_str_in_output: bool | msgspec.UnsetType = UNSET
+    skip_special_tokens: bool | msgspec.UnsetType = UNSET
+
+    def kwargs(self) -> dict[str, object]:
+        """Keyword arguments for ``SamplingParams``: only the fields that were set."""
+        return {
+            name: value
+            for name in self.__struct_fields__
+            if (value := getattr(self, name)) is not UNSET
+        }
+
+
+# --- frontend -> engine ------------------------------------------------------------
+
+
+class AddRequest(_Message, tag="add"):
+    request_id: str
+    prompt_token_ids: list[int]  # already tokenized (and checked) by the frontend
+    params: WireSampling
+    arrival_time: float  # time.time() at the frontend
+
+
+class Abort(_Message, tag="abort"):
+    request_ids: list[str]
+
+
+UtilityMethod = Literal["reset_prefix_cache", "start_profile", "stop_profile"]
+
+
+class Utility(_Message, tag="utility"):
+    call_id: int
+    method: UtilityMethod  # a closed set: the engine never looks up a name it was sent
+
+
+class Shutdown(_Message, tag="shutdown"):
+    pass
+
+
+FrontendMessage = AddRequest | Abort | Utility | Shutdown
+
+
+# --- engine -> frontend ------------------------------------------------------------
+
+
+class EngineInfo(_Message):
+    """What the frontend needs to know about the loaded engine."""
+
+    model_name: str  # the served model name
+    model_path: str  # what was loaded (path or repo id)
+    max_model_len: int
+    vocab_size: int
+    max_logprobs: int
+    platform_name: str
+    attention_backend: str
+    dtype: str  # e.g. "float32"
+    num_kv_blocks: int
+    block_size: int
+
+
+class Hello(_Message, tag="hello"):
+    """Sent as soon as the engine process is up, before the model loads."""
+
+    pid: int
+
+
+class Ready(_Message, tag="ready"):
+    info: EngineInfo
+
+
+class Stats(_Message, array_like=True):
+    """The engine's counters and gauges after its latest step."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1
+    prefix_cache_queries: int  # tokens looked up, cumulative
+    prefix_cache_hits: int  # tokens found, cumulative
+    num_preemptions_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+class LogprobEntry(_Message, array_like=True):
+    token_id: int
+    logprob: float
+    rank: int  # 1 = most likely
+    decoded: str | None  # the engine's decoding, when it made one
+
+
+class CompletionDelta(_Message, array_like=True):
+    """What changed in one of a request's n sequences since the last message."""
+
+    index: int
+    text_keep: int  # characters of the text sent so far that still stand
+    text_tail: str  # what follows them
+    token_tail: list[int]  # token ids generated since the last message (tokens only grow)
+    logprobs_tail: list[list[LogprobEntry]] | None  # one entry per new token, chosen first
+    cumulative_logprob: float | None
+    finish_reason: str | None  # None while running; "stop", "length", "abort"
+    stop_reason: int | str | None
+
+
+class RequestDelta(_Message, array_like=True):
+    request_id: str
+    completions: list[CompletionDelta]
+    finished: bool
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+    # Sent once, when the engine first has them: one entry per prompt token, entry 0 None.
+    prompt_logprobs: list[list[LogprobEntry] | None] | None = None
+
+
+class Rejected(_Message, array_like=True):
+    """The engine refused a request: the frontend answers 400 (or 500 for status 500)."""
+
+    request_id: str
+    message: str
+    param: str | None
+    code: str | None
+    status: int
+
+
+class Outputs(_Message, tag="outputs"):
+    deltas: list[RequestDelta]
+    rejected: list[Rejected]
+    stats: Stats
+    sent_at: float  # time.time() on the engine side, for the frontend's latency metrics
+
+
+class UtilityResult(_Message, tag="result"):
+    call_id: int
+    ok: bool
+    value: bool | None
+    error: str | None
+
+
+class Dead(_Message, tag="dead"):
+    """The engine loop stopped on an error; ``user_error`` marks a KvrunError at load."""
+
+    message: str
+    user_error: bool
+
+
+EngineMessage = Hello | Ready | Outputs | UtilityResult | Dead
+
+
+def frontend_decoder() -> msgspec.msgpack.Decoder[FrontendMessage]:
+    """Decoder for what the engine receives."""
+    return msgspec.msgpack.Decoder(FrontendMessage)  # type: ignore[arg-type]
+
+
+def engine_decoder() -> msgspec.msgpack.Decoder[EngineMessage]:
+    """Decoder for what the frontend receives."""
+    return msgspec.msgpack.Decoder(EngineMessage)  # type: ignore[arg-type]
