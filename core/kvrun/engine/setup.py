@@ -12,7 +12,7 @@ from kvrun.config import EngineArgs, EngineConfig, parse_dtype
 from kvrun.engine.model_runner import ModelRunner
 from kvrun.envs import EnvSnapshot
 from kvrun.errors import ConfigError
-from kvrun.loader import load_checkpoint
+from kvrun.loader import DEFAULT_HUB_MODEL, load_checkpoint
 from kvrun.models.config import ModelConfig
 from kvrun.models.registry import ModelRegistry
 from kvrun.ops import reference_ops
@@ -107,7 +107,8 @@ def build_engine_parts(args: EngineArgs, env: EnvSnapshot) -> EngineParts:
         )
     config = EngineConfig(
         model_source=source,
-        model_name=args.served_model_name or source,
+        # The default model is served under its hub id, not the GGUF's install path.
+        model_name=args.served_model_name or (DEFAULT_HUB_MODEL if args.model is None else source),
         architecture=model_config.architecture,
         dtype=dtype,
         max_model_len=max_model_len,
