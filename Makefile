@@ -12,7 +12,7 @@ serve: setup
 	$(VENV)/bin/kvrun serve --host 127.0.0.1 --port $(PORT)
 
 test: setup
-	$(PY) -m pytest tests plugins/cpu/tests -q
+	$(PY) -m pytest tests plugins/*/tests -q
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

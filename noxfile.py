@@ -6,6 +6,8 @@ pulls a multi-GB CUDA build), then kvrun. Reuse venvs with ``nox -r``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
@@ -22,7 +24,7 @@ def _install_core(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The default suite: what `make test` runs (fixtures and default model included)."""
     session.run("bash", "scripts/bootstrap.sh", session.virtualenv.location, external=True)
-    session.run("python", "-m", "pytest", "tests", "plugins/cpu/tests", "-q", *session.posargs)
+    session.run("python", "-m", "pytest", "tests", *sorted(str(p) for p in Path("plugins").glob("*/tests")), "-q", *session.posargs)
 
 
 @nox.session
