@@ -24,7 +24,15 @@ def _install_core(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The default suite: what `make test` runs (fixtures and default model included)."""
     session.run("bash", "scripts/bootstrap.sh", session.virtualenv.location, external=True)
-    session.run("python", "-m", "pytest", "tests", *sorted(str(p) for p in Path("plugins").glob("*/tests")), "-q", *session.posargs)
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests",
+        *sorted(str(p) for p in Path("plugins").glob("*/tests")),
+        "-q",
+        *session.posargs,
+    )
 
 
 @nox.session

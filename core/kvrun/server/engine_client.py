@@ -217,6 +217,16 @@ class EngineClient:
 
     # engine -> frontend ---------------------------------------------------------------
     async def _receive_loop(self) -> None:
+        try:
+            await self._handle_messages()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Without this loop no request can finish: fail them all rather than hang.
+            logger.exception("handling the engine's messages failed")
+            self._die("the frontend failed while handling the engine's outputs")
+
+    async def _handle_messages(self) -> None:
         chunk = max(1, self.env.VLLM_V1_OUTPUT_PROC_CHUNK_SIZE)
         while True:
             messages = await self.transport.receive()

@@ -259,8 +259,11 @@ def engine_process_main(
     """Entry point of the engine process (multiprocessing spawn)."""
     from kvrun.logging_config import configure_logging
 
-    # Ctrl-C reaches the whole process group; the frontend decides when we stop.
+    # Ctrl-C, `timeout` and systemd signal the whole process group; the frontend decides
+    # when we stop (Shutdown after draining, SIGKILL past the timeout), and we exit on our
+    # own if it goes away (see orphaned()).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(env)
     endpoint = EngineEndpoint(paths)
 
