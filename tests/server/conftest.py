@@ -1,0 +1,211 @@
+"""Real `kvrun serve` processes on 127.0.0.1 for the server tests.
+
+One session-scoped server (API key, dev mode and profiler routes on) serves most
+tests; fault, SIGTERM and configuration cases start their own short-lived ones
+with :func:`launch`. Every server runs the default model (SmolLM2-135M GGUF) on
+the cpu platform with a small context and KV space, so the whole suite stays
+cheap on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+MAX_MODEL_LEN = 1024
+API_KEY = "sk-test-4d1f"
+START_TIMEOUT_S = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    api_key: str | None
+    rpc_base: Path
+    log_path: Path
+    _client: openai.OpenAI | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def engine_pid(self) -> int:
+        match = re.search(r"engine process (\d+) started", self.log())
+        assert match is not None, self.log()
+        return int(match.group(1))
+
+    def http(self, timeout: float = 60.0) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout)
+
+    def client(self) -> openai.OpenAI:
+        """One shared client per server, closed by :meth:`stop`."""
+        if self._client is None:
+            self._client = openai.OpenAI(
+                base_url=f"{self.base_url}/v1", api_key=self.api_key or "none", max_retries=0
+            )
+        return self._client
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"{self.base_url}/v1", api_key=self.api_key or "none", max_retries=0
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """Samples of /metrics, labels dropped for model_name-only metrics."""
+        with self.http() as http:
+            text = http.get("/metrics").text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[re.sub(r'\{model_name="[^"]*"\}', "", name)] = float(value)
+        return out
+
+    def wait_metric(self, name: str, value: float, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        seen = None
+        while time.monotonic() < deadline:
+            seen = self.metrics().get(name)
+            if seen == value:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{name} stayed {seen}, expected {value}")
+
+    def rpc_dirs(self) -> list[Path]:
+        return sorted(self.rpc_base.glob("kvrun-rpc-*"))
+
+    def cleanup(self) -> None:
+        """Kill the server if still up and remove its socket base directory."""
+        if self._client is not None:
+            self._client.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        shutil.rmtree(self.rpc_base, ignore_errors=True)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self._client is not None:
+            self._client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def launch(
+    workdir: Path,
+    *,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    api_key: str | None = API_KEY,
+) -> Server:
+    """Start `kvrun serve` and wait until /health answers 200."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    # ipc:// paths must stay under ~100 bytes: pytest's tmp paths can be longer
+    rpc_base = Path(tempfile.mkdtemp(prefix="kvrun-test-"))
+    log_path = workdir / "server.log"
+    port = free_port()
+    environ = {
+        **os.environ,
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_RPC_BASE_PATH": str(rpc_base),
+        **(env or {}),
+    }
+    environ.pop("VLLM_API_KEY", None)
+    cmd = [
+        sys.executable, "-m", "kvrun.cli.main", "serve",
+        "--port", str(port),
+        "--max-model-len", str(MAX_MODEL_LEN),
+        "--uvicorn-log-level", "warning",
+        *(["--api-key", api_key] if api_key else []),
+        # e.g. "--attention-backend REFERENCE" to run the suite on another backend
+        *os.environ.get("KVRUN_TEST_SERVE_ARGS", "").split(),
+        *args,
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        # its own session, so a test can signal the server's whole process group
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=environ, start_new_session=True
+        )
+    server = Server(proc, port, api_key, rpc_base, log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            server.cleanup()
+            raise AssertionError(f"server exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    server.cleanup()
+    raise AssertionError(f"server did not start in {START_TIMEOUT_S}s:\n{server.log()}")
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """:func:`launch` for one test; whatever it started is killed afterwards if still up."""
+    started: list[Server] = []
+
+    def start(**kw: Any) -> Server:
+        srv = launch(tmp_path / f"server{len(started)}", **kw)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.cleanup()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    workdir = tmp_path_factory.mktemp("server")
+    srv = launch(
+        workdir,
+        env={
+            "VLLM_SERVER_DEV_MODE": "1",
+            "VLLM_TORCH_PROFILER_DIR": str(workdir / "traces"),
+        },
+    )
+    yield srv
+    status = srv.stop()
+    srv.cleanup()
+    assert status == 0, srv.log()
+
+
+@pytest.fixture(scope="session")
+def model_name(server: Server) -> str:
+    with server.http() as http:
+        name: str = http.get("/v1/models").json()["data"][0]["id"]
+    return name

@@ -1,0 +1,101 @@
+"""`kvrun serve` option errors (no model is loaded) and `kvrun bench serve` on a live server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvrun.cli.bench_cmd import percentile
+from tests.server.conftest import Server
+
+
+def _kvrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvrun.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "kvrun: error: --port must be in [0, 65535], got 70000"),
+        (["--max-n", "0"], "kvrun: error: --max-n must be > 0, got 0"),
+        (["--shutdown-timeout", "-1"], "kvrun: error: --shutdown-timeout must be >= 0, got -1.0"),
+        (
+            ["--api-key", ""],
+            "kvrun: error: --api-key is empty; give a key, or omit it to use VLLM_API_KEY",
+        ),
+        (["--root-path", "api"], "kvrun: error: --root-path must start with '/', got 'api'"),
+        (
+            ["a.gguf", "--model", "b.gguf"],
+            "kvrun: error: the model is given twice, as MODEL='a.gguf' and --model='b.gguf'; give one",
+        ),
+    ],
+)
+def test_serve_option_errors(args: list[str], message: str) -> None:
+    done = _kvrun("serve", *args)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == message
+
+
+def test_serve_with_a_missing_rpc_base_path(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    done = _kvrun("serve", env={"VLLM_RPC_BASE_PATH": str(missing)})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"kvrun: error: VLLM_RPC_BASE_PATH={str(missing)!r} is not an existing directory; "
+        "point it at a writable directory for the server's ipc:// sockets"
+    )
+
+
+def test_serve_with_a_missing_model(tmp_path: Path) -> None:
+    done = _kvrun("serve", str(tmp_path / "nope.gguf"), env={"VLLM_RPC_BASE_PATH": str(tmp_path)})
+    assert done.returncode == 2
+    assert "nope.gguf" in done.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []  # the socket directory was removed
+
+
+def test_percentile() -> None:
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 99) == pytest.approx(4.96)
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_bench_serve(server: Server) -> None:
+    done = _kvrun(
+        "bench", "serve",
+        "--base-url", server.base_url,
+        "--api-key", server.api_key or "",
+        "--concurrency", "2",
+        "--num-prompts", "4",
+        "--max-tokens", "8",
+        "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["completed"] == 4
+    assert result["failed"] == 0
+    assert result["total_output_tokens"] == 32
+    assert result["request_throughput"] > 0
+    assert result["output_throughput"] == pytest.approx(32 / result["duration_s"])
+    assert 0 < result["ttft_ms"]["p50"] <= result["ttft_ms"]["p99"]
+    assert 0 < result["itl_ms"]["p50"] <= result["itl_ms"]["p99"]
+
+
+def test_bench_reports_failures(server: Server) -> None:
+    done = _kvrun(
+        "bench", "serve", "--base-url", server.base_url, "--api-key", "wrong",
+        "--model", "m", "--num-prompts", "2", "--max-tokens", "2",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "completed / failed:      0 / 2" in done.stdout
+    assert "error: HTTP 401" in done.stdout

@@ -1,0 +1,179 @@
+"""Engine death, keep-alive, SIGTERM with requests in flight, in-process engine: each on
+its own short-lived server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.server.conftest import Server
+
+LONG = {"prompt": "Write a very long story.", "max_tokens": 900, "temperature": 0.0,
+        "ignore_eos": True}  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); it has been reaped only once /proc forgets it
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "State:\tZ" not in status.read_text()
+
+
+def _in_flight(server: Server, body: dict[str, Any], results: list[Any], stream: bool) -> None:
+    """One request in a thread: appends (status, body text) when it ends."""
+    try:
+        with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=120) as http:
+            if stream:
+                with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as a:
+                    results.append((a.status_code, "".join(a.iter_text())))
+            else:
+                a = http.post("/v1/completions", json=body)
+                results.append((a.status_code, a.text))
+    except httpx.TransportError as exc:
+        results.append((None, repr(exc)))
+
+
+def _start(
+    server: Server, body: dict[str, Any], stream: bool
+) -> tuple[threading.Thread, list[Any]]:
+    results: list[Any] = []
+    thread = threading.Thread(target=_in_flight, args=(server, body, results, stream))
+    thread.start()
+    return thread, results
+
+
+def _wait_running(server: Server, n: int) -> None:
+    server.wait_metric("vllm:num_requests_running", n, timeout=60)
+
+
+def _sse_error(text: str) -> dict[str, Any]:
+    events = [e for e in text.split("\n\n") if e.startswith("data: {")]
+    last: dict[str, Any] = json.loads(events[-1][len("data: ") :])
+    assert text.rstrip().endswith("data: [DONE]")
+    return last
+
+
+def test_hung_engine_fails_requests_and_exits(spawn: Callable[..., Server]) -> None:
+    server = spawn(env={"VLLM_ENGINE_ITERATION_TIMEOUT_S": "10"})
+    engine = server.engine_pid()
+    with server.http() as http:  # the first steps warm up slowly on a loaded machine
+        assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).is_success
+    plain, plain_out = _start(server, LONG, stream=False)
+    streamed, stream_out = _start(server, LONG, stream=True)
+    _wait_running(server, 2)
+    os.kill(engine, signal.SIGSTOP)  # the engine hangs mid-generation
+    plain.join(60)
+    streamed.join(60)
+    status, text = plain_out[0]
+    assert status == 500
+    error = json.loads(text)["error"]
+    assert error["type"] == "InternalServerError"
+    assert "VLLM_ENGINE_ITERATION_TIMEOUT_S=10" in error["message"]
+    assert stream_out[0][0] == 200
+    assert _sse_error(stream_out[0][1])["error"]["code"] == 500
+    assert server.proc.wait(60) == 1
+    assert not _alive(engine)
+    assert server.rpc_dirs() == []
+
+
+def test_keep_alive_after_engine_death(spawn: Callable[..., Server]) -> None:
+    server = spawn(env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
+    engine = server.engine_pid()
+    plain, plain_out = _start(server, LONG, stream=False)
+    _wait_running(server, 1)
+    os.kill(engine, signal.SIGKILL)
+    plain.join(60)
+    status, text = plain_out[0]
+    assert status == 500
+    assert f"pid {engine}" in json.loads(text)["error"]["message"]
+    health = httpx.get(server.base_url + "/health")
+    assert health.status_code == 503
+    assert health.json()["error"]["type"] == "ServiceUnavailableError"
+    time.sleep(1.0)
+    assert server.proc.poll() is None
+    with server.http() as http:
+        answer = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert answer.status_code == 503
+        assert http.get("/v1/models").status_code == 200
+    assert server.stop() == 0
+    assert server.rpc_dirs() == []
+
+
+def test_sigterm_lets_in_flight_requests_finish(spawn: Callable[..., Server]) -> None:
+    server = spawn(args=["--shutdown-timeout", "60", "--root-path", "/api"])
+    # behind --root-path the allowlist still matches, and without dev mode or a profiler
+    # directory the gated routes do not exist
+    assert httpx.get(server.base_url + "/health").status_code == 200
+    assert httpx.get(server.base_url + "/v1/models").status_code == 401
+    assert httpx.get(server.base_url + "/api/health").status_code == 401
+    with server.http() as http:
+        assert http.get("/v1/models").status_code == 200
+        assert http.post("/reset_prefix_cache").status_code == 404
+        assert http.post("/start_profile").status_code == 404
+
+    engine = server.engine_pid()
+    short = {"prompt": "Count to ten:", "max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
+    first, first_out = _start(server, short, stream=True)
+    second, second_out = _start(server, short, stream=False)
+    _wait_running(server, 2)
+    # as `timeout`, systemd or a terminal do: the engine process gets the signal too
+    os.killpg(server.proc.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.base_url + "/health", timeout=5)  # no new connections
+    first.join(90)
+    second.join(90)
+    assert first_out[0][0] == 200, first_out
+    events = [e for e in first_out[0][1].split("\n\n") if e.startswith("data: {")]
+    assert json.loads(events[-1][6:])["choices"][0]["finish_reason"] == "length"
+    assert first_out[0][1].rstrip().endswith("data: [DONE]")
+    assert second_out[0][0] == 200, second_out
+    assert json.loads(second_out[0][1])["usage"]["completion_tokens"] == 16
+    assert server.proc.wait(60) == 0
+    assert not _alive(engine)
+    assert server.rpc_dirs() == []
+    assert list(server.rpc_base.iterdir()) == []
+
+
+def test_in_process_engine_and_shutdown_timeout(spawn: Callable[..., Server]) -> None:
+    server = spawn(
+        api_key=None,
+        args=["--shutdown-timeout", "2"],
+        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_V1_OUTPUT_PROC_CHUNK_SIZE": "1"},
+    )
+    assert "engine process" not in server.log()
+    assert server.rpc_dirs() == []
+    with server.http() as http:
+        model = http.get("/v1/models").json()["data"][0]["id"]
+    client = server.client()
+    outs = [
+        client.completions.create(model=model, prompt=p, max_tokens=5, temperature=0.0)
+        for p in ("One", "Two")
+    ]
+    assert all(o.usage is not None and o.usage.completion_tokens == 5 for o in outs)
+    threads = [_start(server, {**LONG, "max_tokens": 8}, stream=True) for _ in range(3)]
+    for t, _ in threads:
+        t.join(120)
+    assert all(r[0][0] == 200 and "[DONE]" in r[0][1] for _, r in threads)
+
+    # a request longer than --shutdown-timeout is cut off; the server still stops in time
+    thread, out = _start(server, LONG, stream=True)
+    _wait_running(server, 1)
+    began = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0
+    assert time.monotonic() - began < 15
+    thread.join(30)
+    assert '"finish_reason":"length"' not in out[0][1]
