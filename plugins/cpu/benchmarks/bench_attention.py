@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, AttentionMetadata
 from kvrun.attention.reference import ReferenceAttention
 from kvrun_cpu.attention import TorchSdpaAttention

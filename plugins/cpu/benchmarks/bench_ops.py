@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from kvrun.ops import reference
 from kvrun_cpu import ops
 from kvrun_cpu.attention.native import load_decode_kernel
