@@ -17,11 +17,11 @@ from typing import Any
 
 from kvrun.errors import ModelLoadError
 
-__all__ = ["normalize_hf_config", "read_config_json"]
+__all__ = ["normalize_hf_config", "read_config_json", "read_json_object"]
 
 
-def read_config_json(path: Path, source: str) -> dict[str, Any]:
-    """Parse ``path`` (a config.json) and check it names the model's architecture."""
+def read_json_object(path: Path, source: str) -> dict[str, Any]:
+    """Parse ``path`` as a JSON object; a ModelLoadError names the file otherwise."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -30,6 +30,12 @@ def read_config_json(path: Path, source: str) -> dict[str, Any]:
         raise ModelLoadError(
             f"model {source!r}: {path} holds a {type(raw).__name__}, not an object"
         )
+    return raw
+
+
+def read_config_json(path: Path, source: str) -> dict[str, Any]:
+    """Parse ``path`` (a config.json) and check it names the model's architecture."""
+    raw = read_json_object(path, source)
     architectures = raw.get("architectures")
     if not architectures or not isinstance(architectures, list):
         raise ModelLoadError(

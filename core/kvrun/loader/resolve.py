@@ -9,7 +9,6 @@ the environment.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from kvrun.loader.gguf_loader import (
     open_gguf,
     read_gguf_metadata,
 )
-from kvrun.loader.hf_config import read_config_json
+from kvrun.loader.hf_config import read_config_json, read_json_object
 from kvrun.loader.safetensors_loader import find_safetensors_files, validate_safetensors
 
 __all__ = ["DEFAULT_HUB_MODEL", "default_model", "load_checkpoint"]
@@ -139,17 +138,7 @@ def _load_gguf(path: Path, source: str) -> Checkpoint:
 
 
 def _optional_json(path: Path, source: str) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"model {source!r}: cannot read {path}: {exc}") from exc
-    if not isinstance(value, dict):
-        raise ModelLoadError(
-            f"model {source!r}: {path} holds a {type(value).__name__}, not an object"
-        )
-    return value
+    return read_json_object(path, source) if path.is_file() else {}
 
 
 def _download(
