@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -19,8 +20,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llm(smollm2_hf_dir: Path) -> Iterator[LLM]:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_TARGET_DEVICE", "cpu")
-        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "0.5")
+        _env(mp, VLLM_CPU_KVCACHE_SPACE="0.5")
         yield LLM(model=str(smollm2_hf_dir), max_model_len=1024, dtype="float32")
 
 
@@ -136,8 +136,7 @@ def test_logprobs_and_prompt_logprobs(llm: LLM) -> None:
         assert entry is not None and token in entry and len(entry) <= 3
     # Chunked prefill gives the same prompt logprobs as one whole prefill.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_TARGET_DEVICE", "cpu")
-        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "0.25")
+        _env(mp, VLLM_CPU_KVCACHE_SPACE="0.25")
         small = LLM(
             model=llm.llm_engine.config.model_source,
             max_model_len=512,
@@ -169,8 +168,27 @@ def test_bad_requests_raise_naming_the_field(llm: LLM) -> None:
         LLM(model="x", max_model_length=10)
 
 
+@contextlib.contextmanager
+def kvrun_log(level: int) -> Iterator[list[str]]:
+    """Messages of the 'kvrun' logger (which does not propagate once configured)."""
+    messages: list[str] = []
+    handler = logging.Handler(level)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("kvrun")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level, old_level or level))
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
 def _env(mp: pytest.MonkeyPatch, **values: str) -> None:
     mp.setenv("VLLM_TARGET_DEVICE", "cpu")
+    # LLM() configures the 'kvrun' logger; leave the test process's logging to pytest.
+    mp.setenv("VLLM_CONFIGURE_LOGGING", "0")
     for k, v in values.items():
         mp.setenv(k, v)
 
@@ -198,19 +216,17 @@ def test_configuration_errors_are_actionable(smollm2_hf_dir: Path, tmp_path: Pat
 
 
 def test_long_max_model_len_needs_the_opt_in(
-    smollm2_hf_dir: Path, caplog: pytest.LogCaptureFixture
+    smollm2_hf_dir: Path,
 ) -> None:
     with pytest.MonkeyPatch.context() as mp:
         _env(mp, VLLM_ALLOW_LONG_MAX_MODEL_LEN="1", VLLM_CPU_KVCACHE_SPACE="1")
-        with caplog.at_level(logging.WARNING, logger="kvrun"):
+        with kvrun_log(logging.WARNING) as messages:
             llm = LLM(model=str(smollm2_hf_dir), max_model_len=9000)
     assert llm.llm_engine.config.max_model_len == 9000
-    assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1" in caplog.text
+    assert any("VLLM_ALLOW_LONG_MAX_MODEL_LEN=1" in m for m in messages)
 
 
-def test_profiler_and_batch_size_log(
-    smollm2_hf_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_profiler_and_batch_size_log(smollm2_hf_dir: Path, tmp_path: Path) -> None:
     trace_dir = tmp_path / "traces"
     with pytest.MonkeyPatch.context() as mp:
         _env(
@@ -221,8 +237,8 @@ def test_profiler_and_batch_size_log(
         )
         llm = LLM(model=str(smollm2_hf_dir), max_model_len=256)
     llm.start_profile()
-    with caplog.at_level(logging.INFO, logger="kvrun"):
+    with kvrun_log(logging.INFO) as messages:
         llm.generate("Profile me", SamplingParams(max_tokens=3), use_tqdm=False)
     llm.stop_profile()
     assert list(trace_dir.glob("*.json.gz")), "no trace written"
-    assert "batch: 1 sequences" in caplog.text
+    assert any(m.startswith("batch: 1 sequences") for m in messages)
