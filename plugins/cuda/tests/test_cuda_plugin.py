@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from kvrun.platforms import Unavailable
+from kvrun.platforms.memory import device_memory_budget
 from kvrun_cuda import probe
-from kvrun_cuda.platform import CudaPlatform, device_memory_budget
+from kvrun_cuda.platform import CudaPlatform
 
 GiB = 1 << 30
 

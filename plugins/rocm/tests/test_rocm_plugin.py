@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from kvrun.platforms import Unavailable
+from kvrun.platforms.memory import device_memory_budget
 from kvrun_rocm import probe
-from kvrun_rocm.platform import RocmPlatform, device_memory_budget
+from kvrun_rocm.platform import RocmPlatform
 
 GiB = 1 << 30
 
