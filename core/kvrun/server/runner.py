@@ -61,8 +61,7 @@ def _load_tokenizer(engine_args: EngineArgs, env: EnvSnapshot) -> Tokenizer:
     checkpoint = load_checkpoint(
         engine_args.tokenizer or engine_args.model,
         revision=engine_args.revision,
-        # as the engine does until envs has HF_HUB_OFFLINE (see engine/setup.py)
-        hf_hub_offline=bool(getattr(env, "HF_HUB_OFFLINE", False)),
+        hf_hub_offline=env.HF_HUB_OFFLINE,
         use_modelscope=env.VLLM_USE_MODELSCOPE,
         download_dir=engine_args.download_dir,
     )

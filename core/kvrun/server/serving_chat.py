@@ -3,35 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from kvrun.errors import KvrunError
-from kvrun.server.deltas import RequestState, SequenceState
+from kvrun.server.deltas import SequenceState
 from kvrun.server.engine_client import RequestStream
-from kvrun.server.errors import ApiError, EngineDeadError, error_body
+from kvrun.server.errors import ApiError, EngineDeadError
 from kvrun.server.logprobs import chat_logprobs
 from kvrun.server.params import SamplingChoice, build_sampling, check_prompt, resolve_max_tokens
 from kvrun.server.protocol import ChatCompletionRequest, ChatMessage, parse_body
+from kvrun.server.serving_base import GenerationCall, stream_error
 from kvrun.server.state import ServerState
-from kvrun.server.streaming import (
-    SSE_DONE,
-    ClientDisconnected,
-    SSEResponse,
-    sse_event,
-    until_disconnect,
-)
+from kvrun.server.streaming import SSE_DONE
 from kvrun.server.wire import RequestDelta
 
 __all__ = ["create_chat_completion", "render_messages"]
-
-logger = logging.getLogger(__name__)
 
 # Names the renderer passes itself; chat_template_kwargs may not override them.
 _RESERVED_TEMPLATE_NAMES = frozenset(
@@ -95,24 +86,22 @@ async def render_messages(
         ) from None
 
 
-class _Chat:
+class _Chat(GenerationCall):
     def __init__(self, state: ServerState, req: ChatCompletionRequest, prompt_ids: list[int]):
-        self.state = state
+        call_id = f"chatcmpl-{uuid.uuid4().hex}"
+        super().__init__(
+            state,
+            call_id=call_id,
+            object_name="chat.completion",
+            chunk_object_name="chat.completion.chunk",
+            stream_options=req.stream_options,
+            n=req.n,
+            prompt_ids=[prompt_ids],
+            request_ids=[call_id],
+        )
         self.req = req
-        self.prompt_ids = prompt_ids
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.result = RequestState(req.n)
+        self.result = self.states[0]
         self.num_top = req.top_logprobs or 0
-
-    def usage(self) -> dict[str, int]:
-        prompt = len(self.prompt_ids)
-        completion = self.result.num_generated
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
 
     def _logprobs(self, seq: SequenceState, start: int) -> dict[str, Any] | None:
         if not self.req.logprobs:
@@ -132,39 +121,19 @@ class _Chat:
             }
             for seq in self.result.sequences
         ]
-        return {
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.state.info.model_name,
-            "choices": choices,
-            "usage": self.usage(),
-        }
+        return self.envelope(choices)
 
-    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> bytes:
-        body: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.state.info.model_name,
-            "choices": choices,
-        }
-        if self.req.stream_options is not None and self.req.stream_options.include_usage:
-            body["usage"] = usage
-        return sse_event(body)
-
-    async def stream(self, stream: RequestStream, first: RequestDelta) -> AsyncIterator[bytes]:
-        options = self.req.stream_options
-        continuous = (
-            options is not None and options.include_usage and options.continuous_usage_stats
-        )
+    async def stream(
+        self, streams: Sequence[RequestStream], firsts: Sequence[RequestDelta]
+    ) -> AsyncIterator[bytes]:
+        (stream,), (first,) = streams, firsts
         sent_chars = [0] * self.req.n
         sent_tokens = [0] * self.req.n
         try:
             for j in range(self.req.n):
                 role = {"role": "assistant", "content": ""}
                 choice = {"index": j, "delta": role, "logprobs": None, "finish_reason": None}
-                yield self.chunk([choice], self.usage() if continuous else None)
+                yield self.chunk([choice], self.chunk_usage())
             delta: RequestDelta | None = first
             while delta is not None:
                 self.result.apply(delta)
@@ -172,10 +141,7 @@ class _Chat:
                 for completion in delta.completions:
                     seq = self.result.sequences[completion.index]
                     j = seq.index
-                    if len(seq.text) < sent_chars[j]:
-                        logger.warning("%s: the engine took back streamed text", self.id)
-                        sent_chars[j] = len(seq.text)
-                    text = seq.text[sent_chars[j] :]
+                    text = self.new_text(seq, sent_chars[j])
                     sent_chars[j] = len(seq.text)
                     logprobs = None
                     if len(seq.token_ids) > sent_tokens[j]:
@@ -193,14 +159,12 @@ class _Chat:
                         }
                     )
                 if choices:
-                    yield self.chunk(choices, self.usage() if continuous else None)
+                    yield self.chunk(choices, self.chunk_usage())
                 delta = None if stream.done else await stream.get()
-            if options is not None and options.include_usage:
+            if self.include_usage:
                 yield self.chunk([], self.usage())
-        except EngineDeadError as exc:
-            yield sse_event(error_body(f"the engine died: {exc}", 500))
-        except ApiError as exc:
-            yield sse_event(exc.body())
+        except (EngineDeadError, ApiError) as exc:
+            yield stream_error(exc)
         yield SSE_DONE
 
 
@@ -220,11 +184,6 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
         )
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError("top_logprobs needs logprobs set to true", 400, param="top_logprobs")
-
-
-async def _collect(chat: _Chat, stream: RequestStream) -> None:
-    while not stream.done:
-        chat.result.apply(await stream.get())
 
 
 async def create_chat_completion(state: ServerState, request: Request) -> Response:
@@ -256,21 +215,4 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         req, max_tokens=max_tokens, choice=choice, limits=state.config.limits, info=state.info
     )
     chat = _Chat(state, req, prompt_ids)
-    client = state.client
-    streaming = False
-    try:
-        stream = client.add_request(chat.id, prompt_ids, sampling)
-        first = await until_disconnect(request, stream.get())
-        if req.stream:
-            streaming = True
-            return SSEResponse(chat.stream(stream, first), on_close=lambda: client.abort([chat.id]))
-        chat.result.apply(first)
-        await until_disconnect(request, _collect(chat, stream))
-        return JSONResponse(chat.response())
-    except ClientDisconnected:
-        return Response(status_code=499)
-    except EngineDeadError as exc:
-        raise ApiError(f"the engine died: {exc}", 500) from None
-    finally:
-        if not streaming:
-            client.abort([chat.id])
+    return await chat.answer(request, [sampling], req.stream)

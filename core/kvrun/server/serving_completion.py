@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
-from kvrun.server.deltas import RequestState, SequenceState
+from kvrun.server.deltas import SequenceState
 from kvrun.server.engine_client import RequestStream
-from kvrun.server.errors import ApiError, EngineDeadError, error_body
+from kvrun.server.errors import ApiError, EngineDeadError
 from kvrun.server.logprobs import completion_logprobs
 from kvrun.server.params import (
     SamplingChoice,
@@ -22,20 +20,12 @@ from kvrun.server.params import (
     resolve_max_tokens,
 )
 from kvrun.server.protocol import CompletionRequest, parse_body
+from kvrun.server.serving_base import GenerationCall, stream_error
 from kvrun.server.state import ServerState
-from kvrun.server.streaming import (
-    SSE_DONE,
-    ClientDisconnected,
-    SSEResponse,
-    merged,
-    sse_event,
-    until_disconnect,
-)
+from kvrun.server.streaming import SSE_DONE, merged
 from kvrun.server.wire import RequestDelta
 
 __all__ = ["create_completion"]
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -63,15 +53,23 @@ def _prompts(req: CompletionRequest, state: ServerState) -> list[tuple[str, list
     return out
 
 
-class _Completion:
-    """One /v1/completions call: its parsed request, prompts and engine streams."""
+class _Completion(GenerationCall):
+    """One /v1/completions call: its parsed request, prompts and engine requests."""
 
     def __init__(self, state: ServerState, req: CompletionRequest) -> None:
-        self.state = state
-        self.req = req
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
+        call_id = f"cmpl-{uuid.uuid4().hex}"
         self.prompts = _prompts(req, state)
+        super().__init__(
+            state,
+            call_id=call_id,
+            object_name="text_completion",
+            chunk_object_name="text_completion",
+            stream_options=req.stream_options,
+            n=req.n,
+            prompt_ids=[ids for _, ids in self.prompts],
+            request_ids=[f"{call_id}-{i}" for i in range(len(self.prompts))],
+        )
+        self.req = req
         echo_logprobs = req.logprobs if req.echo else None
         self.choice = SamplingChoice(
             logprobs=req.logprobs,
@@ -95,17 +93,6 @@ class _Completion:
                     info=state.info,
                 )
             )
-        self.request_ids = [f"{self.id}-{i}" for i in range(len(self.prompts))]
-        self.states = [RequestState(req.n) for _ in self.prompts]
-
-    def usage(self) -> dict[str, int]:
-        prompt = sum(len(ids) for _, ids in self.prompts)
-        completion = sum(s.num_generated for s in self.states)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
 
     def _echo_logprobs(self, i: int, num: int) -> dict[str, Any]:
         _, ids = self.prompts[i]
@@ -139,26 +126,7 @@ class _Completion:
         choices = [
             self.choice_body(i, seq) for i, st in enumerate(self.states) for seq in st.sequences
         ]
-        return {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.state.info.model_name,
-            "choices": choices,
-            "usage": self.usage(),
-        }
-
-    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> bytes:
-        body: dict[str, Any] = {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.state.info.model_name,
-            "choices": choices,
-        }
-        if self.req.stream_options is not None and self.req.stream_options.include_usage:
-            body["usage"] = usage
-        return sse_event(body)
+        return self.envelope(choices)
 
     async def stream(
         self, streams: Sequence[RequestStream], firsts: Sequence[RequestDelta]
@@ -166,10 +134,6 @@ class _Completion:
         sent_chars: dict[tuple[int, int], int] = {}
         sent_tokens: dict[tuple[int, int], int] = {}
         offsets: dict[tuple[int, int], int] = {}
-        options = self.req.stream_options
-        continuous = (
-            options is not None and options.include_usage and options.continuous_usage_stats
-        )
         num = self.req.logprobs
         try:
             async for i, delta in merged(streams, firsts):
@@ -187,10 +151,7 @@ class _Completion:
                             if num is not None:
                                 logprobs = self._echo_logprobs(i, num)
                                 offsets[key] = sum(len(t) for t in logprobs["tokens"])
-                    if len(seq.text) < sent_chars[key]:
-                        logger.warning("%s: the engine took back streamed text", self.id)
-                        sent_chars[key] = len(seq.text)
-                    text = seq.text[sent_chars[key] :]
+                    text = self.new_text(seq, sent_chars[key])
                     sent_chars[key] = len(seq.text)
                     new_ids = seq.token_ids[sent_tokens[key] :]
                     if num is not None and new_ids:
@@ -216,24 +177,12 @@ class _Completion:
                         }
                     )
                 if choices:
-                    yield self.chunk(choices, self.usage() if continuous else None)
-            if options is not None and options.include_usage:
+                    yield self.chunk(choices, self.chunk_usage())
+            if self.include_usage:
                 yield self.chunk([], self.usage())
-        except EngineDeadError as exc:
-            yield sse_event(error_body(f"the engine died: {exc}", 500))
-        except ApiError as exc:
-            yield sse_event(exc.body())
+        except (EngineDeadError, ApiError) as exc:
+            yield stream_error(exc)
         yield SSE_DONE
-
-
-async def _firsts(streams: Sequence[RequestStream]) -> list[RequestDelta]:
-    return [await s.get() for s in streams]
-
-
-async def _collect(work: _Completion, streams: Sequence[RequestStream]) -> None:
-    for state, stream in zip(work.states, streams, strict=True):
-        while not stream.done:
-            state.apply(await stream.get())
 
 
 async def create_completion(state: ServerState, request: Request) -> Response:
@@ -249,30 +198,4 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         )
     state.check_alive()
     work = _Completion(state, req)
-    client = state.client
-    streams: list[RequestStream] = []
-    streaming = False
-    try:
-        for rid, (_, ids), sampling in zip(
-            work.request_ids, work.prompts, work.samplings, strict=True
-        ):
-            streams.append(client.add_request(rid, ids, sampling))
-        # Wait for each request's first output before answering, so a request the
-        # engine refuses still gets its 400 rather than a broken event stream.
-        firsts = await until_disconnect(request, _firsts(streams))
-        if req.stream:
-            streaming = True
-            return SSEResponse(
-                work.stream(streams, firsts), on_close=lambda: client.abort(work.request_ids)
-            )
-        for st, first in zip(work.states, firsts, strict=True):
-            st.apply(first)
-        await until_disconnect(request, _collect(work, streams))
-        return JSONResponse(work.response())
-    except ClientDisconnected:
-        return Response(status_code=499)  # nobody is listening
-    except EngineDeadError as exc:
-        raise ApiError(f"the engine died: {exc}", 500) from None
-    finally:
-        if not streaming:
-            client.abort(work.request_ids)
+    return await work.answer(request, work.samplings, req.stream)

@@ -74,6 +74,7 @@ class ThreadTransport(Transport):
         self._inbox: queue.Queue[FrontendMessage] = queue.Queue()
         self._outbox: asyncio.Queue[EngineMessage] = asyncio.Queue()
         self._stop = threading.Event()
+        self._exited = asyncio.Event()
         self._thread: threading.Thread | None = None
 
     async def start(self) -> None:
@@ -96,8 +97,13 @@ class ThreadTransport(Transport):
                 return messages
 
         def target() -> None:
-            send(Hello(os.getpid()))
-            run_engine(self._args, self._env, send, receive, self._stop.is_set)
+            try:
+                send(Hello(os.getpid()))
+                run_engine(self._args, self._env, send, receive, self._stop.is_set)
+            finally:
+                # Through the loop, after the thread's last message: a Dead message is
+                # queued before the exit is seen, so its reason is not lost to the exit.
+                loop.call_soon_threadsafe(self._exited.set)
 
         self._thread = threading.Thread(target=target, name="kvrun-engine", daemon=True)
         self._thread.start()
@@ -115,7 +121,7 @@ class ThreadTransport(Transport):
         return not self._outbox.empty()
 
     def exit_reason(self) -> str | None:
-        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+        if self._exited.is_set() and not self._stop.is_set():
             return "the engine thread exited"
         return None
 
