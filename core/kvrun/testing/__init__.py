@@ -1,6 +1,13 @@
-"""Test support shipped with kvrun: real checkpoints and (later) the conformance kit.
+"""Test support shipped with kvrun: real checkpoints and the vendor conformance kit.
 
-Nothing here imports pytest at module level; pytest plugins and fixtures wrap it.
+- :mod:`kvrun.testing.checkpoints`: tiny real checkpoints and tokenizers (no pytest).
+- :mod:`kvrun.testing.conformance`: the kit's pytest plugin
+  (``pytest -p kvrun.testing.conformance --kvrun-platform=NAME``).
+- :mod:`kvrun.testing.suite`: the kit's tests as ``ConformanceSuite``, to subclass.
+- ``target``, ``op_checks``, ``attention_checks``, ``kv_checks``, ``parity``: the
+  checks themselves, plain functions raising AssertionError (no pytest).
+
+Importing this package imports none of them.
 """
 
 __all__: list[str] = []

@@ -10,6 +10,9 @@ session fixtures that cache these on disk live in the test suites.
   SmolLM2 tokenizer, so prompts tokenize to real text.
 - :func:`build_gguf_from_hf`: a Hugging Face Llama/Qwen2 checkpoint written as GGUF
   the way llama.cpp's converter writes it (Q/K rows permuted for Llama).
+- :func:`build_word_tokenizer`: a self-contained whitespace word-level tokenizer of any
+  vocabulary size, for tiny models that must not need the SmolLM2 files (the
+  conformance kit, on a vendor's machine).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "build_gguf_from_hf",
     "build_hf_checkpoint_from_gguf",
     "build_random_checkpoint",
+    "build_word_tokenizer",
     "save_tokenizer_from_gguf",
 ]
 
@@ -306,4 +310,37 @@ def build_gguf_from_hf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return out
+
+
+def build_word_tokenizer(out_dir: str | Path, vocab_size: int = 256) -> Path:
+    """Tokenizer files for ``vocab_size`` words ``<unk>``, ``<s>``, ``</s>``, ``w3``.. ``wN``.
+
+    Ids 0, 1 and 2 are unk, bos and eos (as build_random_checkpoint's config says);
+    every other id ``i`` is the word ``w{i}``, split on whitespace, so any id sequence
+    round-trips through text. Pass the directory as build_random_checkpoint's
+    ``tokenizer_dir`` with the same ``vocab_size``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    if vocab_size < 4:
+        raise ValueError(
+            f"vocab_size must be >= 4 (three special tokens and a word), got {vocab_size}"
+        )
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    config = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "</s>",
+        "model_max_length": 1 << 20,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out

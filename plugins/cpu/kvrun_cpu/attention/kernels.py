@@ -25,6 +25,11 @@ def decode_attention(
     q = query.reshape(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
     if key.dtype != q.dtype:
         key, value = key.to(q.dtype), value.to(q.dtype)
+    if mask is not None:
+        # Masked slots hold whatever the padded gather found (stale or never-written
+        # cache): a NaN key makes a NaN score and a NaN value survives a zero weight.
+        unused = ~mask.view(n, 1, -1, 1)
+        key, value = key.masked_fill(unused, 0.0), value.masked_fill(unused, 0.0)
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale)
     return out.reshape(n, num_heads, head_dim)
 

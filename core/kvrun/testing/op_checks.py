@@ -1,0 +1,244 @@
+"""Each overridden kernel against the core's reference op on seeded random inputs.
+
+A case builds fresh inputs twice (one set for the platform's op, one for the
+reference), runs both, and compares every output with a dtype's tolerance. Inputs
+must come back unchanged (the model reuses them: ``rms_norm``'s input is also the
+residual), and ``reshape_and_cache`` runs on caches pre-filled with NaN, so a kernel
+that skips a slot or writes one it was not given is caught. ``paged_attention`` reads
+caches whose unused slots (blocks no table names, the tail of each last block) are
+NaN: they must not reach the output. Nothing here imports pytest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvrun.ops import reference
+from kvrun.testing.target import dtype_name
+
+__all__ = ["OP_CASES", "TOLERANCE", "OpCase", "assert_close", "check_op"]
+
+# (atol, rtol) per dtype: a few units in the last place of the values these cases make.
+TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One shape of one op: ``make(dtype, device, seed)`` -> (args, names of in-place args)."""
+
+    op: str  # the op name in kvrun.ops.OP_NAMES
+    label: str  # shape label for the test id, e.g. "7x33"
+    make: Callable[[torch.dtype, torch.device, int], tuple[list[Any], frozenset[int]]]
+
+
+def _randn(
+    g: torch.Generator, *shape: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    return torch.randn(shape, generator=g).to(dtype=dtype, device=device)
+
+
+def _norm_case(tokens: int, hidden: int, fused: bool) -> Callable[..., Any]:
+    def make(
+        dtype: torch.dtype, device: torch.device, seed: int
+    ) -> tuple[list[Any], frozenset[int]]:
+        g = torch.Generator().manual_seed(seed)
+        x = _randn(g, tokens, hidden, dtype=dtype, device=device)
+        weight = 1.0 + 0.1 * _randn(g, hidden, dtype=torch.float32, device=device)
+        if not fused:
+            return [x, weight.to(dtype), EPS], frozenset()
+        residual = _randn(g, tokens, hidden, dtype=dtype, device=device)
+        return [x, residual, weight.to(dtype), EPS], frozenset()
+
+    return make
+
+
+def _cos_sin(max_pos: int, head_dim: int, device: torch.device) -> torch.Tensor:
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)  # [P, D/2]
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).to(device)  # [P, D]
+
+
+def _rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, fused_qkv: bool) -> Any:
+    def make(
+        dtype: torch.dtype, device: torch.device, seed: int
+    ) -> tuple[list[Any], frozenset[int]]:
+        g = torch.Generator().manual_seed(seed)
+        positions = torch.randint(0, 128, (tokens,), generator=g).to(device)
+        if fused_qkv:  # views into one projection, as the model passes them
+            qkv = _randn(g, tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
+            q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+            k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim]
+            k = k.view(tokens, kv_heads, head_dim)
+        else:
+            q = _randn(g, tokens, heads, head_dim, dtype=dtype, device=device)
+            k = _randn(g, tokens, kv_heads, head_dim, dtype=dtype, device=device)
+        return [positions, q, k, _cos_sin(128, head_dim, device)], frozenset()
+
+    return make
+
+
+def _silu_case(tokens: int, inner: int) -> Any:
+    def make(
+        dtype: torch.dtype, device: torch.device, seed: int
+    ) -> tuple[list[Any], frozenset[int]]:
+        g = torch.Generator().manual_seed(seed)
+        return [_randn(g, tokens, 2 * inner, dtype=dtype, device=device)], frozenset()
+
+    return make
+
+
+def _cache_case(tokens: int, num_blocks: int, block_size: int, kv_heads: int, dim: int) -> Any:
+    def make(
+        dtype: torch.dtype, device: torch.device, seed: int
+    ) -> tuple[list[Any], frozenset[int]]:
+        g = torch.Generator().manual_seed(seed)
+        key = _randn(g, tokens, kv_heads, dim, dtype=dtype, device=device)
+        value = _randn(g, tokens, kv_heads, dim, dtype=dtype, device=device)
+        shape = (num_blocks, block_size, kv_heads, dim)
+        key_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        value_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens].to(device)
+        return [key, value, key_cache, value_cache, slots], frozenset({2, 3})
+
+    return make
+
+
+def _attention_case(
+    seq_lens: list[int], query_lens: list[int], heads: int, kv_heads: int, dim: int
+) -> Any:
+    block_size = 16
+
+    def make(
+        dtype: torch.dtype, device: torch.device, seed: int
+    ) -> tuple[list[Any], frozenset[int]]:
+        g = torch.Generator().manual_seed(seed)
+        blocks_per = [-(-s // block_size) for s in seq_lens]
+        num_blocks = sum(blocks_per) + 3  # spare blocks, block 0 among them: never named
+        order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+        table = torch.zeros(len(seq_lens), max(blocks_per), dtype=torch.int32)
+        shape = (num_blocks, block_size, kv_heads, dim)
+        key_cache = torch.full(shape, float("nan"), dtype=dtype)
+        value_cache = torch.full(shape, float("nan"), dtype=dtype)
+        for i, (seq_len, n) in enumerate(zip(seq_lens, blocks_per)):
+            ids = [order.pop() for _ in range(n)]
+            table[i, :n] = torch.tensor(ids, dtype=torch.int32)
+            for pos in range(seq_len):  # only real context slots get values
+                block, offset = ids[pos // block_size], pos % block_size
+                key_cache[block, offset] = torch.randn((kv_heads, dim), generator=g).to(dtype)
+                value_cache[block, offset] = torch.randn((kv_heads, dim), generator=g).to(dtype)
+        query = _randn(g, sum(query_lens), heads, dim, dtype=dtype, device=device)
+        args = [
+            query,
+            key_cache.to(device),
+            value_cache.to(device),
+            table.to(device),
+            list(seq_lens),
+            list(query_lens),
+            dim**-0.5,
+        ]
+        return args, frozenset()
+
+    return make
+
+
+OP_CASES: tuple[OpCase, ...] = (
+    OpCase("rms_norm", "1x64", _norm_case(1, 64, fused=False)),
+    OpCase("rms_norm", "7x33", _norm_case(7, 33, fused=False)),
+    OpCase("rms_norm", "32x256", _norm_case(32, 256, fused=False)),
+    OpCase("fused_add_rms_norm", "1x64", _norm_case(1, 64, fused=True)),
+    OpCase("fused_add_rms_norm", "7x33", _norm_case(7, 33, fused=True)),
+    OpCase("fused_add_rms_norm", "32x256", _norm_case(32, 256, fused=True)),
+    OpCase("rotary_embedding", "1tok-4q2kv-d16", _rope_case(1, 4, 2, 16, fused_qkv=False)),
+    OpCase("rotary_embedding", "9tok-8q8kv-d32", _rope_case(9, 8, 8, 32, fused_qkv=False)),
+    OpCase("rotary_embedding", "5tok-4q1kv-d64-qkv-views", _rope_case(5, 4, 1, 64, fused_qkv=True)),
+    OpCase("silu_and_mul", "1x64", _silu_case(1, 64)),
+    OpCase("silu_and_mul", "13x96", _silu_case(13, 96)),
+    OpCase("reshape_and_cache", "1tok-2kv-d16", _cache_case(1, 4, 16, 2, 16)),
+    OpCase("reshape_and_cache", "37tok-4kv-d32", _cache_case(37, 6, 16, 4, 32)),
+    OpCase("paged_attention", "decode-gqa", _attention_case([1, 17, 40], [1, 1, 1], 4, 2, 16)),
+    OpCase("paged_attention", "prefill-mha", _attention_case([5, 21], [5, 21], 4, 4, 32)),
+    OpCase("paged_attention", "chunk-after-prefix", _attention_case([35], [9], 8, 1, 16)),
+    OpCase("paged_attention", "mixed-gqa", _attention_case([33, 7, 18], [1, 7, 4], 4, 2, 64)),
+)
+
+
+def assert_close(
+    got: Any, want: Any, dtype: torch.dtype, what: str, *, poisoned: bool = False
+) -> None:
+    """Shapes, dtypes and values within ``dtype``'s tolerance; an AssertionError names ``what``."""
+    __tracebackhide__ = True  # a vendor reads the message, not this helper
+    if isinstance(want, tuple):
+        items = len(got) if isinstance(got, tuple | list) else "?"
+        assert isinstance(got, tuple | list) and len(got) == len(want), (
+            f"{what}: returned {type(got).__name__} of {items} items; "
+            f"the reference returns a tuple of {len(want)}"
+        )
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, b, dtype, f"{what}, output {i}", poisoned=poisoned)
+        return
+    assert isinstance(got, torch.Tensor), f"{what}: returned {type(got).__name__}, not a tensor"
+    assert got.shape == want.shape, (
+        f"{what}: shape {tuple(got.shape)}, reference {tuple(want.shape)}"
+    )
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype}, reference {want.dtype}"
+    assert got.device.type == want.device.type, (
+        f"{what}: on {got.device}, reference on {want.device}"
+    )
+    # ``poisoned``: a NaN-filled buffer the op writes into, whose untouched slots stay
+    # NaN in both. Anywhere else a NaN in the reference means the check itself read
+    # unwritten memory.
+    want_nan = torch.isnan(want.float())
+    assert poisoned or not bool(want_nan.any()), f"{what}: the reference produced NaN"
+    nan = torch.isnan(got.float()) & ~want_nan
+    assert not bool(nan.any()), (
+        f"{what}: {int(nan.sum())} NaN value(s) where the reference has numbers "
+        "(a skipped write, or poisoned cache slots leaking into the result)"
+    )
+    atol, rtol = TOLERANCE.get(dtype, (3e-2, 3e-2))
+    try:
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, equal_nan=poisoned)
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{what}: differs from the reference ({dtype_name(dtype)}): {exc}"
+        ) from None
+
+
+def check_op(
+    case: OpCase, kernel: Callable[..., Any], dtype: torch.dtype, device: torch.device
+) -> None:
+    """Run ``kernel`` and the reference op on the same fresh inputs and compare everything."""
+    what = f"op {case.op!r} [{case.label}, {dtype_name(dtype)}]"
+    args, _ = case.make(dtype, device, 0)
+    ref_args, in_place = case.make(dtype, device, 0)
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    got = kernel(*args)
+    want = getattr(reference, case.op)(*ref_args)
+    if in_place:
+        assert got is None, f"{what}: returned {type(got).__name__}; the reference returns None"
+        for i in sorted(in_place):
+            assert_close(
+                args[i], ref_args[i], dtype, f"{what}, in-place argument {i}", poisoned=True
+            )
+    else:
+        assert_close(got, want, dtype, what)
+    for i, (a, b) in enumerate(zip(args, before)):
+        if i not in in_place and isinstance(a, torch.Tensor):
+            assert _same(a, b), (
+                f"{what}: wrote to its input argument {i}; ops must leave their inputs unchanged"
+            )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise-equal values, NaN where NaN was (the poisoned caches)."""
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))

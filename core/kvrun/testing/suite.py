@@ -1,0 +1,351 @@
+"""The conformance kit's tests, as a class a vendor's test module can subclass.
+
+``class TestAcme(ConformanceSuite): kvrun_platform = "acme"`` runs every check on the
+platform whose entry point is named ``acme``; without the attribute the platform is
+the ``--kvrun-platform`` option of :mod:`kvrun.testing.conformance`. Test names say
+which contract item they check (``test_contract_*``, ``test_op_*``,
+``test_attention_*``, ``test_kv_*``, ``test_greedy_parity``); ids say which op,
+shape, backend, scenario and dtype. ``kvrun_known_failures`` marks tests a platform
+is known to fail as strict xfails, so a fix is noticed as soon as it lands.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
+from kvrun.errors import ConfigError
+from kvrun.ops import OP_NAMES, reference_ops
+from kvrun.platforms import Platform, Unavailable
+from kvrun.plugin_api import SUPPORTED
+from kvrun.testing import attention_checks, kv_checks, op_checks, parity
+from kvrun.testing.target import KitTarget, dtype_name, load_target
+
+__all__ = ["ConformanceSuite"]
+
+NO_PLATFORM = "no-platform"  # the one id collected when the platform cannot be loaded
+
+
+def _platform_name(metafunc: pytest.Metafunc) -> str | None:
+    name = getattr(metafunc.cls, "kvrun_platform", None)
+    option = metafunc.config.getoption("kvrun_platform", None)
+    return name or (str(option) if option else None)
+
+
+def _params(metafunc: pytest.Metafunc, values: list[Any], ids: Callable[[Any], str]) -> list[Any]:
+    """One param per value, strict-xfail where the class lists the test as a known failure."""
+    if not values:  # collect one test that fails with the reason, not zero that pass
+        return [pytest.param(None, id=NO_PLATFORM)]
+    known: Mapping[str, str] = getattr(metafunc.cls, "kvrun_known_failures", {})
+    params = []
+    for value in values:
+        test_id = ids(value)
+        full = f"{metafunc.function.__name__}[{test_id}]"
+        reasons = [why for pattern, why in known.items() if _matches(pattern, full)]
+        # strict: a fixed bug turns the xfail into a failure, so the list cannot go stale.
+        marks = [pytest.mark.xfail(reason=reasons[0], strict=True)] if reasons else []
+        params.append(pytest.param(value, id=test_id, marks=marks))
+    return params
+
+
+def _matches(pattern: str, test: str) -> bool:
+    # Only "*" is special: test ids are full of the brackets fnmatch would read.
+    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), test) is not None
+
+
+class ConformanceSuite:
+    """Every check of the Platform contract; see docs/writing-a-backend.md."""
+
+    kvrun_platform: ClassVar[str | None] = None
+    # "test_name[id]" pattern ("*" matches anything) -> reason; run as strict xfails.
+    kvrun_known_failures: ClassVar[Mapping[str, str]] = {}
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        name = _platform_name(metafunc)
+        if name is None:
+            raise pytest.UsageError(
+                f"{metafunc.cls.__name__ if metafunc.cls else 'the kit'} has no platform to "
+                "test: pass --kvrun-platform=NAME (with -p kvrun.testing.conformance) or set "
+                "kvrun_platform = NAME on the ConformanceSuite subclass"
+            )
+        target = load_target(name)
+        dtypes = target.dtypes
+        args = metafunc.fixturenames
+        if "op_case" in args:
+            overridden = set(target.op_names)
+            cases = [c for c in op_checks.OP_CASES if c.op in overridden]
+            combos = [(c, d) for c in cases for d in dtypes]
+            metafunc.parametrize(
+                "op_case",
+                _params(
+                    metafunc, combos, lambda cd: f"{cd[0].op}-{cd[0].label}-{dtype_name(cd[1])}"
+                ),
+            )
+        if "attention_case" in args:
+            attention_combos = [
+                (b, spec, s, d)
+                for b in target.backend_names
+                for spec in attention_checks.LAYER_SPECS
+                for s in attention_checks.SCENARIOS
+                for d in dtypes
+            ]
+            metafunc.parametrize(
+                "attention_case",
+                _params(
+                    metafunc,
+                    attention_combos,
+                    lambda c: f"{c[0]}-{c[1][0]}-{c[2].name}-{dtype_name(c[3])}",
+                ),
+            )
+        if "kv_dtype" in args:
+            metafunc.parametrize("kv_dtype", _params(metafunc, dtypes, dtype_name))
+        if "parity_backend" in args:
+            platform = target.platform
+            backends = target.backend_names
+            if platform is not None and _overrides_executor(platform):
+                backends = [platform.default_attention_backend]  # attention is in its graph
+            metafunc.parametrize("parity_backend", _params(metafunc, backends, str))
+
+    # fixtures ------------------------------------------------------------------------
+    @pytest.fixture(scope="class", autouse=True)
+    @classmethod
+    def kvrun_one_cpu_thread(cls) -> Iterator[None]:
+        """Run the kit with one intra-op CPU thread, then restore the count.
+
+        Its shapes are tiny: threads only wait on each other, and on a busy machine
+        that costs ~1 ms per op (a scenario measured 0.02 s on one thread, 1-3 s on two).
+        """
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(before)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def kvrun_target(cls, request: pytest.FixtureRequest) -> KitTarget:
+        name = getattr(request.cls, "kvrun_platform", None) or request.config.getoption(
+            "kvrun_platform", None
+        )
+        assert isinstance(name, str)
+        return load_target(name)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def kvrun_platform_obj(cls, kvrun_target: KitTarget) -> Platform:
+        return kvrun_target.require()
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def kvrun_model_dir(cls, kvrun_platform_obj: Platform) -> Path:
+        # Under VLLM_CACHE_ROOT, so later runs skip the build (transformers, ~5 s).
+        root = Path(kvrun_platform_obj.env.VLLM_CACHE_ROOT) / "kvrun_testing"
+        return parity.cached_tiny_llama(root)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def kvrun_whole_model(
+        cls, kvrun_platform_obj: Platform, request: pytest.FixtureRequest
+    ) -> str | None:
+        """Why the per-kernel checks do not apply (a whole-model executor), or None."""
+        platform = kvrun_platform_obj
+        if not _overrides_executor(platform):
+            return None
+        model_dir: Path = request.getfixturevalue("kvrun_model_dir")
+        config = parity.engine_config_for(model_dir, platform, _parity_dtype(platform))
+        if platform.model_executor(config) is None:
+            return None
+        return (
+            f"platform {platform.name!r} runs the whole model in its own executor: its kernels "
+            "and attention are covered by test_greedy_parity"
+        )
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def kvrun_reference(
+        cls, kvrun_platform_obj: Platform, kvrun_model_dir: Path
+    ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+        platform = kvrun_platform_obj
+        return parity.reference_greedy(
+            kvrun_model_dir, parity.kit_prompts(), _parity_dtype(platform), platform.device
+        )
+
+    # contract ------------------------------------------------------------------------
+    def test_contract_entry_points(self, kvrun_target: KitTarget) -> None:
+        entry = kvrun_target.entry
+        assert entry is not None, f"contract: {kvrun_target.problem}"
+        assert entry.api_version is not None and entry.api_version in SUPPORTED, (
+            f"contract: plugin-API entry point: {entry.refused}"
+        )
+        assert entry.refused is None, f"contract: the core refuses the plugin: {entry.refused}"
+
+    def test_contract_probe(self, kvrun_target: KitTarget) -> None:
+        assert kvrun_target.entry is not None, f"contract: {kvrun_target.problem}"
+        assert kvrun_target.probe_error is None, (
+            f"contract: the probe {kvrun_target.entry.value} raised {kvrun_target.probe_error}; "
+            "a probe returns None or kvrun.platforms.Unavailable(reason) instead of raising"
+        )
+        result = kvrun_target.probe_result
+        ok = (
+            result is None
+            or isinstance(result, Unavailable | str)
+            or (isinstance(result, type) and issubclass(result, Platform))
+        )
+        assert ok, (
+            f"contract: the probe returned {result!r}; accepted: a Platform subclass, its "
+            "dotted path, None or kvrun.platforms.Unavailable"
+        )
+        assert kvrun_target.platform is not None, (
+            f"contract: platform {kvrun_target.name!r} is not usable here, so nothing else "
+            f"can be checked: {kvrun_target.problem}"
+        )
+
+    def test_contract_identity(self, kvrun_platform_obj: Platform) -> None:
+        p = kvrun_platform_obj
+        cls = type(p)
+        assert not inspect.isabstract(cls), f"contract: {cls.__qualname__} is abstract"
+        for attr in ("name", "device_type", "dist_backend"):
+            value = getattr(cls, attr, None)
+            assert isinstance(value, str) and value, (
+                f"contract: {cls.__qualname__}.{attr} is {value!r}; it must be a non-empty str"
+            )
+        torch.device(p.device_type)  # raises for a device type torch does not know
+        dtypes = cls.supported_dtypes
+        assert isinstance(dtypes, tuple) and dtypes, (
+            f"contract: {cls.__qualname__}.supported_dtypes is {dtypes!r}; "
+            "it must be a non-empty tuple of torch dtypes"
+        )
+        assert all(isinstance(d, torch.dtype) for d in dtypes), (
+            f"contract: {cls.__qualname__}.supported_dtypes holds a non-dtype: {dtypes!r}"
+        )
+        assert p.default_dtype() in dtypes, (
+            f"contract: default_dtype() is {p.default_dtype()}, not one of {dtypes}"
+        )
+        assert isinstance(cls.priority, int), f"contract: priority is {cls.priority!r}, not int"
+        assert p.device.type == p.device_type, f"contract: device {p.device} is not {p.device_type}"
+
+    def test_contract_attention_backends(self, kvrun_platform_obj: Platform) -> None:
+        p = kvrun_platform_obj
+        backends = dict(p.attention_backends())
+        assert backends, "contract: attention_backends() is empty; offer at least one backend"
+        assert p.default_attention_backend in backends, (
+            f"contract: default_attention_backend {p.default_attention_backend!r} is not one of "
+            f"attention_backends(): {', '.join(sorted(backends))}"
+        )
+        for key, cls in backends.items():
+            assert isinstance(cls, type) and issubclass(cls, AttentionBackend), (
+                f"contract: attention_backends()[{key!r}] is {cls!r}, not an AttentionBackend class"
+            )
+            assert cls.name == key, (
+                f"contract: attention_backends() offers {cls.__qualname__} as {key!r} "
+                f"but its name is {cls.name!r}"
+            )
+        spec = AttentionLayerSpec(num_heads=4, num_kv_heads=2, head_dim=16, scale=0.25)
+        chosen = p.attention_backend(None, spec)
+        assert isinstance(chosen, backends[p.default_attention_backend]), (
+            f"contract: attention_backend(None, spec) returned {type(chosen).__qualname__}, "
+            f"not the default {p.default_attention_backend!r}"
+        )
+
+    def test_contract_ops(self, kvrun_platform_obj: Platform) -> None:
+        ops = dict(kvrun_platform_obj.ops())
+        unknown = sorted(set(ops) - set(OP_NAMES))
+        assert not unknown, (
+            f"contract: ops() overrides unknown op(s) {', '.join(unknown)}; "
+            f"known ops: {', '.join(OP_NAMES)}"
+        )
+        for name, fn in ops.items():
+            assert callable(fn), f"contract: ops()[{name!r}] is {fn!r}, not callable"
+        reference_ops().with_overrides(ops, f"platform {kvrun_platform_obj.name!r}")
+
+    # kernels -------------------------------------------------------------------------
+    def test_op_matches_reference(
+        self,
+        kvrun_target: KitTarget,
+        op_case: tuple[op_checks.OpCase, torch.dtype] | None,
+        request: pytest.FixtureRequest,
+    ) -> None:
+        platform = kvrun_target.require()
+        assert op_case is not None
+        skip = request.getfixturevalue("kvrun_whole_model")
+        if skip:
+            pytest.skip(skip)
+        case, dtype = op_case
+        op_checks.check_op(case, platform.ops()[case.op], dtype, platform.device)
+
+    def test_attention_matches_reference(
+        self,
+        kvrun_target: KitTarget,
+        attention_case: tuple[str, tuple[str, AttentionLayerSpec], Any, torch.dtype] | None,
+        request: pytest.FixtureRequest,
+    ) -> None:
+        platform = kvrun_target.require()
+        assert attention_case is not None
+        skip = request.getfixturevalue("kvrun_whole_model")
+        if skip:
+            pytest.skip(skip)
+        name, (_, spec), scenario, dtype = attention_case
+        try:
+            backend = platform.attention_backend(name, spec)
+        except ConfigError as exc:  # a backend may refuse a head layout it has no kernel for
+            pytest.skip(f"attention backend {name!r} refuses this layer: {exc}")
+        attention_checks.check_backend(backend, scenario, dtype, platform.device)
+
+    # KV allocator --------------------------------------------------------------------
+    def test_kv_plan_within_budget(
+        self, kvrun_target: KitTarget, kv_dtype: torch.dtype | None
+    ) -> None:
+        platform = kvrun_target.require()
+        assert kv_dtype is not None
+        kv_checks.check_plan(platform, kv_dtype)
+
+    def test_kv_refuses_budget_below_one_sequence(
+        self, kvrun_target: KitTarget, kv_dtype: torch.dtype | None
+    ) -> None:
+        platform = kvrun_target.require()
+        assert kv_dtype is not None
+        kv_checks.check_refuses_small_budget(platform, kv_dtype)
+
+    def test_kv_allocation_matches_plan(
+        self, kvrun_target: KitTarget, kv_dtype: torch.dtype | None
+    ) -> None:
+        platform = kvrun_target.require()
+        assert kv_dtype is not None
+        kv_checks.check_allocation(platform, kv_dtype)
+
+    # end to end ----------------------------------------------------------------------
+    def test_greedy_parity(
+        self,
+        kvrun_target: KitTarget,
+        parity_backend: str | None,
+        kvrun_model_dir: Path,
+        kvrun_reference: tuple[list[list[int]], list[list[torch.Tensor]]],
+    ) -> None:
+        platform = kvrun_target.require()
+        assert parity_backend is not None
+        dtype = _parity_dtype(platform)
+        prompts = parity.kit_prompts()
+        got = parity.engine_greedy(kvrun_model_dir, platform.env, dtype, parity_backend, prompts)
+        want, logits = kvrun_reference
+        bad = parity.compare_greedy(got, want, logits, dtype)
+        assert not bad, (
+            f"greedy parity with the reference on a tiny random Llama ({dtype_name(dtype)}, "
+            f"attention backend {parity_backend}): "
+            + "; ".join(m.describe() for m in bad)
+            + f"\nplatform tokens:  {got}\nreference tokens: {want}"
+        )
+
+
+def _overrides_executor(platform: Platform) -> bool:
+    return type(platform).model_executor is not Platform.model_executor
+
+
+def _parity_dtype(platform: Platform) -> torch.dtype:
+    # float32 where offered: greedy choices then differ only at true ties.
+    return torch.float32 if torch.float32 in platform.supported_dtypes else platform.default_dtype()
