@@ -124,6 +124,7 @@ DEFAULTS: dict[str, Any] = {
     "VLLM_OPENVINO_CPU_KV_CACHE_PRECISION": None,
     "VLLM_OPENVINO_ENABLE_QUANTIZED_WEIGHTS": False,
     "VLLM_XLA_CACHE_PATH": f"{HOME}/.cache/kvrun/xla_cache",
+    "VLLM_XLA_CHECK_RECOMPILATION": False,
     "VLLM_CONTIGUOUS_PA": True,
 }
 
@@ -147,8 +148,10 @@ def test_every_seed_variable_is_registered() -> None:
     registered = {v.name for v in envs.VARIABLES}
     assert len(names) == 90
     assert names - registered == set()
-    # HF_HUB_OFFLINE is not vLLM's, but kvrun's loader honours it, so it is registered too.
-    assert registered == names | BY_MEANING | {"HF_HUB_OFFLINE"}
+    # Registered beyond the seed: HF_HUB_OFFLINE (not vLLM's; kvrun's loader honours it)
+    # and VLLM_XLA_CHECK_RECOMPILATION (vLLM's TPU worker reads it; kvrun-tpu honours it).
+    extra = {"HF_HUB_OFFLINE", "VLLM_XLA_CHECK_RECOMPILATION"}
+    assert registered == names | BY_MEANING | extra
     assert {"VLLM_PLUGINS", "DO_NOT_TRACK", "MAX_JOBS", "CUDA_HOME", "LOCAL_RANK"} <= names
     # Cross-check with a plain grep: every quoted upper-case word is a variable or a value.
     quoted = set(re.findall(r"""["']([A-Z][A-Z0-9_]*)["']""", _seed_text()))
@@ -505,3 +508,24 @@ def test_docs_table_is_in_sync() -> None:
     assert generated == markdown_table(), "regenerate with `kvrun env --markdown`"
     for var in envs.VARIABLES:
         assert f"| `{var.name}` |" in generated
+
+
+def test_process_defaults_fill_only_what_the_user_left_unset() -> None:
+    environ = {"PATH": "/bin"}
+    assert envs.apply_process_defaults(environ) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert environ == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE"}
+    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert envs.apply_process_defaults(mine) == {}
+    assert mine == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_the_kvrun_command_applies_them_before_torch_loads() -> None:
+    code = (
+        "import os, sys; from kvrun.cli.main import main; main(['env']); "
+        "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.splitlines()[-1] == "PASSIVE False"

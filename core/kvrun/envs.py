@@ -26,10 +26,12 @@ from kvrun import env_parsers as p
 __all__ = [
     "GROUPS",
     "LOGGING_LEVELS",
+    "PROCESS_DEFAULTS",
     "VARIABLES",
     "EnvSnapshot",
     "EnvVar",
     "Source",
+    "apply_process_defaults",
     "read_env",
     "unknown_variables",
     "warn_unknown_variables",
@@ -418,6 +420,10 @@ class EnvSnapshot:
     VLLM_XLA_CACHE_PATH: str = _var(
         p.PATH, _under_cache("xla_cache"), _TPU, "Directory for XLA's persistent compilation cache."
     )
+    # Beyond the seed list: vLLM's TPU worker reads it too, and kvrun-tpu honours it.
+    VLLM_XLA_CHECK_RECOMPILATION: bool = _var(
+        p.BOOL, False, _TPU, "Fail a step that compiles a new XLA graph after warm-up."
+    )
     # ---------------------------------------------------------------- hpu
     VLLM_CONTIGUOUS_PA: bool = _var(
         p.BOOL, True, _HPU, "Fetch the HPU KV cache contiguously (Gaudi3)."
@@ -523,3 +529,20 @@ def warn_unknown_variables(environ: Mapping[str, str] | None = None) -> None:
             )
         else:
             _logger.warning("unknown variable %s; `kvrun env` lists the known ones", name)
+
+
+# Library variables kvrun's own processes (the `kvrun` command and the engine process
+# it spawns) get when the user has not set them. OpenMP reads them when torch loads,
+# so they are applied before anything imports torch. PASSIVE: an OpenMP thread that
+# finishes early sleeps instead of spinning; with the default spinning, a small
+# matmul stalled ~16 ms whenever another process (the HTTP frontend, a second job)
+# held one of the cores (NOTES.md, BENCHMARKS.md).
+PROCESS_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def apply_process_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Set each PROCESS_DEFAULTS name the environment lacks; returns what was set."""
+    env = cast(dict[str, str], os.environ) if environ is None else environ
+    applied = {k: v for k, v in PROCESS_DEFAULTS.items() if k not in env}
+    env.update(applied)
+    return applied

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -44,6 +45,7 @@ def _parser(verb: str | None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from kvrun import envs
 
+    defaults = envs.apply_process_defaults()  # before any verb module imports torch
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     args = _parser(verb).parse_args(argv)
@@ -53,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         configure_logging(env)
         envs.warn_unknown_variables()
+        for name, value in defaults.items():
+            logging.getLogger("kvrun.envs").debug("%s=%s (kvrun's default)", name, value)
         status: int = importlib.import_module(args._module).run(args, env)
     except KvrunError as exc:
         print(f"kvrun: error: {exc}", file=sys.stderr)
