@@ -10,7 +10,7 @@ import torch
 
 from kvrun.errors import ConfigError
 
-__all__ = ["DTYPES", "EngineArgs", "EngineConfig", "parse_dtype"]
+__all__ = ["DTYPES", "KV_CACHE_DTYPES", "EngineArgs", "EngineConfig", "parse_dtype"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -18,6 +18,14 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "half": torch.float16,
+}
+
+
+# kv_cache_dtype names (vLLM's) other than "auto" (the model dtype); "fp8" means e4m3.
+KV_CACHE_DTYPES: dict[str, torch.dtype] = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
 }
 
 
@@ -41,7 +49,7 @@ class EngineArgs:
     served_model_name: str | None = None
     dtype: str = "auto"  # auto picks what the platform runs fastest
     max_model_len: int | None = None  # defaults to the model's context length
-    block_size: int = 16  # tokens per KV block
+    block_size: int | None = None  # tokens per KV block; None = the platform's default
     max_num_seqs: int = 256  # requests running at once
     max_num_batched_tokens: int | None = None  # tokens per step; default below
     enable_prefix_caching: bool = True
@@ -51,19 +59,30 @@ class EngineArgs:
     seed: int = 0
     max_logprobs: int = 20  # cap on logprobs / prompt_logprobs per position
     disable_log_stats: bool = False
-    enforce_eager: bool = True  # False tries torch.compile on the model step
+    enforce_eager: bool = True  # False tries torch.compile and the platform's decode graphs
+    gpu_memory_utilization: float = 0.9  # share of device memory a profiling platform may use
+    kv_cache_dtype: str = "auto"  # "auto" = the model dtype, or a KV_CACHE_DTYPES name
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        for name in ("block_size", "max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 when given, got {value}")
         if self.max_logprobs < 0:
             raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         parse_dtype(self.dtype)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"gpu_memory_utilization={self.gpu_memory_utilization} is out of range; "
+                "accepted: 0 < value <= 1"
+            )
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not known; accepted: auto, "
+                f"{', '.join(KV_CACHE_DTYPES)}"
+            )
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, *, model_positional: bool = False) -> None:
@@ -77,7 +96,9 @@ class EngineArgs:
         group.add_argument("--served-model-name", default=None)
         group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
         group.add_argument("--max-model-len", type=int, default=None)
-        group.add_argument("--block-size", type=int, default=16)
+        group.add_argument(
+            "--block-size", type=int, default=None, help="default: the platform's block size"
+        )
         group.add_argument("--max-num-seqs", type=int, default=256)
         group.add_argument("--max-num-batched-tokens", type=int, default=None)
         group.add_argument(
@@ -92,6 +113,8 @@ class EngineArgs:
         group.add_argument("--max-logprobs", type=int, default=20)
         group.add_argument("--disable-log-stats", action="store_true")
         group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+        group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        group.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_CACHE_DTYPES])
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
@@ -120,5 +143,13 @@ class EngineConfig:
     max_logprobs: int
     platform_name: str
     attention_backend: str  # the backend's name as VLLM_ATTENTION_BACKEND spells it
-    num_kv_blocks: int = 0  # filled once the cache is planned
+    num_kv_blocks: int = 0  # filled once the cache is planned: blocks the scheduler hands out
     kv_cache_bytes: int = 0
+    kv_cache_dtype: torch.dtype | None = None  # the KV cache's dtype; None = ``dtype``
+    enforce_eager: bool = True  # False: torch.compile and the platform's decode graphs
+    gpu_memory_utilization: float = 0.9  # share of device memory a profiling platform may use
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype the KV cache is stored in."""
+        return self.kv_cache_dtype or self.dtype

@@ -130,3 +130,27 @@ def test_logprobs_match_transformers(
         assert seq.cumulative_logprob == pytest.approx(
             sum(reference.chosen_logprobs[i][:16]), abs=2e-3
         )
+
+
+def test_bfloat16_follows_transformers_within_tolerance(
+    smollm2_hf_dir: object, prompts: list[list[int]], reference: Reference
+) -> None:
+    """bf16 (dtype "auto" on CPUs with native bf16) is not bit-exact, so the bar is:
+    until its first divergence from the fp32 oracle, and at that step, every token
+    kvrun picks is one of the oracle's top tokens, at most 1 nat below its best."""
+    engine = make_engine(smollm2_hf_dir, dtype="bfloat16")
+    outputs = run_all(engine, prompts, GREEDY)
+    agreed = []
+    for i, out in enumerate(outputs):
+        tokens = out.outputs[0].token_ids
+        steps = 0
+        for step, token in enumerate(tokens):
+            top = dict(zip(reference.top_ids[i][step], reference.top_logprobs[i][step]))
+            assert token in top, f"prompt {i} step {step}: {token} not in the oracle's top {top}"
+            assert top[token] >= reference.top_logprobs[i][step][0] - 1.0, (i, step)
+            if token != reference.tokens[i][step]:
+                break
+            steps += 1
+        agreed.append(steps)
+    # bf16 drifts, but not from the start: most prompts agree for many tokens.
+    assert sorted(agreed)[len(agreed) // 2] >= 8, agreed

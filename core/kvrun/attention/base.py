@@ -28,6 +28,11 @@ class AttentionLayerSpec:
     num_kv_heads: int  # key/value heads (grouped-query when fewer than num_heads)
     head_dim: int
     scale: float  # softmax scale, usually head_dim ** -0.5
+    # The model's activation dtype, so an automatic choice can pass over a backend that
+    # cannot run it; None = not known (the platform's check_config checks it later).
+    dtype: torch.dtype | None = None
+    # The KV cache's dtype when it differs from the model's (fp8); None = the model dtype.
+    kv_cache_dtype: torch.dtype | None = None
 
 
 @dataclass

@@ -61,7 +61,9 @@ class LLMEngine:
         self.scheduler: Scheduler = parts.scheduler
         self.runner: ModelRunner = parts.runner
         self.sampling = SamplingStep(
-            self.platform.device, logits_processor_threads=env.VLLM_LOGITS_PROCESSOR_THREADS or 0
+            self.platform.device,
+            logits_processor_threads=env.VLLM_LOGITS_PROCESSOR_THREADS or 0,
+            top_k_top_p=parts.top_k_top_p,
         )
         self._parents: dict[str, ParentRequest] = {}
         self._prompt_tokens_total = 0

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from kvrun.attention.base import AttentionMetadata
 from kvrun.scheduling.output import ScheduledChunk
+
+if TYPE_CHECKING:
+    from kvrun.platforms.base import DecodeGraphRunner, ModelExecutor
 
 __all__ = ["BatchInputs", "CausalLM", "ModelRunner", "StepLogits", "build_batch"]
 
@@ -113,23 +116,45 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: CausalLM,
+        model: CausalLM | None,
         kv_caches: list[torch.Tensor],
         block_size: int,
         device: torch.device,
+        executor: ModelExecutor | None = None,
     ) -> None:
+        # --- whole-model executor (issue 7): exactly one of model / executor is set;
+        # with an executor the KV cache lives in the executor and kv_caches is empty.
+        assert (model is None) != (executor is None)
+        self.executor = executor
+        # --- end whole-model executor
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        # The platform's captured decode step (Platform.decode_graph_runner), tried before
+        # the eager forward; set by the engine once the cache exists. None = always eager.
+        self.decode_graph: DecodeGraphRunner | None = None
 
     @torch.inference_mode()
     def execute(
         self, chunks: Sequence[ScheduledChunk], prompt_logits_for: frozenset[str] = frozenset()
     ) -> StepLogits:
         """Run one step; ``prompt_logits_for`` names requests whose chunk needs all logits."""
+        if self.executor is not None:  # whole-model executor (issue 7)
+            from kvrun.engine.executor_runner import execute_with_executor
+
+            return execute_with_executor(
+                self.executor, chunks, prompt_logits_for, self.block_size, self.device
+            )
+        assert self.model is not None
         batch = build_batch(chunks, self.block_size, self.device)
-        hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        hidden = None
+        if self.decode_graph is not None:
+            hidden = self.decode_graph.run(batch.input_ids, batch.positions, batch.meta)
+        if hidden is None:
+            hidden = self.model.forward(
+                batch.input_ids, batch.positions, self.kv_caches, batch.meta
+            )
         logits = self.model.compute_logits(hidden.index_select(0, batch.sample_indices))
         prompt_logits: dict[str, torch.Tensor] = {}
         if prompt_logits_for:

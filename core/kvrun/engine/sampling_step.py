@@ -17,6 +17,7 @@ from kvrun.sampling import (
     logprob_dicts,
     make_generator,
 )
+from kvrun.sampling.truncation import TopKTopPSampler
 from kvrun.tokenizer import Tokenizer
 
 __all__ = ["SamplingStep"]
@@ -25,9 +26,15 @@ __all__ = ["SamplingStep"]
 class SamplingStep:
     """Builds each step's sampler input from the sequences that sample, and runs it."""
 
-    def __init__(self, device: torch.device, *, logits_processor_threads: int) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        logits_processor_threads: int,
+        top_k_top_p: TopKTopPSampler | None = None,  # the platform's kernel, if any
+    ) -> None:
         self.device = device
-        self.sampler = Sampler(logits_processor_threads)
+        self.sampler = Sampler(logits_processor_threads, top_k_top_p)
 
     def make_generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else make_generator(seed, self.device)

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from kvrun.attention.base import AttentionLayerSpec
+from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
 from kvrun.config import EngineArgs, EngineConfig, parse_dtype
+from kvrun.engine.compilation import CompileSettings, compile_function, compile_settings
 from kvrun.engine.model_runner import ModelRunner
+from kvrun.engine.profile_run import make_profile_run
 from kvrun.envs import EnvSnapshot
 from kvrun.errors import ConfigError
 from kvrun.loader import DEFAULT_HUB_MODEL, load_checkpoint
+from kvrun.loader.checkpoint import Checkpoint
 from kvrun.models.config import ModelConfig
 from kvrun.models.registry import ModelRegistry
 from kvrun.ops import reference_ops
 from kvrun.platforms import KVCachePlan, KVCacheRequest, Platform
 from kvrun.plugins import create_platform, load_general_plugins
+from kvrun.sampling.truncation import TopKTopPSampler
 from kvrun.scheduling.scheduler import Scheduler, SchedulerConfig
 from kvrun.tokenizer import Tokenizer, load_tokenizer
 from kvrun.usage import record_usage
@@ -39,6 +44,8 @@ class EngineParts:
     tokenizer: Tokenizer
     scheduler: Scheduler
     runner: ModelRunner
+    # Platform.top_k_top_p_sampler(): the platform's sampling kernel for the Sampler.
+    top_k_top_p: TopKTopPSampler | None = None
 
 
 def resolve_max_model_len(
@@ -90,11 +97,14 @@ def build_engine_parts(args: EngineArgs, env: EnvSnapshot) -> EngineParts:
         args.max_model_len, model_config, env.VLLM_ALLOW_LONG_MAX_MODEL_LEN
     )
     backend_name = args.attention_backend or env.VLLM_ATTENTION_BACKEND
+    kv_cache_dtype = platform.resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
     spec = AttentionLayerSpec(
         num_heads=model_config.num_heads,
         num_kv_heads=model_config.num_kv_heads,
         head_dim=model_config.head_dim,
         scale=model_config.head_dim**-0.5,
+        dtype=dtype,
+        kv_cache_dtype=kv_cache_dtype,
     )
     attention = platform.attention_backend(backend_name, spec)
     batched_tokens = args.max_num_batched_tokens or (
@@ -113,7 +123,7 @@ def build_engine_parts(args: EngineArgs, env: EnvSnapshot) -> EngineParts:
         dtype=dtype,
         max_model_len=max_model_len,
         vocab_size=model_config.vocab_size,
-        block_size=args.block_size,
+        block_size=args.block_size or platform.default_block_size,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
@@ -122,30 +132,35 @@ def build_engine_parts(args: EngineArgs, env: EnvSnapshot) -> EngineParts:
         max_logprobs=args.max_logprobs,
         platform_name=platform.name,
         attention_backend=attention.name,
+        kv_cache_dtype=kv_cache_dtype,
+        enforce_eager=args.enforce_eager,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )
     config, adjustments = platform.check_config(config)
     for reason in adjustments:
         logger.info("platform %s adjusted the config: %s", platform.name, reason)
 
     torch.manual_seed(args.seed)
-    ops = reference_ops().with_overrides(platform.ops(), f"platform {platform.name!r}")
-    model = model_cls(model_config, ops, attention, config.dtype, platform.device)
-    model.load_weights(checkpoint.iter_weights(config.dtype), source)
     tokenizer = load_tokenizer(checkpoint)
-
-    kv_request = KVCacheRequest(
-        num_layers=model_config.num_layers,
-        num_kv_heads=model_config.num_kv_heads,
-        head_dim=model_config.head_dim,
-        block_size=config.block_size,
-        dtype=config.dtype,
-        max_model_len=max_model_len,
-        layer_shape=lambda n: attention.kv_cache_shape(
-            n, config.block_size, model_config.num_kv_heads, model_config.head_dim
-        ),
-    )
-    plan = _plan_kv_cache(platform, kv_request, args.num_kv_blocks)
-    kv_caches = platform.allocate_kv_cache(plan, model_config.num_layers)
+    # --- whole-model executor (issue 7): a graph compiler's executor replaces the core
+    # model and owns its KV cache; the scheduler and sampler below are the same.
+    executor = platform.model_executor(config)
+    if executor is not None:
+        if executor.block_size != config.block_size:
+            raise ConfigError(
+                f"the {platform.name} executor uses KV blocks of {executor.block_size} tokens "
+                f"but the engine was configured with block_size={config.block_size}"
+            )
+        plan = executor.init_kv_cache(args.num_kv_blocks, max_model_len)
+        runner = ModelRunner(None, [], config.block_size, platform.device, executor=executor)
+    else:
+        runner, plan = _build_core_runner(
+            platform, config, model_config, model_cls, attention, checkpoint, args.num_kv_blocks
+        )
+        if not args.enforce_eager:
+            _compile_model(runner.model, compile_settings(env))
+        plan = _attach_decode_graphs(platform, runner, config, plan)
+    # --- end whole-model executor
     config = replace(config, num_kv_blocks=plan.num_blocks, kv_cache_bytes=plan.total_bytes)
     scheduler = Scheduler(
         SchedulerConfig(
@@ -156,9 +171,10 @@ def build_engine_parts(args: EngineArgs, env: EnvSnapshot) -> EngineParts:
             num_blocks=plan.num_blocks,
             enable_prefix_caching=config.enable_prefix_caching,
             enable_chunked_prefill=config.enable_chunked_prefill,
-        )
+        ),
+        # The platform may order free KV blocks (Gaudi's contiguous PA wants lowest id first).
+        free_block_policy=platform.free_block_policy(config),
     )
-    runner = ModelRunner(model, kv_caches, config.block_size, platform.device)
     _log_start(platform, config, plan, len_why)
     record_usage(
         env,
@@ -170,7 +186,101 @@ def build_engine_parts(args: EngineArgs, env: EnvSnapshot) -> EngineParts:
             "max_model_len": config.max_model_len,
         },
     )
-    return EngineParts(platform, config, tokenizer, scheduler, runner)
+    return EngineParts(
+        platform, config, tokenizer, scheduler, runner, platform.top_k_top_p_sampler()
+    )
+
+
+def _compile_model(model: Any, settings: CompileSettings) -> None:
+    """torch.compile the model's dense block (enforce_eager=False), when it has one."""
+    compile_hook = getattr(model, "compile", None)
+    if compile_hook is None:
+        logger.info(
+            "enforce_eager=False: %s has no compilable block; it runs eagerly",
+            type(model).__name__,
+        )
+        return
+    compile_hook(lambda fn, name: compile_function(fn, settings, name))
+
+
+def _build_core_runner(
+    platform: Platform,
+    config: EngineConfig,
+    model_config: ModelConfig,
+    model_cls: Any,
+    attention: AttentionBackend,
+    checkpoint: Checkpoint,
+    num_kv_blocks: int | None,
+) -> tuple[ModelRunner, KVCachePlan]:
+    """The core model and attention over a KV cache the platform allocates."""
+    ops = reference_ops().with_overrides(platform.ops(), f"platform {platform.name!r}")
+    model = model_cls(model_config, ops, attention, config.dtype, platform.device)
+    model.load_weights(checkpoint.iter_weights(config.dtype), config.model_source)
+
+    def layer_shape(n: int) -> tuple[int, ...]:
+        return attention.kv_cache_shape(
+            n, config.block_size, model_config.num_kv_heads, model_config.head_dim
+        )
+
+    peak = None
+    if num_kv_blocks is None:  # a platform that profiles budgets from the measured peak
+        peak = platform.measure_peak_memory(
+            make_profile_run(
+                model,
+                model_config.num_layers,
+                layer_shape,
+                config.cache_dtype,
+                config.max_num_batched_tokens,
+                config.max_num_seqs,
+                config.block_size,
+                platform.device,
+            )
+        )
+    kv_request = KVCacheRequest(
+        num_layers=model_config.num_layers,
+        num_kv_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim,
+        block_size=config.block_size,
+        dtype=config.cache_dtype,
+        max_model_len=config.max_model_len,
+        layer_shape=layer_shape,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        peak_memory_bytes=peak,
+    )
+    plan = _plan_kv_cache(platform, kv_request, num_kv_blocks)
+    kv_caches = platform.allocate_kv_cache(plan, model_config.num_layers)
+    return ModelRunner(model, kv_caches, config.block_size, platform.device), plan
+
+
+def _attach_decode_graphs(
+    platform: Platform, runner: ModelRunner, config: EngineConfig, plan: KVCachePlan
+) -> KVCachePlan:
+    """Give the runner the platform's decode graphs; the plan's blocks minus the reserve.
+
+    Reserved blocks are the highest ids, so the block manager (ids 0..n-1) never hands
+    them out and graph padding rows may write there.
+    """
+    reserved = platform.reserved_kv_blocks(config)
+    usable = plan.num_blocks - reserved
+    min_blocks = -(-config.max_model_len // config.block_size)
+    if usable < min_blocks:
+        raise ConfigError(
+            f"the KV cache holds {plan.num_blocks} blocks, {reserved} of them reserved by the "
+            f"{platform.name} platform for decode-graph padding, leaving {usable}; one "
+            f"sequence of max_model_len={config.max_model_len} needs {min_blocks}; raise the "
+            "cache size (num_kv_blocks) or lower max_model_len"
+        )
+    model = runner.model
+    assert model is not None
+    kv_caches = runner.kv_caches
+
+    def forward(ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
+        return model.forward(ids, positions, kv_caches, meta)
+
+    runner.decode_graph = platform.decode_graph_runner(
+        forward, config, pad_slot=usable * config.block_size
+    )
+    return replace(plan, num_blocks=usable) if reserved else plan
 
 
 def _plan_kv_cache(

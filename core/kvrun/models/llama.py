@@ -9,7 +9,8 @@ attention from the platform's backend.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,9 @@ from kvrun.models.config import ModelConfig
 from kvrun.models.rope import cos_sin_cache
 from kvrun.ops import OpTable
 
-__all__ = ["LlamaForCausalLM"]
+__all__ = ["LlamaForCausalLM", "dense_block"]
+
+DenseBlock = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -78,6 +81,8 @@ class LlamaForCausalLM:
         self.cos_sin = cos_sin_cache(
             c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings
         ).to(device)
+        # Everything between two attentions; a field so compile() can swap it.
+        self._dense: DenseBlock = functools.partial(dense_block, ops, c.rms_norm_eps)
 
     # loading -------------------------------------------------------------------------
     def _destinations(self) -> dict[str, torch.Tensor]:
@@ -133,6 +138,10 @@ class LlamaForCausalLM:
         self.lm_head_t = self.lm_head.t().contiguous()
 
     # forward ---------------------------------------------------------------------------
+    def compile(self, compiler: Callable[[DenseBlock, str], DenseBlock]) -> None:
+        """Replace the dense block by ``compiler(block, name)`` (torch.compile)."""
+        self._dense = compiler(self._dense, f"{self.config.architecture} dense block")
+
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
@@ -140,28 +149,48 @@ class LlamaForCausalLM:
         kv_caches: list[torch.Tensor],  # one per layer
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, H] final hidden states (normed)
-        c, ops = self.config, self.ops
+        c = self.config
         num_tokens = input_ids.shape[0]
-        x = F.embedding(input_ids, self.embed)
-        residual = x
-        h = ops.rms_norm(x, self.layers[0].input_norm, c.rms_norm_eps)
+        residual = F.embedding(input_ids, self.embed)
+        h: torch.Tensor = self.ops.rms_norm(residual, self.layers[0].input_norm, c.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            if i > 0:
-                h, residual = ops.fused_add_rms_norm(x, residual, layer.input_norm, c.rms_norm_eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
             q = qkv[:, : self.q_size].view(num_tokens, c.num_heads, c.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size]
             v = qkv[:, self.q_size + self.kv_size :]
             k = k.view(num_tokens, c.num_kv_heads, c.head_dim)
             v = v.view(num_tokens, c.num_kv_heads, c.head_dim)
-            q, k = ops.rotary_embedding(positions, q, k, self.cos_sin)
+            q, k = self.ops.rotary_embedding(positions, q, k, self.cos_sin)
             attn = self.attention.forward(q, k, v, kv_caches[i], meta)
-            x = F.linear(attn.reshape(num_tokens, self.q_size), layer.o)
-            h, residual = ops.fused_add_rms_norm(x, residual, layer.post_norm, c.rms_norm_eps)
-            x = F.linear(ops.silu_and_mul(F.linear(h, layer.gate_up)), layer.down)
-        out, _ = ops.fused_add_rms_norm(x, residual, self.norm, c.rms_norm_eps)
-        result: torch.Tensor = out
-        return result
+            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            h, residual = self._dense(
+                attn.reshape(num_tokens, self.q_size),
+                residual,
+                layer.o,
+                layer.post_norm,
+                layer.gate_up,
+                layer.down,
+                next_norm,
+            )
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B, V] fp32
         return torch.matmul(hidden, self.lm_head_t).float()
+
+
+def dense_block(
+    ops: OpTable,
+    eps: float,
+    attn: torch.Tensor,  # [T, Hq * D] attention output of layer i
+    residual: torch.Tensor,  # [T, H] the residual stream before layer i's attention
+    o: torch.Tensor,  # [H, Hq * D]
+    post_norm: torch.Tensor,  # [H]
+    gate_up: torch.Tensor,  # [2 I, H]
+    down: torch.Tensor,  # [H, I]
+    next_norm: torch.Tensor,  # [H] layer i+1's input norm, or the final norm
+) -> tuple[torch.Tensor, torch.Tensor]:  # (normed input of layer i+1 [T, H], residual [T, H])
+    """Layer i's output projection and MLP, and the norm that opens layer i+1."""
+    x = F.linear(attn, o)
+    h, residual = ops.fused_add_rms_norm(x, residual, post_norm, eps)
+    x = F.linear(ops.silu_and_mul(F.linear(h, gate_up)), down)
+    return ops.fused_add_rms_norm(x, residual, next_norm, eps)  # type: ignore[no-any-return]

@@ -16,18 +16,22 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
-from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
+from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, AttentionMetadata
 from kvrun.errors import ConfigError, KvrunError
 
 if TYPE_CHECKING:
     from kvrun.config import EngineConfig
     from kvrun.envs import EnvSnapshot
+    from kvrun.sampling.truncation import TopKTopPSampler
+    from kvrun.scheduling.free_blocks import FreeBlockPolicy
 
 __all__ = [
+    "DecodeForward",
+    "DecodeGraphRunner",
     "KVCachePlan",
     "KVCacheRequest",
     "ModelExecutor",
@@ -58,6 +62,11 @@ class KVCacheRequest:
     max_model_len: int  # one sequence of this length must fit
     layer_shape: Callable[[int], tuple[int, ...]]  # num_blocks -> one layer's tensor shape
     model_bytes: int = 0  # weight bytes already resident, for platforms that budget a pool
+    # Share of device memory this process may use (EngineArgs.gpu_memory_utilization).
+    gpu_memory_utilization: float = 0.9
+    # Peak bytes measure_peak_memory reported for the largest step (weights and
+    # activations); None when the platform does not profile.
+    peak_memory_bytes: int | None = None
 
     @property
     def bytes_per_block(self) -> int:
@@ -78,7 +87,9 @@ class KVCachePlan:
     num_blocks: int
     block_size: int
     dtype: torch.dtype
-    layer_shape: tuple[int, ...]  # one layer's tensor shape; allocate() returns these
+    # One layer's tensor shape; allocate() returns these. An executor whose K and V
+    # tensors differ in shape reports (num_blocks, elements of one layer's K+V per block).
+    layer_shape: tuple[int, ...]
     num_layers: int
     budget_bytes: int  # the budget the blocks were carved from
     reason: str  # one line for the start-up log: where the budget came from
@@ -93,23 +104,69 @@ class KVCachePlan:
         return n * elem
 
 
+# The model's forward as a decode-graph runner calls it:
+# (input_ids [N] int64, positions [N] int64, meta) -> hidden [N, hidden_size].
+DecodeForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+
+
+class DecodeGraphRunner(Protocol):
+    """A platform's captured decode step (CUDA graphs and the like).
+
+    Invariants: ``run`` returns the same hidden states as the eager forward of that
+    batch, or None when it cannot run this batch (the engine then runs it eagerly).
+    Rows it adds for padding write K/V only into the blocks the platform asked the
+    engine to reserve (:meth:`Platform.reserved_kv_blocks`), never into a request's.
+    """
+
+    def run(
+        self,
+        input_ids: torch.Tensor,  # [N] int64
+        positions: torch.Tensor,  # [N] int64
+        meta: AttentionMetadata,
+    ) -> torch.Tensor | None:  # [N, hidden_size], or None: run eagerly
+        ...
+
+
 class ModelExecutor(ABC):
     """A whole-model executor, for graph compilers that run attention inside their graph.
 
     A platform that returns one from :meth:`Platform.model_executor` replaces the
-    core's model and attention; the scheduler, block manager and sampler still drive
-    it, so the executor must read K/V positions from the block tables it is given.
+    core's model, attention and KV-cache allocation; the scheduler, block manager and
+    sampler still drive it unchanged.
+
+    Invariants an executor keeps:
+    - ``block_size`` equals the ``config.block_size`` it was built with (a platform
+      whose compiled graph needs another block size sets it in ``check_config``).
+    - ``init_kv_cache`` is called exactly once, before the first ``execute``. The
+      executor allocates and owns every KV tensor; the returned plan's ``num_blocks``
+      is what the block manager hands out, so every block id in 0..num_blocks-1 must
+      be backed by storage in every layer. With ``num_blocks`` None it carves the
+      blocks from its platform's budget; either way it refuses (ConfigError) a cache
+      that cannot hold one sequence of ``max_model_len``.
+    - ``execute`` reads and writes K/V only at the slots the block tables in ``meta``
+      name: token ``p`` of a sequence lives in block ``block_tables[i, p // block_size]``
+      at offset ``p % block_size``; positions below the chunk's start are already in
+      the cache (earlier chunks or prefix-cache hits) and are never rewritten.
+    - ``logits_indices`` may name any flat token rows, in any number (one per sampling
+      request, or every row of a chunk for prompt logprobs); the result has one row per
+      index, in that order.
     """
+
+    block_size: int  # tokens per KV block in the executor's cache
+
+    @abstractmethod
+    def init_kv_cache(self, num_blocks: int | None, max_model_len: int) -> KVCachePlan:
+        """Allocate the executor's KV cache; ``num_blocks`` None = from the budget."""
 
     @abstractmethod
     def execute(
         self,
-        input_ids: torch.Tensor,  # [T]
-        positions: torch.Tensor,  # [T]
-        meta: Any,  # kvrun.attention.AttentionMetadata
-        logits_indices: torch.Tensor,  # [B'] which flat tokens need logits
-    ) -> torch.Tensor:  # [B', vocab] float32 logits
-        """Run one step and return the logits of the selected tokens."""
+        input_ids: torch.Tensor,  # [T] int64, the chunks' tokens back to back
+        positions: torch.Tensor,  # [T] int64
+        meta: Any,  # kvrun.attention.AttentionMetadata of this step
+        logits_indices: torch.Tensor,  # [N] int64 flat token rows that need logits
+    ) -> torch.Tensor:  # [N, vocab] float32 logits
+        """Run one step, writing the chunks' K/V into the cache; logits of the rows asked."""
 
 
 class Platform(ABC):
@@ -134,6 +191,9 @@ class Platform(ABC):
     priority: ClassVar[int] = 0  # higher wins when VLLM_TARGET_DEVICE is unset
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
     default_attention_backend: ClassVar[str] = "REFERENCE"
+    default_block_size: ClassVar[int] = 16  # tokens per KV block when the user sets none
+    # KV-cache dtypes this platform stores besides the model dtype (fp8 formats).
+    kv_cache_dtypes: ClassVar[tuple[torch.dtype, ...]] = ()
 
     def __init__(self, env: EnvSnapshot) -> None:
         self.env = env
@@ -176,6 +236,51 @@ class Platform(ABC):
         return backends[chosen](spec)
 
     # KV cache -------------------------------------------------------------------
+    def resolve_kv_cache_dtype(self, name: str, model_dtype: torch.dtype) -> torch.dtype | None:
+        """The cache dtype for ``kv_cache_dtype=name``; None = the model dtype.
+
+        A ConfigError, naming what this platform stores, for a dtype it cannot store.
+        """
+        from kvrun.config import KV_CACHE_DTYPES
+
+        if name == "auto":
+            return None
+        dtype = KV_CACHE_DTYPES[name]  # EngineArgs validated the name
+        if dtype not in self.kv_cache_dtypes:
+            accepted = [n for n, d in KV_CACHE_DTYPES.items() if d in self.kv_cache_dtypes]
+            raise ConfigError(
+                f"kv_cache_dtype={name!r} is not supported on the {self.name} platform; "
+                f"supported: {', '.join(['auto', *accepted])}"
+            )
+        return None if dtype == model_dtype else dtype
+
+    def measure_peak_memory(self, run_dummy_forward: Callable[[], None]) -> int | None:
+        """Peak device bytes while ``run_dummy_forward`` runs the largest step; None = no
+        profiling (the default runs nothing).
+
+        Called once, after the weights load and before the KV cache is planned, only when
+        the user gave no num_kv_blocks; the value reaches :meth:`kv_cache_budget` as
+        ``request.peak_memory_bytes``.
+        """
+        return None
+
+    def reserved_kv_blocks(self, config: EngineConfig) -> int:
+        """KV blocks the engine keeps out of the block manager for this platform's own use
+        (padding rows of captured decode graphs); they are the highest block ids."""
+        return 0
+
+    def decode_graph_runner(
+        self, forward: DecodeForward, config: EngineConfig, pad_slot: int
+    ) -> DecodeGraphRunner | None:
+        """A captured decode step the model runner tries before its eager forward; None =
+        always eager.
+
+        Called once, after the KV cache is allocated (and the model compiled), with the
+        forward over that cache. ``pad_slot`` is the first cache slot of the first reserved
+        block; it is meaningful only when :meth:`reserved_kv_blocks` asked for one.
+        """
+        return None
+
     @abstractmethod
     def kv_cache_budget(self, request: KVCacheRequest) -> tuple[int, str]:
         """Bytes available for the KV cache, and one line saying where that came from."""
@@ -213,7 +318,32 @@ class Platform(ABC):
         return {}
 
     def model_executor(self, config: EngineConfig) -> ModelExecutor | None:
-        """A whole-model executor for graph compilers; None runs the core's model."""
+        """A whole-model executor for graph compilers; None runs the core's model.
+
+        Called once, with the config ``check_config`` returned; when it returns an
+        executor the engine builds no core model and allocates no KV cache of its own.
+        """
+        return None
+
+    # sampling -------------------------------------------------------------------------
+    def top_k_top_p_sampler(self) -> TopKTopPSampler | None:
+        """A device kernel for top-k/top-p sampling; None = the core's torch sampler.
+
+        See :data:`kvrun.sampling.truncation.TopKTopPSampler` for the contract.
+        """
+        return None
+
+    # KV block accounting ----------------------------------------------------------
+    def free_block_policy(self, config: EngineConfig) -> FreeBlockPolicy | None:
+        """The order in which the block manager hands out free KV blocks; None = core FIFO.
+
+        Called once, with the config ``check_config`` returned. The policy must keep the
+        invariants of :class:`kvrun.scheduling.free_blocks.FreeBlockPool`: it only orders
+        the clean free blocks (never invents, duplicates or withholds an id), and its
+        order is deterministic. It changes which block ids a sequence gets, never how many
+        or when, so a platform whose kernels need a compact id range (Gaudi's contiguous
+        paged attention) can ask for it without changing scheduling decisions.
+        """
         return None
 
     # configuration --------------------------------------------------------------

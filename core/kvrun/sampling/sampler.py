@@ -18,6 +18,7 @@ from kvrun.sampling.logprobs import logprob_dicts
 from kvrun.sampling.metadata import SamplingMetadata, SamplingRow
 from kvrun.sampling.penalties import apply_penalties
 from kvrun.sampling.truncation import (
+    TopKTopPSampler,
     apply_min_p,
     apply_top_k,
     apply_top_p,
@@ -89,9 +90,15 @@ def process_logits(
 def _sample_random(
     logits: torch.Tensor,  # [R, V] float32, processed
     md: SamplingMetadata,
+    platform_sampler: TopKTopPSampler | None = None,
 ) -> torch.Tensor:  # [R] int64
     assert md.temperature is not None
     logits = logits / md.temperature[:, None]
+    if platform_sampler is not None and not md.generators and md.min_p is None:
+        rows = logits.shape[0]
+        top_k = md.top_k if md.top_k is not None else logits.new_zeros(rows, dtype=torch.int64)
+        top_p = md.top_p if md.top_p is not None else logits.new_ones(rows)
+        return platform_sampler(logits, top_k, top_p)
     if md.top_k is not None:
         logits = apply_top_k(logits, md.top_k, md.max_top_k)
     probs = torch.softmax(logits, dim=1)  # [R, V]
@@ -111,7 +118,11 @@ class Sampler:
     whatever its batch mates or position.
     """
 
-    def __init__(self, logits_processor_threads: int = 0) -> None:
+    def __init__(
+        self, logits_processor_threads: int = 0, top_k_top_p: TopKTopPSampler | None = None
+    ) -> None:
+        # Platform.top_k_top_p_sampler(): a device kernel for unseeded random rows.
+        self._top_k_top_p = top_k_top_p
         # VLLM_LOGITS_PROCESSOR_THREADS, read by the entry point: > 0 runs rows' logits
         # processors concurrently (worth it when they release the GIL).
         self._pool = (
@@ -138,11 +149,12 @@ class Sampler:
             sampled = logits.argmax(dim=1)  # [B]
         else:
             assert md.random_rows is not None
+            fast = self._top_k_top_p
             if md.greedy_rows is None:
-                sampled = _sample_random(logits, md)
+                sampled = _sample_random(logits, md, fast)
             else:
                 sampled = logits.argmax(dim=1)
-                sampled[md.random_rows] = _sample_random(logits[md.random_rows], md)
+                sampled[md.random_rows] = _sample_random(logits[md.random_rows], md, fast)
 
         logprobs: list[dict[int, Logprob] | None] = [None] * md.num_rows
         if raw_logprobs is not None and md.logprob_rows is not None:

@@ -7,9 +7,25 @@ draw (an exponential race) is invariant to scaling a row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-__all__ = ["apply_min_p", "apply_top_k", "apply_top_p", "exponential_noise", "sample_from"]
+__all__ = [
+    "TopKTopPSampler",
+    "apply_min_p",
+    "apply_top_k",
+    "apply_top_p",
+    "exponential_noise",
+    "sample_from",
+]
+
+# A platform's top-k/top-p sampling kernel (Platform.top_k_top_p_sampler), used instead
+# of the torch path for batches with no seeded row and no min_p (a kernel's own random
+# stream cannot keep a seeded request's draws independent of its batch mates):
+# (logits [R, V] float32 already divided by temperature, top_k [R] int64 with 0 = keep
+# all, top_p [R] float32 with 1.0 = keep all) -> [R] int64 sampled token ids.
+TopKTopPSampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def apply_top_k(

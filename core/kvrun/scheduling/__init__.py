@@ -8,12 +8,22 @@ from __future__ import annotations
 
 from kvrun.scheduling.block_manager import BlockManager, PrefixHit, hash_block
 from kvrun.scheduling.config import SchedulerConfig
+from kvrun.scheduling.free_blocks import (
+    FifoFreeBlocks,
+    FreeBlockPolicy,
+    FreeBlockPool,
+    LowestIdFirst,
+)
 from kvrun.scheduling.output import ScheduledChunk, SchedulerOutput, SchedulerStats
 from kvrun.scheduling.request import Request, RequestStatus
 from kvrun.scheduling.scheduler import Scheduler, check_stop
 
 __all__ = [
     "BlockManager",
+    "FifoFreeBlocks",
+    "FreeBlockPolicy",
+    "FreeBlockPool",
+    "LowestIdFirst",
     "PrefixHit",
     "Request",
     "RequestStatus",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from kvrun.scheduling.free_blocks import FifoFreeBlocks, FreeBlockPolicy
 
 __all__ = ["ROOT_BLOCK_HASH", "BlockManager", "PrefixHit", "hash_block"]
 
@@ -62,16 +64,24 @@ class BlockManager:
     - A prefix hit covers whole blocks and never the whole sequence: at most
       ``(len - 1) // block_size`` blocks, so the last token is always computed and the
       model yields logits for it.
-    - Allocation takes clean blocks first (FIFO) and evicts only when none is left, the
-      least recently freed evictable block first. ``free`` releases a table tail first,
-      so a sequence's tail is evicted before its head, which keeps shared heads longest.
+    - Allocation takes clean blocks first, in the order of the free-block policy (FIFO
+      by default; see :mod:`kvrun.scheduling.free_blocks`), and evicts only when none is
+      left, the least recently freed evictable block first. ``free`` releases a table
+      tail first, so a sequence's tail is evicted before its head, which keeps shared
+      heads longest.
     - With prefix caching disabled nothing is hashed, registered or shared.
     - Prefix-cache counters are in tokens and count each admitted lookup once:
       ``prefix_cache_queries`` adds the looked-up length, ``prefix_cache_hits`` the hit.
     - Block ids are 0..num_blocks-1; 0 is an ordinary block.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool,
+        free_block_policy: FreeBlockPolicy | None = None,  # None = FIFO, the core default
+    ) -> None:
         assert num_blocks > 0 and block_size > 0, (num_blocks, block_size)
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -79,7 +89,8 @@ class BlockManager:
         self._ref_counts = [0] * num_blocks
         self._block_hashes: list[bytes | None] = [None] * num_blocks
         self._cache: dict[bytes, int] = {}
-        self._clean: deque[int] = deque(range(num_blocks))
+        self.free_block_policy = free_block_policy or FifoFreeBlocks()
+        self._clean = self.free_block_policy.new_pool(num_blocks)
         self._evictable: OrderedDict[int, None] = OrderedDict()  # LRU order, oldest first
         self._seqs: dict[str, _SeqBlocks] = {}
         self.prefix_cache_queries = 0
@@ -170,7 +181,7 @@ class BlockManager:
             return False
         for block_id in self._evictable:
             self._block_hashes[block_id] = None
-            self._clean.append(block_id)
+            self._clean.push(block_id)
         self._evictable.clear()
         self._cache.clear()
         return True
@@ -220,13 +231,13 @@ class BlockManager:
             assert self._ref_counts[block_id] >= 0, f"block {block_id} freed twice"
             if self._ref_counts[block_id] == 0:
                 if self._block_hashes[block_id] is None:
-                    self._clean.append(block_id)
+                    self._clean.push(block_id)
                 else:
                     self._evictable[block_id] = None
 
     def _take_free_block(self) -> int:
-        if self._clean:
-            block_id = self._clean.popleft()
+        if len(self._clean):
+            block_id = self._clean.pop()
         else:
             block_id, _ = self._evictable.popitem(last=False)
             digest = self._block_hashes[block_id]

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from kvrun.scheduling.block_manager import BlockManager, PrefixHit
 from kvrun.scheduling.config import SchedulerConfig
+from kvrun.scheduling.free_blocks import FreeBlockPolicy
 from kvrun.scheduling.output import ScheduledChunk, SchedulerOutput, SchedulerStats
 from kvrun.scheduling.request import Request, RequestStatus
 
@@ -58,10 +59,16 @@ class Scheduler:
       blocks are freed; their ids appear in the next output's ``newly_finished_request_ids``.
     """
 
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(
+        self, config: SchedulerConfig, free_block_policy: FreeBlockPolicy | None = None
+    ) -> None:
         self.config = config
+        # free_block_policy: the platform's order for handing out free blocks; None = FIFO.
         self.block_manager = BlockManager(
-            config.num_blocks, config.block_size, config.enable_prefix_caching
+            config.num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            free_block_policy,
         )
         self._requests: dict[str, Request] = {}  # unfinished requests by id
         self._order: dict[str, int] = {}  # add order of each unfinished request
