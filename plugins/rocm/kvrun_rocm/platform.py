@@ -1,6 +1,9 @@
-"""The ROCm platform: device identity, dtypes and the KV-cache budget.
+"""The ROCm platform: kvrun-cuda's platform on HIP builds of torch, with ROCm's backends.
 
-Attention and kernels are the core's reference implementations for now.
+ROCm builds of torch expose HIP devices through the ``torch.cuda`` API, so device
+choice, memory profiling, the Triton kernels and VLLM_DISABLED_KERNELS come from
+:class:`kvrun_cuda.platform.CudaPlatform`; what differs is the identity and the
+attention table (no FlashInfer or xFormers wheels for ROCm).
 """
 
 from __future__ import annotations
@@ -9,13 +12,24 @@ from typing import ClassVar
 
 import torch
 
-from kvrun.platforms import KVCacheRequest, Platform
-from kvrun.platforms.memory import device_memory_budget
+from kvrun_cuda.backends import REFERENCE, TRITON_ATTN, BackendEntry
+from kvrun_cuda.platform import CudaPlatform
 
-__all__ = ["RocmPlatform"]
+__all__ = ["ROCM_BACKENDS", "ROCM_TRITON_ATTN", "RocmPlatform"]
+
+ROCM_TRITON_ATTN = BackendEntry(
+    name="TRITON_ATTN",
+    target="kvrun_rocm.attention:RocmTritonAttention",
+    module="triton",  # pytorch-triton-rocm installs the same `triton` module
+    install="triton",
+    head_sizes=TRITON_ATTN.head_sizes,
+    dtypes=TRITON_ATTN.dtypes,
+    env_options=(("use_triton_flash_attn", "VLLM_USE_TRITON_FLASH_ATTN"),),
+)
+ROCM_BACKENDS: tuple[BackendEntry, ...] = (ROCM_TRITON_ATTN, REFERENCE)
 
 
-class RocmPlatform(Platform):
+class RocmPlatform(CudaPlatform):
     name = "rocm"
     # ROCm builds of torch name HIP devices "cuda" and put RCCL behind the "nccl" backend.
     device_type = "cuda"
@@ -26,12 +40,9 @@ class RocmPlatform(Platform):
         torch.float16,
         torch.float32,
     )
+    default_attention_backend = "TRITON_ATTN"
+    BACKENDS: ClassVar[tuple[BackendEntry, ...]] = ROCM_BACKENDS
 
     def describe(self) -> str:
         index = torch.cuda.current_device()
         return f"rocm:{index} ({torch.cuda.get_device_name(index)}, HIP {torch.version.hip})"
-
-    def kv_cache_budget(self, request: KVCacheRequest) -> tuple[int, str]:
-        index = torch.cuda.current_device()
-        free, total = torch.cuda.mem_get_info(index)
-        return device_memory_budget(free, total, request.model_bytes, f"rocm:{index}")

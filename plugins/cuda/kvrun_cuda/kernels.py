@@ -1,0 +1,48 @@
+"""Which ops run our Triton kernels: all of them, minus VLLM_DISABLED_KERNELS.
+
+The kernels themselves live in :mod:`kvrun_cuda.triton`; this module only decides
+which of them the platform hands the core, so the rule is tested without Triton.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kvrun.ops import OP_NAMES
+
+__all__ = ["select_ops", "triton_kernels"]
+
+
+def select_ops(
+    available: Mapping[str, Callable[..., Any]], disabled: list[str]
+) -> tuple[dict[str, Callable[..., Any]], list[str]]:
+    """(the ops to override, one note per disabled or unknown name) for the start-up log.
+
+    An op named in ``disabled`` falls back to the core's reference; a name that is no
+    op is reported (vLLM also uses the variable for quantisation kernel class names,
+    which kvrun has none of), never silently ignored.
+    """
+    chosen = {name: fn for name, fn in available.items() if name not in disabled}
+    notes: list[str] = []
+    for name in disabled:
+        if name in available:
+            notes.append(f"VLLM_DISABLED_KERNELS: {name} runs the reference op")
+        elif name in OP_NAMES:
+            notes.append(f"VLLM_DISABLED_KERNELS: {name} has no kernel here; the reference runs")
+        else:
+            notes.append(
+                f"VLLM_DISABLED_KERNELS: {name!r} names no kernel of this platform; "
+                f"known ops: {', '.join(OP_NAMES)}"
+            )
+    return chosen, notes
+
+
+def triton_kernels() -> tuple[dict[str, Callable[..., Any]], str]:
+    """Our Triton kernels by op name, or none and why (Triton missing or broken)."""
+    try:
+        from kvrun_cuda.triton.ops import triton_ops
+    except ImportError as exc:
+        return {}, f"Triton kernels unavailable ({exc}); the reference ops run"
+    kernels: dict[str, Callable[..., Any]] = dict(triton_ops())
+    return kernels, f"Triton kernels for {', '.join(sorted(kernels)) or 'no op'}"

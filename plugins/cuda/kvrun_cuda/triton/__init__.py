@@ -1,0 +1,10 @@
+"""kvrun's Triton kernels and the TRITON_ATTN attention backend (CUDA and ROCm).
+
+- :func:`kvrun_cuda.triton.ops.triton_ops`: op name -> kernel, for Platform.ops().
+- :class:`kvrun_cuda.triton.attention.TritonAttention`: the attention backend.
+- :mod:`kvrun_cuda.triton.aot`: compile every kernel for a GPU target without a GPU.
+
+Importing this package imports nothing heavy; the submodules import triton.
+"""
+
+__all__: list[str] = []

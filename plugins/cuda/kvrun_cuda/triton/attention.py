@@ -1,0 +1,83 @@
+"""TRITON_ATTN: attention over the paged KV cache in kvrun's own Triton kernels.
+
+Cache layout, one tensor per layer: ``[2, num_blocks, block_size, num_kv_heads,
+head_dim]`` (keys, then values). It is the reference backend's layout: each cached
+token's keys for all kv heads form one contiguous row of ``num_kv_heads * head_dim``
+elements, so the kernel's K/V tile loads are ``head_dim``-long contiguous runs (256
+bytes at head_dim 128 in fp16), and the reference ops run on the same tensors, which
+is how the tests compare the two.
+
+fp8 caches: the kernels take per-layer scales (``reshape_and_cache(..., k_scale,
+v_scale)``, ``unified_attention(..., k_scale=, v_scale=)``); this backend passes none,
+so a ``float8_e4m3fn`` cache given to it is written and read with unit scales. The
+platform's fp8 path chooses the scales (K_SCALE_CONSTANT / V_SCALE_CONSTANT) and
+calls the kernels with them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvrun.attention.base import AttentionBackend, AttentionMetadata
+from kvrun_cuda.triton.elementwise import reshape_and_cache
+from kvrun_cuda.triton.paged_attention import unified_attention
+
+__all__ = ["TritonAttention"]
+
+# What the kernels are written and tested for; a platform asked for anything else
+# reports why (unsupported_reason) instead of launching.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+class TritonAttention(AttentionBackend):
+    """Paged decode and varlen prefill (chunks and prefix hits included) in one kernel.
+
+    Stateless between calls, so one instance may serve every layer; nothing in
+    ``forward`` reads a device tensor back to the host, so a decode step can be
+    captured in a CUDA graph (the grid depends on ``meta.max_query_len`` and the
+    batch size only).
+    """
+
+    name = "TRITON_ATTN"
+
+    @staticmethod
+    def kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    @staticmethod
+    def unsupported_reason(head_dim: int, dtype: torch.dtype) -> str | None:
+        """Why this backend cannot run a model with this head size and dtype, or None."""
+        if dtype not in SUPPORTED_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+            return (
+                f"TRITON_ATTN does not support dtype {str(dtype).removeprefix('torch.')}; "
+                f"supported: {names}"
+            )
+        if not 1 <= head_dim <= MAX_HEAD_DIM:
+            return f"TRITON_ATTN supports head sizes 1..{MAX_HEAD_DIM}, not {head_dim}"
+        return None
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [T, num_heads, head_dim]
+        key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        assert key_cache.shape[1] == meta.block_size, (key_cache.shape, meta.block_size)
+        reshape_and_cache(key, value, key_cache, value_cache, meta.slot_mapping)
+        return unified_attention(
+            query,
+            key_cache,
+            value_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            meta.max_query_len,
+            self.spec.scale,
+        )
