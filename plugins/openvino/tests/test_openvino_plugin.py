@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,13 +28,26 @@ REQUEST = KVCacheRequest(
 
 def test_identity() -> None:
     assert (OpenvinoPlatform.name, OpenvinoPlatform.dist_backend) == ("openvino", "gloo")
-    # above cpu (0), below every accelerator
-    assert OpenvinoPlatform.priority == 10
+    # below cpu (0): chosen only by VLLM_TARGET_DEVICE=openvino on a host with both
+    assert OpenvinoPlatform.priority == -1
 
 
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is not None, reason="openvino present")
 def test_probe_without_openvino() -> None:
     assert probe() == Unavailable('openvino is not installed: pip install "kvrun[openvino]"')
+
+
+def test_probe_reports_a_missing_openvino_even_where_it_is_installed() -> None:
+    # A None entry in sys.modules makes `import openvino` fail as a missing module would.
+    code = (
+        "import sys; sys.modules['openvino'] = None; "
+        "from kvrun_openvino import probe; print(probe().reason)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (
+        0,
+        'openvino is not installed: pip install "kvrun[openvino]"\n',
+    ), proc.stderr
 
 
 def test_budget_from_kvcache_space() -> None:
