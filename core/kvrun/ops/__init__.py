@@ -21,6 +21,7 @@ __all__ = ["OP_NAMES", "OpTable", "reference_ops"]
 class OpTable:
     """One callable per op; signatures and shapes are those of kvrun.ops.reference."""
 
+    linear: Callable[..., Any]
     rms_norm: Callable[..., Any]
     fused_add_rms_norm: Callable[..., Any]
     rotary_embedding: Callable[..., Any]

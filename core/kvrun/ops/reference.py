@@ -13,12 +13,22 @@ import torch.nn.functional as F
 
 __all__ = [
     "fused_add_rms_norm",
+    "linear",
     "paged_attention",
     "reshape_and_cache",
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",
 ]
+
+
+def linear(
+    x: torch.Tensor,  # [T, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [T, N]
+    """x @ weight.T + bias: every projection and the logits."""
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(

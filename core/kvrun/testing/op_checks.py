@@ -150,7 +150,23 @@ def _attention_case(
     return make
 
 
+def _linear_case(tokens: int, inner: int, outer: int, bias: bool) -> Any:
+    def make(
+        dtype: torch.dtype, device: torch.device, seed: int
+    ) -> tuple[list[Any], frozenset[int]]:
+        g = torch.Generator().manual_seed(seed)
+        x = _randn(g, tokens, inner, dtype=dtype, device=device)
+        weight = _randn(g, outer, inner, dtype=dtype, device=device)
+        b = _randn(g, outer, dtype=dtype, device=device) if bias else None
+        return [x, weight, b], frozenset()
+
+    return make
+
+
 OP_CASES: tuple[OpCase, ...] = (
+    OpCase("linear", "1x64-to-96", _linear_case(1, 64, 96, bias=False)),
+    OpCase("linear", "7x33-to-40-bias", _linear_case(7, 33, 40, bias=True)),
+    OpCase("linear", "64x256-to-512", _linear_case(64, 256, 512, bias=False)),
     OpCase("rms_norm", "1x64", _norm_case(1, 64, fused=False)),
     OpCase("rms_norm", "7x33", _norm_case(7, 33, fused=False)),
     OpCase("rms_norm", "32x256", _norm_case(32, 256, fused=False)),

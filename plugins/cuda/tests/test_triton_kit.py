@@ -28,18 +28,16 @@ def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+# Only the ops Triton overrides (linear stays the reference, cuBLAS on a GPU).
+TRITON_CASES = [c for c in OP_CASES if c.op in triton_ops()]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", OP_CASES, ids=[f"{c.op}-{c.label}" for c in OP_CASES])
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[f"{c.op}-{c.label}" for c in TRITON_CASES])
 def test_kit_op_checks(case: OpCase, dtype: torch.dtype) -> None:
     check_op(case, triton_ops()[case.op], dtype, CPU)
 
 
-# The kit's prefix-hit scenario hands the borrowing request its owner's blocks before
-# the owner has any, so that request reads never-written (NaN) slots and the reference
-# returns NaN for it too (reported to the kit's owner). numpy's nanmax, inside the
-# interpreter, warns on the all-NaN score rows that follows; that is the input, not
-# the kernel, so the warning is let through instead of failing the step.
-@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 @pytest.mark.parametrize(("label", "spec"), LAYER_SPECS, ids=[label for label, _ in LAYER_SPECS])

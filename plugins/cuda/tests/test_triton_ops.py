@@ -54,8 +54,9 @@ def close(actual: torch.Tensor, expected: torch.Tensor, atol: float | None = Non
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol if atol is None else atol)
 
 
-def test_op_table_covers_every_op_name() -> None:
-    assert TRITON_OP_NAMES == OP_NAMES
+def test_op_table_covers_every_op_name_but_linear() -> None:
+    # linear stays the reference (F.linear): cuBLAS is what a GPU should run for it.
+    assert TRITON_OP_NAMES == tuple(n for n in OP_NAMES if n != "linear")
     assert triton_ops()["rms_norm"] is tri.rms_norm
     assert triton_ops()["paged_attention"] is paged_attention
 
