@@ -15,8 +15,8 @@ __all__ = ["Workspace", "decode_attention", "prefill_attention"]
 
 def decode_attention(
     query: torch.Tensor,  # [n, Hq, D]: one new token per request
-    key: torch.Tensor,  # [n, Hk, S, D], any strides with a unit last stride
-    value: torch.Tensor,  # [n, Hk, S, D]
+    key: torch.Tensor,  # [n, Hk, S, D], any strides with a unit last stride; scratch
+    value: torch.Tensor,  # [n, Hk, S, D]; scratch: masked slots are zeroed in place
     mask: torch.Tensor | None,  # [n, 1, 1, S] bool, True = attend; None = attend to all S
     scale: float,
 ) -> torch.Tensor:  # [n, Hq, D]
@@ -28,8 +28,10 @@ def decode_attention(
     if mask is not None:
         # Masked slots hold whatever the padded gather found (stale or never-written
         # cache): a NaN key makes a NaN score and a NaN value survives a zero weight.
+        # In place: callers hand over freshly gathered copies, so no clone is needed.
         unused = ~mask.view(n, 1, -1, 1)
-        key, value = key.masked_fill(unused, 0.0), value.masked_fill(unused, 0.0)
+        key.masked_fill_(unused, 0.0)
+        value.masked_fill_(unused, 0.0)
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale)
     return out.reshape(n, num_heads, head_dim)
 
