@@ -11,8 +11,10 @@ setup:
 serve: setup
 	$(VENV)/bin/kvrun serve --host 127.0.0.1 --port $(PORT)
 
+# OMP_WAIT_POLICY as the kvrun command sets it: the tests run engines in the pytest
+# process beside the servers they start, and spinning OpenMP threads stall each other.
 test: setup
-	$(PY) -m pytest tests plugins/*/tests -q
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest tests plugins/*/tests -q
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -33,6 +33,7 @@ def tests(session: nox.Session) -> None:
         *sorted(str(p) for p in Path("plugins").glob("*/tests")),
         "-q",
         *session.posargs,
+        env={"OMP_WAIT_POLICY": "PASSIVE"},  # as `make test`: see the Makefile
     )
 
 
@@ -84,6 +85,38 @@ def tpu(session: nox.Session) -> None:
         "-q",
         *session.posargs,
         env={"PJRT_DEVICE": "CPU"},
+    )
+
+
+@nox.session
+def ipex(session: nox.Session) -> None:
+    """kvrun-cpu's IPEX attention backend (intel-extension-for-pytorch); not in the default run.
+
+    IPEX 2.8.0 runs only on torch 2.8 (its import checks; its metadata does not pin it).
+    PyPI's torch 2.8.0 Linux wheel is the CUDA build: it requires the CUDA 12.8 libraries
+    (nvidia-*, triton), and it loads them on import even on a CPU (installed with --no-deps
+    it fails: "libcudart.so.12: cannot open shared object file"), so they are installed
+    too. ``nox --envdir /work/venvs -s ipex`` builds the venv as /work/venvs/ipex.
+    """
+    # IPEX 2.8's import fails under transformers 5 (it imports MoeModelOutputWithPast);
+    # kvrun.testing builds its checkpoints with from_config(dtype=...), new in 4.56.
+    session.install("torch==2.8.0", "intel-extension-for-pytorch==2.8.0", "transformers>=4.56,<5")
+    # kvrun admits torch>=2.4,<2.15, so installing it keeps torch 2.8.0.
+    session.install("-e", ".", "-e", "plugins/cpu", "pytest>=8", "pytest-timeout>=2.3")
+    session.run(
+        "python",
+        "-c",
+        "import torch, intel_extension_for_pytorch as ipex; "
+        "print('torch', torch.__version__, 'ipex', ipex.__version__)",
+    )
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "plugins/cpu/tests/test_ipex.py",
+        "plugins/cpu/tests/test_conformance.py",
+        "-q",
+        *session.posargs,
     )
 
 
