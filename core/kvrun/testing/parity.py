@@ -5,7 +5,10 @@ The reference is the core's own model with the reference ops and
 sequence for every token (no cache reuse, no batching), on the platform's device.
 The platform runs the same checkpoint through :class:`~kvrun.engine.llm_engine.LLMEngine`
 with prefix caching and small chunked-prefill steps, so batching, chunking and prefix
-hits all have to come out equal. Nothing here imports pytest.
+hits all have to come out equal. A platform the engine cannot select (built from a
+class path while its probe says no) runs its whole-model executor under the engine's
+own scheduler and step function instead (:func:`executor_greedy`). Nothing here
+imports pytest.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from kvrun.attention.base import AttentionLayerSpec, AttentionMetadata
 from kvrun.attention.reference import ReferenceAttention
 from kvrun.config import EngineArgs, EngineConfig
+from kvrun.engine.executor_runner import execute_with_executor
 from kvrun.engine.llm_engine import LLMEngine
 from kvrun.envs import EnvSnapshot
 from kvrun.loader import load_checkpoint
@@ -30,6 +34,9 @@ from kvrun.ops import reference_ops
 from kvrun.outputs import RequestOutput
 from kvrun.platforms import Platform
 from kvrun.sampling_params import SamplingParams
+from kvrun.scheduling.config import SchedulerConfig
+from kvrun.scheduling.request import Request
+from kvrun.scheduling.scheduler import Scheduler
 from kvrun.testing.checkpoints import build_random_checkpoint, build_word_tokenizer
 from kvrun.testing.target import dtype_name
 
@@ -43,6 +50,7 @@ __all__ = [
     "compare_greedy",
     "engine_config_for",
     "engine_greedy",
+    "executor_greedy",
     "kit_prompts",
     "reference_greedy",
 ]
@@ -150,7 +158,8 @@ def engine_config_for(model_dir: Path, platform: Platform, dtype: torch.dtype) -
     )
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: torch_xla cannot version inference tensors.
+@torch.no_grad()
 def reference_greedy(
     model_dir: Path,
     prompts: Sequence[list[int]],
@@ -217,6 +226,7 @@ def engine_greedy(
     dtype: torch.dtype,
     attention_backend: str | None,
     prompts: Sequence[list[int]],
+    num_kv_blocks: int | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> list[list[int]]:
     """Greedy tokens from the real engine on ``env``'s platform.
@@ -234,6 +244,7 @@ def engine_greedy(
             enable_prefix_caching=True,
             enable_chunked_prefill=True,
             attention_backend=attention_backend,
+            num_kv_blocks=num_kv_blocks,
         ),
         env,
     )
@@ -253,6 +264,66 @@ def engine_greedy(
             drain()
     drain()
     return [list(finished[r].outputs[0].token_ids) for r in ids]
+
+
+def executor_greedy(
+    platform: Platform,
+    model_dir: Path,
+    dtype: torch.dtype,
+    prompts: Sequence[list[int]],
+    num_kv_blocks: int | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> list[list[int]]:
+    """Greedy tokens from ``platform``'s executor driven as the engine drives it.
+
+    For a platform the engine cannot select: the engine's start-up steps for an
+    executor (check_config, model_executor, init_kv_cache, the platform's free-block
+    order), the core Scheduler and the engine's step function
+    (:func:`kvrun.engine.executor_runner.execute_with_executor`), argmax as the greedy
+    sampler, in the order of :func:`engine_greedy`.
+    """
+    config, _ = platform.check_config(engine_config_for(model_dir, platform, dtype))
+    executor = platform.model_executor(config)
+    if executor is None:
+        raise AssertionError(
+            f"platform {platform.name!r} was built from its class path and runs the core "
+            "model, which the kit drives only through LLMEngine; LLMEngine selects platforms "
+            "through their probe, so the probe must accept this machine"
+        )
+    plan = executor.init_kv_cache(num_kv_blocks, config.max_model_len)
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+            block_size=config.block_size,
+            num_blocks=plan.num_blocks,
+        ),
+        free_block_policy=platform.free_block_policy(config),
+    )
+
+    def drain() -> None:
+        while scheduler.has_unfinished_requests():
+            out = scheduler.schedule()
+            assert out.chunks, "the scheduler scheduled nothing with requests unfinished"
+            # Steps only, as LLMEngine.step: the cache was allocated outside inference mode.
+            with torch.inference_mode():
+                step = execute_with_executor(
+                    executor, out.chunks, frozenset(), config.block_size, platform.device
+                )
+            chosen = step.logits.argmax(dim=-1).tolist()
+            scheduler.update(out, {r: [t] for r, t in zip(step.request_ids, chosen)})
+
+    requests = [
+        Request(f"kit-{i}", list(p), max_tokens=max_new_tokens, ignore_eos=True)
+        for i, p in enumerate(prompts)
+    ]
+    for i, request in enumerate(requests):
+        scheduler.add_request(request)
+        if i == 0:
+            drain()
+    drain()
+    return [list(r.output_token_ids) for r in requests]
 
 
 @dataclass(frozen=True)

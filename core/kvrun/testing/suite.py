@@ -2,8 +2,10 @@
 
 ``class TestAcme(ConformanceSuite): kvrun_platform = "acme"`` runs every check on the
 platform whose entry point is named ``acme``; without the attribute the platform is
-the ``--kvrun-platform`` option of :mod:`kvrun.testing.conformance`. Test names say
-which contract item they check (``test_contract_*``, ``test_op_*``,
+the ``--kvrun-platform`` option of :mod:`kvrun.testing.conformance`.
+``kvrun_platform_class = "pkg.mod:Class"`` (``--kvrun-platform-class``) instead builds
+the class without the probe's verdict, for a simulator or a CPU build of a device.
+Test names say which contract item they check (``test_contract_*``, ``test_op_*``,
 ``test_attention_*``, ``test_kv_*``, ``test_greedy_parity``); ids say which op,
 shape, backend, scenario and dtype. ``kvrun_known_failures`` marks tests a platform
 is known to fail as strict xfails, so a fix is noticed as soon as it lands.
@@ -12,8 +14,7 @@ is known to fail as strict xfails, so a fix is noticed as soon as it lands.
 from __future__ import annotations
 
 import inspect
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,57 +26,29 @@ from kvrun.errors import ConfigError
 from kvrun.ops import OP_NAMES, reference_ops
 from kvrun.platforms import Platform, Unavailable
 from kvrun.plugin_api import SUPPORTED
-from kvrun.testing import attention_checks, kv_checks, op_checks, parity
-from kvrun.testing.target import KitTarget, dtype_name, load_target
+from kvrun.testing import attention_checks, executor_checks, kv_checks, op_checks, parity
+from kvrun.testing.collection import kit_params, kit_target, num_kv_blocks
+from kvrun.testing.target import KitTarget, dtype_name
 
 __all__ = ["ConformanceSuite"]
-
-NO_PLATFORM = "no-platform"  # the one id collected when the platform cannot be loaded
-
-
-def _platform_name(metafunc: pytest.Metafunc) -> str | None:
-    name = getattr(metafunc.cls, "kvrun_platform", None)
-    option = metafunc.config.getoption("kvrun_platform", None)
-    return name or (str(option) if option else None)
-
-
-def _params(metafunc: pytest.Metafunc, values: list[Any], ids: Callable[[Any], str]) -> list[Any]:
-    """One param per value, strict-xfail where the class lists the test as a known failure."""
-    if not values:  # collect one test that fails with the reason, not zero that pass
-        return [pytest.param(None, id=NO_PLATFORM)]
-    known: Mapping[str, str] = getattr(metafunc.cls, "kvrun_known_failures", {})
-    params = []
-    for value in values:
-        test_id = ids(value)
-        full = f"{metafunc.function.__name__}[{test_id}]"
-        reasons = [why for pattern, why in known.items() if _matches(pattern, full)]
-        # strict: a fixed bug turns the xfail into a failure, so the list cannot go stale.
-        marks = [pytest.mark.xfail(reason=reasons[0], strict=True)] if reasons else []
-        params.append(pytest.param(value, id=test_id, marks=marks))
-    return params
-
-
-def _matches(pattern: str, test: str) -> bool:
-    # Only "*" is special: test ids are full of the brackets fnmatch would read.
-    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), test) is not None
 
 
 class ConformanceSuite:
     """Every check of the Platform contract; see docs/writing-a-backend.md."""
 
     kvrun_platform: ClassVar[str | None] = None
+    # "pkg.mod:Class": construct this Platform subclass without its probe's verdict.
+    kvrun_platform_class: ClassVar[str | None] = None
+    # EnvSnapshot fields (typed values) the platform gets on top of the process's VLLM_*.
+    kvrun_env: ClassVar[Mapping[str, Any]] = {}
+    # KV blocks greedy parity runs with; None = the platform's own budget. For a
+    # simulator that reports no device memory.
+    kvrun_num_kv_blocks: ClassVar[int | None] = None
     # "test_name[id]" pattern ("*" matches anything) -> reason; run as strict xfails.
     kvrun_known_failures: ClassVar[Mapping[str, str]] = {}
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
-        name = _platform_name(metafunc)
-        if name is None:
-            raise pytest.UsageError(
-                f"{metafunc.cls.__name__ if metafunc.cls else 'the kit'} has no platform to "
-                "test: pass --kvrun-platform=NAME (with -p kvrun.testing.conformance) or set "
-                "kvrun_platform = NAME on the ConformanceSuite subclass"
-            )
-        target = load_target(name)
+        target = kit_target(metafunc.cls, metafunc.config)
         dtypes = target.dtypes
         args = metafunc.fixturenames
         if "op_case" in args:
@@ -84,8 +57,12 @@ class ConformanceSuite:
             combos = [(c, d) for c in cases for d in dtypes]
             metafunc.parametrize(
                 "op_case",
-                _params(
-                    metafunc, combos, lambda cd: f"{cd[0].op}-{cd[0].label}-{dtype_name(cd[1])}"
+                kit_params(
+                    metafunc,
+                    target,
+                    combos,
+                    lambda cd: f"{cd[0].op}-{cd[0].label}-{dtype_name(cd[1])}",
+                    f"platform {target.name!r} overrides no op: all run the core's reference",
                 ),
             )
         if "attention_case" in args:
@@ -98,20 +75,21 @@ class ConformanceSuite:
             ]
             metafunc.parametrize(
                 "attention_case",
-                _params(
+                kit_params(
                     metafunc,
+                    target,
                     attention_combos,
                     lambda c: f"{c[0]}-{c[1][0]}-{c[2].name}-{dtype_name(c[3])}",
                 ),
             )
         if "kv_dtype" in args:
-            metafunc.parametrize("kv_dtype", _params(metafunc, dtypes, dtype_name))
+            metafunc.parametrize("kv_dtype", kit_params(metafunc, target, dtypes, dtype_name))
         if "parity_backend" in args:
             platform = target.platform
             backends = target.backend_names
             if platform is not None and _overrides_executor(platform):
                 backends = [platform.default_attention_backend]  # attention is in its graph
-            metafunc.parametrize("parity_backend", _params(metafunc, backends, str))
+            metafunc.parametrize("parity_backend", kit_params(metafunc, target, backends, str))
 
     # fixtures ------------------------------------------------------------------------
     @pytest.fixture(scope="class", autouse=True)
@@ -130,11 +108,7 @@ class ConformanceSuite:
     @pytest.fixture(scope="class")
     @classmethod
     def kvrun_target(cls, request: pytest.FixtureRequest) -> KitTarget:
-        name = getattr(request.cls, "kvrun_platform", None) or request.config.getoption(
-            "kvrun_platform", None
-        )
-        assert isinstance(name, str)
-        return load_target(name)
+        return kit_target(request.cls, request.config)
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -155,11 +129,7 @@ class ConformanceSuite:
     ) -> str | None:
         """Why the per-kernel checks do not apply (a whole-model executor), or None."""
         platform = kvrun_platform_obj
-        if not _overrides_executor(platform):
-            return None
-        model_dir: Path = request.getfixturevalue("kvrun_model_dir")
-        config = parity.engine_config_for(model_dir, platform, _parity_dtype(platform))
-        if platform.model_executor(config) is None:
+        if _executor_case(platform, request, _parity_dtype(platform)) is None:
             return None
         return (
             f"platform {platform.name!r} runs the whole model in its own executor: its kernels "
@@ -298,26 +268,40 @@ class ConformanceSuite:
         attention_checks.check_backend(backend, scenario, dtype, platform.device)
 
     # KV allocator --------------------------------------------------------------------
+    # A whole-model executor plans and allocates its own cache (the engine never calls the
+    # platform's allocator then), so these check the executor's init_kv_cache instead.
     def test_kv_plan_within_budget(
-        self, kvrun_target: KitTarget, kv_dtype: torch.dtype | None
+        self, kvrun_target: KitTarget, kv_dtype: torch.dtype | None, request: pytest.FixtureRequest
     ) -> None:
         platform = kvrun_target.require()
         assert kv_dtype is not None
-        kv_checks.check_plan(platform, kv_dtype)
+        case = _executor_case(platform, request, kv_dtype)
+        if case is None:
+            kv_checks.check_plan(platform, kv_dtype)
+        else:
+            executor_checks.check_executor_plan(case)
 
     def test_kv_refuses_budget_below_one_sequence(
-        self, kvrun_target: KitTarget, kv_dtype: torch.dtype | None
+        self, kvrun_target: KitTarget, kv_dtype: torch.dtype | None, request: pytest.FixtureRequest
     ) -> None:
         platform = kvrun_target.require()
         assert kv_dtype is not None
-        kv_checks.check_refuses_small_budget(platform, kv_dtype)
+        case = _executor_case(platform, request, kv_dtype)
+        if case is None:
+            kv_checks.check_refuses_small_budget(platform, kv_dtype)
+        else:
+            executor_checks.check_executor_refuses_small_budget(case)
 
     def test_kv_allocation_matches_plan(
-        self, kvrun_target: KitTarget, kv_dtype: torch.dtype | None
+        self, kvrun_target: KitTarget, kv_dtype: torch.dtype | None, request: pytest.FixtureRequest
     ) -> None:
         platform = kvrun_target.require()
         assert kv_dtype is not None
-        kv_checks.check_allocation(platform, kv_dtype)
+        case = _executor_case(platform, request, kv_dtype)
+        if case is None:
+            kv_checks.check_allocation(platform, kv_dtype)
+        else:
+            executor_checks.check_executor_explicit_blocks(case)
 
     # end to end ----------------------------------------------------------------------
     def test_greedy_parity(
@@ -326,12 +310,19 @@ class ConformanceSuite:
         parity_backend: str | None,
         kvrun_model_dir: Path,
         kvrun_reference: tuple[list[list[int]], list[list[torch.Tensor]]],
+        request: pytest.FixtureRequest,
     ) -> None:
         platform = kvrun_target.require()
         assert parity_backend is not None
         dtype = _parity_dtype(platform)
         prompts = parity.kit_prompts()
-        got = parity.engine_greedy(kvrun_model_dir, platform.env, dtype, parity_backend, prompts)
+        blocks = num_kv_blocks(request.cls, request.config)
+        if kvrun_target.engine_can_select:
+            got = parity.engine_greedy(
+                kvrun_model_dir, platform.env, dtype, parity_backend, prompts, blocks
+            )
+        else:  # the engine selects only through probes: drive its parts directly
+            got = parity.executor_greedy(platform, kvrun_model_dir, dtype, prompts, blocks)
         want, logits = kvrun_reference
         bad = parity.compare_greedy(got, want, logits, dtype)
         assert not bad, (
@@ -344,6 +335,17 @@ class ConformanceSuite:
 
 def _overrides_executor(platform: Platform) -> bool:
     return type(platform).model_executor is not Platform.model_executor
+
+
+def _executor_case(
+    platform: Platform, request: pytest.FixtureRequest, dtype: torch.dtype
+) -> executor_checks.ExecutorCase | None:
+    """The executor the engine would build for the kit's model in ``dtype``; None when the
+    platform runs the core model (no executor, or model_executor() returns None)."""
+    if not _overrides_executor(platform):
+        return None  # no model needed to know that
+    model_dir: Path = request.getfixturevalue("kvrun_model_dir")
+    return executor_checks.make_case(platform, model_dir, dtype)
 
 
 def _parity_dtype(platform: Platform) -> torch.dtype:
