@@ -54,6 +54,8 @@ def linear(
         and x.is_contiguous()
         and weight.is_contiguous()
         and _ONEDNN
+        # Inside torch.compile Inductor picks its own GEMM (and rejects this op).
+        and not torch.compiler.is_compiling()
     ):
         out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return out

@@ -14,7 +14,8 @@ import torch
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
 from kvrun.attention.reference import ReferenceAttention
 from kvrun.platforms import KVCachePlan, KVCacheRequest, Platform
-from kvrun_cpu.attention import TorchSdpaAttention
+from kvrun_cpu.attention import IpexAttention, TorchSdpaAttention
+from kvrun_cpu.attention.ipex import ipex_status, ipex_unavailable
 from kvrun_cpu.attention.native import DecodeKernel, load_decode_kernel
 from kvrun_cpu.ops import cpu_ops
 from kvrun_cpu.threads import apply_threads_bind, format_cores, parse_threads_bind
@@ -52,6 +53,7 @@ class CpuPlatform(Platform):
         # plan and gather buffers instead of each holding their own.
         self._backends: dict[tuple[str, AttentionLayerSpec], AttentionBackend] = {}
         self._decode_kernel: tuple[DecodeKernel | None, str] | None = None  # built on first use
+        self._ipex: tuple[bool, str] | None = None  # (usable, why), probed on first use
 
     # identity -------------------------------------------------------------------
     def setup_process(self, rank: int = 0) -> None:
@@ -83,10 +85,13 @@ class CpuPlatform(Platform):
 
     # attention ------------------------------------------------------------------
     def attention_backends(self) -> Mapping[str, type[AttentionBackend]]:
-        return {
+        backends: dict[str, type[AttentionBackend]] = {
             ReferenceAttention.name: ReferenceAttention,
             TorchSdpaAttention.name: TorchSdpaAttention,
         }
+        if self.ipex_status()[0]:
+            backends[IpexAttention.name] = IpexAttention
+        return backends
 
     def attention_backend(self, name: str | None, spec: AttentionLayerSpec) -> AttentionBackend:
         chosen = name or self.default_attention_backend
@@ -94,10 +99,19 @@ class CpuPlatform(Platform):
         if backend is None:
             if chosen == TorchSdpaAttention.name:
                 backend = TorchSdpaAttention(spec, decode_kernel=self.decode_kernel())
+            elif chosen == IpexAttention.name and not self.ipex_status()[0]:
+                raise ipex_unavailable(self.ipex_status()[1])  # says how to install it
             else:
                 backend = super().attention_backend(name, spec)  # validates the name
             self._backends[(chosen, spec)] = backend
         return backend
+
+    def ipex_status(self) -> tuple[bool, str]:
+        """Whether intel-extension-for-pytorch imports here (imported on the first call)."""
+        if self._ipex is None:
+            self._ipex = ipex_status()
+            logger.debug("IPEX attention: %s", self._ipex[1])
+        return self._ipex
 
     def decode_kernel(self) -> DecodeKernel | None:
         """The native decode kernel, built once under $VLLM_CACHE_ROOT/kvrun_cpu; None if
