@@ -49,12 +49,29 @@ class Peer:
     weights: str  # "hf" (the fp32 checkpoint), "f32-gguf" or "q4-gguf"
     options: dict[str, Any] = field(default_factory=dict)  # passed to the runner
     note: str = ""  # shown in the table: what differs from the others
+    env: dict[str, str] = field(default_factory=dict)  # extra variables for its process
 
 
 PEERS = {
     p.name: p
     for p in [
         Peer("kvrun", "kvrun", "kvrun_runner.py", "hf"),
+        Peer(
+            "kvrun-bf16",
+            "kvrun",
+            "kvrun_runner.py",
+            "hf",
+            {"dtype": "bfloat16"},
+            "bf16 weights",
+        ),
+        Peer(
+            "kvrun-passive",
+            "kvrun",
+            "kvrun_runner.py",
+            "hf",
+            note="OMP_WAIT_POLICY=PASSIVE (what the kvrun command sets)",
+            env={"OMP_WAIT_POLICY": "PASSIVE"},
+        ),
         Peer(
             "kvrun-compiled",
             "kvrun",
@@ -204,7 +221,10 @@ def _run_peer(
     try:
         cmd = [str(_venv_python(peer)), str(RUNNERS / peer.runner), "--spec", f.name]
         result = _run_json(
-            cmd, _peer_env(args.threads), args.timeout, out_dir / f"{workload}-{peer.name}.log"
+            cmd,
+            {**_peer_env(args.threads), **peer.env},
+            args.timeout,
+            out_dir / f"{workload}-{peer.name}.log",
         )
     finally:
         os.unlink(f.name)

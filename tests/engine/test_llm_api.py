@@ -142,7 +142,7 @@ def test_logprobs_and_prompt_logprobs(llm: LLM) -> None:
             max_model_len=512,
             max_num_batched_tokens=8,
             max_num_seqs=4,
-            dtype="float32",  # as the fixture's engine: auto may pick bf16
+            dtype="float32",  # as the fixture's engine
         )
     [chunked] = small.generate("The quick brown fox jumps", params, use_tqdm=False)
     for a, b in zip(out.prompt_logprobs[1:], chunked.prompt_logprobs[1:]):  # type: ignore[index]

@@ -135,7 +135,7 @@ def test_logprobs_match_transformers(
 def test_bfloat16_follows_transformers_within_tolerance(
     smollm2_hf_dir: object, prompts: list[list[int]], reference: Reference
 ) -> None:
-    """bf16 (dtype "auto" on CPUs with native bf16) is not bit-exact, so the bar is:
+    """bf16 is not bit-exact, so the bar is:
     until its first divergence from the fp32 oracle, and at that step, every token
     kvrun picks is one of the oracle's top tokens, at most 1 nat below its best."""
     engine = make_engine(smollm2_hf_dir, dtype="bfloat16")

@@ -23,7 +23,7 @@ from kvrun_cpu.threads import apply_threads_bind, format_cores, parse_threads_bi
 if TYPE_CHECKING:
     from kvrun.envs import EnvSnapshot
 
-__all__ = ["CpuPlatform", "cpu_flags", "has_native_bf16"]
+__all__ = ["CpuPlatform"]
 
 logger = logging.getLogger("kvrun.cpu")  # under "kvrun", the logger entry points configure
 
@@ -37,8 +37,10 @@ class CpuPlatform(Platform):
     device_type = "cpu"
     dist_backend = "gloo"
     priority = 0
-    # dtype="auto" is default_dtype(): bfloat16 where the CPU multiplies bf16 natively,
-    # float32 elsewhere (on AVX2 CPUs without AVX512-BF16, bf16 matmuls run 10-50x slower).
+    # dtype="auto" is float32. On AVX2 CPUs bf16 matmuls run 10-50x slower; on this
+    # project's AVX512-BF16 CPU they run 2.3x faster, yet end to end bf16 measured no
+    # faster (throughput 288 vs 297 tok/s, decode 27.6 vs 26.0; BENCHMARKS.md): its
+    # attention and elementwise path eats the gain, and float32 is exact.
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (
         torch.float32,
         torch.bfloat16,
@@ -72,16 +74,6 @@ class CpuPlatform(Platform):
             kernel = "native" if self._decode_kernel[0] is not None else "torch"
             line += f"; {kernel} decode attention"
         return line + ")"
-
-    def default_dtype(self) -> torch.dtype:
-        flags = cpu_flags()
-        if has_native_bf16(flags):
-            # Measured here (AVX512-BF16, 2 cores): 1.7-2.5x the fp32 throughput on
-            # batched steps, equal on single-stream decode (BENCHMARKS.md).
-            logger.info("dtype auto: bfloat16, the CPU has %s", _bf16_flag(flags))
-            return torch.bfloat16
-        logger.info("dtype auto: float32, the CPU has no native bf16 (avx512_bf16 or amx_bf16)")
-        return torch.float32
 
     # attention ------------------------------------------------------------------
     def attention_backends(self) -> Mapping[str, type[AttentionBackend]]:
@@ -152,27 +144,3 @@ class CpuPlatform(Platform):
     # kernels --------------------------------------------------------------------
     def ops(self) -> Mapping[str, Callable[..., Any]]:
         return cpu_ops(self.decode_kernel())
-
-
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names of native bf16 dot products
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The feature flags of the first CPU in ``cpuinfo``; empty where it is unreadable."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
-
-
-def has_native_bf16(flags: frozenset[str]) -> bool:
-    return any(f in flags for f in BF16_FLAGS)
-
-
-def _bf16_flag(flags: frozenset[str]) -> str:
-    return next(f for f in BF16_FLAGS if f in flags)

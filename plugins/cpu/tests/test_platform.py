@@ -19,7 +19,7 @@ from kvrun.errors import ConfigError
 from kvrun.platforms import KVCacheRequest
 from kvrun_cpu.attention import TorchSdpaAttention
 from kvrun_cpu.ops import cpu_ops
-from kvrun_cpu.platform import CpuPlatform, cpu_flags, has_native_bf16
+from kvrun_cpu.platform import CpuPlatform
 
 SPEC = AttentionLayerSpec(num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125)
 
@@ -155,21 +155,5 @@ def test_torch_sdpa_falls_back_to_torch_when_the_kernel_cannot_be_built(
     assert cpu.describe().endswith("; torch decode attention)")
 
 
-def test_cpu_flags_reads_the_first_flags_line(tmp_path: Path) -> None:
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(
-        "processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n"
-    )
-    assert cpu_flags(cpuinfo) == frozenset({"fpu", "avx2", "avx512_bf16"})
-    assert cpu_flags(tmp_path / "absent") == frozenset()
-
-
-def test_native_bf16_needs_avx512_bf16_or_amx() -> None:
-    assert has_native_bf16(frozenset({"avx2", "avx512_bf16"}))
-    assert has_native_bf16(frozenset({"amx_bf16"}))
-    assert not has_native_bf16(frozenset({"avx2", "avx512f", "avx512bw"}))
-
-
-def test_auto_dtype_follows_this_cpu(platform: Make) -> None:
-    expected = torch.bfloat16 if has_native_bf16(cpu_flags()) else torch.float32
-    assert platform().default_dtype() == expected
+def test_auto_dtype_is_float32(platform: Make) -> None:
+    assert platform().default_dtype() == torch.float32
