@@ -11,10 +11,8 @@ directory added to its path, from an empty directory, so it collects the kit alo
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,58 +20,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.fixture_plugins import install_fixture_plugins
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VENDOR_FIXTURES = ("vendor_backend", "vendor_backend_broken", "vendor_graph_backend")
 KIT = "kvrun.testing.conformance"
 
 
-def _source_hash() -> str:
-    digest = hashlib.sha256(sys.version.encode())
-    for name in VENDOR_FIXTURES:
-        for path in [*sorted((FIXTURES / name).rglob("*.py")), FIXTURES / name / "pyproject.toml"]:
-            if "build" not in path.parts and "egg-info" not in str(path):
-                digest.update(str(path.relative_to(FIXTURES)).encode())
-                digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 @pytest.fixture(scope="module")
 def vendor_site() -> Path:
-    """The two fixture distributions installed with pip into a reused private directory."""
-    target = Path(tempfile.gettempdir()) / f"kvrun-vendor-backend-{_source_hash()}"
-    if (target / ".complete").exists():
-        return target
-    staging = Path(tempfile.mkdtemp(prefix="kvrun-vendor-build-"))
-    try:
-        sources = []
-        for name in VENDOR_FIXTURES:
-            # A copy, so the build leaves no build/ or egg-info in the tree.
-            shutil.copytree(
-                FIXTURES / name,
-                staging / "src" / name,
-                ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "build"),
-            )
-            sources.append(str(staging / "src" / name))
-        out = staging / "site"
-        subprocess.run(
-            [
-                *(sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"),
-                *("--no-deps", "--no-build-isolation", "--no-index", "--target", str(out)),
-                *sources,
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        (out / ".complete").write_text("ok\n")
-        try:
-            os.rename(out, target)  # a concurrent run may win the rename; its copy is equal
-        except OSError:
-            if not (target / ".complete").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    """The fixture distributions installed with pip into a reused private directory."""
+    return install_fixture_plugins(VENDOR_FIXTURES)
 
 
 def run_kit(site: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

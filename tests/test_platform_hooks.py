@@ -10,14 +10,10 @@ generate the same tokens. The cpu platform shows the defaults.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -34,8 +30,8 @@ from kvrun.errors import ConfigError
 from kvrun.sampling import Sampler, SamplingRow, build_sampling_metadata, make_generator
 from kvrun.sampling_params import SamplingParams
 from tests.support.engine import make_engine, run_all
+from tests.support.fixture_plugins import install_fixture_plugins
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "hooks"
 NEW_TOKENS = 6
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
@@ -45,47 +41,10 @@ ENGINE_KW: dict[str, Any] = dict(
 )
 
 
-def _install_fixture() -> Path:
-    """The fixture distribution installed with pip into a private, reused directory."""
-    digest = hashlib.sha256(sys.version.encode())
-    for path in sorted(FIXTURE.rglob("*")):
-        if path.is_file() and "egg-info" not in str(path) and "__pycache__" not in str(path):
-            digest.update(str(path.relative_to(FIXTURE)).encode())
-            digest.update(path.read_bytes())
-    target = Path(tempfile.gettempdir()) / f"kvrun-fixture-hooks-{digest.hexdigest()[:16]}"
-    if (target / ".complete").exists():
-        return target
-    staging = Path(tempfile.mkdtemp(prefix="kvrun-fixture-hooks-build-"))
-    try:
-        shutil.copytree(
-            FIXTURE, staging / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
-        )
-        out = staging / "site"
-        subprocess.run(
-            [
-                *(sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"),
-                *("--no-deps", "--no-build-isolation", "--no-index", "--target", str(out)),
-                str(staging / "src"),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        (out / ".complete").write_text("ok\n")
-        try:
-            os.rename(out, target)  # a concurrent run may win the rename; its copy is equal
-        except OSError:
-            if not (target / ".complete").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 @pytest.fixture(scope="module")
 def fixture_platform() -> Iterator[ModuleType]:
     """The fixture on sys.path for this module; yields its platform module."""
-    site = str(_install_fixture())
+    site = str(install_fixture_plugins(["hooks"]))
     sys.path.insert(0, site)
     importlib.invalidate_caches()
     try:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +20,8 @@ import pytest
 
 from tests.server.conftest import Server
 from tests.server.test_faults import LONG, _alive, _sse_error, _start, _wait_running
+from tests.support.fixture_plugins import install_fixture_plugins
 
-FIXTURE_SOURCE = Path(__file__).resolve().parents[1] / "fixtures" / "faulty"
 FAULT_TOKEN_ID = 4242  # kvrun_fixture_faulty.FAULT_TOKEN_ID
 FAULT = f"RuntimeError: fixture fault: a prompt starts with token id {FAULT_TOKEN_ID}"
 DIED = f"the engine died: the engine failed: {FAULT}"
@@ -32,25 +29,9 @@ TRIGGER = {"prompt": [FAULT_TOKEN_ID, 100, 200], "max_tokens": 4}
 
 
 @pytest.fixture(scope="module")
-def faulty_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The fixture distribution installed with pip into a directory of its own."""
-    root = tmp_path_factory.mktemp("faulty")
-    source = root / "src"
-    # Built from a copy so the build leaves no build/ or egg-info in the tree.
-    shutil.copytree(
-        FIXTURE_SOURCE, source, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "build")
-    )
-    site = root / "site"
-    subprocess.run(
-        [
-            sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-            "--no-deps", "--no-build-isolation", "--no-index", "--target", str(site), str(source),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )  # fmt: skip
-    return site
+def faulty_site() -> Path:
+    """The fixture distribution installed with pip into a private, reused directory."""
+    return install_fixture_plugins(["faulty"])
 
 
 @pytest.fixture(scope="module")

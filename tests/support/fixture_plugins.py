@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["FIXTURES_DIR", "FIXTURE_NAMES", "install_fixture_plugins"]
@@ -23,9 +24,9 @@ FIXTURES_DIR = Path(__file__).resolve().parents[1] / "fixtures"
 FIXTURE_NAMES = ("absent", "accel", "broken", "clash", "general", "v99")
 
 
-def _source_hash() -> str:
+def _source_hash(names: Sequence[str]) -> str:
     digest = hashlib.sha256(sys.version.encode())
-    for name in FIXTURE_NAMES:
+    for name in names:
         root = FIXTURES_DIR / name
         for path in sorted(root.rglob("*")):
             if path.is_file() and "egg-info" not in str(path) and "__pycache__" not in str(path):
@@ -34,15 +35,17 @@ def _source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def install_fixture_plugins() -> Path:
-    """The directory holding the installed fixtures; builds it on first use."""
-    target = Path(tempfile.gettempdir()) / f"kvrun-fixture-plugins-{_source_hash()}"
+def install_fixture_plugins(names: Sequence[str] = FIXTURE_NAMES) -> Path:
+    """The directory holding the named fixtures (default: the plugin-discovery set),
+    installed together; built on first use and reused while their sources are unchanged."""
+    label = "plugins" if tuple(names) == FIXTURE_NAMES else "-".join(names)
+    target = Path(tempfile.gettempdir()) / f"kvrun-fixture-{label}-{_source_hash(names)}"
     if (target / ".complete").exists():
         return target
     staging = Path(tempfile.mkdtemp(prefix="kvrun-fixture-build-"))
     try:
         sources = []
-        for name in FIXTURE_NAMES:
+        for name in names:
             # Built from a copy so the build leaves no build/ or egg-info in the tree.
             shutil.copytree(
                 FIXTURES_DIR / name,
