@@ -25,6 +25,7 @@ from kvrun.engine.setup import build_engine_parts
 from kvrun.envs import EnvSnapshot
 from kvrun.errors import RequestError
 from kvrun.outputs import RequestMetrics, RequestOutput
+from kvrun.platforms import Platform
 from kvrun.sampling_params import SamplingParams
 from kvrun.scheduling.output import ScheduledChunk
 from kvrun.scheduling.request import Request, RequestStatus
@@ -52,8 +53,10 @@ class EngineStats:
 class LLMEngine:
     """Synchronous engine: call :meth:`add_request`, then :meth:`step` until idle."""
 
-    def __init__(self, args: EngineArgs, env: EnvSnapshot) -> None:
-        parts = build_engine_parts(args, env)
+    def __init__(
+        self, args: EngineArgs, env: EnvSnapshot, platform: Platform | None = None
+    ) -> None:
+        parts = build_engine_parts(args, env, platform)
         self.env = env
         self.platform = parts.platform
         self.config: EngineConfig = parts.config

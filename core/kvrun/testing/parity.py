@@ -6,8 +6,7 @@ sequence for every token (no cache reuse, no batching), on the platform's device
 The platform runs the same checkpoint through :class:`~kvrun.engine.llm_engine.LLMEngine`
 with prefix caching and small chunked-prefill steps, so batching, chunking and prefix
 hits all have to come out equal. A platform the engine cannot select (built from a
-class path while its probe says no) runs its whole-model executor under the engine's
-own scheduler and step function instead (:func:`executor_greedy`). Nothing here
+class path while its probe says no) is handed to the engine directly. Nothing here
 imports pytest.
 """
 
@@ -24,7 +23,6 @@ import torch
 from kvrun.attention.base import AttentionLayerSpec, AttentionMetadata
 from kvrun.attention.reference import ReferenceAttention
 from kvrun.config import EngineArgs, EngineConfig
-from kvrun.engine.executor_runner import execute_with_executor
 from kvrun.engine.llm_engine import LLMEngine
 from kvrun.envs import EnvSnapshot
 from kvrun.loader import load_checkpoint
@@ -34,9 +32,6 @@ from kvrun.ops import reference_ops
 from kvrun.outputs import RequestOutput
 from kvrun.platforms import Platform
 from kvrun.sampling_params import SamplingParams
-from kvrun.scheduling.config import SchedulerConfig
-from kvrun.scheduling.request import Request
-from kvrun.scheduling.scheduler import Scheduler
 from kvrun.testing.checkpoints import build_random_checkpoint, build_word_tokenizer
 from kvrun.testing.target import dtype_name
 
@@ -50,7 +45,6 @@ __all__ = [
     "compare_greedy",
     "engine_config_for",
     "engine_greedy",
-    "executor_greedy",
     "kit_prompts",
     "reference_greedy",
 ]
@@ -228,8 +222,10 @@ def engine_greedy(
     prompts: Sequence[list[int]],
     num_kv_blocks: int | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    platform: Platform | None = None,
 ) -> list[list[int]]:
-    """Greedy tokens from the real engine on ``env``'s platform.
+    """Greedy tokens from the real engine on ``env``'s platform, or on ``platform``
+    when given (one built from its class path, whose probe refuses this machine).
 
     Prompt 0 runs alone first so that prompt 1 hits its cached prefix; the rest run as
     one batch whose prefills are cut into BLOCK_SIZE-token chunks beside decodes.
@@ -247,6 +243,7 @@ def engine_greedy(
             num_kv_blocks=num_kv_blocks,
         ),
         env,
+        platform,
     )
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
     finished: dict[str, RequestOutput] = {}
@@ -264,66 +261,6 @@ def engine_greedy(
             drain()
     drain()
     return [list(finished[r].outputs[0].token_ids) for r in ids]
-
-
-def executor_greedy(
-    platform: Platform,
-    model_dir: Path,
-    dtype: torch.dtype,
-    prompts: Sequence[list[int]],
-    num_kv_blocks: int | None = None,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-) -> list[list[int]]:
-    """Greedy tokens from ``platform``'s executor driven as the engine drives it.
-
-    For a platform the engine cannot select: the engine's start-up steps for an
-    executor (check_config, model_executor, init_kv_cache, the platform's free-block
-    order), the core Scheduler and the engine's step function
-    (:func:`kvrun.engine.executor_runner.execute_with_executor`), argmax as the greedy
-    sampler, in the order of :func:`engine_greedy`.
-    """
-    config, _ = platform.check_config(engine_config_for(model_dir, platform, dtype))
-    executor = platform.model_executor(config)
-    if executor is None:
-        raise AssertionError(
-            f"platform {platform.name!r} was built from its class path and runs the core "
-            "model, which the kit drives only through LLMEngine; LLMEngine selects platforms "
-            "through their probe, so the probe must accept this machine"
-        )
-    plan = executor.init_kv_cache(num_kv_blocks, config.max_model_len)
-    scheduler = Scheduler(
-        SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=config.max_model_len,
-            block_size=config.block_size,
-            num_blocks=plan.num_blocks,
-        ),
-        free_block_policy=platform.free_block_policy(config),
-    )
-
-    def drain() -> None:
-        while scheduler.has_unfinished_requests():
-            out = scheduler.schedule()
-            assert out.chunks, "the scheduler scheduled nothing with requests unfinished"
-            # Steps only, as LLMEngine.step: the cache was allocated outside inference mode.
-            with torch.inference_mode():
-                step = execute_with_executor(
-                    executor, out.chunks, frozenset(), config.block_size, platform.device
-                )
-            chosen = step.logits.argmax(dim=-1).tolist()
-            scheduler.update(out, {r: [t] for r, t in zip(step.request_ids, chosen)})
-
-    requests = [
-        Request(f"kit-{i}", list(p), max_tokens=max_new_tokens, ignore_eos=True)
-        for i, p in enumerate(prompts)
-    ]
-    for i, request in enumerate(requests):
-        scheduler.add_request(request)
-        if i == 0:
-            drain()
-    drain()
-    return [list(r.output_token_ids) for r in requests]
 
 
 @dataclass(frozen=True)

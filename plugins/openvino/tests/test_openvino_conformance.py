@@ -85,17 +85,18 @@ def test_class_paths_that_name_no_platform_are_refused() -> None:
     )
 
 
-def test_the_engine_free_parity_loop_matches_the_engine(
+def test_an_engine_given_the_platform_matches_one_that_selects_it(
     by_class: KitTarget, model_dir: Path
 ) -> None:
-    # The loop the kit uses where the engine cannot select a platform gives the
-    # engine's own tokens on a platform it can.
+    # What the kit does for class-path targets, on a platform the engine can also select.
     platform = by_class.require()
     prompts = parity.kit_prompts()
-    engine = parity.engine_greedy(model_dir, platform.env, torch.float32, None, prompts, 16)
-    loop = parity.executor_greedy(platform, model_dir, torch.float32, prompts, 16)
-    assert loop == engine
-    assert [len(t) for t in loop] == [parity.MAX_NEW_TOKENS] * len(prompts)
+    selected = parity.engine_greedy(model_dir, platform.env, torch.float32, None, prompts, 16)
+    given = parity.engine_greedy(
+        model_dir, platform.env, torch.float32, None, prompts, 16, platform=platform
+    )
+    assert given == selected
+    assert [len(t) for t in given] == [parity.MAX_NEW_TOKENS] * len(prompts)
 
 
 class ShortExecutor(OpenvinoExecutor):
