@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, AttentionMetadata
+from kvrun.attention.reference import ReferenceAttention
 from kvrun.errors import ConfigError
 from kvrun.ops import reference
 
@@ -92,11 +93,8 @@ class Fp8KVCacheAttention(AttentionBackend):
         self.v_scale_constant = v_scale_constant  # V_SCALE_CONSTANT
         self.scales: dict[int, KVScales] = {}  # kv_cache.data_ptr() -> that layer's scales
 
-    @staticmethod
-    def kv_cache_shape(
-        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
-    ) -> tuple[int, ...]:
-        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+    # The reference ops read and write the cache, so it has the reference's layout.
+    kv_cache_shape = staticmethod(ReferenceAttention.kv_cache_shape)
 
     def forward(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionMetadata
+from kvrun.attention.reference import ReferenceAttention
 from kvrun.ops import reference
 
 __all__ = ["XFormersAttention"]
@@ -26,11 +27,8 @@ class XFormersAttention(AttentionBackend):
 
     name = "XFORMERS"
 
-    @staticmethod
-    def kv_cache_shape(
-        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
-    ) -> tuple[int, ...]:
-        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+    # The reference ops read and write the cache, so it has the reference's layout.
+    kv_cache_shape = staticmethod(ReferenceAttention.kv_cache_shape)
 
     def forward(
         self,
