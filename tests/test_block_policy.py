@@ -16,6 +16,7 @@ from kvrun.scheduling import (
     FifoFreeBlocks,
     FreeBlockPolicy,
     LowestIdFirst,
+    MostRecentlyFreedFirst,
     Request,
     Scheduler,
     SchedulerConfig,
@@ -69,6 +70,26 @@ def test_lowest_id_first_fills_the_holes_before_higher_ids() -> None:
     assert bm.allocate("e", 4) == [6]
     assert bm.free_block_ids() == [7]
     assert (bm.num_free_blocks, bm.num_used_blocks) == (1, 7)
+
+
+def test_most_recently_freed_first_reuses_the_last_freed_block_first() -> None:
+    bm = make(MostRecentlyFreedFirst())
+    assert bm.free_block_policy.name == "most-recently-freed-first"
+    assert bm.free_block_ids() == list(range(8))  # ids ascending at start
+    tables = churn(bm)
+    # a frees 1 then 0 (tail first), then c frees 5: 5 is handed out first, then 0, 1.
+    assert tables == {"a": [0, 1], "b": [2, 3, 4], "c": [5], "d": [5, 0, 1], "e": [6]}
+    assert bm.free_block_ids() == [7]
+    assert (bm.num_free_blocks, bm.num_used_blocks) == (1, 7)
+
+
+def test_most_recently_freed_first_pops_in_the_order_it_iterates() -> None:
+    pool = MostRecentlyFreedFirst().new_pool(5)
+    for block in (pool.pop(), pool.pop()):
+        pool.push(block)
+    order = list(pool)
+    assert order == [1, 0, 2, 3, 4]
+    assert [pool.pop() for _ in range(5)] == order
 
 
 def test_lowest_id_first_keeps_the_highest_used_id_below_the_peak_block_count() -> None:

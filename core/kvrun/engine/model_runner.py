@@ -131,8 +131,10 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
-        # The platform's captured decode step (Platform.decode_graph_runner), tried before
-        # the eager forward; set by the engine once the cache exists. None = always eager.
+        # The platform's fused decode step (Platform.fused_decoder) and its captured decode
+        # step (Platform.decode_graph_runner), tried in that order before the eager forward;
+        # set by the engine once the cache exists. None = not offered.
+        self.fused_decoder: DecodeGraphRunner | None = None
         self.decode_graph: DecodeGraphRunner | None = None
 
     @torch.inference_mode()
@@ -149,7 +151,9 @@ class ModelRunner:
         assert self.model is not None
         batch = build_batch(chunks, self.block_size, self.device)
         hidden = None
-        if self.decode_graph is not None:
+        if self.fused_decoder is not None:
+            hidden = self.fused_decoder.run(batch.input_ids, batch.positions, batch.meta)
+        if hidden is None and self.decode_graph is not None:
             hidden = self.decode_graph.run(batch.input_ids, batch.positions, batch.meta)
         if hidden is None:
             hidden = self.model.forward(

@@ -163,6 +163,7 @@ def build_engine_parts(
         )
         if not args.enforce_eager:
             _compile_model(runner.model, compile_settings(env))
+        runner.fused_decoder = platform.fused_decoder(runner.model, runner.kv_caches, config)
         plan = _attach_decode_graphs(platform, runner, config, plan)
     # --- end whole-model executor
     config = replace(config, num_kv_blocks=plan.num_blocks, kv_cache_bytes=plan.total_bytes)

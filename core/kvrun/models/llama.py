@@ -5,6 +5,16 @@ kernel calls, and module dispatch would only add overhead to it. The
 projections that read the same input are merged (q|k|v, gate|up) so each layer
 runs four matmuls. Every kernel comes from the platform's op table and the
 attention from the platform's backend.
+
+Once loaded, every matrix is handed to the platform's ``prepare_linear`` op and kept
+in the form it returns (a packed layout on the cpu plugin): the model then reads
+matrices only through ``linear`` and ``embedding``. A tied lm_head is the same
+prepared object as the embedding table.
+
+A platform's fused decoder (:meth:`kvrun.Platform.fused_decoder`) may read the
+model's layout directly; these attributes are kept for it: ``config``, ``dtype``,
+``embed``, ``layers`` (one :class:`LlamaLayer` each), ``norm``, ``lm_head``,
+``cos_sin`` and ``attention``.
 """
 
 from __future__ import annotations
@@ -12,9 +22,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kvrun.attention.base import AttentionBackend, AttentionMetadata
 from kvrun.errors import ModelLoadError
@@ -22,20 +32,26 @@ from kvrun.models.config import ModelConfig
 from kvrun.models.rope import cos_sin_cache
 from kvrun.ops import OpTable
 
-__all__ = ["LlamaForCausalLM", "dense_block"]
+__all__ = ["LlamaForCausalLM", "LlamaLayer", "dense_block"]
 
 DenseBlock = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
-class _Layer:
+class LlamaLayer:
+    """One decoder layer's weights (the merged projections of the module docstring).
+
+    The matrices are plain tensors while loading, then what ``ops.prepare_linear``
+    returned for them.
+    """
+
     input_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [(Hq + 2 Hk) * D, H]
+    qkv: Any  # [(Hq + 2 Hk) * D, H]
     qkv_bias: torch.Tensor | None  # [(Hq + 2 Hk) * D] (Qwen2)
-    o: torch.Tensor  # [H, Hq * D]
+    o: Any  # [H, Hq * D]
     post_norm: torch.Tensor  # [H]
-    gate_up: torch.Tensor  # [2 I, H]
-    down: torch.Tensor  # [H, I]
+    gate_up: Any  # [2 I, H]
+    down: Any  # [H, I]
 
 
 class LlamaForCausalLM:
@@ -61,9 +77,9 @@ class LlamaForCausalLM:
         def empty(*shape: int) -> torch.Tensor:
             return torch.empty(shape, dtype=dtype, device=device)
 
-        self.embed = empty(c.vocab_size, c.hidden_size)
+        self.embed: Any = empty(c.vocab_size, c.hidden_size)  # prepared once loaded
         self.layers = [
-            _Layer(
+            LlamaLayer(
                 input_norm=empty(c.hidden_size),
                 qkv=empty(self.q_size + 2 * self.kv_size, c.hidden_size),
                 qkv_bias=empty(self.q_size + 2 * self.kv_size) if c.attention_bias else None,
@@ -75,7 +91,10 @@ class LlamaForCausalLM:
             for _ in range(c.num_layers)
         ]
         self.norm = empty(c.hidden_size)
-        self.lm_head = self.embed if c.tie_word_embeddings else empty(c.vocab_size, c.hidden_size)
+        self.lm_head: Any = (
+            self.embed if c.tie_word_embeddings else empty(c.vocab_size, c.hidden_size)
+        )
+        self._prepared = False
         # RoPE is computed in float32 like the reference implementation, whatever the dtype.
         self.cos_sin = cos_sin_cache(
             c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings
@@ -108,7 +127,9 @@ class LlamaForCausalLM:
         return dest
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-        """Fill every parameter from (Hugging Face name, tensor) pairs; all must be present."""
+        """Fill every parameter from (Hugging Face name, tensor) pairs, all of which must be
+        present, then hand each matrix to the platform's ``prepare_linear``."""
+        assert not self._prepared, "weights are loaded once"
         dest = self._destinations()
         missing = set(dest)
         for name, tensor in weights:
@@ -131,6 +152,20 @@ class LlamaForCausalLM:
         if missing:
             shown = ", ".join(sorted(missing)[:5])
             raise ModelLoadError(f"{source}: {len(missing)} weight(s) missing, e.g. {shown}")
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Every matrix in the platform's form; the plain tensors are dropped."""
+        prepare = self.ops.prepare_linear
+        for layer in self.layers:
+            layer.qkv = prepare(layer.qkv)
+            layer.o = prepare(layer.o)
+            layer.gate_up = prepare(layer.gate_up)
+            layer.down = prepare(layer.down)
+        tied = self.lm_head is self.embed
+        self.embed = prepare(self.embed)
+        self.lm_head = self.embed if tied else prepare(self.lm_head)
+        self._prepared = True
 
     # forward ---------------------------------------------------------------------------
     def compile(self, compiler: Callable[[DenseBlock, str], DenseBlock]) -> None:
@@ -146,7 +181,7 @@ class LlamaForCausalLM:
     ) -> torch.Tensor:  # [T, H] final hidden states (normed)
         c = self.config
         num_tokens = input_ids.shape[0]
-        residual = F.embedding(input_ids, self.embed)
+        residual = self.ops.embedding(input_ids, self.embed)
         h: torch.Tensor = self.ops.rms_norm(residual, self.layers[0].input_norm, c.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             qkv = self.ops.linear(h, layer.qkv, layer.qkv_bias)

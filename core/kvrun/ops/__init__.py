@@ -21,7 +21,9 @@ __all__ = ["OP_NAMES", "OpTable", "reference_ops"]
 class OpTable:
     """One callable per op; signatures and shapes are those of kvrun.ops.reference."""
 
+    prepare_linear: Callable[..., Any]
     linear: Callable[..., Any]
+    embedding: Callable[..., Any]
     rms_norm: Callable[..., Any]
     fused_add_rms_norm: Callable[..., Any]
     rotary_embedding: Callable[..., Any]

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "embedding",
     "fused_add_rms_norm",
     "linear",
     "paged_attention",
+    "prepare_linear",
     "reshape_and_cache",
     "rms_norm",
     "rotary_embedding",
@@ -22,13 +24,31 @@ __all__ = [
 ]
 
 
+def prepare_linear(weight: torch.Tensor) -> torch.Tensor:  # [N, K] -> what linear reads
+    """The form ``linear`` and ``embedding`` read a weight in, made once after loading.
+
+    A platform may return any object (a packed layout, say) as long as its own
+    ``linear`` and ``embedding`` take it; the model passes nothing else to them and never
+    reads it itself. The reference uses the matrix as it is.
+    """
+    return weight
+
+
 def linear(
     x: torch.Tensor,  # [T, K]
-    weight: torch.Tensor,  # [N, K]
+    weight: torch.Tensor,  # [N, K], as prepare_linear returned it
     bias: torch.Tensor | None = None,  # [N]
 ) -> torch.Tensor:  # [T, N]
     """x @ weight.T + bias: every projection and the logits."""
     return F.linear(x, weight, bias)
+
+
+def embedding(
+    ids: torch.Tensor,  # [T] int64
+    table: torch.Tensor,  # [V, H], as prepare_linear returned it
+) -> torch.Tensor:  # [T, H]
+    """Rows ``ids`` of the table: the token embedding (also the tied lm_head's weight)."""
+    return F.embedding(ids, table)
 
 
 def rms_norm(

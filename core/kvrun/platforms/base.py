@@ -269,6 +269,21 @@ class Platform(ABC):
         (padding rows of captured decode graphs); they are the highest block ids."""
         return 0
 
+    def fused_decoder(
+        self, model: Any, kv_caches: list[torch.Tensor], config: EngineConfig
+    ) -> DecodeGraphRunner | None:
+        """A kernel of this platform that runs a whole decode step of ``model`` in one call,
+        tried before the decode graphs and the eager forward; None (the default) = none.
+
+        Called once, after the KV cache is allocated, whatever ``enforce_eager`` says: it is
+        a kernel, not a captured graph. ``model`` is the core model object; a platform reads
+        only models whose layout it knows (:class:`kvrun.models.llama.LlamaForCausalLM`
+        documents the attributes it keeps for this) and returns None for any other. The
+        runner keeps the :class:`DecodeGraphRunner` invariants: the eager forward's hidden
+        states, or None for a batch it does not take.
+        """
+        return None
+
     def decode_graph_runner(
         self, forward: DecodeForward, config: EngineConfig, pad_slot: int
     ) -> DecodeGraphRunner | None:

@@ -13,6 +13,7 @@ from kvrun.scheduling.free_blocks import (
     FreeBlockPolicy,
     FreeBlockPool,
     LowestIdFirst,
+    MostRecentlyFreedFirst,
 )
 from kvrun.scheduling.output import ScheduledChunk, SchedulerOutput, SchedulerStats
 from kvrun.scheduling.request import Request, RequestStatus
@@ -24,6 +25,7 @@ __all__ = [
     "FreeBlockPolicy",
     "FreeBlockPool",
     "LowestIdFirst",
+    "MostRecentlyFreedFirst",
     "PrefixHit",
     "Request",
     "RequestStatus",

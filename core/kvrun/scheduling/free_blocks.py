@@ -2,7 +2,8 @@
 
 A platform may need a particular order. Gaudi's contiguous paged attention
 (``VLLM_CONTIGUOUS_PA``) reads the cache as one range ``[0, max used block]``, so it
-wants the lowest free id first to keep the used set compact; the core default is FIFO.
+wants the lowest free id first to keep the used set compact; a CPU wants the block
+freed last, whose memory is already paged in; the core default is FIFO.
 The policy is chosen by :meth:`kvrun.platforms.Platform.free_block_policy` and passed to
 the :class:`~kvrun.scheduling.block_manager.BlockManager`. Nothing here imports torch.
 """
@@ -14,7 +15,13 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator
 
-__all__ = ["FifoFreeBlocks", "FreeBlockPolicy", "FreeBlockPool", "LowestIdFirst"]
+__all__ = [
+    "FifoFreeBlocks",
+    "FreeBlockPolicy",
+    "FreeBlockPool",
+    "LowestIdFirst",
+    "MostRecentlyFreedFirst",
+]
 
 
 class FreeBlockPool(ABC):
@@ -109,3 +116,35 @@ class LowestIdFirst(FreeBlockPolicy):
 
     def new_pool(self, num_blocks: int) -> FreeBlockPool:
         return _LowestIdPool(num_blocks)
+
+
+class _StackPool(FreeBlockPool):
+    def __init__(self, num_blocks: int) -> None:
+        self._stack = list(range(num_blocks - 1, -1, -1))  # pops 0 first
+
+    def push(self, block_id: int) -> None:
+        self._stack.append(block_id)
+
+    def pop(self) -> int:
+        return self._stack.pop()
+
+    def __len__(self) -> int:
+        return len(self._stack)
+
+    def __iter__(self) -> Iterator[int]:
+        return reversed(self._stack)
+
+
+class MostRecentlyFreedFirst(FreeBlockPolicy):
+    """Hand out the clean block freed last (ids ascending at start).
+
+    For a cache in host memory: that block's pages were written recently, so they are
+    mapped and likely still in the CPU caches, where a never-used block first costs a
+    page fault per page (about 10 us per 4 KiB measured in this project's VM). Only clean
+    blocks are ordered: prefix-cached blocks keep the block manager's LRU eviction.
+    """
+
+    name = "most-recently-freed-first"
+
+    def new_pool(self, num_blocks: int) -> FreeBlockPool:
+        return _StackPool(num_blocks)

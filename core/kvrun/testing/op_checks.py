@@ -6,7 +6,9 @@ must come back unchanged (the model reuses them: ``rms_norm``'s input is also th
 residual), and ``reshape_and_cache`` runs on caches pre-filled with NaN, so a kernel
 that skips a slot or writes one it was not given is caught. ``paged_attention`` reads
 caches whose unused slots (blocks no table names, the tail of each last block) are
-NaN: they must not reach the output. Nothing here imports pytest.
+NaN: they must not reach the output. ``linear`` and ``embedding`` read their weight in
+the form the platform's ``prepare_linear`` gives it, as the model passes it. Nothing
+here imports pytest.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from typing import Any
 
 import torch
 
-from kvrun.ops import reference
+from kvrun.ops import OpTable, reference
 from kvrun.testing.target import dtype_name
 
 __all__ = ["OP_CASES", "TOLERANCE", "OpCase", "assert_close", "check_op"]
+
+# Ops whose weight argument (at this index) the model hands over as prepare_linear made it.
+_PREPARED_ARG = {"linear": 1, "embedding": 1}
 
 # (atol, rtol) per dtype: a few units in the last place of the values these cases make.
 TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
@@ -38,6 +43,11 @@ class OpCase:
     op: str  # the op name in kvrun.ops.OP_NAMES
     label: str  # shape label for the test id, e.g. "7x33"
     make: Callable[[torch.dtype, torch.device, int], tuple[list[Any], frozenset[int]]]
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        """Every op the case runs: a platform overriding any of them gets the case."""
+        return (self.op, "prepare_linear") if self.op in _PREPARED_ARG else (self.op,)
 
 
 def _randn(
@@ -163,10 +173,24 @@ def _linear_case(tokens: int, inner: int, outer: int, bias: bool) -> Any:
     return make
 
 
+def _embedding_case(tokens: int, vocab: int, hidden: int) -> Any:
+    def make(
+        dtype: torch.dtype, device: torch.device, seed: int
+    ) -> tuple[list[Any], frozenset[int]]:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (tokens,), generator=g)
+        ids[0], ids[-1] = 0, vocab - 1  # both ends of the table
+        return [ids.to(device), _randn(g, vocab, hidden, dtype=dtype, device=device)], frozenset()
+
+    return make
+
+
 OP_CASES: tuple[OpCase, ...] = (
     OpCase("linear", "1x64-to-96", _linear_case(1, 64, 96, bias=False)),
     OpCase("linear", "7x33-to-40-bias", _linear_case(7, 33, 40, bias=True)),
     OpCase("linear", "64x256-to-512", _linear_case(64, 256, 512, bias=False)),
+    OpCase("embedding", "1-of-40x16", _embedding_case(1, 40, 16)),
+    OpCase("embedding", "33-of-1000x96", _embedding_case(33, 1000, 96)),
     OpCase("rms_norm", "1x64", _norm_case(1, 64, fused=False)),
     OpCase("rms_norm", "7x33", _norm_case(7, 33, fused=False)),
     OpCase("rms_norm", "32x256", _norm_case(32, 256, fused=False)),
@@ -228,15 +252,18 @@ def assert_close(
         ) from None
 
 
-def check_op(
-    case: OpCase, kernel: Callable[..., Any], dtype: torch.dtype, device: torch.device
-) -> None:
-    """Run ``kernel`` and the reference op on the same fresh inputs and compare everything."""
+def check_op(case: OpCase, ops: OpTable, dtype: torch.dtype, device: torch.device) -> None:
+    """Run the platform's op (from ``ops``, the reference table with its overrides) and the
+    reference op on the same fresh inputs and compare everything."""
     what = f"op {case.op!r} [{case.label}, {dtype_name(dtype)}]"
     args, _ = case.make(dtype, device, 0)
     ref_args, in_place = case.make(dtype, device, 0)
     before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-    got = kernel(*args)
+    call_args = list(args)
+    if case.op in _PREPARED_ARG:
+        index = _PREPARED_ARG[case.op]
+        call_args[index] = ops.prepare_linear(args[index])
+    got = getattr(ops, case.op)(*call_args)
     want = getattr(reference, case.op)(*ref_args)
     if in_place:
         assert got is None, f"{what}: returned {type(got).__name__}; the reference returns None"

@@ -140,8 +140,8 @@ def test_disabled_kernels_fall_back_to_the_reference() -> None:
         "VLLM_DISABLED_KERNELS: rms_norm runs the reference op",
         "VLLM_DISABLED_KERNELS: paged_attention has no kernel here; the reference runs",
         "VLLM_DISABLED_KERNELS: 'MarlinLinearKernel' names no kernel of this platform; known "
-        "ops: linear, rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, "
-        "reshape_and_cache, paged_attention",
+        "ops: prepare_linear, linear, embedding, rms_norm, fused_add_rms_norm, "
+        "rotary_embedding, silu_and_mul, reshape_and_cache, paged_attention",
     ]
     assert select_ops(available, []) == (available, [])
 

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (Linux only)")
 
 from kvrun.attention.base import AttentionLayerSpec
+from kvrun.ops import reference_ops
 from kvrun.testing.attention_checks import LAYER_SPECS, SCENARIOS, Scenario, check_backend
 from kvrun.testing.op_checks import OP_CASES, OpCase, check_op
 from kvrun_cuda.triton.attention import TritonAttention
@@ -35,7 +36,7 @@ TRITON_CASES = [c for c in OP_CASES if c.op in triton_ops()]
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", TRITON_CASES, ids=[f"{c.op}-{c.label}" for c in TRITON_CASES])
 def test_kit_op_checks(case: OpCase, dtype: torch.dtype) -> None:
-    check_op(case, triton_ops()[case.op], dtype, CPU)
+    check_op(case, reference_ops().with_overrides(triton_ops(), "triton"), dtype, CPU)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
