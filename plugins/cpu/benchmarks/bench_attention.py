@@ -21,7 +21,7 @@ import torch
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, AttentionMetadata
 from kvrun.attention.reference import ReferenceAttention
 from kvrun_cpu.attention import TorchSdpaAttention
-from kvrun_cpu.attention.native import load_decode_kernel
+from kvrun_cpu.native import load_native
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, NUM_BLOCKS = 9, 3, 64, 16, 6000
 # wall: what a user waits for; cpu: this process's CPU time, which other processes on a
@@ -95,15 +95,15 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {isa}, {threads} threads, {args.runs} runs, {args.timer} time"
     )
-    kernel, why = load_decode_kernel(Path(tempfile.mkdtemp()), torch.get_num_threads())
-    if kernel is None:
-        raise SystemExit(f"native decode kernel unavailable: {why}")
+    native, why = load_native(Path(tempfile.mkdtemp()), torch.get_num_threads())
+    if native is None:
+        raise SystemExit(f"native kernels unavailable: {why}")
     backends: list[AttentionBackend] = [
         ReferenceAttention(SPEC),
         TorchSdpaAttention(SPEC),
-        TorchSdpaAttention(SPEC, decode_kernel=kernel),
+        TorchSdpaAttention(SPEC, native=native),
     ]
-    names = "REFERENCE ms | TORCH_SDPA, torch decode ms | TORCH_SDPA, native decode ms"
+    names = "REFERENCE ms | TORCH_SDPA, torch paths ms | TORCH_SDPA, native kernels ms"
     print(f"| scenario | {names} | speed-up |")
     print("|---|" + "---:|" * (len(backends) + 1))
     gen = torch.Generator().manual_seed(0)

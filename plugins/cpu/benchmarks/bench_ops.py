@@ -1,8 +1,11 @@
-"""Micro-benchmark: each CPU kernel against the core's reference op.
+"""Micro-benchmark: each CPU op, as CpuPlatform.ops() hands it out (bound to the native
+kernels), against the core's reference op.
 
 Shapes are SmolLM2-135M's (hidden 576, intermediate 1536, 9 query heads and 3 kv heads
-of 64). Reference and CPU kernel run alternately, so load from other processes hits
-both alike; each number is the median of --runs timings.
+of 64). Reference and CPU op run alternately, so load from other processes hits both
+alike; each number is the median of --runs timings. ``linear`` runs all 30 layers'
+projections (425 MB of float32 weights, more than any cache holds), plain weights
+through the reference against weights from ``prepare_linear``.
 
     python plugins/cpu/benchmarks/bench_ops.py [--runs 200] [--threads N]
 """
@@ -20,9 +23,9 @@ from typing import Any
 
 import torch
 
-from kvrun.ops import reference
+from kvrun.ops import OpTable, reference, reference_ops
 from kvrun_cpu import ops
-from kvrun_cpu.attention.native import load_decode_kernel
+from kvrun_cpu.native import load_native
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 576, 1536, 9, 3, 64, 16
 
@@ -51,7 +54,38 @@ def compare(
     return statistics.median(ref_t) * 1e6, statistics.median(mine_t) * 1e6
 
 
-def cases(tokens: int) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+def cpu_table() -> OpTable:
+    native, why = load_native(Path(tempfile.mkdtemp()), torch.get_num_threads())
+    if native is None:
+        print(f"(native kernels unavailable, torch paths only: {why})")
+    return reference_ops().with_overrides(ops.cpu_ops(native), "kvrun-cpu")
+
+
+def linear_cases(cpu: OpTable) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    g = torch.Generator().manual_seed(2)
+    shapes = [((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN), (HIDDEN, HIDDEN)]
+    shapes += [(2 * INTER, HIDDEN), (HIDDEN, INTER)]
+    plain = [[torch.randn(n, k, generator=g) for n, k in shapes] for _ in range(30)]
+    prepared = [[cpu.prepare_linear(w) for w in layer] for layer in plain]
+    out: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
+    for tokens in (1, 8, 64):
+        xs = {k: torch.randn(tokens, k, generator=g) for _, k in shapes}
+
+        def ref(xs: dict[int, torch.Tensor] = xs) -> None:
+            for layer in plain:
+                for w in layer:
+                    reference.linear(xs[w.shape[1]], w)
+
+        def mine(xs: dict[int, torch.Tensor] = xs) -> None:
+            for layer in prepared:
+                for w, (_, k) in zip(layer, shapes, strict=True):
+                    cpu.linear(xs[k], w)
+
+        out[f"linear, 30 layers x {tokens} tokens"] = (ref, mine)
+    return out
+
+
+def cases(cpu: OpTable, tokens: int) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, HIDDEN, generator=g)
     res = torch.randn(tokens, HIDDEN, generator=g)
@@ -72,37 +106,34 @@ def cases(tokens: int) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]
     return {
         "rms_norm": (
             lambda: reference.rms_norm(x, w, 1e-5),
-            lambda: ops.rms_norm(x, w, 1e-5),
+            lambda: cpu.rms_norm(x, w, 1e-5),
         ),
         "fused_add_rms_norm": (
             lambda: reference.fused_add_rms_norm(x, res, w, 1e-5),
-            lambda: ops.fused_add_rms_norm(x, res, w, 1e-5),
+            lambda: cpu.fused_add_rms_norm(x, res, w, 1e-5),
         ),
         "rotary_embedding (q, k from one qkv)": (
             lambda: reference.rotary_embedding(pos, q, k, cos_sin),
-            lambda: ops.rotary_embedding(pos, q, k, cos_sin),
+            lambda: cpu.rotary_embedding(pos, q, k, cos_sin),
         ),
         "rotary_embedding (separate q, k)": (
             lambda: reference.rotary_embedding(pos, q_alone, k_alone, cos_sin),
-            lambda: ops.rotary_embedding(pos, q_alone, k_alone, cos_sin),
+            lambda: cpu.rotary_embedding(pos, q_alone, k_alone, cos_sin),
         ),
         "silu_and_mul": (
             lambda: reference.silu_and_mul(gate_up),
-            lambda: ops.silu_and_mul(gate_up),
+            lambda: cpu.silu_and_mul(gate_up),
         ),
         "reshape_and_cache": (
             lambda: reference.reshape_and_cache(k, v, kc, vc, slots),
-            lambda: ops.reshape_and_cache(k, v, kc, vc, slots),
+            lambda: cpu.reshape_and_cache(k, v, kc, vc, slots),
         ),
     }
 
 
-def attention_cases() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+def attention_cases(cpu: OpTable) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
     """paged_attention over the reference cache layout, as CpuPlatform.ops() hands it out."""
-    kernel, why = load_decode_kernel(Path(tempfile.mkdtemp()), torch.get_num_threads())
-    if kernel is None:
-        print(f"(native decode kernel unavailable: {why})")
-    paged_attention = ops.cpu_ops(kernel)["paged_attention"]
+    paged_attention = cpu.paged_attention
     g = torch.Generator().manual_seed(1)
     num_blocks = 6000
     kc = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=g)
@@ -143,13 +174,14 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {isa}, {threads} threads, {args.runs} runs, {args.timer} time"
     )
+    cpu = cpu_table()
     print("| op | tokens | reference µs | kvrun-cpu µs | speed-up |")
     print("|---|---:|---:|---:|---:|")
     for tokens in (1, 64, 512):
-        for name, (ref, mine) in cases(tokens).items():
+        for name, (ref, mine) in cases(cpu, tokens).items():
             r, m = compare(args.runs, ref, mine, clock)
             print(f"| {name} | {tokens} | {r:.1f} | {m:.1f} | {r / m:.2f}x |")
-    for name, (ref, mine) in attention_cases().items():
+    for name, (ref, mine) in {**attention_cases(cpu), **linear_cases(cpu)}.items():
         r, m = compare(max(5, args.runs // 20), ref, mine, clock)
         print(f"| {name} | | {r:.1f} | {m:.1f} | {r / m:.2f}x |")
 

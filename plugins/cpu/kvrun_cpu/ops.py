@@ -1,8 +1,10 @@
-"""Plain-torch fast paths for the core's ops, same signatures as kvrun.ops.reference.
+"""The cpu plugin's ops, same signatures as kvrun.ops.reference.
 
-Each one is kept only because benchmarks/bench_ops.py measures it faster than the
-reference on the target CPU (numbers in README.md). None of them writes to its inputs:
-callers may reuse what they pass.
+Each op runs on the native kernels (:mod:`kvrun_cpu.native`) where they take its
+dtype and shapes, else on plain-torch fast paths; each path is kept only because
+benchmarks/bench_ops.py measures it faster than the reference on the target CPU
+(numbers in README.md). None of them writes to its inputs: callers may reuse what
+they pass.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import torch.nn.functional as F
 
 from kvrun.ops import reference
 from kvrun_cpu.attention.kernels import decode_attention, prefill_attention
-from kvrun_cpu.attention.native import DecodeKernel, decode_batch
+from kvrun_cpu.attention.native import decode_batch, runs_natively
 from kvrun_cpu.attention.plan import build_plan
+from kvrun_cpu.native import NativeKernels, PackedWeight
 
 __all__ = [
     "cpu_ops",
+    "embedding",
     "fused_add_rms_norm",
     "linear",
     "paged_attention",
+    "prepare_linear",
     "reshape_and_cache",
     "rms_norm",
     "rotary_embedding",
@@ -33,20 +38,48 @@ __all__ = [
 
 # torch builds without oneDNN (rare on x86) keep F.linear.
 _ONEDNN: bool = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+# The dtypes the native kernels take (elementwise ops and packed matmuls).
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _rowwise(x: torch.Tensor) -> bool:
+    """A 2-D tensor whose rows are contiguous (what the native kernels read)."""
+    return x.dim() == 2 and x.stride(1) == 1
+
+
+def prepare_linear(
+    weight: torch.Tensor, native: NativeKernels | None = None
+) -> torch.Tensor | PackedWeight:  # [N, K] -> what linear and embedding read
+    """float32 and bfloat16 matrices packed into the native kernels' 16-row panels;
+    others as they are.
+
+    Measured on the AVX-512 CPU of BENCHMARKS.md, 2 threads, SmolLM2's 30 layers of
+    projections (bench_ops.py): the packed kernels reach 14 GFLOP/s at one row (oneDNN
+    8, oneDNN with its own prepacked weights 10), 100 at 8 rows (46 / 61) and 184 at 64
+    (106 / 151).
+    """
+    if native is None or weight.dtype not in _NATIVE_DTYPES or weight.dim() != 2:
+        return weight
+    return native.pack(weight)
 
 
 def linear(
     x: torch.Tensor,  # [T, K]
-    weight: torch.Tensor,  # [N, K]
+    weight: torch.Tensor | PackedWeight,  # [N, K], as prepare_linear returned it
     bias: torch.Tensor | None = None,  # [N]
+    native: NativeKernels | None = None,
 ) -> torch.Tensor:  # [T, N]
-    """oneDNN's matmul for float32; F.linear (MKL) otherwise.
-
-    Measured on the AVX-512 CPU of BENCHMARKS.md, 2 threads: SmolLM2's 30 layers of
-    projections take 21 ms at one token (F.linear: 35 ms), 23 ms at two (60 ms) and
-    86 ms at 64 (101 ms); the 49152 x 576 logits 4.6 / 21 ms at 1 / 64 rows (F.linear:
-    9.8 / 34). For bfloat16 F.linear already runs oneDNN.
-    """
+    """Packed weights on the native kernels; plain float32 on oneDNN's matmul; F.linear
+    (oneDNN or MKL) for other dtypes."""
+    if isinstance(weight, PackedWeight):
+        if (
+            native is not None
+            and x.dtype == weight.dtype
+            and _rowwise(x)
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+        ):
+            return native.packed_linear(x, weight, bias)
+        return F.linear(x, weight.unpack().to(x.dtype), bias)  # what the model never passes
     if (
         x.dtype == torch.float32
         and weight.dtype == torch.float32
@@ -62,13 +95,28 @@ def linear(
     return F.linear(x, weight, bias)
 
 
+def embedding(
+    ids: torch.Tensor,  # [T] int64
+    table: torch.Tensor | PackedWeight,  # [V, H], as prepare_linear returned it
+    native: NativeKernels | None = None,
+) -> torch.Tensor:  # [T, H]
+    if isinstance(table, PackedWeight):
+        if native is not None and ids.dim() == 1 and ids.dtype == torch.int64:
+            return native.packed_rows(ids, table)  # the table's dtype
+        return F.embedding(ids, table.unpack())  # what the model never passes
+    return F.embedding(ids, table)
+
+
 def rms_norm(
     x: torch.Tensor,  # [T, H]
     weight: torch.Tensor,  # [H]
     eps: float,
+    native: NativeKernels | None = None,
 ) -> torch.Tensor:  # [T, H]
     if weight.dtype != x.dtype:  # the reference promotes; keep its result dtype exactly
         return reference.rms_norm(x, weight, eps)
+    if native is not None and x.dtype in _NATIVE_DTYPES and _rowwise(x):
+        return native.rms_norm(x, weight.contiguous(), eps)[0]
     # aten's fused kernel: one pass for the variance, one for the scale, no fp32 copy of x.
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
@@ -78,7 +126,19 @@ def fused_add_rms_norm(
     residual: torch.Tensor,  # [T, H]
     weight: torch.Tensor,  # [H]
     eps: float,
+    native: NativeKernels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed [T, H], x + residual [T, H])
+    if (
+        native is not None
+        and x.dtype in _NATIVE_DTYPES
+        and residual.dtype == weight.dtype == x.dtype
+        and _rowwise(x)
+        and _rowwise(residual)
+        and residual.shape == x.shape
+    ):
+        normed, summed = native.rms_norm(x, weight.contiguous(), eps, residual=residual)
+        assert summed is not None
+        return normed, summed
     summed = x + residual
     return rms_norm(summed, weight, eps), summed
 
@@ -128,10 +188,25 @@ def rotary_embedding(
     query: torch.Tensor,  # [T, Hq, D]
     key: torch.Tensor,  # [T, Hk, D]
     cos_sin_cache: torch.Tensor,  # [max_pos, D]: cos in [:, :D/2], sin in [:, D/2:]
+    native: NativeKernels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (query, key) rotated, same shapes
     """Rotate-half rotary embedding, as the reference."""
     if query.dtype != key.dtype:
         return reference.rotary_embedding(positions, query, key, cos_sin_cache)
+    if (
+        native is not None
+        and query.dtype in _NATIVE_DTYPES
+        and cos_sin_cache.dtype == torch.float32
+        and cos_sin_cache.is_contiguous()
+        and query.stride(2) == 1
+        and key.stride(2) == 1
+        and positions.dtype == torch.int64
+        and positions.is_contiguous()
+        and positions.numel() == query.shape[0]
+    ):
+        out = native.rotary(positions, query, key, cos_sin_cache)  # [T, Hq + Hk, D]
+        num_heads = query.shape[1]
+        return out[:, :num_heads], out[:, num_heads:]
     half = cos_sin_cache.shape[-1] // 2
     cos_sin = cos_sin_cache.index_select(0, positions)  # [T, D]
     if cos_sin.dtype != query.dtype:
@@ -146,7 +221,11 @@ def rotary_embedding(
     return out[:, :num_heads], out[:, num_heads:]
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
+def silu_and_mul(
+    x: torch.Tensor, native: NativeKernels | None = None
+) -> torch.Tensor:  # [T, 2I] -> [T, I]
+    if native is not None and x.dtype in _NATIVE_DTYPES and _rowwise(x):
+        return native.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     out = F.silu(gate)
     return out.mul_(up)  # in place on silu's fresh result: one temporary fewer
@@ -158,8 +237,24 @@ def reshape_and_cache(
     key_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D]
     value_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D]
     slot_mapping: torch.Tensor,  # [T] int64, block_id * block_size + offset
+    native: NativeKernels | None = None,
 ) -> None:
-    """Write each token's key and value into its cache slot, in place (index_copy_)."""
+    """Write each token's key and value into its cache slot, in place: natively, or by
+    index_copy_."""
+    if (
+        native is not None
+        and key.dtype == value.dtype == key_cache.dtype == value_cache.dtype
+        and key.stride(2) == 1
+        and value.stride(2) == 1
+        and key_cache.stride() == value_cache.stride()
+        and key_cache.stride(3) == 1
+        and slot_mapping.dtype == torch.int64
+        and slot_mapping.is_contiguous()
+    ):
+        # The kernel takes the head-major view [Hk, NB, bs, D] through strides.
+        k_heads, v_heads = key_cache.permute(2, 0, 1, 3), value_cache.permute(2, 0, 1, 3)
+        native.write_kv(key, value, k_heads, v_heads, slot_mapping)
+        return
     num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
     slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
     if key.dtype != key_cache.dtype:
@@ -180,20 +275,19 @@ def paged_attention(
     seq_lens: list[int],  # [B] context length after this step
     query_lens: list[int],  # [B] new tokens per request (they end the context)
     scale: float,
-    decode_kernel: DecodeKernel | None = None,  # bound by cpu_ops() when it was built
+    native: NativeKernels | None = None,
 ) -> torch.Tensor:  # [T, Hq, D]
-    """Causal paged attention: decodes batched (in the native kernel when given, for
-    fp32), prefills one by one on SDPA."""
+    """Causal paged attention: decodes batched (in the native kernel when given),
+    prefills one by one on SDPA."""
     block_size, num_kv_heads, head_dim = key_cache.shape[1:]
-    fp32 = torch.float32
-    native = decode_kernel is not None and query.dtype == key_cache.dtype == fp32
-    plan = build_plan(query_lens, seq_lens, block_tables, block_size, one_decode_batch=native)
+    in_c = runs_natively(native, query, key_cache) and key_cache.dtype == value_cache.dtype
+    plan = build_plan(query_lens, seq_lens, block_tables, block_size, one_decode_batch=in_c)
     out = torch.empty_like(query)
     if plan.decode_batch is not None:
-        assert decode_kernel is not None
+        assert native is not None
         # The kernel reads [Hk, NB, bs, D] through strides: no copy of the cache.
         k_heads, v_heads = key_cache.permute(2, 0, 1, 3), value_cache.permute(2, 0, 1, 3)
-        decode_batch(decode_kernel, query, k_heads, v_heads, plan.decode_batch, scale, out)
+        decode_batch(native, query, k_heads, v_heads, plan.decode_batch, scale, out)
     for group in plan.decodes:
         n, width = group.num_seqs, group.num_blocks * block_size
         # [n * blocks, bs, Hk, D] -> [n, Hk, span, D]: a view of the gathered blocks.
@@ -213,17 +307,22 @@ def paged_attention(
     return out
 
 
-def cpu_ops(decode_kernel: DecodeKernel | None = None) -> Mapping[str, Callable[..., Any]]:
-    """The overrides CpuPlatform.ops() returns: every op that measured faster."""
-    attention = paged_attention
-    if decode_kernel is not None:
-        attention = functools.partial(paged_attention, decode_kernel=decode_kernel)
-    return {
-        "linear": linear,
-        "rms_norm": rms_norm,
-        "fused_add_rms_norm": fused_add_rms_norm,
-        "rotary_embedding": rotary_embedding,
-        "silu_and_mul": silu_and_mul,
-        "reshape_and_cache": reshape_and_cache,
-        "paged_attention": attention,
-    }
+_OPS: dict[str, Callable[..., Any]] = {
+    "prepare_linear": prepare_linear,
+    "linear": linear,
+    "embedding": embedding,
+    "rms_norm": rms_norm,
+    "fused_add_rms_norm": fused_add_rms_norm,
+    "rotary_embedding": rotary_embedding,
+    "silu_and_mul": silu_and_mul,
+    "reshape_and_cache": reshape_and_cache,
+    "paged_attention": paged_attention,
+}
+
+
+def cpu_ops(native: NativeKernels | None = None) -> Mapping[str, Callable[..., Any]]:
+    """The overrides CpuPlatform.ops() returns: every op that measured faster, bound to
+    the native kernels when they were built."""
+    if native is None:
+        return dict(_OPS)
+    return {name: functools.partial(op, native=native) for name, op in _OPS.items()}

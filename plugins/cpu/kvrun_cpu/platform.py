@@ -13,14 +13,17 @@ import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
 from kvrun.attention.reference import ReferenceAttention
-from kvrun.platforms import KVCachePlan, KVCacheRequest, Platform
+from kvrun.platforms import DecodeGraphRunner, KVCachePlan, KVCacheRequest, Platform
+from kvrun.scheduling import FreeBlockPolicy, MostRecentlyFreedFirst
 from kvrun_cpu.attention import IpexAttention, TorchSdpaAttention
 from kvrun_cpu.attention.ipex import ipex_status, ipex_unavailable
-from kvrun_cpu.attention.native import DecodeKernel, load_decode_kernel
+from kvrun_cpu.native import NativeKernels, load_native
+from kvrun_cpu.native.decoder import NativeDecoder, unsupported_reason
 from kvrun_cpu.ops import cpu_ops
 from kvrun_cpu.threads import apply_threads_bind, format_cores, parse_threads_bind
 
 if TYPE_CHECKING:
+    from kvrun.config import EngineConfig
     from kvrun.envs import EnvSnapshot
 
 __all__ = ["CpuPlatform"]
@@ -54,7 +57,7 @@ class CpuPlatform(Platform):
         # One backend per (name, layer spec): layers that share a spec share its batch
         # plan and gather buffers instead of each holding their own.
         self._backends: dict[tuple[str, AttentionLayerSpec], AttentionBackend] = {}
-        self._decode_kernel: tuple[DecodeKernel | None, str] | None = None  # built on first use
+        self._native: tuple[NativeKernels | None, str] | None = None  # built on first use
         self._ipex: tuple[bool, str] | None = None  # (usable, why), probed on first use
 
     # identity -------------------------------------------------------------------
@@ -70,9 +73,8 @@ class CpuPlatform(Platform):
         isa = torch.backends.cpu.get_cpu_capability()
         cores = format_cores(os.sched_getaffinity(0))
         line = f"{self.name} ({isa}; {torch.get_num_threads()} threads on cores {cores}"
-        if self._decode_kernel is not None:
-            kernel = "native" if self._decode_kernel[0] is not None else "torch"
-            line += f"; {kernel} decode attention"
+        if self._native is not None:
+            line += "; native kernels" if self._native[0] is not None else "; torch kernels"
         return line + ")"
 
     # attention ------------------------------------------------------------------
@@ -90,7 +92,7 @@ class CpuPlatform(Platform):
         backend = self._backends.get((chosen, spec))
         if backend is None:
             if chosen == TorchSdpaAttention.name:
-                backend = TorchSdpaAttention(spec, decode_kernel=self.decode_kernel())
+                backend = TorchSdpaAttention(spec, native=self.native_kernels())
             elif chosen == IpexAttention.name and not self.ipex_status()[0]:
                 raise ipex_unavailable(self.ipex_status()[1])  # says how to install it
             else:
@@ -105,18 +107,18 @@ class CpuPlatform(Platform):
             logger.debug("IPEX attention: %s", self._ipex[1])
         return self._ipex
 
-    def decode_kernel(self) -> DecodeKernel | None:
-        """The native decode kernel, built once under $VLLM_CACHE_ROOT/kvrun_cpu; None if
-        it cannot be built (the reason is logged and TORCH_SDPA keeps its torch path)."""
-        if self._decode_kernel is None:
+    def native_kernels(self) -> NativeKernels | None:
+        """The native kernels, built once under $VLLM_CACHE_ROOT/kvrun_cpu; None if they
+        cannot be built (the reason is logged and the ops keep their torch paths)."""
+        if self._native is None:
             cache_dir = Path(self.env.VLLM_CACHE_ROOT) / "kvrun_cpu"
-            kernel, why = load_decode_kernel(cache_dir, torch.get_num_threads())
-            if kernel is None:
-                logger.warning("native decode kernel unavailable, using torch: %s", why)
+            native, why = load_native(cache_dir, torch.get_num_threads())
+            if native is None:
+                logger.warning("native kernels unavailable, using torch: %s", why)
             else:
-                logger.info("native decode kernel: %s", why)
-            self._decode_kernel = (kernel, why)
-        return self._decode_kernel[0]
+                logger.info("native kernels: %s", why)
+            self._native = (native, why)
+        return self._native[0]
 
     # KV cache -------------------------------------------------------------------
     def allocate_kv_cache(self, plan: KVCachePlan, num_layers: int) -> list[torch.Tensor]:
@@ -133,6 +135,12 @@ class CpuPlatform(Platform):
             for _ in range(num_layers)
         ]
 
+    def free_block_policy(self, config: EngineConfig) -> FreeBlockPolicy | None:
+        """The block freed last first: its pages are mapped and warm, where a block never
+        used yet costs the first-touch page faults the calloc'd cache defers (the throughput
+        workload measured 6% of its time in them with FIFO)."""
+        return MostRecentlyFreedFirst()
+
     def kv_cache_budget(self, request: KVCacheRequest) -> tuple[int, str]:
         gib = self.env.VLLM_CPU_KVCACHE_SPACE
         if gib == 0:
@@ -143,4 +151,17 @@ class CpuPlatform(Platform):
 
     # kernels --------------------------------------------------------------------
     def ops(self) -> Mapping[str, Callable[..., Any]]:
-        return cpu_ops(self.decode_kernel())
+        return cpu_ops(self.native_kernels())
+
+    def fused_decoder(
+        self, model: Any, kv_caches: list[torch.Tensor], config: EngineConfig
+    ) -> DecodeGraphRunner | None:
+        """Decode steps of a few tokens in one native call (float32 Llama family on
+        TORCH_SDPA); None, with the reason logged, where that does not apply."""
+        native = self.native_kernels()
+        why = "the native kernels are unavailable" if native is None else None
+        why = why or unsupported_reason(model, kv_caches)
+        if why is not None:
+            logger.info("decode steps run op by op: %s", why)
+            return None
+        return NativeDecoder(native, model, kv_caches)

@@ -56,11 +56,11 @@ def make_meta(
 
 @pytest.fixture(params=["torch", "native"])
 def make_backend(request: pytest.FixtureRequest) -> Factory:
-    """TORCH_SDPA on its torch path, and with the native decode kernel."""
+    """TORCH_SDPA on its torch paths, and with the native kernels (cache writes, decodes)."""
     if request.param == "torch":
         return TorchSdpaAttention
-    kernel = request.getfixturevalue("decode_kernel")
-    return lambda spec: TorchSdpaAttention(spec, decode_kernel=kernel)
+    native = request.getfixturevalue("native_kernels")
+    return lambda spec: TorchSdpaAttention(spec, native=native)
 
 
 def run_case(

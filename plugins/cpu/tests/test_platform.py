@@ -108,9 +108,9 @@ def test_allocated_cache_has_the_backend_layout(platform: Make) -> None:
     assert [c.shape for c in caches] == [torch.Size((2, 3, plan.num_blocks, 16, 64))] * 2
 
 
-def test_ops_are_the_cpu_kernels_with_the_decode_kernel_bound(platform: Make) -> None:
+def test_ops_are_the_cpu_kernels_with_the_native_kernels_bound(platform: Make) -> None:
     cpu = platform()
-    got, want = dict(cpu.ops()), dict(cpu_ops(cpu.decode_kernel()))
+    got, want = dict(cpu.ops()), dict(cpu_ops(cpu.native_kernels()))
 
     def unbound(fn: object) -> object:  # functools.partial compares by identity
         return (fn.func, fn.keywords) if isinstance(fn, functools.partial) else fn
@@ -127,16 +127,16 @@ def test_describe_names_isa_threads_and_cores(platform: Make) -> None:
 
 
 @pytest.mark.skipif(not shutil.which("cc") and not shutil.which("gcc"), reason="no C compiler")
-def test_torch_sdpa_gets_the_native_decode_kernel(platform: Make, tmp_path: Path) -> None:
+def test_torch_sdpa_gets_the_native_kernels(platform: Make, tmp_path: Path) -> None:
     cpu = platform()
     backend = cpu.attention_backend(None, SPEC)
     assert isinstance(backend, TorchSdpaAttention)
-    assert backend.decode_kernel is not None and backend.decode_kernel is cpu.decode_kernel()
-    assert len(list((tmp_path / "cache" / "kvrun_cpu").glob("kvrun_cpu_decode_*.so"))) == 1
-    assert cpu.describe().endswith("; native decode attention)")
+    assert backend.native is not None and backend.native is cpu.native_kernels()
+    assert len(list((tmp_path / "cache" / "kvrun_cpu").glob("kvrun_cpu_native_*.so"))) == 1
+    assert cpu.describe().endswith("; native kernels)")
 
 
-def test_torch_sdpa_falls_back_to_torch_when_the_kernel_cannot_be_built(
+def test_torch_sdpa_falls_back_to_torch_when_the_kernels_cannot_be_built(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     blocker = tmp_path / "not-a-dir"
@@ -144,15 +144,15 @@ def test_torch_sdpa_falls_back_to_torch_when_the_kernel_cannot_be_built(
     cpu = CpuPlatform(read_env({"VLLM_CACHE_ROOT": str(blocker)}))
     with caplog.at_level(logging.WARNING, logger="kvrun.cpu"):
         backend = cpu.attention_backend(None, SPEC)
-    assert isinstance(backend, TorchSdpaAttention) and backend.decode_kernel is None
+    assert isinstance(backend, TorchSdpaAttention) and backend.native is None
     (record,) = caplog.records
     assert record.getMessage().startswith(
-        "native decode kernel unavailable, using torch: could not build in "
-        f"{blocker / 'kvrun_cpu'}: "
+        f"native kernels unavailable, using torch: could not build in {blocker / 'kvrun_cpu'}: "
     ) or record.getMessage() == (
-        "native decode kernel unavailable, using torch: no C compiler (cc, gcc or clang) on PATH"
+        "native kernels unavailable, using torch: no C compiler (cc, gcc or clang) on PATH"
     )
-    assert cpu.describe().endswith("; torch decode attention)")
+    assert cpu.describe().endswith("; torch kernels)")
+    assert dict(cpu.ops()) == dict(cpu_ops(None))  # every op on its torch path
 
 
 def test_auto_dtype_is_float32(platform: Make) -> None:

@@ -5,9 +5,10 @@ gathering a batch's blocks with one ``index_select`` on dim 1 yields ``[Hk, n, S
 K/V that SDPA reads without a further copy. Each step gathers only the blocks named
 by the block tables, never concatenates a sequence's history.
 
-Given the native decode kernel (:mod:`kvrun_cpu.attention.native`), fp32 decodes skip
-the gather and run in the kernel, which reads the cache in place; prefills always run
-on SDPA. As in vLLM's CPU backend of the same name.
+Given the native kernels (:mod:`kvrun_cpu.native`), the cache write and every decode
+(float32, bfloat16, float16) run there: the decode kernel skips the gather and reads
+the cache in place. Prefills always run on SDPA. As in vLLM's CPU backend of the
+same name.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, AttentionMetadata
 from kvrun_cpu.attention.kernels import Workspace, decode_attention, prefill_attention
-from kvrun_cpu.attention.native import DecodeKernel, decode_batch
+from kvrun_cpu.attention.native import decode_batch, runs_natively
 from kvrun_cpu.attention.plan import BatchPlan, build_plan
+from kvrun_cpu.native import NativeKernels
 
 __all__ = ["TorchSdpaAttention", "write_kv_head_major"]
 
@@ -53,9 +55,9 @@ class TorchSdpaAttention(AttentionBackend):
 
     name = "TORCH_SDPA"
 
-    def __init__(self, spec: AttentionLayerSpec, decode_kernel: DecodeKernel | None = None) -> None:
+    def __init__(self, spec: AttentionLayerSpec, native: NativeKernels | None = None) -> None:
         super().__init__(spec)
-        self.decode_kernel = decode_kernel
+        self.native = native
         self._workspace = Workspace()
         # The last plan and what it was built from: the host lengths and a copy of the
         # block tables (compared by value: a runner may refill one tables buffer in place,
@@ -102,17 +104,20 @@ class TorchSdpaAttention(AttentionBackend):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # [Hk, NB, bs, D]
-        write_kv_head_major(key, value, key_cache, value_cache, meta.slot_mapping)
-        fp32 = torch.float32
-        native = self.decode_kernel is not None and query.dtype == key_cache.dtype == fp32
+        native = runs_natively(self.native, query, key_cache)
+        if native and key.dtype == key_cache.dtype and meta.slot_mapping.dtype == torch.int64:
+            assert self.native is not None
+            self.native.write_kv(key, value, key_cache, value_cache, meta.slot_mapping)
+        else:
+            write_kv_head_major(key, value, key_cache, value_cache, meta.slot_mapping)
         plan = self.plan(meta, one_decode_batch=native)
         num_kv_heads, _, block_size, head_dim = key_cache.shape
         scale = self.spec.scale
         out = torch.empty_like(query)
         if plan.decode_batch is not None:
-            assert self.decode_kernel is not None
+            assert self.native is not None
             batch = plan.decode_batch
-            decode_batch(self.decode_kernel, query, key_cache, value_cache, batch, scale, out)
+            decode_batch(self.native, query, key_cache, value_cache, batch, scale, out)
         for group in plan.decodes:
             n, width = group.num_seqs, group.num_blocks * block_size
             shape = (num_kv_heads, n * group.num_blocks, block_size, head_dim)

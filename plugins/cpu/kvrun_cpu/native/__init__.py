@@ -1,0 +1,373 @@
+"""kvrun-cpu's native kernels: C built on first use, called through ctypes.
+
+:func:`load_native` builds (or finds in its cache) one shared library from ``csrc/``
+and returns :class:`NativeKernels`, whose methods take torch tensors, check what the
+C code relies on (it checks nothing), and run the kernel on the threads of torch's
+OpenMP runtime. Without a compiler, or if the build fails, there are no native
+kernels: the caller gets None and the reason, and the cpu plugin keeps its torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from kvrun_cpu.native.build import compile_library, default_isa, library_path
+from kvrun_cpu.native.packed import PANEL, PackedWeight
+
+__all__ = ["DTYPE_CODES", "NativeKernels", "PackedWeight", "load_native"]
+
+# The dtypes the packed matmuls take.
+_PACKED = (torch.float32, torch.bfloat16)
+# The dtype codes of the C sources (DT_* in attention.c and elementwise.c).
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_I64, _PTR, _INT, _FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_SIGNATURES: dict[str, list[type]] = {
+    # x, x_row, panels, bias, y, y_row, m, n, k, workers
+    "kvrun_packed_linear_f32": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT],
+    # w, w_row, n, k, panels, workers
+    "kvrun_pack_f32": [_PTR, _I64, _I64, _I64, _PTR, _INT],
+    # ids, m, panels, n, k, out -> bad id or -1
+    "kvrun_packed_rows_f32": [_PTR, _I64, _PTR, _I64, _I64, _PTR],
+    # the same three for bfloat16
+    "kvrun_packed_linear_bf16": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT],
+    "kvrun_pack_bf16": [_PTR, _I64, _I64, _I64, _PTR, _INT],
+    "kvrun_packed_rows_bf16": [_PTR, _I64, _PTR, _I64, _I64, _PTR],
+    # query, q_tok, q_head, key_cache, value_cache, c_head, c_block, c_slot, tables, t_row,
+    # seq_lens, n, num_heads, num_kv_heads, head_dim, block_size, scale, out, o_tok, o_head,
+    # dtype, workers
+    "kvrun_paged_decode": [
+        *(_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64, _PTR),
+        *(_I64, _I64, _I64, _I64, _I64, _FLOAT, _PTR, _I64, _I64, _INT, _INT),
+    ],
+    # x, x_row, residual, r_row, weight, out, o_row, sum, s_row, tokens, hidden, eps, dtype,
+    # workers
+    "kvrun_rms_norm": [
+        *(_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64),
+        *(_FLOAT, _INT, _INT),
+    ],
+    # x, x_row, out, o_row, tokens, inter, dtype, workers
+    "kvrun_silu_and_mul": [_PTR, _I64, _PTR, _I64, _I64, _I64, _INT, _INT],
+    # positions, q, q_tok, q_head, k, k_tok, k_head, cos_sin, max_pos, out, tokens, Hq, Hk, D,
+    # dtype, workers -> bad position or -1
+    "kvrun_rotary": [
+        *(_PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64),
+        *(_I64, _I64, _INT, _INT),
+    ],
+    # key, k_tok, k_head, value, v_tok, v_head, key_cache, value_cache, c_head, c_block, c_slot,
+    # slots, tokens, num_kv_heads, head_dim, block_size, num_blocks, esize -> bad slot or -1
+    "kvrun_write_kv": [
+        *(_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR),
+        *(_I64, _I64, _I64, _I64, _I64, _I64),
+    ],
+    # model, tokens, positions, slots, tables, t_row, seq_lens, m, hidden, scratch, where,
+    # workers -> 0 or an error code (kvrun_cpu.native.decoder.STEP_ERRORS)
+    "kvrun_decode_step": [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _INT],
+    # model, m -> floats of scratch
+    "kvrun_decode_scratch": [_PTR, _I64],
+}
+_RESULTS: dict[str, type] = {
+    "kvrun_packed_rows_f32": _I64,
+    "kvrun_packed_rows_bf16": _I64,
+    "kvrun_write_kv": _I64,
+    "kvrun_rotary": _I64,
+    "kvrun_decode_step": _I64,
+    "kvrun_decode_scratch": _I64,
+}
+
+
+class NativeKernels:
+    """The loaded library. Each call runs on up to ``threads`` threads (the calling one
+    included) of torch's OpenMP runtime; calls from several Python threads each get
+    their own team."""
+
+    def __init__(self, library: Path, threads: int) -> None:
+        lib = ctypes.CDLL(str(library))
+        self.library = library
+        self.threads = max(1, threads)
+        for name, argtypes in _SIGNATURES.items():
+            fn = lib[name]
+            fn.argtypes = argtypes
+            fn.restype = _RESULTS.get(name)
+            setattr(self, "_" + name.removeprefix("kvrun_"), fn)
+        # The fused decode step is driven by kvrun_cpu.native.decoder.NativeDecoder.
+        self.decode_step_fn = self._decode_step  # type: ignore[attr-defined]
+        self.decode_scratch_fn = self._decode_scratch  # type: ignore[attr-defined]
+
+    # matmul ----------------------------------------------------------------------------
+    def pack(self, weight: torch.Tensor) -> PackedWeight:  # [N, K] float32 or bfloat16
+        """The weight in the panel layout :meth:`packed_linear` reads (a new tensor)."""
+        n, k = weight.shape
+        assert weight.dtype in _PACKED and weight.stride(1) == 1
+        if weight.dtype == torch.float32:
+            shape: tuple[int, ...] = (-(-n // PANEL), k, PANEL)
+        else:
+            shape = (-(-n // PANEL), -(-k // 2), PANEL, 2)
+        panels = torch.empty(shape, dtype=weight.dtype)
+        assert panels.data_ptr() % 64 == 0  # the kernels load whole aligned lines
+        pack = self._pack_f32 if weight.dtype == torch.float32 else self._pack_bf16  # type: ignore[attr-defined]
+        pack(weight.data_ptr(), weight.stride(0), n, k, panels.data_ptr(), self.threads)
+        return PackedWeight(panels, n, k)
+
+    def packed_linear(
+        self,
+        x: torch.Tensor,  # [M, K], the weight's dtype, unit last stride
+        weight: PackedWeight,  # [N, K]
+        bias: torch.Tensor | None = None,  # [N], the weight's dtype, contiguous
+    ) -> torch.Tensor:  # [M, N], the weight's dtype
+        """x @ weight.T + bias, summed in float32."""
+        m, k = x.shape
+        n, dtype = weight.out_features, weight.dtype
+        assert weight.in_features == k and x.stride(1) == 1 and x.dtype == dtype
+        if bias is not None:
+            assert bias.shape == (n,) and bias.dtype == dtype and bias.is_contiguous()
+        y = torch.empty((m, n), dtype=dtype)
+        fn = self._packed_linear_f32 if dtype == torch.float32 else self._packed_linear_bf16  # type: ignore[attr-defined]
+        fn(
+            x.data_ptr(),
+            x.stride(0),
+            weight.panels.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            n,
+            m,
+            n,
+            k,
+            self.threads,
+        )
+        return y
+
+    def packed_rows(self, ids: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+        """Rows ``ids`` ([T] int64) of the packed matrix: [T, K]; an id outside it is an
+        IndexError."""
+        ids = ids.contiguous()
+        assert ids.dtype == torch.int64 and ids.dim() == 1
+        out = torch.empty((ids.shape[0], weight.in_features), dtype=weight.dtype)
+        fn = self._packed_rows_f32 if weight.dtype == torch.float32 else self._packed_rows_bf16  # type: ignore[attr-defined]
+        bad = fn(
+            ids.data_ptr(),
+            ids.shape[0],
+            weight.panels.data_ptr(),
+            weight.out_features,
+            weight.in_features,
+            out.data_ptr(),
+        )
+        if bad >= 0:
+            raise IndexError(
+                f"index {int(ids[bad])} is out of range for {weight.out_features} rows"
+            )
+        return out
+
+    # attention -------------------------------------------------------------------------
+    def paged_decode(
+        self,
+        query: torch.Tensor,  # [n, Hq, D], one token per request; unit last stride
+        key_cache: torch.Tensor,  # viewed as [Hk, num_blocks, block_size, D], unit last stride
+        value_cache: torch.Tensor,  # same shape and strides as key_cache
+        tables: torch.Tensor,  # [n, max_blocks] int32, unit last stride
+        seq_lens: torch.Tensor,  # [n] int32 contiguous, each >= 1
+        scale: float,
+        out: torch.Tensor,  # [n, Hq, D], the query's dtype, unit last stride
+    ) -> None:
+        """Decode attention of each request's one query over its paged context, into out.
+
+        The caller guarantees every block id in ``tables`` (up to each request's length)
+        is inside the cache: the kernel reads them unchecked.
+        """
+        n, num_heads, head_dim = query.shape
+        num_kv_heads, _, block_size, _ = key_cache.shape
+        assert key_cache.stride() == value_cache.stride() and key_cache.stride(3) == 1
+        assert query.stride(2) == 1 and tables.stride(1) == 1 and seq_lens.is_contiguous()
+        assert tables.dtype == torch.int32 and seq_lens.dtype == torch.int32
+        assert query.dtype == key_cache.dtype == value_cache.dtype == out.dtype
+        assert out.shape == query.shape and out.stride(2) == 1
+        assert num_heads % num_kv_heads == 0 and tables.shape[0] == seq_lens.shape[0] == n
+        c_head, c_block, c_slot, _ = key_cache.stride()
+        self._paged_decode(  # type: ignore[attr-defined]
+            query.data_ptr(),
+            query.stride(0),
+            query.stride(1),
+            key_cache.data_ptr(),
+            value_cache.data_ptr(),
+            c_head,
+            c_block,
+            c_slot,
+            tables.data_ptr(),
+            tables.stride(0),
+            seq_lens.data_ptr(),
+            n,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            scale,
+            out.data_ptr(),
+            out.stride(0),
+            out.stride(1),
+            DTYPE_CODES[query.dtype],
+            self.threads,
+        )
+
+    def write_kv(
+        self,
+        key: torch.Tensor,  # [T, Hk, D], unit last stride
+        value: torch.Tensor,  # [T, Hk, D], unit last stride
+        key_cache: torch.Tensor,  # viewed as [Hk, num_blocks, block_size, D], unit last stride
+        value_cache: torch.Tensor,  # same shape and strides
+        slots: torch.Tensor,  # [T] int64 contiguous, block_id * block_size + offset
+    ) -> None:
+        """Copy each token's K/V heads into its cache slot; a slot outside the cache is an
+        IndexError and nothing is written."""
+        tokens, num_kv_heads, head_dim = key.shape
+        _, num_blocks, block_size, _ = key_cache.shape
+        assert key.dtype == value.dtype == key_cache.dtype == value_cache.dtype
+        assert key_cache.stride() == value_cache.stride() and key_cache.stride(3) == 1
+        assert key.stride(2) == 1 and value.stride(2) == 1 and value.shape == key.shape
+        assert slots.dtype == torch.int64 and slots.is_contiguous() and slots.shape == (tokens,)
+        c_head, c_block, c_slot, _ = key_cache.stride()
+        bad = self._write_kv(  # type: ignore[attr-defined]
+            key.data_ptr(),
+            key.stride(0),
+            key.stride(1),
+            value.data_ptr(),
+            value.stride(0),
+            value.stride(1),
+            key_cache.data_ptr(),
+            value_cache.data_ptr(),
+            c_head,
+            c_block,
+            c_slot,
+            slots.data_ptr(),
+            tokens,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            num_blocks,
+            key.element_size(),
+        )
+        if bad >= 0:
+            raise IndexError(
+                f"slot {int(slots[bad])} of token {bad} is outside the KV cache of "
+                f"{num_blocks} blocks of {block_size}"
+            )
+
+    # elementwise -----------------------------------------------------------------------
+    def rms_norm(
+        self,
+        x: torch.Tensor,  # [T, H] float32 or bfloat16, unit last stride
+        weight: torch.Tensor,  # [H] same dtype, contiguous
+        eps: float,
+        residual: torch.Tensor | None = None,  # [T, H] same dtype, unit last stride
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (normed, x + residual or None)
+        """RMS norm of x, or of x + residual (returned too), as the reference rounds."""
+        tokens, hidden = x.shape
+        assert x.dtype == weight.dtype and x.stride(1) == 1 and weight.is_contiguous()
+        assert weight.shape == (hidden,)
+        out = torch.empty((tokens, hidden), dtype=x.dtype)
+        summed = None
+        if residual is not None:
+            assert residual.shape == x.shape and residual.dtype == x.dtype
+            assert residual.stride(1) == 1
+            summed = torch.empty((tokens, hidden), dtype=x.dtype)
+        self._rms_norm(  # type: ignore[attr-defined]
+            x.data_ptr(),
+            x.stride(0),
+            None if residual is None else residual.data_ptr(),
+            0 if residual is None else residual.stride(0),
+            weight.data_ptr(),
+            out.data_ptr(),
+            hidden,
+            None if summed is None else summed.data_ptr(),
+            hidden,
+            tokens,
+            hidden,
+            eps,
+            DTYPE_CODES[x.dtype],
+            self.threads,
+        )
+        return out, summed
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
+        tokens, width = x.shape
+        assert x.stride(1) == 1 and width % 2 == 0
+        out = torch.empty((tokens, width // 2), dtype=x.dtype)
+        self._silu_and_mul(  # type: ignore[attr-defined]
+            x.data_ptr(),
+            x.stride(0),
+            out.data_ptr(),
+            width // 2,
+            tokens,
+            width // 2,
+            DTYPE_CODES[x.dtype],
+            self.threads,
+        )
+        return out
+
+    def rotary(
+        self,
+        positions: torch.Tensor,  # [T] int64 contiguous
+        query: torch.Tensor,  # [T, Hq, D], unit last stride
+        key: torch.Tensor,  # [T, Hk, D], same dtype, unit last stride
+        cos_sin: torch.Tensor,  # [max_pos, D] float32 contiguous
+    ) -> torch.Tensor:  # [T, Hq + Hk, D]: rotated query heads, then key heads
+        """Rotate-half rotary embedding; a position outside the table is an IndexError."""
+        tokens, num_heads, head_dim = query.shape
+        num_kv_heads = key.shape[1]
+        assert key.shape == (tokens, num_kv_heads, head_dim) and key.dtype == query.dtype
+        assert query.stride(2) == 1 and key.stride(2) == 1 and head_dim % 2 == 0
+        assert cos_sin.dtype == torch.float32 and cos_sin.is_contiguous()
+        assert cos_sin.shape[1] == head_dim
+        assert positions.dtype == torch.int64 and positions.is_contiguous()
+        assert positions.shape == (tokens,)
+        out = torch.empty((tokens, num_heads + num_kv_heads, head_dim), dtype=query.dtype)
+        bad = self._rotary(  # type: ignore[attr-defined]
+            positions.data_ptr(),
+            query.data_ptr(),
+            query.stride(0),
+            query.stride(1),
+            key.data_ptr(),
+            key.stride(0),
+            key.stride(1),
+            cos_sin.data_ptr(),
+            cos_sin.shape[0],
+            out.data_ptr(),
+            tokens,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            DTYPE_CODES[query.dtype],
+            self.threads,
+        )
+        if bad >= 0:
+            raise IndexError(
+                f"position {int(positions[bad])} of token {bad} is outside the rotary table "
+                f"of {cos_sin.shape[0]} positions"
+            )
+        return out
+
+
+def load_native(
+    cache_dir: Path, threads: int, isa: str | None = None
+) -> tuple[NativeKernels | None, str]:
+    """The native kernels, built once under ``cache_dir``; or None and why not.
+
+    ``threads`` is how many threads one call may use (torch's thread count); ``isa``
+    forces a target ("AVX512", "AVX2", "generic"; default: what torch detected). A
+    cached library that will not load (truncated, foreign) is rebuilt once.
+    """
+    lib, flags = library_path(cache_dir, isa or default_isa())
+    if lib.exists():
+        try:
+            return NativeKernels(lib, threads), f"cached {lib}"
+        except (OSError, AttributeError):
+            lib.unlink(missing_ok=True)
+    error = compile_library(lib, flags)
+    if error is not None:
+        return None, error
+    try:
+        return NativeKernels(lib, threads), f"built {lib}"
+    except (OSError, AttributeError) as exc:
+        return None, f"could not load {lib}: {exc}"

@@ -1,0 +1,192 @@
+/* A whole decode step of a Llama-family model in one call, float32.
+ *
+ * For a few decode tokens a step is ~150 small kernels around the matmuls, and calling
+ * them one by one from Python costs about as much as the matmuls themselves. Here the
+ * whole step runs inside one parallel region: each phase splits its work among the
+ * threads and a barrier separates it from the next. Every phase runs the same row and
+ * item functions as the op-level kernels, in the same order, so the hidden states are
+ * bit for bit those of the op-by-op native path.
+ *
+ * Weights are packed into 16-row panels (packed.c), the embedding table too.
+ *
+ * Per layer: qkv = h Wqkv^T (+b); per (request, kv head): rotate its q heads and k,
+ * write k and v into the cache slot, attend over the cached rows; x = attn Wo^T;
+ * residual += x, h = norm(residual); gate|up = h Wgu^T, act = silu(gate) up;
+ * x = act Wdown^T; residual += x, h = norm(residual) with the next layer's weight.
+ */
+#include <omp.h>
+#include <string.h>
+
+#include "kvrun_cpu.h"
+
+typedef struct {
+    const float *input_norm, *qkv, *qkv_bias, *o, *post_norm, *gate_up, *down; /* matrices packed */
+    float *key_cache, *value_cache; /* [Hk, num_blocks, block_size, D] via the model's strides */
+} kv_decoder_layer;
+
+/* Layout of every field: 8 bytes (kvrun_cpu.native.decoder mirrors it with ctypes). */
+typedef struct {
+    int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab;
+    double eps, scale;
+    const float *embed;      /* [vocab, hidden], packed */
+    const float *final_norm; /* [hidden] */
+    const float *cos_sin;    /* [max_pos, head_dim]: cos | sin */
+    int64_t max_pos;
+    int64_t c_head, c_block, c_slot, block_size, num_blocks;
+    const kv_decoder_layer *layers;
+} kv_decoder;
+
+typedef struct {
+    const kv_decoder *md;
+    const int64_t *tokens, *positions, *slots; /* [m] */
+    const int32_t *tables;                     /* [m, t_row] */
+    int64_t t_row;
+    const int32_t *seq_lens; /* [m] */
+    int64_t m;
+    float *hidden; /* [m, H]: the normed output */
+    /* scratch, each [m, ...] contiguous */
+    float *residual, *x, *qkv, *q, *attn, *gate_up, *act;
+} step_args;
+
+static void residual_norm(const step_args *s, const float *weight, int worker, int workers,
+                          int add)
+{
+    const int64_t H = s->md->hidden;
+    for (int64_t r = worker; r < s->m; r += workers) {
+        float *res = s->residual + r * H;
+        if (add)
+            for (int64_t i = 0; i < H; ++i) res[i] = s->x[r * H + i] + res[i];
+        kv_rms_norm_row_f32(res, weight, s->hidden + r * H, H, (float)s->md->eps);
+    }
+}
+
+static void linear_part(const float *x, int64_t m, const float *w, const float *bias, float *y,
+                        int64_t n, int64_t k, int worker, int workers)
+{
+    const kv_packed_args a = {x, k, w, bias, y, n, m, n, k};
+    int64_t begin, end;
+    kv_split((n + 15) / 16, 1, worker, workers, &begin, &end);
+    if (begin < end) kv_packed_panels(&a, begin, end);
+}
+
+static void attention_part(const step_args *s, const kv_decoder_layer *layer, int worker,
+                           int workers)
+{
+    const kv_decoder *md = s->md;
+    const int64_t D = md->head_dim, Hq = md->num_heads, Hk = md->num_kv_heads, G = Hq / Hk;
+    const int64_t width = (Hq + 2 * Hk) * D;
+    const kv_decode_args a = {s->q,          Hq * D,      D,           layer->key_cache,
+                              layer->value_cache, md->c_head, md->c_block, md->c_slot,
+                              s->tables,     s->t_row,    s->seq_lens, s->m,
+                              Hq,            Hk,          D,           md->block_size,
+                              (float)md->scale, s->attn,  Hq * D,      D,
+                              KV_F32};
+    int64_t begin, end;
+    kv_decode_range(&a, worker, workers, &begin, &end);
+    for (int64_t item = begin; item < end; ++item) {
+        const int64_t r = item / Hk, h = item % Hk;
+        const float *row = s->qkv + r * width, *cs = md->cos_sin + s->positions[r] * D;
+        for (int64_t g = h * G; g < (h + 1) * G; ++g)
+            kv_rotate_head_f32(row + g * D, s->q + r * Hq * D + g * D, cs, D / 2);
+        const int64_t slot = s->slots[r], blk = slot / md->block_size, off = slot % md->block_size;
+        const int64_t dst = h * md->c_head + blk * md->c_block + off * md->c_slot;
+        kv_rotate_head_f32(row + (Hq + h) * D, layer->key_cache + dst, cs, D / 2);
+        memcpy(layer->value_cache + dst, row + (Hq + Hk + h) * D, (size_t)D * sizeof(float));
+        kv_decode_item_f32(&a, r, h);
+    }
+}
+
+static void step_body(const step_args *s, int worker, int workers)
+{
+    const kv_decoder *md = s->md;
+    const int64_t H = md->hidden, I = md->intermediate, m = s->m;
+    const int64_t qkv_width = (md->num_heads + 2 * md->num_kv_heads) * md->head_dim;
+    const int64_t attn_width = md->num_heads * md->head_dim;
+    for (int64_t r = worker; r < m; r += workers)
+        kv_packed_row_f32(md->embed, H, s->tokens[r], s->residual + r * H);
+    residual_norm(s, md->layers[0].input_norm, worker, workers, 0);
+#pragma omp barrier
+    for (int64_t l = 0; l < md->num_layers; ++l) {
+        const kv_decoder_layer *layer = md->layers + l;
+        linear_part(s->hidden, m, layer->qkv, layer->qkv_bias, s->qkv, qkv_width, H, worker, workers);
+#pragma omp barrier
+        attention_part(s, layer, worker, workers);
+#pragma omp barrier
+        linear_part(s->attn, m, layer->o, 0, s->x, H, attn_width, worker, workers);
+#pragma omp barrier
+        residual_norm(s, layer->post_norm, worker, workers, 1);
+#pragma omp barrier
+        { /* gate panels [b, e) and their up panels, then act for those columns
+             (I is a multiple of 16: NativeDecoder checks) */
+            const kv_packed_args a = {s->hidden, H, layer->gate_up, 0, s->gate_up, 2 * I, m, 2 * I, H};
+            int64_t b, e;
+            kv_split(I / 16, 1, worker, workers, &b, &e);
+            if (b < e) {
+                kv_packed_panels(&a, b, e);
+                kv_packed_panels(&a, I / 16 + b, I / 16 + e);
+                for (int64_t r = 0; r < m; ++r)
+                    kv_silu_mul_f32(s->gate_up + r * 2 * I + 16 * b, s->gate_up + r * 2 * I + I + 16 * b,
+                                    s->act + r * I + 16 * b, 16 * (e - b));
+            }
+        }
+#pragma omp barrier
+        linear_part(s->act, m, layer->down, 0, s->x, H, I, worker, workers);
+#pragma omp barrier
+        residual_norm(s, l + 1 < md->num_layers ? md->layers[l + 1].input_norm : md->final_norm,
+                      worker, workers, 1);
+#pragma omp barrier
+    }
+}
+
+/* Check what the kernels would otherwise read or write unchecked. Returns 0, or a code
+   (kvrun_cpu.native.decoder.STEP_ERRORS) with *where set to the offending row. */
+static int64_t validate(const kv_decoder *md, const int64_t *tokens, const int64_t *positions,
+                        const int64_t *slots, const int32_t *tables, int64_t t_row,
+                        const int32_t *seq_lens, int64_t m, int64_t *where)
+{
+    for (int64_t r = 0; r < m; ++r) {
+        *where = r;
+        if (tokens[r] < 0 || tokens[r] >= md->vocab) return 1;
+        if (positions[r] < 0 || positions[r] >= md->max_pos) return 2;
+        if (slots[r] < 0 || slots[r] >= md->num_blocks * md->block_size) return 3;
+        if (seq_lens[r] < 1 || (seq_lens[r] + md->block_size - 1) / md->block_size > t_row) return 4;
+        for (int64_t b = 0; b < (seq_lens[r] + md->block_size - 1) / md->block_size; ++b)
+            if (tables[r * t_row + b] < 0 || tables[r * t_row + b] >= md->num_blocks) return 5;
+    }
+    return 0;
+}
+
+int64_t kvrun_decode_step(const kv_decoder *md, const int64_t *tokens, const int64_t *positions,
+                          const int64_t *slots, const int32_t *tables, int64_t t_row,
+                          const int32_t *seq_lens, int64_t m, float *hidden, float *scratch,
+                          int64_t *where, int workers)
+{
+    const int64_t code = validate(md, tokens, positions, slots, tables, t_row, seq_lens, m, where);
+    if (code) return code;
+    const int64_t H = md->hidden, I = md->intermediate;
+    const int64_t q = md->num_heads * md->head_dim, kv = md->num_kv_heads * md->head_dim;
+    step_args s = {.md = md, .tokens = tokens, .positions = positions, .slots = slots,
+                   .tables = tables, .t_row = t_row, .seq_lens = seq_lens, .m = m,
+                   .hidden = hidden};
+    s.residual = scratch;
+    s.x = s.residual + m * H;
+    s.qkv = s.x + m * H;
+    s.q = s.qkv + m * (q + 2 * kv);
+    s.attn = s.q + m * q;
+    s.gate_up = s.attn + m * q;
+    s.act = s.gate_up + m * 2 * I;
+    if (workers <= 1) {
+        step_body(&s, 0, 1);
+        return 0;
+    }
+#pragma omp parallel num_threads(workers)
+    step_body(&s, omp_get_thread_num(), omp_get_num_threads());
+    return 0;
+}
+
+/* Floats of scratch kvrun_decode_step needs for m tokens. */
+int64_t kvrun_decode_scratch(const kv_decoder *md, int64_t m)
+{
+    const int64_t q = md->num_heads * md->head_dim, kv = md->num_kv_heads * md->head_dim;
+    return m * (2 * md->hidden + (q + 2 * kv) + 2 * q + 3 * md->intermediate);
+}

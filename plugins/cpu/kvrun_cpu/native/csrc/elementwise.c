@@ -1,0 +1,266 @@
+/* The per-token ops around the matmuls: RMS norm (optionally after a residual add),
+ * SiLU-and-mul, rotary embedding and the KV-cache write, in float32 or bfloat16.
+ *
+ * Each follows the rounding of the core's reference op (kvrun.ops.reference) for its
+ * dtype; for bfloat16 the arithmetic is float32 and each value the reference rounds
+ * is rounded here too. Rows are shared among the workers when there are enough.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "kvrun_cpu.h"
+
+enum { DT_F32 = KV_F32, DT_BF16 = KV_BF16 };
+
+KV_INLINE float ld(const void *p, int64_t i, const int dt)
+{
+    return dt == DT_BF16 ? kv_bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+KV_INLINE void st(void *p, int64_t i, float v, const int dt)
+{
+    if (dt == DT_BF16)
+        ((uint16_t *)p)[i] = kv_f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* What a value rounded to the dtype reads back as. */
+KV_INLINE float rnd(float v, const int dt) { return dt == DT_BF16 ? kv_bf16_to_f32(kv_f32_to_bf16(v)) : v; }
+
+/* Below this many elements one thread does the whole op. */
+#define SPLIT_MIN 32768
+
+static int workers_for(int64_t elements, int workers) { return elements < SPLIT_MIN ? 1 : workers; }
+
+/* --- rms_norm / fused_add_rms_norm ------------------------------------------------ */
+
+typedef struct {
+    const void *x, *residual, *weight; /* [T, H] (row strides), [T, H] or NULL, [H] */
+    int64_t x_row, r_row;
+    void *out, *sum; /* [T, H] normed, [T, H] x + residual (when residual) */
+    int64_t o_row, s_row, tokens, hidden;
+    float eps;
+    int dtype;
+} norm_args;
+
+/* out = weight * (x * rsqrt(mean(x^2) + eps)), with the reference's rounding for dt. */
+KV_INLINE void norm_row(const void *x, const void *weight, void *out, int64_t H, float eps,
+                        const int dt)
+{
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < H; ++i) {
+        const float v = ld(x, i, dt);
+        ss += v * v;
+    }
+    const float inv = 1.f / sqrtf(ss / (float)H + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) st(out, i, ld(weight, i, dt) * rnd(ld(x, i, dt) * inv, dt), dt);
+}
+
+void kv_rms_norm_row_f32(const float *x, const float *weight, float *out, int64_t n, float eps)
+{
+    norm_row(x, weight, out, n, eps, DT_F32);
+}
+
+KV_INLINE void norm_rows(const norm_args *a, int64_t begin, int64_t end, const int dt)
+{
+    const int64_t H = a->hidden;
+    for (int64_t t = begin; t < end; ++t) {
+        void *out = (char *)a->out + t * a->o_row * (dt == DT_BF16 ? 2 : 4);
+        const void *src = (const char *)a->x + t * a->x_row * (dt == DT_BF16 ? 2 : 4);
+        if (a->residual) { /* sum = x + residual, in the dtype: what the next layer reads */
+            void *sum = (char *)a->sum + t * a->s_row * (dt == DT_BF16 ? 2 : 4);
+            const void *res = (const char *)a->residual + t * a->r_row * (dt == DT_BF16 ? 2 : 4);
+            for (int64_t i = 0; i < H; ++i) st(sum, i, ld(src, i, dt) + ld(res, i, dt), dt);
+            src = sum;
+        }
+        norm_row(src, a->weight, out, H, a->eps, dt);
+    }
+}
+
+static void norm_task(const void *p, int worker, int workers)
+{
+    const norm_args *a = p;
+    int64_t begin, end;
+    kv_split(a->tokens, 1, worker, workers, &begin, &end);
+    if (a->dtype == DT_BF16)
+        norm_rows(a, begin, end, DT_BF16);
+    else
+        norm_rows(a, begin, end, DT_F32);
+}
+
+void kvrun_rms_norm(const void *x, int64_t x_row, const void *residual, int64_t r_row,
+                    const void *weight, void *out, int64_t o_row, void *sum, int64_t s_row,
+                    int64_t tokens, int64_t hidden, float eps, int dtype, int workers)
+{
+    const norm_args a = {x, residual, weight, x_row, r_row, out, sum, o_row, s_row, tokens, hidden, eps, dtype};
+    kv_pool_run(norm_task, &a, workers_for(tokens * hidden, workers));
+}
+
+/* --- silu_and_mul ------------------------------------------------------------------ */
+
+typedef struct {
+    const void *x; /* [T, 2I]: gate | up */
+    int64_t x_row;
+    void *out; /* [T, I] */
+    int64_t o_row, tokens, inter;
+    int dtype;
+} silu_args;
+
+/* out[i] = silu(gate[i]) * up[i], silu rounded to dt as the reference rounds it. */
+KV_INLINE void silu_mul(const void *gate, const void *up, void *out, int64_t n, const int dt)
+{
+    int64_t i = 0;
+#if KV_AVX512
+    if (dt == DT_F32)
+        for (; i + 16 <= n; i += 16) {
+            const __m512 g = _mm512_loadu_ps((const float *)gate + i);
+            const __m512 u = _mm512_loadu_ps((const float *)up + i);
+            const __m512 e = kv_exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+            _mm512_storeu_ps((float *)out + i, _mm512_mul_ps(s, u));
+        }
+    else
+        for (; i + 16 <= n; i += 16) {
+            const __m512 g = kv_bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)gate + i)));
+            const __m512 u = kv_bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)up + i)));
+            const __m512 e = kv_exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            /* silu rounded to bf16 first, as the reference's F.silu(gate) * up */
+            const __m512 s = kv_bf16x16_to_f32(
+                kv_f32x16_to_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e))));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), kv_f32x16_to_bf16(_mm512_mul_ps(s, u)));
+        }
+#endif
+    for (; i < n; ++i) {
+        const float g = ld(gate, i, dt);
+        st(out, i, rnd(g / (1.f + expf(-g)), dt) * ld(up, i, dt), dt);
+    }
+}
+
+void kv_silu_mul_f32(const float *gate, const float *up, float *out, int64_t n)
+{
+    silu_mul(gate, up, out, n, DT_F32);
+}
+
+KV_INLINE void silu_rows(const silu_args *a, int64_t begin, int64_t end, const int dt)
+{
+    const int64_t I = a->inter, es = dt == DT_BF16 ? 2 : 4;
+    for (int64_t t = begin; t < end; ++t) {
+        const char *x = (const char *)a->x + t * a->x_row * es;
+        silu_mul(x, x + I * es, (char *)a->out + t * a->o_row * es, I, dt);
+    }
+}
+
+static void silu_task(const void *p, int worker, int workers)
+{
+    const silu_args *a = p;
+    int64_t begin, end;
+    kv_split(a->tokens, 1, worker, workers, &begin, &end);
+    if (a->dtype == DT_BF16)
+        silu_rows(a, begin, end, DT_BF16);
+    else
+        silu_rows(a, begin, end, DT_F32);
+}
+
+void kvrun_silu_and_mul(const void *x, int64_t x_row, void *out, int64_t o_row, int64_t tokens,
+                        int64_t inter, int dtype, int workers)
+{
+    const silu_args a = {x, x_row, out, o_row, tokens, inter, dtype};
+    kv_pool_run(silu_task, &a, workers_for(tokens * inter, workers));
+}
+
+/* --- rotary_embedding (rotate-half) -------------------------------------------------- */
+
+typedef struct {
+    const int64_t *positions; /* [T] */
+    const void *q, *k;        /* [T, Hq, D], [T, Hk, D]: strides (tok, head), unit last */
+    int64_t q_tok, q_head, k_tok, k_head;
+    const float *cos_sin; /* [max_pos, D] float32: cos | sin */
+    void *out;            /* [T, Hq + Hk, D] contiguous: rotated q heads, then k heads */
+    int64_t tokens, num_heads, num_kv_heads, head_dim;
+    int dtype;
+} rotary_args;
+
+KV_INLINE void rotate_head(const void *x, void *o, const float *cs, int64_t half, const int dt)
+{
+    for (int64_t i = 0; i < half; ++i) {
+        const float c = rnd(cs[i], dt), s = rnd(cs[half + i], dt);
+        const float x1 = ld(x, i, dt), x2 = ld(x, half + i, dt);
+        st(o, i, rnd(x1 * c, dt) - rnd(x2 * s, dt), dt);
+        st(o, half + i, rnd(x2 * c, dt) + rnd(x1 * s, dt), dt);
+    }
+}
+
+void kv_rotate_head_f32(const float *x, float *out, const float *cos_sin, int64_t half)
+{
+    rotate_head(x, out, cos_sin, half, DT_F32);
+}
+
+KV_INLINE void rotary_rows(const rotary_args *a, int64_t begin, int64_t end, const int dt)
+{
+    const int64_t D = a->head_dim, half = D / 2, es = dt == DT_BF16 ? 2 : 4;
+    const int64_t heads = a->num_heads + a->num_kv_heads;
+    for (int64_t t = begin; t < end; ++t) {
+        const float *cs = a->cos_sin + a->positions[t] * D;
+        char *o = (char *)a->out + t * heads * D * es;
+        for (int64_t h = 0; h < a->num_heads; ++h)
+            rotate_head((const char *)a->q + (t * a->q_tok + h * a->q_head) * es, o + h * D * es, cs, half, dt);
+        for (int64_t h = 0; h < a->num_kv_heads; ++h)
+            rotate_head((const char *)a->k + (t * a->k_tok + h * a->k_head) * es,
+                        o + (a->num_heads + h) * D * es, cs, half, dt);
+    }
+}
+
+static void rotary_task(const void *p, int worker, int workers)
+{
+    const rotary_args *a = p;
+    int64_t begin, end;
+    kv_split(a->tokens, 1, worker, workers, &begin, &end);
+    if (a->dtype == DT_BF16)
+        rotary_rows(a, begin, end, DT_BF16);
+    else
+        rotary_rows(a, begin, end, DT_F32);
+}
+
+/* Returns -1, or the index of the first position outside [0, max_pos) and writes nothing. */
+int64_t kvrun_rotary(const int64_t *positions, const void *q, int64_t q_tok, int64_t q_head,
+                     const void *k, int64_t k_tok, int64_t k_head, const float *cos_sin,
+                     int64_t max_pos, void *out, int64_t tokens, int64_t num_heads,
+                     int64_t num_kv_heads, int64_t head_dim, int dtype, int workers)
+{
+    for (int64_t t = 0; t < tokens; ++t)
+        if (positions[t] < 0 || positions[t] >= max_pos) return t;
+    const rotary_args a = {positions, q, k, q_tok, q_head, k_tok, k_head, cos_sin, out,
+                           tokens, num_heads, num_kv_heads, head_dim, dtype};
+    const int64_t elements = tokens * (num_heads + num_kv_heads) * head_dim;
+    kv_pool_run(rotary_task, &a, workers_for(elements, workers));
+    return -1;
+}
+
+/* --- the KV-cache write ---------------------------------------------------------------- */
+
+/* Copy each token's K and V heads into its cache slot (any dtype: rows are copied as
+   bytes). Caches are [Hk, num_blocks, block_size, D] through element strides. Returns
+   -1, or the index of the first slot outside [0, num_blocks * block_size) and writes
+   nothing. */
+int64_t kvrun_write_kv(const void *key, int64_t k_tok, int64_t k_head, const void *value,
+                    int64_t v_tok, int64_t v_head, void *key_cache, void *value_cache,
+                    int64_t c_head, int64_t c_block, int64_t c_slot, const int64_t *slots,
+                    int64_t tokens, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                    int64_t num_blocks, int64_t esize)
+{
+    for (int64_t t = 0; t < tokens; ++t)
+        if (slots[t] < 0 || slots[t] >= num_blocks * block_size) return t;
+    const size_t row = (size_t)(head_dim * esize);
+    for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t slot = slots[t], blk = slot / block_size, off = slot % block_size;
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+            const int64_t dst = (h * c_head + blk * c_block + off * c_slot) * esize;
+            memcpy((char *)key_cache + dst, (const char *)key + (t * k_tok + h * k_head) * esize, row);
+            memcpy((char *)value_cache + dst, (const char *)value + (t * v_tok + h * v_head) * esize, row);
+        }
+    }
+    return -1;
+}

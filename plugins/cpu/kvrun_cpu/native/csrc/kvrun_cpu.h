@@ -1,0 +1,144 @@
+/* kvrun-cpu's native kernels: shared declarations.
+ *
+ * Everything here is plain C99 with no torch headers, called through ctypes. Tensors
+ * arrive as raw pointers plus element strides; the Python side checks shapes, dtypes
+ * and bounds before calling, because nothing here does.
+ */
+#ifndef KVRUN_CPU_H
+#define KVRUN_CPU_H
+
+#include <stdint.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
+#define KV_AVX512 1
+#else
+#define KV_AVX512 0
+#endif
+
+#define KV_INLINE static inline __attribute__((always_inline))
+/* Shared between the sources of the library, not exported from it. */
+#define KV_INTERNAL __attribute__((visibility("hidden")))
+
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 }; /* dtype codes (kvrun_cpu.native.DTYPE_CODES) */
+
+/* A task runs once on each of `workers` threads; `worker` is 0 (the caller) .. workers-1. */
+typedef void (*kv_task_fn)(const void *args, int worker, int workers);
+
+/* Run fn(args, w, workers) for every w on the pool (the caller runs w = 0) and return
+   when all are done. workers <= 1 runs on the caller alone. Calls are serialised. */
+void kv_pool_run(kv_task_fn fn, const void *args, int workers);
+
+/* The part [*begin, *end) of [0, total) that `worker` of `workers` takes: equal shares
+   whose boundaries are multiples of `align` (the last share takes the remainder). */
+KV_INLINE void kv_split(int64_t total, int64_t align, int worker, int workers, int64_t *begin,
+                        int64_t *end)
+{
+    int64_t share = (total + workers - 1) / workers;
+    share = (share + align - 1) / align * align;
+    int64_t b = share * worker, e = b + share;
+    *begin = b < total ? b : total;
+    *end = e < total ? e : total;
+}
+
+/* --- pieces the fused decode step (decoder.c) shares with the op-level kernels --- */
+
+/* y = x W^T (+ bias) with W packed into 16-row panels (packed.c), for the output
+   panels [p_begin, p_end), i.e. columns [16 p_begin, 16 p_end) of y. */
+typedef struct {
+    const float *x; /* [m, k], row stride x_row */
+    int64_t x_row;
+    const float *panels; /* [ceil(n/16), k, 16], 64-byte aligned */
+    const float *bias;   /* [n] or NULL */
+    float *y;            /* [m, n], row stride y_row */
+    int64_t y_row, m, n, k;
+} kv_packed_args;
+KV_INTERNAL void kv_packed_panels(const kv_packed_args *a, int64_t p_begin, int64_t p_end);
+/* Row `row` of a packed [n, k] matrix into out [k]. */
+KV_INTERNAL void kv_packed_row_f32(const float *panels, int64_t k, int64_t row, float *out);
+
+/* Decode attention over a paged cache (attention.c). */
+typedef struct {
+    const void *query; /* [n, Hq, D], strides q_tok, q_head (elements) */
+    int64_t q_tok, q_head;
+    const void *key_cache, *value_cache; /* [Hk, num_blocks, block_size, D] via strides */
+    int64_t c_head, c_block, c_slot;
+    const int32_t *tables; /* [n, t_row] */
+    int64_t t_row;
+    const int32_t *seq_lens; /* [n] */
+    int64_t n, num_heads, num_kv_heads, head_dim, block_size;
+    float scale;
+    void *out; /* [n, Hq, D], strides o_tok, o_head */
+    int64_t o_tok, o_head;
+    int dtype;
+} kv_decode_args;
+/* The (request, kv head) items, item = request * Hk + head, that `worker` takes. */
+KV_INTERNAL void kv_decode_range(const kv_decode_args *a, int worker, int workers, int64_t *begin,
+                                 int64_t *end);
+/* One float32 item: query heads [h*G, (h+1)*G) of request r against its cached rows. */
+KV_INTERNAL void kv_decode_item_f32(const kv_decode_args *a, int64_t r, int64_t h);
+
+/* float32 rows (elementwise.c), each as the op-level kernel computes it. */
+KV_INTERNAL void kv_rms_norm_row_f32(const float *x, const float *weight, float *out, int64_t n,
+                                     float eps);
+KV_INTERNAL void kv_rotate_head_f32(const float *x, float *out, const float *cos_sin, int64_t half);
+KV_INTERNAL void kv_silu_mul_f32(const float *gate, const float *up, float *out, int64_t n);
+
+/* bf16 <-> fp32 (round to nearest even, NaN kept quiet), as torch converts. */
+KV_INLINE float kv_bf16_to_f32(uint16_t h)
+{
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
+KV_INLINE uint16_t kv_f32_to_bf16(float f)
+{
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+#if KV_AVX512
+/* exp(x) for every lane: Cephes' expf polynomial after a reduction by ln 2; within
+   2 ulp of expf over the range softmax and silu use. */
+KV_INLINE __m512 kv_exp512(__m512 x)
+{
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.72283f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* 16 bf16 <-> 16 float32, rounding to nearest even as kv_f32_to_bf16 (NaN kept quiet). */
+KV_INLINE __m512 kv_bf16x16_to_f32(__m256i h)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+KV_INLINE __m256i kv_f32x16_to_bf16(__m512 v)
+{
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    r = _mm512_srli_epi32(r, 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* The low `n` (< 16) lanes set. */
+KV_INLINE __mmask16 kv_tail_mask(int64_t n) { return (__mmask16)((1u << n) - 1u); }
+#endif
+
+#endif

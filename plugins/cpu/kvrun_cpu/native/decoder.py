@@ -1,0 +1,184 @@
+"""The fused native decode step: a whole Llama-family decode step in one C call.
+
+Built by :meth:`kvrun_cpu.platform.CpuPlatform.fused_decoder` for float32 models on the
+``TORCH_SDPA`` cache layout, and tried by the model runner before the op-by-op forward
+for steps of at most :data:`MAX_TOKENS` decode tokens. Its hidden states are bit for bit
+those of the op-by-op native path (``csrc/decoder.c`` runs the same row functions).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+
+from kvrun.attention.base import AttentionMetadata
+from kvrun.errors import KvrunError
+from kvrun_cpu.native.packed import PANEL, PackedWeight
+
+__all__ = ["MAX_TOKENS", "NativeDecoder", "unsupported_reason"]
+
+# Decode steps up to this many tokens run fused: the matmuls read each weight once for
+# all tokens, which pays while the step is bound by reading the weights (bench_ops.py).
+MAX_TOKENS = 8
+
+_LAYER_FIELDS = (
+    "input_norm",
+    "qkv",
+    "qkv_bias",
+    "o",
+    "post_norm",
+    "gate_up",
+    "down",
+    "key_cache",
+    "value_cache",
+)
+_MATRICES = ("qkv", "o", "gate_up", "down")  # packed; the norms and the bias are plain
+# Codes kvrun_decode_step returns for input it refuses, by what was out of range.
+STEP_ERRORS = {
+    1: "token id outside the vocabulary",
+    2: "position outside the rotary table",
+    3: "cache slot outside the KV cache",
+    4: "context length below 1 or beyond the block table",
+    5: "block id outside the KV cache",
+}
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in _LAYER_FIELDS]
+
+
+class _Model(ctypes.Structure):
+    # Mirrors kv_decoder in csrc/decoder.c field for field.
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("num_layers", "hidden", "num_heads")),
+        *((name, ctypes.c_int64) for name in ("num_kv_heads", "head_dim", "intermediate")),
+        ("vocab", ctypes.c_int64),
+        ("eps", ctypes.c_double),
+        ("scale", ctypes.c_double),
+        ("embed", ctypes.c_void_p),
+        ("final_norm", ctypes.c_void_p),
+        ("cos_sin", ctypes.c_void_p),
+        ("max_pos", ctypes.c_int64),
+        *((name, ctypes.c_int64) for name in ("c_head", "c_block", "c_slot")),
+        ("block_size", ctypes.c_int64),
+        ("num_blocks", ctypes.c_int64),
+        ("layers", ctypes.POINTER(_Layer)),
+    ]
+
+
+def unsupported_reason(model: Any, kv_caches: list[torch.Tensor]) -> str | None:
+    """Why this model cannot run fused (None: it can)."""
+    from kvrun.models.llama import LlamaForCausalLM
+    from kvrun_cpu.attention.sdpa import TorchSdpaAttention
+
+    if not isinstance(model, LlamaForCausalLM):
+        return f"{type(model).__name__} is not a Llama-family model"
+    if model.dtype != torch.float32:
+        return f"the model runs in {str(model.dtype).removeprefix('torch.')}, not float32"
+    if not isinstance(model.attention, TorchSdpaAttention):
+        return f"the attention backend is {model.attention.name}, not TORCH_SDPA"
+    if any(c.dtype != torch.float32 or not c.is_contiguous() for c in kv_caches):
+        return "the KV cache is not contiguous float32"
+    matrices = [model.embed, *(getattr(lay, n) for lay in model.layers for n in _MATRICES)]
+    if not all(isinstance(m, PackedWeight) for m in matrices):
+        return "the weights are not packed for the native kernels"
+    if model.config.intermediate_size % PANEL:
+        return f"intermediate_size {model.config.intermediate_size} is not a multiple of {PANEL}"
+    return None
+
+
+class NativeDecoder:
+    """A :class:`kvrun.platforms.DecodeGraphRunner` over the native decode step."""
+
+    def __init__(self, native: Any, model: Any, kv_caches: list[torch.Tensor]) -> None:
+        self._fn = native.decode_step_fn
+        self.threads = native.threads
+        c = model.config
+        # Everything the C structs point at stays referenced here.
+        self._tensors: list[torch.Tensor] = []
+
+        def ptr(t: torch.Tensor | PackedWeight | None) -> int | None:
+            if t is None:
+                return None
+            if isinstance(t, PackedWeight):
+                t = t.panels
+            assert t.dtype == torch.float32 and t.is_contiguous()
+            self._tensors.append(t)
+            return t.data_ptr()
+
+        self._layers = (_Layer * c.num_layers)()
+        for dst, layer, cache in zip(self._layers, model.layers, kv_caches, strict=True):
+            for name in _LAYER_FIELDS[:7]:
+                setattr(dst, name, ptr(getattr(layer, name)))
+            dst.key_cache, dst.value_cache = ptr(cache[0]), ptr(cache[1])
+        _, _, num_blocks, block_size, _ = kv_caches[0].shape
+        c_head, c_block, c_slot, _ = kv_caches[0][0].stride()
+        self._model = _Model(
+            num_layers=c.num_layers,
+            hidden=c.hidden_size,
+            num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            intermediate=c.intermediate_size,
+            vocab=c.vocab_size,
+            eps=c.rms_norm_eps,
+            scale=model.attention.spec.scale,
+            embed=ptr(model.embed),
+            final_norm=ptr(model.norm),
+            cos_sin=ptr(model.cos_sin),
+            max_pos=model.cos_sin.shape[0],
+            c_head=c_head,
+            c_block=c_block,
+            c_slot=c_slot,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            layers=self._layers,
+        )
+        self.hidden_size = c.hidden_size
+        scratch = native.decode_scratch_fn(ctypes.byref(self._model), MAX_TOKENS)
+        self._scratch = torch.empty(scratch, dtype=torch.float32)
+        self._where = ctypes.c_int64()
+
+    def run(
+        self,
+        input_ids: torch.Tensor,  # [N] int64
+        positions: torch.Tensor,  # [N] int64
+        meta: AttentionMetadata,
+    ) -> torch.Tensor | None:  # [N, hidden_size], or None: not a step this runs
+        m = input_ids.shape[0]
+        if m > MAX_TOKENS or meta.max_query_len != 1 or meta.num_tokens != m:
+            return None
+        tables, seq_lens, slots = meta.block_tables, meta.seq_lens, meta.slot_mapping
+        if (
+            tables.dtype != torch.int32
+            or not tables.is_contiguous()
+            or seq_lens.dtype != torch.int32
+            or not seq_lens.is_contiguous()
+            or slots.dtype != torch.int64
+            or not slots.is_contiguous()
+            or not input_ids.is_contiguous()
+            or not positions.is_contiguous()
+        ):
+            return None
+        hidden = torch.empty((m, self.hidden_size), dtype=torch.float32)
+        code = self._fn(
+            ctypes.byref(self._model),
+            input_ids.data_ptr(),
+            positions.data_ptr(),
+            slots.data_ptr(),
+            tables.data_ptr(),
+            tables.shape[1],
+            seq_lens.data_ptr(),
+            m,
+            hidden.data_ptr(),
+            self._scratch.data_ptr(),
+            ctypes.byref(self._where),
+            self.threads,
+        )
+        if code:
+            raise KvrunError(
+                f"native decode step: row {self._where.value}: {STEP_ERRORS.get(code, code)}"
+            )
+        return hidden
