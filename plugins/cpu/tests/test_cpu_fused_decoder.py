@@ -22,8 +22,9 @@ from kvrun.envs import read_env
 from kvrun.errors import KvrunError
 from kvrun.sampling_params import SamplingParams
 from kvrun.testing.checkpoints import build_random_checkpoint
+from kvrun_cpu.native import NativeKernels
 from kvrun_cpu.native.build import find_compiler
-from kvrun_cpu.native.decoder import MAX_TOKENS, NativeDecoder
+from kvrun_cpu.native.decoder import NativeDecoder
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on PATH")
 
@@ -94,21 +95,21 @@ def test_fused_step_is_the_forward_bit_for_bit(
     assert not all(torch.equal(c, b) for c, b in zip(runner.kv_caches, before))  # it wrote
 
 
-def test_declines_prefills_and_big_batches(
-    checkpoints: dict[str, Path], shared_cache_root: str
+def test_declines_prefills_and_steps_beyond_its_scratch(
+    checkpoints: dict[str, Path], shared_cache_root: str, native_kernels: NativeKernels
 ) -> None:
-    engine = make_engine(checkpoints["llama-d16"], shared_cache_root)
+    engine = make_engine(checkpoints["llama-d16"], shared_cache_root, max_num_seqs=5)
     decoder = engine.runner.fused_decoder
-    assert decoder is not None
+    assert isinstance(decoder, NativeDecoder) and decoder.max_tokens == 5
     engine.add_request("p", [11, 12, 13], SamplingParams(max_tokens=2))
     out = engine.scheduler.schedule()
     prefill = build_batch(out.chunks, engine.config.block_size, engine.platform.device)
     assert decoder.run(prefill.input_ids, prefill.positions, prefill.meta) is None
     engine = make_engine(checkpoints["llama-d16"], shared_cache_root)
-    decoder = engine.runner.fused_decoder
-    assert decoder is not None
-    batch = decode_batch(engine, [3] * (MAX_TOKENS + 1))
-    assert decoder.run(batch.input_ids, batch.positions, batch.meta) is None
+    runner = engine.runner
+    small = NativeDecoder(native_kernels, runner.model, runner.kv_caches, max_tokens=2)
+    batch = decode_batch(engine, [3, 4, 5])
+    assert small.run(batch.input_ids, batch.positions, batch.meta) is None
 
 
 def test_refuses_a_slot_outside_the_cache(

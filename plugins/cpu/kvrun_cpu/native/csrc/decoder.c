@@ -3,7 +3,10 @@
  * For a few decode tokens a step is ~150 small kernels around the matmuls, and calling
  * them one by one from Python costs about as much as the matmuls themselves. Here the
  * whole step runs inside one parallel region: each phase splits its work among the
- * threads and a barrier separates it from the next. Every phase runs the same row and
+ * threads and a barrier separates it from the next. The barriers are our own (spin
+ * briefly, then sleep), whatever OMP_WAIT_POLICY says: OpenMP's either sleep at once at
+ * each of the step's ~200 barriers (PASSIVE: 40% slower on a quiet machine) or spin
+ * for long (the default: 5-20x slower when another process wants one of the cores). Every phase runs the same row and
  * item functions as the op-level kernels, in the same order, so the hidden states are
  * bit for bit those of the op-by-op native path.
  *
@@ -15,7 +18,10 @@
  * x = act Wdown^T; residual += x, h = norm(residual) with the next layer's weight.
  */
 #include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <string.h>
+#include <time.h>
 
 #include "kvrun_cpu.h"
 
@@ -36,6 +42,74 @@ typedef struct {
     const kv_decoder_layer *layers;
 } kv_decoder;
 
+/* A sense-reversing barrier for the step's threads: spin for up to SPIN_NS (the phases
+   of a step end within microseconds of each other on a quiet machine), then sleep on a
+   futex, so a thread whose partner lost its core to another process gives up its own
+   and the scheduler can move the partner there. */
+typedef struct {
+    atomic_int arrived;
+    atomic_int sense;
+    atomic_int sleepers;
+    int threads;
+} barrier;
+
+#ifndef SPIN_NS
+#define SPIN_NS 50000
+#endif
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static void futex_wait(atomic_int *addr, int value)
+{
+    syscall(SYS_futex, (int *)addr, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+}
+static void futex_wake_all(atomic_int *addr)
+{
+    syscall(SYS_futex, (int *)addr, FUTEX_WAKE_PRIVATE, 1 << 30, NULL, NULL, 0);
+}
+#else /* no futex: keep yielding instead of sleeping */
+static void futex_wait(atomic_int *addr, int value)
+{
+    (void)addr;
+    (void)value;
+    sched_yield();
+}
+static void futex_wake_all(atomic_int *addr) { (void)addr; }
+#endif
+
+static int64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void barrier_wait(barrier *b, int *local_sense)
+{
+    const int sense = !*local_sense;
+    *local_sense = sense;
+    if (atomic_fetch_add(&b->arrived, 1) == b->threads - 1) {
+        atomic_store(&b->arrived, 0);
+        atomic_store(&b->sense, sense);
+        if (atomic_load(&b->sleepers) > 0) futex_wake_all(&b->sense);
+        return;
+    }
+    const int64_t start = now_ns();
+    for (int i = 1; atomic_load_explicit(&b->sense, memory_order_acquire) != sense; ++i) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if ((i & 255) == 0 && now_ns() - start > SPIN_NS) {
+            atomic_fetch_add(&b->sleepers, 1);
+            while (atomic_load(&b->sense) != sense) futex_wait(&b->sense, !sense);
+            atomic_fetch_sub(&b->sleepers, 1);
+            return;
+        }
+    }
+}
+
 typedef struct {
     const kv_decoder *md;
     const int64_t *tokens, *positions, *slots; /* [m] */
@@ -46,6 +120,7 @@ typedef struct {
     float *hidden; /* [m, H]: the normed output */
     /* scratch, each [m, ...] contiguous */
     float *residual, *x, *qkv, *q, *attn, *gate_up, *act;
+    barrier *sync;
 } step_args;
 
 static void residual_norm(const step_args *s, const float *weight, int worker, int workers,
@@ -102,20 +177,21 @@ static void step_body(const step_args *s, int worker, int workers)
     const int64_t H = md->hidden, I = md->intermediate, m = s->m;
     const int64_t qkv_width = (md->num_heads + 2 * md->num_kv_heads) * md->head_dim;
     const int64_t attn_width = md->num_heads * md->head_dim;
+    int sense = 0;
     for (int64_t r = worker; r < m; r += workers)
         kv_packed_row_f32(md->embed, H, s->tokens[r], s->residual + r * H);
     residual_norm(s, md->layers[0].input_norm, worker, workers, 0);
-#pragma omp barrier
+    barrier_wait(s->sync, &sense);
     for (int64_t l = 0; l < md->num_layers; ++l) {
         const kv_decoder_layer *layer = md->layers + l;
         linear_part(s->hidden, m, layer->qkv, layer->qkv_bias, s->qkv, qkv_width, H, worker, workers);
-#pragma omp barrier
+        barrier_wait(s->sync, &sense);
         attention_part(s, layer, worker, workers);
-#pragma omp barrier
+        barrier_wait(s->sync, &sense);
         linear_part(s->attn, m, layer->o, 0, s->x, H, attn_width, worker, workers);
-#pragma omp barrier
+        barrier_wait(s->sync, &sense);
         residual_norm(s, layer->post_norm, worker, workers, 1);
-#pragma omp barrier
+        barrier_wait(s->sync, &sense);
         { /* gate panels [b, e) and their up panels, then act for those columns
              (I is a multiple of 16: NativeDecoder checks) */
             const kv_packed_args a = {s->hidden, H, layer->gate_up, 0, s->gate_up, 2 * I, m, 2 * I, H};
@@ -129,12 +205,12 @@ static void step_body(const step_args *s, int worker, int workers)
                                     s->act + r * I + 16 * b, 16 * (e - b));
             }
         }
-#pragma omp barrier
+        barrier_wait(s->sync, &sense);
         linear_part(s->act, m, layer->down, 0, s->x, H, I, worker, workers);
-#pragma omp barrier
+        barrier_wait(s->sync, &sense);
         residual_norm(s, l + 1 < md->num_layers ? md->layers[l + 1].input_norm : md->final_norm,
                       worker, workers, 1);
-#pragma omp barrier
+        barrier_wait(s->sync, &sense);
     }
 }
 
@@ -175,12 +251,19 @@ int64_t kvrun_decode_step(const kv_decoder *md, const int64_t *tokens, const int
     s.attn = s.q + m * q;
     s.gate_up = s.attn + m * q;
     s.act = s.gate_up + m * 2 * I;
+    barrier sync = {0, 0, 0, 1};
+    s.sync = &sync;
     if (workers <= 1) {
         step_body(&s, 0, 1);
         return 0;
     }
 #pragma omp parallel num_threads(workers)
-    step_body(&s, omp_get_thread_num(), omp_get_num_threads());
+    {
+#pragma omp single
+        sync.threads = omp_get_num_threads(); /* OpenMP may give fewer than asked */
+        /* the single's implicit barrier publishes it */
+        step_body(&s, omp_get_thread_num(), omp_get_num_threads());
+    }
     return 0;
 }
 
