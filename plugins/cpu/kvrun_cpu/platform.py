@@ -156,8 +156,8 @@ class CpuPlatform(Platform):
     def fused_decoder(
         self, model: Any, kv_caches: list[torch.Tensor], config: EngineConfig
     ) -> DecodeGraphRunner | None:
-        """Every decode-only step in one native call (float32 Llama family on TORCH_SDPA);
-        None, with the reason logged, where that does not apply."""
+        """Every decode-only step in one native call (float32 or bfloat16 Llama family on
+        TORCH_SDPA); None, with the reason logged, where that does not apply."""
         native = self.native_kernels()
         why = "the native kernels are unavailable" if native is None else None
         why = why or unsupported_reason(model, kv_caches)

@@ -72,12 +72,17 @@ def decode_batch(engine: LLMEngine, prompt_lens: list[int]) -> BatchInputs:
     return build_batch(out.chunks, engine.config.block_size, engine.platform.device)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("prompt_lens", [[5], [16, 3, 40], [1, 2, 17, 33, 9, 16, 64, 8]])
 def test_fused_step_is_the_forward_bit_for_bit(
-    checkpoints: dict[str, Path], shared_cache_root: str, model: str, prompt_lens: list[int]
+    checkpoints: dict[str, Path],
+    shared_cache_root: str,
+    model: str,
+    prompt_lens: list[int],
+    dtype: str,
 ) -> None:
-    engine = make_engine(checkpoints[model], shared_cache_root)
+    engine = make_engine(checkpoints[model], shared_cache_root, dtype=dtype)
     runner = engine.runner
     assert isinstance(runner.fused_decoder, NativeDecoder)
     assert runner.model is not None
@@ -147,7 +152,7 @@ def test_generation_is_the_same_with_and_without_it(
 @pytest.mark.parametrize(
     ("kwargs", "reason"),
     [
-        ({"dtype": "bfloat16"}, "the model runs in bfloat16, not float32"),
+        ({"dtype": "float16"}, "the model runs in float16, not float32 or bfloat16"),
         ({"attention_backend": "REFERENCE"}, "the attention backend is REFERENCE, not TORCH_SDPA"),
     ],
 )

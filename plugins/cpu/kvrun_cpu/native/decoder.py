@@ -1,6 +1,7 @@
 """The fused native decode step: a whole Llama-family decode step in one C call.
 
-Built by :meth:`kvrun_cpu.platform.CpuPlatform.fused_decoder` for float32 models on the
+Built by :meth:`kvrun_cpu.platform.CpuPlatform.fused_decoder` for float32 and bfloat16
+models on the
 ``TORCH_SDPA`` cache layout, and tried by the model runner before the op-by-op forward
 for every step made of decodes only (up to ``max_num_seqs`` of them). Its hidden states
 are bit for bit those of the op-by-op native path (``csrc/decoder.c`` runs the same row
@@ -34,6 +35,7 @@ _LAYER_FIELDS = (
     "value_cache",
 )
 _MATRICES = ("qkv", "o", "gate_up", "down")  # packed; the norms and the bias are plain
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the C dtype codes
 # Codes kvrun_decode_step returns for input it refuses, by what was out of range.
 STEP_ERRORS = {
     1: "token id outside the vocabulary",
@@ -64,6 +66,7 @@ class _Model(ctypes.Structure):
         ("block_size", ctypes.c_int64),
         ("num_blocks", ctypes.c_int64),
         ("layers", ctypes.POINTER(_Layer)),
+        ("dtype", ctypes.c_int64),
     ]
 
 
@@ -74,14 +77,15 @@ def unsupported_reason(model: Any, kv_caches: list[torch.Tensor]) -> str | None:
 
     if not isinstance(model, LlamaForCausalLM):
         return f"{type(model).__name__} is not a Llama-family model"
-    if model.dtype != torch.float32:
-        return f"the model runs in {str(model.dtype).removeprefix('torch.')}, not float32"
+    dtype = model.dtype
+    if dtype not in _DTYPES:
+        return f"the model runs in {str(dtype).removeprefix('torch.')}, not float32 or bfloat16"
     if not isinstance(model.attention, TorchSdpaAttention):
         return f"the attention backend is {model.attention.name}, not TORCH_SDPA"
-    if any(c.dtype != torch.float32 or not c.is_contiguous() for c in kv_caches):
-        return "the KV cache is not contiguous float32"
+    if any(c.dtype != dtype or not c.is_contiguous() for c in kv_caches):
+        return "the KV cache is not contiguous and in the model's dtype"
     matrices = [model.embed, *(getattr(lay, n) for lay in model.layers for n in _MATRICES)]
-    if not all(isinstance(m, PackedWeight) for m in matrices):
+    if not all(isinstance(m, PackedWeight) and m.dtype == dtype for m in matrices):
         return "the weights are not packed for the native kernels"
     if model.config.intermediate_size % PANEL:
         return f"intermediate_size {model.config.intermediate_size} is not a multiple of {PANEL}"
@@ -102,12 +106,14 @@ class NativeDecoder:
         # Everything the C structs point at stays referenced here.
         self._tensors: list[torch.Tensor] = []
 
-        def ptr(t: torch.Tensor | PackedWeight | None) -> int | None:
+        def ptr(
+            t: torch.Tensor | PackedWeight | None, dtype: torch.dtype = model.dtype
+        ) -> int | None:
             if t is None:
                 return None
             if isinstance(t, PackedWeight):
                 t = t.panels
-            assert t.dtype == torch.float32 and t.is_contiguous()
+            assert t.dtype == dtype and t.is_contiguous()
             self._tensors.append(t)
             return t.data_ptr()
 
@@ -130,7 +136,7 @@ class NativeDecoder:
             scale=model.attention.spec.scale,
             embed=ptr(model.embed),
             final_norm=ptr(model.norm),
-            cos_sin=ptr(model.cos_sin),
+            cos_sin=ptr(model.cos_sin, torch.float32),  # RoPE tables stay float32
             max_pos=model.cos_sin.shape[0],
             c_head=c_head,
             c_block=c_block,
@@ -138,11 +144,13 @@ class NativeDecoder:
             block_size=block_size,
             num_blocks=num_blocks,
             layers=self._layers,
+            dtype=_DTYPES[model.dtype],
         )
         self.hidden_size = c.hidden_size
+        self.dtype = model.dtype
         self.max_tokens = max_tokens
         scratch = native.decode_scratch_fn(ctypes.byref(self._model), max_tokens)
-        self._scratch = torch.empty(scratch, dtype=torch.float32)
+        self._scratch = torch.empty(scratch, dtype=model.dtype)
         self._where = ctypes.c_int64()
 
     def run(
@@ -166,7 +174,7 @@ class NativeDecoder:
             or not positions.is_contiguous()
         ):
             return None
-        hidden = torch.empty((m, self.hidden_size), dtype=torch.float32)
+        hidden = torch.empty((m, self.hidden_size), dtype=self.dtype)
         code = self._fn(
             ctypes.byref(self._model),
             input_ids.data_ptr(),

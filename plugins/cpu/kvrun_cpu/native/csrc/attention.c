@@ -84,9 +84,10 @@ KV_INLINE void decode_item(const decode_args *a, int64_t r, int64_t h, const int
     const int64_t esize = dt == DT_F32 ? 4 : 2;
     const char *kh = (const char *)a->key_cache + h * a->c_head * esize;
     const char *vh = (const char *)a->value_cache + h * a->c_head * esize;
-    float *q = scratch_for(G * (len + 2 * D));
+    float *q = scratch_for(G * (len + 2 * D) + bs * D);
     if (!q) abort(); /* out of memory: nothing sane to return */
     float *acc = q + G * D, *scores = acc + G * D;
+    float *rows32 = scores + G * len; /* one block's rows widened to float32 */
     for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d)
             q[g * D + d] = load1(a->query, r * a->q_tok + (h * G + g) * a->q_head + d, dt);
@@ -104,7 +105,18 @@ KV_INLINE void decode_item(const decode_args *a, int64_t r, int64_t h, const int
                         __builtin_prefetch(next + i * a->c_slot * esize + d);
             }
             /* Head by head over the block (in L1 after the first): q_g stays in registers
-               and four rows share one horizontal sum. */
+               and four rows share one horizontal sum. 16-bit rows are widened once, not
+               once per head. */
+            const char *krows = kb;
+            int64_t kstride = a->c_slot * esize;
+            if (dt != DT_F32) {
+                for (int64_t i = 0; i < rows; ++i)
+                    for (int64_t c = 0; c < D / 16; ++c)
+                        _mm512_storeu_ps(rows32 + i * D + 16 * c,
+                                         load16(kb + i * a->c_slot * esize, 16 * c, dt));
+                krows = (const char *)rows32;
+                kstride = D * 4;
+            }
             for (int64_t g = 0; g < G; ++g) {
                 __m512 qv[16];
                 for (int64_t c = 0; c < D / 16; ++c) qv[c] = _mm512_loadu_ps(q + g * D + 16 * c);
@@ -113,18 +125,18 @@ KV_INLINE void decode_item(const decode_args *a, int64_t r, int64_t h, const int
                 for (; i + 4 <= rows; i += 4) {
                     __m512 part[4];
                     for (int r4 = 0; r4 < 4; ++r4) {
-                        const void *k = kb + (i + r4) * a->c_slot * esize;
-                        part[r4] = _mm512_mul_ps(load16(k, 0, dt), qv[0]);
+                        const float *k = (const float *)(krows + (i + r4) * kstride);
+                        part[r4] = _mm512_mul_ps(_mm512_loadu_ps(k), qv[0]);
                         for (int64_t c = 1; c < D / 16; ++c)
-                            part[r4] = _mm512_fmadd_ps(load16(k, 16 * c, dt), qv[c], part[r4]);
+                            part[r4] = _mm512_fmadd_ps(_mm512_loadu_ps(k + 16 * c), qv[c], part[r4]);
                     }
                     _mm_storeu_ps(sg + i, _mm_mul_ps(sum4(part), _mm_set1_ps(a->scale)));
                 }
                 for (; i < rows; ++i) {
-                    const void *k = kb + i * a->c_slot * esize;
-                    __m512 part = _mm512_mul_ps(load16(k, 0, dt), qv[0]);
+                    const float *k = (const float *)(krows + i * kstride);
+                    __m512 part = _mm512_mul_ps(_mm512_loadu_ps(k), qv[0]);
                     for (int64_t c = 1; c < D / 16; ++c)
-                        part = _mm512_fmadd_ps(load16(k, 16 * c, dt), qv[c], part);
+                        part = _mm512_fmadd_ps(_mm512_loadu_ps(k + 16 * c), qv[c], part);
                     sg[i] = _mm512_reduce_add_ps(part) * a->scale;
                 }
             }
@@ -180,7 +192,35 @@ KV_INLINE void decode_item(const decode_args *a, int64_t r, int64_t h, const int
 
     /* acc_g = sum_t p_g[t] v_t */
 #if KV_AVX512
-    if (D % 16 == 0 && D <= 256) {
+    if (D % 16 == 0 && D <= 256 && dt != DT_F32) {
+        /* 16-bit V: each block's rows widened once, then every head over them. */
+        for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
+        for (int64_t b = 0; b < num_blocks; ++b) {
+            const char *vb = vh + (int64_t)table[b] * a->c_block * esize;
+            const int64_t t0 = b * bs, rows = len - t0 < bs ? len - t0 : bs;
+            if (b + 1 < num_blocks) {
+                const char *next = vh + (int64_t)table[b + 1] * a->c_block * esize;
+                for (int64_t i = 0; i < bs; ++i)
+                    for (int64_t d = 0; d < D * esize; d += 64)
+                        __builtin_prefetch(next + i * a->c_slot * esize + d);
+            }
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t c = 0; c < D / 16; ++c)
+                    _mm512_storeu_ps(rows32 + i * D + 16 * c,
+                                     load16(vb + i * a->c_slot * esize, 16 * c, dt));
+            for (int64_t g = 0; g < G; ++g) {
+                __m512 av[16];
+                for (int64_t c = 0; c < D / 16; ++c) av[c] = _mm512_loadu_ps(acc + g * D + 16 * c);
+                const float *pg = scores + g * len + t0;
+                for (int64_t i = 0; i < rows; ++i) {
+                    const __m512 p = _mm512_set1_ps(pg[i]);
+                    for (int64_t c = 0; c < D / 16; ++c)
+                        av[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(rows32 + i * D + 16 * c), av[c]);
+                }
+                for (int64_t c = 0; c < D / 16; ++c) _mm512_storeu_ps(acc + g * D + 16 * c, av[c]);
+            }
+        }
+    } else if (D % 16 == 0 && D <= 256) {
         /* Head by head, acc_g in registers; V is read from memory once (the first head,
            which also prefetches the next block) and from L2 after. */
         for (int64_t g = 0; g < G; ++g) {
@@ -237,12 +277,12 @@ KV_INLINE void decode_items(const decode_args *a, int64_t begin, int64_t end, co
     }
 }
 
-void kv_decode_item_f32(const decode_args *a, int64_t r, int64_t h)
+void kv_decode_item(const decode_args *a, int64_t r, int64_t h)
 {
-    switch (a->head_dim) {
-    case 64: decode_item(a, r, h, 64, DT_F32); break;
-    case 128: decode_item(a, r, h, 128, DT_F32); break;
-    default: decode_item(a, r, h, a->head_dim, DT_F32);
+    switch (a->dtype) {
+    case DT_BF16: decode_items(a, r * a->num_kv_heads + h, r * a->num_kv_heads + h + 1, DT_BF16); break;
+    case DT_F16: decode_items(a, r * a->num_kv_heads + h, r * a->num_kv_heads + h + 1, DT_F16); break;
+    default: decode_items(a, r * a->num_kv_heads + h, r * a->num_kv_heads + h + 1, DT_F32);
     }
 }
 

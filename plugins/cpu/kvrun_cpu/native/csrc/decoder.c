@@ -1,4 +1,4 @@
-/* A whole decode step of a Llama-family model in one call, float32.
+/* A whole decode step of a Llama-family model in one call, float32 or bfloat16.
  *
  * For a few decode tokens a step is ~150 small kernels around the matmuls, and calling
  * them one by one from Python costs about as much as the matmuls themselves. Here the
@@ -10,7 +10,9 @@
  * item functions as the op-level kernels, in the same order, so the hidden states are
  * bit for bit those of the op-by-op native path.
  *
- * Weights are packed into 16-row panels (packed.c), the embedding table too.
+ * Weights are packed into 16-row panels (packed.c, packed_bf16.c), the embedding table
+ * too. Activations, the residual stream and the cache are in the model's dtype, rounded
+ * where the op-by-op path rounds them.
  *
  * Per layer: qkv = h Wqkv^T (+b); per (request, kv head): rotate its q heads and k,
  * write k and v into the cache slot, attend over the cached rows; x = attn Wo^T;
@@ -26,20 +28,21 @@
 #include "kvrun_cpu.h"
 
 typedef struct {
-    const float *input_norm, *qkv, *qkv_bias, *o, *post_norm, *gate_up, *down; /* matrices packed */
-    float *key_cache, *value_cache; /* [Hk, num_blocks, block_size, D] via the model's strides */
+    const void *input_norm, *qkv, *qkv_bias, *o, *post_norm, *gate_up, *down; /* matrices packed */
+    void *key_cache, *value_cache; /* [Hk, num_blocks, block_size, D] via the model's strides */
 } kv_decoder_layer;
 
 /* Layout of every field: 8 bytes (kvrun_cpu.native.decoder mirrors it with ctypes). */
 typedef struct {
     int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab;
     double eps, scale;
-    const float *embed;      /* [vocab, hidden], packed */
-    const float *final_norm; /* [hidden] */
+    const void *embed;       /* [vocab, hidden], packed */
+    const void *final_norm;  /* [hidden] */
     const float *cos_sin;    /* [max_pos, head_dim]: cos | sin */
     int64_t max_pos;
     int64_t c_head, c_block, c_slot, block_size, num_blocks;
     const kv_decoder_layer *layers;
+    int64_t dtype; /* KV_F32 or KV_BF16: weights, activations and cache */
 } kv_decoder;
 
 /* A sense-reversing barrier for the step's threads: spin for up to SPIN_NS (the phases
@@ -117,31 +120,44 @@ typedef struct {
     int64_t t_row;
     const int32_t *seq_lens; /* [m] */
     int64_t m;
-    float *hidden; /* [m, H]: the normed output */
-    /* scratch, each [m, ...] contiguous */
-    float *residual, *x, *qkv, *q, *attn, *gate_up, *act;
+    void *hidden; /* [m, H]: the normed output */
+    /* scratch, each [m, ...] contiguous, in the model's dtype */
+    char *residual, *x, *qkv, *q, *attn, *gate_up, *act;
+    int dt;
+    int64_t es; /* bytes per element */
     barrier *sync;
 } step_args;
 
-static void residual_norm(const step_args *s, const float *weight, int worker, int workers,
+static void residual_norm(const step_args *s, const void *weight, int worker, int workers,
                           int add)
 {
     const int64_t H = s->md->hidden;
     for (int64_t r = worker; r < s->m; r += workers) {
-        float *res = s->residual + r * H;
-        if (add)
-            for (int64_t i = 0; i < H; ++i) res[i] = s->x[r * H + i] + res[i];
-        kv_rms_norm_row_f32(res, weight, s->hidden + r * H, H, (float)s->md->eps);
+        char *res = s->residual + r * H * s->es;
+        if (add) kv_add_row(s->x + r * H * s->es, res, H, s->dt);
+        kv_rms_norm_row(res, weight, (char *)s->hidden + r * H * s->es, H, (float)s->md->eps, s->dt);
     }
 }
 
-static void linear_part(const float *x, int64_t m, const float *w, const float *bias, float *y,
-                        int64_t n, int64_t k, int worker, int workers)
+/* y[:, 16 p_begin : 16 p_end] = x W^T (+ bias), W packed with n rows. */
+static void panels(const step_args *s, const void *x, const void *w, const void *bias, void *y,
+                   int64_t n, int64_t k, int64_t p_begin, int64_t p_end)
 {
-    const kv_packed_args a = {x, k, w, bias, y, n, m, n, k};
+    if (p_begin >= p_end) return;
+    if (s->dt == KV_BF16) {
+        kv_packed_panels_bf16(x, k, w, bias, y, n, s->m, n, k, p_begin, p_end);
+    } else {
+        const kv_packed_args a = {x, k, w, bias, y, n, s->m, n, k};
+        kv_packed_panels(&a, p_begin, p_end);
+    }
+}
+
+static void linear_part(const step_args *s, const void *x, const void *w, const void *bias,
+                        void *y, int64_t n, int64_t k, int worker, int workers)
+{
     int64_t begin, end;
     kv_split((n + 15) / 16, 1, worker, workers, &begin, &end);
-    if (begin < end) kv_packed_panels(&a, begin, end);
+    panels(s, x, w, bias, y, n, k, begin, end);
 }
 
 static void attention_part(const step_args *s, const kv_decoder_layer *layer, int worker,
@@ -149,64 +165,65 @@ static void attention_part(const step_args *s, const kv_decoder_layer *layer, in
 {
     const kv_decoder *md = s->md;
     const int64_t D = md->head_dim, Hq = md->num_heads, Hk = md->num_kv_heads, G = Hq / Hk;
-    const int64_t width = (Hq + 2 * Hk) * D;
+    const int64_t width = (Hq + 2 * Hk) * D, es = s->es;
     const kv_decode_args a = {s->q,          Hq * D,      D,           layer->key_cache,
                               layer->value_cache, md->c_head, md->c_block, md->c_slot,
                               s->tables,     s->t_row,    s->seq_lens, s->m,
                               Hq,            Hk,          D,           md->block_size,
                               (float)md->scale, s->attn,  Hq * D,      D,
-                              KV_F32};
+                              s->dt};
     int64_t begin, end;
     kv_decode_range(&a, worker, workers, &begin, &end);
     for (int64_t item = begin; item < end; ++item) {
         const int64_t r = item / Hk, h = item % Hk;
-        const float *row = s->qkv + r * width, *cs = md->cos_sin + s->positions[r] * D;
+        const char *row = s->qkv + r * width * es;
+        const float *cs = md->cos_sin + s->positions[r] * D;
         for (int64_t g = h * G; g < (h + 1) * G; ++g)
-            kv_rotate_head_f32(row + g * D, s->q + r * Hq * D + g * D, cs, D / 2);
+            kv_rotate_head(row + g * D * es, s->q + (r * Hq + g) * D * es, cs, D / 2, s->dt);
         const int64_t slot = s->slots[r], blk = slot / md->block_size, off = slot % md->block_size;
-        const int64_t dst = h * md->c_head + blk * md->c_block + off * md->c_slot;
-        kv_rotate_head_f32(row + (Hq + h) * D, layer->key_cache + dst, cs, D / 2);
-        memcpy(layer->value_cache + dst, row + (Hq + Hk + h) * D, (size_t)D * sizeof(float));
-        kv_decode_item_f32(&a, r, h);
+        const int64_t dst = (h * md->c_head + blk * md->c_block + off * md->c_slot) * es;
+        kv_rotate_head(row + (Hq + h) * D * es, (char *)layer->key_cache + dst, cs, D / 2, s->dt);
+        memcpy((char *)layer->value_cache + dst, row + (Hq + Hk + h) * D * es, (size_t)(D * es));
+        kv_decode_item(&a, r, h);
     }
 }
 
 static void step_body(const step_args *s, int worker, int workers)
 {
     const kv_decoder *md = s->md;
-    const int64_t H = md->hidden, I = md->intermediate, m = s->m;
+    const int64_t H = md->hidden, I = md->intermediate, m = s->m, es = s->es;
     const int64_t qkv_width = (md->num_heads + 2 * md->num_kv_heads) * md->head_dim;
     const int64_t attn_width = md->num_heads * md->head_dim;
     int sense = 0;
     for (int64_t r = worker; r < m; r += workers)
-        kv_packed_row_f32(md->embed, H, s->tokens[r], s->residual + r * H);
+        kv_packed_row(md->embed, H, s->tokens[r], s->residual + r * H * es, s->dt);
     residual_norm(s, md->layers[0].input_norm, worker, workers, 0);
     barrier_wait(s->sync, &sense);
     for (int64_t l = 0; l < md->num_layers; ++l) {
         const kv_decoder_layer *layer = md->layers + l;
-        linear_part(s->hidden, m, layer->qkv, layer->qkv_bias, s->qkv, qkv_width, H, worker, workers);
+        linear_part(s, s->hidden, layer->qkv, layer->qkv_bias, s->qkv, qkv_width, H, worker, workers);
         barrier_wait(s->sync, &sense);
         attention_part(s, layer, worker, workers);
         barrier_wait(s->sync, &sense);
-        linear_part(s->attn, m, layer->o, 0, s->x, H, attn_width, worker, workers);
+        linear_part(s, s->attn, layer->o, 0, s->x, H, attn_width, worker, workers);
         barrier_wait(s->sync, &sense);
         residual_norm(s, layer->post_norm, worker, workers, 1);
         barrier_wait(s->sync, &sense);
         { /* gate panels [b, e) and their up panels, then act for those columns
              (I is a multiple of 16: NativeDecoder checks) */
-            const kv_packed_args a = {s->hidden, H, layer->gate_up, 0, s->gate_up, 2 * I, m, 2 * I, H};
             int64_t b, e;
             kv_split(I / 16, 1, worker, workers, &b, &e);
             if (b < e) {
-                kv_packed_panels(&a, b, e);
-                kv_packed_panels(&a, I / 16 + b, I / 16 + e);
-                for (int64_t r = 0; r < m; ++r)
-                    kv_silu_mul_f32(s->gate_up + r * 2 * I + 16 * b, s->gate_up + r * 2 * I + I + 16 * b,
-                                    s->act + r * I + 16 * b, 16 * (e - b));
+                panels(s, s->hidden, layer->gate_up, 0, s->gate_up, 2 * I, H, b, e);
+                panels(s, s->hidden, layer->gate_up, 0, s->gate_up, 2 * I, H, I / 16 + b, I / 16 + e);
+                for (int64_t r = 0; r < m; ++r) {
+                    const char *gu = s->gate_up + (r * 2 * I + 16 * b) * es;
+                    kv_silu_mul(gu, gu + I * es, s->act + (r * I + 16 * b) * es, 16 * (e - b), s->dt);
+                }
             }
         }
         barrier_wait(s->sync, &sense);
-        linear_part(s->act, m, layer->down, 0, s->x, H, I, worker, workers);
+        linear_part(s, s->act, layer->down, 0, s->x, H, I, worker, workers);
         barrier_wait(s->sync, &sense);
         residual_norm(s, l + 1 < md->num_layers ? md->layers[l + 1].input_norm : md->final_norm,
                       worker, workers, 1);
@@ -234,23 +251,23 @@ static int64_t validate(const kv_decoder *md, const int64_t *tokens, const int64
 
 int64_t kvrun_decode_step(const kv_decoder *md, const int64_t *tokens, const int64_t *positions,
                           const int64_t *slots, const int32_t *tables, int64_t t_row,
-                          const int32_t *seq_lens, int64_t m, float *hidden, float *scratch,
+                          const int32_t *seq_lens, int64_t m, void *hidden, void *scratch,
                           int64_t *where, int workers)
 {
     const int64_t code = validate(md, tokens, positions, slots, tables, t_row, seq_lens, m, where);
     if (code) return code;
-    const int64_t H = md->hidden, I = md->intermediate;
+    const int64_t H = md->hidden, I = md->intermediate, es = md->dtype == KV_BF16 ? 2 : 4;
     const int64_t q = md->num_heads * md->head_dim, kv = md->num_kv_heads * md->head_dim;
     step_args s = {.md = md, .tokens = tokens, .positions = positions, .slots = slots,
                    .tables = tables, .t_row = t_row, .seq_lens = seq_lens, .m = m,
-                   .hidden = hidden};
+                   .hidden = hidden, .dt = (int)md->dtype, .es = es};
     s.residual = scratch;
-    s.x = s.residual + m * H;
-    s.qkv = s.x + m * H;
-    s.q = s.qkv + m * (q + 2 * kv);
-    s.attn = s.q + m * q;
-    s.gate_up = s.attn + m * q;
-    s.act = s.gate_up + m * 2 * I;
+    s.x = s.residual + m * H * es;
+    s.qkv = s.x + m * H * es;
+    s.q = s.qkv + m * (q + 2 * kv) * es;
+    s.attn = s.q + m * q * es;
+    s.gate_up = s.attn + m * q * es;
+    s.act = s.gate_up + m * 2 * I * es;
     barrier sync = {0, 0, 0, 1};
     s.sync = &sync;
     if (workers <= 1) {
@@ -267,7 +284,7 @@ int64_t kvrun_decode_step(const kv_decoder *md, const int64_t *tokens, const int
     return 0;
 }
 
-/* Floats of scratch kvrun_decode_step needs for m tokens. */
+/* Elements (of the model's dtype) of scratch kvrun_decode_step needs for m tokens. */
 int64_t kvrun_decode_scratch(const kv_decoder *md, int64_t m)
 {
     const int64_t q = md->num_heads * md->head_dim, kv = md->num_kv_heads * md->head_dim;

@@ -59,9 +59,26 @@ KV_INLINE void norm_row(const void *x, const void *weight, void *out, int64_t H,
     for (int64_t i = 0; i < H; ++i) st(out, i, ld(weight, i, dt) * rnd(ld(x, i, dt) * inv, dt), dt);
 }
 
-void kv_rms_norm_row_f32(const float *x, const float *weight, float *out, int64_t n, float eps)
+void kv_rms_norm_row(const void *x, const void *weight, void *out, int64_t n, float eps, int dt)
 {
-    norm_row(x, weight, out, n, eps, DT_F32);
+    if (dt == DT_BF16)
+        norm_row(x, weight, out, n, eps, DT_BF16);
+    else
+        norm_row(x, weight, out, n, eps, DT_F32);
+}
+
+KV_INLINE void add_row(const void *x, void *res, int64_t n, const int dt)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) st(res, i, ld(x, i, dt) + ld(res, i, dt), dt);
+}
+
+void kv_add_row(const void *x, void *res, int64_t n, int dt)
+{
+    if (dt == DT_BF16)
+        add_row(x, res, n, DT_BF16);
+    else
+        add_row(x, res, n, DT_F32);
 }
 
 KV_INLINE void norm_rows(const norm_args *a, int64_t begin, int64_t end, const int dt)
@@ -139,9 +156,12 @@ KV_INLINE void silu_mul(const void *gate, const void *up, void *out, int64_t n, 
     }
 }
 
-void kv_silu_mul_f32(const float *gate, const float *up, float *out, int64_t n)
+void kv_silu_mul(const void *gate, const void *up, void *out, int64_t n, int dt)
 {
-    silu_mul(gate, up, out, n, DT_F32);
+    if (dt == DT_BF16)
+        silu_mul(gate, up, out, n, DT_BF16);
+    else
+        silu_mul(gate, up, out, n, DT_F32);
 }
 
 KV_INLINE void silu_rows(const silu_args *a, int64_t begin, int64_t end, const int dt)
@@ -193,9 +213,12 @@ KV_INLINE void rotate_head(const void *x, void *o, const float *cs, int64_t half
     }
 }
 
-void kv_rotate_head_f32(const float *x, float *out, const float *cos_sin, int64_t half)
+void kv_rotate_head(const void *x, void *out, const float *cos_sin, int64_t half, int dt)
 {
-    rotate_head(x, out, cos_sin, half, DT_F32);
+    if (dt == DT_BF16)
+        rotate_head(x, out, cos_sin, half, DT_BF16);
+    else
+        rotate_head(x, out, cos_sin, half, DT_F32);
 }
 
 KV_INLINE void rotary_rows(const rotary_args *a, int64_t begin, int64_t end, const int dt)

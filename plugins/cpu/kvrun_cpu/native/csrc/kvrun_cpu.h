@@ -44,8 +44,10 @@ KV_INLINE void kv_split(int64_t total, int64_t align, int worker, int workers, i
 }
 
 /* --- pieces the fused decode step (decoder.c) shares with the op-level kernels --- */
+/* Each takes a dtype code (KV_F32 or KV_BF16) and computes exactly what the op-level
+   kernel computes for that dtype. */
 
-/* y = x W^T (+ bias) with W packed into 16-row panels (packed.c), for the output
+/* y = x W^T (+ bias), W packed into 16-row panels (packed.c, packed_bf16.c), for output
    panels [p_begin, p_end), i.e. columns [16 p_begin, 16 p_end) of y. */
 typedef struct {
     const float *x; /* [m, k], row stride x_row */
@@ -56,8 +58,11 @@ typedef struct {
     int64_t y_row, m, n, k;
 } kv_packed_args;
 KV_INTERNAL void kv_packed_panels(const kv_packed_args *a, int64_t p_begin, int64_t p_end);
+KV_INTERNAL void kv_packed_panels_bf16(const uint16_t *x, int64_t x_row, const uint16_t *panels,
+                                       const uint16_t *bias, uint16_t *y, int64_t y_row, int64_t m,
+                                       int64_t n, int64_t k, int64_t p_begin, int64_t p_end);
 /* Row `row` of a packed [n, k] matrix into out [k]. */
-KV_INTERNAL void kv_packed_row_f32(const float *panels, int64_t k, int64_t row, float *out);
+KV_INTERNAL void kv_packed_row(const void *panels, int64_t k, int64_t row, void *out, int dt);
 
 /* Decode attention over a paged cache (attention.c). */
 typedef struct {
@@ -77,14 +82,17 @@ typedef struct {
 /* The (request, kv head) items, item = request * Hk + head, that `worker` takes. */
 KV_INTERNAL void kv_decode_range(const kv_decode_args *a, int worker, int workers, int64_t *begin,
                                  int64_t *end);
-/* One float32 item: query heads [h*G, (h+1)*G) of request r against its cached rows. */
-KV_INTERNAL void kv_decode_item_f32(const kv_decode_args *a, int64_t r, int64_t h);
+/* One item: query heads [h*G, (h+1)*G) of request r against its cached rows. */
+KV_INTERNAL void kv_decode_item(const kv_decode_args *a, int64_t r, int64_t h);
 
-/* float32 rows (elementwise.c), each as the op-level kernel computes it. */
-KV_INTERNAL void kv_rms_norm_row_f32(const float *x, const float *weight, float *out, int64_t n,
-                                     float eps);
-KV_INTERNAL void kv_rotate_head_f32(const float *x, float *out, const float *cos_sin, int64_t half);
-KV_INTERNAL void kv_silu_mul_f32(const float *gate, const float *up, float *out, int64_t n);
+/* Rows (elementwise.c). */
+KV_INTERNAL void kv_rms_norm_row(const void *x, const void *weight, void *out, int64_t n,
+                                 float eps, int dt);
+/* res = x + res, rounded to dt: the residual stream. */
+KV_INTERNAL void kv_add_row(const void *x, void *res, int64_t n, int dt);
+KV_INTERNAL void kv_rotate_head(const void *x, void *out, const float *cos_sin, int64_t half,
+                                int dt);
+KV_INTERNAL void kv_silu_mul(const void *gate, const void *up, void *out, int64_t n, int dt);
 
 /* bf16 <-> fp32 (round to nearest even, NaN kept quiet), as torch converts. */
 KV_INLINE float kv_bf16_to_f32(uint16_t h)

@@ -153,12 +153,6 @@ int64_t kvrun_packed_rows_f32(const int64_t *ids, int64_t m, const float *panels
 {
     for (int64_t i = 0; i < m; ++i)
         if (ids[i] < 0 || ids[i] >= n) return i;
-    for (int64_t i = 0; i < m; ++i) kv_packed_row_f32(panels, k, ids[i], out + i * k);
+    for (int64_t i = 0; i < m; ++i) kv_packed_row(panels, k, ids[i], out + i * k, KV_F32);
     return -1;
-}
-
-void kv_packed_row_f32(const float *panels, int64_t k, int64_t row, float *out)
-{
-    const float *src = panels + (row / PANEL) * k * PANEL + row % PANEL;
-    for (int64_t c = 0; c < k; ++c) out[c] = src[c * PANEL];
 }

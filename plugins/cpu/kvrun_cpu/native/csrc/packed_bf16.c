@@ -110,6 +110,7 @@ KV_INLINE void tile_any(const bf16_args *a, int64_t i, int64_t p, int64_t mr, in
 
 static void panels_bf16(const bf16_args *a, int64_t p_begin, int64_t p_end)
 {
+    if (p_begin >= p_end) return;
     for (int64_t i0 = 0; i0 < a->m; i0 += ROW_BLOCK) {
         const int64_t i_end = a->m - i0 < ROW_BLOCK ? a->m : i0 + ROW_BLOCK;
         const int64_t wide = i_end - i0 >= 8 ? 2 : 4;
@@ -123,6 +124,14 @@ static void panels_bf16(const bf16_args *a, int64_t p_begin, int64_t p_end)
             }
         }
     }
+}
+
+void kv_packed_panels_bf16(const uint16_t *x, int64_t x_row, const uint16_t *panels,
+                           const uint16_t *bias, uint16_t *y, int64_t y_row, int64_t m, int64_t n,
+                           int64_t k, int64_t p_begin, int64_t p_end)
+{
+    const bf16_args a = {x, x_row, panels, bias, y, y_row, m, n, k};
+    panels_bf16(&a, p_begin, p_end);
 }
 
 static void linear_task(const void *args, int worker, int workers)
@@ -180,10 +189,18 @@ int64_t kvrun_packed_rows_bf16(const int64_t *ids, int64_t m, const uint16_t *pa
 {
     for (int64_t i = 0; i < m; ++i)
         if (ids[i] < 0 || ids[i] >= n) return i;
-    const int64_t pairs = (k + 1) / 2;
-    for (int64_t i = 0; i < m; ++i) {
-        const uint16_t *src = panels + (ids[i] / PANEL) * pairs * 2 * PANEL + 2 * (ids[i] % PANEL);
-        for (int64_t c = 0; c < k; ++c) out[i * k + c] = src[(c / 2) * 2 * PANEL + c % 2];
-    }
+    for (int64_t i = 0; i < m; ++i) kv_packed_row(panels, k, ids[i], out + i * k, KV_BF16);
     return -1;
+}
+
+void kv_packed_row(const void *panels, int64_t k, int64_t row, void *out, int dt)
+{
+    if (dt == KV_BF16) {
+        const int64_t pairs = (k + 1) / 2;
+        const uint16_t *src = (const uint16_t *)panels + (row / PANEL) * pairs * 2 * PANEL + 2 * (row % PANEL);
+        for (int64_t c = 0; c < k; ++c) ((uint16_t *)out)[c] = src[(c / 2) * 2 * PANEL + c % 2];
+    } else {
+        const float *src = (const float *)panels + (row / PANEL) * k * PANEL + row % PANEL;
+        for (int64_t c = 0; c < k; ++c) ((float *)out)[c] = src[c * PANEL];
+    }
 }
