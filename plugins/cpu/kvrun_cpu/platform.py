@@ -40,10 +40,14 @@ class CpuPlatform(Platform):
     device_type = "cpu"
     dist_backend = "gloo"
     priority = 0
-    # dtype="auto" is float32. On AVX2 CPUs bf16 matmuls run 10-50x slower; on this
-    # project's AVX512-BF16 CPU they run 2.3x faster, yet end to end bf16 measured no
-    # faster (throughput 288 vs 297 tok/s, decode 27.6 vs 26.0; BENCHMARKS.md): its
-    # attention and elementwise path eats the gain, and float32 is exact.
+    # dtype="auto" is float32. bf16 needs the native kernels' AVX512-BF16 build to pay
+    # (torch's bf16 matmuls run 10-50x slower on AVX2 CPUs); there it measured 1.4x
+    # float32 end to end (BENCHMARKS.md), but its prefill attention (torch SDPA) rounds
+    # differently when a prompt arrives in other chunks (a prefix-cache hit, the token
+    # budget): logprobs moved by up to 0.05 between a whole and a 16-token-chunked
+    # prefill (float32: 3e-6), enough to change seeded samples between two identical
+    # requests (tests/server/test_generation.py::test_chat_n_and_seed). float32 keeps greedy
+    # output equal to transformers' and seeds reproducible; bf16 is `dtype="bfloat16"`.
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (
         torch.float32,
         torch.bfloat16,

@@ -18,6 +18,7 @@ from kvrun.envs import read_env
 from kvrun.errors import ConfigError
 from kvrun.platforms import KVCacheRequest
 from kvrun_cpu.attention import TorchSdpaAttention
+from kvrun_cpu.native.build import supported_isas
 from kvrun_cpu.ops import cpu_ops
 from kvrun_cpu.platform import CpuPlatform
 
@@ -157,3 +158,9 @@ def test_torch_sdpa_falls_back_to_torch_when_the_kernels_cannot_be_built(
 
 def test_auto_dtype_is_float32(platform: Make) -> None:
     assert platform().default_dtype() == torch.float32
+
+
+def test_native_kernels_are_built_for_the_widest_isa(platform: Make) -> None:
+    native = platform().native_kernels()
+    assert native is not None and native.isa == supported_isas()[0]
+    assert f"_{native.isa}_" in native.library.name

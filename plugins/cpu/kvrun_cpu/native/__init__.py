@@ -84,10 +84,11 @@ class NativeKernels:
     included) of torch's OpenMP runtime; calls from several Python threads each get
     their own team."""
 
-    def __init__(self, library: Path, threads: int) -> None:
+    def __init__(self, library: Path, threads: int, isa: str) -> None:
         lib = ctypes.CDLL(str(library))
         self.library = library
         self.threads = max(1, threads)
+        self.isa = isa  # the instruction set it was built for (build.supported_isas)
         for name, argtypes in _SIGNATURES.items():
             fn = lib[name]
             fn.argtypes = argtypes
@@ -358,16 +359,17 @@ def load_native(
     forces a target ("AVX512", "AVX2", "generic"; default: what torch detected). A
     cached library that will not load (truncated, foreign) is rebuilt once.
     """
-    lib, flags = library_path(cache_dir, isa or default_isa())
+    isa = isa or default_isa()
+    lib, flags = library_path(cache_dir, isa)
     if lib.exists():
         try:
-            return NativeKernels(lib, threads), f"cached {lib}"
+            return NativeKernels(lib, threads, isa), f"cached {lib}"
         except (OSError, AttributeError):
             lib.unlink(missing_ok=True)
     error = compile_library(lib, flags)
     if error is not None:
         return None, error
     try:
-        return NativeKernels(lib, threads), f"built {lib}"
+        return NativeKernels(lib, threads, isa), f"built {lib}"
     except (OSError, AttributeError) as exc:
         return None, f"could not load {lib}: {exc}"
