@@ -181,6 +181,9 @@ def run_engine(
 
     try:
         engine = LLMEngine(engine_args, env)
+        started = time.monotonic()
+        engine.warm_up()
+        logger.info("warm-up step: %.2f s", time.monotonic() - started)
     except KvrunError as exc:
         send(Dead(str(exc), user_error=True))
         return

@@ -58,6 +58,18 @@ typedef struct {
     int64_t y_row, m, n, k;
 } kv_packed_args;
 KV_INTERNAL void kv_packed_panels(const kv_packed_args *a, int64_t p_begin, int64_t p_end);
+/* The tile order both packed matmuls use (packed.c): blocks of rows of x kept hot in L2
+   while panels [p_begin, p_end) stream past, in tiles of up to 8 rows x 2 panels (8 or
+   more rows in the block) or 4 x 4 (fewer); tile(args, i, p, mr, np) computes rows
+   [i, i + mr) against panels [p, p + np). */
+typedef void (*kv_tile_fn)(const void *args, int64_t i, int64_t p, int64_t mr, int64_t np);
+/* Every (mr, np) kv_for_each_tile hands out, for a switch over mr * 8 + np. */
+#define KV_TILE_SHAPES(T)                                                                  \
+    T(8, 2) T(8, 1) T(7, 2) T(7, 1) T(6, 2) T(6, 1) T(5, 2) T(5, 1) T(4, 4) T(4, 3) T(4, 2) \
+    T(4, 1) T(3, 4) T(3, 3) T(3, 2) T(3, 1) T(2, 4) T(2, 3) T(2, 2) T(2, 1) T(1, 4) T(1, 3) \
+    T(1, 2) T(1, 1)
+KV_INTERNAL void kv_for_each_tile(const void *args, kv_tile_fn tile, int64_t m, int64_t p_begin,
+                                  int64_t p_end);
 KV_INTERNAL void kv_packed_panels_bf16(const uint16_t *x, int64_t x_row, const uint16_t *panels,
                                        const uint16_t *bias, uint16_t *y, int64_t y_row, int64_t m,
                                        int64_t n, int64_t k, int64_t p_begin, int64_t p_end);

@@ -67,34 +67,36 @@ KV_INLINE void tile(const packed_args *a, int64_t i, int64_t p, const int MR, co
 #endif
 }
 
-/* Tiles of up to 8 x 2 panels (rows >= 8) or up to 4 x 4 panels (fewer rows). */
-KV_INLINE void tile_any(const packed_args *a, int64_t i, int64_t p, int64_t mr, int64_t np)
+static void tile_any(const void *args, int64_t i, int64_t p, int64_t mr, int64_t np)
 {
+    const packed_args *a = args;
 #define T(MR, NP) \
     case (MR) * 8 + (NP): tile(a, i, p, MR, NP); return;
-    switch (mr * 8 + np) {
-        T(8, 2) T(8, 1) T(7, 2) T(7, 1) T(6, 2) T(6, 1) T(5, 2) T(5, 1)
-        T(4, 4) T(4, 3) T(4, 2) T(4, 1) T(3, 4) T(3, 3) T(3, 2) T(3, 1)
-        T(2, 4) T(2, 3) T(2, 2) T(2, 1) T(1, 4) T(1, 3) T(1, 2) T(1, 1)
-    }
+    switch (mr * 8 + np) { KV_TILE_SHAPES(T) }
 #undef T
 }
 
-void kv_packed_panels(const packed_args *a, int64_t p_begin, int64_t p_end)
+void kv_for_each_tile(const void *args, kv_tile_fn tile_fn, int64_t m, int64_t p_begin,
+                      int64_t p_end)
 {
-    for (int64_t i0 = 0; i0 < a->m; i0 += ROW_BLOCK) {
-        const int64_t i_end = a->m - i0 < ROW_BLOCK ? a->m : i0 + ROW_BLOCK;
+    for (int64_t i0 = 0; i0 < m; i0 += ROW_BLOCK) {
+        const int64_t i_end = m - i0 < ROW_BLOCK ? m : i0 + ROW_BLOCK;
         const int64_t wide = i_end - i0 >= 8 ? 2 : 4; /* panels per tile */
         for (int64_t p = p_begin; p < p_end; p += wide) {
             const int64_t np = p_end - p < wide ? p_end - p : wide;
             for (int64_t i = i0; i < i_end;) {
                 const int64_t left = i_end - i;
                 const int64_t mr = np > 2 ? (left < 4 ? left : 4) : (left < 8 ? left : 8);
-                tile_any(a, i, p, mr, np);
+                tile_fn(args, i, p, mr, np);
                 i += mr;
             }
         }
     }
+}
+
+void kv_packed_panels(const packed_args *a, int64_t p_begin, int64_t p_end)
+{
+    kv_for_each_tile(a, tile_any, a->m, p_begin, p_end);
 }
 
 static void packed_task(const void *args, int worker, int workers)

@@ -13,7 +13,6 @@
 #include "kvrun_cpu.h"
 
 #define PANEL 16
-#define ROW_BLOCK 64
 
 typedef struct {
     const uint16_t *x; /* [m, k] bf16, row stride x_row */
@@ -96,34 +95,18 @@ KV_INLINE void tile(const bf16_args *a, int64_t i, int64_t p, const int MR, cons
     }
 }
 
-KV_INLINE void tile_any(const bf16_args *a, int64_t i, int64_t p, int64_t mr, int64_t np)
+static void tile_any(const void *args, int64_t i, int64_t p, int64_t mr, int64_t np)
 {
+    const bf16_args *a = args;
 #define T(MR, NP) \
     case (MR) * 8 + (NP): tile(a, i, p, MR, NP); return;
-    switch (mr * 8 + np) {
-        T(8, 2) T(8, 1) T(7, 2) T(7, 1) T(6, 2) T(6, 1) T(5, 2) T(5, 1)
-        T(4, 4) T(4, 3) T(4, 2) T(4, 1) T(3, 4) T(3, 3) T(3, 2) T(3, 1)
-        T(2, 4) T(2, 3) T(2, 2) T(2, 1) T(1, 4) T(1, 3) T(1, 2) T(1, 1)
-    }
+    switch (mr * 8 + np) { KV_TILE_SHAPES(T) }
 #undef T
 }
 
 static void panels_bf16(const bf16_args *a, int64_t p_begin, int64_t p_end)
 {
-    if (p_begin >= p_end) return;
-    for (int64_t i0 = 0; i0 < a->m; i0 += ROW_BLOCK) {
-        const int64_t i_end = a->m - i0 < ROW_BLOCK ? a->m : i0 + ROW_BLOCK;
-        const int64_t wide = i_end - i0 >= 8 ? 2 : 4;
-        for (int64_t p = p_begin; p < p_end; p += wide) {
-            const int64_t np = p_end - p < wide ? p_end - p : wide;
-            for (int64_t i = i0; i < i_end;) {
-                const int64_t left = i_end - i;
-                const int64_t mr = np > 2 ? (left < 4 ? left : 4) : (left < 8 ? left : 8);
-                tile_any(a, i, p, mr, np);
-                i += mr;
-            }
-        }
-    }
+    kv_for_each_tile(a, tile_any, a->m, p_begin, p_end);
 }
 
 void kv_packed_panels_bf16(const uint16_t *x, int64_t x_row, const uint16_t *panels,
