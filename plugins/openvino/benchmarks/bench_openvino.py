@@ -7,7 +7,8 @@ Each platform runs in its own subprocess (a fresh engine, OpenMP and OpenVINO
 threads not shared), generates greedily for the same prompts with ignore_eos, and
 reports one JSON line; this script prints a markdown table and whether the two
 platforms produced the same tokens. Engine start-up (for openvino: IR export on the
-first run, then compile) is timed apart from generation. The default model is
+first run, then compile; for both: LLMEngine.warm_up, as the server runs it) is timed
+apart from generation. The default model is
 kvrun's default (SmolLM2-135M-Instruct GGUF); --model takes a Hugging Face
 directory too.
 """
@@ -48,6 +49,7 @@ def run_one(platform: str, model: str | None, prompts: int, tokens: int) -> dict
     env = read_env({**os.environ, "VLLM_TARGET_DEVICE": platform})
     start = time.perf_counter()
     engine = LLMEngine(EngineArgs(model=model, dtype="float32"), env)
+    engine.warm_up()  # first-use costs belong to start-up, as `kvrun serve` does it
     ready = time.perf_counter()
     ids = _prompt_ids(engine.tokenizer, prompts)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
