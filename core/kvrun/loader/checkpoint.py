@@ -28,7 +28,7 @@ class Checkpoint:
     format: CheckpointFormat  # how the weights are stored
     directory: Path  # holds config.json and tokenizer files; a GGUF file's own directory
     weight_files: tuple[Path, ...]  # safetensors files in load order, or the one .gguf file
-    num_tensors: int  # how many (name, tensor) pairs iter_weights yields
+    num_tensors: int  # how many stored tensors iter_weights reads (its progress bar's total)
     generation_config: dict[str, Any] = field(default_factory=dict)  # generation_config.json, {}
     # GGUF key/value metadata (tokenizer vocabulary included); empty for safetensors
     gguf_metadata: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -52,21 +52,27 @@ class Checkpoint:
         """Yield (Hugging Face parameter name, tensor) pairs, each converted to ``dtype``.
 
         Names are as transformers names the parameters ("model.layers.0.self_attn.
-        q_proj.weight", "model.embed_tokens.weight"). GGUF tensors are dequantized and
-        Llama's Q/K rows un-permuted. A tied checkpoint yields no "lm_head.weight"
+        q_proj.weight", "model.embed_tokens.weight"). GGUF and AWQ (:mod:`kvrun.loader.awq`)
+        tensors are dequantized, and GGUF's Llama Q/K rows un-permuted. A tied checkpoint
+        yields no "lm_head.weight"
         unless the file stores one. Tensors are new CPU tensors the caller owns.
         ``progress`` shows a tqdm bar on stderr.
         """
         from tqdm.auto import tqdm
 
+        from kvrun.loader.awq import awq_config, merge_awq
+
+        awq = None
         if self.format == "gguf":
             from kvrun.loader.gguf_loader import iter_gguf
 
-            pairs = iter_gguf(self.weight_files[0], self.hf_config, dtype, self.gguf_reader)
+            stored = iter_gguf(self.weight_files[0], self.hf_config, dtype, self.gguf_reader)
         else:
             from kvrun.loader.safetensors_loader import iter_safetensors
 
-            pairs = iter_safetensors(self.weight_files, dtype)
+            awq = awq_config(self.hf_config, self.source)
+            # AWQ's int32 / float16 tensors are read as stored and dequantised together.
+            stored = iter_safetensors(self.weight_files, dtype if awq is None else None)
         bar = tqdm(
             total=self.num_tensors,
             desc=f"Loading {self.name}",
@@ -74,7 +80,14 @@ class Checkpoint:
             disable=not progress,
             leave=False,
         )
-        with bar:
-            for pair in pairs:
+
+        def counted() -> Iterator[tuple[str, torch.Tensor]]:
+            for pair in stored:
                 bar.update(1)
                 yield pair
+
+        with bar:
+            if awq is None:
+                yield from counted()
+            else:
+                yield from merge_awq(counted(), awq, dtype, self.source)

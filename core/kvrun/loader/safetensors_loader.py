@@ -103,9 +103,10 @@ def validate_safetensors(path: Path) -> int:
 
 
 def iter_safetensors(
-    files: Sequence[Path], dtype: torch.dtype
+    files: Sequence[Path], dtype: torch.dtype | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor in ``dtype``) for every tensor of ``files``, in file order."""
+    """Yield (name, tensor in ``dtype``) for every tensor of ``files``, in file order;
+    ``dtype=None`` keeps each tensor's stored dtype."""
     for path in files:
         try:
             handle = safe_open(str(path), framework="pt")
@@ -116,4 +117,4 @@ def iter_safetensors(
                 if name.endswith(_SKIPPED_SUFFIXES):
                     continue
                 tensor = reader.get_tensor(name)
-                yield name, tensor.to(dtype)
+                yield name, tensor if dtype is None else tensor.to(dtype)

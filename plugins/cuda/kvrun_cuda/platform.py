@@ -65,7 +65,8 @@ def unsupported_settings(env: EnvSnapshot) -> tuple[list[str], list[str]]:
             notes.append(f"{name} is read but unused: kvrun has no mixture-of-experts model yet")
     if is_set("VLLM_USE_TRITON_AWQ"):
         notes.append(
-            "VLLM_USE_TRITON_AWQ is read but unused: kvrun does not load AWQ checkpoints yet"
+            "VLLM_USE_TRITON_AWQ is read but unused: AWQ checkpoints are dequantised at load, "
+            "with no AWQ kernel"
         )
     return errors, notes
 

@@ -117,7 +117,8 @@ def test_variables_without_a_feature_yet_are_named(caplog: pytest.LogCaptureFixt
             "model yet",
             "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON is read but unused: kvrun has no "
             "mixture-of-experts model yet",
-            "VLLM_USE_TRITON_AWQ is read but unused: kvrun does not load AWQ checkpoints yet",
+            "VLLM_USE_TRITON_AWQ is read but unused: AWQ checkpoints are dequantised at load, "
+            "with no AWQ kernel",
         ],
     )
     with caplog.at_level(logging.WARNING, logger="kvrun.cuda"):

@@ -1,0 +1,131 @@
+"""AWQ checkpoints: 4-bit weights dequantised once, at load.
+
+An AWQ ("GEMM" version) checkpoint stores each quantised linear layer ``P`` as three
+tensors instead of ``P.weight [out, in]``:
+
+- ``P.qweight`` int32 ``[in, out / 8]``: eight 4-bit values per word;
+- ``P.qzeros`` int32 ``[in / group, out / 8]``: the zero point of each group, packed alike;
+- ``P.scales`` float16 ``[in / group, out]``: the scale of each group;
+
+and ``weight[o, i] = (q[i, o] - z[i // group, o]) * s[i // group, o]``. Within a word,
+nibble ``n`` (bits ``4n .. 4n + 3``) holds column ``8 j + AWQ_ORDER[n]``: the
+interleaving AutoAWQ's GEMM kernels read. config.json names the method in
+``quantization_config`` (``quant_method: awq``, ``bits: 4``, ``group_size``,
+``zero_point: true``, ``version: gemm``).
+
+The model then runs on the dequantised weights in the engine's dtype, as GGUF files
+do; every platform loads AWQ this way, with no kernel of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvrun.errors import ModelLoadError
+
+__all__ = ["AWQ_ORDER", "AwqConfig", "awq_config", "dequantize_awq", "merge_awq", "unpack_awq"]
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_PARTS = ("qweight", "qzeros", "scales")
+
+
+@dataclass(frozen=True)
+class AwqConfig:
+    group_size: int  # input rows per scale and zero point; -1 = all of them
+
+
+def awq_config(hf_config: Mapping[str, Any], source: str) -> AwqConfig | None:
+    """The checkpoint's AWQ settings; None when it is not quantised; a ModelLoadError for
+    a quantisation kvrun does not load, naming it and what is accepted."""
+    quant = hf_config.get("quantization_config")
+    if quant is None:
+        return None
+    method = str(quant.get("quant_method", "")).lower() if isinstance(quant, dict) else ""
+    if method != "awq":
+        raise ModelLoadError(
+            f"model {source!r}: config.json's quantization_config has quant_method "
+            f"{method or quant!r}; kvrun loads AWQ (4-bit, GEMM layout) checkpoints and GGUF "
+            "files, or unquantised weights"
+        )
+    bits = quant.get("bits", quant.get("w_bit", 4))
+    version = str(quant.get("version", "gemm")).lower()
+    zero_point = quant.get("zero_point", True)
+    group_size = quant.get("group_size", quant.get("q_group_size", 128))
+    problems = []
+    if bits != 4:
+        problems.append(f"bits={bits} (accepted: 4)")
+    if version != "gemm":
+        problems.append(f"version={version!r} (accepted: 'gemm')")
+    if zero_point is not True:
+        problems.append(f"zero_point={zero_point} (accepted: true)")
+    if not isinstance(group_size, int) or not (group_size > 0 or group_size == -1):
+        problems.append(f"group_size={group_size!r} (accepted: a positive integer or -1)")
+    if problems:
+        raise ModelLoadError(
+            f"model {source!r}: an AWQ checkpoint kvrun cannot load: {'; '.join(problems)}"
+        )
+    return AwqConfig(group_size=group_size)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """int32 ``[r, c / 8]`` -> the 4-bit values as int32 ``[r, c]`` in column order."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [r, c/8, 8]: nibble n
+    columns = torch.empty_like(nibbles)
+    columns[..., list(AWQ_ORDER)] = nibbles  # nibble n is column AWQ_ORDER[n]
+    return columns.reshape(packed.shape[0], -1)
+
+
+def dequantize_awq(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """The float32 weight ``[out, in]`` of one AWQ layer (shapes as the module docstring)."""
+    q = unpack_awq(qweight)  # [in, out]
+    z = unpack_awq(qzeros)  # [groups, out]
+    rows = q.shape[0]
+    group = rows if group_size == -1 else group_size
+    groups = -(-rows // group)
+    if z.shape != (groups, q.shape[1]) or scales.shape != (groups, q.shape[1]):
+        raise ValueError(
+            f"qweight {tuple(qweight.shape)} with group size {group} needs qzeros "
+            f"{(groups, qweight.shape[1])} and scales {(groups, q.shape[1])}; got "
+            f"{tuple(qzeros.shape)} and {tuple(scales.shape)}"
+        )
+    index = torch.arange(rows, device=q.device) // group
+    weight = (q - z[index]).float() * scales.float()[index]
+    return weight.t().contiguous()
+
+
+def merge_awq(
+    pairs: Iterable[tuple[str, torch.Tensor]], config: AwqConfig, dtype: torch.dtype, source: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each layer's (qweight, qzeros, scales) as one ``.weight`` in ``dtype``, whatever
+    order or file they come in; other tensors pass through, floating ones in ``dtype``."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in pairs:
+        prefix, _, part = name.rpartition(".")
+        if part not in _PARTS:
+            yield name, (tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            continue
+        parts = pending.setdefault(prefix, {})
+        parts[part] = tensor
+        if len(parts) == len(_PARTS):
+            del pending[prefix]
+            try:
+                weight = dequantize_awq(
+                    parts["qweight"], parts["qzeros"], parts["scales"], config.group_size
+                )
+            except ValueError as exc:
+                raise ModelLoadError(f"model {source!r}: AWQ layer {prefix}: {exc}") from exc
+            yield f"{prefix}.weight", weight.to(dtype)
+    if pending:
+        prefix, parts = next(iter(pending.items()))
+        missing = ", ".join(p for p in _PARTS if p not in parts)
+        raise ModelLoadError(
+            f"model {source!r}: AWQ layer {prefix} has no {missing} "
+            f"({len(pending)} layer(s) incomplete); the checkpoint is damaged"
+        )
