@@ -54,9 +54,8 @@ class Checkpoint:
         Names are as transformers names the parameters ("model.layers.0.self_attn.
         q_proj.weight", "model.embed_tokens.weight"). GGUF and AWQ (:mod:`kvrun.loader.awq`)
         tensors are dequantized, and GGUF's Llama Q/K rows un-permuted. A tied checkpoint
-        yields no "lm_head.weight"
-        unless the file stores one. Tensors are new CPU tensors the caller owns.
-        ``progress`` shows a tqdm bar on stderr.
+        yields no "lm_head.weight" unless the file stores one. Tensors are new CPU tensors
+        the caller owns. ``progress`` shows a tqdm bar on stderr.
         """
         from tqdm.auto import tqdm
 
