@@ -63,6 +63,16 @@ KV_INLINE __m512 load16(const void *p, int64_t i, const int dt)
     return _mm512_loadu_ps((const float *)p + i);
 }
 
+/* rows x D values of a 16-bit cache block (row stride `stride` bytes) widened into
+   float32 `out` [rows, D], so the heads that read the block do not each widen it. */
+KV_INLINE void widen_rows(const char *block, int64_t stride, int64_t rows, int64_t D, float *out,
+                          const int dt)
+{
+    for (int64_t i = 0; i < rows; ++i)
+        for (int64_t c = 0; c < D / 16; ++c)
+            _mm512_storeu_ps(out + i * D + 16 * c, load16(block + i * stride, 16 * c, dt));
+}
+
 /* The horizontal sums of four vectors, in one vector. */
 KV_INLINE __m128 sum4(const __m512 v[4])
 {
@@ -88,6 +98,7 @@ KV_INLINE void decode_item(const decode_args *a, int64_t r, int64_t h, const int
     if (!q) abort(); /* out of memory: nothing sane to return */
     float *acc = q + G * D, *scores = acc + G * D;
     float *rows32 = scores + G * len; /* one block's rows widened to float32 */
+    (void)rows32;                      /* read by the AVX-512 paths only */
     for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d)
             q[g * D + d] = load1(a->query, r * a->q_tok + (h * G + g) * a->q_head + d, dt);
@@ -110,10 +121,7 @@ KV_INLINE void decode_item(const decode_args *a, int64_t r, int64_t h, const int
             const char *krows = kb;
             int64_t kstride = a->c_slot * esize;
             if (dt != DT_F32) {
-                for (int64_t i = 0; i < rows; ++i)
-                    for (int64_t c = 0; c < D / 16; ++c)
-                        _mm512_storeu_ps(rows32 + i * D + 16 * c,
-                                         load16(kb + i * a->c_slot * esize, 16 * c, dt));
+                widen_rows(kb, kstride, rows, D, rows32, dt);
                 krows = (const char *)rows32;
                 kstride = D * 4;
             }
@@ -204,10 +212,7 @@ KV_INLINE void decode_item(const decode_args *a, int64_t r, int64_t h, const int
                     for (int64_t d = 0; d < D * esize; d += 64)
                         __builtin_prefetch(next + i * a->c_slot * esize + d);
             }
-            for (int64_t i = 0; i < rows; ++i)
-                for (int64_t c = 0; c < D / 16; ++c)
-                    _mm512_storeu_ps(rows32 + i * D + 16 * c,
-                                     load16(vb + i * a->c_slot * esize, 16 * c, dt));
+            widen_rows(vb, a->c_slot * esize, rows, D, rows32, dt);
             for (int64_t g = 0; g < G; ++g) {
                 __m512 av[16];
                 for (int64_t c = 0; c < D / 16; ++c) av[c] = _mm512_loadu_ps(acc + g * D + 16 * c);

@@ -6,9 +6,9 @@
  * threads and a barrier separates it from the next. The barriers are our own (spin
  * briefly, then sleep), whatever OMP_WAIT_POLICY says: OpenMP's either sleep at once at
  * each of the step's ~200 barriers (PASSIVE: 40% slower on a quiet machine) or spin
- * for long (the default: 5-20x slower when another process wants one of the cores). Every phase runs the same row and
- * item functions as the op-level kernels, in the same order, so the hidden states are
- * bit for bit those of the op-by-op native path.
+ * for long (the default: 5-20x slower when another process wants one of the cores).
+ * Every phase runs the same row and item functions as the op-level kernels, in the same
+ * order, so the hidden states are bit for bit those of the op-by-op native path.
  *
  * Weights are packed into 16-row panels (packed.c, packed_bf16.c), the embedding table
  * too. Activations, the residual stream and the cache are in the model's dtype, rounded
