@@ -233,6 +233,27 @@ def test_an_fp8_cache_is_planned_allocated_and_written(
     assert int((written != 0).sum()) >= 10
 
 
+def test_warm_up_leaves_calibration_to_the_first_real_request(
+    fixture_platform: ModuleType, model_dir: Path
+) -> None:
+    """warm_up() writes dummy tokens into the real cache, then the platform forgets what
+    its backends measured from them: the first real request calibrates, as without it."""
+
+    def first_write_maxima(warm_up: bool) -> list[float]:
+        engine = fixture_engine(
+            model_dir, "fixtureplain", gpu_memory_utilization=0.5, kv_cache_dtype="fp8"
+        )
+        if warm_up:
+            engine.warm_up()
+        run_all(engine, PROMPTS[2:], GREEDY)
+        (backend,) = engine.platform.fp8_backends  # type: ignore[attr-defined]
+        return [backend.calibration[cache.data_ptr()] for cache in engine.runner.kv_caches]
+
+    cold = first_write_maxima(warm_up=False)
+    assert len(cold) == 2 and min(cold) > 0
+    assert first_write_maxima(warm_up=True) == cold
+
+
 def test_an_fp8_format_the_platform_lacks_is_refused(
     fixture_platform: ModuleType, model_dir: Path
 ) -> None:
@@ -301,7 +322,9 @@ def test_seeded_and_min_p_rows_keep_the_torch_sampler() -> None:
 # --- kvrun-cuda's side of the hooks (device-neutral parts, on CPU) --------------------------
 
 
-def _cuda_config(backend: str, enforce_eager: bool) -> Any:
+def _cuda_config(
+    backend: str, enforce_eager: bool, kv_cache_dtype: torch.dtype | None = None
+) -> Any:
     from kvrun.config import EngineConfig
 
     return EngineConfig(
@@ -320,6 +343,7 @@ def _cuda_config(backend: str, enforce_eager: bool) -> Any:
         max_logprobs=20,
         platform_name="cuda",
         attention_backend=backend,
+        kv_cache_dtype=kv_cache_dtype,
         enforce_eager=enforce_eager,
     )
 
@@ -332,6 +356,10 @@ def test_cuda_reserves_a_block_only_when_graphs_will_be_captured() -> None:
     assert cuda.reserved_kv_blocks(_cuda_config("FLASHINFER", enforce_eager=False)) == 0
     eager = _cuda_config("TRITON_ATTN", enforce_eager=True)
     assert cuda.decode_graph_runner(lambda *a: torch.empty(0), eager, pad_slot=0) is None
+    # An fp8 cache read by TRITON_ATTN stays eager: its scales are measured on the host.
+    fp8 = _cuda_config("TRITON_ATTN", enforce_eager=False, kv_cache_dtype=torch.float8_e4m3fn)
+    assert cuda.reserved_kv_blocks(fp8) == 0
+    assert cuda.decode_graph_runner(lambda *a: torch.empty(0), fp8, pad_slot=0) is None
 
 
 def test_cuda_fp8_cache_selects_its_fp8_backend_with_the_env_scales() -> None:
@@ -351,15 +379,20 @@ def test_cuda_fp8_cache_selects_its_fp8_backend_with_the_env_scales() -> None:
     spec = AttentionLayerSpec(
         4, 2, 64, 0.125, dtype=torch.float16, kv_cache_dtype=torch.float8_e4m3fn
     )
+    # TRITON_ATTN's fp8 variant where triton is installed, else REFERENCE_FP8; either
+    # measures its scales with the env's constants.
     backend = cuda.attention_backend(None, spec)
-    assert isinstance(backend, fp8_module.Fp8KVCacheAttention)
-    assert (backend.k_scale_constant, backend.v_scale_constant) == (50, 100)
+    has_triton = pytest.importorskip("kvrun_cuda.backends").module_installed("triton")
+    assert backend.name == ("TRITON_ATTN" if has_triton else "REFERENCE_FP8")
+    assert (backend.scales.k_scale_constant, backend.scales.v_scale_constant) == (50, 100)
+    reference = cuda.attention_backend("REFERENCE_FP8", spec)
+    assert isinstance(reference, fp8_module.Fp8KVCacheAttention)
     with pytest.raises(ConfigError) as info:
-        cuda.attention_backend("TRITON_ATTN", spec)
+        cuda.attention_backend("FLASHINFER", spec)
     assert str(info.value) == (
-        "VLLM_ATTENTION_BACKEND='TRITON_ATTN' cannot read an fp8 KV cache on the cuda "
-        "platform; with kv_cache_dtype fp8 the backend is REFERENCE_FP8: unset "
-        "VLLM_ATTENTION_BACKEND or use kv_cache_dtype=auto"
+        "VLLM_ATTENTION_BACKEND='FLASHINFER' cannot read an fp8 KV cache on the cuda "
+        "platform; with kv_cache_dtype fp8 the backends are REFERENCE_FP8, TRITON_ATTN: "
+        "unset VLLM_ATTENTION_BACKEND, name one of those, or use kv_cache_dtype=auto"
     )
 
 

@@ -213,9 +213,11 @@ class LLMEngine:
 
         The steps write the cache's lowest block ids, which no request holds yet (call
         it before adding any) and which the block manager hands out first; the
-        scheduler, its prefix cache and the counters are not touched. On the cpu
-        plugin this moves ~1 s of page faults (the cache is zeroed lazily by the OS)
-        from the server's first request to its start-up (BENCHMARKS.md).
+        scheduler, its prefix cache and the counters are not touched, and the platform
+        discards what its backends calibrated on the dummy tokens
+        (:meth:`~kvrun.platforms.Platform.discard_calibration`). On the cpu plugin this
+        moves ~1 s of page faults (the cache is zeroed lazily by the OS) from the
+        server's first request to its start-up (BENCHMARKS.md).
         """
         assert not self._parents, "warm_up() runs before any request is added"
         block_size = self.config.block_size
@@ -226,6 +228,7 @@ class LLMEngine:
         decode = ScheduledChunk("warm-up", [0], num_tokens, blocks, samples=True, is_prefill=False)
         for chunk in (prefill, decode):
             self.runner.execute([chunk])
+        self.platform.discard_calibration()
 
     # stats and control ----------------------------------------------------------------
     def stats(self) -> EngineStats:

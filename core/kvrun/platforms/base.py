@@ -239,7 +239,12 @@ class Platform(ABC):
     def resolve_kv_cache_dtype(self, name: str, model_dtype: torch.dtype) -> torch.dtype | None:
         """The cache dtype for ``kv_cache_dtype=name``; None = the model dtype.
 
-        A ConfigError, naming what this platform stores, for a dtype it cannot store.
+        A ConfigError, naming what this platform stores, for a dtype it cannot store. A
+        platform may override this to store a named format in its hardware's own variant
+        (kvrun-rocm stores fp8 e4m3 as ``float8_e4m3fnuz`` on MI300); it returns one of
+        ``kv_cache_dtypes``, and the engine allocates the cache in it and passes it to the
+        attention backend as ``AttentionLayerSpec.kv_cache_dtype``. Called after
+        :meth:`setup_process`, so the device may be queried.
         """
         from kvrun.config import KV_CACHE_DTYPES
 
@@ -263,6 +268,17 @@ class Platform(ABC):
         ``request.peak_memory_bytes``.
         """
         return None
+
+    def discard_calibration(self) -> None:  # noqa: B027 - optional hook
+        """Forget what attention backends measured from dummy tokens; the default has
+        nothing to forget.
+
+        The engine calls it after :meth:`kvrun.engine.llm_engine.LLMEngine.warm_up`, whose
+        steps write the real cache: a backend that calibrates on a layer's first write
+        (kvrun-cuda's fp8 KV scales) then calibrates on the first real request, as it
+        would have without the warm-up. (A platform that profiles calls it itself after
+        the dummy forward of :meth:`measure_peak_memory`.)
+        """
 
     def reserved_kv_blocks(self, config: EngineConfig) -> int:
         """KV blocks the engine keeps out of the block manager for this platform's own use

@@ -22,13 +22,17 @@ from kvrun.errors import ConfigError
 __all__ = [
     "CUDA_BACKENDS",
     "FLASHINFER",
+    "FP8_BACKENDS",
     "REFERENCE",
+    "REFERENCE_FP8",
     "TRITON_ATTN",
+    "TRITON_FP8",
     "XFORMERS",
     "BackendChoice",
     "BackendEntry",
     "build_backend",
     "choose_attention_backend",
+    "choose_fp8_backend",
     "dtype_name",
     "module_installed",
     "refusals",
@@ -97,6 +101,34 @@ REFERENCE = BackendEntry(
 # In order of preference for the automatic choice.
 CUDA_BACKENDS: tuple[BackendEntry, ...] = (FLASHINFER, XFORMERS, TRITON_ATTN, REFERENCE)
 
+# The backends that read an fp8 KV cache, with the per-layer scale divisors of the env.
+_FP8_SCALE_OPTIONS = (
+    ("k_scale_constant", "K_SCALE_CONSTANT"),
+    ("v_scale_constant", "V_SCALE_CONSTANT"),
+)
+# Our Triton kernels with measured scales; the user names it TRITON_ATTN, as without fp8.
+TRITON_FP8 = BackendEntry(
+    name="TRITON_ATTN",
+    target="kvrun_cuda.triton.attention:TritonFp8Attention",
+    module="triton",
+    install="triton",
+    head_sizes=TRITON_ATTN.head_sizes,
+    dtypes=TRITON_ATTN.dtypes,
+    env_options=_FP8_SCALE_OPTIONS,
+)
+# The torch path over the fp8 cache (the oracle): always runnable, the fallback.
+REFERENCE_FP8 = BackendEntry(
+    name="REFERENCE_FP8",
+    target="kvrun_cuda.fp8:Fp8KVCacheAttention",
+    module=None,
+    install="",
+    head_sizes=None,
+    dtypes=REFERENCE.dtypes,
+    env_options=_FP8_SCALE_OPTIONS,
+)
+# In order of preference when the KV cache is fp8 (CUDA and ROCm alike).
+FP8_BACKENDS: tuple[BackendEntry, ...] = (TRITON_FP8, REFERENCE_FP8)
+
 
 @dataclass(frozen=True)
 class BackendChoice:
@@ -106,11 +138,14 @@ class BackendChoice:
     explicit: bool  # True when VLLM_ATTENTION_BACKEND (or attention_backend=) named it
     passed_over: tuple[tuple[str, str], ...]  # (backend name, why it cannot run), in order
 
-    def log_line(self, platform: str) -> str:
-        """One line for the start-up log."""
+    def log_line(self, platform: str, kv_cache: torch.dtype | None = None) -> str:
+        """One line for the start-up log; ``kv_cache`` names a cache dtype (fp8) if given."""
+        what = f"attention backend {self.entry.name}"
+        if kv_cache is not None:
+            what += f" over a {dtype_name(kv_cache)} KV cache"
         if self.explicit:
-            return f"{platform}: attention backend {self.entry.name} (asked for)"
-        line = f"{platform}: attention backend {self.entry.name} chosen automatically"
+            return f"{platform}: {what} (asked for)"
+        line = f"{platform}: {what} chosen automatically"
         if self.passed_over:
             skipped = "; ".join(f"{name}: {why}" for name, why in self.passed_over)
             line += f", passed over {skipped}"
@@ -192,6 +227,29 @@ def choose_attention_backend(
         passed.append((entry.name, "; ".join(reasons)))
     # Our own invariant: every platform table ends in a backend that always runs.
     raise AssertionError(f"no attention backend of {platform} can run: {passed}")
+
+
+def choose_fp8_backend(
+    requested: str | None,
+    layer: AttentionLayerSpec,
+    offered: Sequence[BackendEntry],
+    platform: str,
+    installed: Callable[[str], bool] = module_installed,
+) -> BackendChoice:
+    """:func:`choose_attention_backend` over the backends that read an fp8 cache.
+
+    A named backend that cannot read one (FLASHINFER, REFERENCE, ...) is refused with
+    the fp8 backends listed, rather than as a backend the platform does not offer.
+    """
+    names = sorted({entry.name for entry in offered})
+    if requested is not None and requested.strip().upper() not in names:
+        raise ConfigError(
+            f"VLLM_ATTENTION_BACKEND={requested!r} cannot read an fp8 KV cache on the "
+            f"{platform} platform; with kv_cache_dtype fp8 the backends are "
+            f"{', '.join(names)}: unset VLLM_ATTENTION_BACKEND, name one of those, or use "
+            "kv_cache_dtype=auto"
+        )
+    return choose_attention_backend(requested, layer, layer.dtype, offered, platform, installed)
 
 
 def build_backend(entry: BackendEntry, layer: AttentionLayerSpec, env: Any) -> AttentionBackend:

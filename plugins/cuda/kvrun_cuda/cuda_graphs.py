@@ -4,8 +4,9 @@ A decode step launches hundreds of small kernels; replaying a captured graph rem
 their launch cost. Batches are padded up to the nearest captured size; padding rows
 decode a dummy token whose K/V goes to ``pad_slot``, a cache slot the engine never
 hands to a request. Anything that is not an all-decode batch within the largest
-size runs eagerly, and so does everything when ``enforce_eager`` is set or the
-attention backend reads host-side lists (which a graph would freeze at capture).
+size runs eagerly, and so does everything when ``enforce_eager`` is set, the
+attention backend reads host-side lists (which a graph would freeze at capture) or
+the KV cache is fp8 (its scales are measured on the host from the first real batch).
 
 Not yet run on a GPU (this plugin's README says what is verified); the size
 arithmetic is pure and tested on CPU.
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from kvrun.attention.base import AttentionMetadata
+from kvrun_cuda.fp8 import FP8_KV_DTYPES
 
 __all__ = [
     "GRAPH_SAFE_BACKENDS",
@@ -41,10 +43,24 @@ Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor
 GRAPH_SAFE_BACKENDS = frozenset({"TRITON_ATTN"})
 
 
-def eager_reason(enforce_eager: bool, attention_backend: str) -> str | None:
-    """Why decode steps must run eagerly, or None when they may be captured."""
+def eager_reason(
+    enforce_eager: bool, attention_backend: str, kv_cache_dtype: torch.dtype | None = None
+) -> str | None:
+    """Why decode steps must run eagerly, or None when they may be captured.
+
+    ``kv_cache_dtype`` is the engine config's (None = the model dtype). An fp8 cache
+    stays eager whichever backend reads it: each layer's scales are measured with a host
+    read on its first write, which capture cannot do, and the capture's warm-up on
+    padding tokens would be that first write.
+    """
     if enforce_eager:
         return "enforce_eager=True"
+    if kv_cache_dtype in FP8_KV_DTYPES:
+        return (
+            f"the KV cache is fp8 ({str(kv_cache_dtype).removeprefix('torch.')}), whose "
+            "per-layer scales are measured with a host read on each layer's first write, "
+            "which a CUDA graph cannot capture"
+        )
     if attention_backend not in GRAPH_SAFE_BACKENDS:
         safe = ", ".join(sorted(GRAPH_SAFE_BACKENDS))
         return (

@@ -1,10 +1,13 @@
 """fp8 KV cache (``kv_cache_dtype=fp8``): per-layer scales and the torch attention path.
 
-Keys and values are stored as ``float8_e4m3fn`` divided by a per-layer scale. As in
-vLLM, the scales are measured once, on the first forward that writes the layer:
-``k_scale = max|key| / K_SCALE_CONSTANT`` and ``v_scale = max|value| / V_SCALE_CONSTANT``
-(defaults 200 and 100 keep the scaled values well inside e4m3's +-448). Reading
-dequantises only the blocks the batch's block tables name.
+Keys and values are stored as an fp8 e4m3 format divided by a per-layer scale:
+``float8_e4m3fn`` (OCP e4m3, max 448: NVIDIA, and AMD from gfx950) or, on AMD MI300
+(gfx94x), the hardware's own ``float8_e4m3fnuz`` (max 240, no negative zero, NaN is
+0x80). The cache tensor's dtype says which; quantisation saturates to that dtype's
+range. As in vLLM, the scales are measured once, on the first forward that writes the
+layer: ``k_scale = max|key| / K_SCALE_CONSTANT`` and ``v_scale = max|value| /
+V_SCALE_CONSTANT`` (defaults 200 and 100 keep the scaled values inside both formats'
+range). Reading dequantises only the blocks the batch's block tables name.
 """
 
 from __future__ import annotations
@@ -20,26 +23,40 @@ from kvrun.ops import reference
 
 __all__ = [
     "FP8_KV_DTYPE",
+    "FP8_KV_DTYPES",
     "Fp8KVCacheAttention",
     "KVScales",
+    "LayerScales",
     "dequantize",
+    "fp8_max",
     "kv_scales",
     "quantize",
     "resolve_kv_cache_dtype",
 ]
 
+# What kv_cache_dtype=fp8 means unless a platform substitutes its hardware's variant.
 FP8_KV_DTYPE = torch.float8_e4m3fn
+# Every fp8 cache format the backends here read and write (the fnuz one for AMD MI300).
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 # vLLM's accepted spellings for the fp8 cache; e4m3 is the format its scales target.
 _FP8_NAMES = ("fp8", "fp8_e4m3")
 
 
-def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """``kv_cache_dtype`` as a torch dtype: "auto" is the model's, fp8 is e4m3."""
+def resolve_kv_cache_dtype(
+    name: str, model_dtype: torch.dtype, fp8_dtype: torch.dtype = FP8_KV_DTYPE
+) -> torch.dtype:
+    """``kv_cache_dtype`` as a torch dtype: "auto" is the model's, fp8 is ``fp8_dtype``."""
     if name == "auto":
         return model_dtype
     if name in _FP8_NAMES:
-        return FP8_KV_DTYPE
+        return fp8_dtype
     raise ConfigError(f"kv_cache_dtype={name!r} is not supported; accepted: auto, fp8, fp8_e4m3")
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """The largest finite value of an fp8 cache format: 448 for e4m3fn, 240 for e4m3fnuz."""
+    assert dtype in FP8_KV_DTYPES, dtype
+    return float(torch.finfo(dtype).max)
 
 
 @dataclass(frozen=True)
@@ -65,10 +82,41 @@ def kv_scales(
     )
 
 
-def quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """``x / scale`` in fp8, saturated to e4m3's range (a cast alone would give NaN)."""
-    limit = torch.finfo(FP8_KV_DTYPE).max
-    return (x.float() / scale).clamp(-limit, limit).to(FP8_KV_DTYPE)
+class LayerScales:
+    """Each layer's scales, measured from the first batch that writes the layer, then kept.
+
+    Keyed by the layer's cache tensor (its address), so one backend instance serves every
+    layer. Measuring reads the maxima back to the host: a backend that uses this cannot
+    be captured in a CUDA graph, whose warm-up would also measure on dummy tokens.
+    """
+
+    def __init__(self, k_scale_constant: int = 200, v_scale_constant: int = 100) -> None:
+        self.k_scale_constant = k_scale_constant  # K_SCALE_CONSTANT
+        self.v_scale_constant = v_scale_constant  # V_SCALE_CONSTANT
+        self.by_layer: dict[int, KVScales] = {}  # kv_cache.data_ptr() -> that layer's scales
+
+    def get(
+        self,
+        kv_cache: torch.Tensor,
+        key: torch.Tensor,  # [T, Hk, D] this batch's keys, measured on the first write
+        value: torch.Tensor,  # [T, Hk, D]
+    ) -> KVScales:
+        layer = kv_cache.data_ptr()
+        scales = self.by_layer.get(layer)
+        if scales is None:
+            scales = kv_scales(key, value, self.k_scale_constant, self.v_scale_constant)
+            self.by_layer[layer] = scales
+        return scales
+
+    def clear(self) -> None:
+        """Forget every layer (a profiling run's throwaway caches must leave no scales)."""
+        self.by_layer.clear()
+
+
+def quantize(x: torch.Tensor, scale: float, dtype: torch.dtype = FP8_KV_DTYPE) -> torch.Tensor:
+    """``x / scale`` in the fp8 ``dtype``, saturated to its range (a cast alone gives NaN)."""
+    limit = fp8_max(dtype)
+    return (x.float() / scale).clamp(-limit, limit).to(dtype)
 
 
 def dequantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -79,8 +127,8 @@ class Fp8KVCacheAttention(AttentionBackend):
     """The reference attention over an fp8 cache; the oracle for fp8 kernels.
 
     Cache layout as the reference: ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
-    of ``float8_e4m3fn``. One instance serves all layers; scales are kept per layer,
-    keyed by the layer's cache tensor.
+    of one of :data:`FP8_KV_DTYPES`. One instance serves all layers; scales are kept per
+    layer (:class:`LayerScales`).
     """
 
     name = "REFERENCE_FP8"
@@ -89,9 +137,7 @@ class Fp8KVCacheAttention(AttentionBackend):
         self, spec: AttentionLayerSpec, k_scale_constant: int = 200, v_scale_constant: int = 100
     ) -> None:
         super().__init__(spec)
-        self.k_scale_constant = k_scale_constant  # K_SCALE_CONSTANT
-        self.v_scale_constant = v_scale_constant  # V_SCALE_CONSTANT
-        self.scales: dict[int, KVScales] = {}  # kv_cache.data_ptr() -> that layer's scales
+        self.scales = LayerScales(k_scale_constant, v_scale_constant)
 
     # The reference ops read and write the cache, so it has the reference's layout.
     kv_cache_shape = staticmethod(ReferenceAttention.kv_cache_shape)
@@ -104,16 +150,13 @@ class Fp8KVCacheAttention(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        assert kv_cache.dtype == FP8_KV_DTYPE, kv_cache.dtype
-        layer = kv_cache.data_ptr()
-        scales = self.scales.get(layer)
-        if scales is None:
-            scales = kv_scales(key, value, self.k_scale_constant, self.v_scale_constant)
-            self.scales[layer] = scales
+        fp8 = kv_cache.dtype
+        assert fp8 in FP8_KV_DTYPES, fp8
+        scales = self.scales.get(kv_cache, key, value)
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         reference.reshape_and_cache(
-            quantize(key, scales.k_scale),
-            quantize(value, scales.v_scale),
+            quantize(key, scales.k_scale, fp8),
+            quantize(value, scales.v_scale, fp8),
             key_cache,
             value_cache,
             meta.slot_mapping,

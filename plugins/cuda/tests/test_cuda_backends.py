@@ -15,13 +15,18 @@ from kvrun.errors import ConfigError
 from kvrun_cuda.backends import (
     CUDA_BACKENDS,
     FLASHINFER,
+    FP8_BACKENDS,
+    REFERENCE_FP8,
     TRITON_ATTN,
+    TRITON_FP8,
     XFORMERS,
     build_backend,
     choose_attention_backend,
+    choose_fp8_backend,
     refusals,
 )
 from kvrun_cuda.flashinfer_attn import FlashInferAttention
+from kvrun_cuda.fp8 import Fp8KVCacheAttention
 from kvrun_cuda.platform import CudaPlatform, check_backend_dtype
 
 SPEC = AttentionLayerSpec(num_heads=8, num_kv_heads=2, head_dim=64, scale=0.125)
@@ -160,3 +165,69 @@ def test_triton_head_sizes_are_a_range() -> None:
     ]
     auto = choose_attention_backend(None, big, None, CUDA_BACKENDS, "cuda", EVERYTHING)
     assert auto.entry.name == "REFERENCE"
+
+
+# --- fp8 KV cache ------------------------------------------------------------------------
+
+FP8 = torch.float8_e4m3fn
+FP8_SPEC = AttentionLayerSpec(8, 2, 64, 0.125, dtype=torch.float16, kv_cache_dtype=FP8)
+TRITON_MISSING = "triton is not installed (module 'triton' not found; pip install triton)"
+
+
+def test_fp8_automatic_choice_is_triton_then_the_torch_path() -> None:
+    assert [e.name for e in FP8_BACKENDS] == ["TRITON_ATTN", "REFERENCE_FP8"]
+    triton = choose_fp8_backend(None, FP8_SPEC, FP8_BACKENDS, "cuda", EVERYTHING)
+    assert (triton.entry, triton.explicit) == (TRITON_FP8, False)
+    assert triton.log_line("cuda", FP8) == (
+        "cuda: attention backend TRITON_ATTN over a float8_e4m3fn KV cache chosen automatically"
+    )
+    torch_path = choose_fp8_backend(None, FP8_SPEC, FP8_BACKENDS, "cuda", lambda m: False)
+    assert torch_path.entry == REFERENCE_FP8
+    assert torch_path.log_line("cuda", FP8) == (
+        "cuda: attention backend REFERENCE_FP8 over a float8_e4m3fn KV cache chosen "
+        f"automatically, passed over TRITON_ATTN: {TRITON_MISSING}"
+    )
+    big = AttentionLayerSpec(2, 2, 320, 0.05, dtype=torch.float16, kv_cache_dtype=FP8)
+    too_big = choose_fp8_backend(None, big, FP8_BACKENDS, "cuda", EVERYTHING)
+    assert too_big.entry == REFERENCE_FP8
+    assert too_big.passed_over == (
+        ("TRITON_ATTN", "head size 320 is not supported (supported: 1..256)"),
+    )
+
+
+def test_fp8_named_backends_run_or_say_why_not() -> None:
+    triton = choose_fp8_backend("triton_attn", FP8_SPEC, FP8_BACKENDS, "cuda", EVERYTHING)
+    assert (triton.entry, triton.explicit) == (TRITON_FP8, True)
+    assert triton.log_line("cuda", FP8) == (
+        "cuda: attention backend TRITON_ATTN over a float8_e4m3fn KV cache (asked for)"
+    )
+    named = choose_fp8_backend("REFERENCE_FP8", FP8_SPEC, FP8_BACKENDS, "cuda", EVERYTHING)
+    assert (named.entry, named.explicit) == (REFERENCE_FP8, True)
+    with pytest.raises(ConfigError) as err:
+        choose_fp8_backend("TRITON_ATTN", FP8_SPEC, FP8_BACKENDS, "cuda", lambda m: False)
+    assert str(err.value) == (
+        f"VLLM_ATTENTION_BACKEND=TRITON_ATTN cannot run on the cuda platform: {TRITON_MISSING}; "
+        "unset VLLM_ATTENTION_BACKEND to let kvrun choose"
+    )
+    for other in ("FLASHINFER", "xformers", "REFERENCE", "FLASH_ATTN"):
+        with pytest.raises(ConfigError) as err:
+            choose_fp8_backend(other, FP8_SPEC, FP8_BACKENDS, "cuda", EVERYTHING)
+        assert str(err.value) == (
+            f"VLLM_ATTENTION_BACKEND={other!r} cannot read an fp8 KV cache on the cuda "
+            "platform; with kv_cache_dtype fp8 the backends are REFERENCE_FP8, TRITON_ATTN: "
+            "unset VLLM_ATTENTION_BACKEND, name one of those, or use kv_cache_dtype=auto"
+        )
+
+
+def test_the_fp8_choice_is_logged_and_built_with_the_env_scales(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    platform = CudaPlatform(read_env({"K_SCALE_CONSTANT": "50", "V_SCALE_CONSTANT": "25"}))
+    with caplog.at_level(logging.INFO, logger="kvrun.cuda"):
+        backend = platform.attention_backend("reference_fp8", FP8_SPEC)
+    assert isinstance(backend, Fp8KVCacheAttention)
+    assert (backend.scales.k_scale_constant, backend.scales.v_scale_constant) == (50, 25)
+    assert platform.attention_backend("REFERENCE_FP8", FP8_SPEC) is backend
+    assert [r.getMessage() for r in caplog.records] == [
+        "cuda: attention backend REFERENCE_FP8 over a float8_e4m3fn KV cache (asked for)"
+    ]

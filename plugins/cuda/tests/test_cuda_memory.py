@@ -108,3 +108,11 @@ def test_when_decode_steps_run_eagerly() -> None:
     assert eager_reason(enforce_eager=False, attention_backend="FLASHINFER") == (
         "attention backend FLASHINFER cannot be captured in a CUDA graph (capturable: TRITON_ATTN)"
     )
+    # The engine names an fp8 cache's Triton backend TRITON_ATTN too; the cache dtype decides.
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
+        assert eager_reason(False, "TRITON_ATTN", fp8) == (
+            f"the KV cache is fp8 ({str(fp8).removeprefix('torch.')}), whose per-layer scales "
+            "are measured with a host read on each layer's first write, which a CUDA graph "
+            "cannot capture"
+        )
+    assert eager_reason(False, "TRITON_ATTN", torch.float16) is None

@@ -233,7 +233,7 @@ def test_scales_for_a_cache_that_is_not_fp8_are_refused(device: torch.device) ->
         tri.reshape_and_cache(key, key, cache, cache.clone(), slots, 0.5, 1.0)
     assert str(err.value) == (
         "k_scale=0.5, v_scale=1.0 given for a torch.float32 cache; "
-        "scales apply to float8_e4m3fn caches only"
+        "scales apply to fp8 caches only (float8_e4m3fn, float8_e4m3fnuz)"
     )
 
 

@@ -1,8 +1,10 @@
-"""kvrun-rocm: identity, the probe's answer, attention choice and fp8 weight padding."""
+"""kvrun-rocm: identity, the probe's answer, attention choice, the fp8 KV-cache format and
+fp8 weight padding."""
 
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from kvrun.scheduling.output import ScheduledChunk
 from kvrun_cuda.backends import build_backend, choose_attention_backend
 from kvrun_rocm import probe
 from kvrun_rocm.fp8_padding import pad_fp8_weight
-from kvrun_rocm.platform import ROCM_BACKENDS, ROCM_TRITON_ATTN, RocmPlatform
+from kvrun_rocm.platform import ROCM_BACKENDS, ROCM_TRITON_ATTN, RocmPlatform, fp8_kv_dtype
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -88,6 +90,59 @@ def test_the_automatic_choice_prefers_triton() -> None:
         ("use_triton_flash_attn", "VLLM_USE_TRITON_FLASH_ATTN"),
     )
     assert read_env({}).VLLM_USE_TRITON_FLASH_ATTN is True
+
+
+# --- fp8 KV cache ------------------------------------------------------------------------
+
+
+def test_mi300_stores_fp8_as_e4m3fnuz_and_other_gpus_as_e4m3fn() -> None:
+    fnuz, ocp = torch.float8_e4m3fnuz, torch.float8_e4m3fn
+    for arch in ("gfx942:sramecc+:xnack-", "gfx942", "gfx941:sramecc+:xnack-", "gfx940"):
+        assert fp8_kv_dtype(arch) == fnuz, arch
+    for arch in ("gfx950:sramecc+:xnack-", "gfx90a:sramecc+:xnack-", "gfx1100", "gfx1201", ""):
+        assert fp8_kv_dtype(arch) == ocp, arch
+
+
+def with_arch(monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    """The current device reports ``arch`` (what torch's ROCm build reads from HIP)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: SimpleNamespace(gcnArchName=arch)
+    )
+
+
+def test_kv_cache_dtype_fp8_follows_the_device_arch(monkeypatch: pytest.MonkeyPatch) -> None:
+    platform = RocmPlatform(read_env({}))
+    with_arch(monkeypatch, "gfx942:sramecc+:xnack-")
+    assert platform.resolve_kv_cache_dtype("fp8", torch.bfloat16) == torch.float8_e4m3fnuz
+    assert platform.resolve_kv_cache_dtype("fp8_e4m3", torch.float16) == torch.float8_e4m3fnuz
+    assert platform.resolve_kv_cache_dtype("auto", torch.float16) is None
+    with_arch(monkeypatch, "gfx950:sramecc+:xnack-")
+    assert platform.resolve_kv_cache_dtype("fp8", torch.bfloat16) == torch.float8_e4m3fn
+    with pytest.raises(ConfigError) as err:
+        platform.resolve_kv_cache_dtype("fp8_e5m2", torch.float16)
+    assert str(err.value) == (
+        "kv_cache_dtype='fp8_e5m2' is not supported on the rocm platform; "
+        "supported: auto, fp8, fp8_e4m3"
+    )
+
+
+def test_an_fnuz_cache_is_read_by_the_fp8_backends() -> None:
+    platform = RocmPlatform(read_env({}))
+    spec = AttentionLayerSpec(4, 2, 64, 0.125, torch.float16, torch.float8_e4m3fnuz)
+    reference = platform.attention_backend("REFERENCE_FP8", spec)
+    assert reference.name == "REFERENCE_FP8"
+    with pytest.raises(ConfigError) as err:
+        platform.attention_backend("REFERENCE", spec)
+    assert str(err.value) == (
+        "VLLM_ATTENTION_BACKEND='REFERENCE' cannot read an fp8 KV cache on the rocm "
+        "platform; with kv_cache_dtype fp8 the backends are REFERENCE_FP8, TRITON_ATTN: "
+        "unset VLLM_ATTENTION_BACKEND, name one of those, or use kv_cache_dtype=auto"
+    )
+    if HAS_TRITON:
+        from kvrun_cuda.triton.attention import TritonFp8Attention
+
+        assert isinstance(platform.attention_backend(None, spec), TritonFp8Attention)
 
 
 # --- VLLM_ROCM_FP8_PADDING --------------------------------------------------------------

@@ -8,21 +8,23 @@ bytes at head_dim 128 in fp16), and the reference ops run on the same tensors, w
 is how the tests compare the two.
 
 fp8 caches: the kernels take per-layer scales (``reshape_and_cache(..., k_scale,
-v_scale)``, ``unified_attention(..., k_scale=, v_scale=)``); this backend passes none,
-so a ``float8_e4m3fn`` cache given to it is written and read with unit scales. The
-platform's fp8 path chooses the scales (K_SCALE_CONSTANT / V_SCALE_CONSTANT) and
-calls the kernels with them.
+v_scale)``, ``unified_attention(..., k_scale=, v_scale=)``). :class:`TritonAttention`
+passes none, so an fp8 cache given to it would be written and read with unit scales;
+the platform gives fp8 caches to :class:`TritonFp8Attention`, which measures each
+layer's scales as the torch fp8 path does (``kvrun_cuda.fp8``: K_SCALE_CONSTANT /
+V_SCALE_CONSTANT, on the layer's first write) and calls the same kernels with them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvrun.attention.base import AttentionBackend, AttentionMetadata
+from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, AttentionMetadata
+from kvrun_cuda.fp8 import FP8_KV_DTYPES, LayerScales
 from kvrun_cuda.triton.elementwise import reshape_and_cache
 from kvrun_cuda.triton.paged_attention import unified_attention
 
-__all__ = ["TritonAttention"]
+__all__ = ["TritonAttention", "TritonFp8Attention"]
 
 # What the kernels are written and tested for; a platform asked for anything else
 # reports why (unsupported_reason) instead of launching.
@@ -80,4 +82,49 @@ class TritonAttention(AttentionBackend):
             meta.query_start_loc,
             meta.max_query_len,
             self.spec.scale,
+        )
+
+
+class TritonFp8Attention(TritonAttention):
+    """TRITON_ATTN over an fp8 cache (``float8_e4m3fn``, or ``float8_e4m3fnuz`` on MI300).
+
+    The same kernels and cache layout as :class:`TritonAttention`, with each layer's
+    scales measured exactly as :class:`kvrun_cuda.fp8.Fp8KVCacheAttention` (the oracle)
+    measures them, so both store the same bytes and read the same values. Not graph-safe,
+    unlike its parent: the first write to a layer reads its maxima back to the host, and
+    one instance keeps every layer's scales.
+    """
+
+    def __init__(
+        self, spec: AttentionLayerSpec, k_scale_constant: int = 200, v_scale_constant: int = 100
+    ) -> None:
+        super().__init__(spec)
+        self.scales = LayerScales(k_scale_constant, v_scale_constant)
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [T, num_heads, head_dim]
+        key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim] fp8
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        assert kv_cache.dtype in FP8_KV_DTYPES, kv_cache.dtype
+        scales = self.scales.get(kv_cache, key, value)
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        assert key_cache.shape[1] == meta.block_size, (key_cache.shape, meta.block_size)
+        reshape_and_cache(
+            key, value, key_cache, value_cache, meta.slot_mapping, scales.k_scale, scales.v_scale
+        )
+        return unified_attention(
+            query,
+            key_cache,
+            value_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            meta.max_query_len,
+            self.spec.scale,
+            k_scale=scales.k_scale,
+            v_scale=scales.v_scale,
         )

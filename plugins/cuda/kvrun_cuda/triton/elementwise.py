@@ -15,10 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kvrun_cuda.fp8 import FP8_KV_DTYPE, FP8_KV_DTYPES, fp8_max
 from kvrun_cuda.triton.launch import SUM, kernel
 
 __all__ = [
     "FP8_KV_DTYPE",
+    "FP8_KV_DTYPES",
     "FP8_MAX",
     "fused_add_rms_norm",
     "reshape_and_cache",
@@ -28,9 +30,10 @@ __all__ = [
 ]
 
 
-# The fp8 KV-cache format the kernels read and write (what kv_cache_dtype=fp8 means).
-FP8_KV_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_KV_DTYPE).max)  # 448.0
+# The fp8 KV-cache formats the kernels read and write: FP8_KV_DTYPE (e4m3fn) is what
+# kv_cache_dtype=fp8 means; the ROCm platform stores e4m3fnuz on MI300 (gfx94x). The
+# saturation bound is the cache's own (fp8_max); FP8_MAX is e4m3fn's, for the AOT builds.
+FP8_MAX = fp8_max(FP8_KV_DTYPE)  # 448.0
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -288,8 +291,8 @@ def _reshape_and_cache_kernel(
     v_scale,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    QUANT: tl.constexpr,  # the caches are fp8 e4m3: scale and saturate before the cast
-    FP8_MAX: tl.constexpr,  # e4m3's largest finite value: a plain cast would make NaN
+    QUANT: tl.constexpr,  # the caches are fp8 e4m3 (fn or fnuz): scale, saturate, then cast
+    FP8_MAX: tl.constexpr,  # the cache format's largest finite value: a plain cast makes NaN
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -322,14 +325,15 @@ def reshape_and_cache(
 
     A negative slot marks a padding token (a CUDA-graph batch padded to a captured
     size) and is skipped; the reference, indexing with it, would write the last slot.
-    Into an fp8 (``float8_e4m3fn``) cache each value is stored as ``x / scale``,
-    saturated to e4m3's range; other caches take the scales as 1.
+    Into an fp8 cache (``float8_e4m3fn`` or ``float8_e4m3fnuz``) each value is stored as
+    ``x / scale``, saturated to that format's range (+-448 or +-240); other caches take
+    the scales as 1.
     """
-    quant = key_cache.dtype == FP8_KV_DTYPE
+    quant = key_cache.dtype in FP8_KV_DTYPES
     if not quant and (k_scale, v_scale) != (1.0, 1.0):
         raise ValueError(
             f"k_scale={k_scale}, v_scale={v_scale} given for a {key_cache.dtype} cache; "
-            "scales apply to float8_e4m3fn caches only"
+            "scales apply to fp8 caches only (float8_e4m3fn, float8_e4m3fnuz)"
         )
     assert key_cache.stride() == value_cache.stride() and key_cache.stride(-1) == 1
     key, value = _rows(key), _rows(value)
@@ -358,6 +362,6 @@ def reshape_and_cache(
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
         QUANT=quant,
-        FP8_MAX=FP8_MAX,
+        FP8_MAX=fp8_max(key_cache.dtype) if quant else FP8_MAX,
         num_warps=4,
     )

@@ -20,7 +20,8 @@ Decode-only batches too small to fill the GPU split each context over several
 programs (flash-decoding): each writes an unnormalised partial output with its
 running max and sum, and a second kernel merges the splits.
 
-fp8 (e4m3) caches are read with a per-layer scale each for keys and values.
+fp8 caches (e4m3fn, or e4m3fnuz on AMD MI300) are read with a per-layer scale each for
+keys and values.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvrun_cuda.triton.elementwise import FP8_KV_DTYPE
+from kvrun_cuda.fp8 import FP8_KV_DTYPES
 from kvrun_cuda.triton.launch import MAX, SUM, kernel
 
 __all__ = [
@@ -308,14 +309,14 @@ def unified_attention(
     """Causal attention of each request's new tokens over its paged context.
 
     Reads no device tensor back to the host: the launch depends on the shapes,
-    ``max_query_len`` and the split count only. An fp8 (``float8_e4m3fn``) cache is
-    read as ``stored * scale`` rounded to the query's dtype.
+    ``max_query_len`` and the split count only. An fp8 cache (``float8_e4m3fn`` or
+    ``float8_e4m3fnuz``) is read as ``stored * scale`` rounded to the query's dtype.
     """
-    dequant = key_cache.dtype == FP8_KV_DTYPE
+    dequant = key_cache.dtype in FP8_KV_DTYPES
     if not dequant and (k_scale, v_scale) != (1.0, 1.0):
         raise ValueError(
             f"k_scale={k_scale}, v_scale={v_scale} given for a {key_cache.dtype} cache; "
-            "scales apply to float8_e4m3fn caches only"
+            "scales apply to fp8 caches only (float8_e4m3fn, float8_e4m3fnuz)"
         )
     if query.stride(-1) != 1:
         query = query.contiguous()
