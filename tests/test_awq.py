@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvrun.errors import ModelLoadError
-from kvrun.loader.awq import dequantize_awq, unpack_awq
+from kvrun.loader import load_checkpoint
+from kvrun.loader.awq import check_awq_shapes
+from kvrun.ops.reference import awq_dequantize, unpack_awq
 from kvrun.sampling_params import SamplingParams
 from tests.support.engine import hf_greedy, make_engine, run_all
 
@@ -67,11 +69,19 @@ def test_unpack_is_the_inverse_of_autoawq_packing() -> None:
 def test_dequantize_uses_each_groups_scale_and_zero() -> None:
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
     parts, expected = quantise(weight)
-    got = dequantize_awq(parts["qweight"], parts["qzeros"], parts["scales"], GROUP)
+    got = awq_dequantize(parts["qweight"], parts["qzeros"], parts["scales"], GROUP)
     assert got.shape == (16, 64) and torch.equal(got, expected)
     assert (got - weight).abs().max() < 0.2  # and it is a quantisation of the weight
-    with pytest.raises(ValueError, match="needs qzeros"):
-        dequantize_awq(parts["qweight"], parts["qzeros"][:1], parts["scales"], GROUP)
+    check_awq_shapes(parts["qweight"], parts["qzeros"], parts["scales"], GROUP)
+    with pytest.raises(ValueError, match=r"needs qzeros \(2, 2\) and scales \(2, 16\)"):
+        check_awq_shapes(parts["qweight"], parts["qzeros"][:1], parts["scales"], GROUP)
+    with pytest.raises(ValueError, match="must be 2-d int32"):
+        check_awq_shapes(parts["qweight"].long(), parts["qzeros"], parts["scales"], GROUP)
+    # group_size -1: one group of every input row
+    one_group = awq_dequantize(parts["qweight"], parts["qzeros"][:1], parts["scales"][:1], -1)
+    rows = torch.zeros(64, dtype=torch.long)
+    q, z = unpack_awq(parts["qweight"]), unpack_awq(parts["qzeros"][:1])
+    assert torch.equal(one_group, ((q - z[rows]).float() * parts["scales"][:1].float()[rows]).t())
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +147,9 @@ def test_unsupported_quantisations_are_refused_by_name(
     gptq = _with_config(awq_dir, tmp_path, quant_method="gptq")
     with pytest.raises(ModelLoadError, match="quant_method 'gptq'; kvrun loads AWQ"):
         make_engine(gptq, max_model_len=128)
+    # refused when the checkpoint is resolved, before a model is built or a weight read
+    with pytest.raises(ModelLoadError, match="quant_method 'gptq'; kvrun loads AWQ"):
+        load_checkpoint(str(gptq), hf_hub_offline=True, use_modelscope=False)
     shutil.rmtree(gptq)
     eight_bit = _with_config(awq_dir, tmp_path, bits=8, version="gemv")
     with pytest.raises(ModelLoadError, match=r"bits=8 \(accepted: 4\); version='gemv'"):

@@ -222,7 +222,10 @@ def _build_core_runner(
     """The core model and attention over a KV cache the platform allocates."""
     ops = reference_ops().with_overrides(platform.ops(), f"platform {platform.name!r}")
     model = model_cls(model_config, ops, attention, config.dtype, platform.device)
-    model.load_weights(checkpoint.iter_weights(config.dtype), config.model_source)
+    weights = checkpoint.iter_weights(
+        config.dtype, awq_dequantize=ops.awq_dequantize, awq_device=platform.device
+    )
+    model.load_weights(weights, config.model_source)
 
     def layer_shape(n: int) -> tuple[int, ...]:
         return attention.kv_cache_shape(

@@ -14,23 +14,28 @@ interleaving AutoAWQ's GEMM kernels read. config.json names the method in
 ``zero_point: true``, ``version: gemm``).
 
 The model then runs on the dequantised weights in the engine's dtype, as GGUF files
-do; every platform loads AWQ this way, with no kernel of its own.
+do. The arithmetic is the ``awq_dequantize`` op (:mod:`kvrun.ops.reference` holds the
+oracle), so a platform can do it with its own kernel on its own device: kvrun-cuda's
+Triton kernel under VLLM_USE_TRITON_AWQ=1. This module checks the checkpoint and
+gathers each layer's three tensors for the op.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kvrun.errors import ModelLoadError
+from kvrun.ops.reference import awq_dequantize
 
-__all__ = ["AWQ_ORDER", "AwqConfig", "awq_config", "dequantize_awq", "merge_awq", "unpack_awq"]
+__all__ = ["AwqConfig", "Dequantize", "awq_config", "check_awq_shapes", "merge_awq"]
 
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _PARTS = ("qweight", "qzeros", "scales")
+# The awq_dequantize op's signature: (qweight, qzeros, scales, group_size) -> [out, in].
+Dequantize = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -71,40 +76,40 @@ def awq_config(hf_config: Mapping[str, Any], source: str) -> AwqConfig | None:
     return AwqConfig(group_size=group_size)
 
 
-def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
-    """int32 ``[r, c / 8]`` -> the 4-bit values as int32 ``[r, c]`` in column order."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
-    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [r, c/8, 8]: nibble n
-    columns = torch.empty_like(nibbles)
-    columns[..., list(AWQ_ORDER)] = nibbles  # nibble n is column AWQ_ORDER[n]
-    return columns.reshape(packed.shape[0], -1)
-
-
-def dequantize_awq(
+def check_awq_shapes(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """The float32 weight ``[out, in]`` of one AWQ layer (shapes as the module docstring)."""
-    q = unpack_awq(qweight)  # [in, out]
-    z = unpack_awq(qzeros)  # [groups, out]
-    rows = q.shape[0]
+) -> None:
+    """A ValueError naming the shapes when one layer's three tensors do not fit together."""
+    if qweight.dim() != 2 or qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise ValueError(
+            f"qweight {tuple(qweight.shape)} {qweight.dtype} and qzeros {qzeros.dtype} must "
+            "be 2-d int32 (eight 4-bit values per word)"
+        )
+    rows, words = qweight.shape
     group = rows if group_size == -1 else group_size
     groups = -(-rows // group)
-    if z.shape != (groups, q.shape[1]) or scales.shape != (groups, q.shape[1]):
+    if tuple(qzeros.shape) != (groups, words) or tuple(scales.shape) != (groups, 8 * words):
         raise ValueError(
-            f"qweight {tuple(qweight.shape)} with group size {group} needs qzeros "
-            f"{(groups, qweight.shape[1])} and scales {(groups, q.shape[1])}; got "
+            f"qweight {(rows, words)} with group size {group} needs qzeros "
+            f"{(groups, words)} and scales {(groups, 8 * words)}; got "
             f"{tuple(qzeros.shape)} and {tuple(scales.shape)}"
         )
-    index = torch.arange(rows, device=q.device) // group
-    weight = (q - z[index]).float() * scales.float()[index]
-    return weight.t().contiguous()
 
 
 def merge_awq(
-    pairs: Iterable[tuple[str, torch.Tensor]], config: AwqConfig, dtype: torch.dtype, source: str
+    pairs: Iterable[tuple[str, torch.Tensor]],
+    config: AwqConfig,
+    dtype: torch.dtype,
+    source: str,
+    dequantize: Dequantize = awq_dequantize,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each layer's (qweight, qzeros, scales) as one ``.weight`` in ``dtype``, whatever
-    order or file they come in; other tensors pass through, floating ones in ``dtype``."""
+    order or file they come in; other tensors pass through, floating ones in ``dtype``.
+
+    ``dequantize`` is the ``awq_dequantize`` op to use (a platform's kernel) and
+    ``device`` where it runs: the three tensors move there first and the weight stays
+    there (None: where they were read, the CPU)."""
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in pairs:
         prefix, _, part = name.rpartition(".")
@@ -115,12 +120,14 @@ def merge_awq(
         parts[part] = tensor
         if len(parts) == len(_PARTS):
             del pending[prefix]
+            qweight, qzeros, scales = (parts[p] for p in _PARTS)
             try:
-                weight = dequantize_awq(
-                    parts["qweight"], parts["qzeros"], parts["scales"], config.group_size
-                )
+                check_awq_shapes(qweight, qzeros, scales, config.group_size)
             except ValueError as exc:
                 raise ModelLoadError(f"model {source!r}: AWQ layer {prefix}: {exc}") from exc
+            if device is not None:
+                qweight, qzeros, scales = qweight.to(device), qzeros.to(device), scales.to(device)
+            weight = dequantize(qweight, qzeros, scales, config.group_size)
             yield f"{prefix}.weight", weight.to(dtype)
     if pending:
         prefix, parts = next(iter(pending.items()))

@@ -5,9 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+from kvrun.ops import reference
+
+if TYPE_CHECKING:
+    from kvrun.loader.awq import Dequantize
 
 __all__ = ["Checkpoint", "CheckpointFormat"]
 
@@ -47,7 +52,12 @@ class Checkpoint:
         return self.weight_files[0].name if self.format == "gguf" else self.directory.name
 
     def iter_weights(
-        self, dtype: torch.dtype, *, progress: bool = True
+        self,
+        dtype: torch.dtype,
+        *,
+        progress: bool = True,
+        awq_dequantize: Dequantize | None = None,
+        awq_device: torch.device | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (Hugging Face parameter name, tensor) pairs, each converted to ``dtype``.
 
@@ -55,7 +65,9 @@ class Checkpoint:
         q_proj.weight", "model.embed_tokens.weight"). GGUF and AWQ (:mod:`kvrun.loader.awq`)
         tensors are dequantized, and GGUF's Llama Q/K rows un-permuted. A tied checkpoint
         yields no "lm_head.weight" unless the file stores one. Tensors are new CPU tensors
-        the caller owns. ``progress`` shows a tqdm bar on stderr.
+        the caller owns, except AWQ layers' weights when ``awq_device`` is given: those
+        are made there, by ``awq_dequantize`` (the platform's op; None: the reference).
+        ``progress`` shows a tqdm bar on stderr.
         """
         from tqdm.auto import tqdm
 
@@ -89,4 +101,5 @@ class Checkpoint:
             if awq is None:
                 yield from counted()
             else:
-                yield from merge_awq(counted(), awq, dtype, self.source)
+                dequantize = awq_dequantize or reference.awq_dequantize
+                yield from merge_awq(counted(), awq, dtype, self.source, dequantize, awq_device)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvrun.errors import ModelLoadError
+from kvrun.loader.awq import awq_config
 from kvrun.loader.checkpoint import Checkpoint
 from kvrun.loader.gguf_loader import (
     check_gguf_tensors,
@@ -102,6 +103,7 @@ def _load_local(path: Path, source: str) -> Checkpoint:
             f"Face checkpoint{hint}"
         )
     hf_config = read_config_json(config_path, source)
+    awq_config(hf_config, source)  # a quantisation kvrun cannot load fails before any weight
     files = find_safetensors_files(path, source)
     count = sum(validate_safetensors(f) for f in files)
     return Checkpoint(

@@ -30,6 +30,7 @@ class OpTable:
     silu_and_mul: Callable[..., Any]
     reshape_and_cache: Callable[..., Any]
     paged_attention: Callable[..., Any]
+    awq_dequantize: Callable[..., Any]  # at load, not in the forward: AWQ layers' weights
 
     def with_overrides(self, overrides: Mapping[str, Callable[..., Any]], source: str) -> OpTable:
         """A copy with some ops replaced; an unknown op name is a PluginError naming ``source``."""

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "AWQ_ORDER",
+    "awq_dequantize",
     "embedding",
     "fused_add_rms_norm",
     "linear",
@@ -21,6 +23,7 @@ __all__ = [
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",
+    "unpack_awq",
 ]
 
 
@@ -151,3 +154,33 @@ def paged_attention(
         out[start : start + q_len] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
         start += q_len
     return out
+
+
+# AWQ's packing: nibble n (bits 4n .. 4n + 3) of a word holds column 8 j + AWQ_ORDER[n].
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """int32 ``[r, c / 8]`` -> the 4-bit values as int32 ``[r, c]`` in column order."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [r, c/8, 8]: nibble n
+    columns = torch.empty_like(nibbles)
+    columns[..., list(AWQ_ORDER)] = nibbles  # nibble n is column AWQ_ORDER[n]
+    return columns.reshape(packed.shape[0], -1)
+
+
+def awq_dequantize(
+    qweight: torch.Tensor,  # [K, N / 8] int32: eight 4-bit values per word
+    qzeros: torch.Tensor,  # [G, N / 8] int32: each group's zero points, packed alike
+    scales: torch.Tensor,  # [G, N]: each group's scales (float16 in AWQ files)
+    group_size: int,  # input rows per group; -1: one group of all K rows
+) -> torch.Tensor:  # [N, K] float32: the weight as linear reads it
+    """One AWQ ("GEMM" layout) layer's weight: ``w[n, k] = (q[k, n] - z[g, n]) * s[g, n]``
+    with ``g = k // group_size``. Shapes must agree (the loader checks them first)."""
+    q = unpack_awq(qweight)
+    z = unpack_awq(qzeros)
+    rows = q.shape[0]
+    group = rows if group_size == -1 else group_size
+    index = torch.arange(rows, device=q.device) // group
+    weight = (q - z[index]).float() * scales.float()[index]
+    return weight.t().contiguous()

@@ -185,6 +185,26 @@ def _embedding_case(tokens: int, vocab: int, hidden: int) -> Any:
     return make
 
 
+def _awq_case(in_features: int, out_features: int, group_size: int) -> Any:
+    """Random packed words (every nibble pattern, sign bit included) and scales in dtype."""
+
+    def make(
+        dtype: torch.dtype, device: torch.device, seed: int
+    ) -> tuple[list[Any], frozenset[int]]:
+        g = torch.Generator().manual_seed(seed)
+        groups = 1 if group_size == -1 else -(-in_features // group_size)
+        words = out_features // 8
+
+        def packed(rows: int) -> torch.Tensor:
+            return torch.randint(-(2**31), 2**31, (rows, words), generator=g).to(torch.int32)
+
+        scales = (0.01 + 0.05 * torch.rand(groups, out_features, generator=g)).to(dtype)
+        args = [packed(in_features).to(device), packed(groups).to(device), scales.to(device)]
+        return [*args, group_size], frozenset()
+
+    return make
+
+
 OP_CASES: tuple[OpCase, ...] = (
     OpCase("linear", "1x64-to-96", _linear_case(1, 64, 96, bias=False)),
     OpCase("linear", "7x33-to-40-bias", _linear_case(7, 33, 40, bias=True)),
@@ -208,6 +228,9 @@ OP_CASES: tuple[OpCase, ...] = (
     OpCase("paged_attention", "prefill-mha", _attention_case([5, 21], [5, 21], 4, 4, 32)),
     OpCase("paged_attention", "chunk-after-prefix", _attention_case([35], [9], 8, 1, 16)),
     OpCase("paged_attention", "mixed-gqa", _attention_case([33, 7, 18], [1, 7, 4], 4, 2, 64)),
+    OpCase("awq_dequantize", "64-to-32-group-32", _awq_case(64, 32, 32)),
+    OpCase("awq_dequantize", "40-to-24-group-16-ragged", _awq_case(40, 24, 16)),
+    OpCase("awq_dequantize", "48-to-16-one-group", _awq_case(48, 16, -1)),
 )
 
 

@@ -32,9 +32,10 @@ def cpu(request: pytest.FixtureRequest) -> OpTable:
     return reference_ops().with_overrides(ops.cpu_ops(native), f"kvrun-cpu ({request.param})")
 
 
-def test_cpu_ops_override_every_op_by_its_known_name() -> None:
+def test_cpu_ops_override_every_forward_op_by_its_known_name() -> None:
     overrides = ops.cpu_ops()
-    assert sorted(overrides) == sorted(OP_NAMES)
+    # awq_dequantize runs once per AWQ layer at load: the reference's torch is enough.
+    assert sorted(overrides) == sorted(n for n in OP_NAMES if n != "awq_dequantize")
     table = reference_ops().with_overrides(overrides, "kvrun-cpu")
     assert table.rms_norm is ops.rms_norm and table.paged_attention is ops.paged_attention
 

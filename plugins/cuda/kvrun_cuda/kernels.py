@@ -1,4 +1,5 @@
-"""Which ops run our Triton kernels: all of them, minus VLLM_DISABLED_KERNELS.
+"""Which ops run our Triton kernels: all of them, minus VLLM_DISABLED_KERNELS, and AWQ
+dequantisation only under VLLM_USE_TRITON_AWQ=1.
 
 The kernels themselves live in :mod:`kvrun_cuda.triton`; this module only decides
 which of them the platform hands the core, so the rule is tested without Triton.
@@ -15,16 +16,23 @@ __all__ = ["select_ops", "triton_kernels"]
 
 
 def select_ops(
-    available: Mapping[str, Callable[..., Any]], disabled: list[str]
+    available: Mapping[str, Callable[..., Any]], disabled: list[str], use_triton_awq: bool = False
 ) -> tuple[dict[str, Callable[..., Any]], list[str]]:
     """(the ops to override, one note per disabled or unknown name) for the start-up log.
 
     An op named in ``disabled`` falls back to the core's reference; a name that is no
     op is reported (vLLM also uses the variable for quantisation kernel class names,
-    which kvrun has none of), never silently ignored.
+    which kvrun has none of), never silently ignored. ``awq_dequantize`` is an opt-in,
+    as in vLLM (VLLM_USE_TRITON_AWQ): without it AWQ checkpoints are dequantised on the
+    GPU by the reference op (torch), which gives the same weights bit for bit.
     """
     chosen = {name: fn for name, fn in available.items() if name not in disabled}
     notes: list[str] = []
+    if "awq_dequantize" in chosen:
+        if use_triton_awq:
+            notes.append("VLLM_USE_TRITON_AWQ: AWQ checkpoints are dequantised in Triton")
+        else:
+            del chosen["awq_dequantize"]
     for name in disabled:
         if name in available:
             notes.append(f"VLLM_DISABLED_KERNELS: {name} runs the reference op")

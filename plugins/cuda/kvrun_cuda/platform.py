@@ -15,15 +15,17 @@ from kvrun.platforms.base import DecodeForward
 from kvrun.platforms.memory import device_memory_budget
 from kvrun_cuda.backends import (
     CUDA_BACKENDS,
+    FP8_BACKENDS,
     BackendEntry,
     build_backend,
     choose_attention_backend,
+    choose_fp8_backend,
     dtype_name,
     module_installed,
 )
 from kvrun_cuda.cuda_graphs import DecodeGraphRunner, eager_reason
 from kvrun_cuda.devices import device_index
-from kvrun_cuda.fp8 import FP8_KV_DTYPE, Fp8KVCacheAttention
+from kvrun_cuda.fp8 import FP8_KV_DTYPE, FP8_KV_DTYPES, LayerScales
 from kvrun_cuda.kernels import select_ops, triton_kernels
 from kvrun_cuda.libraries import CUDART, NCCL, FoundLibrary, find_library
 from kvrun_cuda.memory import MemorySnapshot, profiled_kv_budget
@@ -34,9 +36,18 @@ if TYPE_CHECKING:
     from kvrun.envs import EnvSnapshot
     from kvrun.sampling.truncation import TopKTopPSampler
 
-__all__ = ["CudaPlatform", "check_backend_dtype", "unsupported_settings"]
+__all__ = ["BUILD_VARIABLES", "CudaPlatform", "check_backend_dtype", "unsupported_settings"]
 
 logger = logging.getLogger("kvrun.cuda")  # under "kvrun", the logger entry points configure
+
+# The install-time variables vLLM's own build reads (the seed's install-time group).
+BUILD_VARIABLES = (
+    "MAX_JOBS",
+    "NVCC_THREADS",
+    "VLLM_USE_PRECOMPILED",
+    "CMAKE_BUILD_TYPE",
+    "VERBOSE",
+)
 
 
 def unsupported_settings(env: EnvSnapshot) -> tuple[list[str], list[str]]:
@@ -63,10 +74,12 @@ def unsupported_settings(env: EnvSnapshot) -> tuple[list[str], list[str]]:
     for name in ("VLLM_FUSED_MOE_CHUNK_SIZE", "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON"):
         if is_set(name):
             notes.append(f"{name} is read but unused: kvrun has no mixture-of-experts model yet")
-    if is_set("VLLM_USE_TRITON_AWQ"):
+    build = [name for name in BUILD_VARIABLES if is_set(name)]
+    if build:
         notes.append(
-            "VLLM_USE_TRITON_AWQ is read but unused: AWQ checkpoints are dequantised at load, "
-            "with no AWQ kernel"
+            f"{', '.join(build)}: build settings with nothing to build here: kvrun-cuda "
+            "installs no compiled extension; its kernels are Triton, compiled on first "
+            "launch into Triton's cache (TRITON_CACHE_DIR)"
         )
     return errors, notes
 
@@ -85,8 +98,10 @@ class CudaPlatform(Platform):
     default_attention_backend = "TRITON_ATTN"
     # In order of preference for the automatic choice.
     BACKENDS: ClassVar[tuple[BackendEntry, ...]] = CUDA_BACKENDS
-    # kv_cache_dtype=fp8 / fp8_e4m3: Fp8KVCacheAttention stores e4m3 (no e5m2 path).
+    # kv_cache_dtype=fp8 / fp8_e4m3: the FP8_BACKENDS store e4m3 (no e5m2 path).
     kv_cache_dtypes: ClassVar[tuple[torch.dtype, ...]] = (FP8_KV_DTYPE,)
+    # The backends that read an fp8 cache, in order of preference for the automatic choice.
+    FP8_BACKENDS: ClassVar[tuple[BackendEntry, ...]] = FP8_BACKENDS
 
     def __init__(self, env: EnvSnapshot) -> None:
         super().__init__(env)
@@ -133,7 +148,7 @@ class CudaPlatform(Platform):
         return found
 
     def attention_backend(self, name: str | None, spec: AttentionLayerSpec) -> AttentionBackend:
-        if spec.kv_cache_dtype == FP8_KV_DTYPE:
+        if spec.kv_cache_dtype in FP8_KV_DTYPES:
             return self._fp8_backend(name, spec)
         choice = choose_attention_backend(name, spec, spec.dtype, self.BACKENDS, self.name)
         key = (choice.entry.name, spec)
@@ -145,36 +160,29 @@ class CudaPlatform(Platform):
         return backend
 
     def _fp8_backend(self, name: str | None, spec: AttentionLayerSpec) -> AttentionBackend:
-        """The one backend that reads an fp8 cache; a named other backend is refused."""
-        if name is not None and name.strip().upper() != Fp8KVCacheAttention.name:
-            raise ConfigError(
-                f"VLLM_ATTENTION_BACKEND={name!r} cannot read an fp8 KV cache on the "
-                f"{self.name} platform; with kv_cache_dtype fp8 the backend is "
-                f"{Fp8KVCacheAttention.name}: unset VLLM_ATTENTION_BACKEND or use "
-                "kv_cache_dtype=auto"
-            )
-        key = (Fp8KVCacheAttention.name, spec)
+        """A backend of FP8_BACKENDS: TRITON_ATTN where triton runs the layer, else
+        REFERENCE_FP8; a named backend that cannot read fp8, or cannot run, is refused."""
+        choice = choose_fp8_backend(name, spec, self.FP8_BACKENDS, self.name)
+        # The spec's kv_cache_dtype keeps these apart from the same names without fp8.
+        key = (choice.entry.name, spec)
         backend = self._backends.get(key)
         if backend is None:
-            logger.info(
-                "%s: attention backend %s (fp8 KV cache)", self.name, Fp8KVCacheAttention.name
-            )
-            backend = Fp8KVCacheAttention(
-                spec, self.env.K_SCALE_CONSTANT, self.env.V_SCALE_CONSTANT
-            )
+            logger.info("%s", choice.log_line(self.name, spec.kv_cache_dtype))
+            backend = build_backend(choice.entry, spec, self.env)
             self._backends[key] = backend
         return backend
 
     def reserved_kv_blocks(self, config: EngineConfig) -> int:
         """One block for the padding rows of captured decode graphs, when they will run."""
-        return 0 if eager_reason(config.enforce_eager, config.attention_backend) else 1
+        why = eager_reason(config.enforce_eager, config.attention_backend, config.kv_cache_dtype)
+        return 0 if why else 1
 
     def decode_graph_runner(
         self, forward: DecodeForward, config: EngineConfig, pad_slot: int
     ) -> DecodeGraphRunner | None:
         """Captured decode graphs for the engine's model step, or None (eager) with the
         reason logged. ``pad_slot`` lies in the block :meth:`reserved_kv_blocks` asked for."""
-        why = eager_reason(config.enforce_eager, config.attention_backend)
+        why = eager_reason(config.enforce_eager, config.attention_backend, config.kv_cache_dtype)
         if why is not None:
             logger.info("decode steps run eagerly: %s", why)
             return None
@@ -205,7 +213,9 @@ class CudaPlatform(Platform):
     def ops(self) -> Mapping[str, Callable[..., Any]]:
         kernels, why = triton_kernels()
         logger.info("%s", why)
-        chosen, notes = select_ops(kernels, self.env.VLLM_DISABLED_KERNELS)
+        chosen, notes = select_ops(
+            kernels, self.env.VLLM_DISABLED_KERNELS, self.env.VLLM_USE_TRITON_AWQ
+        )
         for note in notes:
             logger.info("%s", note)
         return chosen
@@ -228,11 +238,8 @@ class CudaPlatform(Platform):
         torch.cuda.reset_peak_memory_stats()
         run_dummy_forward()
         torch.cuda.synchronize()
-        # fp8 scales are measured on a layer's first write and keyed by the cache's address;
-        # the dummy's throwaway caches must not leave scales the real cache could inherit.
-        for backend in self._backends.values():
-            if isinstance(backend, Fp8KVCacheAttention):
-                backend.scales.clear()
+        # The dummy's throwaway caches must not leave scales the real cache could inherit.
+        self.discard_calibration()
         free, total = torch.cuda.mem_get_info()
         self._memory = MemorySnapshot(
             total=total,
@@ -241,6 +248,15 @@ class CudaPlatform(Platform):
             torch_reserved=torch.cuda.memory_reserved(),
         )
         return self._memory.torch_peak
+
+    def discard_calibration(self) -> None:
+        """Forget the fp8 scales (REFERENCE_FP8's and the fp8 TRITON_ATTN's), which are
+        measured on a layer's first write: after the profiling forward and the engine's
+        warm-up, the first real request measures them."""
+        for backend in self._backends.values():
+            scales = getattr(backend, "scales", None)
+            if isinstance(scales, LayerScales):
+                scales.clear()
 
     def kv_cache_budget(self, request: KVCacheRequest) -> tuple[int, str]:
         index = torch.cuda.current_device()

@@ -9,10 +9,13 @@ import torch
 
 from kvrun.testing.suite import ConformanceSuite
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="needs an NVIDIA GPU: torch.cuda.is_available() is False here",
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="needs an NVIDIA GPU: torch.cuda.is_available() is False here",
+    ),
+]
 
 # Refusals by design, not bugs: the kit's layer specs use head sizes 16 and 32, which
 # FlashInfer's and xFormers' kernels are not built for, and fp32, which neither runs.

@@ -104,7 +104,6 @@ def test_variables_without_a_feature_yet_are_named(caplog: pytest.LogCaptureFixt
         {
             "VLLM_FUSED_MOE_CHUNK_SIZE": "1024",
             "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON": "0",
-            "VLLM_USE_TRITON_AWQ": "1",
             "VLLM_FLASH_ATTN_VERSION": "3",
         }
     )
@@ -117,14 +116,24 @@ def test_variables_without_a_feature_yet_are_named(caplog: pytest.LogCaptureFixt
             "model yet",
             "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON is read but unused: kvrun has no "
             "mixture-of-experts model yet",
-            "VLLM_USE_TRITON_AWQ is read but unused: AWQ checkpoints are dequantised at load, "
-            "with no AWQ kernel",
         ],
     )
     with caplog.at_level(logging.WARNING, logger="kvrun.cuda"):
         CudaPlatform(env).check_config(engine_config())
-    assert len(caplog.records) == 4
+    assert len(caplog.records) == 3
     assert unsupported_settings(read_env({})) == ([], [])
+
+
+def test_build_variables_are_named_as_having_nothing_to_build() -> None:
+    env = read_env({"MAX_JOBS": "4", "CMAKE_BUILD_TYPE": "Debug", "VERBOSE": "1"})
+    assert unsupported_settings(env) == (
+        [],
+        [
+            "MAX_JOBS, CMAKE_BUILD_TYPE, VERBOSE: build settings with nothing to build here: "
+            "kvrun-cuda installs no compiled extension; its kernels are Triton, compiled on "
+            "first launch into Triton's cache (TRITON_CACHE_DIR)"
+        ],
+    )
 
 
 def test_check_config_refuses_a_dtype_the_backend_cannot_run() -> None:
@@ -142,9 +151,26 @@ def test_disabled_kernels_fall_back_to_the_reference() -> None:
         "VLLM_DISABLED_KERNELS: paged_attention has no kernel here; the reference runs",
         "VLLM_DISABLED_KERNELS: 'MarlinLinearKernel' names no kernel of this platform; known "
         "ops: prepare_linear, linear, embedding, rms_norm, fused_add_rms_norm, "
-        "rotary_embedding, silu_and_mul, reshape_and_cache, paged_attention",
+        "rotary_embedding, silu_and_mul, reshape_and_cache, paged_attention, awq_dequantize",
     ]
     assert select_ops(available, []) == (available, [])
+
+
+def test_triton_awq_dequantisation_is_an_opt_in() -> None:
+    available = {"rms_norm": reference.rms_norm, "awq_dequantize": reference.awq_dequantize}
+    # VLLM_USE_TRITON_AWQ=0 (vLLM's default): the reference op dequantises, silently.
+    assert select_ops(available, [], use_triton_awq=False) == (
+        {"rms_norm": reference.rms_norm},
+        [],
+    )
+    assert select_ops(available, [], use_triton_awq=True) == (
+        available,
+        ["VLLM_USE_TRITON_AWQ: AWQ checkpoints are dequantised in Triton"],
+    )
+    # VLLM_DISABLED_KERNELS wins over the opt-in.
+    chosen, notes = select_ops(available, ["awq_dequantize"], use_triton_awq=True)
+    assert chosen == {"rms_norm": reference.rms_norm}
+    assert notes == ["VLLM_DISABLED_KERNELS: awq_dequantize runs the reference op"]
 
 
 @pytest.mark.skipif(HAS_FLASHINFER, reason="flashinfer is installed here")

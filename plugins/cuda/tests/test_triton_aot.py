@@ -17,6 +17,7 @@ import pytest
 triton = pytest.importorskip("triton", reason="triton is not installed (Linux only)")
 
 from kvrun_cuda.triton.aot import (  # noqa: E402
+    AOT_FP8_CACHES,
     AOT_TARGETS,
     compile_kernel,
     fp8_kernel_builds,
@@ -67,6 +68,7 @@ def test_the_builds_cover_every_kernel_and_batch_kind() -> None:
         "paged_attention[decode]",
         "paged_attention[prefill]",
         "paged_attention[decode-split]",
+        "awq_dequantize",
         "merge_splits",
     ]
 
@@ -92,14 +94,33 @@ def test_kernel_compiles_ahead_of_time(target: str, name: str) -> None:
         assert compiled.asm["hsaco"][:4] == b"\x7fELF"
 
 
-@pytest.mark.parametrize("target", sorted(AOT_TARGETS))
-@pytest.mark.parametrize("name", [b.name for b in fp8_kernel_builds()])
-def test_fp8_cache_kernels_compile_ahead_of_time(target: str, name: str) -> None:
+FP8_BUILDS = [
+    (target, cache, build.name)
+    for target, caches in sorted(AOT_FP8_CACHES.items())
+    for cache in caches
+    for build in fp8_kernel_builds(cache=cache)
+]
+
+
+def test_gfx942_compiles_the_fnuz_cache_that_rocm_stores_there() -> None:
+    assert AOT_FP8_CACHES == {"sm_90": ("fp8e4nv",), "gfx942": ("fp8e4nv", "fp8e4b8")}
+    (quant,) = [b for b in fp8_kernel_builds(cache="fp8e4b8") if "reshape" in b.name]
+    assert quant.name == "reshape_and_cache[fp8-fnuz]"
+    assert quant.constexprs["FP8_MAX"] == 240.0  # e4m3fnuz saturates at 240, not 448
+    assert quant.signature()["kc_ptr"] == "*fp8e4b8"
+
+
+@pytest.mark.parametrize(("target", "cache", "name"), FP8_BUILDS)
+def test_fp8_cache_kernels_compile_ahead_of_time(target: str, cache: str, name: str) -> None:
     skip_unless_compilable(target)
-    (build,) = [b for b in fp8_kernel_builds("bf16") if b.name == name]
+    (build,) = [b for b in fp8_kernel_builds("bf16", cache) if b.name == name]
     compiled = compile_kernel(build, AOT_TARGETS[target])
     assert compiled.asm["cubin" if target == "sm_90" else "hsaco"][:4] == b"\x7fELF"
     assert compiled.metadata.shared <= SHARED_LIMIT[target]
+    if cache == "fp8e4b8":
+        # MI300 converts its own format in hardware: pack on the write, unpack on the read.
+        cvt = "v_cvt_pk_fp8_f32" if "reshape" in name else "v_cvt_pk_f32_fp8"
+        assert cvt in compiled.asm["amdgcn"]
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

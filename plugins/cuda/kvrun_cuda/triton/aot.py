@@ -13,15 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kvrun_cuda.triton import elementwise, paged_attention
+from kvrun_cuda.fp8 import fp8_max
+from kvrun_cuda.triton import awq, elementwise, paged_attention
 from kvrun_cuda.triton.launch import Kernel
 
 __all__ = [
+    "AOT_FP8_CACHES",
     "AOT_TARGETS",
+    "FP8_CACHE_TYPES",
     "KernelBuild",
     "compile_kernel",
     "fp8_kernel_builds",
@@ -45,6 +49,8 @@ _TYPED_POINTERS = {
     "tables_ptr": "*i32",
     "seq_lens_ptr": "*i32",
     "query_start_ptr": "*i32",
+    "qweight_ptr": "*i32",
+    "qzeros_ptr": "*i32",
 }
 _FLOAT_SCALARS = {"eps", "scale_log2", "k_scale", "v_scale"}
 
@@ -137,6 +143,13 @@ def kernel_builds(dtype: str = "fp16") -> list[KernelBuild]:
             dtype=dtype,
         ),
         KernelBuild(
+            "awq_dequantize",
+            awq._awq_dequantize_kernel,
+            {"BLOCK_K": awq.BLOCK_K, "BLOCK_N": awq.BLOCK_N},
+            dtype=dtype,  # the scales'
+            overrides={"out_ptr": "*fp32"},
+        ),
+        KernelBuild(
             "merge_splits",
             paged_attention._merge_splits_kernel,
             {"HEAD_DIM": 128, "D_PAD": 128, "SPLITS_PAD": split.num_splits, "TILE": split.tile},
@@ -145,30 +158,49 @@ def kernel_builds(dtype: str = "fp16") -> list[KernelBuild]:
     ]
 
 
-def fp8_kernel_builds(dtype: str = "bf16") -> list[KernelBuild]:
-    """The kernels that touch an fp8 (e4m3) KV cache, in their fp8 specialisations."""
+# Triton's names of the fp8 cache formats, and the torch dtype each one is.
+FP8_CACHE_TYPES: dict[str, torch.dtype] = {
+    "fp8e4nv": torch.float8_e4m3fn,  # OCP e4m3: NVIDIA, and AMD from gfx950
+    "fp8e4b8": torch.float8_e4m3fnuz,  # e4m3 FNUZ: AMD MI300 (gfx94x), kvrun-rocm's there
+}
+# The fp8 cache formats each AOT target is compiled for: gfx942 in both, as kvrun-rocm
+# stores fnuz there (Triton supports fp8e4b8 on AMD targets only) and an OCP cache
+# still builds, converted in software.
+AOT_FP8_CACHES: dict[str, tuple[str, ...]] = {
+    "sm_90": ("fp8e4nv",),
+    "gfx942": ("fp8e4nv", "fp8e4b8"),
+}
+
+
+def fp8_kernel_builds(dtype: str = "bf16", cache: str = "fp8e4nv") -> list[KernelBuild]:
+    """The kernels that touch an fp8 (e4m3) KV cache, in their fp8 specialisations.
+
+    ``cache`` is a key of FP8_CACHE_TYPES; the fnuz builds' names end in "-fnuz".
+    """
     attn = paged_attention._paged_attention_kernel
-    fp8 = "*fp8e4nv"
+    fp8 = f"*{cache}"
+    saturation = fp8_max(FP8_CACHE_TYPES[cache])  # 448 or 240, as reshape_and_cache passes
+    tag = "fp8" if cache == "fp8e4nv" else "fp8-fnuz"
     decode = paged_attention.paged_attention_config(32, 8, 128, 1)
     prefill = paged_attention.paged_attention_config(32, 8, 128, 512)
     caches = {"k_cache_ptr": fp8, "v_cache_ptr": fp8}
     return [
         KernelBuild(
-            "reshape_and_cache[fp8]",
+            f"reshape_and_cache[{tag}]",
             elementwise._reshape_and_cache_kernel,
-            {"BLOCK_H": 8, "BLOCK_D": 128, "QUANT": True, "FP8_MAX": elementwise.FP8_MAX},
+            {"BLOCK_H": 8, "BLOCK_D": 128, "QUANT": True, "FP8_MAX": saturation},
             dtype=dtype,
             overrides={"kc_ptr": fp8, "vc_ptr": fp8},
         ),
         KernelBuild(
-            "paged_attention[decode-fp8]",
+            f"paged_attention[decode-{tag}]",
             attn,
             {**decode.constexprs(), "DEQUANT": True},
             dtype=dtype,
             overrides=caches,
         ),
         KernelBuild(
-            "paged_attention[prefill-fp8]",
+            f"paged_attention[prefill-{tag}]",
             attn,
             {**prefill.constexprs(), "DEQUANT": True},
             dtype=dtype,

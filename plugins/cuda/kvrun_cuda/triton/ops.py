@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from kvrun_cuda.triton.awq import awq_dequantize
 from kvrun_cuda.triton.elementwise import (
     fused_add_rms_norm,
     reshape_and_cache,
@@ -64,6 +65,7 @@ def triton_ops() -> dict[str, Callable[..., Any]]:
         "silu_and_mul": silu_and_mul,
         "reshape_and_cache": reshape_and_cache,
         "paged_attention": paged_attention,
+        "awq_dequantize": awq_dequantize,
     }
 
 
