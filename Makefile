@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 
-.PHONY: setup serve test lint typecheck
+.PHONY: setup serve test lint typecheck gpu-check-files
 
 setup:
 	@bash scripts/bootstrap.sh $(VENV)
@@ -21,3 +21,9 @@ lint: setup
 
 typecheck: setup
 	$(VENV)/bin/mypy
+
+# What benchmarks/gpu_check.sh needs beside the working tree on the borrowed GPU machine
+# (no network there): SmolLM2's tokenizer files, which the device call carries.
+gpu-check-files: setup
+	$(PY) -c "from kvrun.testing.checkpoints import save_tokenizer_from_gguf as s; \
+	print(s(None, 'benchmarks/models/smollm2-tokenizer'))"

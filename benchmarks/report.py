@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,23 @@ def machine_info() -> dict[str, Any]:
         "mem_gib": round(mem_kib / 2**20, 1),
         "kernel": platform.release(),
         "load_avg": os.getloadavg(),
+        "gpus": _gpu_names(),
     }
+
+
+def _gpu_names() -> list[str]:
+    """The NVIDIA GPUs nvidia-smi lists (name, memory, driver); none without one."""
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in listed.splitlines() if line.strip()]
 
 
 def count_params(hf_dir: Path) -> int:
@@ -98,8 +115,9 @@ def render_report(report: dict[str, Any], hf_dir: Path, reference: str, baseline
         f"## Run {report['started']}",
         "",
         f"Machine: {m['nproc']} CPUs, {m['cpu']} ({', '.join(m['simd'])}), {m['mem_gib']} GiB, "
-        f"Linux {m['kernel']}, load average at start {_fmt(m['load_avg'][0], 2)}. "
-        f"Threads per peer: {report['args']['threads']}; repeats: {report['args']['repeats']} "
+        f"Linux {m['kernel']}, load average at start {_fmt(m['load_avg'][0], 2)}"
+        + (f"; GPU: {'; '.join(m['gpus'])}. " if m.get("gpus") else ". ")
+        + f"Threads per peer: {report['args']['threads']}; repeats: {report['args']['repeats']} "
         f"(medians). Model: {params / 1e6:.1f} M parameters, fp32 unless noted.",
         "",
     ]

@@ -83,6 +83,35 @@ PEERS = {
         Peer("vllm", "vllm", "vllm_runner.py", "hf", {"dtype": "float32"}),
         Peer("vllm-bf16", "vllm", "vllm_runner.py", "hf", {"dtype": "bfloat16"}, "bf16 weights"),
         Peer("hf", "hf", "hf_runner.py", "hf"),
+        # The GPU benchmark (issue 6): both in bf16 on the first GPU, each peer's
+        # defaults otherwise (kvrun-cuda picks its attention backend and captures
+        # decode graphs; transformers runs its default attention).
+        Peer(
+            "kvrun-cuda",
+            "kvrun",
+            "kvrun_runner.py",
+            "hf",
+            {"dtype": "bfloat16"},
+            "bf16 on the GPU",
+            env={"VLLM_TARGET_DEVICE": "cuda"},
+        ),
+        Peer(
+            "kvrun-cuda-graphs",
+            "kvrun",
+            "kvrun_runner.py",
+            "hf",
+            {"dtype": "bfloat16", "engine_args": {"enforce_eager": False}},
+            "bf16 on the GPU, CUDA graphs + torch.compile (enforce_eager=False)",
+            env={"VLLM_TARGET_DEVICE": "cuda"},
+        ),
+        Peer(
+            "hf-cuda",
+            "hf",
+            "hf_runner.py",
+            "hf",
+            {"dtype": "bfloat16", "device": "cuda"},
+            "bf16 on the GPU",
+        ),
         Peer(
             "llamacpp",
             "llamacpp",
@@ -110,7 +139,9 @@ PEERS = {
 }
 
 
-def _venv_python(peer: Peer) -> Path:
+def _venv_python(peer: Peer, python_override: str | None = None) -> Path:
+    if python_override is not None:
+        return Path(python_override)
     python = VENVS / peer.venv / "bin" / "python"
     if peer.venv == "kvrun" and not python.exists():
         return Path(sys.executable)  # the dev venv has kvrun installed editable
@@ -219,7 +250,8 @@ def _run_peer(
     # keep the load next to each figure so a disturbed run can be spotted.
     load_before = os.getloadavg()[0]
     try:
-        cmd = [str(_venv_python(peer)), str(RUNNERS / peer.runner), "--spec", f.name]
+        python = _venv_python(peer, args.python)
+        cmd = [str(python), str(RUNNERS / peer.runner), "--spec", f.name]
         result = _run_json(
             cmd,
             {**_peer_env(args.threads), **peer.env},
@@ -255,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default="hf", help="peer the greedy agreement is against")
     parser.add_argument("--baseline", default="vllm", help="peer the speed ratios are against")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per peer run")
+    parser.add_argument(
+        "--python",
+        default=None,
+        help="run every peer with this interpreter instead of its venv (a machine with one "
+        "environment, such as the borrowed GPU machine)",
+    )
     args = parser.parse_args(argv)
 
     workloads = [w for w in args.workload.split(",") if w]

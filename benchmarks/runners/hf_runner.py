@@ -1,4 +1,8 @@
-"""Peer: Hugging Face transformers `generate`, batched with left padding, fp32, greedy."""
+"""Peer: Hugging Face transformers `generate`, batched with left padding, greedy.
+
+Options: ``dtype`` (default "float32") and ``device`` (default "cpu"; "cuda" for the
+GPU benchmark, where the timings wait for the GPU to finish).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,11 @@ class HFEngine(Engine):
         torch.set_num_threads(spec.threads)
         self._torch = torch
         self._transformers = transformers
-        self.model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32)
+        self.dtype = spec.options.get("dtype", "float32")
+        self.device = torch.device(spec.options.get("device", "cpu"))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            spec.model, dtype=getattr(torch, self.dtype)
+        ).to(self.device)
         self.model.eval()  # type: ignore[no-untyped-call]
         gen = self.model.generation_config
         self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else gen.eos_token_id
@@ -32,7 +40,11 @@ class HFEngine(Engine):
         return {"transformers": self._transformers.__version__, "torch": self._torch.__version__}
 
     def config(self) -> dict[str, Any]:
-        return {"dtype": "float32", "batching": "one padded batch (left padding)"}
+        return {
+            "dtype": self.dtype,
+            "device": str(self.device),
+            "batching": "one padded batch (left padding)",
+        }
 
     def generate(self, prompts: Sequence[list[int]], max_tokens: int) -> list[list[int]]:
         torch = self._torch
@@ -44,14 +56,14 @@ class HFEngine(Engine):
             mask[row, width - len(prompt) :] = 1
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
                 max_new_tokens=max_tokens,
                 do_sample=False,
                 eos_token_id=None,
                 pad_token_id=self.pad_id,
             )
-        return [row[width:].tolist() for row in out]
+        return [row[width:].tolist() for row in out.cpu()]  # .cpu() waits for the GPU
 
 
 if __name__ == "__main__":

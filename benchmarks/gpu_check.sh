@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Everything issue 6 asks of a real NVIDIA GPU, in as few device calls as possible:
+#
+#   tests   kvrun-cuda's tests compiled on the GPU (TRITON_INTERPRET unset): the Triton
+#           kernels against the reference ops, FlashInfer / xFormers where installed,
+#           graph capture and replay, memory profiling, the conformance kit.
+#   bench   the GPU benchmark: SmolLM2-135M-shaped and 1B-class random-weight Llamas
+#           (benchmarks/random_model.py: the real weights cannot travel there), kvrun
+#           eager and with decode graphs against transformers, bf16, same card, same run.
+#   all     both (the default).
+#
+# Run it from the repository root on the device machine (see NOTES.md for the call):
+#   bash benchmarks/gpu_check.sh [tests|bench|all]
+# It installs nothing from a network (there is none there): kvrun and kvrun-cuda are
+# installed editable with --no-deps over the machine's own torch, triton and
+# transformers. The tokenizer comes from benchmarks/models/smollm2-tokenizer, which
+# `make gpu-check-files` fills here and the device call carries. Logs, reports and
+# raw results go to $OUT (the device tool's folder; /tmp/kvrun-gpu-check elsewhere):
+# at most 8 files, what the device tool brings back.
+set -uo pipefail
+
+stage=${1:-all}
+case "$stage" in tests | bench | all) ;; *)
+    echo "usage: $0 [tests|bench|all]" >&2
+    exit 2
+    ;;
+esac
+OUT=${OUT:-/tmp/kvrun-gpu-check}
+PY=${PYTHON:-python3}
+# Overridable for a dry run of the bench stage on a CPU machine (PEERS=kvrun,hf BASELINE=hf).
+PRESETS=${PRESETS:-smollm2-135m llama-1b}
+PEERS=${PEERS:-kvrun-cuda,kvrun-cuda-graphs,hf-cuda}
+BASELINE=${BASELINE:-hf-cuda}
+REPEATS=${REPEATS:-3}
+TOKENIZER=benchmarks/models/smollm2-tokenizer
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+unset TRITON_INTERPRET
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name(0))'
+} 2>&1 | tee "$OUT/machine.txt"
+
+if ! "$PY" -c 'import kvrun_cuda' 2>/dev/null; then
+    "$PY" -m pip install --no-deps --no-build-isolation --no-index -q -e . -e plugins/cuda \
+        >/tmp/kvrun-install.log 2>&1 || {
+        echo "install failed:" >&2
+        tail -20 /tmp/kvrun-install.log >&2
+        exit 1
+    }
+fi
+
+status=0
+if [[ $stage == tests || $stage == all ]]; then
+    # -W default: the suite turns warnings into errors, and this machine's torch and
+    # triton are other versions than the ones those filters were written against.
+    # -m gpu: the tests that need the GPU (CI runs the rest, the interpreter's, on CPU).
+    timeout 480 "$PY" -m pytest plugins/cuda/tests -m gpu -q -ra -W default -p no:cacheprovider \
+        2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+    status=${PIPESTATUS[0]}
+fi
+
+if [[ $stage == bench || $stage == all ]]; then
+    if [[ ! -f $TOKENIZER/tokenizer.json ]]; then
+        echo "$TOKENIZER is missing: run 'make gpu-check-files' and carry it" >&2
+        exit 1
+    fi
+    models=/tmp/kvrun-gpu-models
+    for preset in $PRESETS; do
+        "$PY" benchmarks/random_model.py --preset "$preset" --tokenizer "$TOKENIZER" \
+            --out "$models/$preset" >/dev/null || exit 1
+        "$PY" benchmarks/run.py --python "$PY" --model "$models/$preset" \
+            --workload latency,throughput --peers "$PEERS" \
+            --baseline "$BASELINE" --reference "$BASELINE" --repeats "$REPEATS" --timeout 600 \
+            >"$OUT/bench-$preset.md" 2>"$OUT/bench-$preset.log"
+        cat "$OUT/bench-$preset.md"
+        latest=$(ls -td benchmarks/results/*/ | head -1)
+        cp "$latest/results.json" "$OUT/bench-$preset.json"
+    done
+fi
+exit "$status"
