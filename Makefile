@@ -23,7 +23,11 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 # What benchmarks/gpu_check.sh needs beside the working tree on the borrowed GPU machine
-# (no network there): SmolLM2's tokenizer files, which the device call carries.
+# (no network there), which the device call carries: SmolLM2's tokenizer files and a
+# setuptools wheel new enough for an editable install.
+GPU_CHECK_FILES := benchmarks/models/gpu-check
 gpu-check-files: setup
 	$(PY) -c "from kvrun.testing.checkpoints import save_tokenizer_from_gguf as s; \
-	print(s(None, 'benchmarks/models/smollm2-tokenizer'))"
+	print(s(None, '$(GPU_CHECK_FILES)/tokenizer'))"
+	$(PY) -m pip download --no-deps --only-binary=:all: -q -d $(GPU_CHECK_FILES)/wheels \
+	"setuptools>=70.1"

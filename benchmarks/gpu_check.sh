@@ -13,8 +13,10 @@
 #   bash benchmarks/gpu_check.sh [tests|bench|all]
 # It installs nothing from a network (there is none there): kvrun and kvrun-cuda are
 # installed editable with --no-deps over the machine's own torch, triton and
-# transformers. The tokenizer comes from benchmarks/models/smollm2-tokenizer, which
-# `make gpu-check-files` fills here and the device call carries. Logs, reports and
+# transformers. What it needs beside the tree, `make gpu-check-files` puts here in
+# benchmarks/models/gpu-check (ignored by git), and the device call carries: SmolLM2's
+# tokenizer and a setuptools wheel (for an editable install if the machine's is older
+# than 70.1, which has no bdist_wheel of its own). Logs, reports and
 # raw results go to $OUT (the device tool's folder; /tmp/kvrun-gpu-check elsewhere):
 # at most 8 files, what the device tool brings back.
 set -uo pipefail
@@ -32,7 +34,8 @@ PRESETS=${PRESETS:-smollm2-135m llama-1b}
 PEERS=${PEERS:-kvrun-cuda,kvrun-cuda-graphs,hf-cuda}
 BASELINE=${BASELINE:-hf-cuda}
 REPEATS=${REPEATS:-3}
-TOKENIZER=benchmarks/models/smollm2-tokenizer
+FILES=benchmarks/models/gpu-check
+TOKENIZER=$FILES/tokenizer
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET
@@ -42,13 +45,20 @@ unset TRITON_INTERPRET
     "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name(0))'
 } 2>&1 | tee "$OUT/machine.txt"
 
-if ! "$PY" -c 'import kvrun_cuda' 2>/dev/null; then
+install() {
     "$PY" -m pip install --no-deps --no-build-isolation --no-index -q -e . -e plugins/cuda \
-        >/tmp/kvrun-install.log 2>&1 || {
-        echo "install failed:" >&2
-        tail -20 /tmp/kvrun-install.log >&2
-        exit 1
-    }
+        >>/tmp/kvrun-install.log 2>&1
+}
+if ! "$PY" -c 'import kvrun_cuda' 2>/dev/null; then
+    if ! install; then
+        "$PY" -m pip install --no-index --find-links "$FILES/wheels" -q "setuptools>=70.1" \
+            >>/tmp/kvrun-install.log 2>&1
+        install || {
+            echo "install failed:" >&2
+            tail -20 /tmp/kvrun-install.log >&2
+            exit 1
+        }
+    fi
 fi
 
 status=0
@@ -63,7 +73,7 @@ fi
 
 if [[ $stage == bench || $stage == all ]]; then
     if [[ ! -f $TOKENIZER/tokenizer.json ]]; then
-        echo "$TOKENIZER is missing: run 'make gpu-check-files' and carry it" >&2
+        echo "$TOKENIZER is missing: run 'make gpu-check-files' and carry $FILES" >&2
         exit 1
     fi
     models=/tmp/kvrun-gpu-models
