@@ -17,7 +17,7 @@ from kvrun.platforms import DecodeGraphRunner, KVCachePlan, KVCacheRequest, Plat
 from kvrun.scheduling import FreeBlockPolicy, MostRecentlyFreedFirst
 from kvrun_cpu.attention import IpexAttention, TorchSdpaAttention
 from kvrun_cpu.attention.ipex import ipex_status, ipex_unavailable
-from kvrun_cpu.native import NativeKernels, load_native
+from kvrun_cpu.native import BuildSettings, NativeKernels, load_native
 from kvrun_cpu.native.decoder import NativeDecoder, unsupported_reason
 from kvrun_cpu.ops import cpu_ops
 from kvrun_cpu.threads import apply_threads_bind, format_cores, parse_threads_bind
@@ -116,7 +116,16 @@ class CpuPlatform(Platform):
         cannot be built (the reason is logged and the ops keep their torch paths)."""
         if self._native is None:
             cache_dir = Path(self.env.VLLM_CACHE_ROOT) / "kvrun_cpu"
-            native, why = load_native(cache_dir, torch.get_num_threads())
+            for name in ("NVCC_THREADS", "VLLM_USE_PRECOMPILED"):
+                if self.env.source(name) == "environment":
+                    logger.warning(
+                        "%s has no effect on kvrun-cpu: its native kernels are C, compiled "
+                        "from source on first use (CMAKE_BUILD_TYPE, MAX_JOBS and VERBOSE "
+                        "apply)",
+                        name,
+                    )
+            settings = BuildSettings.from_env(self.env)
+            native, why = load_native(cache_dir, torch.get_num_threads(), settings=settings)
             if native is None:
                 logger.warning("native kernels unavailable, using torch: %s", why)
             else:

@@ -3,6 +3,7 @@ and the portable C), bounds the C code relies on, and every way to not get them.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ import torch.nn.functional as F
 
 from kvrun.models.rope import cos_sin_cache
 from kvrun.ops import reference
-from kvrun_cpu.native import NativeKernels, load_native
-from kvrun_cpu.native.build import default_isa, find_compiler, library_path
+from kvrun_cpu.native import BuildSettings, NativeKernels, load_native
+from kvrun_cpu.native.build import SOURCE_DIR, default_isa, find_compiler, library_path
 
 needs_compiler = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on PATH")
 TOL = {torch.float32: {"atol": 2e-5, "rtol": 2e-5}, torch.bfloat16: {}, torch.float16: {}}
@@ -219,3 +220,30 @@ def test_a_compile_error_names_the_compiler(
     monkeypatch.setenv("PATH", str(fake.parent))
     native, why = load_native(tmp_path / "cache", threads=1)
     assert (native, why) == (None, f"{fake} failed: cc: error: unrecognized option")
+
+
+@needs_compiler
+def test_the_build_variables_steer_the_build(
+    tmp_path: Path, native_kernels: NativeKernels, caplog: pytest.LogCaptureFixture
+) -> None:
+    # CMAKE_BUILD_TYPE=Debug, MAX_JOBS=1, VERBOSE=1: unoptimised with symbols, one
+    # compiler at a time, every command logged; a library of its own, same results.
+    settings = BuildSettings(build_type="Debug", jobs=1, verbose=True)
+    with caplog.at_level(logging.INFO, logger="kvrun.cpu"):
+        debug, why = load_native(tmp_path, threads=1, settings=settings)
+    lib = Path(why.removeprefix("built "))
+    assert debug is not None and lib.parent == tmp_path and lib.is_file()
+    assert lib != library_path(tmp_path, default_isa())[0]
+    assert b".debug_info" in lib.read_bytes()
+    commands = [r.getMessage() for r in caplog.records if r.getMessage().startswith("native")]
+    sources = sorted(SOURCE_DIR.glob("*.c"))
+    assert len(commands) == len(sources) + 1  # each source, then the link
+    assert all(" -O0 " in c and " -g " in c and " -O3 " not in c for c in commands)
+    x, w = randn(3, 64), 1.0 + 0.1 * randn(64, seed=1)
+    # (-O3 may contract a multiply and an add into one FMA; -O0 does not.)
+    torch.testing.assert_close(
+        debug.rms_norm(x, w, 1e-5)[0], native_kernels.rms_norm(x, w, 1e-5)[0], **TOL[x.dtype]
+    )
+    # RelWithDebInfo: -O2 -g; unset and Release: the default -O3 build.
+    assert library_path(tmp_path, "generic", "RelWithDebInfo")[1][:2] == ("-O2", "-g")
+    assert library_path(tmp_path, "generic", "Release") == library_path(tmp_path, "generic")

@@ -137,6 +137,23 @@ def test_torch_sdpa_gets_the_native_kernels(platform: Make, tmp_path: Path) -> N
     assert cpu.describe().endswith("; native kernels)")
 
 
+def test_the_install_time_variables_reach_the_native_build(
+    platform: Make, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cpu = platform(CMAKE_BUILD_TYPE="RelWithDebInfo", VERBOSE="1", NVCC_THREADS="4")
+    with caplog.at_level(logging.INFO, logger="kvrun.cpu"):
+        assert cpu.native_kernels() is not None
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == (
+        "NVCC_THREADS has no effect on kvrun-cpu: its native kernels are C, compiled from "
+        "source on first use (CMAKE_BUILD_TYPE, MAX_JOBS and VERBOSE apply)"
+    )
+    built = [m for m in messages if m.startswith("native build: ")]
+    assert built and all(" -O2 -g " in m for m in built)  # VERBOSE logged each command
+    (lib,) = (tmp_path / "cache" / "kvrun_cpu").glob("kvrun_cpu_native_*.so")
+    assert b".debug_info" in lib.read_bytes()
+
+
 def test_torch_sdpa_falls_back_to_torch_when_the_kernels_cannot_be_built(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

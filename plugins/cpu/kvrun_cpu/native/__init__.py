@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from kvrun_cpu.native.build import compile_library, default_isa, library_path
+from kvrun_cpu.native.build import BuildSettings, compile_library, default_isa, library_path
 from kvrun_cpu.native.packed import PANEL, PackedWeight
 
-__all__ = ["DTYPE_CODES", "NativeKernels", "PackedWeight", "load_native"]
+__all__ = ["DTYPE_CODES", "BuildSettings", "NativeKernels", "PackedWeight", "load_native"]
 
 # The dtypes the packed matmuls take.
 _PACKED = (torch.float32, torch.bfloat16)
@@ -351,22 +351,28 @@ class NativeKernels:
 
 
 def load_native(
-    cache_dir: Path, threads: int, isa: str | None = None
+    cache_dir: Path,
+    threads: int,
+    isa: str | None = None,
+    settings: BuildSettings | None = None,
 ) -> tuple[NativeKernels | None, str]:
     """The native kernels, built once under ``cache_dir``; or None and why not.
 
     ``threads`` is how many threads one call may use (torch's thread count); ``isa``
-    forces a target ("AVX512", "AVX2", "generic"; default: what torch detected). A
-    cached library that will not load (truncated, foreign) is rebuilt once.
+    forces a target ("AVX512", "AVX2", "generic"; default: what torch detected);
+    ``settings`` are the build variables (default: a Release build, every source at
+    once, quiet). A cached library that will not load (truncated, foreign) is rebuilt
+    once.
     """
     isa = isa or default_isa()
-    lib, flags = library_path(cache_dir, isa)
+    settings = settings or BuildSettings()
+    lib, flags = library_path(cache_dir, isa, settings.build_type)
     if lib.exists():
         try:
             return NativeKernels(lib, threads, isa), f"cached {lib}"
         except (OSError, AttributeError):
             lib.unlink(missing_ok=True)
-    error = compile_library(lib, flags)
+    error = compile_library(lib, flags, settings.jobs, settings.verbose)
     if error is not None:
         return None, error
     try:
