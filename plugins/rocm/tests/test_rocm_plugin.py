@@ -20,7 +20,13 @@ from kvrun.scheduling.output import ScheduledChunk
 from kvrun_cuda.backends import build_backend, choose_attention_backend
 from kvrun_rocm import probe
 from kvrun_rocm.fp8_padding import pad_fp8_weight
-from kvrun_rocm.platform import ROCM_BACKENDS, ROCM_TRITON_ATTN, RocmPlatform, fp8_kv_dtype
+from kvrun_rocm.platform import (
+    ROCM_BACKENDS,
+    ROCM_TRITON_ATTN,
+    RocmPlatform,
+    fp8_kv_dtype,
+    rocm_notes,
+)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -190,3 +196,12 @@ def test_without_triton_flash_attn_prefill_runs_the_torch_path() -> None:
     got = backend.forward(q, k, v, cache, meta)
     want = ReferenceAttention(SPEC).forward(q, k, v, ref_cache, meta)
     assert torch.equal(got, want) and torch.equal(cache, ref_cache)
+
+
+def test_fp8_padding_set_by_hand_is_named_as_having_nothing_to_pad() -> None:
+    assert rocm_notes(read_env({})) == []  # the default (1) is no news
+    assert rocm_notes(read_env({"VLLM_ROCM_FP8_PADDING": "0"})) == [
+        "VLLM_ROCM_FP8_PADDING=0 is read but unused: kvrun loads no fp8 weights, so there "
+        "is nothing to pad (kvrun_rocm/fp8_padding.py pads them once an fp8-weight loader "
+        "exists)"
+    ]
