@@ -20,7 +20,6 @@ from kvrun.attention.reference import ReferenceAttention
 from kvrun.ops import reference as ref
 from kvrun_cuda.triton.attention import TritonAttention
 from kvrun_cuda.triton.elementwise import FP8_KV_DTYPE
-from kvrun_cuda.triton.launch import compile_blocker
 from kvrun_cuda.triton.ops import paged_attention
 from kvrun_cuda.triton.paged_attention import MAX_SPLITS, decode_splits, unified_attention
 
@@ -33,21 +32,6 @@ BATCHES = {
     "prefix-hit": [(16, 3), (17, 6), (0, 2)],
 }
 HEADS = [(4, 4, 64), (4, 2, 128), (3, 1, 64)]  # (query heads, kv heads, head dim)
-
-
-@pytest.fixture(params=["interpreter", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """Where the kernels run: Triton's interpreter on CPU, or compiled on the GPU."""
-    if request.param == "interpreter":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        pytest.skip("needs an NVIDIA GPU")
-    blocker = compile_blocker()
-    if blocker is not None:
-        pytest.skip(blocker)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return torch.device("cuda")
 
 
 def make_meta(

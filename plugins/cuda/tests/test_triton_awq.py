@@ -15,22 +15,6 @@ pytest.importorskip("triton", reason="triton is not installed (Linux only)")
 from kvrun.loader.awq import AwqConfig, merge_awq
 from kvrun.ops import reference as ref
 from kvrun_cuda.triton.awq import awq_dequantize
-from kvrun_cuda.triton.launch import compile_blocker
-
-
-@pytest.fixture(params=["interpreter", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """Where the kernel runs: Triton's interpreter on CPU, or compiled on the GPU."""
-    if request.param == "interpreter":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        pytest.skip("needs an NVIDIA GPU")
-    blocker = compile_blocker()
-    if blocker is not None:
-        pytest.skip(blocker)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return torch.device("cuda")
 
 
 def awq_layer(

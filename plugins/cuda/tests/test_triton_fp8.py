@@ -65,21 +65,6 @@ STEPS = [
 ]
 
 
-@pytest.fixture(params=["interpreter", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """Where the kernels run: Triton's interpreter on CPU, or compiled on the GPU."""
-    if request.param == "interpreter":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
-    blocker = compile_blocker()
-    if blocker is not None:
-        pytest.skip(blocker)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return torch.device("cuda")
-
-
 def skip_unless_stored_here(fp8: torch.dtype, device: torch.device) -> None:
     if fp8 == torch.float8_e4m3fnuz and device.type == "cuda" and torch.version.hip is None:
         pytest.skip("Triton has float8_e4m3fnuz (fp8e4b8) on AMD GPUs only")

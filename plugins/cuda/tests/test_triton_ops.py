@@ -16,27 +16,12 @@ pytest.importorskip("triton", reason="triton is not installed (Linux only)")
 from kvrun.ops import OP_NAMES
 from kvrun.ops import reference as ref
 from kvrun_cuda.triton import elementwise as tri
-from kvrun_cuda.triton.launch import compile_blocker, interpreting
+from kvrun_cuda.triton.launch import interpreting
 from kvrun_cuda.triton.ops import TRITON_OP_NAMES, paged_attention, triton_ops
 
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRETER_DTYPES = (torch.float32, torch.float16)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-@pytest.fixture(params=["interpreter", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """Where the kernels run: Triton's interpreter on CPU, or compiled on the GPU."""
-    if request.param == "interpreter":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        pytest.skip("needs an NVIDIA GPU")
-    blocker = compile_blocker()
-    if blocker is not None:
-        pytest.skip(blocker)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return torch.device("cuda")
 
 
 def dtypes_for(device: torch.device) -> tuple[torch.dtype, ...]:

@@ -70,9 +70,22 @@ class TritonAttention(AttentionBackend):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        return self._write_and_attend(query, key, value, kv_cache, meta)
+
+    def _write_and_attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        k_scale: float = 1.0,  # an fp8 cache's per-layer scales; 1.0 for any other
+        v_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """Store the new keys and values, then attend over the cache: two launches."""
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         assert key_cache.shape[1] == meta.block_size, (key_cache.shape, meta.block_size)
-        reshape_and_cache(key, value, key_cache, value_cache, meta.slot_mapping)
+        reshape_and_cache(key, value, key_cache, value_cache, meta.slot_mapping, k_scale, v_scale)
         return unified_attention(
             query,
             key_cache,
@@ -82,6 +95,8 @@ class TritonAttention(AttentionBackend):
             meta.query_start_loc,
             meta.max_query_len,
             self.spec.scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
 
@@ -111,20 +126,6 @@ class TritonFp8Attention(TritonAttention):
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         assert kv_cache.dtype in FP8_KV_DTYPES, kv_cache.dtype
         scales = self.scales.get(kv_cache, key, value)
-        key_cache, value_cache = kv_cache[0], kv_cache[1]
-        assert key_cache.shape[1] == meta.block_size, (key_cache.shape, meta.block_size)
-        reshape_and_cache(
-            key, value, key_cache, value_cache, meta.slot_mapping, scales.k_scale, scales.v_scale
-        )
-        return unified_attention(
-            query,
-            key_cache,
-            value_cache,
-            meta.block_tables,
-            meta.seq_lens,
-            meta.query_start_loc,
-            meta.max_query_len,
-            self.spec.scale,
-            k_scale=scales.k_scale,
-            v_scale=scales.v_scale,
+        return self._write_and_attend(
+            query, key, value, kv_cache, meta, scales.k_scale, scales.v_scale
         )
