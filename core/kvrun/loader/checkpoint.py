@@ -56,7 +56,7 @@ class Checkpoint:
         dtype: torch.dtype,
         *,
         progress: bool = True,
-        awq_dequantize: Dequantize | None = None,
+        awq_dequantize: Dequantize = reference.awq_dequantize,
         awq_device: torch.device | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (Hugging Face parameter name, tensor) pairs, each converted to ``dtype``.
@@ -66,7 +66,7 @@ class Checkpoint:
         tensors are dequantized, and GGUF's Llama Q/K rows un-permuted. A tied checkpoint
         yields no "lm_head.weight" unless the file stores one. Tensors are new CPU tensors
         the caller owns, except AWQ layers' weights when ``awq_device`` is given: those
-        are made there, by ``awq_dequantize`` (the platform's op; None: the reference).
+        are made there, by ``awq_dequantize`` (the platform's op; default: the reference).
         ``progress`` shows a tqdm bar on stderr.
         """
         from tqdm.auto import tqdm
@@ -101,5 +101,4 @@ class Checkpoint:
             if awq is None:
                 yield from counted()
             else:
-                dequantize = awq_dequantize or reference.awq_dequantize
-                yield from merge_awq(counted(), awq, dtype, self.source, dequantize, awq_device)
+                yield from merge_awq(counted(), awq, dtype, self.source, awq_dequantize, awq_device)

@@ -144,8 +144,9 @@ def compile_library(
             failed: list[str] = []
             for start in range(0, len(commands), batch):
                 group = commands[start : start + batch]
-                for command in group if verbose else ():
-                    logger.info("native build: %s", " ".join(command))
+                if verbose:
+                    for command in group:
+                        logger.info("native build: %s", " ".join(command))
                 jobs_now = [
                     subprocess.Popen(
                         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
