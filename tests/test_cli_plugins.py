@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from kvrun.host_cpu import host_cpu
 from tests.support.fixture_plugins import install_fixture_plugins
 
 FIXTURES = "cpu,fixtureabsent,fixtureaccel,fixturebroken,fixturev99,fixturegeneral"
@@ -54,7 +55,7 @@ def test_json_lists_plugins_and_selection(fixture_site: Path, tmp_path: Path) ->
     proc = _kvrun(fixture_site, tmp_path, extra, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert sorted(out) == ["general", "platforms", "reason", "selected"]
+    assert sorted(out) == ["general", "host_cpu", "platforms", "reason", "selected"]
     assert out["selected"] == "fixtureaccel"
     assert out["reason"] == (
         "VLLM_TARGET_DEVICE is unset: fixtureaccel has the highest priority of the usable "
@@ -103,7 +104,9 @@ def test_json_reports_selection_error(fixture_site: Path, tmp_path: Path) -> Non
     proc = _kvrun(fixture_site, tmp_path, extra, "--json")
     assert proc.returncode == 1, proc.stderr
     out = json.loads(proc.stdout)
-    assert sorted(out) == ["error", "general", "platforms", "selected"]
+    assert sorted(out) == ["error", "general", "host_cpu", "platforms", "selected"]
+    cpu = host_cpu()
+    assert out["host_cpu"] == {"model": cpu.model, "features": list(cpu.features)}
     assert out["selected"] is None
     assert out["error"].split("\n")[0] == (
         "VLLM_TARGET_DEVICE=fixtureabsent, but its platform plugin fixtureabsent "
@@ -117,12 +120,13 @@ def test_text_listing(fixture_site: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"VLLM_TARGET_DEVICE=unset (auto)  VLLM_PLUGINS={FIXTURES}"
-    assert lines[2] == "Platform plugins (kvrun.platform_plugins):"
-    assert lines[3].split() == [
+    assert lines[1] == f"Host CPU: {host_cpu().describe()}"
+    assert lines[3] == "Platform plugins (kvrun.platform_plugins):"
+    assert lines[4].split() == [
         "NAME", "DISTRIBUTION", "VERSION", "API", "PRIORITY", "USABLE", "REASON"
     ]  # fmt: skip
     general_at = lines.index("General plugins (kvrun.general_plugins):")
-    rows = {line.split()[0]: line.split(None, 6) for line in lines[4 : general_at - 1]}
+    rows = {line.split()[0]: line.split(None, 6) for line in lines[5 : general_at - 1]}
     assert rows["cpu"] == [
         "cpu", "kvrun-cpu", "0.1.0", "v1", "0", "yes",
         "probe kvrun_cpu:probe returned kvrun_cpu.platform.CpuPlatform",

@@ -87,6 +87,7 @@ def _setting(value: Any, unset: str) -> str:
 
 def run(args: argparse.Namespace, env: EnvSnapshot) -> int:
     from kvrun.errors import PluginError
+    from kvrun.host_cpu import host_cpu
     from kvrun.plugins import choose_platform, discover_platforms, run_general_plugins
 
     platforms = discover_platforms(env.VLLM_PLUGINS)
@@ -102,8 +103,10 @@ def run(args: argparse.Namespace, env: EnvSnapshot) -> int:
 
     platform_rows = [_platform_row(i) for i in platforms]
     general_rows = [_general_row(i) for i in general.infos]
+    cpu = host_cpu()
     if args.json:
         out: dict[str, Any] = {"platforms": platform_rows, "general": general_rows}
+        out["host_cpu"] = {"model": cpu.model, "features": list(cpu.features)}
         out["selected"] = selected
         out["reason" if selected is not None else "error"] = why
         print(json.dumps(out, indent=2))
@@ -112,6 +115,7 @@ def run(args: argparse.Namespace, env: EnvSnapshot) -> int:
     lines = [
         f"VLLM_TARGET_DEVICE={_setting(env.VLLM_TARGET_DEVICE, 'auto')}  "
         f"VLLM_PLUGINS={_setting(env.VLLM_PLUGINS, 'all')}",
+        f"Host CPU: {cpu.describe()}",
         "",
         "Platform plugins (kvrun.platform_plugins):",
     ]

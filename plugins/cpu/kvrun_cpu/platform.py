@@ -13,6 +13,7 @@ import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
 from kvrun.attention.reference import ReferenceAttention
+from kvrun.host_cpu import host_cpu
 from kvrun.platforms import DecodeGraphRunner, KVCachePlan, KVCacheRequest, Platform
 from kvrun.scheduling import FreeBlockPolicy, MostRecentlyFreedFirst
 from kvrun_cpu.attention import IpexAttention, TorchSdpaAttention
@@ -74,11 +75,16 @@ class CpuPlatform(Platform):
             apply_threads_bind(cores)
 
     def describe(self) -> str:
+        """ "cpu (<model>: <features>; torch <isa>; N threads on cores ...; native ...)"."""
         isa = torch.backends.cpu.get_cpu_capability()
         cores = format_cores(os.sched_getaffinity(0))
-        line = f"{self.name} ({isa}; {torch.get_num_threads()} threads on cores {cores}"
+        line = (
+            f"{self.name} ({host_cpu().describe()}; torch {isa}; "
+            f"{torch.get_num_threads()} threads on cores {cores}"
+        )
         if self._native is not None:
-            line += "; native kernels" if self._native[0] is not None else "; torch kernels"
+            native = self._native[0]
+            line += f"; native kernels {native.isa}" if native is not None else "; torch kernels"
         return line + ")"
 
     # attention ------------------------------------------------------------------

@@ -16,9 +16,10 @@ from kvrun.attention.base import AttentionLayerSpec
 from kvrun.attention.reference import ReferenceAttention
 from kvrun.envs import read_env
 from kvrun.errors import ConfigError
+from kvrun.host_cpu import host_cpu
 from kvrun.platforms import KVCacheRequest
 from kvrun_cpu.attention import TorchSdpaAttention
-from kvrun_cpu.native.build import supported_isas
+from kvrun_cpu.native.build import default_isa, supported_isas
 from kvrun_cpu.ops import cpu_ops
 from kvrun_cpu.platform import CpuPlatform
 
@@ -119,12 +120,19 @@ def test_ops_are_the_cpu_kernels_with_the_native_kernels_bound(platform: Make) -
     assert {k: unbound(f) for k, f in got.items()} == {k: unbound(f) for k, f in want.items()}
 
 
-def test_describe_names_isa_threads_and_cores(platform: Make) -> None:
+def test_describe_names_the_cpu_its_features_isa_threads_and_cores(platform: Make) -> None:
     line = platform().describe()
     isa = torch.backends.cpu.get_cpu_capability()
+    cpu = host_cpu()
+    assert line.startswith(f"cpu ({cpu.model}: ")
     assert re.fullmatch(
-        rf"cpu \({isa}; {torch.get_num_threads()} threads on cores [0-9,-]+\)", line
+        rf"cpu \(.*: {' '.join(cpu.features)}; torch {isa}; {torch.get_num_threads()} threads "
+        r"on cores [0-9,-]+\)",
+        line,
     )
+    # The features torch itself sees agree with the ones read from /proc/cpuinfo.
+    assert cpu.has("AVX512_BF16") == torch.cpu._is_avx512_bf16_supported()
+    assert cpu.has("AMX_BF16") == torch.cpu._is_amx_tile_supported()
 
 
 @pytest.mark.skipif(not shutil.which("cc") and not shutil.which("gcc"), reason="no C compiler")
@@ -134,7 +142,7 @@ def test_torch_sdpa_gets_the_native_kernels(platform: Make, tmp_path: Path) -> N
     assert isinstance(backend, TorchSdpaAttention)
     assert backend.native is not None and backend.native is cpu.native_kernels()
     assert len(list((tmp_path / "cache" / "kvrun_cpu").glob("kvrun_cpu_native_*.so"))) == 1
-    assert cpu.describe().endswith("; native kernels)")
+    assert cpu.describe().endswith(f"; native kernels {default_isa()})")
 
 
 def test_the_install_time_variables_reach_the_native_build(

@@ -106,6 +106,7 @@ class OpenvinoExecutor(ModelExecutor):
         # also hold u8 scales, so the block size is read from the value cache.
         self.block_size = self.caches[1].block_shape[1]
         got = self.caches[0].element_type.get_type_name()
+        values = self.caches[1].element_type.get_type_name()
         if asked_precision is not None and got != asked_precision:
             # The CPU plugin accepts a precision it lacks and quietly picks another.
             logger.warning(
@@ -114,7 +115,10 @@ class OpenvinoExecutor(ModelExecutor):
                 asked_precision,
                 got,
             )
-        self.cache_type_name = got
+        # The plugin may keep keys and values in different precisions (KEY_/VALUE_CACHE_
+        # PRECISION); the plan's dtype is the keys', its reason names both.
+        self.cache_type_name = got if values == got else f"{got} keys, {values} values"
+        self.cache_dtype = _TORCH_DTYPES[got]
         self.tensors: list[Any] = []
 
     @property
@@ -149,7 +153,7 @@ class OpenvinoExecutor(ModelExecutor):
         return KVCachePlan(
             num_blocks=num_blocks,
             block_size=self.block_size,
-            dtype=_TORCH_DTYPES[self.cache_type_name],
+            dtype=self.cache_dtype,
             layer_shape=(num_blocks, per_layer),
             num_layers=self.num_layers,
             budget_bytes=budget,

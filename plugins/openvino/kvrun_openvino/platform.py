@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from kvrun.errors import ConfigError
+from kvrun.host_cpu import host_cpu
 from kvrun.platforms import KVCacheRequest, Platform
 
 if TYPE_CHECKING:
@@ -63,7 +64,11 @@ class OpenvinoPlatform(Platform):
             )
 
     def describe(self) -> str:
-        return f"openvino ({self.env.VLLM_OPENVINO_DEVICE})"
+        device = self.env.VLLM_OPENVINO_DEVICE
+        if device.split(".")[0] != "CPU":
+            return f"openvino ({device})"
+        # Which kernels the CPU plugin picks (AMX, AVX512_FP16) follows these features.
+        return f"openvino ({device}: {host_cpu().describe()})"
 
     def kv_cache_budget(self, request: KVCacheRequest) -> tuple[int, str]:
         gib = self.env.VLLM_OPENVINO_KVCACHE_SPACE

@@ -162,6 +162,24 @@ def test_prompt_logprobs_match_the_cpu_platform(llama_dir: Path) -> None:
                 assert got[token].logprob == pytest.approx(entry.logprob, abs=1e-4)
 
 
+def test_float16_matches_float32_on_every_cpu(llama_dir: Path) -> None:
+    # On an AVX512_FP16 CPU the plugin's own f16 paged attention gave NaN logits from
+    # prompts of ~18 tokens; float16 now computes in f32 over an f16 cache, so its
+    # logprobs differ from float32's only by the cache's rounding, on either CPU.
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, ignore_eos=True)
+    f16_engine = ov_engine(llama_dir, dtype="float16", num_kv_blocks=16, max_model_len=256)
+    # 2 layers x (K + V) x [2 heads, 32 tokens, 16] in 2-byte floats.
+    assert f16_engine.config.kv_cache_bytes == 16 * 2 * 2 * (2 * 32 * 16) * 2
+    f16 = run_all(f16_engine, RANDOM_PROMPTS, params)
+    f32 = run_all(ov_engine(llama_dir, num_kv_blocks=16, max_model_len=256), RANDOM_PROMPTS, params)
+    for a, b in zip(f16, f32, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs is not None and b.outputs[0].logprobs is not None
+        for got, want in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            for token, entry in want.items():
+                assert got[token].logprob == pytest.approx(entry.logprob, abs=2e-2)
+
+
 def test_kv_budget_and_u8_cache_read_back(llama_dir: Path) -> None:
     # f32 cache, 2 layers x (K + V) x [2 heads, 32 tokens, 16]: 16384 bytes a block.
     f32 = ov_engine(llama_dir, {"VLLM_OPENVINO_KVCACHE_SPACE": "1"})
