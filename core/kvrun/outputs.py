@@ -1,15 +1,36 @@
 """What a request produces: the offline API's and the server's view of a result.
 
 Shaped like vLLM's RequestOutput/CompletionOutput so existing code ports by
-changing an import. Every output is cumulative: text and token_ids hold all that
-was generated so far, so a streaming consumer takes the delta since its last look.
+changing an import. The engine emits :class:`RequestDelta` s (only what changed in a
+step); :class:`~kvrun.engine.output_accumulator.OutputAccumulator` turns them into
+``RequestOutput`` s as a request's ``SamplingParams.output_kind`` asks: cumulative
+(text and token_ids hold all generated so far), delta (only the new part), or
+final-only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 
-__all__ = ["CompletionOutput", "Logprob", "RequestMetrics", "RequestOutput", "SampleLogprobs"]
+__all__ = [
+    "CompletionOutput",
+    "Logprob",
+    "RequestDelta",
+    "RequestMetrics",
+    "RequestOutput",
+    "RequestOutputKind",
+    "SampleLogprobs",
+    "SequenceDelta",
+]
+
+
+class RequestOutputKind(IntEnum):
+    """What each RequestOutput of a request holds (vLLM's values)."""
+
+    CUMULATIVE = 0  # everything generated so far, every step
+    DELTA = 1  # only what this step added
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclass(frozen=True)
@@ -67,3 +88,39 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = field(default=None, compare=False)
     num_cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SequenceDelta:
+    """What one step added to one of a request's n sequences.
+
+    Tokens, text and logprobs only grow: concatenating a sequence's deltas gives its
+    whole output (text held back while it may still become a stop string arrives in a
+    later delta, or never when the stop string is cut).
+    """
+
+    index: int  # 0..n-1
+    token_ids: list[int]  # generated since the previous delta (usually one)
+    text: str  # text that follows what earlier deltas carried ("" while held back)
+    logprobs: SampleLogprobs | None  # one entry per new token when logprobs were asked
+    cumulative_logprob: float | None  # over all tokens so far, when logprobs were asked
+    finish_reason: str | None  # None while running; "stop", "length" or "abort"
+    stop_reason: int | str | None  # the stop string or stop token id that ended it
+
+
+@dataclass(frozen=True)
+class RequestDelta:
+    """One request's progress in one engine step: only the sequences that changed."""
+
+    request_id: str
+    num_sequences: int  # the request's n
+    sequences: list[SequenceDelta]  # those of the n that changed, by index
+    finished: bool  # every sequence has finished; this is the request's last delta
+    output_kind: RequestOutputKind  # the request's SamplingParams.output_kind
+    prompt: str | None  # the prompt text, when the request came as text
+    prompt_token_ids: list[int]  # the engine's own list: read it, do not change it
+    # Sent once, in the first delta after the prompt's logprobs are all computed:
+    # one entry per prompt token, entry 0 None.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+    metrics: RequestMetrics  # the engine's record of this request, updated in place

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from kvrun.errors import KvrunError
+from kvrun.outputs import RequestOutputKind
 
 __all__ = ["SAMPLING_EPS", "LogitsProcessor", "SamplingParams", "SamplingType"]
 
@@ -152,6 +153,8 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens; -1: model max
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    # What each RequestOutput holds: all so far, only the new part, or only the final one.
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # 2 or 3 per logits processor, found once here rather than on every step.
     processor_arities: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
 
@@ -196,6 +199,10 @@ class SamplingParams:
             if not allowed:
                 raise _error("allowed_token_ids", allowed, "a non-empty list of token ids or None")
             put("allowed_token_ids", allowed)
+        kinds = ", ".join(f"RequestOutputKind.{k.name} ({k.value})" for k in RequestOutputKind)
+        if not _is_int(self.output_kind) or self.output_kind not in set(RequestOutputKind):
+            raise _error("output_kind", self.output_kind, kinds)
+        put("output_kind", RequestOutputKind(self.output_kind))
         if self.stop and not self.detokenize:
             raise _error("detokenize", False, "True when stop strings are given")
         processors = self.logits_processors

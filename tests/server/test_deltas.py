@@ -1,58 +1,65 @@
-"""Cumulative engine outputs travel as deltas and are rebuilt exactly on the other side."""
+"""Engine deltas cross the wire unchanged and are summed back into whole requests."""
 
 from __future__ import annotations
 
 import msgspec
 
-from kvrun.outputs import CompletionOutput, Logprob, RequestOutput
-from kvrun.server.deltas import DeltaEncoder, RequestState
+from kvrun.outputs import Logprob, RequestDelta, RequestMetrics, RequestOutputKind, SequenceDelta
+from kvrun.server.deltas import RequestState, to_wire
 from kvrun.server.wire import EngineMessage, LogprobEntry, Outputs, Stats, engine_decoder
 
 
-def _out(
+def _delta(
     text: str,
     ids: list[int],
     *,
     finish: str | None = None,
     logprobs: list[dict[int, Logprob]] | None = None,
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None,
-) -> RequestOutput:
-    seq = CompletionOutput(0, text, ids, None, logprobs, finish, None)
-    return RequestOutput("r", None, [5, 6], prompt_logprobs, [seq], finish is not None)
+) -> RequestDelta:
+    seq = SequenceDelta(0, ids, text, logprobs, None, finish, None)
+    return RequestDelta(
+        request_id="r",
+        num_sequences=1,
+        sequences=[seq],
+        finished=finish is not None,
+        output_kind=RequestOutputKind.CUMULATIVE,
+        prompt=None,
+        prompt_token_ids=[5, 6],
+        prompt_logprobs=prompt_logprobs,
+        num_cached_tokens=0,
+        metrics=RequestMetrics(arrival_time=0.0),
+    )
 
 
 def _roundtrip(msg: EngineMessage) -> EngineMessage:
     return engine_decoder().decode(msgspec.msgpack.encode(msg))
 
 
-def test_text_grows_then_a_stop_string_is_cut() -> None:
-    enc = DeltaEncoder()
+def test_text_and_tokens_are_summed_in_order() -> None:
     state = RequestState(1)
     steps = [
-        _out("Hel", [1]),
-        _out("Hello wo", [1, 2, 3]),
-        _out("Hello wor", [1, 2, 3, 4]),
-        _out("Hello ", [1, 2, 3, 4], finish="stop"),  # "wor" + "ld" hit stop="world"
+        _delta("Hel", [1]),
+        _delta("lo wo", [2, 3]),
+        _delta("", [4]),
+        _delta("", [], finish="stop"),
     ]
-    seen = []
-    for out in steps:
-        delta = enc.encode(out)
-        seen.append((delta.completions[0].text_keep, delta.completions[0].text_tail))
-        state.apply(_roundtrip(Outputs([delta], [], Stats(0, 0, 0, 0, 0, 0, 0, 0), 0)).deltas[0])  # type: ignore[union-attr]
-        assert state.sequences[0].text == out.outputs[0].text
-        assert state.sequences[0].token_ids == out.outputs[0].token_ids
-    assert seen == [(0, "Hel"), (3, "lo wo"), (8, "r"), (6, "")]
+    for delta in steps:
+        msg = _roundtrip(Outputs([to_wire(delta)], [], Stats(0, 0, 0, 0, 0, 0, 0, 0), 0))
+        state.apply(msg.deltas[0])  # type: ignore[union-attr]
+    assert state.sequences[0].text == "Hello wo"
+    assert state.sequences[0].token_ids == [1, 2, 3, 4]
     assert state.sequences[0].finish_reason == "stop"
 
 
 def test_multibyte_text_and_logprobs() -> None:
-    enc = DeltaEncoder()
     state = RequestState(1)
     lp = [{7: Logprob(-0.5, 1, "é"), 8: Logprob(-1.5, 2, "e")}, {9: Logprob(-0.1, 1, "漢")}]
     prompt_lp: list[dict[int, Logprob] | None] = [None, {6: Logprob(-2.0, 3, "x")}]
-    state.apply(enc.encode(_out("é", [7], logprobs=lp[:1], prompt_logprobs=prompt_lp)))
-    second = enc.encode(_out("é漢", [7, 9], logprobs=lp, prompt_logprobs=prompt_lp))
-    assert second.prompt_logprobs is None  # sent once
+    first = to_wire(_delta("é", [7], logprobs=lp[:1], prompt_logprobs=prompt_lp))
+    state.apply(first)
+    second = to_wire(_delta("漢", [9], logprobs=lp[1:]))
+    assert second.prompt_logprobs is None  # the engine sends them once
     state.apply(second)
     seq = state.sequences[0]
     assert seq.text == "é漢"
@@ -61,13 +68,3 @@ def test_multibyte_text_and_logprobs() -> None:
         [LogprobEntry(9, -0.1, 1, "漢")],
     ]
     assert state.prompt_logprobs == [None, [LogprobEntry(6, -2.0, 3, "x")]]
-
-
-def test_finished_requests_and_aborts_are_forgotten() -> None:
-    enc = DeltaEncoder()
-    enc.encode(_out("a", [1]))
-    enc.forget(["r"])
-    # a fresh encoder state sends the whole text again
-    assert enc.encode(_out("ab", [1, 2])).completions[0].text_tail == "ab"
-    enc.encode(_out("abc", [1, 2, 3], finish="length"))
-    assert enc.encode(_out("x", [4])).completions[0].token_tail == [4]

@@ -13,6 +13,7 @@ import torch
 
 from kvrun.config import EngineArgs
 from kvrun.engine.llm_engine import LLMEngine
+from kvrun.engine.output_accumulator import OutputAccumulator
 from kvrun.envs import read_env
 from kvrun.outputs import RequestOutput
 from kvrun.sampling_params import SamplingParams
@@ -40,10 +41,13 @@ def run_all(
     finished: dict[str, RequestOutput] = {}
     ids = [engine.new_request_id() for _ in prompts]
 
+    accumulator = OutputAccumulator()
+
     def drain() -> None:
         while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
+            for delta in engine.step():
+                out = accumulator.add(delta)
+                if out is not None and out.finished:
                     finished[out.request_id] = out
 
     for rid, prompt, p in zip(ids, prompts, plist):

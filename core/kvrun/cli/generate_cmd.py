@@ -40,12 +40,10 @@ def run(args: argparse.Namespace, env: Any) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p
     )
     engine.add_request("generate", prompt, params)
-    shown = 0
     while engine.has_unfinished_requests():
-        for output in engine.step():
-            text = output.outputs[0].text
-            sys.stdout.write(text[shown:])
+        for delta in engine.step():
+            for seq in delta.sequences:
+                sys.stdout.write(seq.text)
             sys.stdout.flush()
-            shown = len(text)
     sys.stdout.write("\n")
     return 0

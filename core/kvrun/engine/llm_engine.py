@@ -24,7 +24,7 @@ from kvrun.engine.sequence import ParentRequest, SequenceState, make_detokenizer
 from kvrun.engine.setup import build_engine_parts
 from kvrun.envs import EnvSnapshot
 from kvrun.errors import RequestError
-from kvrun.outputs import RequestMetrics, RequestOutput
+from kvrun.outputs import RequestDelta, RequestMetrics
 from kvrun.platforms import Platform
 from kvrun.sampling_params import SamplingParams
 from kvrun.scheduling.output import ScheduledChunk
@@ -155,8 +155,12 @@ class LLMEngine:
 
     # the loop ----------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduler + model step; cumulative outputs of requests that progressed."""
+    def step(self) -> list[RequestDelta]:
+        """Run one scheduler + model step; what it added to each request that progressed.
+
+        Feed the deltas to an :class:`~kvrun.engine.output_accumulator.OutputAccumulator`
+        for vLLM-shaped RequestOutputs; a request's last delta has ``finished`` set.
+        """
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
@@ -202,7 +206,7 @@ class LLMEngine:
             if parent.finished:
                 parent.metrics.finished_time = time.monotonic()
                 self._parents.pop(parent.request_id, None)
-            outputs.append(parent.output())
+            outputs.append(parent.take_delta())
         self._maybe_log_batch(len(out.chunks), out.num_batched_tokens)
         return outputs
 

@@ -10,8 +10,9 @@ from tqdm import tqdm
 
 from kvrun.config import EngineArgs
 from kvrun.engine.llm_engine import LLMEngine
+from kvrun.engine.output_accumulator import OutputAccumulator
 from kvrun.errors import KvrunError
-from kvrun.outputs import RequestOutput
+from kvrun.outputs import RequestOutput, RequestOutputKind
 from kvrun.sampling_params import SamplingParams
 from kvrun.tokenizer import Tokenizer
 
@@ -99,17 +100,26 @@ class LLM:
     ) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = []
+        # Only each request's final output is returned (as vLLM's LLM does), so the
+        # accumulator builds nothing on the steps in between.
+        final_only: dict[int, SamplingParams] = {}  # one copy per distinct params object
         for prompt, p in zip(prompts, params):
             request_id = str(self._counter)
             self._counter += 1
+            if p.output_kind is not RequestOutputKind.FINAL_ONLY:
+                if id(p) not in final_only:
+                    final_only[id(p)] = p.replace(output_kind=RequestOutputKind.FINAL_ONLY)
+                p = final_only[id(p)]
             engine.add_request(request_id, prompt, p)
             ids.append(request_id)
         finished: dict[str, RequestOutput] = {}
+        accumulator = OutputAccumulator()
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
         try:
             while engine.has_unfinished_requests():
-                for output in engine.step():
-                    if output.finished:
+                for delta in engine.step():
+                    output = accumulator.add(delta)
+                    if output is not None and output.finished:
                         finished[output.request_id] = output
                         bar.update(1)
         except BaseException:

@@ -265,7 +265,7 @@ class EngineClient:
             if stream is None:
                 continue  # aborted while this output was in flight
             if self.metrics is not None:
-                num_new = sum(len(c.token_tail) for c in delta.completions)
+                num_new = sum(len(c.token_ids) for c in delta.completions)
                 self.metrics.on_tokens(stream.times, now, num_new)
                 if delta.finished:
                     reasons = [c.finish_reason or "abort" for c in delta.completions]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvrun.errors import KvrunError, RequestError
-from kvrun.server.deltas import DeltaEncoder
+from kvrun.server.deltas import to_wire
 from kvrun.server.wire import (
     Abort,
     AddRequest,
@@ -99,7 +99,6 @@ class EngineLoop:
         self.engine = engine
         self.send = send
         self.heartbeat_s = heartbeat_s
-        self._encoder = DeltaEncoder()
         self._rejected: list[Rejected] = []
 
     def handle(self, msg: FrontendMessage) -> bool:
@@ -108,7 +107,6 @@ class EngineLoop:
             self._add(msg)
         elif isinstance(msg, Abort):
             self.engine.abort_request(msg.request_ids)
-            self._encoder.forget(msg.request_ids)
         elif isinstance(msg, Utility):
             self.send(self._utility(msg))
         elif isinstance(msg, Shutdown):
@@ -163,7 +161,7 @@ class EngineLoop:
             outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
             now = time.time()
             if outputs or messages or self._rejected or now - last_sent >= self.heartbeat_s:
-                deltas = [self._encoder.encode(o) for o in outputs]
+                deltas = [to_wire(o) for o in outputs]
                 rejected, self._rejected = self._rejected, []
                 self.send(Outputs(deltas, rejected, _stats(self.engine), now))
                 last_sent = now

@@ -13,7 +13,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from kvrun.server.deltas import RequestState, SequenceState
+from kvrun.server.deltas import RequestState
 from kvrun.server.engine_client import RequestStream
 from kvrun.server.errors import ApiError, EngineDeadError, error_body
 from kvrun.server.protocol import StreamOptions
@@ -120,13 +120,6 @@ class GenerationCall(ABC):
     def chunk_usage(self) -> dict[str, int] | None:
         """The usage a chunk with choices carries."""
         return self.usage() if self.continuous_usage else None
-
-    def new_text(self, seq: SequenceState, sent_chars: int) -> str:
-        """The text of ``seq`` after its first ``sent_chars`` characters."""
-        if len(seq.text) < sent_chars:
-            # Stop strings are held back by the engine, so this would be a bug there.
-            logger.warning("%s: the engine took back streamed text", self.id)
-        return seq.text[sent_chars:]
 
     @abstractmethod
     def response(self) -> dict[str, Any]:

@@ -127,7 +127,6 @@ class _Chat(GenerationCall):
         self, streams: Sequence[RequestStream], firsts: Sequence[RequestDelta]
     ) -> AsyncIterator[bytes]:
         (stream,), (first,) = streams, firsts
-        sent_chars = [0] * self.req.n
         sent_tokens = [0] * self.req.n
         try:
             for j in range(self.req.n):
@@ -141,8 +140,7 @@ class _Chat(GenerationCall):
                 for completion in delta.completions:
                     seq = self.result.sequences[completion.index]
                     j = seq.index
-                    text = self.new_text(seq, sent_chars[j])
-                    sent_chars[j] = len(seq.text)
+                    text = completion.text
                     logprobs = None
                     if len(seq.token_ids) > sent_tokens[j]:
                         logprobs = self._logprobs(seq, sent_tokens[j])

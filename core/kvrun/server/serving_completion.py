@@ -131,7 +131,6 @@ class _Completion(GenerationCall):
     async def stream(
         self, streams: Sequence[RequestStream], firsts: Sequence[RequestDelta]
     ) -> AsyncIterator[bytes]:
-        sent_chars: dict[tuple[int, int], int] = {}
         sent_tokens: dict[tuple[int, int], int] = {}
         offsets: dict[tuple[int, int], int] = {}
         num = self.req.logprobs
@@ -144,15 +143,14 @@ class _Completion(GenerationCall):
                     seq = state.sequences[completion.index]
                     key = (i, seq.index)
                     prefix, logprobs = "", None
-                    if key not in sent_chars:
-                        sent_chars[key] = sent_tokens[key] = offsets[key] = 0
+                    if key not in sent_tokens:
+                        sent_tokens[key] = offsets[key] = 0
                         if self.req.echo:
                             prefix = self.prompts[i][0]
                             if num is not None:
                                 logprobs = self._echo_logprobs(i, num)
                                 offsets[key] = sum(len(t) for t in logprobs["tokens"])
-                    text = self.new_text(seq, sent_chars[key])
-                    sent_chars[key] = len(seq.text)
+                    text = completion.text
                     new_ids = seq.token_ids[sent_tokens[key] :]
                     if num is not None and new_ids:
                         positions = (seq.logprobs or [])[sent_tokens[key] :]

@@ -4,10 +4,9 @@ Encoded as msgpack by msgspec into tagged-union Structs: a payload that is not o
 of these messages (garbage, a pickle, a message with a wrong field type) fails to
 decode and is dropped by the receiver. Nothing here is ever unpickled.
 
-Outputs travel as deltas: the engine's outputs are cumulative, so sending them
-whole every step would cost O(length^2) bytes per request. Each
-:class:`CompletionDelta` says how much of what was sent before still stands and
-what follows it, which also carries a stop string being cut off the end.
+Outputs travel as the engine makes them, as deltas: each :class:`CompletionDelta`
+carries what one step added to a sequence (text only grows: the engine holds back
+text that may still become a stop string).
 """
 
 from __future__ import annotations
@@ -162,10 +161,9 @@ class CompletionDelta(_Message, array_like=True):
     """What changed in one of a request's n sequences since the last message."""
 
     index: int
-    text_keep: int  # characters of the text sent so far that still stand
-    text_tail: str  # what follows them
-    token_tail: list[int]  # token ids generated since the last message (tokens only grow)
-    logprobs_tail: list[list[LogprobEntry]] | None  # one entry per new token, chosen first
+    text: str  # the text that follows what earlier deltas carried
+    token_ids: list[int]  # token ids generated since the last message
+    logprobs: list[list[LogprobEntry]] | None  # one entry per new token, chosen first
     cumulative_logprob: float | None
     finish_reason: str | None  # None while running; "stop", "length", "abort"
     stop_reason: int | str | None

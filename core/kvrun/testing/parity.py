@@ -24,6 +24,7 @@ from kvrun.attention.base import AttentionLayerSpec, AttentionMetadata
 from kvrun.attention.reference import ReferenceAttention
 from kvrun.config import EngineArgs, EngineConfig
 from kvrun.engine.llm_engine import LLMEngine
+from kvrun.engine.output_accumulator import OutputAccumulator
 from kvrun.envs import EnvSnapshot
 from kvrun.loader import load_checkpoint
 from kvrun.models.config import ModelConfig
@@ -247,11 +248,13 @@ def engine_greedy(
     )
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
     finished: dict[str, RequestOutput] = {}
+    accumulator = OutputAccumulator()
 
     def drain() -> None:
         while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
+            for delta in engine.step():
+                out = accumulator.add(delta)
+                if out is not None and out.finished:
                     finished[out.request_id] = out
 
     ids = [f"kit-{i}" for i in range(len(prompts))]

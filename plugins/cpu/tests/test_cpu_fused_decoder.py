@@ -141,9 +141,9 @@ def test_generation_is_the_same_with_and_without_it(
             engine.add_request(f"r{i}", [20 + i, 30, 40 + 5 * i], params)
         done: dict[str, list[int]] = {}
         while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = list(out.outputs[0].token_ids)
+            for delta in engine.step():
+                for seq in delta.sequences:
+                    done.setdefault(delta.request_id, []).extend(seq.token_ids)
         return [done[f"r{i}"] for i in range(3)]
 
     assert generate(fused=True) == generate(fused=False)

@@ -59,9 +59,9 @@ def run_one(platform: str, model: str | None, prompts: int, tokens: int) -> dict
     outputs: dict[str, list[int]] = {}
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                outputs[out.request_id] = list(out.outputs[0].token_ids)
+        for delta in engine.step():
+            for seq in delta.sequences:
+                outputs.setdefault(delta.request_id, []).extend(seq.token_ids)
     elapsed = time.perf_counter() - t0
     generated = sum(len(v) for v in outputs.values())
     return {
