@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvrun import envs
+from kvrun.env_effects import EFFECTS
 
 REGISTERED = {v.name for v in envs.VARIABLES}
 
@@ -52,7 +53,9 @@ def test_json_lists_every_variable_typed(tmp_path: Path) -> None:
             "accepted",
             "default",
             "doc",
+            "effect",
             "group",
+            "honoured",
             "name",
             "raw",
             "source",
@@ -70,6 +73,8 @@ def test_json_lists_every_variable_typed(tmp_path: Path) -> None:
         "group": "runtime",
         "accepted": "a port number (an integer from 0 to 65535)",
         "doc": "First port for internal distributed communication; more ports count up.",
+        "honoured": False,
+        "effect": EFFECTS["VLLM_PORT"].describe(),
     }
     picked = {
         name: (rows_by_name[name]["value"], rows_by_name[name]["default"])

@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from kvrun.errors import KvrunError
+from kvrun.errors import KvrunError, RequestError
 from kvrun.sampling_params import SamplingParams, SamplingType
 
 
@@ -55,7 +55,7 @@ def test_frozen_replace_and_clone() -> None:
     q = p.replace(max_tokens=4)
     assert (q.max_tokens, q.temperature, q.stop, p.max_tokens) == (4, 0.5, ["x"], 16)
     assert p.clone() == p and p.clone() is not p
-    with pytest.raises(KvrunError, match=r"^SamplingParams\.top_p=0\.0 is invalid"):
+    with pytest.raises(KvrunError, match=r"^top_p=0\.0 is invalid"):
         p.replace(top_p=0.0)
 
 
@@ -84,7 +84,7 @@ def test_processor_arity() -> None:
 
 
 def _message(field: str, value: object, accepted: str) -> str:
-    return f"SamplingParams.{field}={value!r} is invalid; accepted: {accepted}"
+    return f"{field}={value!r} is invalid; accepted: {accepted}"
 
 
 _TOKENS = "a list of token ids (non-negative ints) or None"
@@ -125,8 +125,11 @@ def _one_arg(logits: torch.Tensor) -> torch.Tensor:
         ({"logit_bias": {3: -100.5}}, _message("logit_bias", -100.5, _BIAS)),
         ({"logit_bias": {"x": 1}}, _message("logit_bias", {"x": 1}, _BIAS)),
         ({"logit_bias": [1]}, _message("logit_bias", [1], _BIAS)),
-        ({"seed": 1.0}, _message("seed", 1.0, "an int or None")),
-        ({"seed": True}, _message("seed", True, "an int or None")),
+        ({"seed": 1.0}, _message("seed", 1.0, "a 64-bit int or None")),
+        ({"seed": True}, _message("seed", True, "a 64-bit int or None")),
+        ({"seed": 2**64}, _message("seed", 2**64, "a 64-bit int or None")),
+        ({"logit_bias": {"\u00b2": 1.0}}, _message("logit_bias", {"\u00b2": 1.0}, _BIAS)),
+        ({"logit_bias": {"9" * 5000: 1.0}}, _message("logit_bias", {"9" * 5000: 1.0}, _BIAS)),
         ({"stop": ""}, _message("stop", "", _STRINGS)),
         ({"stop": ["ok", ""]}, _message("stop", ["ok", ""], _STRINGS)),
         ({"stop": 5}, _message("stop", 5, _STRINGS)),
@@ -155,10 +158,12 @@ def _one_arg(logits: torch.Tensor) -> torch.Tensor:
     ],
 )
 def test_invalid_values_name_the_field(kwargs: dict[str, object], message: str) -> None:
-    with pytest.raises(KvrunError) as info:
+    with pytest.raises(RequestError) as info:
         SamplingParams(**kwargs)  # type: ignore[arg-type]
     assert str(info.value) == message
     assert isinstance(info.value, ValueError)
+    # The one error type of request validation: it names the field for the server's 400.
+    assert info.value.param == message.split("=")[0]
 
 
 def test_boundaries_accepted() -> None:

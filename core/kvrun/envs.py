@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, cast
 
 from kvrun import env_parsers as p
+from kvrun.errors import ConfigError
 
 __all__ = [
     "GROUPS",
@@ -311,7 +312,7 @@ class EnvSnapshot:
         p.STR_LIST, [], _RUN, "Quantization kernels never to pick, by class name (testing)."
     )
     VLLM_USE_V1: bool = _var(
-        p.BOOL, False, _RUN, "Select vLLM's V1 engine code path (kvrun has one engine)."
+        p.BOOL, False, _RUN, "vLLM's V1 engine: kvrun's only one; 0 set explicitly is refused."
     )
     K_SCALE_CONSTANT: int = _var(
         p.integer(1), 200, _RUN, "Divisor for the dynamic key scale of an fp8 KV cache."
@@ -499,6 +500,12 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvSnapshot:
             values[var.name] = default
         else:
             values[var.name] = var.parser.parse(var.name, text, env)
+    if "VLLM_USE_V1" in raw and not values["VLLM_USE_V1"]:
+        raise ConfigError(
+            f"VLLM_USE_V1={raw['VLLM_USE_V1']} asks for vLLM's V0 engine, which kvrun does not "
+            "have: kvrun has one engine, shaped like vLLM's V1 (chunked prefill and prefix "
+            "caching in one scheduler); unset VLLM_USE_V1 or set it to 1"
+        )
     return EnvSnapshot(**values, _raw=raw, _defaults=defaults)
 
 

@@ -5,7 +5,7 @@ is frozen: derive a changed copy with :meth:`SamplingParams.replace` (which vali
 again) or :meth:`SamplingParams.clone`. ``__post_init__`` normalises what vLLM
 normalises (a single stop string becomes a list, ``None`` lists become empty, ``top_k``
 of -1 becomes 0, string keys of ``logit_bias`` from JSON become ints) and rejects bad
-values with a :class:`~kvrun.errors.KvrunError` naming the field, the value and what is
+values with a :class:`~kvrun.errors.RequestError` naming the field, the value and what is
 accepted.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kvrun.errors import KvrunError
+from kvrun.errors import RequestError
 from kvrun.outputs import RequestOutputKind
 
 __all__ = ["SAMPLING_EPS", "LogitsProcessor", "SamplingParams", "SamplingType"]
@@ -40,8 +40,8 @@ class SamplingType(IntEnum):
     RANDOM_SEED = 2  # draws from the request's own generator, seeded by `seed`
 
 
-def _error(name: str, value: object, accepted: str) -> KvrunError:
-    return KvrunError(f"SamplingParams.{name}={value!r} is invalid; accepted: {accepted}")
+def _error(name: str, value: object, accepted: str) -> RequestError:
+    return RequestError.invalid(name, value, accepted)
 
 
 def _is_int(value: object) -> bool:
@@ -98,8 +98,10 @@ def _logit_bias(value: object) -> dict[int, float] | None:
         raise _error("logit_bias", value, accepted)
     bias: dict[int, float] = {}
     for key, val in value.items():
-        # OpenAI clients send JSON, whose object keys are strings.
-        token = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+        # OpenAI clients send JSON, whose object keys are strings: ASCII digits only
+        # ("²".isdigit() is true) and short enough to be a token id.
+        digits = isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 12
+        token = int(key) if digits else key
         if not _is_int(token) or token < 0:
             raise _error("logit_bias", value, accepted)
         bias[token] = _float("logit_bias", val, accepted, lambda x: -100.0 <= x <= 100.0)
@@ -179,8 +181,8 @@ class SamplingParams:
         top_k = _int("top_k", self.top_k, "an int >= 1, or 0 or -1 to disable", lo=-1)
         put("top_k", max(top_k, 0))
         put("min_p", _float("min_p", self.min_p, "a float in [0, 1]", lambda x: 0 <= x <= 1))
-        if self.seed is not None and not _is_int(self.seed):
-            raise _error("seed", self.seed, "an int or None")
+        if self.seed is not None and not (_is_int(self.seed) and -(2**63) <= self.seed < 2**64):
+            raise _error("seed", self.seed, "a 64-bit int or None")
         put("stop", _strings("stop", self.stop))
         put("stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids))
         put("bad_words", _strings("bad_words", self.bad_words))

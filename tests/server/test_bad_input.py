@@ -9,6 +9,8 @@ from typing import Any
 import openai
 import pytest
 
+from kvrun.errors import RequestError
+from kvrun.sampling_params import SamplingParams
 from tests.server.conftest import Server
 
 OK = {"prompt": "Hi", "max_tokens": 2}
@@ -133,6 +135,32 @@ def test_messages_name_the_field_and_what_is_accepted(server: Server) -> None:
     assert n == "n=17 is invalid; accepted: an int in [1, 16] (--max-n)"
     assert top_p == "top_p=1.5 is invalid; accepted: a float in (0, 1]"
     assert vocab == "prompt holds token id 49152, outside the vocabulary [0, 49152)"
+
+
+# (request field, value, the SamplingParams keyword the route maps it to)
+ONE_PATH = [
+    ("top_k", -5, "top_k"),
+    ("min_p", 1.5, "min_p"),
+    ("repetition_penalty", 0.0, "repetition_penalty"),
+    ("seed", 2**70, "seed"),
+    ("stop_token_ids", [49152], "stop_token_ids"),
+    ("bad_words", [""], "bad_words"),
+    ("logit_bias", {"\u00b2": 1.0}, "logit_bias"),
+    ("top_logprobs", 21, "logprobs"),
+]
+
+
+def test_the_server_and_the_offline_api_refuse_alike(server: Server) -> None:
+    # One validation path: the 400's message is what SamplingParams (and its verify)
+    # raise offline, in the route's spelling of the field.
+    for field, value, keyword in ONE_PATH:
+        body = {**CHAT, field: value, **({"logprobs": True} if field == "top_logprobs" else {})}
+        with server.http() as http:
+            error = http.post("/v1/chat/completions", json=body).json()["error"]
+        with pytest.raises(RequestError) as offline:
+            SamplingParams(**{keyword: value}).verify(49152, 20)
+        assert error["param"] == field
+        assert error["message"] == str(offline.value.renamed(field)), field
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""`kvrun env`: every variable with its value, default, source and doc.
+"""`kvrun env`: every variable with its value, default, source, doc and effect in kvrun.
 
 Imports nothing heavy (no torch, no plugin): it must answer instantly, even on a
 machine where the rest of kvrun cannot start.
@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from kvrun.env_effects import EFFECTS
 from kvrun.envs import GROUPS, VARIABLES, EnvSnapshot, EnvVar
 
 __all__ = ["add_arguments", "markdown_table", "rows", "run"]
@@ -53,6 +54,8 @@ def rows(env: EnvSnapshot) -> list[dict[str, Any]]:
                 "group": var.group,
                 "accepted": var.accepted,
                 "doc": var.doc,
+                "honoured": EFFECTS[var.name].honoured,
+                "effect": EFFECTS[var.name].describe(),
             }
         )
     return out
@@ -85,6 +88,7 @@ def _text(env: EnvSnapshot) -> str:
                 where = f"[environment; default {_show(var, env.default(var.name))}]"
             lines.append(f"  {var.name} = {_show(var, value)}  {where}")
             lines.append(f"      {var.type}: {var.doc}")
+            lines.append(f"      effect: {EFFECTS[var.name].describe()}")
         lines.append("")
     return "\n".join(lines)
 
@@ -100,12 +104,18 @@ def markdown_table() -> str:
         lines += [
             f"### {group}",
             "",
-            "| Variable | Type | Default | What it does |",
-            "|---|---|---|---|",
+            "| Variable | Type | Default | What it does | Effect in kvrun |",
+            "|---|---|---|---|---|",
         ]
         for var in VARIABLES:
             if var.group == group:
-                cells = (f"`{var.name}`", var.type, _cell(var.default_text), _cell(var.doc))
+                cells = (
+                    f"`{var.name}`",
+                    var.type,
+                    _cell(var.default_text),
+                    _cell(var.doc),
+                    _cell(EFFECTS[var.name].describe()),
+                )
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

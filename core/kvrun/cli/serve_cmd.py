@@ -93,11 +93,6 @@ def run(args: argparse.Namespace, env: Any) -> int:
         raise ConfigError("--api-key is empty; give a key, or omit it to use VLLM_API_KEY")
     if args.root_path and not args.root_path.startswith("/"):
         raise ConfigError(f"--root-path must start with '/', got {args.root_path!r}")
-    if env.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
-        logger.info(
-            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 is accepted; the LoRA routes arrive with LoRA "
-            "support, so there is nothing to update yet"
-        )
     config = ServerConfig(
         host=args.host,
         port=args.port,

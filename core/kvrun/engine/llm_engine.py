@@ -30,6 +30,7 @@ from kvrun.sampling_params import SamplingParams
 from kvrun.scheduling.output import ScheduledChunk
 from kvrun.scheduling.request import Request, RequestStatus
 from kvrun.scheduling.scheduler import Scheduler
+from kvrun.validation import check_prompt, resolve_max_tokens
 
 __all__ = ["EngineStats", "LLMEngine"]
 
@@ -54,9 +55,14 @@ class LLMEngine:
     """Synchronous engine: call :meth:`add_request`, then :meth:`step` until idle."""
 
     def __init__(
-        self, args: EngineArgs, env: EnvSnapshot, platform: Platform | None = None
+        self,
+        args: EngineArgs,
+        env: EnvSnapshot,
+        platform: Platform | None = None,
+        *,
+        entry_point: str = "offline",  # "serve" in the server's engine process
     ) -> None:
-        parts = build_engine_parts(args, env, platform)
+        parts = build_engine_parts(args, env, platform, entry_point)
         self.env = env
         self.platform = parts.platform
         self.config: EngineConfig = parts.config
@@ -88,19 +94,12 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         prompt_text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(token_ids)
-        params.verify(self.config.vocab_size, self.config.max_logprobs)
-        room = self.config.max_model_len - len(token_ids)
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if max_tokens > room:
-            raise RequestError(
-                f"This model's maximum context length is {self.config.max_model_len} tokens. "
-                f"However, you requested {len(token_ids) + max_tokens} tokens "
-                f"({len(token_ids)} in the prompt, {max_tokens} for the completion). "
-                "Please reduce the length of the prompt or max_tokens.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+        config = self.config
+        check_prompt(token_ids, vocab_size=config.vocab_size, max_model_len=config.max_model_len)
+        params.verify(config.vocab_size, config.max_logprobs)
+        max_tokens = resolve_max_tokens(
+            params.max_tokens, prompt_len=len(token_ids), max_model_len=config.max_model_len
+        )
         now = time.monotonic()
         parent = ParentRequest(
             request_id=request_id,
@@ -276,23 +275,6 @@ class LLMEngine:
         assert request is not None, seq_id
         state: SequenceState = request.payload  # type: ignore[assignment]
         return state
-
-    def _check_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise RequestError("the prompt is empty", param="prompt")
-        vocab = self.config.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestError(
-                f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt"
-            )
-        if len(token_ids) >= self.config.max_model_len:
-            raise RequestError(
-                f"This model's maximum context length is {self.config.max_model_len} tokens. "
-                f"However, the prompt has {len(token_ids)} tokens, leaving no room to generate.",
-                param="prompt",
-                code="context_length_exceeded",
-            )
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """Each bad word as token ids, alone and after a space (how it appears mid-text)."""

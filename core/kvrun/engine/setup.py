@@ -13,6 +13,7 @@ from kvrun.config import EngineArgs, EngineConfig, parse_dtype
 from kvrun.engine.compilation import CompileSettings, compile_function, compile_settings
 from kvrun.engine.model_runner import ModelRunner
 from kvrun.engine.profile_run import make_profile_run
+from kvrun.env_effects import warn_ineffective
 from kvrun.envs import EnvSnapshot
 from kvrun.errors import ConfigError
 from kvrun.loader import DEFAULT_HUB_MODEL, load_checkpoint
@@ -75,11 +76,16 @@ def resolve_max_model_len(
 
 
 def build_engine_parts(
-    args: EngineArgs, env: EnvSnapshot, platform: Platform | None = None
+    args: EngineArgs,
+    env: EnvSnapshot,
+    platform: Platform | None = None,
+    entry_point: str = "offline",
 ) -> EngineParts:
     """``platform``: one already built (the conformance kit's class-path targets, whose
-    probe refuses this machine); None selects it from ``env`` as usual."""
+    probe refuses this machine); None selects it from ``env`` as usual. ``entry_point``
+    ("offline" or "serve") decides which set variables are named as having no effect."""
     platform = platform or create_platform(env)
+    warn_ineffective(env, platform.name, entry_point, platform.honoured_variables)
     platform.setup_process()
     plugin_manager = load_general_plugins(env.VLLM_PLUGINS)
     registry = ModelRegistry()

@@ -194,6 +194,10 @@ class Platform(ABC):
     default_block_size: ClassVar[int] = 16  # tokens per KV block when the user sets none
     # KV-cache dtypes this platform stores besides the model dtype (fp8 formats).
     kv_cache_dtypes: ClassVar[tuple[torch.dtype, ...]] = ()
+    # Variables this platform acts on beyond what kvrun.env_effects.EFFECTS says (a
+    # vendor's platform that reads, say, VLLM_CPU_KVCACHE_SPACE): not named at start as
+    # having no effect here.
+    honoured_variables: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, env: EnvSnapshot) -> None:
         self.env = env

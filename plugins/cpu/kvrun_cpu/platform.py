@@ -122,14 +122,6 @@ class CpuPlatform(Platform):
         cannot be built (the reason is logged and the ops keep their torch paths)."""
         if self._native is None:
             cache_dir = Path(self.env.VLLM_CACHE_ROOT) / "kvrun_cpu"
-            for name in ("NVCC_THREADS", "VLLM_USE_PRECOMPILED"):
-                if self.env.source(name) == "environment":
-                    logger.warning(
-                        "%s has no effect on kvrun-cpu: its native kernels are C, compiled "
-                        "from source on first use (CMAKE_BUILD_TYPE, MAX_JOBS and VERBOSE "
-                        "apply)",
-                        name,
-                    )
             settings = BuildSettings.from_env(self.env)
             native, why = load_native(cache_dir, torch.get_num_threads(), settings=settings)
             if native is None:

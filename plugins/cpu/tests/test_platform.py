@@ -152,10 +152,6 @@ def test_the_install_time_variables_reach_the_native_build(
     with caplog.at_level(logging.INFO, logger="kvrun.cpu"):
         assert cpu.native_kernels() is not None
     messages = [r.getMessage() for r in caplog.records]
-    assert messages[0] == (
-        "NVCC_THREADS has no effect on kvrun-cpu: its native kernels are C, compiled from "
-        "source on first use (CMAKE_BUILD_TYPE, MAX_JOBS and VERBOSE apply)"
-    )
     built = [m for m in messages if m.startswith("native build: ")]
     assert built and all(" -O2 -g " in m for m in built)  # VERBOSE logged each command
     (lib,) = (tmp_path / "cache" / "kvrun_cpu").glob("kvrun_cpu_native_*.so")

@@ -36,52 +36,22 @@ if TYPE_CHECKING:
     from kvrun.envs import EnvSnapshot
     from kvrun.sampling.truncation import TopKTopPSampler
 
-__all__ = ["BUILD_VARIABLES", "CudaPlatform", "check_backend_dtype", "unsupported_settings"]
+__all__ = ["CudaPlatform", "check_backend_dtype", "refused_settings"]
 
 logger = logging.getLogger("kvrun.cuda")  # under "kvrun", the logger entry points configure
 
-# The install-time variables vLLM's own build reads (the seed's install-time group).
-BUILD_VARIABLES = (
-    "MAX_JOBS",
-    "NVCC_THREADS",
-    "VLLM_USE_PRECOMPILED",
-    "CMAKE_BUILD_TYPE",
-    "VERBOSE",
-)
 
-
-def unsupported_settings(env: EnvSnapshot) -> tuple[list[str], list[str]]:
-    """(errors, notes) for cuda-group variables kvrun cannot act on yet.
-
-    Only variables set in the environment are reported: a default is never news.
-    """
+def refused_settings(env: EnvSnapshot) -> list[str]:
+    """Why each cuda-group setting kvrun-cuda cannot honour is an error (not a warning:
+    it asks for kernels that would change results). Variables that merely have no effect
+    are warned about by the core (kvrun.env_effects)."""
     errors: list[str] = []
-    notes: list[str] = []
-
-    def is_set(name: str) -> bool:
-        return env.source(name) == "environment"
-
     if env.VLLM_TEST_FORCE_FP8_MARLIN:
         errors.append(
             "VLLM_TEST_FORCE_FP8_MARLIN=1 forces FP8 Marlin kernels, which kvrun-cuda does not "
             "have (no fp8 weight path yet); unset it"
         )
-    if is_set("VLLM_FLASH_ATTN_VERSION"):
-        notes.append(
-            f"VLLM_FLASH_ATTN_VERSION={env.VLLM_FLASH_ATTN_VERSION} applies to the FLASH_ATTN "
-            "backend, which kvrun-cuda does not offer; ignored"
-        )
-    for name in ("VLLM_FUSED_MOE_CHUNK_SIZE", "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON"):
-        if is_set(name):
-            notes.append(f"{name} is read but unused: kvrun has no mixture-of-experts model yet")
-    build = [name for name in BUILD_VARIABLES if is_set(name)]
-    if build:
-        notes.append(
-            f"{', '.join(build)}: build settings with nothing to build here: kvrun-cuda "
-            "installs no compiled extension; its kernels are Triton, compiled on first "
-            "launch into Triton's cache (TRITON_CACHE_DIR)"
-        )
-    return errors, notes
+    return errors
 
 
 class CudaPlatform(Platform):
@@ -202,11 +172,9 @@ class CudaPlatform(Platform):
     def check_config(self, config: EngineConfig) -> tuple[EngineConfig, list[str]]:
         config, reasons = super().check_config(config)
         check_backend_dtype(self.BACKENDS, config.attention_backend, config.dtype)
-        errors, notes = unsupported_settings(self.env)
+        errors = refused_settings(self.env)
         if errors:
             raise ConfigError("; ".join(errors))
-        for note in notes:
-            logger.warning("%s", note)
         return config, reasons
 
     # kernels --------------------------------------------------------------------

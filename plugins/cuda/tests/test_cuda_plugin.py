@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvrun.config import EngineConfig
+from kvrun.env_effects import ineffective
 from kvrun.envs import read_env
 from kvrun.errors import ConfigError
 from kvrun.ops import reference
@@ -16,7 +17,7 @@ from kvrun.platforms import Unavailable
 from kvrun.platforms.memory import device_memory_budget
 from kvrun_cuda import probe
 from kvrun_cuda.kernels import select_ops
-from kvrun_cuda.platform import CudaPlatform, unsupported_settings
+from kvrun_cuda.platform import CudaPlatform, refused_settings
 from kvrun_cuda.sampler import flashinfer_sampler
 
 HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
@@ -99,41 +100,20 @@ def test_force_fp8_marlin_is_reported_unsupported() -> None:
     )
 
 
-def test_variables_without_a_feature_yet_are_named(caplog: pytest.LogCaptureFixture) -> None:
+def test_variables_without_a_feature_yet_are_named_on_cuda() -> None:
     env = read_env(
         {
             "VLLM_FUSED_MOE_CHUNK_SIZE": "1024",
-            "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON": "0",
             "VLLM_FLASH_ATTN_VERSION": "3",
+            "MAX_JOBS": "4",
+            "VLLM_USE_TRITON_AWQ": "1",
         }
     )
-    assert unsupported_settings(env) == (
-        [],
-        [
-            "VLLM_FLASH_ATTN_VERSION=3 applies to the FLASH_ATTN backend, which kvrun-cuda "
-            "does not offer; ignored",
-            "VLLM_FUSED_MOE_CHUNK_SIZE is read but unused: kvrun has no mixture-of-experts "
-            "model yet",
-            "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON is read but unused: kvrun has no "
-            "mixture-of-experts model yet",
-        ],
-    )
-    with caplog.at_level(logging.WARNING, logger="kvrun.cuda"):
-        CudaPlatform(env).check_config(engine_config())
-    assert len(caplog.records) == 3
-    assert unsupported_settings(read_env({})) == ([], [])
-
-
-def test_build_variables_are_named_as_having_nothing_to_build() -> None:
-    env = read_env({"MAX_JOBS": "4", "CMAKE_BUILD_TYPE": "Debug", "VERBOSE": "1"})
-    assert unsupported_settings(env) == (
-        [],
-        [
-            "MAX_JOBS, CMAKE_BUILD_TYPE, VERBOSE: build settings with nothing to build here: "
-            "kvrun-cuda installs no compiled extension; its kernels are Triton, compiled on "
-            "first launch into Triton's cache (TRITON_CACHE_DIR)"
-        ],
-    )
+    assert refused_settings(env) == []
+    named = dict(ineffective(env, "cuda", "offline"))
+    assert sorted(named) == ["MAX_JOBS", "VLLM_FLASH_ATTN_VERSION", "VLLM_FUSED_MOE_CHUNK_SIZE"]
+    assert named["VLLM_FLASH_ATTN_VERSION"].startswith("kvrun-cuda has no FLASH_ATTN backend")
+    assert "kvrun-cuda's kernels are Triton" in named["MAX_JOBS"]
 
 
 def test_check_config_refuses_a_dtype_the_backend_cannot_run() -> None:

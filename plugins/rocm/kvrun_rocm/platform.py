@@ -19,10 +19,9 @@ from kvrun_cuda.fp8 import FP8_KV_DTYPE
 from kvrun_cuda.platform import CudaPlatform
 
 if TYPE_CHECKING:
-    from kvrun.config import EngineConfig
-    from kvrun.envs import EnvSnapshot
+    pass
 
-__all__ = ["ROCM_BACKENDS", "ROCM_TRITON_ATTN", "RocmPlatform", "fp8_kv_dtype", "rocm_notes"]
+__all__ = ["ROCM_BACKENDS", "ROCM_TRITON_ATTN", "RocmPlatform", "fp8_kv_dtype"]
 
 logger = logging.getLogger("kvrun.rocm")
 
@@ -50,18 +49,6 @@ def fp8_kv_dtype(arch: str) -> torch.dtype:
     return torch.float8_e4m3fnuz if arch.startswith("gfx94") else FP8_KV_DTYPE
 
 
-def rocm_notes(env: EnvSnapshot) -> list[str]:
-    """Warnings for rocm-group variables set in the environment with nothing to act on."""
-    notes = []
-    if env.source("VLLM_ROCM_FP8_PADDING") == "environment":
-        notes.append(
-            f"VLLM_ROCM_FP8_PADDING={int(env.VLLM_ROCM_FP8_PADDING)} is read but unused: kvrun "
-            "loads no fp8 weights, so there is nothing to pad (kvrun_rocm/fp8_padding.py "
-            "pads them once an fp8-weight loader exists)"
-        )
-    return notes
-
-
 class RocmPlatform(CudaPlatform):
     name = "rocm"
     # ROCm builds of torch name HIP devices "cuda" and put RCCL behind the "nccl" backend.
@@ -81,12 +68,6 @@ class RocmPlatform(CudaPlatform):
     def describe(self) -> str:
         index = torch.cuda.current_device()
         return f"rocm:{index} ({torch.cuda.get_device_name(index)}, HIP {torch.version.hip})"
-
-    def check_config(self, config: EngineConfig) -> tuple[EngineConfig, list[str]]:
-        config, reasons = super().check_config(config)
-        for note in rocm_notes(self.env):
-            logger.warning("%s", note)
-        return config, reasons
 
     def resolve_kv_cache_dtype(self, name: str, model_dtype: torch.dtype) -> torch.dtype | None:
         """As the base class, with fp8 e4m3 stored in the current device's own format."""

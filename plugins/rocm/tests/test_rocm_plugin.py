@@ -12,6 +12,7 @@ import torch
 from kvrun.attention.base import AttentionLayerSpec
 from kvrun.attention.reference import ReferenceAttention
 from kvrun.engine.model_runner import build_batch
+from kvrun.env_effects import ineffective
 from kvrun.envs import read_env
 from kvrun.errors import ConfigError
 from kvrun.platforms import Unavailable
@@ -25,7 +26,6 @@ from kvrun_rocm.platform import (
     ROCM_TRITON_ATTN,
     RocmPlatform,
     fp8_kv_dtype,
-    rocm_notes,
 )
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -199,9 +199,7 @@ def test_without_triton_flash_attn_prefill_runs_the_torch_path() -> None:
 
 
 def test_fp8_padding_set_by_hand_is_named_as_having_nothing_to_pad() -> None:
-    assert rocm_notes(read_env({})) == []  # the default (1) is no news
-    assert rocm_notes(read_env({"VLLM_ROCM_FP8_PADDING": "0"})) == [
-        "VLLM_ROCM_FP8_PADDING=0 is read but unused: kvrun loads no fp8 weights, so there "
-        "is nothing to pad (kvrun_rocm/fp8_padding.py pads them once an fp8-weight loader "
-        "exists)"
-    ]
+    assert ineffective(read_env({}), "rocm", "offline") == []  # the default (1) is no news
+    ((name, why),) = ineffective(read_env({"VLLM_ROCM_FP8_PADDING": "0"}), "rocm", "offline")
+    assert name == "VLLM_ROCM_FP8_PADDING"
+    assert why.startswith("kvrun loads no fp8 weights yet, so there is nothing to pad")

@@ -1,0 +1,249 @@
+"""What each variable does in kvrun, and where it does nothing (yet), with the reason.
+
+Every registered variable has one :class:`Effect`: what reads it, or why nothing does.
+Some act only on certain platforms (VLLM_CPU_KVCACHE_SPACE: cpu) or under certain
+entry points (VLLM_API_KEY: ``kvrun serve``). An entry point calls
+:func:`warn_ineffective` once it knows its platform: each variable the user set
+explicitly that has no effect there is named in one warning, with the reason. The
+same table gives `kvrun env` its effect column and docs/configuration.md its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from kvrun.envs import VARIABLES, EnvSnapshot
+
+__all__ = ["EFFECTS", "ENTRY_POINTS", "Effect", "ineffective", "warn_ineffective"]
+
+_logger = logging.getLogger("kvrun.envs")
+
+# "serve": kvrun serve (its frontend and engine process); "offline": LLM() and
+# `kvrun generate`; "bench": `kvrun bench serve`, the client.
+ENTRY_POINTS = ("serve", "offline", "bench")
+
+
+@dataclass(frozen=True)
+class Effect:
+    """Where a variable acts in kvrun, or why it does not."""
+
+    reads: str  # what acts on it; "" when nothing in kvrun does yet
+    why_not: str = ""  # nothing acts on it / it acts elsewhere: why (and what will)
+    platforms: tuple[str, ...] = ()  # it acts only on these platforms; () = any
+    entry_points: tuple[str, ...] = ()  # it acts only under these entry points; () = any
+
+    @property
+    def honoured(self) -> bool:
+        return bool(self.reads)
+
+    def describe(self) -> str:
+        """One phrase for `kvrun env` and the docs."""
+        if not self.honoured:
+            return f"no effect yet: {self.why_not}"
+        where = []
+        if self.platforms:
+            where.append("platform " + "/".join(self.platforms))
+        if self.entry_points:
+            where.append("kvrun " + "/".join(self.entry_points))
+        return self.reads + (f" ({', '.join(where)} only)" if where else "")
+
+    def why_not_here(self, platform: str, entry_point: str) -> str | None:
+        """None when it acts on ``platform`` under ``entry_point``; else the reason."""
+        if not self.honoured:
+            return self.why_not
+        if self.platforms and platform not in self.platforms:
+            why = self.why_not or f"only the {'/'.join(self.platforms)} platform reads it"
+            return f"the selected platform is {platform}: {why}"
+        if self.entry_points and entry_point not in self.entry_points:
+            shown = ", ".join(f"kvrun {e}" for e in self.entry_points)
+            return f"it acts only under {shown} ({self.reads}), not here ({entry_point})"
+        return None
+
+
+def _acts(
+    reads: str, *, platforms: tuple[str, ...] = (), entry: tuple[str, ...] = (), elsewhere: str = ""
+) -> Effect:
+    return Effect(reads, elsewhere, platforms, entry)
+
+
+def _none(why: str) -> Effect:
+    return Effect("", why)
+
+
+_CPU = ("cpu",)
+_GPU = ("cuda", "rocm")
+_SERVE = ("serve",)
+_DISTRIBUTED = (
+    "kvrun runs one model in one process so far; tensor, pipeline and data parallelism "
+    "and the Ray executor come with the distributed-execution issue"
+)
+_MEDIA = "kvrun takes no image, video or audio inputs yet (the multimodal issue)"
+_S3 = "kvrun loads from local paths and the Hugging Face hub; S3 comes with the model-breadth issue"
+_MOE = "no mixture-of-experts model yet (the model-breadth issue)"
+_MLA = "no multi-head latent attention model (DeepSeek-V2) yet (the model-breadth issue)"
+_BUILD = "the cpu plugin's native kernels (C, built on first use)"
+_NO_BUILD_HERE = (
+    "only kvrun-cpu compiles anything (its C kernels, on first use); kvrun-cuda's kernels "
+    "are Triton, compiled on first launch"
+)
+_NO_CUDA_BUILD = (
+    "kvrun builds no CUDA extension: kvrun-cuda's kernels are Triton, compiled on first "
+    "launch; kvrun-cpu's are C (CMAKE_BUILD_TYPE, MAX_JOBS and VERBOSE apply)"
+)
+
+EFFECTS: dict[str, Effect] = {
+    # install-time
+    "MAX_JOBS": _acts(_BUILD, platforms=_CPU, elsewhere=_NO_BUILD_HERE),
+    "NVCC_THREADS": _none(_NO_CUDA_BUILD),
+    "VLLM_USE_PRECOMPILED": _none(_NO_CUDA_BUILD),
+    "CMAKE_BUILD_TYPE": _acts(_BUILD, platforms=_CPU, elsewhere=_NO_BUILD_HERE),
+    "VERBOSE": _acts(_BUILD, platforms=_CPU, elsewhere=_NO_BUILD_HERE),
+    "VLLM_TARGET_DEVICE": _acts("platform selection"),
+    # runtime
+    "VLLM_CONFIG_ROOT": _acts("where usage-stats state lives"),
+    "VLLM_CACHE_ROOT": _acts("compile, kernel and exported-model caches; usage records"),
+    "VLLM_HOST_IP": _none(_DISTRIBUTED),
+    "VLLM_PORT": _none(
+        "it is the port of vLLM's distributed workers, and "
+        + _DISTRIBUTED
+        + "; the server's own port is --port"
+    ),
+    "VLLM_RPC_BASE_PATH": _acts("the frontend-engine IPC sockets", entry=_SERVE),
+    "VLLM_USE_MODELSCOPE": _acts("model resolution"),
+    "VLLM_RINGBUFFER_WARNING_INTERVAL": _none(
+        "kvrun's frontend and engine exchange ZeroMQ messages, not vLLM's shared-memory ring buffer"
+    ),
+    "VLLM_TEST_DYNAMO_FULLGRAPH_CAPTURE": _none(
+        "kvrun compiles each dense block on its own (enforce_eager=False), never the "
+        "whole model as one graph"
+    ),
+    "LOCAL_RANK": _acts("the GPU index", platforms=_GPU),
+    "VLLM_ENGINE_ITERATION_TIMEOUT_S": _acts("the server's engine-hang detection", entry=_SERVE),
+    "VLLM_API_KEY": _acts("the server's bearer-token check", entry=("serve", "bench")),
+    "S3_ACCESS_KEY_ID": _none(_S3),
+    "S3_SECRET_ACCESS_KEY": _none(_S3),
+    "S3_ENDPOINT_URL": _none(_S3),
+    "HF_HUB_OFFLINE": _acts("model resolution"),
+    "VLLM_USAGE_STATS_SERVER": _acts("usage stats"),
+    "VLLM_NO_USAGE_STATS": _acts("usage stats"),
+    "DO_NOT_TRACK": _acts("usage stats"),
+    "VLLM_DO_NOT_TRACK": _acts("usage stats"),
+    "VLLM_USAGE_SOURCE": _acts("usage stats"),
+    "VLLM_CONFIGURE_LOGGING": _acts("logging"),
+    "VLLM_LOGGING_CONFIG_PATH": _acts("logging"),
+    "VLLM_LOGGING_LEVEL": _acts("logging"),
+    "VLLM_LOGGING_PREFIX": _acts("logging"),
+    "VLLM_LOGITS_PROCESSOR_THREADS": _acts("the sampler's logits-processor threads"),
+    "VLLM_TRACE_FUNCTION": _acts("logging (a call trace)"),
+    "VLLM_ATTENTION_BACKEND": _acts("the attention backend choice"),
+    "VLLM_PP_LAYER_PARTITION": _none(_DISTRIBUTED),
+    "VLLM_USE_RAY_SPMD_WORKER": _none(_DISTRIBUTED),
+    "VLLM_USE_RAY_COMPILED_DAG": _none(_DISTRIBUTED),
+    "VLLM_USE_RAY_COMPILED_DAG_NCCL_CHANNEL": _none(_DISTRIBUTED),
+    "VLLM_USE_RAY_COMPILED_DAG_OVERLAP_COMM": _none(_DISTRIBUTED),
+    "VLLM_WORKER_MULTIPROC_METHOD": _none(_DISTRIBUTED),
+    "VLLM_ASSETS_CACHE": _none(_MEDIA),
+    "VLLM_IMAGE_FETCH_TIMEOUT": _none(_MEDIA),
+    "VLLM_VIDEO_FETCH_TIMEOUT": _none(_MEDIA),
+    "VLLM_AUDIO_FETCH_TIMEOUT": _none(_MEDIA),
+    "VLLM_MM_INPUT_CACHE_SIZE": _none(_MEDIA),
+    "VLLM_FUSED_MOE_CHUNK_SIZE": _none(_MOE),
+    "VLLM_NO_DEPRECATION_WARNING": _acts("logging"),
+    "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": _acts("the server's engine-death policy", entry=_SERVE),
+    "VLLM_ALLOW_LONG_MAX_MODEL_LEN": _acts("the max_model_len check"),
+    "VLLM_TEST_FORCE_LOAD_FORMAT": _none(
+        "kvrun reads each checkpoint in its one format (safetensors, GGUF, AWQ); load "
+        "formats (.bin, dummy, S3) come with the model-breadth issue"
+    ),
+    "VLLM_RPC_TIMEOUT": _acts("the server's utility calls to the engine", entry=_SERVE),
+    "VLLM_PLUGINS": _acts("plugin discovery"),
+    "VLLM_TORCH_PROFILER_DIR": _acts("start_profile()/stop_profile() and /start_profile"),
+    "VLLM_USE_TRITON_AWQ": _acts("AWQ dequantisation", platforms=_GPU),
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": _none("kvrun has no LoRA adapters yet (the LoRA issue)"),
+    "VLLM_DISABLED_KERNELS": _acts("the platform's kernel choice", platforms=_GPU),
+    "VLLM_USE_V1": _acts("1: kvrun's engine (its only one); 0 is refused"),
+    "K_SCALE_CONSTANT": _acts("fp8 KV-cache scales", platforms=_GPU),
+    "V_SCALE_CONSTANT": _acts("fp8 KV-cache scales", platforms=_GPU),
+    "VLLM_ENABLE_V1_MULTIPROCESSING": _acts("the server's engine process", entry=_SERVE),
+    "VLLM_LOG_BATCHSIZE_INTERVAL": _acts("the engine's batch log"),
+    "VLLM_DISABLE_COMPILE_CACHE": _acts("torch.compile's cache"),
+    "VLLM_SERVER_DEV_MODE": _acts("the server's development routes", entry=_SERVE),
+    "VLLM_V1_OUTPUT_PROC_CHUNK_SIZE": _acts("the server's output batching", entry=_SERVE),
+    "VLLM_MLA_DISABLE": _none(_MLA),
+    "VLLM_MLA_PERFORM_MATRIX_ABSORPTION": _none(_MLA),
+    "VLLM_MLA_DISABLE_REQUANTIZATION": _none(_MLA),
+    "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON": _none(_MOE),
+    "VLLM_RAY_PER_WORKER_GPUS": _none(_DISTRIBUTED),
+    "VLLM_RAY_BUNDLE_INDICES": _none(_DISTRIBUTED),
+    "VLLM_DP_RANK": _none(_DISTRIBUTED),
+    "VLLM_DP_SIZE": _none(_DISTRIBUTED),
+    "VLLM_DP_MASTER_IP": _none(_DISTRIBUTED),
+    "VLLM_DP_MASTER_PORT": _none(_DISTRIBUTED),
+    "VLLM_CI_USE_S3": _none(_S3),
+    # cpu
+    "VLLM_CPU_KVCACHE_SPACE": _acts("the KV-cache budget", platforms=_CPU),
+    "VLLM_CPU_OMP_THREADS_BIND": _acts("thread binding", platforms=_CPU),
+    # cuda / rocm
+    "CUDA_HOME": _acts("finding CUDA libraries", platforms=_GPU),
+    "VLLM_NCCL_SO_PATH": _acts("finding NCCL", platforms=_GPU),
+    # The dynamic linker reads it whatever the platform.
+    "LD_LIBRARY_PATH": _acts("the dynamic linker; kvrun-cuda's library search"),
+    "VLLM_FLASH_ATTN_VERSION": _none(
+        "kvrun-cuda has no FLASH_ATTN backend (its backends are TRITON_ATTN, FLASHINFER "
+        "and the reference ones)"
+    ),
+    "CUDA_VISIBLE_DEVICES": _acts("which GPUs are visible", platforms=_GPU),
+    "VLLM_USE_FLASHINFER_SAMPLER": _acts("the top-k/top-p kernel", platforms=("cuda",)),
+    "VLLM_FLASHINFER_FORCE_TENSOR_CORES": _acts("FlashInfer decode", platforms=("cuda",)),
+    "VLLM_TEST_FORCE_FP8_MARLIN": _acts("refused when 1 (no FP8 Marlin kernels)", platforms=_GPU),
+    "VLLM_SKIP_P2P_CHECK": _acts("the peer-to-peer check", platforms=_GPU),
+    "VLLM_CUDA_MEM_ALIGN_KV_CACHE": _acts("KV-cache alignment", platforms=_GPU),
+    "VLLM_CUDART_SO_PATH": _acts("finding cudart", platforms=_GPU),
+    "VLLM_USE_TRITON_FLASH_ATTN": _acts("the attention backend choice", platforms=("rocm",)),
+    "VLLM_ROCM_FP8_PADDING": _none(
+        "kvrun loads no fp8 weights yet, so there is nothing to pad "
+        "(kvrun_rocm/fp8_padding.py pads them once an fp8-weight loader exists)"
+    ),
+    # openvino
+    "VLLM_OPENVINO_DEVICE": _acts("the OpenVINO device", platforms=("openvino",)),
+    "VLLM_OPENVINO_KVCACHE_SPACE": _acts("the KV-cache budget", platforms=("openvino",)),
+    "VLLM_OPENVINO_CPU_KV_CACHE_PRECISION": _acts("the KV precision", platforms=("openvino",)),
+    "VLLM_OPENVINO_ENABLE_QUANTIZED_WEIGHTS": _acts("int8 export", platforms=("openvino",)),
+    # tpu
+    "VLLM_XLA_CACHE_PATH": _acts("the XLA compilation cache", platforms=("tpu",)),
+    "VLLM_XLA_CHECK_RECOMPILATION": _acts("the recompilation check", platforms=("tpu",)),
+    # hpu
+    "VLLM_CONTIGUOUS_PA": _acts("contiguous paged attention", platforms=("hpu",)),
+}
+
+
+def ineffective(
+    env: EnvSnapshot,
+    platform: str,
+    entry_point: str,
+    also_honoured: Collection[str] = (),
+) -> list[tuple[str, str]]:
+    """(name, why) for each variable set in the environment that does nothing here.
+
+    ``also_honoured``: names the selected platform acts on beyond this table (a
+    vendor's plugin that reads, say, VLLM_CPU_KVCACHE_SPACE).
+    """
+    assert entry_point in ENTRY_POINTS, entry_point
+    found = []
+    for var in VARIABLES:
+        if env.source(var.name) != "environment" or var.name in also_honoured:
+            continue
+        why = EFFECTS[var.name].why_not_here(platform, entry_point)
+        if why is not None:
+            found.append((var.name, why))
+    return found
+
+
+def warn_ineffective(
+    env: EnvSnapshot, platform: str, entry_point: str, also_honoured: Collection[str] = ()
+) -> None:
+    """One warning per variable set in the environment that has no effect here."""
+    for name, why in ineffective(env, platform, entry_point, also_honoured):
+        _logger.warning("%s is set but has no effect here: %s", name, why)
