@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         model = _model(Path(tmp))
-        engine = LLMEngine(
+        engine = getattr(LLMEngine, "from_args", LLMEngine)(  # before: LLMEngine(args, env)
             EngineArgs(model=str(model), dtype="float32", max_model_len=args.tokens + 64),
             read_env({"VLLM_TARGET_DEVICE": "cpu", "VLLM_CACHE_ROOT": tmp}),
         )

@@ -84,7 +84,7 @@ def test_the_engine_names_each_once_at_start(
     }
     args = EngineArgs(model=str(random_checkpoint("llama", seed=0)), max_model_len=128)
     with caplog.at_level(logging.WARNING, logger="kvrun.envs"):
-        LLMEngine(args, envs.read_env(environ), entry_point="serve")
+        LLMEngine.from_args(args, envs.read_env(environ), entry_point="serve")
     named = [r.getMessage().split(" ")[0] for r in caplog.records if r.name == "kvrun.envs"]
     assert named == ["S3_ACCESS_KEY_ID", "VLLM_MLA_DISABLE"]
     assert "secret" not in caplog.text

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from kvrun.config import EngineArgs
+from kvrun.engine.builder import build_engine_parts
 from kvrun.engine.llm_engine import LLMEngine
-from kvrun.engine.setup import build_engine_parts
 from kvrun.envs import read_env
 from kvrun.errors import ConfigError
 from kvrun.sampling import Sampler, SamplingRow, build_sampling_metadata, make_generator
@@ -62,7 +62,9 @@ def model_dir(random_checkpoint: Callable[..., Path]) -> Path:
 
 def fixture_engine(model_dir: Path, device: str, **kwargs: Any) -> LLMEngine:
     environ = {**os.environ, "VLLM_TARGET_DEVICE": device}
-    return LLMEngine(EngineArgs(model=str(model_dir), **{**ENGINE_KW, **kwargs}), read_env(environ))
+    return LLMEngine.from_args(
+        EngineArgs(model=str(model_dir), **{**ENGINE_KW, **kwargs}), read_env(environ)
+    )
 
 
 def bytes_per_block(model_dir: Path, block_size: int, elem: int) -> int:

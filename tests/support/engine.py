@@ -26,7 +26,7 @@ def make_engine(
     """An engine on the cpu platform; ``env`` adds variables to the real environment."""
     environ = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", **(env or {})}
     kwargs.setdefault("dtype", "float32")
-    return LLMEngine(EngineArgs(model=str(model), **kwargs), read_env(environ))
+    return LLMEngine.from_args(EngineArgs(model=str(model), **kwargs), read_env(environ))
 
 
 def run_all(

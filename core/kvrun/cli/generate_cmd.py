@@ -30,7 +30,7 @@ def run(args: argparse.Namespace, env: Any) -> int:
     from kvrun.engine.llm_engine import LLMEngine
     from kvrun.sampling_params import SamplingParams
 
-    engine = LLMEngine(EngineArgs.from_cli_args(args), env)
+    engine = LLMEngine.from_args(EngineArgs.from_cli_args(args), env)
     tokenizer = engine.tokenizer
     prompt: str | list[int] = args.prompt
     if args.chat and tokenizer.chat_template is not None:

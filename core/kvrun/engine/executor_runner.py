@@ -1,9 +1,9 @@
-"""One model step through a platform's whole-model executor (OpenVINO, XLA, ...).
+"""The step runner over a platform's whole-model executor (OpenVINO, XLA, ...).
 
 The executor replaces the core model and attention but not the batching: the same
-flat batch :func:`kvrun.engine.model_runner.build_batch` builds for the core model is
-handed over, and this module only decides which rows need logits and splits them
-back into sampling rows and whole-chunk prompt logits.
+flat batch :func:`kvrun.engine.batch.build_batch` builds for the core model is handed
+over, and this module only decides which rows need logits and splits them back into
+sampling rows and whole-chunk prompt logits.
 """
 
 from __future__ import annotations
@@ -12,27 +12,29 @@ from collections.abc import Sequence
 
 import torch
 
-from kvrun.engine.model_runner import StepLogits, build_batch
+from kvrun.engine.batch import StepLogits, build_batch, logits_rows
 from kvrun.platforms.base import ModelExecutor
 from kvrun.scheduling.output import ScheduledChunk
 
-__all__ = ["execute_with_executor", "logits_rows"]
+__all__ = ["ExecutorRunner", "execute_with_executor"]
 
 
-def logits_rows(
-    sample_indices: list[int], chunk_bounds: list[tuple[int, int]]
-) -> tuple[list[int], list[tuple[int, int]]]:
-    """All flat rows that need logits: the sampling rows, then each prompt chunk's rows.
+class ExecutorRunner:
+    """A :class:`~kvrun.engine.step_runner.StepRunner` over a ModelExecutor whose KV
+    cache is already initialised (``init_kv_cache`` ran)."""
 
-    ``chunk_bounds`` holds the [start, end) token rows of each chunk that wants prompt
-    logits. Returns the rows and, per such chunk, its [start, end) in the result.
-    """
-    rows = list(sample_indices)
-    spans: list[tuple[int, int]] = []
-    for start, end in chunk_bounds:
-        spans.append((len(rows), len(rows) + end - start))
-        rows.extend(range(start, end))
-    return rows, spans
+    def __init__(self, executor: ModelExecutor, device: torch.device) -> None:
+        self.executor = executor
+        self.block_size = executor.block_size
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(
+        self, chunks: Sequence[ScheduledChunk], prompt_logits_for: frozenset[str] = frozenset()
+    ) -> StepLogits:
+        return execute_with_executor(
+            self.executor, chunks, prompt_logits_for, self.block_size, self.device
+        )
 
 
 def execute_with_executor(

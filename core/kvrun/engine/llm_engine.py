@@ -3,8 +3,10 @@
 One :meth:`LLMEngine.step` schedules a batch (prefill chunks and decodes under
 one token budget), runs the model on the selected platform, samples a token for
 each request that reached the end of its known tokens, and lets the scheduler
-append tokens, apply stops and free blocks. Everything device-specific comes
-from the platform built in :mod:`kvrun.engine.setup`.
+append tokens, apply stops and free blocks. Everything device-specific is behind the
+step runner (:class:`~kvrun.engine.step_runner.StepRunner`) and the platform that
+:mod:`kvrun.engine.builder` built; the loop itself runs on any runner, a fake one in
+its own tests included.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from kvrun.config import EngineArgs, EngineConfig
-from kvrun.engine.model_runner import ModelRunner
+from kvrun.engine.builder import EngineParts, build_engine_parts
 from kvrun.engine.sampling_step import SamplingStep
 from kvrun.engine.sequence import ParentRequest, SequenceState, make_detokenizer
-from kvrun.engine.setup import build_engine_parts
+from kvrun.engine.step_runner import StepRunner
 from kvrun.envs import EnvSnapshot
 from kvrun.errors import RequestError
 from kvrun.outputs import RequestDelta, RequestMetrics
@@ -52,23 +54,19 @@ class EngineStats:
 
 
 class LLMEngine:
-    """Synchronous engine: call :meth:`add_request`, then :meth:`step` until idle."""
+    """Synchronous engine: call :meth:`add_request`, then :meth:`step` until idle.
 
-    def __init__(
-        self,
-        args: EngineArgs,
-        env: EnvSnapshot,
-        platform: Platform | None = None,
-        *,
-        entry_point: str = "offline",  # "serve" in the server's engine process
-    ) -> None:
-        parts = build_engine_parts(args, env, platform, entry_point)
+    Built from its parts (:class:`~kvrun.engine.builder.EngineParts`), each complete;
+    :meth:`from_args` resolves the configuration and builds them.
+    """
+
+    def __init__(self, parts: EngineParts, env: EnvSnapshot) -> None:
         self.env = env
         self.platform = parts.platform
         self.config: EngineConfig = parts.config
         self.tokenizer = parts.tokenizer
         self.scheduler: Scheduler = parts.scheduler
-        self.runner: ModelRunner = parts.runner
+        self.runner: StepRunner = parts.runner
         self.sampling = SamplingStep(
             self.platform.device,
             logits_processor_threads=env.VLLM_LOGITS_PROCESSOR_THREADS or 0,
@@ -79,6 +77,19 @@ class LLMEngine:
         self._generation_tokens_total = 0
         self._last_batch_log = time.monotonic()
         self._profiler: object | None = None
+
+    @classmethod
+    def from_args(
+        cls,
+        args: EngineArgs,
+        env: EnvSnapshot,
+        platform: Platform | None = None,
+        *,
+        entry_point: str = "offline",  # "serve" in the server's engine process
+    ) -> LLMEngine:
+        """Resolve the configuration once and build the engine (``platform``: one already
+        built, else selected from ``env``)."""
+        return cls(build_engine_parts(args, env, platform, entry_point), env)
 
     # requests -----------------------------------------------------------------------
     def add_request(

@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-from kvrun.engine.model_runner import CausalLM, build_batch
+from kvrun.engine.batch import build_batch
+from kvrun.engine.step_runner import CausalLM
 from kvrun.scheduling.output import ScheduledChunk
 
 __all__ = ["dummy_chunks", "make_profile_run"]

@@ -43,7 +43,7 @@ class LLM:
         env = envs.read_env()
         configure_logging(env)
         envs.warn_unknown_variables()
-        self.llm_engine = LLMEngine(EngineArgs(model=model, **kwargs), env)
+        self.llm_engine = LLMEngine.from_args(EngineArgs(model=model, **kwargs), env)
         self._counter = 0
 
     def get_tokenizer(self) -> Tokenizer:

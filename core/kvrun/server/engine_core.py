@@ -178,7 +178,7 @@ def run_engine(
     from kvrun.engine.llm_engine import LLMEngine
 
     try:
-        engine = LLMEngine(engine_args, env, entry_point="serve")
+        engine = LLMEngine.from_args(engine_args, env, entry_point="serve")
         started = time.monotonic()
         engine.warm_up()
         logger.info("warm-up step: %.2f s", time.monotonic() - started)

@@ -231,7 +231,7 @@ def engine_greedy(
     Prompt 0 runs alone first so that prompt 1 hits its cached prefix; the rest run as
     one batch whose prefills are cut into BLOCK_SIZE-token chunks beside decodes.
     """
-    engine = LLMEngine(
+    engine = LLMEngine.from_args(
         EngineArgs(
             model=str(model_dir),
             dtype=dtype_name(dtype),

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from kvrun.config import EngineArgs
+from kvrun.engine.batch import BatchInputs, build_batch
 from kvrun.engine.llm_engine import LLMEngine
-from kvrun.engine.model_runner import BatchInputs, build_batch
 from kvrun.envs import read_env
 from kvrun.errors import KvrunError
 from kvrun.sampling_params import SamplingParams
@@ -48,7 +48,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def make_engine(model: Path, cache_root: str, **kwargs: Any) -> LLMEngine:
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CACHE_ROOT": cache_root}
     kwargs.setdefault("dtype", "float32")
-    return LLMEngine(
+    return LLMEngine.from_args(
         EngineArgs(
             model=str(model),
             num_kv_blocks=64,

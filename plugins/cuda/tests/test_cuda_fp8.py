@@ -7,7 +7,7 @@ import torch
 
 from kvrun.attention.base import AttentionLayerSpec
 from kvrun.attention.reference import ReferenceAttention
-from kvrun.engine.model_runner import build_batch
+from kvrun.engine.batch import build_batch
 from kvrun.errors import ConfigError
 from kvrun.scheduling.output import ScheduledChunk
 from kvrun_cuda.fp8 import (

@@ -11,7 +11,7 @@ import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
 from kvrun.attention.reference import ReferenceAttention
-from kvrun.engine.model_runner import build_batch
+from kvrun.engine.batch import build_batch
 from kvrun.envs import read_env
 from kvrun.platforms import KVCacheRequest
 from kvrun.scheduling.output import ScheduledChunk

@@ -25,7 +25,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (Linux only)")
 
 from kvrun.attention.base import AttentionLayerSpec, AttentionMetadata
-from kvrun.engine.model_runner import build_batch
+from kvrun.engine.batch import build_batch
 from kvrun.envs import read_env
 from kvrun.scheduling.output import ScheduledChunk
 from kvrun_cuda.backends import TRITON_FP8, refusals

@@ -7,7 +7,7 @@ import torch
 
 from kvrun.attention.base import AttentionLayerSpec, AttentionMetadata
 from kvrun.attention.reference import ReferenceAttention
-from kvrun.engine.model_runner import build_batch
+from kvrun.engine.batch import build_batch
 from kvrun.scheduling.output import ScheduledChunk
 from kvrun.testing.attention_checks import LAYER_SPECS, SCENARIOS, Scenario, check_backend
 from kvrun_hpu.attention import HpuFlatAttention, flat_paged_attention

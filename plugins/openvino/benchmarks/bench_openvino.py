@@ -48,7 +48,7 @@ def run_one(platform: str, model: str | None, prompts: int, tokens: int) -> dict
 
     env = read_env({**os.environ, "VLLM_TARGET_DEVICE": platform})
     start = time.perf_counter()
-    engine = LLMEngine(EngineArgs(model=model, dtype="float32"), env)
+    engine = LLMEngine.from_args(EngineArgs(model=model, dtype="float32"), env)
     engine.warm_up()  # first-use costs belong to start-up, as `kvrun serve` does it
     ready = time.perf_counter()
     ids = _prompt_ids(engine.tokenizer, prompts)

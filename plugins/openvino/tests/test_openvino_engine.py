@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kvrun.attention.base import AttentionMetadata
-from kvrun.engine.executor_runner import logits_rows
+from kvrun.engine.batch import logits_rows
 from kvrun.engine.llm_engine import LLMEngine
 from kvrun.sampling_params import SamplingParams
 from tests.engine.test_parity_random import MODELS, NEW_TOKENS, PROMPTS

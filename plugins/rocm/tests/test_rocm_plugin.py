@@ -11,7 +11,7 @@ import torch
 
 from kvrun.attention.base import AttentionLayerSpec
 from kvrun.attention.reference import ReferenceAttention
-from kvrun.engine.model_runner import build_batch
+from kvrun.engine.batch import build_batch
 from kvrun.env_effects import ineffective
 from kvrun.envs import read_env
 from kvrun.errors import ConfigError

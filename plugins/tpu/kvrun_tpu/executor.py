@@ -1,6 +1,6 @@
 """The tpu platform's whole-model executor: how the engine drives the XLA runner.
 
-The engine (``kvrun.engine.setup``) asks ``Platform.model_executor(config)`` for an
+The engine (``kvrun.engine.builder``) asks ``Platform.model_executor(config)`` for an
 executor and, given one, hands it each step's flat batch instead of running the core
 model itself. This executor loads the core's own model onto the XLA device and runs
 it through :class:`kvrun_tpu.runner.XlaModelRunner`, so bucketing, the padding sink

@@ -1,6 +1,6 @@
 """The XLA model runner: the core's model, one compiled graph per shape bucket.
 
-Same contract as :class:`kvrun.engine.model_runner.ModelRunner` (scheduler chunks in,
+Same contract as :class:`kvrun.engine.step_runner.StepRunner` (scheduler chunks in,
 float32 logits of the sampling rows out, on the host), but every step is padded to a
 (tokens, requests) bucket before it reaches the device, so XLA compiles at most one
 graph per bucket (two where prompt logprobs ask for every row's logits).
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from kvrun.attention.base import AttentionMetadata
-from kvrun.engine.model_runner import CausalLM, StepLogits
+from kvrun.engine.batch import StepLogits
+from kvrun.engine.step_runner import CausalLM
 from kvrun.errors import PluginError
 from kvrun.scheduling.output import ScheduledChunk
 from kvrun_tpu.attention import XlaAttentionMetadata

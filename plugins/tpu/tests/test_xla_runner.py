@@ -22,6 +22,7 @@ import torch
 from kvrun.attention.base import AttentionLayerSpec
 from kvrun.attention.reference import ReferenceAttention
 from kvrun.config import EngineConfig
+from kvrun.engine.executor_runner import ExecutorRunner
 from kvrun.engine.model_runner import ModelRunner
 from kvrun.envs import read_env
 from kvrun.errors import ConfigError, PluginError
@@ -312,8 +313,8 @@ def test_the_engine_drives_the_model_executor_with_parity(setup: Setup) -> None:
     plan = executor.init_kv_cache(NUM_BLOCKS, LIMITS.max_model_len)
     assert (plan.num_blocks, plan.layer_shape) == (NUM_BLOCKS, (NUM_BLOCKS + 1, 8, 4, 16))
     before = compile_count()
-    # The core runner as the engine builds it for an executor (kvrun.engine.setup).
-    runner = ModelRunner(None, [], BLOCK_SIZE, platform.device, executor=executor)
+    # The core runner as the engine builds it for an executor (kvrun.engine.builder).
+    runner = ExecutorRunner(executor, platform.device)
     prompts = _prompts(3, [19, 2, 40], [])
     want = greedy(setup.reference, Scheduler(LIMITS), prompts, max_tokens=5)
     got = greedy(runner, Scheduler(LIMITS), prompts, max_tokens=5)

@@ -1,4 +1,11 @@
-"""Engine start-up: platform, model, KV cache and scheduler, each choice logged with why."""
+"""Building an engine: configuration resolved once, then platform, model, KV cache, step
+runner and scheduler, each choice logged with why.
+
+:func:`resolve_engine_config` turns the user's EngineArgs, the environment snapshot,
+the platform and the checkpoint's ModelConfig into the frozen EngineConfig;
+:func:`build_engine_parts` builds everything the engine loop needs from it, every part
+complete when built (nothing is attached to a runner later).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,10 @@ import torch
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
 from kvrun.config import EngineArgs, EngineConfig, parse_dtype
 from kvrun.engine.compilation import CompileSettings, compile_function, compile_settings
+from kvrun.engine.executor_runner import ExecutorRunner
 from kvrun.engine.model_runner import ModelRunner
 from kvrun.engine.profile_run import make_profile_run
+from kvrun.engine.step_runner import CausalLM, StepRunner
 from kvrun.env_effects import warn_ineffective
 from kvrun.envs import EnvSnapshot
 from kvrun.errors import ConfigError
@@ -28,7 +37,13 @@ from kvrun.scheduling.scheduler import Scheduler, SchedulerConfig
 from kvrun.tokenizer import Tokenizer, load_tokenizer
 from kvrun.usage import record_usage
 
-__all__ = ["EngineParts", "build_engine_parts", "resolve_max_model_len"]
+__all__ = [
+    "EngineParts",
+    "ResolvedConfig",
+    "build_engine_parts",
+    "resolve_engine_config",
+    "resolve_max_model_len",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +53,28 @@ GiB = float(1 << 30)
 DEFAULT_CHUNKED_BATCH_TOKENS = 2048
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineParts:
+    """Everything the engine loop runs on; LLMEngine(parts, env) takes them as they are."""
+
     platform: Platform
     config: EngineConfig
     tokenizer: Tokenizer
     scheduler: Scheduler
-    runner: ModelRunner
+    runner: StepRunner
     # Platform.top_k_top_p_sampler(): the platform's sampling kernel for the Sampler.
     top_k_top_p: TopKTopPSampler | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """The engine's configuration and the attention backend it names, with the reasons
+    the start-up log gives for the choices that were not asked for."""
+
+    config: EngineConfig  # after the platform's check_config
+    attention: AttentionBackend
+    dtype_why: str
+    max_model_len_why: str
 
 
 def resolve_max_model_len(
@@ -75,6 +103,63 @@ def resolve_max_model_len(
     return requested, "asked for"
 
 
+def resolve_engine_config(
+    args: EngineArgs, env: EnvSnapshot, platform: Platform, model: ModelConfig, source: str
+) -> ResolvedConfig:
+    """The EngineConfig for ``model`` (loaded from ``source``) on ``platform``: every
+    default filled, every setting checked, the platform's adjustments applied."""
+    asked_dtype = parse_dtype(args.dtype)
+    dtype = asked_dtype or platform.default_dtype()
+    dtype_why = "asked for" if asked_dtype else f"dtype=auto: {platform.name}'s default here"
+    max_model_len, len_why = resolve_max_model_len(
+        args.max_model_len, model, env.VLLM_ALLOW_LONG_MAX_MODEL_LEN
+    )
+    backend_name = args.attention_backend or env.VLLM_ATTENTION_BACKEND
+    kv_cache_dtype = platform.resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
+    spec = AttentionLayerSpec(
+        num_heads=model.num_heads,
+        num_kv_heads=model.num_kv_heads,
+        head_dim=model.head_dim,
+        scale=model.head_dim**-0.5,
+        dtype=dtype,
+        kv_cache_dtype=kv_cache_dtype,
+    )
+    attention = platform.attention_backend(backend_name, spec)
+    batched_tokens = args.max_num_batched_tokens or (
+        DEFAULT_CHUNKED_BATCH_TOKENS if args.enable_chunked_prefill else max_model_len
+    )
+    if not args.enable_chunked_prefill and batched_tokens < max_model_len:
+        raise ConfigError(
+            f"max_num_batched_tokens={batched_tokens} is smaller than max_model_len="
+            f"{max_model_len}; without chunked prefill a whole prompt must fit one step"
+        )
+    config = EngineConfig(
+        model_source=source,
+        # The default model is served under its hub id, not the GGUF's install path.
+        model_name=args.served_model_name or (DEFAULT_HUB_MODEL if args.model is None else source),
+        architecture=model.architecture,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        vocab_size=model.vocab_size,
+        block_size=args.block_size or platform.default_block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        seed=args.seed,
+        max_logprobs=args.max_logprobs,
+        platform_name=platform.name,
+        attention_backend=attention.name,
+        kv_cache_dtype=kv_cache_dtype,
+        enforce_eager=args.enforce_eager,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
+    config, adjustments = platform.check_config(config)
+    for reason in adjustments:
+        logger.info("platform %s adjusted the config: %s", platform.name, reason)
+    return ResolvedConfig(config, attention, dtype_why, len_why)
+
+
 def build_engine_parts(
     args: EngineArgs,
     env: EnvSnapshot,
@@ -99,63 +184,16 @@ def build_engine_parts(
         use_modelscope=env.VLLM_USE_MODELSCOPE,
         download_dir=args.download_dir,
     )
-    source = checkpoint.source
-    model_config = ModelConfig.from_hf(checkpoint.hf_config, source)
-    model_cls = registry.resolve(model_config.architecture, source)
-    asked_dtype = parse_dtype(args.dtype)
-    dtype = asked_dtype or platform.default_dtype()
-    dtype_why = "asked for" if asked_dtype else f"dtype=auto: {platform.name}'s default here"
-    max_model_len, len_why = resolve_max_model_len(
-        args.max_model_len, model_config, env.VLLM_ALLOW_LONG_MAX_MODEL_LEN
-    )
-    backend_name = args.attention_backend or env.VLLM_ATTENTION_BACKEND
-    kv_cache_dtype = platform.resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
-    spec = AttentionLayerSpec(
-        num_heads=model_config.num_heads,
-        num_kv_heads=model_config.num_kv_heads,
-        head_dim=model_config.head_dim,
-        scale=model_config.head_dim**-0.5,
-        dtype=dtype,
-        kv_cache_dtype=kv_cache_dtype,
-    )
-    attention = platform.attention_backend(backend_name, spec)
-    batched_tokens = args.max_num_batched_tokens or (
-        DEFAULT_CHUNKED_BATCH_TOKENS if args.enable_chunked_prefill else max_model_len
-    )
-    if not args.enable_chunked_prefill and batched_tokens < max_model_len:
-        raise ConfigError(
-            f"max_num_batched_tokens={batched_tokens} is smaller than max_model_len="
-            f"{max_model_len}; without chunked prefill a whole prompt must fit one step"
-        )
-    config = EngineConfig(
-        model_source=source,
-        # The default model is served under its hub id, not the GGUF's install path.
-        model_name=args.served_model_name or (DEFAULT_HUB_MODEL if args.model is None else source),
-        architecture=model_config.architecture,
-        dtype=dtype,
-        max_model_len=max_model_len,
-        vocab_size=model_config.vocab_size,
-        block_size=args.block_size or platform.default_block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching,
-        enable_chunked_prefill=args.enable_chunked_prefill,
-        seed=args.seed,
-        max_logprobs=args.max_logprobs,
-        platform_name=platform.name,
-        attention_backend=attention.name,
-        kv_cache_dtype=kv_cache_dtype,
-        enforce_eager=args.enforce_eager,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-    )
-    config, adjustments = platform.check_config(config)
-    for reason in adjustments:
-        logger.info("platform %s adjusted the config: %s", platform.name, reason)
+    model_config = ModelConfig.from_hf(checkpoint.hf_config, checkpoint.source)
+    model_cls = registry.resolve(model_config.architecture, checkpoint.source)
+    resolved = resolve_engine_config(args, env, platform, model_config, checkpoint.source)
+    config = resolved.config
 
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(checkpoint)
-    # --- whole-model executor (issue 7): a graph compiler's executor replaces the core
-    # model and owns its KV cache; the scheduler and sampler below are the same.
+    runner: StepRunner
+    # A graph compiler's whole-model executor replaces the core model and owns its KV
+    # cache; the scheduler and sampler below are the same either way.
     executor = platform.model_executor(config)
     if executor is not None:
         if executor.block_size != config.block_size:
@@ -163,17 +201,25 @@ def build_engine_parts(
                 f"the {platform.name} executor uses KV blocks of {executor.block_size} tokens "
                 f"but the engine was configured with block_size={config.block_size}"
             )
-        plan = executor.init_kv_cache(args.num_kv_blocks, max_model_len)
-        runner = ModelRunner(None, [], config.block_size, platform.device, executor=executor)
+        plan = executor.init_kv_cache(args.num_kv_blocks, config.max_model_len)
+        runner = ExecutorRunner(executor, platform.device)
     else:
-        runner, plan = _build_core_runner(
-            platform, config, model_config, model_cls, attention, checkpoint, args.num_kv_blocks
-        )
+        model, kv_caches, plan = _load_core_model(
+            platform, config, model_config, model_cls, resolved.attention, checkpoint,
+            args.num_kv_blocks,
+        )  # fmt: skip
         if not args.enforce_eager:
-            _compile_model(runner.model, compile_settings(env))
-        runner.fused_decoder = platform.fused_decoder(runner.model, runner.kv_caches, config)
-        plan = _attach_decode_graphs(platform, runner, config, plan)
-    # --- end whole-model executor
+            _compile_model(model, compile_settings(env))
+        fused_decoder = platform.fused_decoder(model, kv_caches, config)
+        decode_graph, plan = _decode_graphs(platform, model, kv_caches, config, plan)
+        runner = ModelRunner(
+            model,
+            kv_caches,
+            config.block_size,
+            platform.device,
+            fused_decoder=fused_decoder,
+            decode_graph=decode_graph,
+        )
     config = replace(config, num_kv_blocks=plan.num_blocks, kv_cache_bytes=plan.total_bytes)
     scheduler = Scheduler(
         SchedulerConfig(
@@ -188,7 +234,7 @@ def build_engine_parts(
         # The platform may order free KV blocks (Gaudi's contiguous PA wants lowest id first).
         free_block_policy=platform.free_block_policy(config),
     )
-    _log_start(platform, config, plan, dtype_why, len_why)
+    _log_start(platform, config, plan, resolved.dtype_why, resolved.max_model_len_why)
     record_usage(
         env,
         platform=platform.name,
@@ -216,7 +262,7 @@ def _compile_model(model: Any, settings: CompileSettings) -> None:
     compile_hook(lambda fn, name: compile_function(fn, settings, name))
 
 
-def _build_core_runner(
+def _load_core_model(
     platform: Platform,
     config: EngineConfig,
     model_config: ModelConfig,
@@ -224,8 +270,8 @@ def _build_core_runner(
     attention: AttentionBackend,
     checkpoint: Checkpoint,
     num_kv_blocks: int | None,
-) -> tuple[ModelRunner, KVCachePlan]:
-    """The core model and attention over a KV cache the platform allocates."""
+) -> tuple[Any, list[torch.Tensor], KVCachePlan]:
+    """The core model with its weights, and the KV cache the platform allocates for it."""
     ops = reference_ops().with_overrides(platform.ops(), f"platform {platform.name!r}")
     model = model_cls(model_config, ops, attention, config.dtype, platform.device)
     weights = checkpoint.iter_weights(
@@ -265,13 +311,17 @@ def _build_core_runner(
     )
     plan = _plan_kv_cache(platform, kv_request, num_kv_blocks)
     kv_caches = platform.allocate_kv_cache(plan, model_config.num_layers)
-    return ModelRunner(model, kv_caches, config.block_size, platform.device), plan
+    return model, kv_caches, plan
 
 
-def _attach_decode_graphs(
-    platform: Platform, runner: ModelRunner, config: EngineConfig, plan: KVCachePlan
-) -> KVCachePlan:
-    """Give the runner the platform's decode graphs; the plan's blocks minus the reserve.
+def _decode_graphs(
+    platform: Platform,
+    model: CausalLM,
+    kv_caches: list[torch.Tensor],
+    config: EngineConfig,
+    plan: KVCachePlan,
+) -> tuple[Any, KVCachePlan]:
+    """The platform's decode graphs (or None), and the plan's blocks minus the reserve.
 
     Reserved blocks are the highest ids, so the block manager (ids 0..n-1) never hands
     them out and graph padding rows may write there.
@@ -286,17 +336,12 @@ def _attach_decode_graphs(
             f"sequence of max_model_len={config.max_model_len} needs {min_blocks}; raise the "
             "cache size (num_kv_blocks) or lower max_model_len"
         )
-    model = runner.model
-    assert model is not None
-    kv_caches = runner.kv_caches
 
     def forward(ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         return model.forward(ids, positions, kv_caches, meta)
 
-    runner.decode_graph = platform.decode_graph_runner(
-        forward, config, pad_slot=usable * config.block_size
-    )
-    return replace(plan, num_blocks=usable) if reserved else plan
+    graph = platform.decode_graph_runner(forward, config, pad_slot=usable * config.block_size)
+    return graph, (replace(plan, num_blocks=usable) if reserved else plan)
 
 
 def _plan_kv_cache(

@@ -1,0 +1,65 @@
+"""The step runner contract: what the engine loop calls to run one scheduler step.
+
+The engine loop (:class:`~kvrun.engine.llm_engine.LLMEngine`) knows nothing of models,
+devices or KV caches: it hands each step's chunks to a :class:`StepRunner` and samples
+from the logits it returns. Implementations:
+
+- :class:`~kvrun.engine.model_runner.ModelRunner`: the core model in this process over
+  the platform's attention and paged KV cache (with the platform's fused decode step or
+  captured decode graphs when it offers them);
+- :class:`~kvrun.engine.executor_runner.ExecutorRunner`: a platform's whole-model
+  executor (OpenVINO, XLA), which owns the model and its cache;
+- a runner of N workers driven over a channel (tensor/pipeline parallelism): the
+  arguments are plain data (:class:`~kvrun.scheduling.output.ScheduledChunk`
+  dataclasses and request ids) that can be broadcast as typed messages, and only the
+  sampling rows' logits come back; the KV caches stay with the workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from kvrun.attention.base import AttentionMetadata
+from kvrun.engine.batch import StepLogits
+from kvrun.scheduling.output import ScheduledChunk
+
+__all__ = ["CausalLM", "StepRunner"]
+
+
+class StepRunner(Protocol):
+    """Runs one scheduler step. Complete when constructed: weights loaded, KV cache
+    allocated, any fused or captured decode paths attached; nothing is set on it later.
+
+    Invariants:
+    - ``execute`` returns one logits row per chunk with ``samples`` set, in chunk order,
+      as float32 ``[S, vocab]``; ``request_ids[i]`` names row i's request;
+    - for each request in ``prompt_logits_for`` whose chunk runs, ``prompt_logits`` holds
+      the logits of every row of that chunk (row j predicts prompt token start + j + 1);
+    - a chunk's K/V land in the cache slots its ``block_ids`` name, so that later steps
+      (and other requests sharing those blocks through the prefix cache) read them;
+    - results do not depend on which other chunks share the step beyond float rounding
+      (greedy parity is checked against transformers in float32).
+    """
+
+    block_size: int  # tokens per KV block, as the scheduler was built with
+
+    def execute(
+        self, chunks: Sequence[ScheduledChunk], prompt_logits_for: frozenset[str] = frozenset()
+    ) -> StepLogits: ...
+
+
+class CausalLM(Protocol):
+    """A core model as the eager runner drives it."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
