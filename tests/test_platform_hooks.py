@@ -206,9 +206,9 @@ def test_a_cache_too_small_after_the_reserve_is_refused(
     with pytest.raises(ConfigError) as info:
         build_engine_parts(args, read_env({**os.environ, "VLLM_TARGET_DEVICE": "fixturehooks"}))
     assert str(info.value) == (
-        "the KV cache holds 8 blocks, 1 of them reserved by the fixturehooks platform for "
-        "decode-graph padding, leaving 7; one sequence of max_model_len=64 needs 8; raise "
-        "the cache size (num_kv_blocks) or lower max_model_len"
+        "the KV cache of 8 blocks, less the 1 the fixturehooks platform reserves for "
+        "decode-graph padding, holds 7 blocks of 8 tokens, but one sequence of "
+        "max_model_len=64 needs 8; raise the cache size (num_kv_blocks) or lower max_model_len"
     )
 
 

@@ -203,8 +203,9 @@ def run(
         ),
         (
             {"num_blocks": 15},
-            "num_blocks=15 KV blocks of block_size=4 hold 60 tokens, fewer than "
-            "max_model_len=64; give the KV cache more memory or lower max_model_len",
+            "the scheduler's KV cache (num_blocks=15) holds 15 blocks of 4 tokens, but one "
+            "sequence of max_model_len=64 needs 16; give the KV cache more memory or lower "
+            "max_model_len",
         ),
     ],
 )

@@ -197,7 +197,7 @@ def _env(mp: pytest.MonkeyPatch, **values: str) -> None:
 def test_configuration_errors_are_actionable(smollm2_hf_dir: Path, tmp_path: Path) -> None:
     with pytest.MonkeyPatch.context() as mp:
         _env(mp, VLLM_CPU_KVCACHE_SPACE="0.01")
-        with pytest.raises(ConfigError, match="max_model_len=8192 needs 512 blocks"):
+        with pytest.raises(ConfigError, match="max_model_len=8192 needs 512;"):
             LLM(model=str(smollm2_hf_dir))
     with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings=8192"):
         LLM(model=str(smollm2_hf_dir), max_model_len=10000)

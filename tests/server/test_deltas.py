@@ -5,8 +5,10 @@ from __future__ import annotations
 import msgspec
 
 from kvrun.outputs import Logprob, RequestDelta, RequestMetrics, RequestOutputKind, SequenceDelta
+from kvrun.scheduling import SchedulerStats
 from kvrun.server.deltas import RequestState, to_wire
-from kvrun.server.wire import EngineMessage, LogprobEntry, Outputs, Stats, engine_decoder
+from kvrun.server.wire import EngineMessage, LogprobEntry, Outputs, engine_decoder
+from kvrun.stats import EngineStats
 
 
 def _delta(
@@ -45,7 +47,11 @@ def test_text_and_tokens_are_summed_in_order() -> None:
         _delta("", [], finish="stop"),
     ]
     for delta in steps:
-        msg = _roundtrip(Outputs([to_wire(delta)], [], Stats(0, 0, 0, 0, 0, 0, 0, 0), 0))
+        msg = _roundtrip(
+            Outputs(
+                [to_wire(delta)], [], EngineStats(SchedulerStats(0, 0, 0.0, 0, 0, 0, 0, 0), 0, 0), 0
+            )
+        )
         state.apply(msg.deltas[0])  # type: ignore[union-attr]
     assert state.sequences[0].text == "Hello wo"
     assert state.sequences[0].token_ids == [1, 2, 3, 4]

@@ -16,11 +16,12 @@ from starlette.routing import Route
 
 from kvrun import envs
 from kvrun.cli import bench_cmd, serve_cmd
+from kvrun.scheduling import SchedulerStats
 from kvrun.server.app import build_app
 from kvrun.server.auth import OPEN_PATHS
 from kvrun.server.config import ServerConfig
 from kvrun.server.metrics import RequestTimes, ServerMetrics
-from kvrun.server.wire import Stats
+from kvrun.stats import EngineStats
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 DOC = DOC_PATH.read_text(encoding="utf-8")
@@ -47,16 +48,17 @@ def _table_rows(first_cell: str) -> list[list[str]]:
 
 def _exported_metric_names() -> list[str]:
     """Every family name in a /metrics answer once every metric has a sample."""
-    stats = Stats(
+    scheduler = SchedulerStats(
         num_running=1,
         num_waiting=2,
         kv_cache_usage=0.25,
+        num_free_blocks=6,
+        num_blocks=8,
         prefix_cache_queries=32,
         prefix_cache_hits=16,
         num_preemptions_total=1,
-        prompt_tokens_total=40,
-        generation_tokens_total=8,
     )
+    stats = EngineStats(scheduler, prompt_tokens_total=40, generation_tokens_total=8)
     metrics = ServerMetrics("m", lambda: stats)
     times = RequestTimes(arrival=0.0)
     for now in (0.5, 0.75, 1.0):  # first token, then two more: ttft, itl and tpot all observed

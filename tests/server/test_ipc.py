@@ -16,6 +16,7 @@ import zmq
 
 from kvrun.envs import read_env
 from kvrun.errors import ConfigError
+from kvrun.scheduling import SchedulerStats
 from kvrun.server.engine_core import EngineEndpoint
 from kvrun.server.ipc import IpcPaths, make_ipc_paths, remove_ipc_paths
 from kvrun.server.transport import ProcessTransport
@@ -23,10 +24,10 @@ from kvrun.server.wire import (
     Abort,
     AddRequest,
     Outputs,
-    Stats,
     Utility,
     WireSampling,
 )
+from kvrun.stats import EngineStats
 
 GARBAGE = [
     b"",
@@ -83,8 +84,8 @@ def test_base_path_too_long_for_a_socket(tmp_path: Path) -> None:
     assert list(deep.iterdir()) == []
 
 
-def _stats() -> Stats:
-    return Stats(1, 2, 0.5, 10, 4, 0, 7, 3)
+def _stats() -> EngineStats:
+    return EngineStats(SchedulerStats(1, 2, 0.5, 6, 8, 10, 4, 0), 7, 3)
 
 
 def test_messages_pass_and_garbage_is_dropped_both_ways(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from kvrun.scheduling import SchedulerStats
 from kvrun.server.metrics import RequestTimes, ServerMetrics
-from kvrun.server.wire import Stats
+from kvrun.stats import EngineStats
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -16,10 +17,10 @@ def _samples(text: str) -> dict[str, float]:
 
 
 def test_engine_stats_under_vllm_names() -> None:
-    stats: list[Stats | None] = [None]
+    stats: list[EngineStats | None] = [None]
     metrics = ServerMetrics("m", lambda: stats[0])
     assert "vllm:num_requests_running" not in metrics.render().decode()
-    stats[0] = Stats(3, 2, 0.25, 100, 40, 1, 500, 70)
+    stats[0] = EngineStats(SchedulerStats(3, 2, 0.25, 6, 8, 100, 40, 1), 500, 70)
     got = _samples(metrics.render().decode())
     assert got['vllm:num_requests_running{model_name="m"}'] == 3
     assert got['vllm:num_requests_waiting{model_name="m"}'] == 2

@@ -30,9 +30,10 @@ from kvrun.loader.checkpoint import Checkpoint
 from kvrun.models.config import ModelConfig
 from kvrun.models.registry import ModelRegistry
 from kvrun.ops import reference_ops
-from kvrun.platforms import KVCachePlan, KVCacheRequest, Platform
+from kvrun.platforms import KVCachePlan, KVCacheRequest, Platform, plan_exact_kv_blocks
 from kvrun.plugins import create_platform, load_general_plugins
 from kvrun.sampling.truncation import TopKTopPSampler
+from kvrun.scheduling.capacity import require_blocks
 from kvrun.scheduling.scheduler import Scheduler, SchedulerConfig
 from kvrun.tokenizer import Tokenizer, load_tokenizer
 from kvrun.usage import record_usage
@@ -328,14 +329,16 @@ def _decode_graphs(
     """
     reserved = platform.reserved_kv_blocks(config)
     usable = plan.num_blocks - reserved
-    min_blocks = -(-config.max_model_len // config.block_size)
-    if usable < min_blocks:
-        raise ConfigError(
-            f"the KV cache holds {plan.num_blocks} blocks, {reserved} of them reserved by the "
-            f"{platform.name} platform for decode-graph padding, leaving {usable}; one "
-            f"sequence of max_model_len={config.max_model_len} needs {min_blocks}; raise the "
-            "cache size (num_kv_blocks) or lower max_model_len"
-        )
+    require_blocks(
+        usable,
+        block_size=config.block_size,
+        max_model_len=config.max_model_len,
+        holder=(
+            f"the KV cache of {plan.num_blocks} blocks, less the {reserved} the "
+            f"{platform.name} platform reserves for decode-graph padding,"
+        ),
+        remedy="raise the cache size (num_kv_blocks) or lower max_model_len",
+    )
 
     def forward(ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         return model.forward(ids, positions, kv_caches, meta)
@@ -349,21 +352,7 @@ def _plan_kv_cache(
 ) -> KVCachePlan:
     if num_blocks is None:
         return platform.plan_kv_cache(request)
-    if num_blocks < request.min_blocks:
-        raise ConfigError(
-            f"num_kv_blocks={num_blocks} cannot hold one sequence of max_model_len="
-            f"{request.max_model_len} ({request.min_blocks} blocks of {request.block_size} "
-            "tokens); raise num_kv_blocks or lower max_model_len"
-        )
-    return KVCachePlan(
-        num_blocks=num_blocks,
-        block_size=request.block_size,
-        dtype=request.dtype,
-        layer_shape=request.layer_shape(num_blocks),
-        num_layers=request.num_layers,
-        budget_bytes=num_blocks * request.bytes_per_block,
-        reason=f"num_kv_blocks={num_blocks} asked for",
-    )
+    return plan_exact_kv_blocks(request, num_blocks, f"num_kv_blocks={num_blocks} asked for")
 
 
 def _log_start(

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -32,25 +32,12 @@ from kvrun.sampling_params import SamplingParams
 from kvrun.scheduling.output import ScheduledChunk
 from kvrun.scheduling.request import Request, RequestStatus
 from kvrun.scheduling.scheduler import Scheduler
+from kvrun.stats import EngineStats
 from kvrun.validation import check_prompt, resolve_max_tokens
 
-__all__ = ["EngineStats", "LLMEngine"]
+__all__ = ["LLMEngine"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """Counters for logs and /metrics (vLLM's metric meanings)."""
-
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # 0..1 of the KV blocks in use
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of those, tokens found
-    num_preemptions_total: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
 
 
 class LLMEngine:
@@ -246,14 +233,8 @@ class LLMEngine:
 
     # stats and control ----------------------------------------------------------------
     def stats(self) -> EngineStats:
-        s = self.scheduler.stats
         return EngineStats(
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            kv_cache_usage=s.kv_cache_usage,
-            prefix_cache_queries=s.prefix_cache_queries,
-            prefix_cache_hits=s.prefix_cache_hits,
-            num_preemptions_total=s.num_preemptions_total,
+            scheduler=self.scheduler.stats,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
         )

@@ -11,10 +11,9 @@ in the form it returns (a packed layout on the cpu plugin): the model then reads
 matrices only through ``linear`` and ``embedding``. A tied lm_head is the same
 prepared object as the embedding table.
 
-A platform's fused decoder (:meth:`kvrun.Platform.fused_decoder`) may read the
-model's layout directly; these attributes are kept for it: ``config``, ``dtype``,
-``embed``, ``layers`` (one :class:`LlamaLayer` each), ``norm``, ``lm_head``,
-``cos_sin`` and ``attention``.
+The model declares the fused-decoder layout (:mod:`kvrun.models.layout`): a platform's
+fused decoder (:meth:`kvrun.Platform.fused_decoder`) may read its weights directly,
+because its arithmetic is exactly the layout's.
 """
 
 from __future__ import annotations
@@ -22,13 +21,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionMetadata
 from kvrun.errors import ModelLoadError
 from kvrun.models.config import ModelConfig
+from kvrun.models.layout import DECODER_LAYOUT
 from kvrun.models.rope import cos_sin_cache
 from kvrun.ops import OpTable
 
@@ -56,6 +56,9 @@ class LlamaLayer:
 
 class LlamaForCausalLM:
     """A Llama-family decoder over a paged KV cache."""
+
+    # Its attributes and arithmetic are the layout kvrun.models.layout describes.
+    decoder_layout: ClassVar[str] = DECODER_LAYOUT
 
     def __init__(
         self,

@@ -7,6 +7,7 @@ from kvrun.platforms.base import (
     ModelExecutor,
     Platform,
     Unavailable,
+    plan_exact_kv_blocks,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "ModelExecutor",
     "Platform",
     "Unavailable",
+    "plan_exact_kv_blocks",
 ]

@@ -22,6 +22,7 @@ import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, AttentionMetadata
 from kvrun.errors import ConfigError, KvrunError
+from kvrun.scheduling.capacity import blocks_needed, require_blocks
 
 if TYPE_CHECKING:
     from kvrun.config import EngineConfig
@@ -37,6 +38,7 @@ __all__ = [
     "ModelExecutor",
     "Platform",
     "Unavailable",
+    "plan_exact_kv_blocks",
 ]
 
 
@@ -77,7 +79,7 @@ class KVCacheRequest:
     @property
     def min_blocks(self) -> int:
         """Blocks one sequence of max_model_len needs."""
-        return -(-self.max_model_len // self.block_size)
+        return blocks_needed(self.max_model_len, self.block_size)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,27 @@ class ModelExecutor(ABC):
         logits_indices: torch.Tensor,  # [N] int64 flat token rows that need logits
     ) -> torch.Tensor:  # [N, vocab] float32 logits
         """Run one step, writing the chunks' K/V into the cache; logits of the rows asked."""
+
+
+def plan_exact_kv_blocks(request: KVCacheRequest, num_blocks: int, why: str) -> KVCachePlan:
+    """A plan of exactly ``num_blocks`` (``num_kv_blocks`` asked for, or a vendor's
+    executor sizing its own cache), refused when it cannot hold one sequence."""
+    require_blocks(
+        num_blocks,
+        block_size=request.block_size,
+        max_model_len=request.max_model_len,
+        holder=why,
+        remedy="ask for more blocks or lower max_model_len",
+    )
+    return KVCachePlan(
+        num_blocks=num_blocks,
+        block_size=request.block_size,
+        dtype=request.dtype,
+        layer_shape=request.layer_shape(num_blocks),
+        num_layers=request.num_layers,
+        budget_bytes=num_blocks * request.bytes_per_block,
+        reason=why,
+    )
 
 
 class Platform(ABC):
@@ -323,14 +346,14 @@ class Platform(ABC):
     def plan_kv_cache(self, request: KVCacheRequest) -> KVCachePlan:
         budget, why = self.kv_cache_budget(request)
         num_blocks = budget // request.bytes_per_block
-        if num_blocks < request.min_blocks:
-            need = request.min_blocks * request.bytes_per_block
-            raise ConfigError(
-                f"the {self.name} KV-cache budget of {budget / 2**30:.3f} GiB ({why}) holds "
-                f"{num_blocks} blocks of {request.block_size} tokens, but one sequence of "
-                f"max_model_len={request.max_model_len} needs {request.min_blocks} blocks "
-                f"({need / 2**30:.3f} GiB); raise the budget or lower max_model_len"
-            )
+        need = request.min_blocks * request.bytes_per_block
+        require_blocks(
+            num_blocks,
+            block_size=request.block_size,
+            max_model_len=request.max_model_len,
+            holder=f"the {self.name} KV-cache budget of {budget / 2**30:.3f} GiB ({why})",
+            remedy=f"raise the budget (to {need / 2**30:.3f} GiB) or lower max_model_len",
+        )
         return KVCachePlan(
             num_blocks=num_blocks,
             block_size=request.block_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvrun.errors import ConfigError
+from kvrun.scheduling.capacity import require_blocks
 
 __all__ = ["SchedulerConfig"]
 
@@ -39,13 +40,13 @@ class SchedulerConfig:
                 f"max_model_len={self.max_model_len} with chunked prefill disabled; it must "
                 "be >= max_model_len, or enable chunked prefill"
             )
-        if self.num_blocks * self.block_size < self.max_model_len:
-            raise ConfigError(
-                f"num_blocks={self.num_blocks} KV blocks of block_size={self.block_size} "
-                f"hold {self.num_blocks * self.block_size} tokens, fewer than "
-                f"max_model_len={self.max_model_len}; give the KV cache more memory or "
-                "lower max_model_len"
-            )
+        require_blocks(
+            self.num_blocks,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            holder=f"the scheduler's KV cache (num_blocks={self.num_blocks})",
+            remedy="give the KV cache more memory or lower max_model_len",
+        )
 
 
 def _require_positive(name: str, value: object) -> None:

@@ -31,12 +31,12 @@ from kvrun.server.wire import (
     Ready,
     RequestDelta,
     Shutdown,
-    Stats,
     Utility,
     UtilityMethod,
     UtilityResult,
     WireSampling,
 )
+from kvrun.stats import EngineStats
 
 if TYPE_CHECKING:
     from kvrun.config import EngineArgs
@@ -92,7 +92,7 @@ class EngineClient:
             else ThreadTransport(engine_args, env)
         )
         self.info: EngineInfo | None = None
-        self.stats: Stats | None = None
+        self.stats: EngineStats | None = None
         self.metrics: ServerMetrics | None = None
         self.dead_reason: str | None = None
         self._streams: dict[str, RequestStream] = {}

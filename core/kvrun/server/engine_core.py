@@ -31,7 +31,6 @@ from kvrun.server.wire import (
     Ready,
     Rejected,
     Shutdown,
-    Stats,
     Utility,
     UtilityResult,
 )
@@ -75,20 +74,6 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
         dtype=str(config.dtype).removeprefix("torch."),
         num_kv_blocks=config.num_kv_blocks,
         block_size=config.block_size,
-    )
-
-
-def _stats(engine: LLMEngine) -> Stats:
-    s = engine.stats()
-    return Stats(
-        num_running=s.num_running,
-        num_waiting=s.num_waiting,
-        kv_cache_usage=s.kv_cache_usage,
-        prefix_cache_queries=s.prefix_cache_queries,
-        prefix_cache_hits=s.prefix_cache_hits,
-        num_preemptions_total=s.num_preemptions_total,
-        prompt_tokens_total=s.prompt_tokens_total,
-        generation_tokens_total=s.generation_tokens_total,
     )
 
 
@@ -163,7 +148,7 @@ class EngineLoop:
             if outputs or messages or self._rejected or now - last_sent >= self.heartbeat_s:
                 deltas = [to_wire(o) for o in outputs]
                 rejected, self._rejected = self._rejected, []
-                self.send(Outputs(deltas, rejected, _stats(self.engine), now))
+                self.send(Outputs(deltas, rejected, self.engine.stats(), now))
                 last_sent = now
 
 

@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from kvrun.server.wire import Stats
+from kvrun.stats import EngineStats
 
 __all__ = ["CONTENT_TYPE_LATEST", "RequestTimes", "ServerMetrics"]
 
@@ -52,7 +52,7 @@ class RequestTimes:
 
 
 class _EngineStatsCollector(Collector):
-    def __init__(self, model_name: str, stats: Callable[[], Stats | None]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
         self._model = model_name
         self._stats = stats
 
@@ -60,14 +60,15 @@ class _EngineStatsCollector(Collector):
         stats = self._stats()
         if stats is None:
             return
+        sched = stats.scheduler
         labels = ["model_name"]
         gauges = (
-            ("vllm:num_requests_running", "Requests in the running batch.", stats.num_running),
-            ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
+            ("vllm:num_requests_running", "Requests in the running batch.", sched.num_running),
+            ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", sched.num_waiting),
             (
                 "vllm:kv_cache_usage_perc",
                 "KV-cache usage: 1 means every block is in use.",
-                stats.kv_cache_usage,
+                sched.kv_cache_usage,
             ),
         )
         for name, doc, value in gauges:
@@ -77,16 +78,16 @@ class _EngineStatsCollector(Collector):
         counters = (
             ("vllm:prompt_tokens", "Prefill tokens processed.", stats.prompt_tokens_total),
             ("vllm:generation_tokens", "Generated tokens.", stats.generation_tokens_total),
-            ("vllm:num_preemptions", "Preemptions by the scheduler.", stats.num_preemptions_total),
+            ("vllm:num_preemptions", "Preemptions by the scheduler.", sched.num_preemptions_total),
             (
                 "vllm:prefix_cache_queries",
                 "Prompt tokens looked up in the prefix cache.",
-                stats.prefix_cache_queries,
+                sched.prefix_cache_queries,
             ),
             (
                 "vllm:prefix_cache_hits",
                 "Prompt tokens found in the prefix cache.",
-                stats.prefix_cache_hits,
+                sched.prefix_cache_hits,
             ),
         )
         for name, doc, value in counters:
@@ -98,7 +99,7 @@ class _EngineStatsCollector(Collector):
 class ServerMetrics:
     """The /metrics registry of one app."""
 
-    def __init__(self, model_name: str, stats: Callable[[], Stats | None]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineStatsCollector(model_name, stats))

@@ -15,6 +15,8 @@ from typing import Literal
 
 import msgspec
 
+from kvrun.stats import EngineStats
+
 __all__ = [
     "Abort",
     "AddRequest",
@@ -30,7 +32,6 @@ __all__ = [
     "Rejected",
     "RequestDelta",
     "Shutdown",
-    "Stats",
     "Utility",
     "UtilityMethod",
     "UtilityResult",
@@ -137,19 +138,6 @@ class Ready(_Message, tag="ready"):
     info: EngineInfo
 
 
-class Stats(_Message, array_like=True):
-    """The engine's counters and gauges after its latest step."""
-
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # 0..1
-    prefix_cache_queries: int  # tokens looked up, cumulative
-    prefix_cache_hits: int  # tokens found, cumulative
-    num_preemptions_total: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-
-
 class LogprobEntry(_Message, array_like=True):
     token_id: int
     logprob: float
@@ -191,7 +179,7 @@ class Rejected(_Message, array_like=True):
 class Outputs(_Message, tag="outputs"):
     deltas: list[RequestDelta]
     rejected: list[Rejected]
-    stats: Stats
+    stats: EngineStats  # the engine's own record, as it is
     sent_at: float  # time.time() on the engine side, for the frontend's latency metrics
 
 

@@ -23,6 +23,7 @@ from kvrun.errors import ConfigError
 from kvrun.loader import load_checkpoint
 from kvrun.models.config import ModelConfig
 from kvrun.platforms import KVCachePlan, ModelExecutor, Platform
+from kvrun.scheduling.capacity import blocks_needed
 from kvrun.scheduling.output import ScheduledChunk
 from kvrun.testing.op_checks import assert_close
 from kvrun.testing.parity import engine_config_for
@@ -73,7 +74,7 @@ class ExecutorCase:
 
     @property
     def min_blocks(self) -> int:
-        return -(-self.config.max_model_len // self.config.block_size)
+        return blocks_needed(self.config.max_model_len, self.config.block_size)
 
 
 def make_case(platform: Platform, model_dir: Path, dtype: torch.dtype) -> ExecutorCase | None:
@@ -168,7 +169,8 @@ def _expect_refusal(case: ExecutorCase, blocks: int | None, max_model_len: int, 
     raise AssertionError(
         f"{case.what()} init_kv_cache({blocks}, max_model_len={max_model_len}): planned "
         f"{plan.num_blocks} blocks from {has}, but one sequence needs "
-        f"{-(-max_model_len // case.config.block_size)}; it must raise kvrun.errors.ConfigError"
+        f"{blocks_needed(max_model_len, case.config.block_size)}; it must raise "
+        "kvrun.errors.ConfigError"
     )
 
 

@@ -20,11 +20,12 @@ from kvrun.engine.batch import BatchInputs, build_batch
 from kvrun.engine.llm_engine import LLMEngine
 from kvrun.envs import read_env
 from kvrun.errors import KvrunError
+from kvrun.models.layout import DECODER_LAYOUT
 from kvrun.sampling_params import SamplingParams
 from kvrun.testing.checkpoints import build_random_checkpoint
 from kvrun_cpu.native import NativeKernels
 from kvrun_cpu.native.build import find_compiler
-from kvrun_cpu.native.decoder import NativeDecoder
+from kvrun_cpu.native.decoder import NativeDecoder, unsupported_reason
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on PATH")
 
@@ -184,3 +185,29 @@ def test_the_engine_reuses_free_blocks_most_recently_freed_first(
     engine.step()
     # a held blocks 0..2 and freed them tail first; b gets them back head first.
     assert engine.scheduler.block_manager.block_table("b") == [0, 1]
+
+
+def test_the_decoder_reads_only_models_that_declare_its_layout(
+    checkpoints: dict[str, Path], shared_cache_root: str
+) -> None:
+    engine = make_engine(checkpoints["llama-d16"], shared_cache_root)
+    runner: Any = engine.runner
+    model = runner.model
+    assert unsupported_reason(model, runner.kv_caches) is None
+    assert model.decoder_layout == DECODER_LAYOUT
+
+    class Capped(type(model)):  # type: ignore[misc]
+        """A family whose arithmetic differs (say, soft-capped logits)."""
+
+        decoder_layout = "capped-v1"
+
+    model.__class__ = Capped
+    assert unsupported_reason(model, runner.kv_caches) == (
+        f"Capped does not declare kvrun's fused-decoder layout {DECODER_LAYOUT} "
+        "(it declares 'capped-v1')"
+    )
+    model.__class__ = Capped.__mro__[1]
+    del model.layers[1].qkv_bias
+    assert unsupported_reason(model, runner.kv_caches) == (
+        f"LlamaForCausalLM declares {DECODER_LAYOUT} but lacks layers[].qkv_bias"
+    )

@@ -98,8 +98,8 @@ def test_kv_cache_budget_too_small_for_one_sequence_is_refused(platform: Make) -
         platform(VLLM_CPU_KVCACHE_SPACE="0.001").plan_kv_cache(request())
     assert str(err.value) == (
         "the cpu KV-cache budget of 0.001 GiB (VLLM_CPU_KVCACHE_SPACE=0.001 GiB) holds 1 blocks "
-        "of 16 tokens, but one sequence of max_model_len=8192 needs 512 blocks (0.352 GiB); "
-        "raise the budget or lower max_model_len"
+        "of 16 tokens, but one sequence of max_model_len=8192 needs 512; raise the budget "
+        "(to 0.352 GiB) or lower max_model_len"
     )
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvrun.errors import ConfigError
 from kvrun.platforms.base import KVCachePlan, ModelExecutor
+from kvrun.scheduling.capacity import require_blocks
 
 __all__ = ["CacheInput", "OpenvinoExecutor", "paged_inputs"]
 
@@ -130,19 +130,21 @@ class OpenvinoExecutor(ModelExecutor):
         import openvino
 
         assert not self.tensors, "init_kv_cache is called once"
-        need = -(-max_model_len // self.block_size)
         budget, why = self.budget
         if num_blocks is None:
             num_blocks = budget // self.bytes_per_block
         else:
             budget, why = num_blocks * self.bytes_per_block, f"num_kv_blocks={num_blocks} asked for"
-        if num_blocks < need:
-            raise ConfigError(
-                f"the OpenVINO KV cache ({why}) holds {num_blocks} blocks of {self.block_size} "
-                f"tokens ({self.bytes_per_block} bytes each in {self.cache_type_name}), but one "
-                f"sequence of max_model_len={max_model_len} needs {need} blocks; raise "
-                "VLLM_OPENVINO_KVCACHE_SPACE or lower max_model_len"
-            )
+        require_blocks(
+            num_blocks,
+            block_size=self.block_size,
+            max_model_len=max_model_len,
+            holder=(
+                f"the OpenVINO KV cache ({why}; {self.bytes_per_block} bytes a block in "
+                f"{self.cache_type_name})"
+            ),
+            remedy="raise VLLM_OPENVINO_KVCACHE_SPACE or lower max_model_len",
+        )
         for cache in self.caches:
             tensor = openvino.Tensor(cache.element_type, [num_blocks, *cache.block_shape])
             # Bound once: a cache passed per call through infer()'s inputs is copied in,

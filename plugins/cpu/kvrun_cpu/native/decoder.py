@@ -1,13 +1,12 @@
-"""The fused native decode step: a whole Llama-family decode step in one C call.
+"""The fused native decode step: a whole decode step in one C call.
 
 Built by :meth:`kvrun_cpu.platform.CpuPlatform.fused_decoder` for float32 and bfloat16
-models on the
-``TORCH_SDPA`` cache layout, and tried by the model runner before the op-by-op forward
-for every step made of decodes only (up to ``max_num_seqs`` of them). Its hidden states
-are bit for bit those of the op-by-op native path (``csrc/decoder.c`` runs the same row
-functions). Measured against the op-by-op native path: 14-22% faster on the throughput
-workload (64 decodes a step, BENCHMARKS.md), where the matmuls already dominate; at one
-token a step 25.4 against 32.4 ms (before the weights were packed).
+models that declare kvrun's decoder layout (:mod:`kvrun.models.layout`, which says
+exactly what arithmetic ``csrc/decoder.c`` implements) on the ``TORCH_SDPA`` cache
+layout, and tried by the model runner before the op-by-op forward for every step made
+of decodes only (up to ``max_num_seqs`` of them). Its hidden states are bit for bit
+those of the op-by-op native path (``csrc/decoder.c`` runs the same row functions).
+Its speed against the op-by-op path is in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -72,11 +71,12 @@ class _Model(ctypes.Structure):
 
 def unsupported_reason(model: Any, kv_caches: list[torch.Tensor]) -> str | None:
     """Why this model cannot run fused (None: it can)."""
-    from kvrun.models.llama import LlamaForCausalLM
+    from kvrun.models.layout import layout_mismatch
     from kvrun_cpu.attention.sdpa import TorchSdpaAttention
 
-    if not isinstance(model, LlamaForCausalLM):
-        return f"{type(model).__name__} is not a Llama-family model"
+    mismatch = layout_mismatch(model)  # the decoder reads the model as that layout
+    if mismatch is not None:
+        return mismatch
     dtype = model.dtype
     if dtype not in _DTYPES:
         return f"the model runs in {str(dtype).removeprefix('torch.')}, not float32 or bfloat16"
