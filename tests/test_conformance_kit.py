@@ -181,3 +181,22 @@ def test_the_walk_through_shows_the_fixture_files_byte_for_byte() -> None:
     }
     for path, text in shown.items():
         assert text == (repo / path).read_text(encoding="utf-8"), f"{path} differs from the doc"
+
+
+def test_a_whole_model_executor_passes_the_kv_plan_checks(
+    vendor_site: Path, tmp_path: Path
+) -> None:
+    # The acmegraph executor sizes an explicit cache with kvrun.platforms.plan_exact_kv_blocks.
+    result = run_kit(vendor_site, tmp_path, "--kvrun-platform=acmegraph", "-k", "test_kv_")
+    assert result.returncode == 0, result.stdout[-6000:]
+    got = outcomes(result)
+    assert sorted(got) == sorted(
+        f"test_{name}[{d}]"
+        for name in (
+            "kv_plan_within_budget",
+            "kv_refuses_budget_below_one_sequence",
+            "kv_allocation_matches_plan",
+        )
+        for d in ("float32", "bfloat16")
+    )
+    assert set(got.values()) == {"PASSED"}

@@ -541,9 +541,9 @@ def warn_unknown_variables(environ: Mapping[str, str] | None = None) -> None:
 # Library variables kvrun's own processes (the `kvrun` command and the engine process
 # it spawns) get when the user has not set them. OpenMP reads them when torch loads,
 # so they are applied before anything imports torch. PASSIVE: an OpenMP thread that
-# finishes early sleeps instead of spinning; with the default spinning, a small
-# matmul stalled ~16 ms whenever another process (the HTTP frontend, a second job)
-# held one of the cores (NOTES.md, BENCHMARKS.md).
+# finishes early sleeps instead of spinning; with the default spinning, small matmuls
+# stall whenever another process (the HTTP frontend, a second job) holds one of the
+# cores (NOTES.md has the measurements).
 PROCESS_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 

@@ -2,9 +2,9 @@
 
 ``enforce_eager=False`` compiles each model's dense (non-attention) block once with
 dynamic shapes; attention stays eager because the platforms' paged kernels are
-opaque to the compiler. Measured on the 2-core CPU this project targets, compiling
-costs about a minute at start-up and gains nothing at batch sizes up to 64
-(BENCHMARKS.md), which is why eager stays the default there.
+opaque to the compiler. On the CPUs this project targets compiling costs start-up
+time and gains nothing measurable (BENCHMARKS.md), which is why eager stays the
+default there.
 
 Inductor keeps its artefacts in ``$VLLM_CACHE_ROOT/torch_compile_cache`` so a
 second start reuses them; ``VLLM_DISABLE_COMPILE_CACHE=1`` makes every start

@@ -217,8 +217,8 @@ class LLMEngine:
         scheduler, its prefix cache and the counters are not touched, and the platform
         discards what its backends calibrated on the dummy tokens
         (:meth:`~kvrun.platforms.Platform.discard_calibration`). On the cpu plugin this
-        moves ~1 s of page faults (the cache is zeroed lazily by the OS) from the
-        server's first request to its start-up (BENCHMARKS.md).
+        moves the page faults of the lazily zeroed cache from the server's first request
+        to its start-up (NOTES.md).
         """
         assert not self._parents, "warm_up() runs before any request is added"
         block_size = self.config.block_size

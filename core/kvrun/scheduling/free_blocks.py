@@ -140,7 +140,7 @@ class MostRecentlyFreedFirst(FreeBlockPolicy):
 
     For a cache in host memory: that block's pages were written recently, so they are
     mapped and likely still in the CPU caches, where a never-used block first costs a
-    page fault per page (about 10 us per 4 KiB measured in this project's VM). Only clean
+    page fault per page (NOTES.md: first touch of the KV cache). Only clean
     blocks are ordered: prefix-cached blocks keep the block manager's LRU eviction.
     """
 

@@ -97,8 +97,8 @@ class ConformanceSuite:
     def kvrun_one_cpu_thread(cls) -> Iterator[None]:
         """Run the kit with one intra-op CPU thread, then restore the count.
 
-        Its shapes are tiny: threads only wait on each other, and on a busy machine
-        that costs ~1 ms per op (a scenario measured 0.02 s on one thread, 1-3 s on two).
+        Its shapes are tiny: threads only wait on each other, which on a busy machine
+        costs far more than the ops themselves.
         """
         before = torch.get_num_threads()
         torch.set_num_threads(1)

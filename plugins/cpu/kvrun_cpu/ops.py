@@ -50,14 +50,9 @@ def _rowwise(x: torch.Tensor) -> bool:
 def prepare_linear(
     weight: torch.Tensor, native: NativeKernels | None = None
 ) -> torch.Tensor | PackedWeight:  # [N, K] -> what linear and embedding read
-    """float32 and bfloat16 matrices packed into the native kernels' 16-row panels;
-    others as they are.
-
-    Measured on the AVX-512 CPU of BENCHMARKS.md, 2 threads, SmolLM2's 30 layers of
-    projections (bench_ops.py): the packed kernels reach 14 GFLOP/s at one row (oneDNN
-    8, oneDNN with its own prepacked weights 10), 100 at 8 rows (46 / 61) and 184 at 64
-    (106 / 151).
-    """
+    """float32 and bfloat16 matrices packed into the native kernels' 16-row panels
+    (faster than oneDNN's at every batch size measured: the cpu README); others as they
+    are."""
     if native is None or weight.dtype not in _NATIVE_DTYPES or weight.dim() != 2:
         return weight
     return native.pack(weight)

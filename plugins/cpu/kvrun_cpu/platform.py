@@ -41,14 +41,12 @@ class CpuPlatform(Platform):
     device_type = "cpu"
     dist_backend = "gloo"
     priority = 0
-    # dtype="auto" is float32. bf16 needs the native kernels' AVX512-BF16 build to pay
-    # (torch's bf16 matmuls run 10-50x slower on AVX2 CPUs); there it measured 1.4x
-    # float32 end to end (BENCHMARKS.md), but its prefill attention (torch SDPA) rounds
-    # differently when a prompt arrives in other chunks (a prefix-cache hit, the token
-    # budget): logprobs moved by up to 0.05 between a whole and a 16-token-chunked
-    # prefill (float32: 3e-6), enough to change seeded samples between two identical
-    # requests (tests/server/test_generation.py::test_chat_n_and_seed). float32 keeps greedy
-    # output equal to transformers' and seeds reproducible; bf16 is `dtype="bfloat16"`.
+    # dtype="auto" is float32. bf16 is faster only with the native kernels' AVX512-BF16
+    # build (BENCHMARKS.md), and its prefill attention (torch SDPA) rounds differently
+    # when a prompt arrives in other chunks (a prefix-cache hit, the token budget),
+    # enough to change seeded samples between two identical requests (NOTES.md).
+    # float32 keeps greedy output equal to transformers' and seeds reproducible; bf16
+    # is `dtype="bfloat16"`.
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (
         torch.float32,
         torch.bfloat16,
@@ -136,7 +134,7 @@ class CpuPlatform(Platform):
         """Zeroed caches whose pages the OS supplies on first touch.
 
         numpy's zeros come from calloc, so a 4 GiB cache costs nothing until blocks are
-        used, where torch.zeros writes every page up front (13 s for 4 GiB measured here).
+        used, where torch.zeros writes every page up front (NOTES.md: first touch).
         """
         nbytes = plan.total_bytes // plan.num_layers
         return [
@@ -148,8 +146,7 @@ class CpuPlatform(Platform):
 
     def free_block_policy(self, config: EngineConfig) -> FreeBlockPolicy | None:
         """The block freed last first: its pages are mapped and warm, where a block never
-        used yet costs the first-touch page faults the calloc'd cache defers (the throughput
-        workload measured 6% of its time in them with FIFO)."""
+        used yet costs the first-touch page faults the calloc'd cache defers (NOTES.md)."""
         return MostRecentlyFreedFirst()
 
     def kv_cache_budget(self, request: KVCacheRequest) -> tuple[int, str]:
