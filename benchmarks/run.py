@@ -293,7 +293,29 @@ def main(argv: list[str] | None = None) -> int:
         help="run every peer with this interpreter instead of its venv (a machine with one "
         "environment, such as the borrowed GPU machine)",
     )
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="a checkout of kvrun to measure as the peer kvrun-base (before/after a change, "
+        "in the same run): `git worktree add /tmp/base COMMIT`",
+    )
     args = parser.parse_args(argv)
+    if args.base is not None:
+        base = Path(args.base).resolve()
+        commit = subprocess.run(
+            ["git", "-C", str(base), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        PEERS["kvrun-base"] = Peer(
+            "kvrun-base",
+            "kvrun",
+            "kvrun_runner.py",
+            "hf",
+            note=f"kvrun at {commit} (the code before the change)",
+            env={"PYTHONPATH": f"{base / 'core'}:{base / 'plugins' / 'cpu'}"},
+        )
 
     workloads = [w for w in args.workload.split(",") if w]
     peers = [p for p in args.peers.split(",") if p]

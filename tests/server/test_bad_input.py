@@ -4,6 +4,7 @@ a request running beside it."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import openai
@@ -181,6 +182,45 @@ def test_malformed_bodies(server: Server, raw: bytes, message: str) -> None:
     error = answer.json()["error"]
     assert error["message"].startswith(message)
     assert (error["type"], error["param"], error["code"]) == ("BadRequestError", None, 400)
+
+
+HOSTILE = [
+    (b'{"prompt": ' + b"[" * 2000 + b"]" * 2000 + b"}", "the request body nests JSON"),
+    (b'{"prompt": "Hi", "max_tokens": ' + b"9" * 5000 + b"}", "the request body holds a value"),
+    (b'{"prompt": "a\\ud800b", "messages": [{"role": "user", "content": "\\ud800"}]}', ""),
+]
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
+@pytest.mark.parametrize(("raw", "message"), HOSTILE)
+def test_hostile_bodies_get_a_400_and_the_connection_lives(
+    server: Server, route: str, raw: bytes, message: str
+) -> None:
+    with server.http() as http:
+        answer = http.post(route, content=raw, headers={"content-type": "application/json"})
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["message"].startswith(message or "the request body holds a string that")
+        # The same keep-alive connection still answers.
+        assert http.get("/health").status_code == 200
+
+
+def test_a_huge_n_is_refused_at_once_before_any_work(server: Server) -> None:
+    with server.http() as http:
+        for n in (10**9, 2**63):
+            start = time.monotonic()
+            error = http.post("/v1/completions", json={**OK, "n": n}).json()["error"]
+            assert time.monotonic() - start < 1.0
+            assert (error["param"], error["message"]) == (
+                "n",
+                f"n={n} is invalid; accepted: an int in [1, 16] (--max-n)",
+            )
+        many = http.post("/v1/completions", json={**OK, "prompt": ["Hi"] * 1000, "n": 16})
+        assert many.json()["error"]["message"] == (
+            "1000 prompts x n=16 is 16000 sequences; accepted: at most 256 in one request "
+            "(--max-sequences-per-request)"
+        )
+        assert http.post("/v1/completions", json=OK).status_code == 200
 
 
 def test_over_long_header(server: Server) -> None:

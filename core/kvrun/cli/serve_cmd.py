@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     server.add_argument("--max-n", type=int, default=16, help="cap on n per request")
     server.add_argument(
+        "--max-sequences-per-request",
+        type=int,
+        default=256,
+        help="cap on prompts x n in one request",
+    )
+    server.add_argument(
         "--max-stop-strings", type=int, default=16, help="cap on stop strings per request"
     )
     server.add_argument(
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace, env: Any) -> int:
         raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     for name in (
         "max_n",
+        "max_sequences_per_request",
         "max_stop_strings",
         "max_stop_string_chars",
         "max_header_bytes",
@@ -101,6 +108,7 @@ def run(args: argparse.Namespace, env: Any) -> int:
         shutdown_timeout=args.shutdown_timeout,
         limits=ServerLimits(
             max_n=args.max_n,
+            max_sequences=args.max_sequences_per_request,
             max_stop_strings=args.max_stop_strings,
             max_stop_string_chars=args.max_stop_string_chars,
         ),

@@ -26,6 +26,7 @@ __all__ = [
     "ServerLimits",
     "api_error",
     "build_sampling",
+    "check_caps",
     "check_prompt",
     "resolve_max_tokens",
 ]
@@ -36,6 +37,7 @@ class ServerLimits:
     """Per-request caps the server enforces (--max-n, --max-stop-strings, ...)."""
 
     max_n: int = 16  # sequences per prompt
+    max_sequences: int = 256  # prompts x n in one request
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
 
@@ -86,10 +88,22 @@ def resolve_max_tokens(
         raise api_error(exc) from None
 
 
-def _check_caps(req: CompletionRequest | ChatCompletionRequest, limits: ServerLimits) -> None:
-    """The server's own caps: how much one request may ask of it."""
+def check_caps(
+    req: CompletionRequest | ChatCompletionRequest, limits: ServerLimits, num_prompts: int = 1
+) -> None:
+    """The server's own caps, how much one request may ask of it: checked first, before
+    anything is tokenized, rendered or built per sequence."""
     if not 1 <= req.n <= limits.max_n:
         raise _cap("n", req.n, f"an int in [1, {limits.max_n}] (--max-n)")
+    if num_prompts * req.n > limits.max_sequences:
+        raise api_error(
+            RequestError(
+                f"{num_prompts} prompts x n={req.n} is {num_prompts * req.n} sequences; "
+                f"accepted: at most {limits.max_sequences} in one request "
+                "(--max-sequences-per-request)",
+                param="n",
+            )
+        )
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     if len(stops) > limits.max_stop_strings:
         raise _cap(
@@ -117,7 +131,7 @@ def build_sampling(
 ) -> WireSampling:
     """The request's sampling fields, checked as the engine will check them; unset ones
     keep SamplingParams' defaults."""
-    _check_caps(req, limits)
+    check_caps(req, limits)
     fields: dict[str, object] = {
         "n": req.n,
         "max_tokens": max_tokens,

@@ -141,8 +141,24 @@ def parse_body(body: bytes, model: type[M]) -> M:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(f"the request body is not valid JSON: {exc}", 400) from None
+    except RecursionError:
+        raise ApiError(
+            "the request body nests JSON arrays or objects too deeply; accepted: JSON a few "
+            "hundred levels deep at most",
+            400,
+        ) from None
+    except ValueError as exc:  # an integer beyond Python's digit limit
+        raise ApiError(f"the request body holds a value that cannot be read: {exc}", 400) from None
     if not isinstance(data, dict):
         raise ApiError(f"the request body must be a JSON object, got {type(data).__name__}", 400)
+    try:  # JSON's \ud800-style escapes can spell lone surrogates, which are not text
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(
+            f"the request body holds a string that is not valid Unicode ({exc.reason}: "
+            f"{exc.object[exc.start : exc.end]!r}); accepted: text without lone surrogates",
+            400,
+        ) from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:

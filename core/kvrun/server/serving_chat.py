@@ -15,7 +15,13 @@ from kvrun.server.deltas import SequenceState
 from kvrun.server.engine_client import RequestStream
 from kvrun.server.errors import ApiError, EngineDeadError
 from kvrun.server.logprobs import chat_logprobs
-from kvrun.server.params import SamplingChoice, build_sampling, check_prompt, resolve_max_tokens
+from kvrun.server.params import (
+    SamplingChoice,
+    build_sampling,
+    check_caps,
+    check_prompt,
+    resolve_max_tokens,
+)
 from kvrun.server.protocol import ChatCompletionRequest, ChatMessage, parse_body
 from kvrun.server.serving_base import GenerationCall, stream_error
 from kvrun.server.state import ServerState
@@ -188,6 +194,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     req = parse_body(await request.body(), ChatCompletionRequest)
     state.check_model(req.model)
     _check_unsupported(req)
+    check_caps(req, state.config.limits)  # before the template renders
     state.check_alive()
     text = await render_messages(
         state,

@@ -16,6 +16,7 @@ from kvrun.server.logprobs import completion_logprobs
 from kvrun.server.params import (
     SamplingChoice,
     build_sampling,
+    check_caps,
     check_prompt,
     resolve_max_tokens,
 )
@@ -194,6 +195,10 @@ async def create_completion(state: ServerState, request: Request) -> Response:
             400,
             param="best_of",
         )
+    # Caps before anything is tokenized or built per sequence (n=10^9 must cost nothing).
+    prompt = req.prompt
+    single = isinstance(prompt, str) or (bool(prompt) and all(isinstance(p, int) for p in prompt))
+    check_caps(req, state.config.limits, 1 if single else len(prompt))
     state.check_alive()
     work = _Completion(state, req)
     return await work.answer(request, work.samplings, req.stream)
