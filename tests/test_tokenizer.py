@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,11 @@ from kvrun.tokenizer import (
     ChatTemplateError,
     IncrementalDetokenizer,
     Tokenizer,
+    chat_template,
     load_tokenizer,
     load_tokenizer_from_dir,
 )
+from kvrun.tokenizer.core import COMPILED_TEMPLATES
 from tests.support.checkpoints import cached_build
 
 TEXTS = [
@@ -244,6 +247,49 @@ def test_template_syntax_error(dir_pair: tuple[Tokenizer, Any]) -> None:
         ours.apply_chat_template([], chat_template="{% for m in messages %}")
     assert str(info.value).startswith(
         "the chat template does not compile: Unexpected end of template"
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "the chat template took longer than 0.3 s to render",
+        ),
+        ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "the chat template rendered"),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "the chat template recursed"),
+        ("{{ 1 / 0 }}", "the chat template failed to render: ZeroDivisionError"),
+    ],
+)
+def test_every_render_is_bounded(
+    dir_pair: tuple[Tokenizer, Any], monkeypatch: pytest.MonkeyPatch, template: str, message: str
+) -> None:
+    ours, _ = dir_pair
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.3)
+    monkeypatch.setattr(chat_template, "RENDER_CHARS", 1_000_000)
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError) as info:
+        ours.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template)
+    assert str(info.value).startswith(message)
+    assert time.monotonic() - start < 5
+    # The model's own template still renders: the bound is per render.
+    assert ours.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_compiled_templates_are_a_bounded_lru(dir_pair: tuple[Tokenizer, Any]) -> None:
+    ours, _ = dir_pair
+    first = "{{ 'first' }}"
+    ours.apply_chat_template([], chat_template=first)
+    for i in range(COMPILED_TEMPLATES + 8):
+        ours.apply_chat_template([], chat_template=f"{{{{ {i} }}}}")
+        ours.apply_chat_template([], chat_template=first)  # kept in use: never evicted
+    kept = list(ours._compiled)
+    assert len(kept) == COMPILED_TEMPLATES
+    assert (
+        kept[-1] == first
+        and "{{ 0 }}" not in kept
+        and f"{{{{ {COMPILED_TEMPLATES + 7} }}}}" in kept
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -251,14 +252,54 @@ def test_unknown_route_and_method(server: Server) -> None:
     assert method.json()["error"]["message"] == "method GET is not allowed on /v1/completions"
 
 
-def test_request_chat_template_runs_sandboxed(server: Server) -> None:
-    template = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+def test_request_chat_templates_are_refused_unless_trusted(server: Server) -> None:
+    refusals = [
+        ("/v1/chat/completions", {**CHAT, "chat_template": "{{1}}"}),
+        ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"chat_template": "{{1}}"}}),
+        ("/tokenize", {"messages": MESSAGES, "chat_template": "{{1}}"}),
+    ]
     with server.http() as http:
-        answer = http.post("/v1/chat/completions", json={**CHAT, "chat_template": template})
-    assert answer.status_code == 400
-    error = answer.json()["error"]
-    assert error["param"] == "chat_template"
-    assert "unsafe" in error["message"]
+        for route, body in refusals:
+            error = http.post(route, json=body).json()["error"]
+            assert error["param"] == "chat_template", route
+            assert error["message"].startswith("chat_template in a request is refused")
+            assert "--trust-request-chat-template" in error["message"]
+        # The render's own argument names are not template variables.
+        error = http.post(
+            "/v1/chat/completions", json={**CHAT, "chat_template_kwargs": {"self": 1}}
+        ).json()["error"]
+        assert error == {
+            "message": "chat_template_kwargs may not set self; use the request fields",
+            "type": "BadRequestError",
+            "param": "chat_template_kwargs",
+            "code": 400,
+        }
+
+
+def test_a_trusted_request_template_runs_sandboxed_and_bounded(
+    spawn: Callable[..., Server],
+) -> None:
+    srv = spawn(args=["--trust-request-chat-template"])
+    slow = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    big = "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"
+    cases = [
+        ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "the chat template tried an unsafe"),
+        (slow, "the chat template took longer than 5 s to render"),
+        (big, "the chat template rendered more than 16777216 characters"),
+        ("{{ 1/0 }}", "the chat template failed to render: ZeroDivisionError"),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "the chat template recursed"),
+    ]
+    with srv.http() as http:
+        for template, message in cases:
+            start = time.monotonic()
+            answer = http.post("/v1/chat/completions", json={**CHAT, "chat_template": template})
+            assert time.monotonic() - start < 15
+            error = answer.json()["error"]
+            assert (answer.status_code, error["param"]) == (400, "chat_template"), template
+            assert error["message"].startswith(message), error["message"]
+        fine = {**CHAT, "chat_template": "{{ messages[0]['content'] }}"}
+        assert http.post("/v1/chat/completions", json=fine).status_code == 200
+        assert http.get("/health").status_code == 200
 
 
 def test_openai_client_raises_with_the_envelope(server: Server, model_name: str) -> None:

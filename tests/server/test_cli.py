@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,33 @@ def test_serve_option_errors(args: list[str], message: str) -> None:
     done = _kvrun("serve", *args)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == message
+
+
+def test_an_empty_vllm_api_key_is_refused_not_run_open() -> None:
+    done = _kvrun("serve", env={"VLLM_API_KEY": ""})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "kvrun: error: VLLM_API_KEY is set but empty, which would start the server without "
+        "authentication; give a key, or unset VLLM_API_KEY to run without one"
+    )
+
+
+def test_a_port_in_use_fails_before_the_model_loads() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        done = _kvrun("serve", "--port", str(port))
+        elapsed = time.monotonic() - start
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"kvrun: error: cannot listen on 127.0.0.1:{port}: Address already in use")
+    )
+    assert "platform:" not in done.stderr  # the engine never started
+    assert elapsed < 30  # the interpreter's start-up and imports, no model load
 
 
 def test_serve_with_a_missing_rpc_base_path(tmp_path: Path) -> None:

@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["critical", "error", "warning", "info", "debug", "trace"],
     )
     server.add_argument("--disable-uvicorn-access-log", action="store_true")
+    server.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="render chat templates that requests send (refused by default)",
+    )
     from kvrun.config import EngineArgs
 
     EngineArgs.add_cli_args(parser)
@@ -98,6 +103,12 @@ def run(args: argparse.Namespace, env: Any) -> int:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.api_key == "":
         raise ConfigError("--api-key is empty; give a key, or omit it to use VLLM_API_KEY")
+    raw_key = env.raw("VLLM_API_KEY")  # an empty value reads as unset: look at the raw one
+    if args.api_key is None and raw_key is not None and not raw_key.strip():
+        raise ConfigError(
+            "VLLM_API_KEY is set but empty, which would start the server without "
+            "authentication; give a key, or unset VLLM_API_KEY to run without one"
+        )
     if args.root_path and not args.root_path.startswith("/"):
         raise ConfigError(f"--root-path must start with '/', got {args.root_path!r}")
     config = ServerConfig(
@@ -117,6 +128,7 @@ def run(args: argparse.Namespace, env: Any) -> int:
         dev_mode=env.VLLM_SERVER_DEV_MODE,
         profiler_dir=env.VLLM_TORCH_PROFILER_DIR,
         allow_runtime_lora_updating=env.VLLM_ALLOW_RUNTIME_LORA_UPDATING,
+        trust_request_chat_template=args.trust_request_chat_template,
         keep_alive_on_engine_death=env.VLLM_KEEP_ALIVE_ON_ENGINE_DEATH,
         uvicorn_log_level=args.uvicorn_log_level,
         access_log=not args.disable_uvicorn_access_log,

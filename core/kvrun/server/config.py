@@ -22,6 +22,8 @@ class ServerConfig:
     dev_mode: bool = False  # VLLM_SERVER_DEV_MODE: adds /reset_prefix_cache
     profiler_dir: str | None = None  # VLLM_TORCH_PROFILER_DIR: adds /start_profile, /stop_profile
     allow_runtime_lora_updating: bool = False  # accepted; LoRA routes come with LoRA support
+    # --trust-request-chat-template: render templates clients send (else a 400)
+    trust_request_chat_template: bool = False
     keep_alive_on_engine_death: bool = False  # VLLM_KEEP_ALIVE_ON_ENGINE_DEATH
     uvicorn_log_level: str = "warning"
     access_log: bool = False

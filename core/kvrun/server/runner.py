@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 import uvicorn
 
+from kvrun.errors import ConfigError
 from kvrun.server.app import attach_state, build_app
 from kvrun.server.config import ServerConfig
 from kvrun.server.engine_client import EngineClient
@@ -68,7 +70,9 @@ def _load_tokenizer(engine_args: EngineArgs, env: EnvSnapshot) -> Tokenizer:
     return load_tokenizer(checkpoint)
 
 
-async def _serve(engine_args: EngineArgs, config: ServerConfig, env: EnvSnapshot) -> int:
+async def _serve(
+    engine_args: EngineArgs, config: ServerConfig, env: EnvSnapshot, sock: socket.socket
+) -> int:
     exit_status = 0
     server: _Server | None = None
 
@@ -122,7 +126,7 @@ async def _serve(engine_args: EngineArgs, config: ServerConfig, env: EnvSnapshot
             config.root_path,
             "required" if config.api_key else "not required",
         )
-        await server.serve()
+        await server.serve(sockets=[sock])
         if client.dead_reason is not None and not config.keep_alive_on_engine_death:
             exit_status = 1
         return exit_status
@@ -136,5 +140,29 @@ async def _serve(engine_args: EngineArgs, config: ServerConfig, env: EnvSnapshot
 
 
 def run_server(engine_args: EngineArgs, config: ServerConfig, env: EnvSnapshot) -> int:
-    """Serve until stopped; the process exit status (0 after SIGTERM, 1 after engine death)."""
-    return asyncio.run(_serve(engine_args, config, env))
+    """Serve until stopped; the process exit status (0 after SIGTERM, 1 after engine death).
+
+    The listening socket is bound first, so a port in use fails at once, before the
+    model loads."""
+    sock = bind_listening_socket(config.host, config.port)
+    try:
+        return asyncio.run(_serve(engine_args, config, env, sock))
+    finally:
+        sock.close()
+
+
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port); ConfigError naming the address when it cannot."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Not SO_REUSEPORT: a port another server listens on must stay an error.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; another process may be "
+            "using the port: choose another with --port"
+        ) from None
+    return sock

@@ -31,8 +31,17 @@ from kvrun.server.wire import RequestDelta
 __all__ = ["create_chat_completion", "render_messages"]
 
 # Names the renderer passes itself; chat_template_kwargs may not override them.
+# Names chat_template_kwargs may not set: the render's own arguments.
 _RESERVED_TEMPLATE_NAMES = frozenset(
-    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message"}
+    {
+        "messages",
+        "tools",
+        "documents",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+        "self",
+    }
 )
 
 
@@ -69,6 +78,15 @@ async def render_messages(
     """The prompt text; a template runs in the tokenizer's Jinja sandbox, in a worker
     thread so a slow one does not stall other requests."""
     kwargs = dict(chat_template_kwargs or {})
+    asked = chat_template is not None or "chat_template" in kwargs
+    if asked and not state.config.trust_request_chat_template:
+        raise ApiError(
+            "chat_template in a request is refused: this server renders only the model's own "
+            "chat template; start it with --trust-request-chat-template to accept templates "
+            "from requests",
+            400,
+            param="chat_template",
+        )
     clash = sorted(_RESERVED_TEMPLATE_NAMES & kwargs.keys())
     if clash:
         raise ApiError(

@@ -8,11 +8,18 @@ object with dangerous methods reaches the template. The helpers templates expect
 (``raise_exception``, ``strftime_now``, the ``tojson`` filter without HTML
 escaping, ``{% generation %}`` blocks, loop controls) match transformers', so the
 same template renders the same text.
+
+Every render is bounded (:data:`RENDER_SECONDS`, :data:`RENDER_CHARS`): the output is
+produced piece by piece and the clock is checked after each piece and on every call
+the template makes, so a template that loops for ever or grows without end fails with
+a ChatTemplateError instead of holding a server thread.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, NoReturn
@@ -27,7 +34,21 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from kvrun.errors import KvrunError
 
-__all__ = ["ChatTemplateError", "compile_chat_template", "render_chat_template"]
+__all__ = [
+    "RENDER_CHARS",
+    "RENDER_SECONDS",
+    "ChatTemplateError",
+    "compile_chat_template",
+    "render_chat_template",
+]
+
+# One render's bounds: far beyond any real template's (milliseconds, a prompt's size).
+RENDER_SECONDS = 5.0
+RENDER_CHARS = 16 << 20
+# The running render's deadline (time.monotonic), seen by the sandbox's call hook.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "kvrun_template_deadline", default=None
+)
 
 # Appended to the final message when continuing it, then cut off the rendered text.
 _CONTINUE_TAG = "KVRUN_CONTINUE_FINAL_MESSAGE_TAG "
@@ -101,9 +122,26 @@ def _make_dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
     return dict(*args, **kwargs)
 
 
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, checking the render's deadline on every call it makes."""
+
+    def call(self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_deadline()
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _check_deadline() -> None:
+    deadline = _DEADLINE.get()
+    if deadline is not None and time.monotonic() > deadline:
+        raise ChatTemplateError(
+            f"the chat template took longer than {RENDER_SECONDS:g} s to render; accepted: "
+            "templates that render within that bound"
+        )
+
+
 def compile_chat_template(source: str) -> jinja2.Template:
     """Compile ``source`` in a fresh sandbox with transformers' template helpers."""
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedSandbox(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[_GenerationBlock, jinja2.ext.loopcontrols],
@@ -191,20 +229,30 @@ def render_chat_template(
         final = chat[-1]["content"]
         chat[-1]["content"] = final + _CONTINUE_TAG
     context = {k: _plain(v) for k, v in (variables or {}).items()}
+    token = _DEADLINE.set(time.monotonic() + RENDER_SECONDS)
     try:
-        text = template.render(
-            **context,
-            messages=chat,
-            tools=_plain(list(tools)) if tools is not None else None,
-            documents=_plain(list(documents)) if documents is not None else None,
-            add_generation_prompt=add_generation_prompt,
+        text = _bounded_render(
+            template,
+            {
+                **context,
+                "messages": chat,
+                "tools": _plain(list(tools)) if tools is not None else None,
+                "documents": _plain(list(documents)) if documents is not None else None,
+                "add_generation_prompt": add_generation_prompt,
+            },
         )
+    except ChatTemplateError:
+        raise  # a bound, named already (it is a ValueError: keep it out of the next clauses)
     except jinja2.exceptions.SecurityError as exc:
         raise ChatTemplateError(f"the chat template tried an unsafe operation: {exc}") from exc
     except jinja2.exceptions.TemplateError as exc:
         raise ChatTemplateError(f"the chat template refused the conversation: {exc}") from exc
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+    except RecursionError:
+        raise ChatTemplateError("the chat template recursed too deeply") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as exc:
         raise ChatTemplateError(f"the chat template failed to render: {exc!r}") from exc
+    finally:
+        _DEADLINE.reset(token)
     if continue_final_message:
         cut = text.rfind(_CONTINUE_TAG.strip())
         if cut < 0 or final.strip() not in text:
@@ -218,3 +266,19 @@ def render_chat_template(
         else:
             text = text[:cut].rstrip()
     return text
+
+
+def _bounded_render(template: jinja2.Template, variables: dict[str, Any]) -> str:
+    """The template's text, piece by piece, within the render's time and size bounds."""
+    pieces: list[str] = []
+    size = 0
+    for piece in template.generate(**variables):
+        pieces.append(piece)
+        size += len(piece)
+        if size > RENDER_CHARS:
+            raise ChatTemplateError(
+                f"the chat template rendered more than {RENDER_CHARS} characters; accepted: "
+                "templates whose text stays within that bound"
+            )
+        _check_deadline()
+    return "".join(pieces)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -14,7 +15,10 @@ from kvrun.tokenizer.chat_template import (
     render_chat_template,
 )
 
-__all__ = ["SPECIAL_TOKEN_NAMES", "Tokenizer"]
+__all__ = ["COMPILED_TEMPLATES", "SPECIAL_TOKEN_NAMES", "Tokenizer"]
+
+# Compiled chat templates kept per tokenizer (the model's own and recent request ones).
+COMPILED_TEMPLATES = 32
 
 # The named special tokens chat templates see as variables (bos_token, ...), as in transformers.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -43,7 +47,10 @@ class Tokenizer:
         self._special = {name: special_tokens.get(name) for name in SPECIAL_TOKEN_NAMES}
         self._eos_ids = frozenset(int(i) for i in eos_token_ids)
         self._templates = dict(chat_templates)
+        # Compiled templates, least recently used first: a bounded cache, because
+        # templates may come from requests.
         self._compiled: dict[str, jinja2.Template] = {}
+        self._compiled_lock = threading.Lock()
         self.source = source  # the checkpoint this tokenizer came from, for messages
 
     # ids -----------------------------------------------------------------------------
@@ -154,10 +161,14 @@ class Tokenizer:
         Raises ChatTemplateError for a template that fails or refuses the conversation.
         """
         source = self._select_template(chat_template, tools)
-        template = self._compiled.get(source)
+        with self._compiled_lock:  # renders run on server threads at once
+            template = self._compiled.pop(source, None)
         if template is None:
             template = compile_chat_template(source)
-            self._compiled[source] = template
+        with self._compiled_lock:
+            self._compiled[source] = template  # the most recently used last
+            while len(self._compiled) > COMPILED_TEMPLATES:
+                del self._compiled[next(iter(self._compiled))]  # the least recently used
         return render_chat_template(
             template,
             messages,
