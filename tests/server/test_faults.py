@@ -177,3 +177,26 @@ def test_in_process_engine_and_shutdown_timeout(spawn: Callable[..., Server]) ->
     assert time.monotonic() - began < 15
     thread.join(30)
     assert '"finish_reason":"length"' not in out[0][1]
+
+
+def test_a_shutdown_ends_in_flight_requests_with_abort(spawn: Callable[..., Server]) -> None:
+    # vLLM's contract: past --shutdown-timeout, each in-flight request still gets its
+    # answer in the OpenAI shape, finish_reason "abort"; a stream its last chunk and [DONE].
+    server = spawn(args=["--shutdown-timeout", "0"])
+    streamed, streamed_out = _start(server, LONG, stream=True)
+    whole, whole_out = _start(server, {**LONG, "n": 2}, stream=False)
+    _wait_running(server, 3)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0
+    streamed.join(30)
+    whole.join(30)
+    status, text = streamed_out[0]
+    assert status == 200 and text.rstrip().endswith("data: [DONE]"), text[-500:]
+    assert _sse_error(text)["choices"][0]["finish_reason"] == "abort"
+    status, text = whole_out[0]
+    assert status == 200, text[-500:]
+    choices = json.loads(text)["choices"]
+    assert [c["finish_reason"] for c in choices] == ["abort", "abort"]
+    assert all(c["text"] for c in choices)  # what was generated before the end is kept
+    log = server.log()
+    assert "CancelledError" not in log and "Traceback" not in log, log[-3000:]

@@ -24,6 +24,7 @@ from kvrun.server.transport import ProcessTransport, ThreadTransport, Transport
 from kvrun.server.wire import (
     Abort,
     AddRequest,
+    CompletionDelta,
     Dead,
     EngineInfo,
     Hello,
@@ -53,14 +54,34 @@ _EXIT_GRACE_S = 1.0
 class RequestStream:
     """The deltas of one request, in order, read with :meth:`get` until ``done``."""
 
-    def __init__(self, request_id: str, times: RequestTimes) -> None:
+    def __init__(self, request_id: str, times: RequestTimes, n: int = 1) -> None:
         self.request_id = request_id
         self.times = times
+        self.n = n  # the request's sequences
         self.done = False  # the finished delta has been read
         self._queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
+        self._finished: set[int] = set()  # sequences whose finish was put
+        self._cached_tokens = 0
 
     def put(self, item: RequestDelta | BaseException) -> None:
+        if isinstance(item, RequestDelta):
+            self._finished.update(c.index for c in item.completions if c.finish_reason)
+            self._cached_tokens = item.num_cached_tokens
         self._queue.put_nowait(item)
+
+    def abort_delta(self) -> RequestDelta:
+        """The last delta of a request ended by the server: the sequences still running
+        finish with finish_reason "abort" (what vLLM's clients see)."""
+        return RequestDelta(
+            request_id=self.request_id,
+            completions=[
+                CompletionDelta(i, "", [], None, None, "abort", None)
+                for i in range(self.n)
+                if i not in self._finished
+            ],
+            finished=True,
+            num_cached_tokens=self._cached_tokens,
+        )
 
     async def get(self) -> RequestDelta:
         """The next delta; raises ApiError (refused) or EngineDeadError."""
@@ -181,7 +202,8 @@ class EngineClient:
     ) -> RequestStream:
         if self.dead_summary is not None:
             raise EngineDeadError(self.dead_summary)
-        stream = RequestStream(request_id, RequestTimes(arrival=time.monotonic()))
+        n = params.n if isinstance(params.n, int) else 1
+        stream = RequestStream(request_id, RequestTimes(arrival=time.monotonic()), n)
         self._streams[request_id] = stream
         self.transport.send(AddRequest(request_id, prompt_token_ids, params, stream.times.arrival))
         return stream
@@ -192,6 +214,22 @@ class EngineClient:
         if live and self.dead_reason is None:
             logger.info("aborting %s", ", ".join(live))
             self.transport.send(Abort(live))
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def abort_all(self) -> int:
+        """End every in-flight request with finish_reason "abort" (the server is shutting
+        down): each handler answers, or ends its stream, normally. Returns how many."""
+        streams = list(self._streams.values())
+        self._streams.clear()
+        for stream in streams:
+            stream.put(stream.abort_delta())
+        if streams and self.dead_reason is None:
+            logger.info("shutting down: aborting %d in-flight request(s)", len(streams))
+            self.transport.send(Abort([s.request_id for s in streams]))
+        return len(streams)
 
     async def call(self, method: UtilityMethod) -> bool | None:
         """Run a utility method in the engine; ApiError 500/503 when it fails or times out."""

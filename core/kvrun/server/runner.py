@@ -41,9 +41,30 @@ logger = logging.getLogger(__name__)
 _UVICORN_HEADER_FACTOR = 4
 
 
+# After the drain, seconds the aborted requests' handlers get to write their answers.
+_ANSWER_GRACE_S = 5
+
+
 class _Server(uvicorn.Server):
-    """uvicorn re-raises a caught SIGTERM after serving, which would kill the process
-    before the engine is stopped; this server only records it."""
+    """uvicorn, with kvrun's stop: signals are recorded, not re-raised (that would kill
+    the process before the engine is stopped), and in-flight requests get
+    ``--shutdown-timeout`` seconds to finish, then end with finish_reason "abort"."""
+
+    def __init__(self, config: uvicorn.Config, client: EngineClient, drain_s: float) -> None:
+        super().__init__(config)
+        self.client = client
+        self.drain_s = drain_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()  # no new connections while the running requests drain
+        deadline = time.monotonic() + self.drain_s
+        while self.client.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # Every handler gets its request's last delta and answers normally: a whole
+        # response, or a stream's final chunk and [DONE].
+        self.client.abort_all()
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -114,10 +135,11 @@ async def _serve(
             lifespan="off",
             log_level=config.uvicorn_log_level,
             access_log=config.access_log,
-            timeout_graceful_shutdown=max(1, round(config.shutdown_timeout)),
+            # Past the drain, the aborted requests' handlers need a moment to answer.
+            timeout_graceful_shutdown=_ANSWER_GRACE_S,
             h11_max_incomplete_event_size=config.max_header_bytes * _UVICORN_HEADER_FACTOR,
         )
-        server = _Server(uv_config)
+        server = _Server(uv_config, client, config.shutdown_timeout)
         logger.info(
             "serving %s on http://%s:%d%s (api key %s)",
             info.model_name,
