@@ -79,7 +79,7 @@ def test_greedy_matches_transformers(
     mismatched = [i for i in range(len(prompts)) if got[i] != expected[i]]
     assert not mismatched, f"{name}: prompts {mismatched} differ from transformers"
     if name == "preemption":
-        assert engine.stats().num_preemptions_total > 0, "the tiny KV budget forced no preemption"
+        assert engine.stats().scheduler.num_preemptions_total > 0, "the tiny KV budget forced no preemption"
 
 
 def test_one_at_a_time_and_prefix_hits(
@@ -96,8 +96,7 @@ def test_one_at_a_time_and_prefix_hits(
     long_enough = [o for o, p in zip(again, prompts[:8]) if len(p) >= 32]
     assert len(long_enough) >= 5
     assert all(o.num_cached_tokens >= 16 for o in long_enough)
-    stats = engine.stats()
-    assert stats.prefix_cache_hits > 0
+    assert engine.stats().scheduler.prefix_cache_hits > 0
 
 
 def test_gguf_file_matches_transformers(

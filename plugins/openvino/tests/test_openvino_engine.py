@@ -125,7 +125,7 @@ def test_random_llama_mixed_batches_and_preemption(
     # 4 blocks of 32 hold the longest sequence (95 tokens) but not all four at once.
     tiny = ov_engine(llama_dir, num_kv_blocks=4, max_model_len=128)
     assert tokens(tiny, RANDOM_PROMPTS, RANDOM_TOKENS) == llama_reference.tokens
-    assert tiny.stats().num_preemptions_total > 0
+    assert tiny.stats().scheduler.num_preemptions_total > 0
 
 
 @pytest.mark.parametrize("name", ["llama3-rope-scaling-tied", "qwen2-bias-sharded", "mistral"])
@@ -206,7 +206,7 @@ def test_smollm2_matches_transformers(
     again = run_all(engine, few, greedy(32), one_at_a_time=True)
     assert [o.outputs[0].token_ids for o in again] == expected
     assert all(o.num_cached_tokens >= 32 for o, p in zip(again, few) if len(p) >= 64)
-    assert engine.stats().prefix_cache_hits > 0
+    assert engine.stats().scheduler.prefix_cache_hits > 0
 
 
 def test_smollm2_preemption(
@@ -214,7 +214,7 @@ def test_smollm2_preemption(
 ) -> None:
     engine = ov_engine(smollm2_hf_dir, num_kv_blocks=6, max_model_len=192, max_num_seqs=6)
     assert tokens(engine, prompts[:6], 32) == [t[:32] for t in reference.tokens[:6]]
-    assert engine.stats().num_preemptions_total > 0
+    assert engine.stats().scheduler.num_preemptions_total > 0
 
 
 def _checkpoint(path: Path) -> tuple[Any, Any]:
