@@ -335,3 +335,37 @@ def test_bad_requests_do_not_disturb_a_running_one(server: Server, model_name: s
         assert http.post("/v1/completions", content=b"{oops").status_code == 400
     worker.join(120)
     assert result == [expected]
+
+
+def test_unknown_fields_are_named_not_dropped(server: Server) -> None:
+    with server.http() as http:
+        for route, body in (
+            ("/v1/completions", {**OK, "guided_json": {"type": "object"}}),
+            ("/v1/chat/completions", {**CHAT, "prompt_embeds": "AAAA"}),
+            ("/tokenize", {"prompt": "Hi", "mystery": 1}),
+        ):
+            answer = http.post(route, json=body)
+            assert answer.status_code == 400, route
+            error = answer.json()["error"]
+            field = next(k for k in body if k not in (*OK, *CHAT, "prompt"))
+            assert error["param"] == field
+            assert error["message"].startswith(f"field {field!r} is not accepted")
+        ignored = {**OK, "metadata": {"team": "a"}, "store": False, "user": "u"}
+        assert http.post("/v1/completions", json=ignored).status_code == 200
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(server: Server) -> None:
+    huge = "word " * 1_500_000  # 7.5 MB: far more text than 1024 tokens can hold
+    with server.http() as http:
+        for route, body in (
+            ("/v1/completions", {**OK, "prompt": huge}),
+            ("/v1/completions", {**OK, "prompt": ["Hi", huge]}),
+            ("/tokenize", {"prompt": huge}),
+        ):
+            start = time.monotonic()
+            error = http.post(route, json=body).json()["error"]
+            assert time.monotonic() - start < 3, route  # tokenizing it took seconds
+            assert (error["param"], error["code"]) == ("prompt", "context_length_exceeded")
+            assert error["message"].startswith("prompt has 7500000 characters, more than any")
+        assert http.get("/health").status_code == 200
+

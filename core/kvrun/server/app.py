@@ -7,6 +7,7 @@ guarded; :func:`attach_state` connects a running engine before serving.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -21,6 +22,7 @@ from kvrun.server.config import ServerConfig
 from kvrun.server.errors import ApiError, error_body
 from kvrun.server.limits import RequestLimitsMiddleware
 from kvrun.server.metrics import CONTENT_TYPE_LATEST
+from kvrun.server.params import check_text_size
 from kvrun.server.protocol import DetokenizeRequest, TokenizeRequest, parse_body
 from kvrun.server.serving_chat import create_chat_completion, render_messages
 from kvrun.server.serving_completion import create_completion
@@ -127,10 +129,14 @@ def _add_tokenizer_routes(app: FastAPI) -> None:
                 chat_template=req.chat_template,
                 chat_template_kwargs=req.chat_template_kwargs,
             )
-            ids = state.tokenizer.encode(text, add_special_tokens=False)
+            add_special = False  # the template places them
+            param = "messages"
         else:
             assert req.prompt is not None
-            ids = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            text, add_special, param = req.prompt, req.add_special_tokens, "prompt"
+        # The same bound as a prompt's: /tokenize answers nothing a request could not send.
+        check_text_size(text, param, state.info, state.tokenizer.max_token_chars)
+        ids = await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens=add_special)
         body: dict[str, Any] = {
             "count": len(ids),
             "max_model_len": state.info.max_model_len,

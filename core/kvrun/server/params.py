@@ -28,6 +28,7 @@ __all__ = [
     "build_sampling",
     "check_caps",
     "check_prompt",
+    "check_text_size",
     "resolve_max_tokens",
 ]
 
@@ -60,6 +61,24 @@ def api_error(exc: RequestError, names: Mapping[str, str] | None = None) -> ApiE
 
 def _cap(param: str, value: object, accepted: str) -> ApiError:
     return api_error(RequestError.invalid(param, value, accepted))
+
+
+# A text longer than this many times (max_model_len x the longest token) cannot fit in
+# max_model_len tokens even after Unicode normalisation; it is refused untokenized.
+TEXT_SIZE_FACTOR = 4
+
+
+def check_text_size(text: str, param: str, info: EngineInfo, max_token_chars: int) -> None:
+    """A 400 for a text too long to be a prompt, before any time goes into tokenizing it."""
+    limit = TEXT_SIZE_FACTOR * info.max_model_len * max_token_chars
+    if len(text) > limit:
+        raise ApiError(
+            f"{param} has {len(text)} characters, more than any text of max_model_len="
+            f"{info.max_model_len} tokens can have ({limit}); shorten it",
+            400,
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def check_prompt(token_ids: Sequence[int], info: EngineInfo, param: str) -> None:

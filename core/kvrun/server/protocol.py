@@ -1,7 +1,10 @@
 """Request bodies of the OpenAI-compatible routes, as strict pydantic models.
 
 Strict: a string where a number belongs is an error, not a coercion, as OpenAI's
-API does. Unknown fields are ignored (clients send fields newer than this server).
+API does. A field kvrun does not know is a 400 naming it (a client asking for, say,
+``guided_json`` must not get prose back without being told), except the few in
+:data:`IGNORED_FIELDS`, which change nothing about the answer and which OpenAI's and
+vLLM's clients send as a matter of course (docs/serving.md lists them).
 Range checks that need the model or the server's caps live in
 :mod:`kvrun.server.params`, so their errors can name the field and the cap.
 """
@@ -16,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kvrun.server.errors import ApiError
 
 __all__ = [
+    "IGNORED_FIELDS",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
@@ -26,8 +30,14 @@ __all__ = [
 ]
 
 
+# Accepted and ignored at the top level of a request body: bookkeeping that does not
+# change the answer.
+IGNORED_FIELDS = frozenset({"metadata", "store", "service_tier", "user"})
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # Unknown fields are kept so parse_body can name them.
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
 class StreamOptions(_Strict):
@@ -160,7 +170,7 @@ def parse_body(body: bytes, model: type[M]) -> M:
             400,
         ) from None
     try:
-        return model.model_validate(data)
+        request = model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         loc = tuple(first["loc"])
@@ -169,3 +179,13 @@ def parse_body(body: bytes, model: type[M]) -> M:
         what = _KIND.get(first["type"], f"is invalid: {first['msg']}")
         got = "" if first["type"] == "missing" else f" (got {json.dumps(first.get('input'))[:200]})"
         raise ApiError(f"field {_path(loc)!r} {what}{got}", 400, param=param) from None
+    unknown = sorted(set(request.model_extra or {}) - IGNORED_FIELDS)
+    if unknown:
+        raise ApiError(
+            f"field {unknown[0]!r} is not accepted: kvrun does not act on it, and ignoring it "
+            "would change what was asked for; drop it (fields accepted and ignored: "
+            f"{', '.join(sorted(IGNORED_FIELDS))})",
+            400,
+            param=unknown[0],
+        )
+    return request

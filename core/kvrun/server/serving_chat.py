@@ -20,6 +20,7 @@ from kvrun.server.params import (
     build_sampling,
     check_caps,
     check_prompt,
+    check_text_size,
     resolve_max_tokens,
 )
 from kvrun.server.protocol import ChatCompletionRequest, ChatMessage, parse_body
@@ -222,7 +223,10 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         chat_template=req.chat_template,
         chat_template_kwargs=req.chat_template_kwargs,
     )
-    prompt_ids = state.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+    check_text_size(text, "messages", state.info, state.tokenizer.max_token_chars)
+    prompt_ids = await asyncio.to_thread(
+        state.tokenizer.encode, text, add_special_tokens=req.add_special_tokens
+    )
     check_prompt(prompt_ids, state.info, "messages")
     requested: int | None = req.max_tokens
     param = "max_tokens"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from kvrun.server.params import (
     build_sampling,
     check_caps,
     check_prompt,
+    check_text_size,
     resolve_max_tokens,
 )
 from kvrun.server.protocol import CompletionRequest, parse_body
@@ -32,15 +34,20 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
 def _prompts(req: CompletionRequest, state: ServerState) -> list[tuple[str, list[int]]]:
-    """(text, token ids) per prompt; text is decoded from ids for token prompts (echo)."""
+    """(text, token ids) per prompt; text is decoded from ids for token prompts (echo).
+
+    Runs in a worker thread (tokenizing a long text takes a while); a text too long to
+    be a prompt is refused before it is tokenized."""
     prompt = req.prompt
     tok = state.tokenizer
     if isinstance(prompt, str):
-        return [(prompt, tok.encode(prompt, add_special_tokens=req.add_special_tokens))]
+        prompt = [prompt]
     if not prompt:
         raise ApiError("prompt is empty", 400, param="prompt")
     if all(isinstance(p, str) for p in prompt):
         texts: list[str] = prompt  # type: ignore[assignment]
+        for text in texts:
+            check_text_size(text, "prompt", state.info, tok.max_token_chars)
         return [(t, tok.encode(t, add_special_tokens=req.add_special_tokens)) for t in texts]
     if all(isinstance(p, int) for p in prompt):
         ids: list[int] = prompt  # type: ignore[assignment]
@@ -57,9 +64,11 @@ def _prompts(req: CompletionRequest, state: ServerState) -> list[tuple[str, list
 class _Completion(GenerationCall):
     """One /v1/completions call: its parsed request, prompts and engine requests."""
 
-    def __init__(self, state: ServerState, req: CompletionRequest) -> None:
+    def __init__(
+        self, state: ServerState, req: CompletionRequest, prompts: list[tuple[str, list[int]]]
+    ) -> None:
         call_id = f"cmpl-{uuid.uuid4().hex}"
-        self.prompts = _prompts(req, state)
+        self.prompts = prompts
         super().__init__(
             state,
             call_id=call_id,
@@ -200,5 +209,6 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     single = isinstance(prompt, str) or (bool(prompt) and all(isinstance(p, int) for p in prompt))
     check_caps(req, state.config.limits, 1 if single else len(prompt))
     state.check_alive()
-    work = _Completion(state, req)
+    prompts = await asyncio.to_thread(_prompts, req, state)
+    work = _Completion(state, req, prompts)
     return await work.answer(request, work.samplings, req.stream)

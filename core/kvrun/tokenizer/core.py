@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -99,6 +100,12 @@ class Tokenizer:
         return frozenset(i for i, tok in decoder.items() if tok.special)
 
     # text ----------------------------------------------------------------------------
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry, in characters: no token stands for more text, so
+        a text longer than N times this cannot fit in N tokens (up to normalisation)."""
+        return max((len(t) for t in self._backend.get_vocab(with_added_tokens=True)), default=1)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` adds BOS/EOS where the model does."""
         return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
