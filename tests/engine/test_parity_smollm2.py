@@ -79,7 +79,9 @@ def test_greedy_matches_transformers(
     mismatched = [i for i in range(len(prompts)) if got[i] != expected[i]]
     assert not mismatched, f"{name}: prompts {mismatched} differ from transformers"
     if name == "preemption":
-        assert engine.stats().scheduler.num_preemptions_total > 0, "the tiny KV budget forced no preemption"
+        assert engine.stats().scheduler.num_preemptions_total > 0, (
+            "the tiny KV budget forced no preemption"
+        )
 
 
 def test_one_at_a_time_and_prefix_hits(

@@ -368,4 +368,3 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(server: Server) -> None
             assert (error["param"], error["code"]) == ("prompt", "context_length_exceeded")
             assert error["message"].startswith("prompt has 7500000 characters, more than any")
         assert http.get("/health").status_code == 200
-
