@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -200,3 +201,29 @@ def test_a_shutdown_ends_in_flight_requests_with_abort(spawn: Callable[..., Serv
     assert all(c["text"] for c in choices)  # what was generated before the end is kept
     log = server.log()
     assert "CancelledError" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_a_body_that_never_arrives_is_refused_in_time(spawn: Callable[..., Server]) -> None:
+    server = spawn(args=["--request-body-timeout", "2"])
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {server.api_key}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
+        slow.sendall(head.encode() + b'{"prompt": "Hi", ')  # and then nothing more
+        start = time.monotonic()
+        answer = b""
+        while chunk := slow.recv(65536):  # the server answers, then closes
+            answer += chunk
+        waited = time.monotonic() - start
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 408 Request Timeout", answer[:300]
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "body_timeout"
+    assert error["message"].startswith("the request body did not arrive within 2 s (17 bytes")
+    assert 1.5 < waited < 10
+    with server.http() as http:  # everyone else was served meanwhile
+        assert (
+            http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+        )

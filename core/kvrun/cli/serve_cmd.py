@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--max-header-bytes", type=int, default=16384)
     server.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
     server.add_argument(
+        "--request-body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request body may take to arrive (then 408)",
+    )
+    server.add_argument(
         "--uvicorn-log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -99,6 +105,7 @@ def run(args: argparse.Namespace, env: Any) -> int:
         "max_stop_string_chars",
         "max_header_bytes",
         "max_request_body_bytes",
+        "request_body_timeout",
     ):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.api_key == "":
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace, env: Any) -> int:
         ),
         max_header_bytes=args.max_header_bytes,
         max_body_bytes=args.max_request_body_bytes,
+        body_timeout_s=args.request_body_timeout,
         dev_mode=env.VLLM_SERVER_DEV_MODE,
         profiler_dir=env.VLLM_TORCH_PROFILER_DIR,
         allow_runtime_lora_updating=env.VLLM_ALLOW_RUNTIME_LORA_UPDATING,

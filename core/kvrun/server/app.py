@@ -214,6 +214,7 @@ def build_app(config: ServerConfig) -> FastAPI:
         RequestLimitsMiddleware,
         max_header_bytes=config.max_header_bytes,
         max_body_bytes=config.max_body_bytes,
+        body_timeout_s=config.body_timeout_s,
     )
     if config.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, open_paths=OPEN_PATHS)

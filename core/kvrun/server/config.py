@@ -19,6 +19,7 @@ class ServerConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     max_header_bytes: int = 16384  # all request headers together
     max_body_bytes: int = 8 << 20  # one request body
+    body_timeout_s: float = 30.0  # --request-body-timeout: the whole body must arrive by then
     dev_mode: bool = False  # VLLM_SERVER_DEV_MODE: adds /reset_prefix_cache
     profiler_dir: str | None = None  # VLLM_TORCH_PROFILER_DIR: adds /start_profile, /stop_profile
     allow_runtime_lora_updating: bool = False  # accepted; LoRA routes come with LoRA support

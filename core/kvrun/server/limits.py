@@ -8,6 +8,7 @@ lying ``Content-Length`` never reaches a handler.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,12 +18,12 @@ from kvrun.server.errors import error_body
 __all__ = ["RequestLimitsMiddleware"]
 
 
-async def _reject(send: Send, message: str, code: str) -> None:
-    body = json.dumps(error_body(message, 400, code=code)).encode()
+async def _reject(send: Send, message: str, code: str, status: int = 400) -> None:
+    body = json.dumps(error_body(message, status, code=code)).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 400,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
@@ -36,10 +37,20 @@ async def _reject(send: Send, message: str, code: str) -> None:
 class RequestLimitsMiddleware:
     """Refuse requests whose headers or body exceed the configured sizes."""
 
-    def __init__(self, app: ASGIApp, *, max_header_bytes: int, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_header_bytes: int,
+        max_body_bytes: int,
+        body_timeout_s: float,
+    ) -> None:
         self.app = app
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
+        # A body that has not fully arrived by then is refused (a slow or stalled client
+        # must not hold a connection and a handler for ever).
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,19 +75,31 @@ class RequestLimitsMiddleware:
         chunks: list[bytes] = []
         size = 0
         disconnect: Message | None = None
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                disconnect = message
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await _reject(send, self._body_message(size, at_least=True), "body_too_large")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        disconnect = message
+                        break
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        message_text = self._body_message(size, at_least=True)
+                        await _reject(send, message_text, "body_too_large")
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await _reject(
+                send,
+                f"the request body did not arrive within {self.body_timeout_s:g} s "
+                f"({size} bytes came); the limit is --request-body-timeout",
+                "body_timeout",
+                status=408,
+            )
+            return
         replayed = False
 
         async def replay() -> Message:
