@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import inspect
 import json
+import textwrap
 from typing import Any
 
 import pytest
@@ -123,7 +126,7 @@ def test_guarded_paths_refuse_without_the_key(
     assert body == {
         "error": {
             "message": "missing or invalid API key: send 'Authorization: Bearer <key>'",
-            "type": "AuthenticationError",
+            "type": "invalid_request_error",
             "param": None,
             "code": "invalid_api_key",
         }
@@ -156,3 +159,18 @@ def test_websocket_without_key_is_closed() -> None:
 def test_lifespan_passes_through() -> None:
     _sent, reached = _call("/", [], kind="lifespan")
     assert reached == ["/"]
+
+
+def test_the_key_is_compared_in_constant_time() -> None:
+    # A timing test would be flaky on a shared VM; the property is structural: the
+    # middleware's check reaches the key only through hmac.compare_digest, never ==.
+    source = textwrap.dedent(inspect.getsource(ApiKeyMiddleware._authorized))
+    tree = ast.parse(source)
+    calls = [ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    assert "hmac.compare_digest" in calls
+    uses_key = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Compare) and "_key" in ast.unparse(node)
+    ]
+    assert uses_key == [], [ast.unparse(n) for n in uses_key]

@@ -58,7 +58,7 @@ def test_every_route_is_guarded_unless_open(server: Server, method: str, path: s
     wrong = httpx.request(method, url, headers={"Authorization": "Bearer wrong"})
     for answer in (no_key, wrong):
         assert answer.status_code == 401
-        assert answer.json()["error"]["type"] == "AuthenticationError"
+        assert answer.json()["error"]["type"] == "invalid_request_error"
     # the key opens it; routes that need a body answer 400 to an empty one
     if path in ("/start_profile", "/stop_profile"):
         return  # exercised in order by test_profile_routes

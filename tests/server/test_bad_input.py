@@ -122,7 +122,7 @@ def test_bad_input(
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == ("NotFoundError" if status == 404 else "BadRequestError")
+    assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert error["code"] == code
     if param is not None and status == 400:
@@ -182,7 +182,7 @@ def test_malformed_bodies(server: Server, raw: bytes, message: str) -> None:
     assert answer.status_code == 400
     error = answer.json()["error"]
     assert error["message"].startswith(message)
-    assert (error["type"], error["param"], error["code"]) == ("BadRequestError", None, 400)
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", None, 400)
 
 
 HOSTILE = [
@@ -247,7 +247,7 @@ def test_unknown_route_and_method(server: Server) -> None:
         missing = http.get("/v1/nothing")
         method = http.get("/v1/completions")
     assert missing.status_code == 404
-    assert missing.json()["error"]["type"] == "NotFoundError"
+    assert missing.json()["error"]["type"] == "invalid_request_error"
     assert method.status_code == 405
     assert method.json()["error"]["message"] == "method GET is not allowed on /v1/completions"
 
@@ -270,7 +270,7 @@ def test_request_chat_templates_are_refused_unless_trusted(server: Server) -> No
         ).json()["error"]
         assert error == {
             "message": "chat_template_kwargs may not set self; use the request fields",
-            "type": "BadRequestError",
+            "type": "invalid_request_error",
             "param": "chat_template_kwargs",
             "code": 400,
         }

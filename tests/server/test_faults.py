@@ -80,7 +80,7 @@ def test_hung_engine_fails_requests_and_exits(spawn: Callable[..., Server]) -> N
     status, text = plain_out[0]
     assert status == 500
     error = json.loads(text)["error"]
-    assert error["type"] == "InternalServerError"
+    assert error["type"] == "server_error"
     assert "VLLM_ENGINE_ITERATION_TIMEOUT_S=10" in error["message"]
     assert stream_out[0][0] == 200
     assert _sse_error(stream_out[0][1])["error"]["code"] == 500
@@ -101,7 +101,7 @@ def test_keep_alive_after_engine_death(spawn: Callable[..., Server]) -> None:
     assert f"pid {engine}" in json.loads(text)["error"]["message"]
     health = httpx.get(server.base_url + "/health")
     assert health.status_code == 503
-    assert health.json()["error"]["type"] == "ServiceUnavailableError"
+    assert health.json()["error"]["type"] == "server_error"
     time.sleep(1.0)
     assert server.proc.poll() is None
     with server.http() as http:

@@ -28,7 +28,9 @@ def _run(
     headers: list[tuple[bytes, bytes]], chunks: list[bytes]
 ) -> tuple[list[dict[str, Any]], _Echo]:
     inner = _Echo()
-    app = RequestLimitsMiddleware(inner, max_header_bytes=200, max_body_bytes=10)
+    app = RequestLimitsMiddleware(
+        inner, max_header_bytes=200, max_body_bytes=10, body_timeout_s=30.0
+    )
     messages = [
         {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
         for i, c in enumerate(chunks)
@@ -65,7 +67,7 @@ def test_declared_length_over_the_limit() -> None:
             "error": {
                 "message": "request body is 11 bytes; the limit is 10 bytes "
                 "(--max-request-body-bytes)",
-                "type": "BadRequestError",
+                "type": "invalid_request_error",
                 "param": None,
                 "code": "body_too_large",
             }

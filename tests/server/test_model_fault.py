@@ -76,7 +76,7 @@ def test_model_exception_fails_requests_and_exits(start_faulty: Callable[..., Se
         answer = http.post("/v1/completions", json=TRIGGER)
     assert answer.status_code == 500
     assert answer.json() == {
-        "error": {"message": DIED, "type": "InternalServerError", "param": None, "code": 500}
+        "error": {"message": DIED, "type": "server_error", "param": None, "code": 500}
     }
     plain.join(60)
     streamed.join(60)
@@ -85,7 +85,7 @@ def test_model_exception_fails_requests_and_exits(start_faulty: Callable[..., Se
     assert stream_out[0][0] == 200
     assert _sse_error(stream_out[0][1])["error"] == {
         "message": DIED,
-        "type": "InternalServerError",
+        "type": "server_error",
         "param": None,
         "code": 500,
     }
@@ -114,7 +114,7 @@ def test_model_exception_with_keep_alive(start_faulty: Callable[..., Server]) ->
     assert health.status_code == 503
     assert health.json()["error"] == {
         "message": f"the engine is dead: the engine failed: {FAULT}",
-        "type": "ServiceUnavailableError",
+        "type": "server_error",
         "param": None,
         "code": 503,
     }

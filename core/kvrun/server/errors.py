@@ -6,25 +6,18 @@ so the ``openai`` client raises the right exception class with our message.
 
 from __future__ import annotations
 
-from http import HTTPStatus
 from typing import Any
 
 __all__ = ["ApiError", "EngineDeadError", "error_body", "error_type_for"]
 
-# HTTP status -> the "type" vLLM puts in its envelope (the openai client keys on status).
-_TYPES = {
-    400: "BadRequestError",
-    401: "AuthenticationError",
-    404: "NotFoundError",
-    405: "MethodNotAllowedError",
-    413: "BadRequestError",
-    500: "InternalServerError",
-    503: "ServiceUnavailableError",
-}
 
-
+# The envelope's "type" as OpenAI's API spells it: "invalid_request_error" for what the
+# client must change (any 4xx, a wrong API key included, told apart by "code"), and
+# "server_error" for what went wrong here (5xx). vLLM sends the openai SDK's exception
+# class names instead ("BadRequestError", ...); the SDK itself picks its exception from
+# the status, so clients of either see the same exceptions (docs/serving.md).
 def error_type_for(status: int) -> str:
-    return _TYPES.get(status, HTTPStatus(status).phrase.replace(" ", "") + "Error")
+    return "server_error" if status >= 500 else "invalid_request_error"
 
 
 def error_body(
