@@ -128,3 +128,30 @@ def test_bench_reports_failures(server: Server) -> None:
     assert done.returncode == 1
     assert "completed / failed:      0 / 2" in done.stdout
     assert "error: HTTP 401" in done.stdout
+
+
+def test_bench_soak_reports_windows_with_aborts_and_rss(server: Server) -> None:
+    done = _kvrun(
+        "bench", "serve",
+        "--base-url", server.base_url,
+        "--api-key", server.api_key or "",
+        "--request-rate", "4",
+        "--duration", "6",
+        "--window", "3",
+        "--abort-fraction", "0.3",
+        "--max-tokens", "24",
+        "--server-pid", str(server.proc.pid),
+        "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    windows = json.loads(done.stdout)
+    assert [w["start_s"] for w in windows] == [0.0, 3.0]
+    assert all(w["failed"] == 0 for w in windows)
+    assert sum(w["completed"] + w["aborted"] for w in windows) == 24  # 4/s for 6 s
+    assert sum(w["aborted"] for w in windows) > 0
+    assert all(0 < w["latency_ms"]["p50"] <= w["latency_ms"]["p99"] for w in windows)
+    # The server and its engine process, each with its resident memory.
+    rss = windows[-1]["rss_mib"]
+    assert len(rss) >= 2 and all(v > 10 for v in rss.values())
+    with server.http() as http:
+        assert http.get("/metrics").status_code == 200  # and the server is still up

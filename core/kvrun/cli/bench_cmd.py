@@ -56,6 +56,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="generate exactly max-tokens per request (vLLM's extension; default on)",
     )
     serve.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    soak = serve.add_argument_group(
+        "soak", "a constant arrival rate for a duration, reported per window (kvrun.cli.soak)"
+    )
+    soak.add_argument("--request-rate", type=float, default=None, help="requests per second")
+    soak.add_argument("--duration", type=float, default=300.0, help="seconds of arrivals")
+    soak.add_argument("--window", type=float, default=300.0, help="seconds per report window")
+    soak.add_argument("--stream-fraction", type=float, default=0.5, help="share streamed")
+    soak.add_argument(
+        "--abort-fraction", type=float, default=0.05, help="share the client abandons"
+    )
+    soak.add_argument("--server-pid", type=int, default=None, help="report this process tree's RSS")
+    soak.add_argument("--seed", type=int, default=0, help="for the streamed/abandoned choice")
     serve.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -220,6 +232,34 @@ def _print(result: BenchResult, args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+async def _soak(args: argparse.Namespace, api_key: str | None) -> list[Any]:
+    import httpx
+
+    from kvrun.cli.soak import soak
+
+    base = args.base_url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(timeout=args.timeout) as client:
+        model = args.model or await _model_name(client, base, headers)
+        return await soak(args, base, headers, model, _one, client, PROMPTS)
+
+
+def _print_soak(windows: list[Any], args: argparse.Namespace) -> None:
+    print(
+        f"soak: {args.request_rate:g} req/s for {args.duration:g} s, "
+        f"{args.stream_fraction:.0%} streamed, {args.abort_fraction:.0%} abandoned, "
+        f"max_tokens {args.max_tokens}, against {args.base_url}"
+    )
+    print("window s | done | aborted | failed | latency p50/p99 ms | TTFT p50/p99 ms | RSS MiB")
+    for w in windows:
+        rss = ", ".join(f"{k}: {v:.0f}" for k, v in w.rss_mib.items()) or "-"
+        print(
+            f"{w.start_s:>8.0f} | {w.completed:>4} | {w.aborted:>7} | {w.failed:>6} | "
+            f"{w.latency_ms['p50']:.0f} / {w.latency_ms['p99']:.0f} | "
+            f"{w.ttft_ms['p50']:.0f} / {w.ttft_ms['p99']:.0f} | {rss}"
+        )
+
+
 def run(args: argparse.Namespace, env: Any) -> int:
     from kvrun.errors import ConfigError
 
@@ -227,6 +267,20 @@ def run(args: argparse.Namespace, env: Any) -> int:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     api_key = args.api_key if args.api_key is not None else env.VLLM_API_KEY
+    if args.request_rate is not None:
+        for name in ("request_rate", "duration", "window"):
+            if getattr(args, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+        for name in ("stream_fraction", "abort_fraction"):
+            if not 0 <= getattr(args, name) <= 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1]")
+        windows = asyncio.run(_soak(args, api_key))
+        if args.json:
+            json.dump([w.as_dict() for w in windows], sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            _print_soak(windows, args)
+        return 0 if all(w.failed == 0 for w in windows) else 1
     result = asyncio.run(bench(args, api_key))
     if args.json:
         json.dump(result.as_dict(), sys.stdout, indent=2)
