@@ -139,6 +139,7 @@ def test_bench_soak_reports_windows_with_aborts_and_rss(server: Server) -> None:
         "--duration", "6",
         "--window", "3",
         "--abort-fraction", "0.3",
+        "--unique-prompts",
         "--max-tokens", "24",
         "--server-pid", str(server.proc.pid),
         "--json",

@@ -68,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     soak.add_argument("--server-pid", type=int, default=None, help="report this process tree's RSS")
     soak.add_argument("--seed", type=int, default=0, help="for the streamed/abandoned choice")
+    soak.add_argument(
+        "--unique-prompts",
+        action="store_true",
+        help="start each prompt with its request number (else the 16 prompts repeat, and "
+        "the prefix cache serves repeats from the same KV blocks)",
+    )
     serve.add_argument("--json", action="store_true", help="print the results as JSON")
 
 

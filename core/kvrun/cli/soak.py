@@ -94,9 +94,12 @@ async def soak(
     tasks: set[asyncio.Task[None]] = set()
 
     async def request(i: int, at: float) -> None:
+        prompt = prompts[i % len(prompts)]
+        if args.unique_prompts:  # no two requests share every block: the KV pool is used
+            prompt = f"Request {i}. {prompt}"
         body = {
             "model": model,
-            "prompt": prompts[i % len(prompts)],
+            "prompt": prompt,
             "max_tokens": args.max_tokens,
             "temperature": 0.0,
             "ignore_eos": args.ignore_eos,
