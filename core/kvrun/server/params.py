@@ -145,12 +145,11 @@ def build_sampling(
     *,
     max_tokens: int,
     choice: SamplingChoice,
-    limits: ServerLimits,
     info: EngineInfo,
 ) -> WireSampling:
     """The request's sampling fields, checked as the engine will check them; unset ones
-    keep SamplingParams' defaults."""
-    check_caps(req, limits)
+    keep SamplingParams' defaults. The route has run :func:`check_caps` already (once per
+    request, before any prompt was rendered or tokenized)."""
     fields: dict[str, object] = {
         "n": req.n,
         "max_tokens": max_tokens,

@@ -238,8 +238,6 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         logprobs_param="top_logprobs",
         prompt_logprobs=req.prompt_logprobs,
     )
-    sampling = build_sampling(
-        req, max_tokens=max_tokens, choice=choice, limits=state.config.limits, info=state.info
-    )
+    sampling = build_sampling(req, max_tokens=max_tokens, choice=choice, info=state.info)
     chat = _Chat(state, req, prompt_ids)
     return await chat.answer(request, [sampling], req.stream)

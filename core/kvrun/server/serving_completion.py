@@ -99,7 +99,6 @@ class _Completion(GenerationCall):
                     req,
                     max_tokens=max_tokens,
                     choice=self.choice,
-                    limits=state.config.limits,
                     info=state.info,
                 )
             )
