@@ -48,6 +48,9 @@ class FakeRunner:
         self.cache = [-1] * (num_blocks * BLOCK)
         self.steps = 0
 
+    def commit_kv_cache(self) -> int:
+        return 0
+
     def execute(
         self, chunks: Sequence[ScheduledChunk], prompt_logits_for: frozenset[str] = frozenset()
     ) -> StepLogits:

@@ -28,6 +28,9 @@ class ExecutorRunner:
         self.block_size = executor.block_size
         self.device = device
 
+    def commit_kv_cache(self) -> int:
+        return 0  # the executor allocated and owns its cache (OpenVINO, XLA)
+
     @torch.inference_mode()
     def execute(
         self, chunks: Sequence[ScheduledChunk], prompt_logits_for: frozenset[str] = frozenset()

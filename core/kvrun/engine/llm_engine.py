@@ -208,9 +208,15 @@ class LLMEngine:
         return outputs
 
     @torch.inference_mode()
-    def warm_up(self, num_tokens: int = 64) -> None:
+    def warm_up(self, num_tokens: int = 64, *, commit_kv_cache: bool = False) -> None:
         """Run one prefill of ``num_tokens`` and one decode through the model, outputs
         discarded, so that the first real request does not pay first-use costs.
+
+        ``commit_kv_cache`` first writes the whole KV cache once
+        (:meth:`~kvrun.engine.step_runner.StepRunner.commit_kv_cache`), as a server does:
+        its resident memory is then its steady state from the first request, an
+        oversized cache fails at start rather than hours later, and no request pays a
+        first-touch page fault (NOTES.md).
 
         The steps write the cache's lowest block ids, which no request holds yet (call
         it before adding any) and which the block manager hands out first; the
@@ -221,6 +227,15 @@ class LLMEngine:
         to its start-up (NOTES.md).
         """
         assert not self._parents, "warm_up() runs before any request is added"
+        if commit_kv_cache:
+            started = time.monotonic()
+            nbytes = self.runner.commit_kv_cache()
+            if nbytes:
+                logger.info(
+                    "KV cache committed: %.2f GiB written in %.2f s",
+                    nbytes / 2**30,
+                    time.monotonic() - started,
+                )
         block_size = self.config.block_size
         num_tokens = max(1, min(num_tokens, self.config.max_model_len - 1))
         blocks = list(range(-(-(num_tokens + 1) // block_size)))

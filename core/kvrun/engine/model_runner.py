@@ -48,6 +48,12 @@ class ModelRunner:
         self.decode_graph = decode_graph
 
     @torch.inference_mode()
+    def commit_kv_cache(self) -> int:
+        for cache in self.kv_caches:
+            cache.zero_()
+        return sum(cache.numel() * cache.element_size() for cache in self.kv_caches)
+
+    @torch.inference_mode()
     def execute(
         self, chunks: Sequence[ScheduledChunk], prompt_logits_for: frozenset[str] = frozenset()
     ) -> StepLogits:

@@ -50,6 +50,13 @@ class StepRunner(Protocol):
         self, chunks: Sequence[ScheduledChunk], prompt_logits_for: frozenset[str] = frozenset()
     ) -> StepLogits: ...
 
+    def commit_kv_cache(self) -> int:
+        """Write every byte of the KV cache this runner owns once, so that memory the
+        platform allocated lazily (the cpu plugin's calloc'd pool) is resident now, not
+        page by page as requests first reach it. Returns the bytes written; 0 where the
+        cache is not this runner's to write (an executor's own)."""
+        ...
+
 
 class CausalLM(Protocol):
     """A core model as the eager runner drives it."""

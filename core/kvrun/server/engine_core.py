@@ -165,7 +165,7 @@ def run_engine(
     try:
         engine = LLMEngine.from_args(engine_args, env, entry_point="serve")
         started = time.monotonic()
-        engine.warm_up()
+        engine.warm_up(commit_kv_cache=True)
         logger.info("warm-up step: %.2f s", time.monotonic() - started)
     except KvrunError as exc:
         send(Dead(str(exc), user_error=True))

@@ -134,7 +134,9 @@ class CpuPlatform(Platform):
         """Zeroed caches whose pages the OS supplies on first touch.
 
         numpy's zeros come from calloc, so a 4 GiB cache costs nothing until blocks are
-        used, where torch.zeros writes every page up front (NOTES.md: first touch).
+        used, where torch.zeros writes every page up front (NOTES.md: first touch). The
+        offline ``LLM`` keeps it lazy (fast start, memory as used); ``kvrun serve``
+        commits it all before it is ready (``LLMEngine.warm_up(commit_kv_cache=True)``).
         """
         nbytes = plan.total_bytes // plan.num_layers
         return [
