@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-pytest_plugins = ["tests.support.checkpoints"]
+pytest_plugins = ["tests.support.checkpoints", "tests.support.s3"]
 
 
 @pytest.fixture(autouse=True, scope="session")

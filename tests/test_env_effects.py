@@ -32,11 +32,11 @@ def test_defaults_are_never_news() -> None:
 
 
 def test_variables_without_a_feature_are_named_on_every_platform() -> None:
-    env = envs.read_env({"S3_ENDPOINT_URL": "http://127.0.0.1:9000", "VLLM_DP_SIZE": "2"})
+    env = envs.read_env({"VLLM_AUDIO_FETCH_TIMEOUT": "5", "VLLM_DP_SIZE": "2"})
     for platform in ("cpu", "openvino", "cuda", "acme"):
         named = dict(ineffective(env, platform, "offline"))
-        assert sorted(named) == ["S3_ENDPOINT_URL", "VLLM_DP_SIZE"]
-        assert named["S3_ENDPOINT_URL"].startswith("kvrun loads from local paths")
+        assert sorted(named) == ["VLLM_AUDIO_FETCH_TIMEOUT", "VLLM_DP_SIZE"]
+        assert named["VLLM_AUDIO_FETCH_TIMEOUT"].startswith("kvrun takes no image, video or audio")
         assert "distributed-execution issue" in named["VLLM_DP_SIZE"]
 
 
@@ -77,7 +77,8 @@ def test_the_engine_names_each_once_at_start(
     environ = {
         **os.environ,
         "VLLM_TARGET_DEVICE": "cpu",
-        "S3_ACCESS_KEY_ID": "key",
+        "VLLM_HOST_IP": "10.0.0.1",
+        "S3_ACCESS_KEY_ID": "key",  # honoured (loading s3:// models): not named
         "VLLM_MLA_DISABLE": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1",  # honoured on cpu: not named
         "VLLM_API_KEY": "secret",  # honoured by the server's engine: not named there
@@ -86,7 +87,7 @@ def test_the_engine_names_each_once_at_start(
     with caplog.at_level(logging.WARNING, logger="kvrun.envs"):
         LLMEngine.from_args(args, envs.read_env(environ), entry_point="serve")
     named = [r.getMessage().split(" ")[0] for r in caplog.records if r.name == "kvrun.envs"]
-    assert named == ["S3_ACCESS_KEY_ID", "VLLM_MLA_DISABLE"]
+    assert named == ["VLLM_HOST_IP", "VLLM_MLA_DISABLE"]
     assert "secret" not in caplog.text
 
 

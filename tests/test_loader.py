@@ -266,7 +266,8 @@ def test_missing_path() -> None:
         _load("/nonexistent/kvrun-model")
     assert str(info.value) == (
         "model path '/nonexistent/kvrun-model' does not exist; give an existing Hugging Face "
-        "directory, a .gguf file, or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+        "directory, a .gguf file, an s3://bucket/prefix URI, or a hub id such as "
+        "'HuggingFaceTB/SmolLM2-135M-Instruct'"
     )
 
 

@@ -10,7 +10,7 @@ import torch
 
 from kvrun.errors import ConfigError
 
-__all__ = ["DTYPES", "KV_CACHE_DTYPES", "EngineArgs", "EngineConfig", "parse_dtype"]
+__all__ = ["DTYPES", "KV_CACHE_DTYPES", "LOAD_FORMATS", "EngineArgs", "EngineConfig", "parse_dtype"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -27,6 +27,10 @@ KV_CACHE_DTYPES: dict[str, torch.dtype] = {
     "fp8_e4m3": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
 }
+
+
+# vLLM's load_format names kvrun reads (kvrun.loader.formats says what each one reads).
+LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
 
 
 def parse_dtype(name: str) -> torch.dtype | None:
@@ -62,6 +66,10 @@ class EngineArgs:
     enforce_eager: bool = True  # False tries torch.compile and the platform's decode graphs
     gpu_memory_utilization: float = 0.9  # share of device memory a profiling platform may use
     kv_cache_dtype: str = "auto"  # "auto" = the model dtype, or a KV_CACHE_DTYPES name
+    load_format: str = "auto"  # one of LOAD_FORMATS; "dummy" = random weights
+    # Accepted as vLLM's flag, but no checkpoint code ever runs: it lets a config.json with
+    # auto_map load when kvrun implements its architecture natively.
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -77,6 +85,11 @@ class EngineArgs:
             raise ConfigError(
                 f"gpu_memory_utilization={self.gpu_memory_utilization} is out of range; "
                 "accepted: 0 < value <= 1"
+            )
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(
+                f"load_format {self.load_format!r} is not known; accepted: "
+                f"{', '.join(LOAD_FORMATS)}"
             )
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(
@@ -115,6 +128,17 @@ class EngineArgs:
         group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
         group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
         group.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_CACHE_DTYPES])
+        group.add_argument(
+            "--load-format",
+            default="auto",
+            choices=LOAD_FORMATS,
+            help="which weight files to read; dummy: random weights from config.json alone",
+        )
+        group.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="load a config.json with auto_map natively (kvrun never runs its code)",
+        )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
@@ -148,6 +172,10 @@ class EngineConfig:
     kv_cache_dtype: torch.dtype | None = None  # the KV cache's dtype; None = ``dtype``
     enforce_eager: bool = True  # False: torch.compile and the platform's decode graphs
     gpu_memory_utilization: float = 0.9  # share of device memory a profiling platform may use
+    # How model_source's weights are read (VLLM_TEST_FORCE_LOAD_FORMAT applied), and
+    # whether an auto_map config.json may load natively: for executors that load it again.
+    load_format: str = "auto"
+    trust_remote_code: bool = False
 
     @property
     def cache_dtype(self) -> torch.dtype:

@@ -291,7 +291,7 @@ class EnvSnapshot:
         p.BOOL, False, _RUN, "Allow max_model_len above what the model's config.json derives."
     )
     VLLM_TEST_FORCE_LOAD_FORMAT: str = _var(
-        p.STR, "dummy", _RUN, "Load format tests force on the model loader."
+        p.STR, "dummy", _RUN, "Load format that replaces load_format, only when set (tests)."
     )
     VLLM_RPC_TIMEOUT: int = _var(
         _MILLIS, 10000, _RUN, "Milliseconds to wait for the engine to answer an RPC."

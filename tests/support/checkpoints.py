@@ -4,6 +4,10 @@ Built directories live under ``$KVRUN_TEST_CACHE`` (default ``~/.cache/kvrun-tes
 one per builder and arguments. A build goes into a temporary sibling that is renamed
 into place when complete, so an interrupted or concurrent run never sees half a
 checkpoint. Register with ``pytest_plugins = ["tests.support.checkpoints"]``.
+
+Under VLLM_CI_USE_S3=1 (as in vLLM's CI) the checkpoint fixtures fetch their directory
+from ``s3://$KVRUN_TEST_S3_BUCKET/<name>-<digest>`` (S3_ENDPOINT_URL and S3_* credentials
+say where and how) instead of building it; a missing one fails the test that needs it.
 """
 
 from __future__ import annotations
@@ -20,13 +24,26 @@ from typing import Any
 import pytest
 import transformers
 
-from kvrun.loader import DEFAULT_HUB_MODEL, default_model
+from kvrun.envs import read_env
+from kvrun.errors import ModelLoadError
+from kvrun.loader import DEFAULT_HUB_MODEL, S3Settings, default_model
+from kvrun.loader.s3 import fetch_s3_model
 from kvrun.testing.checkpoints import build_hf_checkpoint_from_gguf, build_random_checkpoint
 
-__all__ = ["cache_root", "cached_build", "random_checkpoint", "smollm2_gguf_path", "smollm2_hf_dir"]
+__all__ = [
+    "DEFAULT_CI_BUCKET",
+    "cache_name",
+    "cache_root",
+    "cached_build",
+    "random_checkpoint",
+    "smollm2_gguf_path",
+    "smollm2_hf_dir",
+]
 
 # Bump when a builder's output changes, so stale cached directories are not reused.
 _BUILD_VERSION = 1
+# Where VLLM_CI_USE_S3=1 finds the test checkpoints, unless KVRUN_TEST_S3_BUCKET says.
+DEFAULT_CI_BUCKET = "kvrun-ci-test-checkpoints"
 
 
 def cache_root() -> Path:
@@ -37,18 +54,30 @@ def cache_root() -> Path:
     return root
 
 
-def cached_build(name: str, key: dict[str, Any], build: Callable[[Path], Path]) -> Path:
-    """``build(out_dir)`` once per (name, key, versions); later calls reuse the directory.
-
-    ``out_dir`` exists and is empty when ``build`` is called.
-    """
+def cache_name(name: str, key: dict[str, Any]) -> str:
+    """The directory name of one (name, key, versions) build, locally and on S3."""
     material = json.dumps(
         {"key": key, "build": _BUILD_VERSION, "transformers": transformers.__version__},
         sort_keys=True,
         default=str,
     )
-    digest = hashlib.sha256(material.encode()).hexdigest()[:16]
-    final = cache_root() / f"{name}-{digest}"
+    return f"{name}-{hashlib.sha256(material.encode()).hexdigest()[:16]}"
+
+
+def cached_build(
+    name: str, key: dict[str, Any], build: Callable[[Path], Path], *, ci_s3: bool = False
+) -> Path:
+    """``build(out_dir)`` once per (name, key, versions); later calls reuse the directory.
+
+    ``out_dir`` exists and is empty when ``build`` is called. ``ci_s3``: a checkpoint
+    (config.json and weights) that, under VLLM_CI_USE_S3=1, is fetched from
+    ``s3://$KVRUN_TEST_S3_BUCKET/<cache_name>`` instead of built (S3_* say where).
+    """
+    if ci_s3:
+        fetched = _from_ci_s3(cache_name(name, key))
+        if fetched is not None:
+            return fetched
+    final = cache_root() / cache_name(name, key)
     if final.is_dir():
         return final
     scratch = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
@@ -63,6 +92,20 @@ def cached_build(name: str, key: dict[str, Any], build: Callable[[Path], Path]) 
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return final
+
+
+def _from_ci_s3(name: str) -> Path | None:
+    """The test checkpoint ``name`` mirrored from the CI bucket, or None unless
+    VLLM_CI_USE_S3=1. Publish one with tests.support.s3.upload_directory."""
+    env = read_env()
+    if not env.VLLM_CI_USE_S3:
+        return None
+    bucket = os.environ.get("KVRUN_TEST_S3_BUCKET", DEFAULT_CI_BUCKET)
+    uri = f"s3://{bucket}/{name}"
+    try:
+        return fetch_s3_model(uri, S3Settings.from_env(env), lambda names, where: names)
+    except ModelLoadError as exc:
+        pytest.fail(f"VLLM_CI_USE_S3=1 but test checkpoint {uri} cannot be fetched: {exc}")
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +123,10 @@ def smollm2_hf_dir(smollm2_gguf_path: Path) -> Path:
     stat = smollm2_gguf_path.stat()
     key = {"gguf": str(smollm2_gguf_path), "size": stat.st_size, "mtime": stat.st_mtime_ns}
     return cached_build(
-        "smollm2-hf", key, lambda out: build_hf_checkpoint_from_gguf(smollm2_gguf_path, out)
+        "smollm2-hf",
+        key,
+        lambda out: build_hf_checkpoint_from_gguf(smollm2_gguf_path, out),
+        ci_s3=True,
     )
 
 
@@ -103,6 +149,7 @@ def random_checkpoint(smollm2_hf_dir: Path) -> Callable[..., Path]:
                 tokenizer_dir=smollm2_hf_dir,
                 **kwargs,
             ),
+            ci_s3=True,
         )
 
     return make

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from kvrun.errors import ModelLoadError
 from kvrun.ops import reference
 
 if TYPE_CHECKING:
@@ -16,23 +17,26 @@ if TYPE_CHECKING:
 
 __all__ = ["Checkpoint", "CheckpointFormat"]
 
-CheckpointFormat = Literal["safetensors", "gguf"]
+# How the weights are stored: "dummy" = none, random ones are made (load_format="dummy");
+# "none" = opened for its config and tokenizer only (load_checkpoint(weights=False)).
+CheckpointFormat = Literal["safetensors", "pt", "gguf", "dummy", "none"]
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     """A model checkpoint that :func:`kvrun.loader.load_checkpoint` found and checked.
 
-    Invariants: every file in ``weight_files`` exists and its header was checked;
-    ``hf_config`` has ``architectures`` and went through
-    :func:`kvrun.loader.hf_config.normalize_hf_config`.
+    Invariants: every file in ``weight_files`` exists and its header was checked (a
+    ``pt`` file: it loads with torch.load(weights_only=True)); ``hf_config`` has
+    ``architectures`` and went through :func:`kvrun.loader.hf_config.normalize_hf_config`.
+    ``dummy`` and ``none`` checkpoints have no weight files.
     """
 
     source: str  # the path or hub id the user gave, for messages
     hf_config: dict[str, Any]  # config.json content (synthesized for GGUF), normalized
     format: CheckpointFormat  # how the weights are stored
     directory: Path  # holds config.json and tokenizer files; a GGUF file's own directory
-    weight_files: tuple[Path, ...]  # safetensors files in load order, or the one .gguf file
+    weight_files: tuple[Path, ...]  # safetensors / .bin files in load order, or the one .gguf
     num_tensors: int  # how many stored tensors iter_weights reads (its progress bar's total)
     generation_config: dict[str, Any] = field(default_factory=dict)  # generation_config.json, {}
     # GGUF key/value metadata (tokenizer vocabulary included); empty for safetensors
@@ -40,10 +44,11 @@ class Checkpoint:
     # The parsed gguf.GGUFReader, kept so the weights are read without parsing the file's
     # metadata (seconds for a 49k-token vocabulary) a second time; None for safetensors.
     gguf_reader: Any = field(default=None, repr=False, compare=False)
+    dummy_seed: int = 0  # format "dummy": the seed its random weights are drawn from
 
     @property
     def gguf_file(self) -> Path | None:
-        """The .gguf file, or None for a safetensors checkpoint."""
+        """The .gguf file, or None for any other format."""
         return self.weight_files[0] if self.format == "gguf" else None
 
     @property
@@ -67,6 +72,8 @@ class Checkpoint:
         yields no "lm_head.weight" unless the file stores one. Tensors are new CPU tensors
         the caller owns, except AWQ layers' weights when ``awq_device`` is given: those
         are made there, by ``awq_dequantize`` (the platform's op; default: the reference).
+        A ``dummy`` checkpoint yields random tensors (:mod:`kvrun.loader.dummy`), the same
+        for the same ``dummy_seed``; a ``none`` one raises ModelLoadError.
         ``progress`` shows a tqdm bar on stderr.
         """
         from tqdm.auto import tqdm
@@ -74,18 +81,35 @@ class Checkpoint:
         from kvrun.loader.awq import awq_config, merge_awq
 
         awq = None
+        total = self.num_tensors
+        if self.format == "none":
+            raise ModelLoadError(
+                f"model {self.source!r} was opened for its config and tokenizer only "
+                "(weights=False); open it again to read its weights"
+            )
         if self.format == "gguf":
             from kvrun.loader.gguf_loader import iter_gguf
 
             stored = iter_gguf(self.weight_files[0], self.hf_config, dtype, self.gguf_reader)
+        elif self.format == "dummy":
+            from kvrun.loader.dummy import dummy_weight_spec, iter_dummy
+
+            spec = dummy_weight_spec(self.hf_config, self.source)
+            total = len(spec)
+            std = self.hf_config.get("initializer_range")
+            stored = iter_dummy(
+                spec, dtype, self.dummy_seed, std if isinstance(std, float) else None
+            )
         else:
+            from kvrun.loader.pt_loader import iter_pt
             from kvrun.loader.safetensors_loader import iter_safetensors
 
             awq = awq_config(self.hf_config, self.source)
             # AWQ's int32 / float16 tensors are read as stored and dequantised together.
-            stored = iter_safetensors(self.weight_files, dtype if awq is None else None)
+            read = iter_pt if self.format == "pt" else iter_safetensors
+            stored = read(self.weight_files, dtype if awq is None else None)
         bar = tqdm(
-            total=self.num_tensors,
+            total=total,
             desc=f"Loading {self.name}",
             unit="tensor",
             disable=not progress,

@@ -11,13 +11,16 @@ of them.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from kvrun.errors import ModelLoadError
 
-__all__ = ["normalize_hf_config", "read_config_json", "read_json_object"]
+__all__ = ["check_remote_code", "normalize_hf_config", "read_config_json", "read_json_object"]
+
+logger = logging.getLogger(__name__)
 
 
 def read_json_object(path: Path, source: str) -> dict[str, Any]:
@@ -43,6 +46,50 @@ def read_config_json(path: Path, source: str) -> dict[str, Any]:
             'a causal LM config names its class, e.g. "architectures": ["LlamaForCausalLM"]'
         )
     return normalize_hf_config(raw)
+
+
+def check_remote_code(
+    hf_config: Mapping[str, Any],
+    source: str,
+    *,
+    trust_remote_code: bool,
+    native_architectures: Collection[str],
+) -> None:
+    """Refuse a config.json that asks for its checkpoint's own Python (``auto_map``) unless
+    ``trust_remote_code`` is set and its architectures are ones kvrun implements itself;
+    then log that the checkpoint's code is not used. kvrun never runs a checkpoint's code.
+    """
+    auto_map = hf_config.get("auto_map")
+    if not auto_map:
+        return
+    architectures = [str(a) for a in hf_config.get("architectures") or []]
+    # The model class comes from architectures[0], as ModelConfig reads it.
+    architecture = architectures[0] if architectures else None
+    classes = (
+        ", ".join(sorted(map(str, auto_map.values()))) if isinstance(auto_map, Mapping) else ""
+    )
+    shown = classes or repr(auto_map)
+    asks = f"its config.json has an 'auto_map' ({shown}): it asks for the "
+    asks += "checkpoint's own Python code, and kvrun never runs a checkpoint's code"
+    supported = ", ".join(sorted(native_architectures))
+    if architecture not in native_architectures:
+        raise ModelLoadError(
+            f"model {source!r}: {asks}. Its architecture {architecture!r} is not one kvrun "
+            f"implements natively (supported: {supported}), so it cannot be loaded"
+        )
+    if not trust_remote_code:
+        raise ModelLoadError(
+            f"model {source!r}: {asks}. Its architecture {architecture} is one kvrun implements "
+            "natively: pass trust_remote_code=True (--trust-remote-code) to load it with "
+            f"kvrun's own implementation instead (supported natively: {supported})"
+        )
+    logger.warning(
+        "model %s: trust_remote_code=True, but kvrun never runs a checkpoint's code: its "
+        "auto_map (%s) is ignored and %s is loaded with kvrun's own implementation",
+        source,
+        classes,
+        architecture,
+    )
 
 
 def normalize_hf_config(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -50,14 +50,8 @@ def find_safetensors_files(directory: Path, source: str) -> tuple[Path, ...]:
     files = tuple(sorted(directory.glob("*.safetensors")))
     if files:
         return files
-    others = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".gguf"))
-    hint = (
-        f"; it has {', '.join(others)}: kvrun reads safetensors directories and single "
-        ".gguf files (pass the .gguf file's path)"
-        if others
-        else ""
-    )
-    raise ModelLoadError(f"model {source!r}: no *.safetensors weights in {directory}{hint}")
+    # kvrun.loader.formats picked this format from the files, so this is a lost race.
+    raise ModelLoadError(f"model {source!r}: no *.safetensors weights in {directory}")
 
 
 def validate_safetensors(path: Path) -> int:

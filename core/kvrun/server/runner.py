@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 from collections.abc import Generator
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -78,17 +79,12 @@ class _Server(uvicorn.Server):
 
 def _load_tokenizer(engine_args: EngineArgs, env: EnvSnapshot) -> Tokenizer:
     """The frontend's own tokenizer (the engine's lives in the engine process)."""
-    from kvrun.loader import load_checkpoint
+    from kvrun.loader import load_engine_checkpoint
     from kvrun.tokenizer import load_tokenizer
 
-    checkpoint = load_checkpoint(
-        engine_args.tokenizer or engine_args.model,
-        revision=engine_args.revision,
-        hf_hub_offline=env.HF_HUB_OFFLINE,
-        use_modelscope=env.VLLM_USE_MODELSCOPE,
-        download_dir=engine_args.download_dir,
-    )
-    return load_tokenizer(checkpoint)
+    # Config and tokenizer files only: the engine process reads (and fetches) the weights.
+    args = replace(engine_args, model=engine_args.tokenizer or engine_args.model)
+    return load_tokenizer(load_engine_checkpoint(args, env, weights=False))
 
 
 async def _serve(

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvrun.loader import load_checkpoint
+from kvrun.loader import S3Settings, load_checkpoint
 from kvrun.models.config import ModelConfig
 from kvrun_openvino.executor import INFERENCE_PRECISION, OpenvinoExecutor
 from kvrun_openvino.export import ExportOptions, export_ir, paged_model
@@ -73,6 +73,10 @@ def build_executor(
         config.model_source,
         hf_hub_offline=env.HF_HUB_OFFLINE,
         use_modelscope=env.VLLM_USE_MODELSCOPE,
+        load_format=config.load_format,
+        trust_remote_code=config.trust_remote_code,
+        dummy_seed=config.seed,
+        s3=S3Settings.from_env(env),
     )
     model = ModelConfig.from_hf(checkpoint.hf_config, checkpoint.source)
     options = ExportOptions(int8_weights=env.VLLM_OPENVINO_ENABLE_QUANTIZED_WEIGHTS)

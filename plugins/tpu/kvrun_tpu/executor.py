@@ -16,7 +16,7 @@ import torch
 
 from kvrun.attention.base import AttentionLayerSpec
 from kvrun.errors import ConfigError
-from kvrun.loader import load_checkpoint
+from kvrun.loader import S3Settings, load_checkpoint
 from kvrun.models.config import ModelConfig
 from kvrun.models.registry import ModelRegistry
 from kvrun.ops import reference_ops
@@ -46,6 +46,10 @@ class XlaModelExecutor(ModelExecutor):
             config.model_source,
             hf_hub_offline=env.HF_HUB_OFFLINE,
             use_modelscope=env.VLLM_USE_MODELSCOPE,
+            load_format=config.load_format,
+            trust_remote_code=config.trust_remote_code,
+            dummy_seed=config.seed,
+            s3=S3Settings.from_env(env),
         )
         # Built-in architectures only: general plugins' models are not offered here yet.
         self.model_config = c = ModelConfig.from_hf(checkpoint.hf_config, checkpoint.source)
