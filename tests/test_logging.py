@@ -29,6 +29,9 @@ def restore_logging() -> Iterator[None]:
     saved = {
         lg.name: (lg, lg.level, list(lg.handlers), lg.propagate, lg.disabled) for lg in loggers
     }
+    # As in a fresh process, where no engine has configured kvrun's logger yet: pytest
+    # attaches its capture handlers to every non-propagating logger for each test phase.
+    logging.getLogger("kvrun").propagate = True
     yield
     for lg in [logging.getLogger()] + [
         lg for lg in manager.loggerDict.values() if isinstance(lg, logging.Logger)

@@ -80,8 +80,8 @@ _DISTRIBUTED = (
     "and the Ray executor come with the distributed-execution issue"
 )
 _MEDIA = "kvrun takes no image, video or audio inputs yet (the multimodal issue)"
-_S3 = "kvrun loads from local paths and the Hugging Face hub; S3 comes with the model-breadth issue"
-_MOE = "no mixture-of-experts model yet (the model-breadth issue)"
+_S3 = "loading s3://bucket/prefix models"
+_MOE_TRITON = "kvrun-cuda has no Triton fused-MoE kernel yet (the model-breadth issue)"
 _MLA = "no multi-head latent attention model (DeepSeek-V2) yet (the model-breadth issue)"
 _BUILD = "the cpu plugin's native kernels (C, built on first use)"
 _NO_BUILD_HERE = (
@@ -122,9 +122,9 @@ EFFECTS: dict[str, Effect] = {
     "LOCAL_RANK": _acts("the GPU index", platforms=_GPU),
     "VLLM_ENGINE_ITERATION_TIMEOUT_S": _acts("the server's engine-hang detection", entry=_SERVE),
     "VLLM_API_KEY": _acts("the server's bearer-token check", entry=("serve", "bench")),
-    "S3_ACCESS_KEY_ID": _none(_S3),
-    "S3_SECRET_ACCESS_KEY": _none(_S3),
-    "S3_ENDPOINT_URL": _none(_S3),
+    "S3_ACCESS_KEY_ID": _acts(_S3 + " (unset: boto3's own credentials)"),
+    "S3_SECRET_ACCESS_KEY": _acts(_S3 + " (unset: boto3's own credentials)"),
+    "S3_ENDPOINT_URL": _acts(_S3 + " (an S3-compatible store; unset: AWS S3)"),
     "HF_HUB_OFFLINE": _acts("model resolution"),
     "VLLM_USAGE_STATS_SERVER": _acts("usage stats"),
     "VLLM_NO_USAGE_STATS": _acts("usage stats"),
@@ -149,14 +149,13 @@ EFFECTS: dict[str, Effect] = {
     "VLLM_VIDEO_FETCH_TIMEOUT": _none(_MEDIA),
     "VLLM_AUDIO_FETCH_TIMEOUT": _none(_MEDIA),
     "VLLM_MM_INPUT_CACHE_SIZE": _none(_MEDIA),
-    "VLLM_FUSED_MOE_CHUNK_SIZE": _none(_MOE),
+    "VLLM_FUSED_MOE_CHUNK_SIZE": _acts(
+        "the tokens per fused_moe call of a mixture-of-experts model"
+    ),
     "VLLM_NO_DEPRECATION_WARNING": _acts("logging"),
     "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": _acts("the server's engine-death policy", entry=_SERVE),
     "VLLM_ALLOW_LONG_MAX_MODEL_LEN": _acts("the max_model_len check"),
-    "VLLM_TEST_FORCE_LOAD_FORMAT": _none(
-        "kvrun reads each checkpoint in its one format (safetensors, GGUF, AWQ); load "
-        "formats (.bin, dummy, S3) come with the model-breadth issue"
-    ),
+    "VLLM_TEST_FORCE_LOAD_FORMAT": _acts("the load format, when set (over load_format)"),
     "VLLM_RPC_TIMEOUT": _acts("the server's utility calls to the engine", entry=_SERVE),
     "VLLM_PLUGINS": _acts("plugin discovery"),
     "VLLM_TORCH_PROFILER_DIR": _acts("start_profile()/stop_profile() and /start_profile"),
@@ -174,14 +173,14 @@ EFFECTS: dict[str, Effect] = {
     "VLLM_MLA_DISABLE": _none(_MLA),
     "VLLM_MLA_PERFORM_MATRIX_ABSORPTION": _none(_MLA),
     "VLLM_MLA_DISABLE_REQUANTIZATION": _none(_MLA),
-    "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON": _none(_MOE),
+    "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON": _none(_MOE_TRITON),
     "VLLM_RAY_PER_WORKER_GPUS": _none(_DISTRIBUTED),
     "VLLM_RAY_BUNDLE_INDICES": _none(_DISTRIBUTED),
     "VLLM_DP_RANK": _none(_DISTRIBUTED),
     "VLLM_DP_SIZE": _none(_DISTRIBUTED),
     "VLLM_DP_MASTER_IP": _none(_DISTRIBUTED),
     "VLLM_DP_MASTER_PORT": _none(_DISTRIBUTED),
-    "VLLM_CI_USE_S3": _none(_S3),
+    "VLLM_CI_USE_S3": _acts("kvrun's test suite: test checkpoints come from S3, not built"),
     # cpu
     "VLLM_CPU_KVCACHE_SPACE": _acts("the KV-cache budget", platforms=_CPU),
     "VLLM_CPU_OMP_THREADS_BIND": _acts("thread binding", platforms=_CPU),

@@ -4,12 +4,14 @@ nothing a request can see (the server calls it before announcing itself ready)."
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from kvrun.engine.model_runner import ModelRunner
 from kvrun.sampling_params import SamplingParams
 from tests.support.engine import make_engine, run_all
 
@@ -54,21 +56,32 @@ def _resident_share(caches: list[torch.Tensor]) -> float:
     return resident / total
 
 
-def test_committing_the_cache_makes_it_resident_before_any_request(
+def test_commit_kv_cache_makes_a_lazily_mapped_cache_resident() -> None:
+    """A cache in fresh anonymous memory (as the cpu plugin's calloc'd pool is until
+    written) has no page in memory; commit_kv_cache writes them all once."""
+    nbytes = 64 << 20
+    mapping = mmap.mmap(-1, nbytes)  # fresh zero pages, none resident yet
+    cache = torch.frombuffer(mapping, dtype=torch.float32).view(2, -1, 16)
+    assert _resident_share([cache]) < 0.01
+    runner = ModelRunner(None, [cache], 16, torch.device("cpu"))  # type: ignore[arg-type]
+    assert runner.commit_kv_cache() == nbytes
+    assert _resident_share([cache]) == 1.0
+    assert not cache.any()  # zeros written over zeros: nothing a request could see
+    del cache, runner
+    mapping.close()
+
+
+def test_the_servers_warm_up_commits_the_whole_cache(
     random_checkpoint: Callable[..., Path],
 ) -> None:
-    """The cpu cache is calloc'd: untouched it costs no memory; a server commits it at
-    start (warm_up(commit_kv_cache=True)) so its memory is its steady state at once."""
+    """warm_up(commit_kv_cache=True), as the server runs it: every page of every layer's
+    cache is in memory before the first request, and outputs are unchanged."""
     model_dir = random_checkpoint("llama", seed=7, init_std=0.3, num_layers=2)
-    resident = {}  # commit -> share of the cache in memory after warm_up
-    for commit in (False, True):
-        engine = make_engine(model_dir, max_model_len=256, env={"VLLM_CPU_KVCACHE_SPACE": "0.25"})
-        caches = engine.runner.kv_caches  # type: ignore[attr-defined]
-        cache_bytes = sum(c.numel() * c.element_size() for c in caches)
-        assert cache_bytes >= 0.24 * 2**30
-        engine.warm_up(commit_kv_cache=commit)
-        resident[commit] = _resident_share(caches)
-        assert engine.runner.commit_kv_cache() == cache_bytes
-        assert _resident_share(caches) == 1.0
-    assert resident[False] < 0.2  # the warm-up writes only the first blocks
-    assert resident[True] == 1.0
+    engine = make_engine(model_dir, max_model_len=256, env={"VLLM_CPU_KVCACHE_SPACE": "0.25"})
+    caches = engine.runner.kv_caches  # type: ignore[attr-defined]
+    assert sum(c.numel() * c.element_size() for c in caches) >= 0.24 * 2**30
+    engine.warm_up(commit_kv_cache=True)
+    assert _resident_share(caches) == 1.0
+    cold = make_engine(model_dir, max_model_len=256, num_kv_blocks=64)
+    expected = [o.outputs[0].token_ids for o in run_all(cold, PROMPTS, GREEDY)]
+    assert [o.outputs[0].token_ids for o in run_all(engine, PROMPTS, GREEDY)] == expected

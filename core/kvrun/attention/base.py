@@ -11,11 +11,14 @@ already in the cache.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
+
+from kvrun.errors import ConfigError
 
 __all__ = ["AttentionBackend", "AttentionLayerSpec", "AttentionMetadata"]
 
@@ -33,6 +36,18 @@ class AttentionLayerSpec:
     dtype: torch.dtype | None = None
     # The KV cache's dtype when it differs from the model's (fp8); None = the model dtype.
     kv_cache_dtype: torch.dtype | None = None
+    # A query at position p sees only keys at positions > p - sliding_window (itself and
+    # the W - 1 before it); None = every earlier position (Gemma's local layers).
+    sliding_window: int | None = None
+    # Scores (after the scale) become c * tanh(scores / c) before the softmax; None = as
+    # they are (Gemma 2).
+    logit_softcap: float | None = None
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What this spec asks beyond plain causal attention: the names backends declare."""
+        asked = {"sliding_window": self.sliding_window, "logit_softcap": self.logit_softcap}
+        return frozenset(name for name, value in asked.items() if value is not None)
 
 
 @dataclass
@@ -76,9 +91,33 @@ class AttentionBackend(ABC):
     """
 
     name: ClassVar[str]
+    # The spec features (AttentionLayerSpec.features) this backend computes; a spec asking
+    # for another is refused when the backend is made.
+    features: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, spec: AttentionLayerSpec) -> None:
+        self._check_features(spec)
         self.spec = spec
+
+    def _check_features(self, spec: AttentionLayerSpec) -> None:
+        missing = sorted(spec.features - self.features)
+        if missing:
+            supported = ", ".join(sorted(self.features)) or "none"
+            raise ConfigError(
+                f"attention backend {self.name} does not compute {', '.join(missing)} "
+                f"(asked by the model: {_describe(spec)}); the features it computes: "
+                f"{supported}"
+            )
+
+    def variant(self, **changes: Any) -> AttentionBackend:
+        """This backend for another layer's spec (``dataclasses.replace`` of its own), e.g.
+        ``variant(sliding_window=4096)`` for Gemma's local layers: the same kernels and
+        cache layout; a ConfigError when the backend does not compute what it asks."""
+        spec = replace(self.spec, **changes)
+        self._check_features(spec)
+        other = copy.copy(self)
+        other.spec = spec
+        return other
 
     @staticmethod
     @abstractmethod
@@ -97,3 +136,12 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Store the new K/V in the cache and return the attention output."""
+
+
+def _describe(spec: AttentionLayerSpec) -> str:
+    parts = []
+    if spec.sliding_window is not None:
+        parts.append(f"sliding_window={spec.sliding_window}")
+    if spec.logit_softcap is not None:
+        parts.append(f"logit_softcap={spec.logit_softcap}")
+    return ", ".join(parts)

@@ -17,6 +17,7 @@ class ReferenceAttention(AttentionBackend):
     """
 
     name = "REFERENCE"
+    features = frozenset({"sliding_window", "logit_softcap"})
 
     @staticmethod
     def kv_cache_shape(
@@ -42,4 +43,6 @@ class ReferenceAttention(AttentionBackend):
             meta.seq_lens_host,
             meta.query_lens,
             self.spec.scale,
+            sliding_window=self.spec.sliding_window,
+            logit_softcap=self.spec.logit_softcap,
         )

@@ -25,7 +25,7 @@ from kvrun.engine.step_runner import CausalLM, StepRunner
 from kvrun.env_effects import warn_ineffective
 from kvrun.envs import EnvSnapshot
 from kvrun.errors import ConfigError
-from kvrun.loader import DEFAULT_HUB_MODEL, load_checkpoint
+from kvrun.loader import DEFAULT_HUB_MODEL, engine_load_format, load_engine_checkpoint
 from kvrun.loader.checkpoint import Checkpoint
 from kvrun.models.config import ModelConfig
 from kvrun.models.registry import ModelRegistry
@@ -79,14 +79,31 @@ class ResolvedConfig:
 
 
 def resolve_max_model_len(
-    requested: int | None, model: ModelConfig, allow_long: bool
+    requested: int | None,
+    model: ModelConfig,
+    allow_long: bool,
+    attention: AttentionBackend | None = None,
 ) -> tuple[int, str]:
-    """The context length to serve, and why; longer than the model allows needs the opt-in."""
+    """The context length to serve, and why; longer than the model allows needs the opt-in.
+
+    A model whose layers have sliding windows is served to its full length where the
+    attention backend computes windows; elsewhere up to its shortest window, where
+    global attention is exact (the model then asks the backend for no window).
+    """
     limit = model.max_position_embeddings
     why = f"the model's max_position_embeddings={limit}"
+    if model.rope_context_length > limit:
+        limit = model.rope_context_length
+        why = f"the model's max_position_embeddings x its rope_scaling factor = {limit}"
     if model.sliding_window is not None and model.sliding_window < limit:
         limit = model.sliding_window
         why = f"the model's sliding_window={limit} (kvrun attends globally)"
+    windows = [w for w in model.layer_windows if w is not None]
+    computes_windows = attention is not None and "sliding_window" in attention.features
+    if windows and not computes_windows and min(windows) < limit:
+        limit = min(windows)
+        backend = attention.name if attention is not None else "the attention backend"
+        why = f"the model's sliding_window={limit} ({backend} computes no sliding window)"
     if requested is None:
         return limit, why
     if requested > limit:
@@ -112,20 +129,21 @@ def resolve_engine_config(
     asked_dtype = parse_dtype(args.dtype)
     dtype = asked_dtype or platform.default_dtype()
     dtype_why = "asked for" if asked_dtype else f"dtype=auto: {platform.name}'s default here"
-    max_model_len, len_why = resolve_max_model_len(
-        args.max_model_len, model, env.VLLM_ALLOW_LONG_MAX_MODEL_LEN
-    )
     backend_name = args.attention_backend or env.VLLM_ATTENTION_BACKEND
     kv_cache_dtype = platform.resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
     spec = AttentionLayerSpec(
         num_heads=model.num_heads,
         num_kv_heads=model.num_kv_heads,
         head_dim=model.head_dim,
-        scale=model.head_dim**-0.5,
+        scale=model.attention_scale,
         dtype=dtype,
         kv_cache_dtype=kv_cache_dtype,
+        logit_softcap=model.attn_logit_softcap,
     )
     attention = platform.attention_backend(backend_name, spec)
+    max_model_len, len_why = resolve_max_model_len(
+        args.max_model_len, model, env.VLLM_ALLOW_LONG_MAX_MODEL_LEN, attention
+    )
     batched_tokens = args.max_num_batched_tokens or (
         DEFAULT_CHUNKED_BATCH_TOKENS if args.enable_chunked_prefill else max_model_len
     )
@@ -154,6 +172,8 @@ def resolve_engine_config(
         kv_cache_dtype=kv_cache_dtype,
         enforce_eager=args.enforce_eager,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        load_format=engine_load_format(args, env),
+        trust_remote_code=args.trust_remote_code,
     )
     config, adjustments = platform.check_config(config)
     for reason in adjustments:
@@ -178,14 +198,10 @@ def build_engine_parts(
     for extra in plugin_manager.hook.kvrun_model_architectures():
         registry = registry.extended(extra)
 
-    checkpoint = load_checkpoint(
-        args.model,
-        revision=args.revision,
-        hf_hub_offline=env.HF_HUB_OFFLINE,
-        use_modelscope=env.VLLM_USE_MODELSCOPE,
-        download_dir=args.download_dir,
-    )
+    checkpoint = load_engine_checkpoint(args, env, native_architectures=registry.entries)
     model_config = ModelConfig.from_hf(checkpoint.hf_config, checkpoint.source)
+    if model_config.is_moe:
+        model_config = replace(model_config, moe_chunk_size=env.VLLM_FUSED_MOE_CHUNK_SIZE)
     model_cls = registry.resolve(model_config.architecture, checkpoint.source)
     resolved = resolve_engine_config(args, env, platform, model_config, checkpoint.source)
     config = resolved.config

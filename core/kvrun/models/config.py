@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kvrun.errors import ModelLoadError
+from kvrun.models.rope import rope_context_length, rope_type
 
 __all__ = ["ModelConfig"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer of the Llama family, as the kvrun model code sees it."""
+    """A decoder-only transformer of the Llama family (Llama, Mistral, Qwen2/3, Phi-3), as
+    the kvrun model code sees it."""
 
     architecture: str  # the checkpoint's architectures[0], e.g. "LlamaForCausalLM"
     vocab_size: int
@@ -30,6 +33,38 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool  # q/k/v projections carry a bias (Qwen2)
     sliding_window: int | None  # Mistral-style window, None when attention is global
+    qk_norm: bool = False  # per-head RMSNorm of q and k before the rotation (Qwen3)
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE); num_experts 0 = a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # experts each token is routed to
+    moe_intermediate_size: int = 0  # one expert's intermediate size
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert; 0 = none
+    norm_topk_prob: bool = True  # renormalize the chosen experts' weights to sum to 1
+    moe_layers: tuple[bool, ...] = ()  # per layer: its MLP is a mixture (else dense)
+    # Tokens per fused_moe call (VLLM_FUSED_MOE_CHUNK_SIZE); set by the engine builder.
+    moe_chunk_size: int = 32768
+    # Gemma 2/3: attention scale query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5),
+    # soft-capped attention scores and logits, a window per layer (None: global), the
+    # local layers' own rope theta (Gemma 3), the MLP's activation.
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    layer_windows: tuple[int | None, ...] = ()
+    local_rope_theta: float | None = None
+    hidden_act: str = "silu"
+
+    @property
+    def attention_scale(self) -> float:
+        return 1.0 / math.sqrt(float(self.query_pre_attn_scalar or self.head_dim))
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def rope_context_length(self) -> int:
+        """The context the rope scaling extends the model to (vLLM's derived length)."""
+        return rope_context_length(self.rope_scaling, self.max_position_embeddings)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], source: str) -> ModelConfig:
@@ -46,10 +81,19 @@ class ModelConfig:
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
         model_type = hf.get("model_type", "")
-        bias_default = model_type == "qwen2"
+        bias_default = model_type in ("qwen2", "qwen2_moe")
         window = hf.get("sliding_window")
-        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        if model_type in _OPT_IN_WINDOW and not hf.get("use_sliding_window", False):
             window = None
+        rope_params = hf.get("rope_parameters")
+        partial = hf.get("partial_rotary_factor")
+        if partial is None and isinstance(rope_params, Mapping):
+            partial = rope_params.get("partial_rotary_factor")
+        if partial not in (None, 1, 1.0):
+            raise ModelLoadError(
+                f"{source}: partial_rotary_factor={partial} is not supported (kvrun rotates "
+                "whole heads: 1.0)"
+            )
         rope_theta = hf.get("rope_theta")
         rope_scaling = hf.get("rope_scaling")
         # transformers 5 moves rope settings into "rope_parameters".
@@ -63,20 +107,127 @@ class ModelConfig:
             "default",
         ):
             rope_scaling = None
-        return cls(
-            architecture=str(architectures[0]),
-            vocab_size=int(need("vocab_size")),
-            hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
-            num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", bias_default)),
-            sliding_window=int(window) if window else None,
+        if rope_scaling is not None:
+            rope_scaling = dict(rope_scaling)
+            if "original_max_position_embeddings" in hf:  # Phi-3 keeps it beside the dict
+                rope_scaling.setdefault(
+                    "original_max_position_embeddings", hf["original_max_position_embeddings"]
+                )
+            try:
+                rope_type(rope_scaling)
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"{source}: {exc}") from None
+        num_layers = int(need("num_hidden_layers"))
+        fields: dict[str, Any] = {
+            "architecture": str(architectures[0]),
+            "vocab_size": int(need("vocab_size")),
+            "hidden_size": hidden,
+            "intermediate_size": int(need("intermediate_size")),
+            "num_layers": num_layers,
+            "num_heads": heads,
+            "num_kv_heads": int(hf.get("num_key_value_heads") or heads),
+            "head_dim": int(hf.get("head_dim") or hidden // heads),
+            "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+            "rope_theta": float(rope_theta if rope_theta is not None else 10000.0),
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": int(hf.get("max_position_embeddings", 2048)),
+            "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "attention_bias": bool(hf.get("attention_bias", bias_default)),
+            "sliding_window": int(window) if window else None,
+            "qk_norm": model_type in _QK_NORM,
+        }
+        fields.update(_moe_fields(hf, model_type, num_layers, source))
+        fields.update(_gemma_fields(hf, model_type, num_layers, source))
+        return cls(**fields)
+
+
+def _gemma_fields(hf: Mapping[str, Any], model_type: str, num_layers: int, source: str) -> Any:
+    """Gemma 2/3's attention, window and rope fields. Its sliding_window is per layer
+    (``layer_types``, else Gemma 2's even layers and all but every sixth of Gemma 3), so
+    it goes to layer_windows, not to the global sliding_window."""
+    if model_type not in ("gemma2", "gemma3_text"):
+        return {}
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types")
+    if not types:
+        pattern = int(hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6)
+        local = (
+            [i % 2 == 0 for i in range(num_layers)]
+            if model_type == "gemma2"
+            else [(i + 1) % pattern != 0 for i in range(num_layers)]
         )
+        types = ["sliding_attention" if x else "full_attention" for x in local]
+    if len(types) != num_layers or set(types) - {"sliding_attention", "full_attention"}:
+        raise ModelLoadError(
+            f"{source}: layer_types must name sliding_attention or full_attention for each "
+            f"of the {num_layers} layers; got {types!r}"
+        )
+    fields: dict[str, Any] = {
+        "sliding_window": None,
+        "layer_windows": tuple(
+            int(window) if t == "sliding_attention" and window else None for t in types
+        ),
+        "query_pre_attn_scalar": hf.get("query_pre_attn_scalar"),
+        "attn_logit_softcap": hf.get("attn_logit_softcapping"),
+        "final_logit_softcap": hf.get("final_logit_softcapping"),
+        "hidden_act": str(
+            hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        ),
+    }
+    params = hf.get("rope_parameters")
+    if model_type == "gemma3_text":
+        if isinstance(params, Mapping) and "sliding_attention" in params:
+            local, full = params["sliding_attention"], params.get("full_attention", {})
+            if rope_type(local) != "default":
+                raise ModelLoadError(
+                    f"{source}: rope scaling of Gemma 3's local layers "
+                    f"({rope_type(local)!r}) is not supported; only their default rope"
+                )
+            fields["local_rope_theta"] = float(local.get("rope_theta", 10000.0))
+            fields["rope_theta"] = float(full.get("rope_theta", 1_000_000.0))
+            scaling = dict(full) if rope_type(full) != "default" else None
+            fields["rope_scaling"] = scaling
+        else:
+            fields["local_rope_theta"] = float(hf.get("rope_local_base_freq", 10000.0))
+    return fields
+
+
+def _moe_fields(hf: Mapping[str, Any], model_type: str, num_layers: int, source: str) -> Any:
+    """The mixture-of-experts fields of ModelConfig from Mixtral's or Qwen-MoE's keys."""
+    fields: dict[str, Any]
+    if model_type == "mixtral":
+        experts = int(hf.get("num_local_experts") or 0)
+        fields = {
+            "moe_intermediate_size": int(hf["intermediate_size"]),
+            "norm_topk_prob": True,
+            "moe_layers": (True,) * num_layers,
+        }
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
+        experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
+        step = int(hf.get("decoder_sparse_step") or 1)
+        dense = set(hf.get("mlp_only_layers") or ())
+        fields = {
+            "moe_intermediate_size": int(hf.get("moe_intermediate_size") or 0),
+            "shared_expert_intermediate_size": int(hf.get("shared_expert_intermediate_size") or 0),
+            "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+            "moe_layers": tuple(
+                i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(num_layers)
+            ),
+        }
+    else:
+        return {}
+    top_k = int(hf.get("num_experts_per_tok") or 0)
+    intermediate = int(fields["moe_intermediate_size"])
+    if experts <= 0 or not 0 < top_k <= experts or intermediate <= 0:
+        raise ModelLoadError(
+            f"{source}: a {model_type} config needs experts > 0, 0 < num_experts_per_tok <= "
+            f"experts and an expert intermediate size; got experts={experts}, "
+            f"num_experts_per_tok={top_k}, intermediate={intermediate}"
+        )
+    return {**fields, "num_experts": experts, "num_experts_per_tok": top_k}
+
+
+# Model types whose config carries a sliding_window that applies only with
+# use_sliding_window (Qwen's); and those with per-head q/k norms.
+_OPT_IN_WINDOW = frozenset({"qwen2", "qwen3", "qwen2_moe", "qwen3_moe"})
+_QK_NORM = frozenset({"qwen3", "qwen3_moe", "gemma3_text"})

@@ -1,4 +1,9 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) as kvrun code.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM2) as kvrun code.
+
+Qwen3 adds a per-head RMSNorm of q and k before the rotation; Phi-3 stores q|k|v and
+gate|up already merged. Both are this class's arithmetic otherwise. Mixtral and
+Qwen2/3-MoE replace the MLP of some or all layers by a mixture of experts
+(:mod:`kvrun.models.moe`): :class:`MixtureOfExpertsForCausalLM`.
 
 Weights are plain tensors, not nn.Modules: one step is a fixed sequence of
 kernel calls, and module dispatch would only add overhead to it. The
@@ -29,10 +34,17 @@ from kvrun.attention.base import AttentionBackend, AttentionMetadata
 from kvrun.errors import ModelLoadError
 from kvrun.models.config import ModelConfig
 from kvrun.models.layout import DECODER_LAYOUT
+from kvrun.models.moe import MoeWeights, moe_block
 from kvrun.models.rope import cos_sin_cache
 from kvrun.ops import OpTable
 
-__all__ = ["LlamaForCausalLM", "LlamaLayer", "dense_block"]
+__all__ = [
+    "LlamaForCausalLM",
+    "LlamaLayer",
+    "MixtureOfExpertsForCausalLM",
+    "Qwen3ForCausalLM",
+    "dense_block",
+]
 
 DenseBlock = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -52,6 +64,9 @@ class LlamaLayer:
     post_norm: torch.Tensor  # [H]
     gate_up: Any  # [2 I, H]
     down: Any  # [H, I]
+    q_norm: torch.Tensor | None = None  # [D] per-head norm of q (Qwen3)
+    k_norm: torch.Tensor | None = None  # [D] per-head norm of k (Qwen3)
+    moe: MoeWeights | None = None  # the mixture that replaces gate_up/down (then None)
 
 
 class LlamaForCausalLM:
@@ -81,18 +96,38 @@ class LlamaForCausalLM:
             return torch.empty(shape, dtype=dtype, device=device)
 
         self.embed: Any = empty(c.vocab_size, c.hidden_size)  # prepared once loaded
-        self.layers = [
-            LlamaLayer(
+
+        def mixture() -> MoeWeights:
+            experts, inter, shared = (
+                c.num_experts,
+                c.moe_intermediate_size,
+                c.shared_expert_intermediate_size,
+            )
+            return MoeWeights(
+                router=empty(experts, c.hidden_size),
+                w13=[empty(2 * inter, c.hidden_size) for _ in range(experts)],
+                w2=[empty(c.hidden_size, inter) for _ in range(experts)],
+                shared_gate_up=empty(2 * shared, c.hidden_size) if shared else None,
+                shared_down=empty(c.hidden_size, shared) if shared else None,
+                shared_gate=empty(1, c.hidden_size) if shared else None,
+            )
+
+        def layer(i: int) -> LlamaLayer:
+            moe = c.moe_layers[i] if c.moe_layers else False
+            return LlamaLayer(
                 input_norm=empty(c.hidden_size),
                 qkv=empty(self.q_size + 2 * self.kv_size, c.hidden_size),
                 qkv_bias=empty(self.q_size + 2 * self.kv_size) if c.attention_bias else None,
                 o=empty(c.hidden_size, self.q_size),
                 post_norm=empty(c.hidden_size),
-                gate_up=empty(2 * c.intermediate_size, c.hidden_size),
-                down=empty(c.hidden_size, c.intermediate_size),
+                gate_up=None if moe else empty(2 * c.intermediate_size, c.hidden_size),
+                down=None if moe else empty(c.hidden_size, c.intermediate_size),
+                q_norm=empty(c.head_dim) if c.qk_norm else None,
+                k_norm=empty(c.head_dim) if c.qk_norm else None,
+                moe=mixture() if moe else None,
             )
-            for _ in range(c.num_layers)
-        ]
+
+        self.layers = [layer(i) for i in range(c.num_layers)]
         self.norm = empty(c.hidden_size)
         self.lm_head: Any = (
             self.embed if c.tie_word_embeddings else empty(c.vocab_size, c.hidden_size)
@@ -100,7 +135,11 @@ class LlamaForCausalLM:
         self._prepared = False
         # RoPE is computed in float32 like the reference implementation, whatever the dtype.
         self.cos_sin = cos_sin_cache(
-            c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings
+            c.head_dim,
+            c.rope_theta,
+            c.rope_scaling,
+            max(c.max_position_embeddings, c.rope_context_length),
+            c.max_position_embeddings,
         ).to(device)
         # Everything between two attentions; a field so compile() can swap it.
         self._dense: DenseBlock = functools.partial(dense_block, ops, c.rms_norm_eps)
@@ -124,17 +163,37 @@ class LlamaForCausalLM:
                 dest[p + "self_attn.k_proj.bias"] = layer.qkv_bias[q : q + kv]
                 dest[p + "self_attn.v_proj.bias"] = layer.qkv_bias[q + kv :]
             dest[p + "self_attn.o_proj.weight"] = layer.o
-            dest[p + "mlp.gate_proj.weight"] = layer.gate_up[:inter]
-            dest[p + "mlp.up_proj.weight"] = layer.gate_up[inter:]
-            dest[p + "mlp.down_proj.weight"] = layer.down
+            if layer.moe is not None:
+                dest.update(_mixture_destinations(p, layer.moe, self.config))
+            else:
+                dest[p + "mlp.gate_proj.weight"] = layer.gate_up[:inter]
+                dest[p + "mlp.up_proj.weight"] = layer.gate_up[inter:]
+                dest[p + "mlp.down_proj.weight"] = layer.down
+                dest[p + "mlp.gate_up_proj.weight"] = layer.gate_up  # Phi-3's merged form
+            if layer.q_norm is not None and layer.k_norm is not None:
+                dest[p + "self_attn.q_norm.weight"] = layer.q_norm
+                dest[p + "self_attn.k_norm.weight"] = layer.k_norm
+            dest[p + "self_attn.qkv_proj.weight"] = layer.qkv  # Phi-3's merged form
         return dest
+
+    @staticmethod
+    def _merged_alias(name: str) -> tuple[str, ...]:
+        """The names a merged (Phi-3) weight fills, to tick them off as loaded."""
+        if name.endswith("self_attn.qkv_proj.weight"):
+            stem = name.removesuffix("qkv_proj.weight")
+            return tuple(f"{stem}{x}_proj.weight" for x in "qkv")
+        if name.endswith("mlp.gate_up_proj.weight"):
+            stem = name.removesuffix("gate_up_proj.weight")
+            return (f"{stem}gate_proj.weight", f"{stem}up_proj.weight")
+        return ()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
         """Fill every parameter from (Hugging Face name, tensor) pairs, all of which must be
         present, then hand each matrix to the platform's ``prepare_linear``."""
         assert not self._prepared, "weights are loaded once"
         dest = self._destinations()
-        missing = set(dest)
+        merged = {n for n in dest if self._merged_alias(n)}
+        missing = set(dest) - merged
         for name, tensor in weights:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
@@ -152,6 +211,7 @@ class LlamaForCausalLM:
                 )
             target.copy_(tensor)
             missing.discard(name)
+            missing.difference_update(self._merged_alias(name))
         if missing:
             shown = ", ".join(sorted(missing)[:5])
             raise ModelLoadError(f"{source}: {len(missing)} weight(s) missing, e.g. {shown}")
@@ -163,8 +223,18 @@ class LlamaForCausalLM:
         for layer in self.layers:
             layer.qkv = prepare(layer.qkv)
             layer.o = prepare(layer.o)
-            layer.gate_up = prepare(layer.gate_up)
-            layer.down = prepare(layer.down)
+            if layer.moe is None:
+                layer.gate_up = prepare(layer.gate_up)
+                layer.down = prepare(layer.down)
+                continue
+            moe = layer.moe
+            moe.router = prepare(moe.router)
+            moe.w13 = [prepare(w) for w in moe.w13]
+            moe.w2 = [prepare(w) for w in moe.w2]
+            if moe.shared_gate_up is not None:
+                moe.shared_gate_up = prepare(moe.shared_gate_up)
+                moe.shared_down = prepare(moe.shared_down)
+                moe.shared_gate = prepare(moe.shared_gate)
         tied = self.lm_head is self.embed
         self.embed = prepare(self.embed)
         self.lm_head = self.embed if tied else prepare(self.lm_head)
@@ -193,9 +263,24 @@ class LlamaForCausalLM:
             v = qkv[:, self.q_size + self.kv_size :]
             k = k.view(num_tokens, c.num_kv_heads, c.head_dim)
             v = v.view(num_tokens, c.num_kv_heads, c.head_dim)
+            if layer.q_norm is not None and layer.k_norm is not None:
+                q = self._head_norm(q, layer.q_norm)
+                k = self._head_norm(k, layer.k_norm)
             q, k = self.ops.rotary_embedding(positions, q, k, self.cos_sin)
             attn = self.attention.forward(q, k, v, kv_caches[i], meta)
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            if layer.moe is not None:
+                h, residual = moe_block(
+                    self.ops,
+                    c,
+                    attn.reshape(num_tokens, self.q_size),
+                    residual,
+                    layer.o,
+                    layer.post_norm,
+                    layer.moe,
+                    next_norm,
+                )
+                continue
             h, residual = self._dense(
                 attn.reshape(num_tokens, self.q_size),
                 residual,
@@ -206,6 +291,12 @@ class LlamaForCausalLM:
                 next_norm,
             )
         return h
+
+    def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of each head's vector ([T, heads, D]), Qwen3's q/k norm."""
+        rows = x.reshape(-1, x.shape[-1])
+        normed: torch.Tensor = self.ops.rms_norm(rows, weight, self.config.rms_norm_eps)
+        return normed.view(x.shape)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B, V] fp32
         logits: torch.Tensor = self.ops.linear(hidden, self.lm_head)
@@ -228,3 +319,49 @@ def dense_block(
     h, residual = ops.fused_add_rms_norm(x, residual, post_norm, eps)
     x = ops.linear(ops.silu_and_mul(ops.linear(h, gate_up)), down)
     return ops.fused_add_rms_norm(x, residual, next_norm, eps)  # type: ignore[no-any-return]
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: the Llama arithmetic with a per-head RMSNorm of q and k before the rotation.
+
+    The norms are outside kvrun's fused-decoder layout, so a fused decoder passes it over
+    (with that reason logged) and its decode steps run op by op.
+    """
+
+    decoder_layout: ClassVar[str] = f"{DECODER_LAYOUT} + per-head q/k RMSNorm"
+
+
+class MixtureOfExpertsForCausalLM(LlamaForCausalLM):
+    """Mixtral, Qwen2-MoE (with its shared expert) and Qwen3-MoE (with Qwen3's q/k
+    norms): the Llama arithmetic with mixture-of-experts MLPs (:mod:`kvrun.models.moe`),
+    in every layer or those the config names. The mixtures are outside kvrun's
+    fused-decoder layout, so decode steps run op by op (the reason is logged).
+    """
+
+    decoder_layout: ClassVar[str] = f"{DECODER_LAYOUT} + mixture-of-experts MLPs"
+
+
+def _mixture_destinations(prefix: str, moe: MoeWeights, config: ModelConfig) -> dict[str, Any]:
+    """Hugging Face names of one mixture layer's weights -> our slices (Mixtral spells
+    the experts w1 (gate), w3 (up), w2 (down) under block_sparse_moe; Qwen under mlp)."""
+    inter = config.moe_intermediate_size
+    dest: dict[str, Any] = {}
+    if config.architecture == "MixtralForCausalLM":
+        p = prefix + "block_sparse_moe."
+        names = ("w1", "w3", "w2")
+    else:
+        p = prefix + "mlp."
+        names = ("gate_proj", "up_proj", "down_proj")
+    dest[p + "gate.weight"] = moe.router
+    for e in range(config.num_experts):
+        gate, up, down = (f"{p}experts.{e}.{n}.weight" for n in names)
+        dest[gate] = moe.w13[e][:inter]
+        dest[up] = moe.w13[e][inter:]
+        dest[down] = moe.w2[e]
+    if moe.shared_gate_up is not None:
+        shared = config.shared_expert_intermediate_size
+        dest[p + "shared_expert.gate_proj.weight"] = moe.shared_gate_up[:shared]
+        dest[p + "shared_expert.up_proj.weight"] = moe.shared_gate_up[shared:]
+        dest[p + "shared_expert.down_proj.weight"] = moe.shared_down
+        dest[p + "shared_expert_gate.weight"] = moe.shared_gate
+    return dest

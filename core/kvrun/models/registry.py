@@ -16,10 +16,19 @@ from kvrun.errors import ModelLoadError
 __all__ = ["BUILTIN_ARCHITECTURES", "ModelRegistry"]
 
 _LLAMA = "kvrun.models.llama:LlamaForCausalLM"
+_MOE = "kvrun.models.llama:MixtureOfExpertsForCausalLM"
+_GEMMA = "kvrun.models.gemma:GemmaForCausalLM"
 BUILTIN_ARCHITECTURES: Mapping[str, str] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": _LLAMA,
+    "Qwen3ForCausalLM": "kvrun.models.llama:Qwen3ForCausalLM",
+    "Phi3ForCausalLM": _LLAMA,
+    "MixtralForCausalLM": _MOE,
+    "Qwen2MoeForCausalLM": _MOE,
+    "Qwen3MoeForCausalLM": _MOE,
+    "Gemma2ForCausalLM": _GEMMA,
+    "Gemma3ForCausalLM": _GEMMA,
 }
 
 

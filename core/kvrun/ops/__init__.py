@@ -28,6 +28,7 @@ class OpTable:
     fused_add_rms_norm: Callable[..., Any]
     rotary_embedding: Callable[..., Any]
     silu_and_mul: Callable[..., Any]
+    fused_moe: Callable[..., Any]  # a mixture-of-experts MLP (Mixtral, Qwen-MoE)
     reshape_and_cache: Callable[..., Any]
     paged_attention: Callable[..., Any]
     awq_dequantize: Callable[..., Any]  # at load, not in the forward: AWQ layers' weights

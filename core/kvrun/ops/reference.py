@@ -8,6 +8,9 @@ models produce.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -100,6 +103,37 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
     return F.silu(gate) * up
 
 
+def fused_moe(
+    hidden: torch.Tensor,  # [T, H]
+    w13: Sequence[
+        Any
+    ],  # [E] each expert's [2I, H] gate rows then up rows, as prepare_linear made it
+    w2: Sequence[Any],  # [E] each expert's [H, I] down projection, as prepare_linear made it
+    topk_weights: torch.Tensor,  # [T, K] float32: the router's weight of each chosen expert
+    topk_ids: torch.Tensor,  # [T, K] int64: the chosen experts
+) -> torch.Tensor:  # [T, H] in hidden's dtype: sum_k weight_k * expert_k(hidden)
+    """A mixture-of-experts MLP: each token through its K experts (SiLU-gated, as
+    silu_and_mul), weighted. Experts are visited in id order and their outputs added in
+    that order (Hugging Face's order), each scaled in float32 then cast to the dtype."""
+    out = torch.zeros_like(hidden)
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=len(w13)).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start : start + count]
+        start += count
+        tokens = pairs // k
+        x = silu_and_mul(linear(hidden.index_select(0, tokens), w13[expert]))
+        y = linear(x, w2[expert])
+        weight = topk_weights.reshape(-1).index_select(0, pairs)[:, None]
+        out.index_add_(0, tokens, (y * weight).to(out.dtype))
+    return out
+
+
 def reshape_and_cache(
     key: torch.Tensor,  # [T, Hk, D]
     value: torch.Tensor,  # [T, Hk, D]
@@ -125,8 +159,11 @@ def paged_attention(
     seq_lens: list[int],  # [B] context length after this step
     query_lens: list[int],  # [B] new tokens per request (they end the context)
     scale: float,
+    sliding_window: int | None = None,  # see kvrun.attention.base.AttentionLayerSpec
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:  # [T, Hq, D]
-    """Causal attention of each request's new tokens over its paged context.
+    """Causal attention of each request's new tokens over its paged context (within the
+    sliding window, scores soft-capped, when given).
 
     Gathers each request's whole context, which is what makes it a reference and not
     a fast path.
@@ -146,10 +183,15 @@ def paged_attention(
         v = v.repeat_interleave(group, dim=1).float()
         q = query[start : start + q_len].float()  # [Q, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, Q, S]
+        if logit_softcap is not None:
+            scores = torch.tanh(scores / logit_softcap) * logit_softcap
         # query j sits at absolute position seq_len - q_len + j and sees keys 0..that.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device).unsqueeze(1)
         k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)
-        scores = scores.masked_fill((k_pos > q_pos).unsqueeze(0), float("-inf"))
+        hidden = k_pos > q_pos
+        if sliding_window is not None:
+            hidden |= k_pos <= q_pos - sliding_window
+        scores = scores.masked_fill(hidden.unsqueeze(0), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start : start + q_len] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
         start += q_len

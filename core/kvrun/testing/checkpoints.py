@@ -6,8 +6,9 @@ session fixtures that cache these on disk live in the test suites.
 
 - :func:`build_hf_checkpoint_from_gguf`: the SmolLM2 GGUF as a plain fp32 Hugging
   Face directory (what transformers loads from the GGUF, saved as safetensors).
-- :func:`build_random_checkpoint`: a tiny random Llama, Qwen2 or Mistral using the
-  SmolLM2 tokenizer, so prompts tokenize to real text.
+- :func:`build_random_checkpoint`: a tiny random Llama, Qwen2, Qwen3, Mistral, Phi-3,
+  Mixtral, Qwen2-MoE or Qwen3-MoE using the SmolLM2 tokenizer, so prompts tokenize to
+  real text.
 - :func:`build_gguf_from_hf`: a Hugging Face Llama/Qwen2 checkpoint written as GGUF
   the way llama.cpp's converter writes it (Q/K rows permuted for Llama).
 - :func:`build_word_tokenizer`: a self-contained whitespace word-level tokenizer of any
@@ -21,7 +22,7 @@ import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -35,7 +36,18 @@ __all__ = [
     "save_tokenizer_from_gguf",
 ]
 
-Arch = Literal["llama", "qwen2", "mistral"]
+Arch = Literal[
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "phi3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "gemma2",
+    "gemma3",
+]
 # Files a Hugging Face tokenizer is saved as; copied between checkpoints.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -99,15 +111,46 @@ def build_hf_checkpoint_from_gguf(gguf_path: str | Path | None, out_dir: str | P
 
 
 def _config(arch: Arch, fields: dict[str, Any], sliding_window: int | None) -> Any:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     if arch == "llama":
         return LlamaConfig(**fields, attention_bias=False)
     if arch == "qwen2":
         return Qwen2Config(**fields, use_sliding_window=False)
+    if arch == "qwen3":
+        return Qwen3Config(**fields, use_sliding_window=False)
     if arch == "mistral":
         return MistralConfig(**fields, sliding_window=sliding_window)
-    raise ValueError(f"arch {arch!r} is not one of 'llama', 'qwen2', 'mistral'")
+    if arch == "phi3":
+        scaling = fields.get("rope_scaling") or {}
+        original = scaling.get("original_max_position_embeddings")
+        return Phi3Config(
+            **fields,
+            sliding_window=sliding_window,
+            original_max_position_embeddings=original or fields["max_position_embeddings"],
+        )
+    if arch == "mixtral":
+        return MixtralConfig(**fields, sliding_window=sliding_window)
+    if arch == "qwen2_moe":
+        return Qwen2MoeConfig(**fields, use_sliding_window=False)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(**fields, use_sliding_window=False)
+    if arch == "gemma2":
+        return Gemma2Config(**fields, sliding_window=sliding_window or 4096)
+    if arch == "gemma3":
+        return Gemma3TextConfig(**fields, sliding_window=sliding_window or 512)
+    raise ValueError(f"arch {arch!r} is not one of {', '.join(get_args(Arch))}")
 
 
 def build_random_checkpoint(
@@ -130,6 +173,7 @@ def build_random_checkpoint(
     init_std: float = 0.02,
     max_shard_size: str | int | None = None,
     tokenizer_dir: str | Path | None = None,
+    extra_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """A small random-weight fp32 checkpoint with the SmolLM2 tokenizer files.
 
@@ -139,7 +183,10 @@ def build_random_checkpoint(
     "original_max_position_embeddings": 256}``. ``max_shard_size`` (e.g. "200KB")
     shards the weights with an index. ``tokenizer_dir`` supplies the tokenizer files
     (default: built from the SmolLM2 GGUF); keep ``vocab_size`` at its size (49152)
-    for generated ids to decode.
+    for generated ids to decode. ``extra_config`` adds config fields, e.g. the experts
+    of a mixture (``{"num_local_experts": 4, "num_experts_per_tok": 2}`` for Mixtral,
+    ``num_experts``, ``moe_intermediate_size``, ``shared_expert_intermediate_size``,
+    ``norm_topk_prob``, ``decoder_sparse_step``, ``mlp_only_layers`` for Qwen-MoE).
     """
     from transformers import AutoModelForCausalLM
 
@@ -162,6 +209,7 @@ def build_random_checkpoint(
     }
     if head_dim is not None:
         fields["head_dim"] = head_dim
+    fields.update(extra_config or {})
     config = _config(arch, fields, sliding_window)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     generator = torch.Generator().manual_seed(seed)

@@ -7,8 +7,8 @@ residual), and ``reshape_and_cache`` runs on caches pre-filled with NaN, so a ke
 that skips a slot or writes one it was not given is caught. ``paged_attention`` reads
 caches whose unused slots (blocks no table names, the tail of each last block) are
 NaN: they must not reach the output. ``linear`` and ``embedding`` read their weight in
-the form the platform's ``prepare_linear`` gives it, as the model passes it. Nothing
-here imports pytest.
+the form the platform's ``prepare_linear`` gives it, as the model passes it, and so do
+``fused_moe``'s lists of expert matrices. Nothing here imports pytest.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from kvrun.testing.target import dtype_name
 
 __all__ = ["OP_CASES", "TOLERANCE", "OpCase", "assert_close", "check_op"]
 
-# Ops whose weight argument (at this index) the model hands over as prepare_linear made it.
-_PREPARED_ARG = {"linear": 1, "embedding": 1}
+# Ops whose weight arguments (at these indices; a list: each of its matrices) the model
+# hands over as prepare_linear made them.
+_PREPARED_ARG: dict[str, tuple[int, ...]] = {"linear": (1,), "embedding": (1,), "fused_moe": (1, 2)}
 
 # (atol, rtol) per dtype: a few units in the last place of the values these cases make.
 TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
@@ -205,6 +206,26 @@ def _awq_case(in_features: int, out_features: int, group_size: int) -> Any:
     return make
 
 
+def _moe_case(tokens: int, hidden: int, inter: int, experts: int, k: int) -> Any:
+    """Random tokens routed to ``k`` distinct experts each, weights summing to 1; some
+    experts get no token at all when tokens * k < experts."""
+
+    def make(
+        dtype: torch.dtype, device: torch.device, seed: int
+    ) -> tuple[list[Any], frozenset[int]]:
+        g = torch.Generator().manual_seed(seed)
+        x = _randn(g, tokens, hidden, dtype=dtype, device=device)
+        w13 = [
+            0.2 * _randn(g, 2 * inter, hidden, dtype=dtype, device=device) for _ in range(experts)
+        ]
+        w2 = [0.2 * _randn(g, hidden, inter, dtype=dtype, device=device) for _ in range(experts)]
+        ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+        weights = torch.rand(tokens, k, generator=g).softmax(dim=-1)
+        return [x, w13, w2, weights.to(device), ids.to(device)], frozenset()
+
+    return make
+
+
 OP_CASES: tuple[OpCase, ...] = (
     OpCase("linear", "1x64-to-96", _linear_case(1, 64, 96, bias=False)),
     OpCase("linear", "7x33-to-40-bias", _linear_case(7, 33, 40, bias=True)),
@@ -222,6 +243,9 @@ OP_CASES: tuple[OpCase, ...] = (
     OpCase("rotary_embedding", "5tok-4q1kv-d64-qkv-views", _rope_case(5, 4, 1, 64, fused_qkv=True)),
     OpCase("silu_and_mul", "1x64", _silu_case(1, 64)),
     OpCase("silu_and_mul", "13x96", _silu_case(13, 96)),
+    OpCase("fused_moe", "1tok-8experts-top2", _moe_case(1, 32, 48, 8, 2)),
+    OpCase("fused_moe", "37tok-4experts-top2", _moe_case(37, 64, 32, 4, 2)),
+    OpCase("fused_moe", "70tok-16experts-top4", _moe_case(70, 48, 24, 16, 4)),
     OpCase("reshape_and_cache", "1tok-2kv-d16", _cache_case(1, 4, 16, 2, 16)),
     OpCase("reshape_and_cache", "37tok-4kv-d32", _cache_case(37, 6, 16, 4, 32)),
     OpCase("paged_attention", "decode-gqa", _attention_case([1, 17, 40], [1, 1, 1], 4, 2, 16)),
@@ -283,9 +307,12 @@ def check_op(case: OpCase, ops: OpTable, dtype: torch.dtype, device: torch.devic
     ref_args, in_place = case.make(dtype, device, 0)
     before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     call_args = list(args)
-    if case.op in _PREPARED_ARG:
-        index = _PREPARED_ARG[case.op]
-        call_args[index] = ops.prepare_linear(args[index])
+    for index in _PREPARED_ARG.get(case.op, ()):
+        weight = args[index]
+        if isinstance(weight, list):
+            call_args[index] = [ops.prepare_linear(w) for w in weight]
+        else:
+            call_args[index] = ops.prepare_linear(weight)
     got = getattr(ops, case.op)(*call_args)
     want = getattr(reference, case.op)(*ref_args)
     if in_place:

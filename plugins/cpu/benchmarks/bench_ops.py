@@ -2,12 +2,12 @@
 kernels), against the core's reference op.
 
 Shapes are SmolLM2-135M's (hidden 576, intermediate 1536, 9 query heads and 3 kv heads
-of 64). Reference and CPU op run alternately, so load from other processes hits both
+of 64); ``fused_moe`` runs a Mixtral-shaped mixture (see MOE_*). Reference and CPU op run alternately, so load from other processes hits both
 alike; each number is the median of --runs timings. ``linear`` runs all 30 layers'
 projections (425 MB of float32 weights, more than any cache holds), plain weights
 through the reference against weights from ``prepare_linear``.
 
-    python plugins/cpu/benchmarks/bench_ops.py [--runs 200] [--threads N]
+    python plugins/cpu/benchmarks/bench_ops.py [--runs 200] [--threads N] [--only fused_moe]
 """
 
 from __future__ import annotations
@@ -160,11 +160,37 @@ def attention_cases(cpu: OpTable) -> dict[str, tuple[Callable[[], Any], Callable
     return out
 
 
+# A Mixtral-shaped mixture scaled to this machine: 8 experts, top-2, hidden 1024,
+# expert intermediate 3584 (Mixtral 8x7B is 4096 / 14336): 8 x 44 MB of float32 experts.
+MOE_HIDDEN, MOE_INTER, MOE_EXPERTS, MOE_TOP_K = 1024, 3584, 8, 2
+
+
+def moe_cases(cpu: OpTable) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """fused_moe: the reference (a loop over experts, F.linear each) against the cpu op
+    (tokens sorted by expert, two grouped native matmuls) on prepared expert weights."""
+    g = torch.Generator().manual_seed(3)
+    w13 = [0.02 * torch.randn(2 * MOE_INTER, MOE_HIDDEN, generator=g) for _ in range(MOE_EXPERTS)]
+    w2 = [0.02 * torch.randn(MOE_HIDDEN, MOE_INTER, generator=g) for _ in range(MOE_EXPERTS)]
+    p13, p2 = [cpu.prepare_linear(w) for w in w13], [cpu.prepare_linear(w) for w in w2]
+    out: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
+    for tokens in (1, 16, 64, 512):
+        x = torch.randn(tokens, MOE_HIDDEN, generator=g)
+        probs = torch.randn(tokens, MOE_EXPERTS, generator=g).softmax(dim=-1)
+        weights, ids = torch.topk(probs, MOE_TOP_K)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out[f"fused_moe 8 experts top-2, {tokens} tokens"] = (
+            functools.partial(reference.fused_moe, x, w13, w2, weights, ids),
+            functools.partial(cpu.fused_moe, x, p13, p2, weights, ids),
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--timer", choices=sorted(TIMERS), default="wall")
+    parser.add_argument("--only", default="", help="run only the ops whose name contains this")
     args = parser.parse_args()
     clock = TIMERS[args.timer]
     if args.threads:
@@ -179,9 +205,14 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for tokens in (1, 64, 512):
         for name, (ref, mine) in cases(cpu, tokens).items():
+            if args.only not in name:
+                continue
             r, m = compare(args.runs, ref, mine, clock)
             print(f"| {name} | {tokens} | {r:.1f} | {m:.1f} | {r / m:.2f}x |")
-    for name, (ref, mine) in {**attention_cases(cpu), **linear_cases(cpu)}.items():
+    slow = {**attention_cases(cpu), **linear_cases(cpu), **moe_cases(cpu)}
+    for name, (ref, mine) in slow.items():
+        if args.only not in name:
+            continue
         r, m = compare(max(5, args.runs // 20), ref, mine, clock)
         print(f"| {name} | | {r:.1f} | {m:.1f} | {r / m:.2f}x |")
 

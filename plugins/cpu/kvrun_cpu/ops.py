@@ -10,7 +10,7 @@ they pass.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ __all__ = [
     "cpu_ops",
     "embedding",
     "fused_add_rms_norm",
+    "fused_moe",
     "linear",
     "paged_attention",
     "prepare_linear",
@@ -302,6 +303,35 @@ def paged_attention(
     return out
 
 
+def fused_moe(
+    hidden: torch.Tensor,  # [T, H]
+    w13: Sequence[Any],  # [E] x [2I, H], as prepare_linear made them
+    w2: Sequence[Any],  # [E] x [H, I]
+    topk_weights: torch.Tensor,  # [T, K] float32
+    topk_ids: torch.Tensor,  # [T, K] int64
+    native: NativeKernels | None = None,
+) -> torch.Tensor:  # [T, H]
+    """The (token, expert) pairs sorted by expert, then two grouped native matmuls (each
+    expert's packed matrix read once for all its tokens, one call for all experts) with
+    the native SiLU between; outputs added per token in expert order, as the reference
+    adds them. Without packed weights (no native kernels, float16): the reference."""
+    packed = native is not None and all(isinstance(w, PackedWeight) for w in (*w13, *w2))
+    if not packed or hidden.dtype != w13[0].dtype:
+        return reference.fused_moe(hidden, w13, w2, topk_weights, topk_ids)
+    assert native is not None
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offsets = torch.zeros(len(w13) + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(flat, minlength=len(w13)), 0, out=offsets[1:])
+    tokens = order // k
+    rows = hidden.index_select(0, tokens)  # [T * K, H], grouped by expert
+    gate_up = native.grouped_linear(rows, offsets, w13)
+    down = native.grouped_linear(native.silu_and_mul(gate_up), offsets, w2)
+    weighted = down * topk_weights.reshape(-1).index_select(0, order)[:, None]
+    return torch.zeros_like(hidden).index_add_(0, tokens, weighted.to(hidden.dtype))
+
+
 _OPS: dict[str, Callable[..., Any]] = {
     "prepare_linear": prepare_linear,
     "linear": linear,
@@ -310,6 +340,7 @@ _OPS: dict[str, Callable[..., Any]] = {
     "fused_add_rms_norm": fused_add_rms_norm,
     "rotary_embedding": rotary_embedding,
     "silu_and_mul": silu_and_mul,
+    "fused_moe": fused_moe,
     "reshape_and_cache": reshape_and_cache,
     "paged_attention": paged_attention,
 }

@@ -103,7 +103,8 @@ def test_force_fp8_marlin_is_reported_unsupported() -> None:
 def test_variables_without_a_feature_yet_are_named_on_cuda() -> None:
     env = read_env(
         {
-            "VLLM_FUSED_MOE_CHUNK_SIZE": "1024",
+            "VLLM_FUSED_MOE_CHUNK_SIZE": "1024",  # acts on every platform: not named
+            "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON": "1",
             "VLLM_FLASH_ATTN_VERSION": "3",
             "MAX_JOBS": "4",
             "VLLM_USE_TRITON_AWQ": "1",
@@ -111,7 +112,11 @@ def test_variables_without_a_feature_yet_are_named_on_cuda() -> None:
     )
     assert refused_settings(env) == []
     named = dict(ineffective(env, "cuda", "offline"))
-    assert sorted(named) == ["MAX_JOBS", "VLLM_FLASH_ATTN_VERSION", "VLLM_FUSED_MOE_CHUNK_SIZE"]
+    assert sorted(named) == [
+        "MAX_JOBS",
+        "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON",
+        "VLLM_FLASH_ATTN_VERSION",
+    ]
     assert named["VLLM_FLASH_ATTN_VERSION"].startswith("kvrun-cuda has no FLASH_ATTN backend")
     assert "kvrun-cuda's kernels are Triton" in named["MAX_JOBS"]
 
@@ -131,7 +136,8 @@ def test_disabled_kernels_fall_back_to_the_reference() -> None:
         "VLLM_DISABLED_KERNELS: paged_attention has no kernel here; the reference runs",
         "VLLM_DISABLED_KERNELS: 'MarlinLinearKernel' names no kernel of this platform; known "
         "ops: prepare_linear, linear, embedding, rms_norm, fused_add_rms_norm, "
-        "rotary_embedding, silu_and_mul, reshape_and_cache, paged_attention, awq_dequantize",
+        "rotary_embedding, silu_and_mul, fused_moe, reshape_and_cache, paged_attention, "
+        "awq_dequantize",
     ]
     assert select_ops(available, []) == (available, [])
 

@@ -23,12 +23,14 @@ from torch import nn
 
 from kvrun.errors import ModelLoadError
 from kvrun.models.config import ModelConfig
-from kvrun.models.rope import inverse_frequencies
+from kvrun.models.rope import inverse_frequencies, rope_type
 
-__all__ = ["EXPORTABLE_ARCHITECTURES", "ExportDecoder"]
+__all__ = ["EXPORTABLE_ARCHITECTURES", "EXPORTABLE_ROPE_TYPES", "ExportDecoder"]
 
 # The architectures whose weights and block structure ExportDecoder reproduces.
 EXPORTABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# The graph rotates with one set of frequencies and no cos/sin factor.
+EXPORTABLE_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -60,6 +62,11 @@ class ExportDecoder(nn.Module):
             raise ModelLoadError(
                 f"architecture {config.architecture!r} cannot be exported to OpenVINO by "
                 f"kvrun-openvino; supported: {', '.join(EXPORTABLE_ARCHITECTURES)}"
+            )
+        if rope_type(config.rope_scaling) not in EXPORTABLE_ROPE_TYPES:
+            raise ModelLoadError(
+                f"rope_scaling type {rope_type(config.rope_scaling)!r} cannot be exported to "
+                f"OpenVINO by kvrun-openvino; supported: {', '.join(EXPORTABLE_ROPE_TYPES)}"
             )
         self.config = config
         params = {name.removeprefix("model."): t for name, t in weights}

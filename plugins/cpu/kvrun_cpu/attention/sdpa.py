@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, AttentionMetadata
+from kvrun.ops import reference
 from kvrun_cpu.attention.kernels import Workspace, decode_attention, prefill_attention
 from kvrun_cpu.attention.native import decode_batch, runs_natively
 from kvrun_cpu.attention.plan import BatchPlan, build_plan
@@ -54,6 +55,9 @@ class TorchSdpaAttention(AttentionBackend):
     """
 
     name = "TORCH_SDPA"
+    # Layers with a sliding window or soft-capped scores (Gemma) run the core's gathering
+    # reference op over this cache (float32 scores): correct, not fast.
+    features = frozenset({"sliding_window", "logit_softcap"})
 
     def __init__(self, spec: AttentionLayerSpec, native: NativeKernels | None = None) -> None:
         super().__init__(spec)
@@ -110,6 +114,18 @@ class TorchSdpaAttention(AttentionBackend):
             self.native.write_kv(key, value, key_cache, value_cache, meta.slot_mapping)
         else:
             write_kv_head_major(key, value, key_cache, value_cache, meta.slot_mapping)
+        if self.spec.features:
+            return reference.paged_attention(
+                query,
+                key_cache.permute(1, 2, 0, 3),  # [NB, bs, Hk, D], the reference's layout
+                value_cache.permute(1, 2, 0, 3),
+                meta.block_tables,
+                meta.seq_lens_host,
+                meta.query_lens,
+                self.spec.scale,
+                sliding_window=self.spec.sliding_window,
+                logit_softcap=self.spec.logit_softcap,
+            )
         plan = self.plan(meta, one_decode_batch=native)
         num_kv_heads, _, block_size, head_dim = key_cache.shape
         scale = self.spec.scale

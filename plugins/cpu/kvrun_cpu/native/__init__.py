@@ -10,6 +10,7 @@ kernels: the caller gets None and the reason, and the cpu plugin keeps its torch
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -36,6 +37,9 @@ _SIGNATURES: dict[str, list[type]] = {
     "kvrun_packed_linear_bf16": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT],
     "kvrun_pack_bf16": [_PTR, _I64, _I64, _I64, _PTR, _INT],
     "kvrun_packed_rows_bf16": [_PTR, _I64, _PTR, _I64, _I64, _PTR],
+    # x, x_row, panels[groups], offsets[groups + 1], groups, y, y_row, n, k, workers
+    "kvrun_grouped_linear_f32": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT],
+    "kvrun_grouped_linear_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT],
     # query, q_tok, q_head, key_cache, value_cache, c_head, c_block, c_slot, tables, t_row,
     # seq_lens, n, num_heads, num_kv_heads, head_dim, block_size, scale, out, o_tok, o_head,
     # dtype, workers
@@ -135,6 +139,35 @@ class NativeKernels:
             y.data_ptr(),
             n,
             m,
+            n,
+            k,
+            self.threads,
+        )
+        return y
+
+    def grouped_linear(
+        self,
+        x: torch.Tensor,  # [M, K], the weights' dtype, contiguous: rows grouped
+        offsets: torch.Tensor,  # [G + 1] int64: group g is rows offsets[g]..offsets[g+1]
+        weights: Sequence[PackedWeight],  # [G], each [N, K]
+    ) -> torch.Tensor:  # [M, N]: each group's rows through its own matrix
+        """One packed matmul per group in one native call (a mixture of experts)."""
+        m, k = x.shape
+        n, dtype = weights[0].out_features, weights[0].dtype
+        assert len(offsets) == len(weights) + 1 and offsets.dtype == torch.int64
+        assert x.is_contiguous() and x.dtype == dtype and offsets.is_contiguous()
+        assert all(w.out_features == n and w.in_features == k and w.dtype == dtype for w in weights)
+        panels = (ctypes.c_void_p * len(weights))(*(w.panels.data_ptr() for w in weights))
+        y = torch.empty((m, n), dtype=dtype)
+        fn = self._grouped_linear_f32 if dtype == torch.float32 else self._grouped_linear_bf16  # type: ignore[attr-defined]
+        fn(
+            x.data_ptr(),
+            k,
+            panels,
+            offsets.data_ptr(),
+            len(weights),
+            y.data_ptr(),
+            n,
             n,
             k,
             self.threads,

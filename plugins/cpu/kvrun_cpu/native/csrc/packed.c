@@ -116,6 +116,21 @@ void kvrun_packed_linear_f32(const float *x, int64_t x_row, const float *panels,
     kv_pool_run(packed_task, &a, workers);
 }
 
+/* One matmul per group of rows: rows offsets[g]..offsets[g+1] of x through the g-th
+ * packed matrix, into the same rows of y (a mixture of experts: the tokens sorted by
+ * expert, each expert's matrix read once). Empty groups cost nothing. */
+void kvrun_grouped_linear_f32(const float *x, int64_t x_row, const float *const *panels,
+                              const int64_t *offsets, int64_t groups, float *y, int64_t y_row,
+                              int64_t n, int64_t k, int workers)
+{
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t m = offsets[g + 1] - offsets[g];
+        if (m > 0)
+            kvrun_packed_linear_f32(x + offsets[g] * x_row, x_row, panels[g], NULL,
+                                    y + offsets[g] * y_row, y_row, m, n, k, workers);
+    }
+}
+
 /* --- packing ------------------------------------------------------------------------ */
 
 typedef struct {

@@ -134,6 +134,19 @@ void kvrun_packed_linear_bf16(const uint16_t *x, int64_t x_row, const uint16_t *
     kv_pool_run(linear_task, &a, workers);
 }
 
+/* kvrun_grouped_linear_f32 (packed.c) for bfloat16. */
+void kvrun_grouped_linear_bf16(const uint16_t *x, int64_t x_row, const uint16_t *const *panels,
+                               const int64_t *offsets, int64_t groups, uint16_t *y,
+                               int64_t y_row, int64_t n, int64_t k, int workers)
+{
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t m = offsets[g + 1] - offsets[g];
+        if (m > 0)
+            kvrun_packed_linear_bf16(x + offsets[g] * x_row, x_row, panels[g], NULL,
+                                     y + offsets[g] * y_row, y_row, m, n, k, workers);
+    }
+}
+
 /* --- packing ------------------------------------------------------------------------ */
 
 typedef struct {

@@ -1,0 +1,242 @@
+"""Gemma 2 and Gemma 3 (text) as kvrun code.
+
+Against the Llama arithmetic (:mod:`kvrun.models.llama`), per layer:
+
+- four norms: before attention, on the attention output (before the residual add),
+  before the MLP and on the MLP output; every Gemma norm scales by ``1 + w`` (folded
+  into the weight once loaded, so the platform's ``rms_norm`` runs them);
+- attention scaled by ``query_pre_attn_scalar ** -0.5``; Gemma 2 soft-caps the scores
+  (``attn_logit_softcapping``); local layers see a sliding window of
+  ``sliding_window`` positions (``layer_types``), global layers everything; Gemma 3
+  adds per-head q/k norms and rotates its local layers with their own rope theta;
+- a GeGLU MLP (``gelu`` with the tanh approximation, as ``gelu_pytorch_tanh``);
+- the embedding scaled by ``sqrt(hidden_size)`` (rounded to the model dtype, as
+  Hugging Face does), the logits soft-capped by ``final_logit_softcapping`` (Gemma 2).
+
+Windows need an attention backend that computes them (``"sliding_window" in
+attention.features``); with one that does not, the engine serves the model only up to
+its shortest window (where global attention is the same) and the local layers attend
+globally. Soft-capping has no such fallback: a backend without it refuses the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from kvrun.attention.base import AttentionBackend, AttentionMetadata
+from kvrun.errors import ModelLoadError
+from kvrun.models.config import ModelConfig
+from kvrun.models.rope import cos_sin_cache
+from kvrun.ops import OpTable
+
+__all__ = ["GemmaForCausalLM", "GemmaLayer"]
+
+
+@dataclass
+class GemmaLayer:
+    """One Gemma layer's weights; matrices as ``prepare_linear`` returned them once loaded."""
+
+    input_norm: torch.Tensor  # [H], 1 + w once loaded
+    qkv: Any  # [(Hq + 2 Hk) * D, H]
+    o: Any  # [H, Hq * D]
+    post_attention_norm: torch.Tensor  # [H]
+    pre_feedforward_norm: torch.Tensor  # [H]
+    gate_up: Any  # [2 I, H]
+    down: Any  # [H, I]
+    post_feedforward_norm: torch.Tensor  # [H]
+    attention: AttentionBackend  # this layer's (a sliding-window variant for local layers)
+    cos_sin: torch.Tensor  # [P, D] this layer's rope table (Gemma 3: local or global)
+    q_norm: torch.Tensor | None = None  # [D] (Gemma 3)
+    k_norm: torch.Tensor | None = None  # [D]
+
+
+_ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
+class GemmaForCausalLM:
+    """Gemma2ForCausalLM and Gemma3ForCausalLM (text) over a paged KV cache."""
+
+    # Not kvrun's fused-decoder layout (kvrun.models.layout): decode steps run op by op.
+    decoder_layout: ClassVar[str] = "gemma: pre/post norms, GeGLU, soft-capping, windows"
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        ops: OpTable,
+        attention: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        c = config
+        if c.hidden_act not in _ACTIVATIONS:
+            raise ModelLoadError(
+                f"{c.architecture}: hidden activation {c.hidden_act!r} is not supported; "
+                f"supported: {', '.join(_ACTIVATIONS)}"
+            )
+        self.config = config
+        self.ops = ops
+        self.attention = attention
+        self.dtype = dtype
+        self.device = device
+        self.q_size = c.num_heads * c.head_dim
+        self.kv_size = c.num_kv_heads * c.head_dim
+        self._approximate = _ACTIVATIONS[c.hidden_act]
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        positions = max(c.max_position_embeddings, c.rope_context_length)
+        global_rope = cos_sin_cache(
+            c.head_dim, c.rope_theta, c.rope_scaling, positions, c.max_position_embeddings
+        ).to(device)
+        local_rope = global_rope
+        if c.local_rope_theta is not None:
+            local_rope = cos_sin_cache(c.head_dim, c.local_rope_theta, None, positions).to(device)
+        windows = c.layer_windows or (None,) * c.num_layers
+        computes_windows = "sliding_window" in attention.features
+
+        def layer(window: int | None) -> GemmaLayer:
+            local = window is not None
+            return GemmaLayer(
+                input_norm=empty(c.hidden_size),
+                qkv=empty(self.q_size + 2 * self.kv_size, c.hidden_size),
+                o=empty(c.hidden_size, self.q_size),
+                post_attention_norm=empty(c.hidden_size),
+                pre_feedforward_norm=empty(c.hidden_size),
+                gate_up=empty(2 * c.intermediate_size, c.hidden_size),
+                down=empty(c.hidden_size, c.intermediate_size),
+                post_feedforward_norm=empty(c.hidden_size),
+                attention=(
+                    attention.variant(sliding_window=window)
+                    if local and computes_windows
+                    else attention
+                ),
+                cos_sin=local_rope if local else global_rope,
+                q_norm=empty(c.head_dim) if c.qk_norm else None,
+                k_norm=empty(c.head_dim) if c.qk_norm else None,
+            )
+
+        self.embed: Any = empty(c.vocab_size, c.hidden_size)
+        self.layers = [layer(w) for w in windows]
+        self.norm = empty(c.hidden_size)
+        self.lm_head: Any = (
+            self.embed if c.tie_word_embeddings else empty(c.vocab_size, c.hidden_size)
+        )
+        # sqrt(hidden) rounded to the model dtype, as Hugging Face scales the embedding
+        self.embed_scale = torch.tensor(c.hidden_size**0.5, dtype=dtype, device=device)
+        self._prepared = False
+
+    # loading -------------------------------------------------------------------------
+    def _norms(self) -> list[torch.Tensor]:
+        norms = [self.norm]
+        for lay in self.layers:
+            norms += [
+                lay.input_norm,
+                lay.post_attention_norm,
+                lay.pre_feedforward_norm,
+                lay.post_feedforward_norm,
+            ]
+            norms += [n for n in (lay.q_norm, lay.k_norm) if n is not None]
+        return norms
+
+    def _destinations(self) -> dict[str, torch.Tensor]:
+        q, kv, inter = self.q_size, self.kv_size, self.config.intermediate_size
+        dest = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        if not self.config.tie_word_embeddings:
+            dest["lm_head.weight"] = self.lm_head
+        for i, lay in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            dest[p + "input_layernorm.weight"] = lay.input_norm
+            dest[p + "post_attention_layernorm.weight"] = lay.post_attention_norm
+            dest[p + "pre_feedforward_layernorm.weight"] = lay.pre_feedforward_norm
+            dest[p + "post_feedforward_layernorm.weight"] = lay.post_feedforward_norm
+            dest[p + "self_attn.q_proj.weight"] = lay.qkv[:q]
+            dest[p + "self_attn.k_proj.weight"] = lay.qkv[q : q + kv]
+            dest[p + "self_attn.v_proj.weight"] = lay.qkv[q + kv :]
+            dest[p + "self_attn.o_proj.weight"] = lay.o
+            dest[p + "mlp.gate_proj.weight"] = lay.gate_up[:inter]
+            dest[p + "mlp.up_proj.weight"] = lay.gate_up[inter:]
+            dest[p + "mlp.down_proj.weight"] = lay.down
+            if lay.q_norm is not None and lay.k_norm is not None:
+                dest[p + "self_attn.q_norm.weight"] = lay.q_norm
+                dest[p + "self_attn.k_norm.weight"] = lay.k_norm
+        return dest
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+        """Every parameter from (Hugging Face name, tensor) pairs, all of which must be
+        present; then the norms become ``1 + w`` and the matrices are prepared."""
+        assert not self._prepared, "weights are loaded once"
+        dest = self._destinations()
+        missing = set(dest)
+        for name, tensor in weights:
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            target = dest.get(name)
+            if target is None:
+                raise ModelLoadError(
+                    f"{source}: unexpected weight {name!r} for {self.config.architecture}"
+                )
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ModelLoadError(
+                    f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            missing.discard(name)
+        if missing:
+            shown = ", ".join(sorted(missing)[:5])
+            raise ModelLoadError(f"{source}: {len(missing)} weight(s) missing, e.g. {shown}")
+        for norm in self._norms():  # Gemma's norms scale by 1 + w, added in float32
+            norm.copy_((norm.float() + 1.0).to(norm.dtype))
+        prepare = self.ops.prepare_linear
+        for lay in self.layers:
+            lay.qkv, lay.o = prepare(lay.qkv), prepare(lay.o)
+            lay.gate_up, lay.down = prepare(lay.gate_up), prepare(lay.down)
+        tied = self.lm_head is self.embed
+        self.embed = prepare(self.embed)
+        self.lm_head = self.embed if tied else prepare(self.lm_head)
+        self._prepared = True
+
+    # forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, H] final hidden states (normed)
+        c, ops = self.config, self.ops
+        eps = c.rms_norm_eps
+        t = input_ids.shape[0]
+        x = ops.embedding(input_ids, self.embed) * self.embed_scale
+        for i, lay in enumerate(self.layers):
+            h = ops.rms_norm(x, lay.input_norm, eps)
+            qkv = ops.linear(h, lay.qkv)
+            q = qkv[:, : self.q_size].view(t, c.num_heads, c.head_dim)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, c.num_kv_heads, c.head_dim)
+            v = qkv[:, self.q_size + self.kv_size :].view(t, c.num_kv_heads, c.head_dim)
+            if lay.q_norm is not None and lay.k_norm is not None:
+                q = ops.rms_norm(q.reshape(-1, c.head_dim), lay.q_norm, eps).view(q.shape)
+                k = ops.rms_norm(k.reshape(-1, c.head_dim), lay.k_norm, eps).view(k.shape)
+            q, k = ops.rotary_embedding(positions, q, k, lay.cos_sin)
+            attn = lay.attention.forward(q, k, v, kv_caches[i], meta)
+            x = x + ops.rms_norm(
+                ops.linear(attn.reshape(t, self.q_size), lay.o), lay.post_attention_norm, eps
+            )
+            h = ops.rms_norm(x, lay.pre_feedforward_norm, eps)
+            gate, up = ops.linear(h, lay.gate_up).chunk(2, dim=-1)
+            mlp = ops.linear(F.gelu(gate, approximate=self._approximate) * up, lay.down)
+            x = x + ops.rms_norm(mlp, lay.post_feedforward_norm, eps)
+        return ops.rms_norm(x, self.norm, eps)  # type: ignore[no-any-return]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B, V] fp32
+        logits: torch.Tensor = self.ops.linear(hidden, self.lm_head).float()
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

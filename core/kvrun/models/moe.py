@@ -1,0 +1,81 @@
+"""Mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE): routing and the layer block.
+
+A router (one [E, H] matrix) scores every expert for each token; the ``top_k`` best,
+weighted by their softmax probabilities (renormalized to sum to 1 where the model
+does), each run a SiLU-gated MLP, and their outputs are summed by the platform's
+``fused_moe`` op. Qwen2-MoE adds a shared expert every token goes through, scaled by a
+sigmoid gate. Tokens are routed and run in chunks of ``moe_chunk_size``
+(VLLM_FUSED_MOE_CHUNK_SIZE), which bounds the op's temporaries on long prefills.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvrun.models.config import ModelConfig
+from kvrun.ops import OpTable
+
+__all__ = ["MoeWeights", "moe_block", "moe_mlp", "route"]
+
+
+@dataclass
+class MoeWeights:
+    """One mixture layer's weights; every matrix (each expert's too) is what
+    ``prepare_linear`` returned for it once loaded, the form ``fused_moe`` reads."""
+
+    router: Any  # [E, H]
+    w13: list[Any]  # [E] x [2I, H]: each expert's gate rows, then its up rows
+    w2: list[Any]  # [E] x [H, I]
+    shared_gate_up: Any | None = None  # [2S, H] (Qwen2-MoE)
+    shared_down: Any | None = None  # [H, S]
+    shared_gate: Any | None = None  # [1, H]: the sigmoid gate of the shared expert
+
+
+def route(
+    ops: OpTable, h: torch.Tensor, moe: MoeWeights, config: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:  # (weights [T, K] float32, expert ids [T, K] int64)
+    """Each token's ``num_experts_per_tok`` experts and their weights, as Hugging Face
+    routes: softmax over all experts in float32, top-k, renormalized where configured."""
+    probs = torch.softmax(ops.linear(h, moe.router).float(), dim=-1)
+    weights, ids = torch.topk(probs, config.num_experts_per_tok, dim=-1)
+    if config.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def moe_mlp(ops: OpTable, h: torch.Tensor, moe: MoeWeights, config: ModelConfig) -> torch.Tensor:
+    """The mixture's output for normed hidden states ``h`` [T, H], chunk by chunk."""
+    chunk = max(1, config.moe_chunk_size)
+    outputs = []
+    for start in range(0, h.shape[0], chunk):
+        part = h[start : start + chunk]
+        weights, ids = route(ops, part, moe, config)
+        out = ops.fused_moe(part, moe.w13, moe.w2, weights, ids)
+        if moe.shared_gate_up is not None:
+            shared = ops.linear(
+                ops.silu_and_mul(ops.linear(part, moe.shared_gate_up)), moe.shared_down
+            )
+            out = out + torch.sigmoid(ops.linear(part, moe.shared_gate)) * shared
+        outputs.append(out)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def moe_block(
+    ops: OpTable,
+    config: ModelConfig,
+    attn: torch.Tensor,  # [T, Hq * D] attention output of layer i
+    residual: torch.Tensor,  # [T, H]
+    o: Any,  # [H, Hq * D]
+    post_norm: torch.Tensor,  # [H]
+    moe: MoeWeights,
+    next_norm: torch.Tensor,  # [H] layer i+1's input norm, or the final norm
+) -> tuple[torch.Tensor, torch.Tensor]:  # (normed input of layer i+1, residual)
+    """:func:`kvrun.models.llama.dense_block` with the mixture in place of the MLP."""
+    eps = config.rms_norm_eps
+    x = ops.linear(attn, o)
+    h, residual = ops.fused_add_rms_norm(x, residual, post_norm, eps)
+    x = moe_mlp(ops, h, moe, config)
+    return ops.fused_add_rms_norm(x, residual, next_norm, eps)  # type: ignore[no-any-return]
