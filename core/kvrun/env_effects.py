@@ -82,7 +82,6 @@ _DISTRIBUTED = (
 _MEDIA = "kvrun takes no image, video or audio inputs yet (the multimodal issue)"
 _S3 = "loading s3://bucket/prefix models"
 _MOE_TRITON = "kvrun-cuda has no Triton fused-MoE kernel yet (the model-breadth issue)"
-_MLA = "no multi-head latent attention model (DeepSeek-V2) yet (the model-breadth issue)"
 _BUILD = "the cpu plugin's native kernels (C, built on first use)"
 _NO_BUILD_HERE = (
     "only kvrun-cpu compiles anything (its C kernels, on first use); kvrun-cuda's kernels "
@@ -170,9 +169,13 @@ EFFECTS: dict[str, Effect] = {
     "VLLM_DISABLE_COMPILE_CACHE": _acts("torch.compile's cache"),
     "VLLM_SERVER_DEV_MODE": _acts("the server's development routes", entry=_SERVE),
     "VLLM_V1_OUTPUT_PROC_CHUNK_SIZE": _acts("the server's output batching", entry=_SERVE),
-    "VLLM_MLA_DISABLE": _none(_MLA),
-    "VLLM_MLA_PERFORM_MATRIX_ABSORPTION": _none(_MLA),
-    "VLLM_MLA_DISABLE_REQUANTIZATION": _none(_MLA),
+    "VLLM_MLA_DISABLE": _acts("DeepSeek-V2's attention: every head cached, plain attention"),
+    "VLLM_MLA_PERFORM_MATRIX_ABSORPTION": _acts(
+        "DeepSeek-V2's attention: W_UK/W_UV multiplied into q and o at load"
+    ),
+    "VLLM_MLA_DISABLE_REQUANTIZATION": _none(
+        "kvrun has no fp8 weights to requantize: absorbed matrices stay in the model dtype"
+    ),
     "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON": _none(_MOE_TRITON),
     "VLLM_RAY_PER_WORKER_GPUS": _none(_DISTRIBUTED),
     "VLLM_RAY_BUNDLE_INDICES": _none(_DISTRIBUTED),

@@ -207,6 +207,8 @@ def test_long_max_model_len_needs_the_opt_in(
         with kvrun_log(logging.WARNING) as messages:
             llm = LLM(model=str(smollm2_hf_dir), max_model_len=9000)
     assert llm.llm_engine.config.max_model_len == 9000
+    # the rotary table reaches every position a request may now have
+    assert llm.llm_engine.runner.model.cos_sin.shape[0] >= 9000  # type: ignore[attr-defined]
     assert any("VLLM_ALLOW_LONG_MAX_MODEL_LEN=1" in m for m in messages)
 
 

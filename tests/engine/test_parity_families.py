@@ -20,6 +20,7 @@ import torch
 
 from kvrun.models.moe import route
 from kvrun.sampling_params import SamplingParams
+from kvrun.testing.checkpoints import build_gguf_from_hf
 from tests.support.engine import hf_greedy, make_engine, run_all
 from tests.support.logs import kvrun_log
 
@@ -59,7 +60,15 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
         {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 64},
     ),
     # local layers see 8 positions: every prompt but the shortest runs past the window
-    "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 8, "tie_word_embeddings": True}),
+    "gemma2": (
+        "gemma2",
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "tie_word_embeddings": True,
+            "extra_config": {"query_pre_attn_scalar": 16},  # = head_dim, as in Gemma 2 9B
+        },
+    ),
     # a wider window, so that the local layers' own rope theta shows in the outputs
     "gemma3": (
         "gemma3",
@@ -112,8 +121,22 @@ PROMPTS = [
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5)
 
 
+# Only in the GGUF test: Gemma 3 with the rope thetas llama.cpp's format can express.
+GGUF_ONLY: dict[str, tuple[str, dict[str, Any]]] = {
+    "gemma3-default-rope": (
+        "gemma3",
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "tie_word_embeddings": True,
+            "extra_config": {"query_pre_attn_scalar": 16},
+        },
+    ),
+}
+
+
 def _checkpoint(name: str, random_checkpoint: Callable[..., Path]) -> Path:
-    arch, kwargs = MODELS[name]
+    arch, kwargs = {**MODELS, **GGUF_ONLY}[name]
     return random_checkpoint(arch, seed=11, init_std=0.3, num_layers=3, **kwargs)
 
 
@@ -143,18 +166,20 @@ def test_family_matches_transformers(name: str, random_checkpoint: Callable[...,
     assert tight.stats().scheduler.num_preemptions_total > 0
 
 
-@pytest.mark.parametrize(("name", "reason"), [("qwen3", "q/k RMSNorm"), ("mixtral", "mixture")])
+@pytest.mark.parametrize(("name", "reason"), [("mixtral", "mixture"), ("gemma2", "gemma")])
 def test_families_outside_the_fused_layout_run_op_by_op_and_say_why(
     name: str, reason: str, random_checkpoint: Callable[..., Path]
 ) -> None:
-    """q/k norms and mixtures are outside the cpu plugin's fused decoder layout: it is
-    passed over with the reason logged, where Phi-3 (the Llama arithmetic) takes it."""
+    """Mixtures and Gemma are outside the cpu plugin's fused decoder layout: it is passed
+    over with the reason logged, where Phi-3 and Qwen3 (the Llama arithmetic, q/k norms
+    included) take it; the parity above then covers their fused decode steps."""
     with kvrun_log(logging.INFO) as messages:
         engine = make_engine(_checkpoint(name, random_checkpoint), max_model_len=128)
     assert engine.runner.fused_decoder is None  # type: ignore[attr-defined]
     assert any("decode steps run op by op" in m and reason in m for m in messages)
-    phi3 = make_engine(_checkpoint("phi3", random_checkpoint), max_model_len=128)
-    assert phi3.runner.fused_decoder is not None  # type: ignore[attr-defined]
+    for fused in ("phi3", "qwen3"):
+        other = make_engine(_checkpoint(fused, random_checkpoint), max_model_len=128)
+        assert other.runner.fused_decoder is not None, fused  # type: ignore[attr-defined]
 
 
 def test_scaled_rope_extends_the_default_context(random_checkpoint: Callable[..., Path]) -> None:
@@ -184,3 +209,29 @@ def test_mixture_routes_a_batch_to_many_experts_in_chunks(
     reference = hf_greedy(model_dir, PROMPTS, NEW_TOKENS)
     outputs = run_all(engine, PROMPTS, GREEDY)
     assert [o.outputs[0].token_ids for o in outputs] == reference.tokens
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["qwen3", "mixtral", "qwen2-moe-shared", "qwen3-moe", "gemma2", "gemma3-default-rope"],
+)
+def test_a_gguf_of_the_family_generates_like_its_checkpoint(
+    name: str, random_checkpoint: Callable[..., Path], smollm2_gguf_path: Path, tmp_path: Path
+) -> None:
+    """The checkpoint written as llama.cpp lays it out (experts stacked per layer, Q/K
+    rows permuted for llama/Mixtral, Gemma's norms as 1 + w and its scale and windows
+    from the metadata), with SmolLM2's tokenizer metadata, loads to the same model:
+    equal greedy tokens and logprobs."""
+    model_dir = _checkpoint(name, random_checkpoint)
+    path = build_gguf_from_hf(model_dir, tmp_path / "model.gguf", tokenizer_gguf=smollm2_gguf_path)
+    from_gguf = make_engine(path, max_model_len=128)
+    assert from_gguf.runner.model.config.num_experts == (  # type: ignore[attr-defined]
+        make_engine(model_dir, max_model_len=128).runner.model.config.num_experts  # type: ignore[attr-defined]
+    )
+    want = run_all(make_engine(model_dir, max_model_len=128), PROMPTS, GREEDY)
+    got = run_all(from_gguf, PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    for g, w in zip(got, want, strict=True):
+        assert g.outputs[0].cumulative_logprob == pytest.approx(
+            w.outputs[0].cumulative_logprob, abs=1e-4
+        )

@@ -202,6 +202,8 @@ def build_engine_parts(
     model_config = ModelConfig.from_hf(checkpoint.hf_config, checkpoint.source)
     if model_config.is_moe:
         model_config = replace(model_config, moe_chunk_size=env.VLLM_FUSED_MOE_CHUNK_SIZE)
+    if model_config.is_mla:
+        model_config = _mla_mode(model_config, env)
     model_cls = registry.resolve(model_config.architecture, checkpoint.source)
     resolved = resolve_engine_config(args, env, platform, model_config, checkpoint.source)
     config = resolved.config
@@ -279,6 +281,26 @@ def _compile_model(model: Any, settings: CompileSettings) -> None:
     compile_hook(lambda fn, name: compile_function(fn, settings, name))
 
 
+def _mla_mode(model: ModelConfig, env: EnvSnapshot) -> ModelConfig:
+    """Latent attention's mode from VLLM_MLA_DISABLE / VLLM_MLA_PERFORM_MATRIX_ABSORPTION
+    (kvrun.models.deepseek), logged with the bytes per token it caches."""
+    if env.VLLM_MLA_DISABLE:
+        qk = model.qk_nope_head_dim + model.qk_rope_head_dim
+        model = replace(model, mla_mode="mha", num_kv_heads=model.num_heads, head_dim=qk)
+        how = "VLLM_MLA_DISABLE=1: every head's key and value cached"
+    else:
+        model = replace(model, mla_fused=env.VLLM_MLA_PERFORM_MATRIX_ABSORPTION)
+        how = "the latent cached; W_UK/W_UV " + (
+            "absorbed at load" if model.mla_fused else "applied per step"
+        )
+    logger.info(
+        "multi-head latent attention: %s (%d values per token and layer, key and value)",
+        how,
+        model.num_kv_heads * model.head_dim,
+    )
+    return model
+
+
 def _load_core_model(
     platform: Platform,
     config: EngineConfig,
@@ -290,6 +312,8 @@ def _load_core_model(
 ) -> tuple[Any, list[torch.Tensor], KVCachePlan]:
     """The core model with its weights, and the KV cache the platform allocates for it."""
     ops = reference_ops().with_overrides(platform.ops(), f"platform {platform.name!r}")
+    # past the model's context only under VLLM_ALLOW_LONG_MAX_MODEL_LEN
+    model_config = replace(model_config, serve_positions=config.max_model_len)
     model = model_cls(model_config, ops, attention, config.dtype, platform.device)
     weights = checkpoint.iter_weights(
         config.dtype, awq_dequantize=ops.awq_dequantize, awq_device=platform.device

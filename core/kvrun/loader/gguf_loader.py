@@ -26,6 +26,7 @@ __all__ = [
     "GgufArch",
     "check_gguf_tensors",
     "gguf_hf_config",
+    "gguf_weight_count",
     "iter_gguf",
     "open_gguf",
     "read_gguf_metadata",
@@ -61,9 +62,27 @@ class GgufArch:
 
 
 GGUF_ARCHITECTURES: Mapping[str, GgufArch] = {
+    # llama with {arch}.expert_count > 0 is Mixtral (see _MIXTRAL)
     "llama": GgufArch("LlamaForCausalLM", "llama", rotary_permuted=True),
     "qwen2": GgufArch("Qwen2ForCausalLM", "qwen2", rotary_permuted=False),
+    "qwen3": GgufArch("Qwen3ForCausalLM", "qwen3", rotary_permuted=False),
+    "qwen2moe": GgufArch("Qwen2MoeForCausalLM", "qwen2_moe", rotary_permuted=False),
+    "qwen3moe": GgufArch("Qwen3MoeForCausalLM", "qwen3_moe", rotary_permuted=False),
+    "gemma2": GgufArch("Gemma2ForCausalLM", "gemma2", rotary_permuted=False),
+    "gemma3": GgufArch("Gemma3ForCausalLM", "gemma3_text", rotary_permuted=False),
 }
+_GEMMA = ("gemma2", "gemma3")
+# llama.cpp's converter stores Gemma's norm weights as 1 + w (it scales by them as they
+# are); the model code takes Hugging Face's w, so the loader subtracts 1 as transformers
+# does. Its pre-MLP norm is ffn_norm, where Llama's ffn_norm is post_attention_layernorm.
+_GEMMA_NAMES = {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_MIXTRAL = GgufArch("MixtralForCausalLM", "mixtral", rotary_permuted=True)
+# llama.cpp renormalizes the chosen experts' weights for these (Mixtral always does).
+_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -80,6 +99,26 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    # mixtures: the router and Qwen2-MoE's shared expert (Mixtral's names in _MIXTRAL_NAMES)
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+# The experts stacked in one [E, ...] tensor: each becomes E Hugging Face tensors.
+_STACKED = {
+    "ffn_gate_exps": "mlp.experts.{e}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{e}.up_proj",
+    "ffn_down_exps": "mlp.experts.{e}.down_proj",
+}
+_MIXTRAL_NAMES = {
+    "ffn_gate_inp": "block_sparse_moe.gate",
+    "ffn_gate_exps": "block_sparse_moe.experts.{e}.w1",
+    "ffn_up_exps": "block_sparse_moe.experts.{e}.w3",
+    "ffn_down_exps": "block_sparse_moe.experts.{e}.w2",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama3's per-frequency rope factors: transformers recomputes them from rope_scaling.
@@ -128,8 +167,10 @@ def _arch(metadata: Mapping[str, Any], path: Path) -> tuple[str, GgufArch]:
     if arch is None:
         raise ModelLoadError(
             f"{path}: GGUF architecture {name!r} is not supported; supported: "
-            f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
+            f"{', '.join(sorted(GGUF_ARCHITECTURES))} (llama with experts: Mixtral)"
         )
+    if name == "llama" and int(metadata.get("llama.expert_count") or 0) > 0:
+        arch = _MIXTRAL
     return str(name), arch
 
 
@@ -181,10 +222,56 @@ def gguf_hf_config(
     }
     if arch.model_type == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in names
+    experts = int(key("expert_count") or 0)
+    if name in _GEMMA:
+        config.update(_gemma_config(name, key, config))
+    if experts:
+        config["num_experts_per_tok"] = int(need("expert_used_count"))
+        config["norm_topk_prob"] = _NORM_TOPK.get(name, True)
+        if arch.model_type == "mixtral":
+            config["num_local_experts"] = experts
+        else:
+            config["num_experts"] = experts
+            config["moe_intermediate_size"] = int(
+                key("expert_feed_forward_length", config["intermediate_size"])
+            )
+            shared = key("expert_shared_feed_forward_length")
+            if shared:
+                config["shared_expert_intermediate_size"] = int(shared)
+            # the layers whose MLP is dense: those without a router
+            config["mlp_only_layers"] = [
+                i
+                for i in range(config["num_hidden_layers"])
+                if f"blk.{i}.ffn_gate_inp.weight" not in names
+            ]
     window = key("attention.sliding_window")
     if window is not None:
         config["sliding_window"] = int(window)
     return normalize_hf_config(config)
+
+
+def _gemma_config(name: str, key: Any, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Gemma 2/3's fields. llama.cpp stores no query_pre_attn_scalar: it scales by the
+    head size, except for the 27B models (Gemma 2: 46 layers, Gemma 3: 62), which scale by
+    hidden / heads; kvrun derives it the same way."""
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    big = layers == (46 if name == "gemma2" else 62)
+    fields: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": config["hidden_size"] // heads if big else config["head_dim"],
+        "attn_logit_softcapping": key("attn_logit_softcapping"),
+        "final_logit_softcapping": key("final_logit_softcapping"),
+    }
+    pattern = key("attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # one flag per layer: true = sliding window
+        fields["layer_types"] = [
+            "sliding_attention" if local else "full_attention" for local in pattern
+        ]
+    elif pattern is not None:
+        fields["sliding_window_pattern"] = int(pattern)
+    if name == "gemma3":
+        fields["rope_local_base_freq"] = 10000.0  # llama.cpp's fixed local rope base
+    return fields
 
 
 def _rope_scaling(key: Any) -> dict[str, Any] | None:
@@ -211,23 +298,58 @@ def check_gguf_tensors(reader: Any, path: Path) -> list[str]:
                 f"{path}: tensor {tensor.name!r} has GGUF type {type_name}, which kvrun cannot "
                 f"dequantize; supported types: {', '.join(SUPPORTED_GGUF_TYPES)}"
             )
-        if tensor.name not in _SKIPPED:
-            _hf_name(tensor.name, path)
+        if tensor.name not in _SKIPPED and tensor.name not in _GLOBAL_NAMES:
+            _layer_part(tensor.name, path)
         names.append(tensor.name)
     return names
 
 
-def _hf_name(gguf_name: str, path: Path) -> str:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+class _Naming:
+    """How one file's per-layer tensor names read (llama.cpp shares names across
+    architectures whose Hugging Face names differ)."""
+
+    def __init__(self, hf_config: Mapping[str, Any]) -> None:
+        model_type = hf_config.get("model_type")
+        self.experts = int(hf_config.get("num_local_experts") or hf_config.get("num_experts") or 1)
+        self.parts: dict[str, str] = {**_LAYER_NAMES, **_STACKED}
+        if model_type == "mixtral":
+            self.parts.update(_MIXTRAL_NAMES)
+        self.gemma = model_type in ("gemma2", "gemma3_text")
+        if self.gemma:
+            self.parts.update(_GEMMA_NAMES)
+
+    def hf_names(self, gguf_name: str, path: Path) -> list[str]:
+        """The Hugging Face name(s) of a tensor: one, or one per expert of a stack."""
+        if gguf_name in _GLOBAL_NAMES:
+            return [_GLOBAL_NAMES[gguf_name]]
+        layer, part, kind = _layer_part(gguf_name, path)
+        if part not in self.parts:
+            raise ModelLoadError(
+                f"{path}: GGUF tensor {gguf_name!r} is not part of this architecture's layers"
+            )
+        template = f"model.layers.{layer}.{self.parts[part]}.{kind}"
+        if part in _STACKED:
+            return [template.format(e=e) for e in range(self.experts)]
+        return [template]
+
+
+def _layer_part(gguf_name: str, path: Path) -> tuple[str, str, str]:
+    """(layer, part, weight|bias) of a per-layer tensor name known to some architecture."""
     match = _LAYER_RE.fullmatch(gguf_name)
-    if match is None or match.group(2) not in _LAYER_NAMES:
+    known = sorted({*_LAYER_NAMES, *_STACKED, *_GEMMA_NAMES})
+    if match is None or match.group(2) not in known:
         raise ModelLoadError(
             f"{path}: GGUF tensor {gguf_name!r} has no Hugging Face counterpart that kvrun "
-            f"knows; known per-layer tensors: {', '.join(sorted(_LAYER_NAMES))}"
+            f"knows; known per-layer tensors: {', '.join(known)}"
         )
     layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    return layer, part, kind
+
+
+def gguf_weight_count(names: Sequence[str], hf_config: Mapping[str, Any], path: Path) -> int:
+    """How many Hugging Face tensors :func:`iter_gguf` yields for these GGUF tensors."""
+    naming = _Naming(hf_config)
+    return sum(len(naming.hf_names(n, path)) for n in names if n not in _SKIPPED)
 
 
 def unpermute_rotary(rows: np.ndarray, num_heads: int) -> np.ndarray:
@@ -256,19 +378,31 @@ def iter_gguf(
     arch = GGUF_ARCHITECTURES[str(read_gguf_metadata_key(reader, "general.architecture"))]
     heads = int(hf_config["num_attention_heads"])
     kv_heads = int(hf_config["num_key_value_heads"])
+    naming = _Naming(hf_config)
     for tensor in reader.tensors:
         if tensor.name in _SKIPPED:
             continue
-        name = _hf_name(tensor.name, path)
+        names = naming.hf_names(tensor.name, path)
         values = dequantize(tensor.data, tensor.tensor_type)
-        if arch.rotary_permuted and ".self_attn.q_proj." in name:
+        if naming.gemma and tensor.name.endswith("norm.weight"):
+            values = values - 1.0  # stored as 1 + w (see _GEMMA_NAMES)
+        if arch.rotary_permuted and ".self_attn.q_proj." in names[0]:
             values = unpermute_rotary(values, heads)
-        elif arch.rotary_permuted and ".self_attn.k_proj." in name:
+        elif arch.rotary_permuted and ".self_attn.k_proj." in names[0]:
             values = unpermute_rotary(values, kv_heads)
-        array = np.ascontiguousarray(values, dtype=np.float32)
-        if not array.flags.writeable:  # F32 tensors are read-only views of the memory map
-            array = array.copy()
-        yield name, torch.from_numpy(array).to(dtype)
+        if names[0].endswith("shared_expert_gate.weight"):
+            values = values.reshape(1, -1)  # llama.cpp stores the [1, H] gate as [H]
+        parts = list(values) if len(names) > 1 else [values]  # a stack: one per expert
+        if len(parts) != len(names):
+            raise ModelLoadError(
+                f"{path}: GGUF tensor {tensor.name!r} stacks {len(parts)} experts; the "
+                f"metadata says {len(names)}"
+            )
+        for name, part in zip(names, parts, strict=True):
+            array = np.ascontiguousarray(part, dtype=np.float32)
+            if not array.flags.writeable:  # F32 tensors are read-only views of the memory map
+                array = array.copy()
+            yield name, torch.from_numpy(array).to(dtype)
 
 
 def read_gguf_metadata_key(reader: Any, key: str) -> Any:

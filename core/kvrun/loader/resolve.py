@@ -31,6 +31,7 @@ from kvrun.loader.formats import (
 from kvrun.loader.gguf_loader import (
     check_gguf_tensors,
     gguf_hf_config,
+    gguf_weight_count,
     open_gguf,
     read_gguf_metadata,
 )
@@ -280,7 +281,7 @@ def _load_gguf(path: Path, source: str) -> Checkpoint:
         format="gguf",
         directory=path.parent,
         weight_files=(path,),
-        num_tensors=sum(name != "rope_freqs.weight" for name in names),
+        num_tensors=gguf_weight_count(names, hf_config, path),
         gguf_metadata=metadata,
         gguf_reader=reader,
     )

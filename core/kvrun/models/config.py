@@ -55,16 +55,51 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
+        if self.softmax_scale is not None:
+            return self.softmax_scale
         return 1.0 / math.sqrt(float(self.query_pre_attn_scalar or self.head_dim))
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    # Mixture routing beyond softmax-top-k (DeepSeek): the weights' scale, and
+    # "group_limited_greedy" top-k within the best topk_group of n_group expert groups.
+    routed_scaling_factor: float = 1.0
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    # Multi-head latent attention (DeepSeek-V2/V3; kv_lora_rank 0 = none). The cache then
+    # holds num_kv_heads x head_dim per token as the mode says: "absorbed" (one kv head
+    # of kv_lora_rank + qk_rope_head_dim: the latent and the rotated rope key) or "mha"
+    # (VLLM_MLA_DISABLE=1: every head's key, values padded to the key's size).
+    q_lora_rank: int = 0  # 0: q is one projection
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    mla_mode: str = "absorbed"
+    # absorbed: W_q . W_UK and W_UV . W_o multiplied once at load
+    # (VLLM_MLA_PERFORM_MATRIX_ABSORPTION), else applied one after the other per step
+    mla_fused: bool = True
+    softmax_scale: float | None = None  # overrides attention_scale (MLA: yarn's mscale^2)
+    # Positions the rotary tables cover beyond the model's context: the engine's
+    # max_model_len when VLLM_ALLOW_LONG_MAX_MODEL_LEN lets it exceed that (0: none).
+    serve_positions: int = 0
+
     @property
     def rope_context_length(self) -> int:
         """The context the rope scaling extends the model to (vLLM's derived length)."""
         return rope_context_length(self.rope_scaling, self.max_position_embeddings)
+
+    @property
+    def rope_table_positions(self) -> int:
+        """Rows of the models' rotary tables: every position a request may reach."""
+        return max(self.max_position_embeddings, self.rope_context_length, self.serve_positions)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], source: str) -> ModelConfig:
@@ -138,7 +173,69 @@ class ModelConfig:
         }
         fields.update(_moe_fields(hf, model_type, num_layers, source))
         fields.update(_gemma_fields(hf, model_type, num_layers, source))
+        fields.update(_deepseek_fields(hf, model_type, num_layers, source))
         return cls(**fields)
+
+
+def _deepseek_fields(hf: Mapping[str, Any], model_type: str, num_layers: int, source: str) -> Any:
+    """DeepSeek-V2's latent attention and routed experts (V3's sigmoid scoring and
+    correction bias are refused). The cache shape fields describe the absorbed mode."""
+    if model_type != "deepseek_v2":
+        return {}
+    if hf.get("scoring_func", "softmax") != "softmax" or hf.get("topk_method") == "noaux_tc":
+        raise ModelLoadError(
+            f"{source}: DeepSeek routing scoring_func={hf.get('scoring_func')!r}, "
+            f"topk_method={hf.get('topk_method')!r} is not supported; supported: softmax "
+            "scores with topk_method greedy or group_limited_greedy (DeepSeek-V2)"
+        )
+    method = str(hf.get("topk_method") or "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ModelLoadError(
+            f"{source}: topk_method {method!r} is not supported; supported: greedy, "
+            "group_limited_greedy"
+        )
+    kv_lora, rope = int(hf["kv_lora_rank"]), int(hf["qk_rope_head_dim"])
+    nope, v = int(hf["qk_nope_head_dim"]), int(hf["v_head_dim"])
+    if rope % 2:
+        raise ModelLoadError(f"{source}: qk_rope_head_dim={rope} is odd; rotary needs pairs")
+    scaling = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    scale = (nope + rope) ** -0.5
+    if rope_type(scaling if scaling.get("rope_type", "default") != "default" else None) == "yarn":
+        mscale_all_dim = float(scaling.get("mscale_all_dim") or 0)
+        if mscale_all_dim:  # the non-rotary dims scaled too, as DeepSeek's reference does
+            factor = float(scaling["factor"])
+            mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0 if factor > 1 else 1.0
+            scale *= mscale * mscale
+    experts = int(hf.get("n_routed_experts") or 0)
+    first_dense = int(hf.get("first_k_dense_replace") or 0)
+    fields: dict[str, Any] = {
+        "q_lora_rank": int(hf.get("q_lora_rank") or 0),
+        "kv_lora_rank": kv_lora,
+        "qk_nope_head_dim": nope,
+        "qk_rope_head_dim": rope,
+        "v_head_dim": v,
+        "num_kv_heads": 1,
+        "head_dim": kv_lora + rope,
+        "softmax_scale": scale,
+        "attention_bias": bool(hf.get("attention_bias", False)),
+    }
+    if experts:
+        shared = int(hf.get("n_shared_experts") or 0) * int(hf["moe_intermediate_size"])
+        fields.update(
+            num_experts=experts,
+            num_experts_per_tok=int(hf["num_experts_per_tok"]),
+            moe_intermediate_size=int(hf["moe_intermediate_size"]),
+            shared_expert_intermediate_size=shared,
+            # transformers' DeepSeek-V2 router scales the chosen softmax weights, never
+            # renormalizes them
+            norm_topk_prob=False,
+            routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0),
+            topk_method=method,
+            n_group=int(hf.get("n_group") or 1),
+            topk_group=int(hf.get("topk_group") or 1),
+            moe_layers=tuple(i >= first_dense for i in range(num_layers)),
+        )
+    return fields
 
 
 def _gemma_fields(hf: Mapping[str, Any], model_type: str, num_layers: int, source: str) -> Any:

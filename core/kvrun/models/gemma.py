@@ -90,7 +90,7 @@ class GemmaForCausalLM:
         def empty(*shape: int) -> torch.Tensor:
             return torch.empty(shape, dtype=dtype, device=device)
 
-        positions = max(c.max_position_embeddings, c.rope_context_length)
+        positions = c.rope_table_positions
         global_rope = cos_sin_cache(
             c.head_dim, c.rope_theta, c.rope_scaling, positions, c.max_position_embeddings
         ).to(device)

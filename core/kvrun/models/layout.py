@@ -8,14 +8,16 @@ DECODER_LAYOUT`` and keeping the attributes of :class:`DecoderLayout`; a fused d
 checks the declaration with :func:`layout_mismatch` and otherwise logs why the model
 runs op by op.
 
-The layout (``DECODER_LAYOUT``, version 1), per layer, on hidden state ``x`` [T, H]:
+The layout (``DECODER_LAYOUT``, version 2), per layer, on hidden state ``x`` [T, H]:
 
 - ``h = rms_norm(x, input_norm, eps)``; ``qkv = linear(h, qkv) (+ qkv_bias)``, the
   rows being q [Hq*D], k [Hk*D], v [Hk*D] in that order;
+- where ``q_norm``/``k_norm`` are not None (Qwen3), each q head and each k head is
+  ``rms_norm(head, q_norm / k_norm, eps)`` (new in version 2);
 - rotary embedding (rotate-half, "neox" style) of q and k from ``cos_sin``
   [max_positions, D] float32, cos in the first D/2 columns and sin in the last;
 - causal attention over the paged cache with scale ``attention.spec.scale``, no
-  soft-capping, no sliding window, no per-head q/k norm;
+  soft-capping, no sliding window;
 - ``x = x + linear(attn, o)``; ``h = rms_norm(x, post_norm, eps)``;
   ``x = x + linear(silu(gate) * up, down)`` with ``gate_up`` rows gate [I] then up [I];
 - after the last layer ``rms_norm(x, norm, eps)``; the embedding is ``embed`` (unscaled),
@@ -34,7 +36,7 @@ from kvrun.models.config import ModelConfig
 
 __all__ = ["DECODER_LAYOUT", "DecoderLayerLayout", "DecoderLayout", "layout_mismatch"]
 
-DECODER_LAYOUT = "kvrun-decoder-v1"
+DECODER_LAYOUT = "kvrun-decoder-v2"
 
 
 class DecoderLayerLayout(Protocol):
@@ -47,6 +49,8 @@ class DecoderLayerLayout(Protocol):
     post_norm: torch.Tensor  # [H]
     gate_up: Any  # [2 I, H]
     down: Any  # [H, I]
+    q_norm: torch.Tensor | None  # [D] per-head norm of q, or None
+    k_norm: torch.Tensor | None  # [D] per-head norm of k, or None
 
 
 class DecoderLayout(Protocol):
@@ -63,7 +67,17 @@ class DecoderLayout(Protocol):
     cos_sin: torch.Tensor  # [max_positions, D] float32
 
 
-_LAYER_FIELDS = ("input_norm", "qkv", "qkv_bias", "o", "post_norm", "gate_up", "down")
+_LAYER_FIELDS = (
+    "input_norm",
+    "qkv",
+    "qkv_bias",
+    "o",
+    "post_norm",
+    "gate_up",
+    "down",
+    "q_norm",
+    "k_norm",
+)
 _MODEL_FIELDS = ("config", "dtype", "attention", "embed", "layers", "norm", "lm_head", "cos_sin")
 
 

@@ -138,7 +138,7 @@ class LlamaForCausalLM:
             c.head_dim,
             c.rope_theta,
             c.rope_scaling,
-            max(c.max_position_embeddings, c.rope_context_length),
+            c.rope_table_positions,
             c.max_position_embeddings,
         ).to(device)
         # Everything between two attentions; a field so compile() can swap it.
@@ -322,13 +322,8 @@ def dense_block(
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
-    """Qwen3: the Llama arithmetic with a per-head RMSNorm of q and k before the rotation.
-
-    The norms are outside kvrun's fused-decoder layout, so a fused decoder passes it over
-    (with that reason logged) and its decode steps run op by op.
-    """
-
-    decoder_layout: ClassVar[str] = f"{DECODER_LAYOUT} + per-head q/k RMSNorm"
+    """Qwen3: the Llama arithmetic with a per-head RMSNorm of q and k before the rotation
+    (part of kvrun's fused-decoder layout since its version 2)."""
 
 
 class MixtureOfExpertsForCausalLM(LlamaForCausalLM):

@@ -2,9 +2,10 @@
 
 A router (one [E, H] matrix) scores every expert for each token; the ``top_k`` best,
 weighted by their softmax probabilities (renormalized to sum to 1 where the model
-does), each run a SiLU-gated MLP, and their outputs are summed by the platform's
-``fused_moe`` op. Qwen2-MoE adds a shared expert every token goes through, scaled by a
-sigmoid gate. Tokens are routed and run in chunks of ``moe_chunk_size``
+does; DeepSeek: scaled by ``routed_scaling_factor``, optionally picked only from the
+best expert groups), each run a SiLU-gated MLP, and their outputs are summed by the
+platform's ``fused_moe`` op. Qwen2-MoE adds a shared expert every token goes through,
+scaled by a sigmoid gate; DeepSeek's shared experts are added as they are. Tokens are routed and run in chunks of ``moe_chunk_size``
 (VLLM_FUSED_MOE_CHUNK_SIZE), which bounds the op's temporaries on long prefills.
 """
 
@@ -31,7 +32,7 @@ class MoeWeights:
     w2: list[Any]  # [E] x [H, I]
     shared_gate_up: Any | None = None  # [2S, H] (Qwen2-MoE)
     shared_down: Any | None = None  # [H, S]
-    shared_gate: Any | None = None  # [1, H]: the sigmoid gate of the shared expert
+    shared_gate: Any | None = None  # [1, H]: the shared expert's sigmoid gate (Qwen2-MoE)
 
 
 def route(
@@ -40,9 +41,16 @@ def route(
     """Each token's ``num_experts_per_tok`` experts and their weights, as Hugging Face
     routes: softmax over all experts in float32, top-k, renormalized where configured."""
     probs = torch.softmax(ops.linear(h, moe.router).float(), dim=-1)
+    if config.topk_method == "group_limited_greedy":  # DeepSeek: the best groups' experts
+        groups = probs.view(probs.shape[0], config.n_group, -1)
+        best = torch.topk(groups.amax(dim=-1), config.topk_group, dim=-1).indices
+        keep = torch.zeros_like(groups[..., 0]).scatter_(1, best, 1.0).bool()
+        probs = groups.masked_fill(~keep.unsqueeze(-1), 0.0).view_as(probs)
     weights, ids = torch.topk(probs, config.num_experts_per_tok, dim=-1)
     if config.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    if config.routed_scaling_factor != 1.0:
+        weights = weights * config.routed_scaling_factor
     return weights, ids
 
 
@@ -58,7 +66,9 @@ def moe_mlp(ops: OpTable, h: torch.Tensor, moe: MoeWeights, config: ModelConfig)
             shared = ops.linear(
                 ops.silu_and_mul(ops.linear(part, moe.shared_gate_up)), moe.shared_down
             )
-            out = out + torch.sigmoid(ops.linear(part, moe.shared_gate)) * shared
+            if moe.shared_gate is not None:  # Qwen2-MoE gates it; DeepSeek adds it as is
+                shared = torch.sigmoid(ops.linear(part, moe.shared_gate)) * shared
+            out = out + shared
         outputs.append(out)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 

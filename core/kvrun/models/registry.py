@@ -29,6 +29,7 @@ BUILTIN_ARCHITECTURES: Mapping[str, str] = {
     "Qwen3MoeForCausalLM": _MOE,
     "Gemma2ForCausalLM": _GEMMA,
     "Gemma3ForCausalLM": _GEMMA,
+    "DeepseekV2ForCausalLM": "kvrun.models.deepseek:DeepseekV2ForCausalLM",
 }
 
 

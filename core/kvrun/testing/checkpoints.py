@@ -7,8 +7,8 @@ session fixtures that cache these on disk live in the test suites.
 - :func:`build_hf_checkpoint_from_gguf`: the SmolLM2 GGUF as a plain fp32 Hugging
   Face directory (what transformers loads from the GGUF, saved as safetensors).
 - :func:`build_random_checkpoint`: a tiny random Llama, Qwen2, Qwen3, Mistral, Phi-3,
-  Mixtral, Qwen2-MoE or Qwen3-MoE using the SmolLM2 tokenizer, so prompts tokenize to
-  real text.
+  Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma 2/3 or DeepSeek-V2 using the SmolLM2 tokenizer, so
+  prompts tokenize to real text.
 - :func:`build_gguf_from_hf`: a Hugging Face Llama/Qwen2 checkpoint written as GGUF
   the way llama.cpp's converter writes it (Q/K rows permuted for Llama).
 - :func:`build_word_tokenizer`: a self-contained whitespace word-level tokenizer of any
@@ -19,6 +19,7 @@ session fixtures that cache these on disk live in the test suites.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +48,7 @@ Arch = Literal[
     "qwen3_moe",
     "gemma2",
     "gemma3",
+    "deepseek_v2",
 ]
 # Files a Hugging Face tokenizer is saved as; copied between checkpoints.
 TOKENIZER_FILES = (
@@ -112,6 +114,7 @@ def build_hf_checkpoint_from_gguf(gguf_path: str | Path | None, out_dir: str | P
 
 def _config(arch: Arch, fields: dict[str, Any], sliding_window: int | None) -> Any:
     from transformers import (
+        DeepseekV2Config,
         Gemma2Config,
         Gemma3TextConfig,
         LlamaConfig,
@@ -146,6 +149,8 @@ def _config(arch: Arch, fields: dict[str, Any], sliding_window: int | None) -> A
         return Qwen2MoeConfig(**fields, use_sliding_window=False)
     if arch == "qwen3_moe":
         return Qwen3MoeConfig(**fields, use_sliding_window=False)
+    if arch == "deepseek_v2":
+        return DeepseekV2Config(**fields)
     if arch == "gemma2":
         return Gemma2Config(**fields, sliding_window=sliding_window or 4096)
     if arch == "gemma3":
@@ -246,10 +251,48 @@ _TO_GGUF = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate": "ffn_gate_inp",
+    "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+}
+# One expert's projection -> the llama.cpp stack holding every expert's.
+_EXPERT_TO_GGUF = {
+    "gate_proj": "ffn_gate_exps",
+    "up_proj": "ffn_up_exps",
+    "down_proj": "ffn_down_exps",
+    "w1": "ffn_gate_exps",
+    "w3": "ffn_up_exps",
+    "w2": "ffn_down_exps",
+}
+_EXPERT_RE = re.compile(
+    r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight"
+)
+# Hugging Face model_type -> llama.cpp's general.architecture
+_GGUF_ARCH = {
+    "llama": "llama",
+    "mistral": "llama",
+    "mixtral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+}
+# Gemma's per-layer norms in llama.cpp's names (its ffn_norm is Gemma's pre-MLP norm).
+_GEMMA_TO_GGUF = {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
 }
 
 
-def _gguf_name(hf_name: str) -> str:
+def _gguf_name(hf_name: str, overrides: Mapping[str, str] | None = None) -> str:
     top = {
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",
@@ -259,7 +302,7 @@ def _gguf_name(hf_name: str) -> str:
         return top[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
     module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_TO_GGUF[module]}.{kind}"
+    return f"blk.{layer}.{(overrides or {}).get(module) or _TO_GGUF[module]}.{kind}"
 
 
 def _llama_cpp_permute(rows: np.ndarray, num_heads: int) -> np.ndarray:
@@ -299,7 +342,9 @@ def build_gguf_from_hf(
     tokenizer_gguf: str | Path | None = None,
     tokenizer_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a Llama or Qwen2 Hugging Face checkpoint as a GGUF file.
+    """Write a Llama, Mistral, Qwen2/3, Mixtral, Qwen2/3-MoE or Gemma 2/3 Hugging Face
+    checkpoint as a GGUF file, as llama.cpp's converter lays it out (experts stacked per
+    layer, Gemma's norms stored as 1 + w).
 
     Norms and biases stay F32, as llama.cpp keeps them; 2-D weights are stored as
     ``tensor_type``: quantized from the checkpoint where gguf-py can quantize that
@@ -313,7 +358,7 @@ def build_gguf_from_hf(
 
     src = Path(hf_dir)
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}[config["model_type"]]
+    arch = _GGUF_ARCH[config["model_type"]]
     qtype = gguf.GGMLQuantizationType[tensor_type]
     state: dict[str, torch.Tensor] = {}
     for file in sorted(src.glob("*.safetensors")):
@@ -321,6 +366,8 @@ def build_gguf_from_hf(
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)}
+    rope = rope.get("full_attention", rope)  # Gemma 3: the global layers' (llama.cpp's)
+    gemma = config["model_type"] in ("gemma2", "gemma3_text")
 
     out = Path(out_path)
     writer = gguf.GGUFWriter(str(out), arch)
@@ -335,25 +382,59 @@ def build_gguf_from_hf(
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config["vocab_size"])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    if gemma:
+        writer.add_sliding_window(config["sliding_window"])
+        for key, add in (
+            ("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+            ("final_logit_softcapping", writer.add_final_logit_softcapping),
+        ):
+            if config.get(key) is not None:
+                add(config[key])
+    experts = config.get("num_local_experts") or config.get("num_experts") or 0
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        if config.get("moe_intermediate_size"):
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        if config.get("shared_expert_intermediate_size"):
+            writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
     if tokenizer_gguf is not None:
         _copy_tokenizer_metadata(writer, Path(tokenizer_gguf), tokenizer_overrides or {})
     rng = np.random.default_rng(seed)
+    stacks: dict[str, dict[int, np.ndarray]] = {}  # GGUF stack name -> expert -> matrix
+    tensors: list[tuple[str, np.ndarray]] = []
     for name, tensor in state.items():
         values = tensor.to(torch.float32).numpy()
-        if arch == "llama" and ".q_proj." in name:
+        expert = _EXPERT_RE.fullmatch(name)
+        if expert is not None:
+            layer, e, proj = expert.groups()
+            stacks.setdefault(f"blk.{layer}.{_EXPERT_TO_GGUF[proj]}.weight", {})[int(e)] = values
+            continue
+        if name.endswith("shared_expert_gate.weight"):
+            values = values.reshape(-1)  # llama.cpp stores the [1, H] gate as a vector
+        if gemma and name.endswith("norm.weight"):
+            values = values + 1.0  # llama.cpp stores Gemma's norms as 1 + w
+        tensors.append((_gguf_name(name, _GEMMA_TO_GGUF if gemma else {}), values))
+    for stack, by_expert in stacks.items():
+        tensors.append((stack, np.stack([by_expert[e] for e in sorted(by_expert)])))
+    for gguf_name, values in tensors:
+        name = gguf_name
+        if arch == "llama" and ".attn_q." in name:
             values = _llama_cpp_permute(values, heads)
-        elif arch == "llama" and ".k_proj." in name:
+        elif arch == "llama" and ".attn_k." in name:
             values = _llama_cpp_permute(values, kv_heads)
         if values.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(_gguf_name(name), np.ascontiguousarray(values, dtype=np.float32))
+            writer.add_tensor(name, np.ascontiguousarray(values, dtype=np.float32))
             continue
         try:
             data = gguf.quants.quantize(values, qtype)
         except NotImplementedError:
             block, size = gguf.GGML_QUANT_SIZES[qtype]
-            row_bytes = values.shape[1] // block * size
-            data = rng.integers(0, 0x3C, (values.shape[0], row_bytes), dtype=np.uint8)
-        writer.add_tensor(_gguf_name(name), data, raw_dtype=qtype)
+            row_bytes = values.shape[-1] // block * size
+            data = rng.integers(0, 0x3C, (*values.shape[:-1], row_bytes), dtype=np.uint8)
+        writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -34,6 +34,8 @@ pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler o
 MODELS = {
     "llama-d16": ("llama", {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 2}),
     "qwen2-d64": ("qwen2", {"hidden_size": 128, "num_heads": 2, "num_kv_heads": 1}),
+    # per-head q/k norms (layout version 2)
+    "qwen3-d32": ("qwen3", {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32}),
 }
 
 

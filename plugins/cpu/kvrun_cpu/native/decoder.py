@@ -32,6 +32,8 @@ _LAYER_FIELDS = (
     "down",
     "key_cache",
     "value_cache",
+    "q_norm",
+    "k_norm",
 )
 _MATRICES = ("qkv", "o", "gate_up", "down")  # packed; the norms and the bias are plain
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the C dtype codes
@@ -122,6 +124,7 @@ class NativeDecoder:
             for name in _LAYER_FIELDS[:7]:
                 setattr(dst, name, ptr(getattr(layer, name)))
             dst.key_cache, dst.value_cache = ptr(cache[0]), ptr(cache[1])
+            dst.q_norm, dst.k_norm = ptr(layer.q_norm), ptr(layer.k_norm)  # None: no norms
         _, _, num_blocks, block_size, _ = kv_caches[0].shape
         c_head, c_block, c_slot, _ = kv_caches[0][0].stride()
         self._model = _Model(

@@ -14,8 +14,9 @@
  * too. Activations, the residual stream and the cache are in the model's dtype, rounded
  * where the op-by-op path rounds them.
  *
- * Per layer: qkv = h Wqkv^T (+b); per (request, kv head): rotate its q heads and k,
- * write k and v into the cache slot, attend over the cached rows; x = attn Wo^T;
+ * Per layer: qkv = h Wqkv^T (+b); per (request, kv head): RMS-norm its q heads and k
+ * per head where the model has those norms (Qwen3), rotate them, write k and v into the
+ * cache slot, attend over the cached rows; x = attn Wo^T;
  * residual += x, h = norm(residual); gate|up = h Wgu^T, act = silu(gate) up;
  * x = act Wdown^T; residual += x, h = norm(residual) with the next layer's weight.
  */
@@ -30,6 +31,7 @@
 typedef struct {
     const void *input_norm, *qkv, *qkv_bias, *o, *post_norm, *gate_up, *down; /* matrices packed */
     void *key_cache, *value_cache; /* [Hk, num_blocks, block_size, D] via the model's strides */
+    const void *q_norm, *k_norm;   /* [D] per-head norms before the rotation, or NULL */
 } kv_decoder_layer;
 
 /* Layout of every field: 8 bytes (kvrun_cpu.native.decoder mirrors it with ctypes). */
@@ -176,8 +178,15 @@ static void attention_part(const step_args *s, const kv_decoder_layer *layer, in
     kv_decode_range(&a, worker, workers, &begin, &end);
     for (int64_t item = begin; item < end; ++item) {
         const int64_t r = item / Hk, h = item % Hk;
-        const char *row = s->qkv + r * width * es;
+        char *row = s->qkv + r * width * es; /* this item alone owns its heads of the row */
         const float *cs = md->cos_sin + s->positions[r] * D;
+        if (layer->q_norm) /* in place, as the op-by-op path norms before it rotates */
+            for (int64_t g = h * G; g < (h + 1) * G; ++g)
+                kv_rms_norm_row(row + g * D * es, layer->q_norm, row + g * D * es, D,
+                                (float)md->eps, s->dt);
+        if (layer->k_norm)
+            kv_rms_norm_row(row + (Hq + h) * D * es, layer->k_norm, row + (Hq + h) * D * es, D,
+                            (float)md->eps, s->dt);
         for (int64_t g = h * G; g < (h + 1) * G; ++g)
             kv_rotate_head(row + g * D * es, s->q + (r * Hq + g) * D * es, cs, D / 2, s->dt);
         const int64_t slot = s->slots[r], blk = slot / md->block_size, off = slot % md->block_size;
