@@ -28,6 +28,7 @@ from kvrun.loader import Checkpoint, S3Settings, load_checkpoint
 from kvrun.sampling_params import SamplingParams
 from tests.support.checkpoints import cache_name, cached_build
 from tests.support.logs import kvrun_log
+from tests.support.publish_checkpoints import publish_checkpoints
 from tests.support.s3 import MotoServer, S3Proxy, upload_directory
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -336,3 +337,33 @@ def test_ci_use_s3_fetches_test_checkpoints_instead_of_building_them(
     )
     with pytest.raises(pytest.fail.Exception, match="VLLM_CI_USE_S3=1 but"):
         cached_build("random-llama", {"arch": "llama", "seed": 8}, build, ci_s3=True)
+
+
+def test_publish_uploads_the_checkpoints_a_run_built_for_ci_to_fetch(
+    moto: MotoServer, bucket: str, source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tests.support.publish_checkpoints puts each built checkpoint (and nothing else of
+    the test cache) where VLLM_CI_USE_S3=1 looks for it, once."""
+    key = {"arch": "llama", "seed": 7}
+    root = tmp_path / "test-cache"
+    root.mkdir()
+    shutil.copytree(source, root / cache_name("random-llama", key))
+    (root / "hf-greedy-0123456789abcdef").mkdir()  # a reference output, not a checkpoint
+    (root / "hf-greedy-0123456789abcdef" / "reference.json").write_text("{}")
+    client = moto.client()
+    assert publish_checkpoints(client, bucket, root) == [cache_name("random-llama", key)]
+    assert publish_checkpoints(client, bucket, root) == []  # already there
+    monkeypatch.setenv("VLLM_CI_USE_S3", "1")
+    monkeypatch.setenv("KVRUN_TEST_S3_BUCKET", bucket)
+    monkeypatch.setenv("S3_ENDPOINT_URL", moto.url)
+    monkeypatch.setenv("S3_ACCESS_KEY_ID", moto.access_key_id)
+    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", moto.secret_access_key)
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "cache-root"))
+
+    def build(out: Path) -> Path:
+        raise AssertionError("built locally although VLLM_CI_USE_S3=1")
+
+    got = cached_build("random-llama", key, build, ci_s3=True)
+    assert sorted(p.name for p in got.iterdir() if p.name[0] != ".") == sorted(
+        p.name for p in source.iterdir()
+    )

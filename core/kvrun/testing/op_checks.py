@@ -252,6 +252,8 @@ OP_CASES: tuple[OpCase, ...] = (
     OpCase("paged_attention", "prefill-mha", _attention_case([5, 21], [5, 21], 4, 4, 32)),
     OpCase("paged_attention", "chunk-after-prefix", _attention_case([35], [9], 8, 1, 16)),
     OpCase("paged_attention", "mixed-gqa", _attention_case([33, 7, 18], [1, 7, 4], 4, 2, 64)),
+    # DeepSeek's absorbed latent attention: one kv head as wide as latent + rope (V2: 576)
+    OpCase("paged_attention", "mla-latent", _attention_case([40, 9], [1, 9], 8, 1, 72)),
     OpCase("awq_dequantize", "64-to-32-group-32", _awq_case(64, 32, 32)),
     OpCase("awq_dequantize", "40-to-24-group-16-ragged", _awq_case(40, 24, 16)),
     OpCase("awq_dequantize", "48-to-16-one-group", _awq_case(48, 16, -1)),
