@@ -373,7 +373,7 @@ def test_gguf_unsupported_architecture(tmp_path: Path) -> None:
     assert (
         str(info.value)
         == f"{path}: GGUF architecture 'gpt2' is not supported; supported: gemma2, gemma3, "
-        "llama, qwen2, qwen2moe, qwen3, qwen3moe (llama with experts: Mixtral)"
+        "llama, phi3, qwen2, qwen2moe, qwen3, qwen3moe (llama with experts: Mixtral)"
     )
 
 

@@ -213,7 +213,16 @@ def test_mixture_routes_a_batch_to_many_experts_in_chunks(
 
 @pytest.mark.parametrize(
     "name",
-    ["qwen3", "mixtral", "qwen2-moe-shared", "qwen3-moe", "gemma2", "gemma3-default-rope"],
+    [
+        "qwen3",
+        "phi3",
+        "phi3-longrope",
+        "mixtral",
+        "qwen2-moe-shared",
+        "qwen3-moe",
+        "gemma2",
+        "gemma3-default-rope",
+    ],
 )
 def test_a_gguf_of_the_family_generates_like_its_checkpoint(
     name: str, random_checkpoint: Callable[..., Path], smollm2_gguf_path: Path, tmp_path: Path

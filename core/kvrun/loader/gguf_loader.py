@@ -31,6 +31,7 @@ __all__ = [
     "open_gguf",
     "read_gguf_metadata",
     "read_gguf_metadata_key",
+    "read_rope_factors",
     "unpermute_rotary",
 ]
 
@@ -70,6 +71,14 @@ GGUF_ARCHITECTURES: Mapping[str, GgufArch] = {
     "qwen3moe": GgufArch("Qwen3MoeForCausalLM", "qwen3_moe", rotary_permuted=False),
     "gemma2": GgufArch("Gemma2ForCausalLM", "gemma2", rotary_permuted=False),
     "gemma3": GgufArch("Gemma3ForCausalLM", "gemma3_text", rotary_permuted=False),
+    "phi3": GgufArch("Phi3ForCausalLM", "phi3", rotary_permuted=False),
+}
+# Phi-3 keeps q|k|v and gate|up merged, in llama.cpp's files as in transformers'.
+_PHI3_NAMES = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+# LongRoPE's per-frequency factors, stored as tensors; they go into the config.
+_ROPE_FACTORS = {
+    "rope_factors_long.weight": "long_factor",
+    "rope_factors_short.weight": "short_factor",
 }
 _GEMMA = ("gemma2", "gemma3")
 # llama.cpp's converter stores Gemma's norm weights as 1 + w (it scales by them as they
@@ -122,7 +131,7 @@ _MIXTRAL_NAMES = {
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama3's per-frequency rope factors: transformers recomputes them from rope_scaling.
-_SKIPPED = frozenset({"rope_freqs.weight"})
+_SKIPPED = frozenset({"rope_freqs.weight", *_ROPE_FACTORS})
 
 
 def open_gguf(path: Path) -> Any:
@@ -174,10 +183,23 @@ def _arch(metadata: Mapping[str, Any], path: Path) -> tuple[str, GgufArch]:
     return str(name), arch
 
 
+def read_rope_factors(reader: Any) -> dict[str, list[float]]:
+    """LongRoPE's long and short factors (Phi-3), from their tensors; {} when absent."""
+    return {
+        _ROPE_FACTORS[t.name]: [float(x) for x in np.asarray(t.data, dtype=np.float32)]
+        for t in reader.tensors
+        if t.name in _ROPE_FACTORS
+    }
+
+
 def gguf_hf_config(
-    metadata: Mapping[str, Any], tensor_names: Sequence[str], path: Path
+    metadata: Mapping[str, Any],
+    tensor_names: Sequence[str],
+    path: Path,
+    rope_factors: Mapping[str, list[float]] | None = None,
 ) -> dict[str, Any]:
-    """A Hugging Face config.json dict synthesized from the GGUF metadata."""
+    """A Hugging Face config.json dict synthesized from the GGUF metadata (and, for
+    LongRoPE, the factor tensors :func:`read_rope_factors` read)."""
     name, arch = _arch(metadata, path)
 
     def key(suffix: str, default: Any = None) -> Any:
@@ -225,6 +247,15 @@ def gguf_hf_config(
     experts = int(key("expert_count") or 0)
     if name in _GEMMA:
         config.update(_gemma_config(name, key, config))
+    if rope_factors:  # Phi-3's LongRoPE
+        original = int(
+            key("rope.scaling.original_context_length", config["max_position_embeddings"])
+        )
+        config["original_max_position_embeddings"] = original
+        config["rope_scaling"] = {"rope_type": "longrope", **rope_factors}
+        config["rope_scaling"]["original_max_position_embeddings"] = original
+        if key("rope.scaling.attn_factor") is not None:
+            config["rope_scaling"]["attention_factor"] = float(key("rope.scaling.attn_factor"))
     if experts:
         config["num_experts_per_tok"] = int(need("expert_used_count"))
         config["norm_topk_prob"] = _NORM_TOPK.get(name, True)
@@ -317,6 +348,8 @@ class _Naming:
         self.gemma = model_type in ("gemma2", "gemma3_text")
         if self.gemma:
             self.parts.update(_GEMMA_NAMES)
+        if model_type == "phi3":
+            self.parts.update(_PHI3_NAMES)
 
     def hf_names(self, gguf_name: str, path: Path) -> list[str]:
         """The Hugging Face name(s) of a tensor: one, or one per expert of a stack."""
@@ -336,7 +369,7 @@ class _Naming:
 def _layer_part(gguf_name: str, path: Path) -> tuple[str, str, str]:
     """(layer, part, weight|bias) of a per-layer tensor name known to some architecture."""
     match = _LAYER_RE.fullmatch(gguf_name)
-    known = sorted({*_LAYER_NAMES, *_STACKED, *_GEMMA_NAMES})
+    known = sorted({*_LAYER_NAMES, *_STACKED, *_GEMMA_NAMES, *_PHI3_NAMES})
     if match is None or match.group(2) not in known:
         raise ModelLoadError(
             f"{path}: GGUF tensor {gguf_name!r} has no Hugging Face counterpart that kvrun "

@@ -34,6 +34,7 @@ from kvrun.loader.gguf_loader import (
     gguf_weight_count,
     open_gguf,
     read_gguf_metadata,
+    read_rope_factors,
 )
 from kvrun.loader.hf_config import check_remote_code, read_config_json, read_json_object
 from kvrun.loader.pt_loader import find_pt_files, validate_pt
@@ -274,7 +275,7 @@ def _load_gguf(path: Path, source: str) -> Checkpoint:
     reader = open_gguf(path)
     names = check_gguf_tensors(reader, path)
     metadata = read_gguf_metadata(reader)
-    hf_config = gguf_hf_config(metadata, names, path)
+    hf_config = gguf_hf_config(metadata, names, path, read_rope_factors(reader))
     return Checkpoint(
         source=source,
         hf_config=hf_config,

@@ -259,6 +259,8 @@ _TO_GGUF = {
     "mlp.shared_expert.up_proj": "ffn_up_shexp",
     "mlp.shared_expert.down_proj": "ffn_down_shexp",
     "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+    "self_attn.qkv_proj": "attn_qkv",  # Phi-3's merged projections
+    "mlp.gate_up_proj": "ffn_up",
 }
 # One expert's projection -> the llama.cpp stack holding every expert's.
 _EXPERT_TO_GGUF = {
@@ -283,6 +285,7 @@ _GGUF_ARCH = {
     "qwen3_moe": "qwen3moe",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "phi3": "phi3",
 }
 # Gemma's per-layer norms in llama.cpp's names (its ffn_norm is Gemma's pre-MLP norm).
 _GEMMA_TO_GGUF = {
@@ -384,6 +387,11 @@ def build_gguf_from_hf(
     writer.add_vocab_size(config["vocab_size"])
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
+    if rope.get("rope_type") == "longrope":  # Phi-3: the factors are tensors
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for which in ("long", "short"):
+            factors = np.asarray(rope[f"{which}_factor"], dtype=np.float32)
+            writer.add_tensor(f"rope_factors_{which}.weight", factors)
     if gemma:
         writer.add_sliding_window(config["sliding_window"])
         for key, add in (
