@@ -425,12 +425,8 @@ def iter_gguf(
             values = unpermute_rotary(values, kv_heads)
         if names[0].endswith("shared_expert_gate.weight"):
             values = values.reshape(1, -1)  # llama.cpp stores the [1, H] gate as [H]
-        stacked = (
-            _layer_part(tensor.name, path)[1] in _STACKED
-            if tensor.name.startswith("blk.")
-            else False
-        )
-        parts = list(values) if stacked else [values]  # a stack: one [..] per expert
+        stacked = tensor.name.startswith("blk.") and _layer_part(tensor.name, path)[1] in _STACKED
+        parts = list(values) if stacked else [values]  # a stack: one matrix per expert
         if len(parts) != len(names):
             raise ModelLoadError(
                 f"{path}: GGUF tensor {tensor.name!r} stacks {len(parts)} experts; the "
