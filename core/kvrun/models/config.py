@@ -91,9 +91,14 @@ class ModelConfig:
     # max_model_len when VLLM_ALLOW_LONG_MAX_MODEL_LEN lets it exceed that (0: none).
     serve_positions: int = 0
 
+    # max_position_embeddings already states the scaled context (Gemma 3's linear rope)
+    context_is_scaled: bool = False
+
     @property
     def rope_context_length(self) -> int:
         """The context the rope scaling extends the model to (vLLM's derived length)."""
+        if self.context_is_scaled:
+            return self.max_position_embeddings
         return rope_context_length(self.rope_scaling, self.max_position_embeddings)
 
     @property
@@ -273,6 +278,9 @@ def _gemma_fields(hf: Mapping[str, Any], model_type: str, num_layers: int, sourc
     }
     params = hf.get("rope_parameters")
     if model_type == "gemma3_text":
+        # its 128k context is max_position_embeddings; the global layers' linear factor
+        # (8 from 4B up) stretches a 32k-trained rope to it, not the context beyond it
+        fields["context_is_scaled"] = True
         if isinstance(params, Mapping) and "sliding_attention" in params:
             local, full = params["sliding_attention"], params.get("full_attention", {})
             if rope_type(local) != "default":
