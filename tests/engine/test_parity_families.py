@@ -1,7 +1,8 @@
-"""Qwen3, Phi-3, the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) and the scaled
-rotary variants (yarn, dynamic NTK, longrope) against transformers on small random-weight checkpoints: greedy tokens equal and logprobs
-within float tolerance (float32), batched, one at a time, under a tight KV budget
-(preemption, chunked prefill) and with prefix-cache hits.
+"""Qwen3, Phi-3, Gemma 2/3, the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) and
+the scaled rotary variants (yarn, dynamic NTK, longrope) against transformers on small
+random-weight checkpoints: greedy tokens equal and logprobs within float tolerance
+(float32), batched, one at a time, under a tight KV budget (preemption, chunked
+prefill) and with prefix-cache hits; and the same checkpoints written as GGUF files.
 
 The dynamic and longrope checkpoints have an original context (64) shorter than the
 longest prompt plus its generation (60 + 24), so decode steps run past it, where
