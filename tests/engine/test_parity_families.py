@@ -11,6 +11,7 @@ those variants change frequencies with the position.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,9 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from kvrun.loader.dummy import dummy_weight_spec
 from kvrun.models.moe import route
 from kvrun.sampling_params import SamplingParams
 from kvrun.testing.checkpoints import build_gguf_from_hf
@@ -245,3 +248,21 @@ def test_a_gguf_of_the_family_generates_like_its_checkpoint(
         assert g.outputs[0].cumulative_logprob == pytest.approx(
             w.outputs[0].cumulative_logprob, abs=1e-4
         )
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe-shared", "qwen3-moe", "gemma2", "phi3"])
+def test_dummy_weights_are_named_and_shaped_as_the_checkpoint(
+    name: str, random_checkpoint: Callable[..., Path]
+) -> None:
+    """load_format="dummy" makes, from config.json alone, the tensors the checkpoint
+    stores (transformers keeps a mixture's experts fused in memory but saves them one
+    by one), so the model loads from it and generates."""
+    model_dir = _checkpoint(name, random_checkpoint)
+    config = json.loads((model_dir / "config.json").read_text())
+    stored = {}
+    for file in model_dir.glob("*.safetensors"):
+        stored.update({k: tuple(v.shape) for k, v in load_file(str(file)).items()})
+    assert dict(dummy_weight_spec(config, name)) == stored
+    engine = make_engine(model_dir, load_format="dummy", max_model_len=128)
+    [out] = run_all(engine, PROMPTS[:1], GREEDY)
+    assert len(out.outputs[0].token_ids) == NEW_TOKENS

@@ -113,3 +113,14 @@ def test_the_latent_cache_holds_one_head_of_latent_and_rope(
 
     assert per_token(latent) == 2 * (MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"])
     assert per_token(heads) == 2 * 4 * (MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"])
+
+
+def test_dummy_weights_load_into_the_latent_attention_model(
+    random_checkpoint: Callable[..., Path],
+) -> None:
+    """load_format="dummy" for DeepSeek-V2: config.json alone, the stored tensor names."""
+    engine = make_engine(
+        _checkpoint("v2-lite-shaped", random_checkpoint), load_format="dummy", max_model_len=128
+    )
+    [out] = run_all(engine, PROMPTS[:1], GREEDY)
+    assert len(out.outputs[0].token_ids) == NEW_TOKENS

@@ -2,8 +2,8 @@
 alone: for benchmarks and tests that need a model's cost, not its answers.
 
 Names and shapes are those of transformers' own class for the architecture, built on
-the meta device (no memory, no weights read), so they are exactly what a checkpoint of
-that config would store. Values: matrices from N(0, initializer_range), norm weights 1,
+the meta device (no memory, no weights read), under the names its ``save_pretrained``
+writes, so they are exactly what a checkpoint of that config would store. Values: matrices from N(0, initializer_range), norm weights 1,
 biases 0; each tensor from its own generator seeded by (seed, name), so a tensor does
 not depend on the others or on the order they are read in, and the same seed gives the
 same model.
@@ -48,8 +48,21 @@ def dummy_weight_spec(hf_config: Mapping[str, Any], source: str) -> list[DummyTe
             f"model {source!r}: load_format='dummy': transformers cannot build "
             f"{architecture} from this config.json: {exc}"
         ) from exc
-    # named_parameters lists a tied lm_head once (as the embedding), as safetensors stores it.
-    return [(name, tuple(param.shape)) for name, param in model.named_parameters()]
+    return [(name, tuple(tensor.shape)) for name, tensor in _saved_state(model).items()]
+
+
+def _saved_state(model: Any) -> dict[str, Any]:
+    """The model's (meta) tensors under the names its checkpoint stores them: transformers
+    5 keeps some weights fused in memory (a mixture's experts in one [E, ...] stack) and
+    writes them per expert; the reverse conversion it saves with gives the stored names."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:  # transformers 4: memory and checkpoint names are the same
+        # named_parameters lists a tied lm_head once (as the embedding), as stored.
+        return dict(model.named_parameters())
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    return dict(revert_weight_conversion(model, state))
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
