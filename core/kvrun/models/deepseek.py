@@ -33,8 +33,15 @@ import torch
 from kvrun.attention.base import AttentionBackend, AttentionMetadata
 from kvrun.errors import ModelLoadError
 from kvrun.models.config import ModelConfig
-from kvrun.models.moe import MoeWeights, moe_mlp
+from kvrun.models.moe import (
+    MoeWeights,
+    empty_mixture,
+    mixture_destinations,
+    moe_mlp,
+    prepare_mixture,
+)
 from kvrun.models.rope import cos_sin_cache
+from kvrun.models.weights import fill_parameters
 from kvrun.ops import OpTable
 
 __all__ = ["DeepseekV2ForCausalLM"]
@@ -92,20 +99,6 @@ class DeepseekV2ForCausalLM:
 
         q_in = c.q_lora_rank or c.hidden_size
 
-        def mixture() -> MoeWeights:
-            e, inter, shared = (
-                c.num_experts,
-                c.moe_intermediate_size,
-                c.shared_expert_intermediate_size,
-            )
-            return MoeWeights(
-                router=empty(e, c.hidden_size),
-                w13=[empty(2 * inter, c.hidden_size) for _ in range(e)],
-                w2=[empty(c.hidden_size, inter) for _ in range(e)],
-                shared_gate_up=empty(2 * shared, c.hidden_size) if shared else None,
-                shared_down=empty(c.hidden_size, shared) if shared else None,
-            )
-
         def layer(i: int) -> MlaLayer:
             moe = bool(c.moe_layers and c.moe_layers[i])
             return MlaLayer(
@@ -120,7 +113,7 @@ class DeepseekV2ForCausalLM:
                 post_norm=empty(c.hidden_size),
                 gate_up=None if moe else empty(2 * c.intermediate_size, c.hidden_size),
                 down=None if moe else empty(c.hidden_size, c.intermediate_size),
-                moe=mixture() if moe else None,
+                moe=empty_mixture(c, empty, gated_shared=False) if moe else None,
             )
 
         self.embed: Any = empty(c.vocab_size, c.hidden_size)
@@ -166,42 +159,20 @@ class DeepseekV2ForCausalLM:
                 dest[p + "mlp.up_proj.weight"] = gate_up[inter:]
                 dest[p + "mlp.down_proj.weight"] = lay.down
                 continue
-            moe, inter = lay.moe, c.moe_intermediate_size
-            dest[p + "mlp.gate.weight"] = moe.router
-            for e in range(c.num_experts):
-                x = f"{p}mlp.experts.{e}."
-                dest[x + "gate_proj.weight"] = moe.w13[e][:inter]
-                dest[x + "up_proj.weight"] = moe.w13[e][inter:]
-                dest[x + "down_proj.weight"] = moe.w2[e]
-            if moe.shared_gate_up is not None:
-                shared = c.shared_expert_intermediate_size
-                dest[p + "mlp.shared_experts.gate_proj.weight"] = moe.shared_gate_up[:shared]
-                dest[p + "mlp.shared_experts.up_proj.weight"] = moe.shared_gate_up[shared:]
-                dest[p + "mlp.shared_experts.down_proj.weight"] = moe.shared_down
+            dest.update(
+                mixture_destinations(p + "mlp.", lay.moe, c, shared_module="shared_experts")
+            )
         return dest
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
         assert not self._prepared, "weights are loaded once"
-        dest = self._destinations()
-        missing = set(dest)
-        for name, tensor in weights:
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            target = dest.get(name)
-            if target is None:
-                raise ModelLoadError(
-                    f"{source}: unexpected weight {name!r} for {self.config.architecture}"
-                )
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise ModelLoadError(
-                    f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(target.shape)}"
-                )
-            target.copy_(tensor)
-            missing.discard(name)
-        if missing:
-            shown = ", ".join(sorted(missing)[:5])
-            raise ModelLoadError(f"{source}: {len(missing)} weight(s) missing, e.g. {shown}")
+        fill_parameters(
+            self._destinations(),
+            weights,
+            source=source,
+            architecture=self.config.architecture,
+            tied=self.config.tie_word_embeddings,
+        )
         self._prepare()
 
     def _rope_rows(self, rows: torch.Tensor, count: int) -> torch.Tensor:
@@ -241,13 +212,7 @@ class DeepseekV2ForCausalLM:
             if lay.moe is None:
                 lay.gate_up, lay.down = prepare(lay.gate_up), prepare(lay.down)
             else:
-                moe = lay.moe
-                moe.router = prepare(moe.router)
-                moe.w13 = [prepare(w) for w in moe.w13]
-                moe.w2 = [prepare(w) for w in moe.w2]
-                if moe.shared_gate_up is not None:
-                    moe.shared_gate_up = prepare(moe.shared_gate_up)
-                    moe.shared_down = prepare(moe.shared_down)
+                prepare_mixture(lay.moe, prepare)
         tied = self.lm_head is self.embed
         self.embed = prepare(self.embed)
         self.lm_head = self.embed if tied else prepare(self.lm_head)

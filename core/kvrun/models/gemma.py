@@ -32,6 +32,7 @@ from kvrun.attention.base import AttentionBackend, AttentionMetadata
 from kvrun.errors import ModelLoadError
 from kvrun.models.config import ModelConfig
 from kvrun.models.rope import cos_sin_cache
+from kvrun.models.weights import fill_parameters
 from kvrun.ops import OpTable
 
 __all__ = ["GemmaForCausalLM", "GemmaLayer"]
@@ -171,26 +172,13 @@ class GemmaForCausalLM:
         """Every parameter from (Hugging Face name, tensor) pairs, all of which must be
         present; then the norms become ``1 + w`` and the matrices are prepared."""
         assert not self._prepared, "weights are loaded once"
-        dest = self._destinations()
-        missing = set(dest)
-        for name, tensor in weights:
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            target = dest.get(name)
-            if target is None:
-                raise ModelLoadError(
-                    f"{source}: unexpected weight {name!r} for {self.config.architecture}"
-                )
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise ModelLoadError(
-                    f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(target.shape)}"
-                )
-            target.copy_(tensor)
-            missing.discard(name)
-        if missing:
-            shown = ", ".join(sorted(missing)[:5])
-            raise ModelLoadError(f"{source}: {len(missing)} weight(s) missing, e.g. {shown}")
+        fill_parameters(
+            self._destinations(),
+            weights,
+            source=source,
+            architecture=self.config.architecture,
+            tied=self.config.tie_word_embeddings,
+        )
         for norm in self._norms():  # Gemma's norms scale by 1 + w, added in float32
             norm.copy_((norm.float() + 1.0).to(norm.dtype))
         prepare = self.ops.prepare_linear

@@ -31,11 +31,17 @@ from typing import Any, ClassVar
 import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionMetadata
-from kvrun.errors import ModelLoadError
 from kvrun.models.config import ModelConfig
 from kvrun.models.layout import DECODER_LAYOUT
-from kvrun.models.moe import MoeWeights, moe_block
+from kvrun.models.moe import (
+    MoeWeights,
+    empty_mixture,
+    mixture_destinations,
+    moe_block,
+    prepare_mixture,
+)
 from kvrun.models.rope import cos_sin_cache
+from kvrun.models.weights import fill_parameters
 from kvrun.ops import OpTable
 
 __all__ = [
@@ -97,21 +103,6 @@ class LlamaForCausalLM:
 
         self.embed: Any = empty(c.vocab_size, c.hidden_size)  # prepared once loaded
 
-        def mixture() -> MoeWeights:
-            experts, inter, shared = (
-                c.num_experts,
-                c.moe_intermediate_size,
-                c.shared_expert_intermediate_size,
-            )
-            return MoeWeights(
-                router=empty(experts, c.hidden_size),
-                w13=[empty(2 * inter, c.hidden_size) for _ in range(experts)],
-                w2=[empty(c.hidden_size, inter) for _ in range(experts)],
-                shared_gate_up=empty(2 * shared, c.hidden_size) if shared else None,
-                shared_down=empty(c.hidden_size, shared) if shared else None,
-                shared_gate=empty(1, c.hidden_size) if shared else None,
-            )
-
         def layer(i: int) -> LlamaLayer:
             moe = c.moe_layers[i] if c.moe_layers else False
             return LlamaLayer(
@@ -124,7 +115,7 @@ class LlamaForCausalLM:
                 down=None if moe else empty(c.hidden_size, c.intermediate_size),
                 q_norm=empty(c.head_dim) if c.qk_norm else None,
                 k_norm=empty(c.head_dim) if c.qk_norm else None,
-                moe=mixture() if moe else None,
+                moe=empty_mixture(c, empty, gated_shared=True) if moe else None,
             )
 
         self.layers = [layer(i) for i in range(c.num_layers)]
@@ -191,30 +182,14 @@ class LlamaForCausalLM:
         """Fill every parameter from (Hugging Face name, tensor) pairs, all of which must be
         present, then hand each matrix to the platform's ``prepare_linear``."""
         assert not self._prepared, "weights are loaded once"
-        dest = self._destinations()
-        merged = {n for n in dest if self._merged_alias(n)}
-        missing = set(dest) - merged
-        for name, tensor in weights:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue  # some tied checkpoints still carry a copy
-            target = dest.get(name)
-            if target is None:
-                raise ModelLoadError(
-                    f"{source}: unexpected weight {name!r} for {self.config.architecture}"
-                )
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise ModelLoadError(
-                    f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(target.shape)}"
-                )
-            target.copy_(tensor)
-            missing.discard(name)
-            missing.difference_update(self._merged_alias(name))
-        if missing:
-            shown = ", ".join(sorted(missing)[:5])
-            raise ModelLoadError(f"{source}: {len(missing)} weight(s) missing, e.g. {shown}")
+        fill_parameters(
+            self._destinations(),
+            weights,
+            source=source,
+            architecture=self.config.architecture,
+            tied=self.config.tie_word_embeddings,
+            also_fills=self._merged_alias,
+        )
         self._prepare()
 
     def _prepare(self) -> None:
@@ -227,14 +202,7 @@ class LlamaForCausalLM:
                 layer.gate_up = prepare(layer.gate_up)
                 layer.down = prepare(layer.down)
                 continue
-            moe = layer.moe
-            moe.router = prepare(moe.router)
-            moe.w13 = [prepare(w) for w in moe.w13]
-            moe.w2 = [prepare(w) for w in moe.w2]
-            if moe.shared_gate_up is not None:
-                moe.shared_gate_up = prepare(moe.shared_gate_up)
-                moe.shared_down = prepare(moe.shared_down)
-                moe.shared_gate = prepare(moe.shared_gate)
+            prepare_mixture(layer.moe, prepare)
         tied = self.lm_head is self.embed
         self.embed = prepare(self.embed)
         self.lm_head = self.embed if tied else prepare(self.lm_head)
@@ -337,26 +305,9 @@ class MixtureOfExpertsForCausalLM(LlamaForCausalLM):
 
 
 def _mixture_destinations(prefix: str, moe: MoeWeights, config: ModelConfig) -> dict[str, Any]:
-    """Hugging Face names of one mixture layer's weights -> our slices (Mixtral spells
-    the experts w1 (gate), w3 (up), w2 (down) under block_sparse_moe; Qwen under mlp)."""
-    inter = config.moe_intermediate_size
-    dest: dict[str, Any] = {}
+    """One mixture layer's Hugging Face names: Mixtral's experts are w1 (gate), w3 (up)
+    and w2 (down) under block_sparse_moe; Qwen's gate/up/down_proj under mlp."""
     if config.architecture == "MixtralForCausalLM":
-        p = prefix + "block_sparse_moe."
         names = ("w1", "w3", "w2")
-    else:
-        p = prefix + "mlp."
-        names = ("gate_proj", "up_proj", "down_proj")
-    dest[p + "gate.weight"] = moe.router
-    for e in range(config.num_experts):
-        gate, up, down = (f"{p}experts.{e}.{n}.weight" for n in names)
-        dest[gate] = moe.w13[e][:inter]
-        dest[up] = moe.w13[e][inter:]
-        dest[down] = moe.w2[e]
-    if moe.shared_gate_up is not None:
-        shared = config.shared_expert_intermediate_size
-        dest[p + "shared_expert.gate_proj.weight"] = moe.shared_gate_up[:shared]
-        dest[p + "shared_expert.up_proj.weight"] = moe.shared_gate_up[shared:]
-        dest[p + "shared_expert.down_proj.weight"] = moe.shared_down
-        dest[p + "shared_expert_gate.weight"] = moe.shared_gate
-    return dest
+        return mixture_destinations(prefix + "block_sparse_moe.", moe, config, expert_names=names)
+    return mixture_destinations(prefix + "mlp.", moe, config)

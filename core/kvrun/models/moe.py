@@ -11,6 +11,7 @@ scaled by a sigmoid gate; DeepSeek's shared experts are added as they are. Token
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,15 @@ import torch
 from kvrun.models.config import ModelConfig
 from kvrun.ops import OpTable
 
-__all__ = ["MoeWeights", "moe_block", "moe_mlp", "route"]
+__all__ = [
+    "MoeWeights",
+    "empty_mixture",
+    "mixture_destinations",
+    "moe_block",
+    "moe_mlp",
+    "prepare_mixture",
+    "route",
+]
 
 
 @dataclass
@@ -33,6 +42,63 @@ class MoeWeights:
     shared_gate_up: Any | None = None  # [2S, H] (Qwen2-MoE)
     shared_down: Any | None = None  # [H, S]
     shared_gate: Any | None = None  # [1, H]: the shared expert's sigmoid gate (Qwen2-MoE)
+
+
+def empty_mixture(
+    config: ModelConfig, empty: Callable[..., torch.Tensor], *, gated_shared: bool
+) -> MoeWeights:
+    """One mixture layer's tensors, unfilled; ``gated_shared``: the shared expert (if the
+    config has one) has Qwen2-MoE's sigmoid gate."""
+    experts, inter = config.num_experts, config.moe_intermediate_size
+    hidden, shared = config.hidden_size, config.shared_expert_intermediate_size
+    return MoeWeights(
+        router=empty(experts, hidden),
+        w13=[empty(2 * inter, hidden) for _ in range(experts)],
+        w2=[empty(hidden, inter) for _ in range(experts)],
+        shared_gate_up=empty(2 * shared, hidden) if shared else None,
+        shared_down=empty(hidden, shared) if shared else None,
+        shared_gate=empty(1, hidden) if shared and gated_shared else None,
+    )
+
+
+def mixture_destinations(
+    prefix: str,  # the mixture module's name and a dot, e.g. "model.layers.3.mlp."
+    moe: MoeWeights,
+    config: ModelConfig,
+    *,
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    shared_module: str = "shared_expert",
+) -> dict[str, Any]:
+    """Hugging Face names of one mixture layer's weights -> our tensors (slices of w13
+    for each expert's gate and up rows). Mixtral names its experts' projections w1, w3,
+    w2; DeepSeek its shared experts ``shared_experts``."""
+    inter = config.moe_intermediate_size
+    dest: dict[str, Any] = {prefix + "gate.weight": moe.router}
+    for e in range(config.num_experts):
+        gate, up, down = (f"{prefix}experts.{e}.{n}.weight" for n in expert_names)
+        dest[gate] = moe.w13[e][:inter]
+        dest[up] = moe.w13[e][inter:]
+        dest[down] = moe.w2[e]
+    if moe.shared_gate_up is not None:
+        shared, p = config.shared_expert_intermediate_size, prefix + shared_module
+        dest[p + ".gate_proj.weight"] = moe.shared_gate_up[:shared]
+        dest[p + ".up_proj.weight"] = moe.shared_gate_up[shared:]
+        dest[p + ".down_proj.weight"] = moe.shared_down
+    if moe.shared_gate is not None:
+        dest[prefix + shared_module + "_gate.weight"] = moe.shared_gate
+    return dest
+
+
+def prepare_mixture(moe: MoeWeights, prepare: Callable[[Any], Any]) -> None:
+    """Every matrix of the mixture in the platform's form (``ops.prepare_linear``)."""
+    moe.router = prepare(moe.router)
+    moe.w13 = [prepare(w) for w in moe.w13]
+    moe.w2 = [prepare(w) for w in moe.w2]
+    if moe.shared_gate_up is not None:
+        moe.shared_gate_up = prepare(moe.shared_gate_up)
+        moe.shared_down = prepare(moe.shared_down)
+    if moe.shared_gate is not None:
+        moe.shared_gate = prepare(moe.shared_gate)
 
 
 def route(
