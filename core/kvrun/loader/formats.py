@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,7 @@ __all__ = [
     "TRAINING_FILES",
     "check_load_format",
     "directory_weight_format",
+    "indexed_shards",
     "local_names",
     "wanted_files",
 ]
@@ -114,3 +116,23 @@ def wanted_files(names: Iterable[str], load_format: str, *, weights: bool, where
 def local_names(directory: Path) -> list[str]:
     """The names of the plain files in ``directory``."""
     return [p.name for p in directory.iterdir() if p.is_file()]
+
+
+def indexed_shards(index: Path, source: str, what: str) -> tuple[Path, ...]:
+    """The shard files a ``*.index.json`` (``what``: "safetensors", "PyTorch weights")
+    names in its weight_map, each checked to exist beside it."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"model {source!r}: {index} is not a {what} index "
+            f"(an object with a 'weight_map' of tensor name -> file): {exc}"
+        ) from exc
+    files = tuple(index.parent / name for name in names)
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ModelLoadError(
+            f"model {source!r}: {index} lists shards that are missing: {', '.join(missing)}"
+        )
+    return files

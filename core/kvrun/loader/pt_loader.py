@@ -9,7 +9,6 @@ so a shard is not read into memory twice.
 
 from __future__ import annotations
 
-import json
 import pickle
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from kvrun.errors import ModelLoadError
-from kvrun.loader.formats import PT_SUFFIXES, TRAINING_FILES
+from kvrun.loader.formats import PT_SUFFIXES, TRAINING_FILES, indexed_shards
 
 __all__ = ["find_pt_files", "iter_pt", "validate_pt"]
 
@@ -31,21 +30,7 @@ def find_pt_files(directory: Path, source: str) -> tuple[Path, ...]:
     """The index's shards, else pytorch_model.bin, else every ``*.bin``/``*.pt`` weight file."""
     index = directory / _INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelLoadError(
-                f"model {source!r}: {index} is not a PyTorch weights index "
-                f"(an object with a 'weight_map' of tensor name -> file): {exc}"
-            ) from exc
-        files = tuple(directory / name for name in names)
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ModelLoadError(
-                f"model {source!r}: {index} lists shards that are missing: {', '.join(missing)}"
-            )
-        return files
+        return indexed_shards(index, source, "PyTorch weights")
     for name in _SINGLE:
         if (directory / name).is_file():
             return (directory / name,)

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from kvrun.errors import ModelLoadError
+from kvrun.loader.formats import indexed_shards
 
 __all__ = ["find_safetensors_files", "iter_safetensors", "validate_safetensors"]
 
@@ -29,21 +30,7 @@ def find_safetensors_files(directory: Path, source: str) -> tuple[Path, ...]:
     """The weight files of ``directory``: the index's shards, else model.safetensors, else all."""
     index = directory / _INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelLoadError(
-                f"model {source!r}: {index} is not a safetensors index "
-                f"(an object with a 'weight_map' of tensor name -> file): {exc}"
-            ) from exc
-        files = tuple(directory / name for name in names)
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ModelLoadError(
-                f"model {source!r}: {index} lists shards that are missing: {', '.join(missing)}"
-            )
-        return files
+        return indexed_shards(index, source, "safetensors")
     single = directory / "model.safetensors"
     if single.is_file():
         return (single,)
