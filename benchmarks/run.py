@@ -82,6 +82,33 @@ PEERS = {
         ),
         Peer("vllm", "vllm", "vllm_runner.py", "hf", {"dtype": "float32"}),
         Peer("vllm-bf16", "vllm", "vllm_runner.py", "hf", {"dtype": "bfloat16"}, "bf16 weights"),
+        # Structured output's cost (issue 14): every request under runners/common.py's
+        # JSON_SCHEMA, against the same peer without it.
+        Peer("kvrun-json", "kvrun", "kvrun_runner.py", "hf", {"json_schema": True}, "JSON schema"),
+        Peer(
+            "kvrun-bf16-json",
+            "kvrun",
+            "kvrun_runner.py",
+            "hf",
+            {"dtype": "bfloat16", "json_schema": True},
+            "bf16 weights, JSON schema",
+        ),
+        Peer(
+            "vllm-json",
+            "vllm",
+            "vllm_runner.py",
+            "hf",
+            {"dtype": "float32", "json_schema": True},
+            "JSON schema",
+        ),
+        Peer(
+            "vllm-bf16-json",
+            "vllm",
+            "vllm_runner.py",
+            "hf",
+            {"dtype": "bfloat16", "json_schema": True},
+            "bf16 weights, JSON schema",
+        ),
         Peer("hf", "hf", "hf_runner.py", "hf"),
         # The GPU benchmark (issue 6): both in bf16 on the first GPU, each peer's
         # defaults otherwise (kvrun-cuda picks its attention backend and captures

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvrun.host_cpu import host_cpu, parse_cpuinfo
+from kvrun.host_cpu import HostCpu, host_cpu, parse_cpuinfo, request_amx_tiles
 
 SAPPHIRE_RAPIDS = """\
 processor\t: 0
@@ -47,3 +47,20 @@ def test_a_cpu_with_none_of_the_features_says_so() -> None:
 def test_this_machine_is_read_once() -> None:
     assert host_cpu() is host_cpu()
     assert host_cpu().model
+
+
+def test_the_amx_tile_answer_is_named_after_the_features() -> None:
+    cpu = HostCpu("Intel(R) Xeon(R) Processor", ("AVX512", "AMX_BF16"), "refused: EPERM")
+    assert (
+        cpu.describe() == "Intel(R) Xeon(R) Processor: AVX512 AMX_BF16 (AMX tiles refused: EPERM)"
+    )
+    assert parse_cpuinfo(SAPPHIRE_RAPIDS).amx_tiles is None  # parsing asks Linux nothing
+
+
+def test_this_machine_asks_for_the_tiles_only_with_amx() -> None:
+    cpu = host_cpu()
+    if cpu.has("AMX_BF16"):
+        # Linux grants them to a process that asks (every kernel since 5.16 with AMX).
+        assert cpu.amx_tiles == request_amx_tiles() == "granted"
+    else:
+        assert cpu.amx_tiles is None

@@ -28,7 +28,32 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Engine", "RunSpec", "main"]
+__all__ = ["JSON_SCHEMA", "Engine", "RunSpec", "main"]
+
+
+# The structured-output workload's schema (peers with {"json_schema": true}): records
+# that cannot close within 128 tokens, so every peer writes exactly max_tokens tokens
+# (ignore_eos) and throughputs compare like for like.
+JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "people": {
+            "type": "array",
+            "minItems": 40,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 24},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                    "city": {"type": "string", "maxLength": 24},
+                    "member": {"type": "boolean"},
+                },
+                "required": ["name", "age", "city", "member"],
+            },
+        }
+    },
+    "required": ["people"],
+}
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
-from common import Engine, RunSpec, main
+from common import JSON_SCHEMA, Engine, RunSpec, main
 
 
 def _engine_arg_names() -> set[str]:
@@ -26,6 +26,7 @@ class KvrunEngine(Engine):
 
         self._kvrun = kvrun
         self.dtype = spec.options.get("dtype", "float32")
+        self.json_schema = bool(spec.options.get("json_schema"))  # every request under JSON_SCHEMA
         wanted: dict[str, Any] = {
             "model": spec.model,
             "dtype": self.dtype,
@@ -61,7 +62,15 @@ class KvrunEngine(Engine):
             reset()
 
     def generate(self, prompts: Sequence[list[int]], max_tokens: int) -> list[list[int]]:
-        params = self._kvrun.SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        constraint = None
+        if self.json_schema:
+            constraint = self._kvrun.StructuredOutputsParams(json=JSON_SCHEMA)
+        params = self._kvrun.SamplingParams(
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            temperature=0.0,
+            structured_outputs=constraint,
+        )
         inputs = [{"prompt_token_ids": p} for p in prompts]
         outs = self.llm.generate(inputs, params, **self.generate_kwargs)
         return [list(o.outputs[0].token_ids) for o in outs]

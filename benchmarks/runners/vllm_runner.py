@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from common import Engine, RunSpec, main
+from common import JSON_SCHEMA, Engine, RunSpec, main
 
 
 class VLLMEngine(Engine):
@@ -22,6 +22,7 @@ class VLLMEngine(Engine):
 
         self._vllm = vllm
         self.dtype = spec.options.get("dtype", "float32")
+        self.json_schema = bool(spec.options.get("json_schema"))  # every request under JSON_SCHEMA
         self.llm = vllm.LLM(
             model=spec.model,
             dtype=self.dtype,
@@ -42,7 +43,14 @@ class VLLMEngine(Engine):
         return {"dtype": self.dtype, "batching": "continuous (offline LLM.generate)"}
 
     def generate(self, prompts: Sequence[list[int]], max_tokens: int) -> list[list[int]]:
-        params = self._vllm.SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        extra: dict[str, Any] = {}
+        if self.json_schema:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra["structured_outputs"] = StructuredOutputsParams(json=JSON_SCHEMA)
+        params = self._vllm.SamplingParams(
+            max_tokens=max_tokens, ignore_eos=True, temperature=0.0, **extra
+        )
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 

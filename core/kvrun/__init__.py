@@ -13,25 +13,35 @@ from kvrun.version import __version__
 
 if TYPE_CHECKING:
     from kvrun.entrypoints.llm import LLM
+    from kvrun.lora.request import LoRARequest
     from kvrun.outputs import CompletionOutput, RequestOutput
     from kvrun.platforms import Platform
-    from kvrun.sampling_params import SamplingParams
+    from kvrun.pooling import PoolingParams
+    from kvrun.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 __all__ = [
     "LLM",
+    "BeamSearchParams",
     "CompletionOutput",
+    "LoRARequest",
     "Platform",
+    "PoolingParams",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
     "__version__",
 ]
 
 _LAZY = {
     "LLM": "kvrun.entrypoints.llm",
+    "BeamSearchParams": "kvrun.sampling_params",
     "CompletionOutput": "kvrun.outputs",
+    "LoRARequest": "kvrun.lora.request",
     "RequestOutput": "kvrun.outputs",
     "Platform": "kvrun.platforms",
+    "PoolingParams": "kvrun.pooling",
     "SamplingParams": "kvrun.sampling_params",
+    "StructuredOutputsParams": "kvrun.sampling_params",
 }
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from kvrun.errors import ConfigError
+from kvrun.pooling import CONVERTS, RUNNERS, PoolerConfig
 
 __all__ = ["DTYPES", "KV_CACHE_DTYPES", "LOAD_FORMATS", "EngineArgs", "EngineConfig", "parse_dtype"]
 
@@ -70,8 +72,29 @@ class EngineArgs:
     # Accepted as vLLM's flag, but no checkpoint code ever runs: it lets a config.json with
     # auto_map load when kvrun implements its architecture natively.
     trust_remote_code: bool = False
+    # vLLM's StructuredOutputsConfig as a dict (or its JSON text): {"backend": "xgrammar"}.
+    structured_outputs_config: dict[str, Any] | str | None = None
+    # vLLM's pooling runner: "pooling" runs the model for embeddings and scores only
+    # (generation refused); "generate" ("auto" for a causal LM) generates and serves
+    # embeddings too. convert "embed" (what "auto" means under the pooling runner) turns
+    # a causal LM into an embedding model; a *ForSequenceClassification is a classifier.
+    runner: str = "auto"
+    convert: str = "auto"
+    pooler_config: dict[str, Any] | str | None = None  # {"pooling_type": ..., "normalize": ...}
+    # LoRA adapters: with enable_lora, requests may name one (kvrun.lora.LoRARequest).
+    enable_lora: bool = False
+    max_loras: int = 1  # adapters in device slots, so distinct adapters running at once
+    max_lora_rank: int = 16  # the highest adapter rank accepted
+    max_cpu_loras: int | None = None  # adapters kept read in host memory; None = max_loras
 
     def __post_init__(self) -> None:
+        structured_outputs_backend(self.structured_outputs_config)
+        for name, accepted in (("runner", RUNNERS), ("convert", CONVERTS)):
+            if getattr(self, name) not in accepted:
+                raise ConfigError(
+                    f"{name} {getattr(self, name)!r} is not known; accepted: {', '.join(accepted)}"
+                )
+        PoolerConfig.parse(self.pooler_config)
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         for name in ("block_size", "max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
@@ -80,6 +103,15 @@ class EngineArgs:
                 raise ConfigError(f"{name} must be >= 1 when given, got {value}")
         if self.max_logprobs < 0:
             raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        for name in ("max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ConfigError(
+                f"max_cpu_loras={self.max_cpu_loras} is below max_loras={self.max_loras}; "
+                "accepted: max_cpu_loras >= max_loras (adapters in slots are also kept in "
+                "host memory), or unset"
+            )
         parse_dtype(self.dtype)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(
@@ -139,13 +171,108 @@ class EngineArgs:
             action="store_true",
             help="load a config.json with auto_map natively (kvrun never runs its code)",
         )
+        group.add_argument(
+            "--structured-outputs-config",
+            default=None,
+            metavar="JSON",
+            help='structured output\'s settings as JSON, e.g. \'{"backend": "xgrammar"}\' '
+            "(backends: auto, xgrammar, guidance)",
+        )
+        group.add_argument(
+            "--runner",
+            default="auto",
+            choices=["auto", "generate", "pooling"],
+            help="pooling: serve embeddings and scores (/v1/embeddings, /pooling, /score, "
+            "/rerank) instead of generation",
+        )
+        group.add_argument(
+            "--convert",
+            default="auto",
+            choices=["auto", "none", "embed", "classify"],
+            help="how the pooling runner uses the model; auto/embed: a causal LM's last "
+            "hidden state as its embedding",
+        )
+        group.add_argument(
+            "--pooler-config",
+            default=None,
+            metavar="JSON",
+            help='the pooling runner\'s pooler, e.g. \'{"pooling_type": "MEAN", '
+            '"normalize": true}\' (pooling types LAST, MEAN, CLS)',
+        )
+        group.add_argument(
+            "--enable-lora",
+            action=argparse.BooleanOptionalAction,
+            default=False,
+            help="serve LoRA adapters (PEFT format) next to the base model",
+        )
+        group.add_argument(
+            "--max-loras",
+            type=int,
+            default=1,
+            help="adapters held on the device at once (distinct adapters per step)",
+        )
+        group.add_argument(
+            "--max-lora-rank", type=int, default=16, help="the highest adapter rank accepted"
+        )
+        group.add_argument(
+            "--max-cpu-loras",
+            type=int,
+            default=None,
+            help="adapters kept read in host memory (default: --max-loras)",
+        )
+        group.add_argument(
+            "--guided-decoding-backend",
+            default=None,
+            help="vLLM's older spelling of --structured-outputs-config '{\"backend\": NAME}'",
+        )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
         values: dict[str, Any] = {
             f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)
         }
+        backend = getattr(args, "guided_decoding_backend", None)
+        if backend is not None:
+            if values.get("structured_outputs_config") is not None:
+                raise ConfigError(
+                    "--guided-decoding-backend and --structured-outputs-config both set the "
+                    "structured output backend; give one"
+                )
+            values["structured_outputs_config"] = {"backend": backend}
         return cls(**values)
+
+
+# The keys of vLLM's StructuredOutputsConfig that kvrun acts on.
+STRUCTURED_OUTPUTS_KEYS = ("backend",)
+
+
+def structured_outputs_backend(config: dict[str, Any] | str | None) -> str:
+    """The backend a structured_outputs_config names ("xgrammar"); a ConfigError naming
+    what is wrong with it otherwise."""
+    from kvrun.structured_output.compiler import resolve_backend
+
+    if config is None:
+        return resolve_backend(None)
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"structured_outputs_config {config!r} is not JSON ({exc}); accepted: an "
+                'object such as {"backend": "xgrammar"}'
+            ) from None
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"structured_outputs_config {config!r} is not accepted; accepted: an object "
+            'such as {"backend": "xgrammar"}'
+        )
+    unknown = sorted(set(config) - set(STRUCTURED_OUTPUTS_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"structured_outputs_config key {unknown[0]!r} is not acted on by kvrun; "
+            f"accepted keys: {', '.join(STRUCTURED_OUTPUTS_KEYS)}"
+        )
+    return resolve_backend(config.get("backend"))
 
 
 @dataclass(frozen=True)
@@ -176,6 +303,17 @@ class EngineConfig:
     # whether an auto_map config.json may load natively: for executors that load it again.
     load_format: str = "auto"
     trust_remote_code: bool = False
+    structured_outputs_backend: str = "xgrammar"  # compiles requests' output constraints
+    runner: str = "generate"  # "generate" or "pooling" (embeddings and scores)
+    pooler: PoolerConfig | None = None  # how pooling requests pool (None: none are served)
+    convert: str = "none"  # the pooling runner's task: "embed" or "classify"
+    id2label: tuple[str, ...] = ()  # a classifier's labels, by class index
+    hidden_size: int = 0  # the model's hidden size: an embedding's length
+    matryoshka: tuple[int, ...] | bool = False  # embeddings may be cut (ModelConfig's)
+    enable_lora: bool = False  # requests may run with a LoRA adapter
+    max_loras: int = 0  # device slots for adapters (0 without enable_lora)
+    max_lora_rank: int = 0  # the highest adapter rank accepted
+    max_cpu_loras: int = 0  # adapters kept read in host memory
 
     @property
     def cache_dtype(self) -> torch.dtype:

@@ -159,7 +159,9 @@ EFFECTS: dict[str, Effect] = {
     "VLLM_PLUGINS": _acts("plugin discovery"),
     "VLLM_TORCH_PROFILER_DIR": _acts("start_profile()/stop_profile() and /start_profile"),
     "VLLM_USE_TRITON_AWQ": _acts("AWQ dequantisation", platforms=_GPU),
-    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": _none("kvrun has no LoRA adapters yet (the LoRA issue)"),
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": _acts(
+        "the server's /v1/load_lora_adapter and /v1/unload_lora_adapter routes", entry=_SERVE
+    ),
     "VLLM_DISABLED_KERNELS": _acts("the platform's kernel choice", platforms=_GPU),
     "VLLM_USE_V1": _acts("1: kvrun's engine (its only one); 0 is refused"),
     "K_SCALE_CONSTANT": _acts("fp8 KV-cache scales", platforms=_GPU),

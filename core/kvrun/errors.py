@@ -6,11 +6,25 @@ exit non-zero; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "KvrunError", "ModelLoadError", "PluginError", "RequestError"]
+__all__ = [
+    "CommandLineError",
+    "ConfigError",
+    "KvrunError",
+    "ModelLoadError",
+    "PluginError",
+    "RequestError",
+]
 
 
 class KvrunError(ValueError):
     """A user error: the message names the thing at fault and what is accepted."""
+
+
+class CommandLineError(KvrunError):
+    """A command line kvrun will not run: a flag it does not know, or one it refuses.
+
+    Raised while parsing, before anything loads; the CLI prints ``kvrun VERB: message``.
+    """
 
 
 class ConfigError(KvrunError):

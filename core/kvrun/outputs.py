@@ -12,15 +12,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
+    "ClassificationOutput",
+    "ClassificationRequestOutput",
     "CompletionOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
     "Logprob",
+    "PoolingOutput",
+    "PoolingRequestOutput",
     "RequestDelta",
     "RequestMetrics",
     "RequestOutput",
     "RequestOutputKind",
     "SampleLogprobs",
+    "ScoringOutput",
+    "ScoringRequestOutput",
     "SequenceDelta",
 ]
 
@@ -124,3 +136,69 @@ class RequestDelta:
     prompt_logprobs: list[dict[int, Logprob] | None] | None
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     metrics: RequestMetrics  # the engine's record of this request, updated in place
+    # A pooling request's result (no sequences): its embedding or pooled vector, float32
+    # on the host, in its one (finished) delta.
+    pooled: torch.Tensor | None = None
+
+
+# --- pooling (LLM.encode / embed / score), shaped as vLLM's ---------------------------
+
+
+@dataclass(frozen=True)
+class PoolingOutput:
+    data: torch.Tensor  # the pooled vector, float32 on the host
+
+
+@dataclass(frozen=True)
+class PoolingRequestOutput:
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+@dataclass(frozen=True)
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass(frozen=True)
+class EmbeddingRequestOutput:
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+@dataclass(frozen=True)
+class ScoringOutput:
+    score: float
+
+
+@dataclass(frozen=True)
+class ScoringRequestOutput:
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int]  # the first text's, then the second's
+    finished: bool = True
+
+
+@dataclass(frozen=True)
+class ClassificationOutput:
+    probs: list[float]  # one per class, in the model's label order
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass(frozen=True)
+class ClassificationRequestOutput:
+    request_id: str
+    outputs: ClassificationOutput
+    prompt_token_ids: list[int]
+    finished: bool = True

@@ -23,8 +23,16 @@ import torch
 
 from kvrun.errors import RequestError
 from kvrun.outputs import RequestOutputKind
+from kvrun.structured_output.params import StructuredOutputsParams
 
-__all__ = ["SAMPLING_EPS", "LogitsProcessor", "SamplingParams", "SamplingType"]
+__all__ = [
+    "SAMPLING_EPS",
+    "BeamSearchParams",
+    "LogitsProcessor",
+    "SamplingParams",
+    "SamplingType",
+    "StructuredOutputsParams",
+]
 
 # Temperatures below this are greedy: dividing logits by them only amplifies noise.
 SAMPLING_EPS = 1e-5
@@ -155,6 +163,8 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens; -1: model max
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    # Hold the output to a JSON schema, regex, choice or grammar (vLLM's name and type).
+    structured_outputs: StructuredOutputsParams | None = None
     # What each RequestOutput holds: all so far, only the new part, or only the final one.
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # 2 or 3 per logits processor, found once here rather than on every step.
@@ -201,6 +211,14 @@ class SamplingParams:
             if not allowed:
                 raise _error("allowed_token_ids", allowed, "a non-empty list of token ids or None")
             put("allowed_token_ids", allowed)
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise _error(
+                "structured_outputs",
+                self.structured_outputs,
+                "a kvrun.sampling_params.StructuredOutputsParams or None",
+            )
         kinds = ", ".join(f"RequestOutputKind.{k.name} ({k.value})" for k in RequestOutputKind)
         if not _is_int(self.output_kind) or self.output_kind not in set(RequestOutputKind):
             raise _error("output_kind", self.output_kind, kinds)
@@ -275,3 +293,43 @@ class SamplingParams:
             count = getattr(self, name)
             if count is not None and count > max_logprobs:
                 raise _error(name, count, f"an int in [0, {max_logprobs}] (max_logprobs) or None")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BeamSearchParams:
+    """What :meth:`kvrun.LLM.beam_search` searches for (vLLM's fields and defaults).
+
+    ``length_penalty`` divides a finished beam's cumulative logprob by its generated
+    length (EOS included) to that power, as transformers does; ``temperature`` is
+    validated and passed on, but beams are ranked by the model's raw logprobs (as in
+    vLLM's v1 engine), so it does not change the result.
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        _int("beam_width", self.beam_width, "an int >= 1", lo=1)
+        _int("max_tokens", self.max_tokens, "an int >= 1", lo=1)
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise _error(name, getattr(self, name), "True or False")
+        temperature = _float("temperature", self.temperature, "a float >= 0", lambda x: x >= 0)
+        object.__setattr__(self, "temperature", temperature)
+        penalty = _float("length_penalty", self.length_penalty, "a finite float", lambda x: True)
+        object.__setattr__(self, "length_penalty", penalty)
+
+    def verify(self, vocab_size: int, max_logprobs: int) -> None:
+        """Each step asks the engine for ``2 * beam_width`` candidates per beam."""
+        most = min(max_logprobs, vocab_size) // 2
+        if self.beam_width > most:
+            raise _error(
+                "beam_width",
+                self.beam_width,
+                f"an int in [1, {most}] (each step ranks 2 * beam_width candidates per beam; "
+                f"max_logprobs={max_logprobs})",
+            )

@@ -104,12 +104,21 @@ def test_stop_token_ids_min_tokens_and_eos(llm: LLM) -> None:
     seq = out.outputs[0]
     assert seq.token_ids == tokens[: first + 1]
     assert (seq.finish_reason, seq.stop_reason) == ("stop", stop_id)
+    # the stop token is not text unless asked for, as in vLLM
+    decode = llm.get_tokenizer().decode
+    assert seq.text == decode(tokens[:first])
+    kept = params.replace(include_stop_str_in_output=True)
+    [with_stop] = llm.generate("Count: 1, 2, 3,", kept, use_tqdm=False)
+    assert with_stop.outputs[0].text == decode(tokens[: first + 1])
     # A chat answer ends with EOS on its own; min_tokens pushes EOS past 30 tokens.
     messages = [{"role": "user", "content": "Say only the word yes."}]
     [short] = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=200), use_tqdm=False)
     assert short.outputs[0].finish_reason == "stop"
     eos_at = len(short.outputs[0].token_ids)
     assert short.outputs[0].token_ids[-1] in llm.get_tokenizer().eos_token_ids
+    raw = SamplingParams(temperature=0.0, max_tokens=200, skip_special_tokens=False)
+    [unskipped] = llm.chat(messages, raw, use_tqdm=False)
+    assert unskipped.outputs[0].text == short.outputs[0].text  # EOS's text left out too
     longer = SamplingParams(temperature=0.0, max_tokens=200, min_tokens=eos_at + 10)
     [out2] = llm.chat(messages, longer, use_tqdm=False)
     assert len(out2.outputs[0].token_ids) >= eos_at + 10

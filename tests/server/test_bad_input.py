@@ -340,7 +340,7 @@ def test_bad_requests_do_not_disturb_a_running_one(server: Server, model_name: s
 def test_unknown_fields_are_named_not_dropped(server: Server) -> None:
     with server.http() as http:
         for route, body in (
-            ("/v1/completions", {**OK, "guided_json": {"type": "object"}}),
+            ("/v1/completions", {**OK, "return_tokens_as_token_ids": True}),
             ("/v1/chat/completions", {**CHAT, "prompt_embeds": "AAAA"}),
             ("/tokenize", {"prompt": "Hi", "mystery": 1}),
         ):

@@ -85,7 +85,14 @@ def test_doc_lists_every_exported_metric(name: str) -> None:
 
 def _routes() -> list[tuple[str, tuple[str, ...]]]:
     """(path, methods) of every route, the gated ones included."""
-    app = build_app(ServerConfig(api_key="k", dev_mode=True, profiler_dir="/tmp/traces"))
+    app = build_app(
+        ServerConfig(
+            api_key="k",
+            dev_mode=True,
+            profiler_dir="/tmp/traces",
+            allow_runtime_lora_updating=True,
+        )
+    )
     out = []
     for route in app.routes:
         assert isinstance(route, APIRoute | Route)

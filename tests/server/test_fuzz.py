@@ -31,6 +31,7 @@ FIELDS = [
     "stream", "stream_options", "echo", "best_of", "tokens", "allowed_token_ids",
     "bad_words", "prompt_logprobs", "chat_template_kwargs", "add_generation_prompt",
     "response_format", "tools", "model", "ignore_eos", "skip_special_tokens",
+    "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
 ]  # fmt: skip
 REQUESTS = 1500
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import transformers
 
 from kvrun.envs import read_env
@@ -153,3 +154,38 @@ def random_checkpoint(smollm2_hf_dir: Path) -> Callable[..., Path]:
         )
 
     return make
+
+
+def _build_classifier(out: Path, tokenizer_dir: Path) -> Path:
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        id2label={0: "negative", 1: "neutral", 2: "positive"},
+        label2id={"negative": 0, "neutral": 1, "positive": 2},
+        pad_token_id=0,
+    )
+    Qwen3ForSequenceClassification(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(smollm2_hf_dir: Path) -> Path:
+    """A random tiny Qwen3ForSequenceClassification (labels negative, neutral, positive)
+    with SmolLM2's tokenizer."""
+    return cached_build(
+        "random-qwen3-classifier",
+        {"labels": 3, "seed": 0, "positions": 2048},
+        lambda out: _build_classifier(out, smollm2_hf_dir),
+    )

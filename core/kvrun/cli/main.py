@@ -1,8 +1,11 @@
 """`kvrun`: one verb per module, imported only when that verb runs.
 
-Each verb module defines ``add_arguments(parser)`` and ``run(args, env) -> int``.
+Each verb module defines ``add_arguments(parser)`` and ``run(args, env) -> int``, and
+may define ``normalize_argv(argv) -> argv`` (other tools' spellings of its flags).
 A :class:`kvrun.errors.KvrunError` is a user error: its message is printed alone
-(no traceback) and the exit status is 2.
+(no traceback) and the exit status is 2. A flag no verb knows is one too, named with
+the verb (``kvrun serve: unknown flag --foo; see kvrun serve --help``), never
+argparse's bare "unrecognized arguments".
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from kvrun.errors import KvrunError
+from kvrun.errors import CommandLineError, KvrunError
 from kvrun.version import __version__
 
-__all__ = ["main"]
+__all__ = ["main", "parse_command_line"]
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -42,13 +45,35 @@ def _parser(verb: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """``kvrun VERB ...`` as arguments; a :class:`CommandLineError` names a bad flag."""
+    argv = list(argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = _parser(verb)
+    if verb is not None and verb in VERBS:
+        normalize = getattr(importlib.import_module(VERBS[verb][0]), "normalize_argv", None)
+        if normalize is not None:
+            argv = normalize(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        flag = next((a for a in extras if a.startswith("-")), None)
+        if flag is not None:
+            raise CommandLineError(f"unknown flag {flag.split('=')[0]}; see kvrun {verb} --help")
+        raise CommandLineError(f"unexpected argument {extras[0]!r}; see kvrun {verb} --help")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from kvrun import envs
 
     defaults = envs.apply_process_defaults()  # before any verb module imports torch
     argv = list(sys.argv[1:] if argv is None else argv)
-    verb = next((a for a in argv if not a.startswith("-")), None)
-    args = _parser(verb).parse_args(argv)
+    try:
+        args = parse_command_line(argv)
+    except CommandLineError as exc:
+        verb = next((a for a in argv if not a.startswith("-")), None)
+        print(f"kvrun {verb}: {exc}", file=sys.stderr)
+        return 2
     try:
         env = envs.read_env()
         from kvrun.logging_config import configure_logging

@@ -7,7 +7,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "normalize_argv", "run", "vllm_flags_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,97 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="render chat templates that requests send (refused by default)",
     )
+    lora = parser.add_argument_group("LoRA adapters (with --enable-lora)")
+    lora.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help='adapters served as models from the start: name=path or \'{"name": NAME, '
+        '"path": PATH}\'',
+    )
+    lora.add_argument(
+        "--allowed-lora-paths",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="directories runtime adapter loads may read from "
+        "(VLLM_ALLOW_RUNTIME_LORA_UPDATING=1; default: none, loads refused)",
+    )
+    tools = parser.add_argument_group("tool calling and reasoning output")
+    tools.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help='accept tool_choice "auto": read tool calls from replies with --tool-call-parser',
+    )
+    tools.add_argument(
+        "--tool-call-parser",
+        default=None,
+        metavar="NAME",
+        help="the tool-call format the model writes: hermes, llama3_json, llama4_json, "
+        "mistral, pythonic, llama4_pythonic",
+    )
+    tools.add_argument(
+        "--tool-parser-plugin",
+        default=None,
+        metavar="PATH",
+        help="refused: kvrun loads no tool parser plugins (use a built-in --tool-call-parser)",
+    )
+    tools.add_argument(
+        "--exclude-tools-when-tool-choice-none",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help='with tool_choice "none", do not pass the tools to the chat template',
+    )
+    tools.add_argument(
+        "--reasoning-parser",
+        default=None,
+        metavar="NAME",
+        help="split <think> reasoning into reasoning_content: deepseek_r1 or qwen3",
+    )
     from kvrun.config import EngineArgs
 
     EngineArgs.add_cli_args(parser)
+    parser.add_argument(
+        "--vllm-flags-markdown",
+        action="store_true",
+        help="print the table of vLLM's serve flags and what kvrun does with each "
+        "(docs/serving.md), then exit",
+    )
+    _add_vllm_flags(parser)
+
+
+def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
+    """vLLM's flags kvrun lacks, refused or accepted by name; keep it last in add_arguments
+    (it registers only what the parser does not define by then)."""
+    from kvrun.cli.vllm_flag_table import FLAGS
+    from kvrun.cli.vllm_flags import add_vllm_flags
+
+    parser.allow_abbrev = False  # exact names: a prefix of one flag must not pass as another
+    parser.epilog = (
+        "vLLM's other serve flags are accepted where they ask for what kvrun does, and "
+        "refused by name otherwise: see docs/serving.md or --vllm-flags-markdown."
+    )
+    add_vllm_flags(parser, FLAGS)
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """vLLM's spellings (``--max_model_len``, ``-O3``, ``--x.key VALUE``) as kvrun reads them."""
+    from kvrun.cli.vllm_flag_table import FLAGS
+    from kvrun.cli.vllm_flags import normalize_argv as normalize
+
+    return normalize(argv, FLAGS)
+
+
+def vllm_flags_markdown() -> str:
+    """The table of docs/serving.md, from this verb's parser as it is now."""
+    from kvrun.cli.vllm_flag_table import FLAGS
+    from kvrun.cli.vllm_flags import markdown_table
+
+    parser = argparse.ArgumentParser(prog="kvrun serve")
+    add_arguments(parser)
+    return markdown_table(FLAGS, parser)
 
 
 def _positive(name: str, value: float) -> None:
@@ -79,6 +167,34 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 
+def _check_tool_flags(args: argparse.Namespace) -> None:
+    from kvrun.errors import ConfigError
+    from kvrun.server.reasoning import REASONING_PARSERS
+    from kvrun.server.tool_parsers import TOOL_PARSERS
+
+    if args.tool_parser_plugin:
+        raise ConfigError(
+            f"--tool-parser-plugin {args.tool_parser_plugin!r} is refused: kvrun does not load "
+            "tool parser plugins; use a built-in --tool-call-parser: "
+            + ", ".join(sorted(TOOL_PARSERS))
+        )
+    if args.tool_call_parser is not None and args.tool_call_parser not in TOOL_PARSERS:
+        raise ConfigError(
+            f"--tool-call-parser {args.tool_call_parser!r} is not known; accepted: "
+            + ", ".join(sorted(TOOL_PARSERS))
+        )
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ConfigError(
+            "--enable-auto-tool-choice needs --tool-call-parser NAME (the format the model "
+            "writes its calls in): " + ", ".join(sorted(TOOL_PARSERS))
+        )
+    if args.reasoning_parser is not None and args.reasoning_parser not in REASONING_PARSERS:
+        raise ConfigError(
+            f"--reasoning-parser {args.reasoning_parser!r} is not known; accepted: "
+            + ", ".join(sorted(REASONING_PARSERS))
+        )
+
+
 def run(args: argparse.Namespace, env: Any) -> int:
     from kvrun.config import EngineArgs
     from kvrun.errors import ConfigError
@@ -86,6 +202,14 @@ def run(args: argparse.Namespace, env: Any) -> int:
     from kvrun.server.params import ServerLimits
     from kvrun.server.runner import run_server
 
+    if getattr(args, "vllm_flags_markdown", False):
+        print(vllm_flags_markdown(), end="")
+        return 0
+    from kvrun.cli.vllm_flag_table import FLAGS
+    from kvrun.cli.vllm_flags import no_effect_warnings
+
+    for line in no_effect_warnings(args, FLAGS):
+        logger.warning("%s", line)
     if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
         raise ConfigError(
             f"the model is given twice, as MODEL={args.model_tag!r} and --model={args.model!r}; "
@@ -116,6 +240,13 @@ def run(args: argparse.Namespace, env: Any) -> int:
             "VLLM_API_KEY is set but empty, which would start the server without "
             "authentication; give a key, or unset VLLM_API_KEY to run without one"
         )
+    _check_tool_flags(args)
+    from kvrun.server.lora import check_allowed_dirs, parse_lora_modules
+
+    lora_modules = parse_lora_modules(args.lora_modules)
+    if lora_modules and not engine_args.enable_lora:
+        raise ConfigError("--lora-modules needs --enable-lora")
+    allowed_lora_paths = check_allowed_dirs(args.allowed_lora_paths)
     if args.root_path and not args.root_path.startswith("/"):
         raise ConfigError(f"--root-path must start with '/', got {args.root_path!r}")
     config = ServerConfig(
@@ -136,7 +267,13 @@ def run(args: argparse.Namespace, env: Any) -> int:
         dev_mode=env.VLLM_SERVER_DEV_MODE,
         profiler_dir=env.VLLM_TORCH_PROFILER_DIR,
         allow_runtime_lora_updating=env.VLLM_ALLOW_RUNTIME_LORA_UPDATING,
+        lora_modules=lora_modules,
+        allowed_lora_paths=allowed_lora_paths,
         trust_request_chat_template=args.trust_request_chat_template,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         keep_alive_on_engine_death=env.VLLM_KEEP_ALIVE_ON_ENGINE_DEATH,
         uvicorn_log_level=args.uvicorn_log_level,
         access_log=not args.disable_uvicorn_access_log,

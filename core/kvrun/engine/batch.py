@@ -8,7 +8,7 @@ here imports a runner.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,8 @@ class StepLogits:
     logits: torch.Tensor  # [S, V] float32, rows in the order of `request_ids`
     request_ids: list[str]  # [S] the sampling requests
     prompt_logits: dict[str, torch.Tensor]  # request_id -> [Q, V] float32 for its whole chunk
+    # request_id -> [Q, H] the final hidden states of its whole chunk (pooling requests)
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def build_batch(

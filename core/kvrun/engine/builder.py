@@ -10,13 +10,14 @@ complete when built (nothing is attached to a runner later).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
-from kvrun.config import EngineArgs, EngineConfig, parse_dtype
+from kvrun.config import EngineArgs, EngineConfig, parse_dtype, structured_outputs_backend
 from kvrun.engine.compilation import CompileSettings, compile_function, compile_settings
 from kvrun.engine.executor_runner import ExecutorRunner
 from kvrun.engine.model_runner import ModelRunner
@@ -29,20 +30,25 @@ from kvrun.loader import DEFAULT_HUB_MODEL, engine_load_format, load_engine_chec
 from kvrun.loader.checkpoint import Checkpoint
 from kvrun.models.config import ModelConfig
 from kvrun.models.registry import ModelRegistry
-from kvrun.ops import reference_ops
+from kvrun.ops import reference, reference_ops
 from kvrun.platforms import KVCachePlan, KVCacheRequest, Platform, plan_exact_kv_blocks
 from kvrun.plugins import create_platform, load_general_plugins
+from kvrun.pooling import PoolerConfig
 from kvrun.sampling.truncation import TopKTopPSampler
 from kvrun.scheduling.capacity import require_blocks
 from kvrun.scheduling.scheduler import Scheduler, SchedulerConfig
 from kvrun.tokenizer import Tokenizer, load_tokenizer
 from kvrun.usage import record_usage
 
+if TYPE_CHECKING:
+    from kvrun.lora.manager import LoraManager
+
 __all__ = [
     "EngineParts",
     "ResolvedConfig",
     "build_engine_parts",
     "resolve_engine_config",
+    "resolve_lora",
     "resolve_max_model_len",
 ]
 
@@ -65,6 +71,10 @@ class EngineParts:
     runner: StepRunner
     # Platform.top_k_top_p_sampler(): the platform's sampling kernel for the Sampler.
     top_k_top_p: TopKTopPSampler | None = None
+    # The op table's apply_token_bitmask (structured output's mask, in the sampler).
+    apply_token_bitmask: Callable[..., None] = reference.apply_token_bitmask
+    # LoRA adapters' host cache and device slots (enable_lora), shared with the runner.
+    lora: LoraManager | None = None
 
 
 @dataclass(frozen=True)
@@ -174,11 +184,88 @@ def resolve_engine_config(
         gpu_memory_utilization=args.gpu_memory_utilization,
         load_format=engine_load_format(args, env),
         trust_remote_code=args.trust_remote_code,
+        structured_outputs_backend=structured_outputs_backend(args.structured_outputs_config),
+        hidden_size=model.hidden_size,
+        matryoshka=model.matryoshka,
+        **resolve_runner(args, model),
+        **resolve_lora(args),
     )
     config, adjustments = platform.check_config(config)
     for reason in adjustments:
         logger.info("platform %s adjusted the config: %s", platform.name, reason)
     return ResolvedConfig(config, attention, dtype_why, len_why)
+
+
+def resolve_runner(args: EngineArgs, model: ModelConfig) -> dict[str, Any]:
+    """EngineConfig's runner, convert and pooler: vLLM's runner/convert choices for
+    ``model`` (a ``*ForSequenceClassification`` checkpoint is a classifier)."""
+    classifier = bool(model.id2label)
+    runner = args.runner if args.runner != "auto" else ("pooling" if classifier else "generate")
+    if runner == "generate":
+        if classifier:
+            raise ConfigError(
+                f"{model.architecture} is a classifier: it runs only as a pooling model; "
+                "accepted: runner='auto' or 'pooling' (--runner pooling)"
+            )
+        if args.convert not in ("auto", "none"):
+            raise ConfigError(
+                f"convert={args.convert!r} applies to the pooling runner; add runner='pooling' "
+                "(--runner pooling)"
+            )
+        # A generating engine serves embeddings too, beside generation in the same steps.
+        return {"runner": "generate", "pooler": PoolerConfig.parse(args.pooler_config)}
+    convert = args.convert if args.convert != "auto" else ("classify" if classifier else "embed")
+    if convert != ("classify" if classifier else "embed"):
+        accepted = "auto, classify" if classifier else "auto, embed"
+        what = (
+            "a classifier (its score head gives class probabilities)"
+            if classifier
+            else "a causal language model, which kvrun's pooling runner turns into an "
+            "embedding model; classifying needs a *ForSequenceClassification checkpoint"
+        )
+        raise ConfigError(
+            f"convert={args.convert!r} is not supported for {model.architecture}, {what}; "
+            f"accepted: {accepted}"
+        )
+    default = PoolerConfig(normalize=False) if classifier else PoolerConfig()
+    pooler = default if args.pooler_config is None else PoolerConfig.parse(args.pooler_config)
+    return {"runner": "pooling", "pooler": pooler, "convert": convert, "id2label": model.id2label}
+
+
+def resolve_lora(args: EngineArgs) -> dict[str, Any]:
+    """EngineConfig's LoRA fields; refused with the pooling runner."""
+    if not args.enable_lora:
+        return {}
+    if args.runner == "pooling":
+        raise ConfigError("enable_lora applies to generation; the pooling runner takes no adapters")
+    return {
+        "enable_lora": True,
+        "max_loras": args.max_loras,
+        "max_lora_rank": args.max_lora_rank,
+        "max_cpu_loras": args.max_cpu_loras or args.max_loras,
+    }
+
+
+def _build_lora(config: EngineConfig, model: Any, platform: Platform) -> LoraManager:
+    from kvrun.lora.manager import LoraManager
+
+    ops = reference_ops().with_overrides(platform.ops(), f"platform {platform.name!r}")
+    manager = LoraManager(
+        model.lora_targets(),
+        max_loras=config.max_loras,
+        max_lora_rank=config.max_lora_rank,
+        max_cpu_loras=config.max_cpu_loras,
+        dtype=config.dtype,
+        device=platform.device,
+        add_lora=ops.add_lora,
+    )
+    logger.info(
+        "LoRA: %d device slot(s) of rank %d, %d adapter(s) kept in host memory",
+        config.max_loras,
+        config.max_lora_rank,
+        config.max_cpu_loras,
+    )
+    return manager
 
 
 def build_engine_parts(
@@ -207,6 +294,11 @@ def build_engine_parts(
     model_cls = registry.resolve(model_config.architecture, checkpoint.source)
     resolved = resolve_engine_config(args, env, platform, model_config, checkpoint.source)
     config = resolved.config
+    if config.enable_lora and not getattr(model_cls, "supports_lora", False):
+        raise ConfigError(
+            f"enable_lora: kvrun applies LoRA adapters to the Llama-family dense models "
+            f"(Llama, Mistral, Qwen2, Qwen3, Phi-3), not to {model_config.architecture}"
+        )
 
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(checkpoint)
@@ -214,6 +306,18 @@ def build_engine_parts(
     # A graph compiler's whole-model executor replaces the core model and owns its KV
     # cache; the scheduler and sampler below are the same either way.
     executor = platform.model_executor(config)
+    if executor is not None and config.runner == "pooling":
+        raise ConfigError(
+            f"runner='pooling' needs the model's hidden states, which the {platform.name} "
+            "platform's whole-model executor does not return; run embeddings on a platform "
+            "that runs kvrun's own model code (cpu, cuda, rocm, hpu)"
+        )
+    if executor is not None and config.enable_lora:
+        raise ConfigError(
+            f"enable_lora needs kvrun's own model code; the {platform.name} platform runs a "
+            "whole-model executor that applies no adapters"
+        )
+    lora: LoraManager | None = None
     if executor is not None:
         if executor.block_size != config.block_size:
             raise ConfigError(
@@ -231,6 +335,7 @@ def build_engine_parts(
             _compile_model(model, compile_settings(env))
         fused_decoder = platform.fused_decoder(model, kv_caches, config)
         decode_graph, plan = _decode_graphs(platform, model, kv_caches, config, plan)
+        lora = _build_lora(config, model, platform) if config.enable_lora else None
         runner = ModelRunner(
             model,
             kv_caches,
@@ -238,6 +343,7 @@ def build_engine_parts(
             platform.device,
             fused_decoder=fused_decoder,
             decode_graph=decode_graph,
+            lora=lora,
         )
     config = replace(config, num_kv_blocks=plan.num_blocks, kv_cache_bytes=plan.total_bytes)
     scheduler = Scheduler(
@@ -249,6 +355,7 @@ def build_engine_parts(
             num_blocks=plan.num_blocks,
             enable_prefix_caching=config.enable_prefix_caching,
             enable_chunked_prefill=config.enable_chunked_prefill,
+            max_loras=config.max_loras,
         ),
         # The platform may order free KV blocks (Gaudi's contiguous PA wants lowest id first).
         free_block_policy=platform.free_block_policy(config),
@@ -264,8 +371,16 @@ def build_engine_parts(
             "max_model_len": config.max_model_len,
         },
     )
+    ops = reference_ops().with_overrides(platform.ops(), f"platform {platform.name!r}")
     return EngineParts(
-        platform, config, tokenizer, scheduler, runner, platform.top_k_top_p_sampler()
+        platform,
+        config,
+        tokenizer,
+        scheduler,
+        runner,
+        platform.top_k_top_p_sampler(),
+        ops.apply_token_bitmask,
+        lora,
     )
 
 

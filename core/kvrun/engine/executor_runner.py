@@ -23,6 +23,8 @@ class ExecutorRunner:
     """A :class:`~kvrun.engine.step_runner.StepRunner` over a ModelExecutor whose KV
     cache is already initialised (``init_kv_cache`` ran)."""
 
+    returns_hidden_states = False  # an executor hands back logits only
+
     def __init__(self, executor: ModelExecutor, device: torch.device) -> None:
         self.executor = executor
         self.block_size = executor.block_size
@@ -33,8 +35,13 @@ class ExecutorRunner:
 
     @torch.inference_mode()
     def execute(
-        self, chunks: Sequence[ScheduledChunk], prompt_logits_for: frozenset[str] = frozenset()
+        self,
+        chunks: Sequence[ScheduledChunk],
+        prompt_logits_for: frozenset[str] = frozenset(),
+        hidden_for: frozenset[str] = frozenset(),
     ) -> StepLogits:
+        if hidden_for:  # the builder refuses the pooling runner here; a caller's bug
+            raise RuntimeError("a whole-model executor returns no hidden states (pooling)")
         return execute_with_executor(
             self.executor, chunks, prompt_logits_for, self.block_size, self.device
         )

@@ -15,29 +15,49 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import replace
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, replace
 
 import torch
 
 from kvrun.config import EngineArgs, EngineConfig
 from kvrun.engine.builder import EngineParts, build_engine_parts
+from kvrun.engine.pooling_state import PoolingState
 from kvrun.engine.sampling_step import SamplingStep
 from kvrun.engine.sequence import ParentRequest, SequenceState, make_detokenizer
 from kvrun.engine.step_runner import StepRunner
 from kvrun.envs import EnvSnapshot
 from kvrun.errors import RequestError
+from kvrun.lora.request import LoRARequest
 from kvrun.outputs import RequestDelta, RequestMetrics
 from kvrun.platforms import Platform
+from kvrun.pooling import PoolingParams
 from kvrun.sampling_params import SamplingParams
 from kvrun.scheduling.output import ScheduledChunk
 from kvrun.scheduling.request import Request, RequestStatus
 from kvrun.scheduling.scheduler import Scheduler
 from kvrun.stats import EngineStats
+from kvrun.structured_output.compiler import (
+    COMPILE_TIMEOUT_S,
+    CompiledConstraint,
+    GrammarCompiler,
+    check_constraint,
+)
 from kvrun.validation import check_prompt, resolve_max_tokens
 
 __all__ = ["LLMEngine"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Compiling:
+    """A constrained request whose grammar is compiling: its sequences wait outside the
+    scheduler, so nothing else waits for the compiler."""
+
+    requests: list[Request]
+    grammar: Future[CompiledConstraint]
+    deadline: float  # time.monotonic() after which the request is refused
 
 
 class LLMEngine:
@@ -54,12 +74,18 @@ class LLMEngine:
         self.tokenizer = parts.tokenizer
         self.scheduler: Scheduler = parts.scheduler
         self.runner: StepRunner = parts.runner
+        self.lora = parts.lora  # LoRA adapters (enable_lora), else None
         self.sampling = SamplingStep(
             self.platform.device,
             logits_processor_threads=env.VLLM_LOGITS_PROCESSOR_THREADS or 0,
             top_k_top_p=parts.top_k_top_p,
+            apply_token_bitmask=parts.apply_token_bitmask,
         )
         self._parents: dict[str, ParentRequest] = {}
+        self._grammars: GrammarCompiler | None = None  # made for the first constrained request
+        self._compiling: dict[str, _Compiling] = {}
+        self._failed: list[tuple[str, RequestError]] = []
+        self._pooling: dict[str, PoolingState] = {}  # pooling requests (runner="pooling")
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._last_batch_log = time.monotonic()
@@ -86,18 +112,29 @@ class LLMEngine:
         params: SamplingParams,
         *,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queue a request; a RequestError (or ValueError) says why one is refused."""
-        if request_id in self._parents:
-            raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+        self._check_request_id(request_id)
+        if self.config.runner != "generate":
+            raise RequestError(
+                "this engine runs its model as a pooling model (runner='pooling'): it makes "
+                "embeddings and scores, not text; generation needs runner='generate'",
+                param="model",
+            )
         prompt_text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         config = self.config
         check_prompt(token_ids, vocab_size=config.vocab_size, max_model_len=config.max_model_len)
         params.verify(config.vocab_size, config.max_logprobs)
+        if params.structured_outputs is not None:
+            # a RequestError naming the field
+            check_constraint(params.structured_outputs, config.structured_outputs_backend)
         max_tokens = resolve_max_tokens(
             params.max_tokens, prompt_len=len(token_ids), max_model_len=config.max_model_len
         )
+        if lora_request is not None:
+            self.add_lora(lora_request)  # read and checked now: a LoraError refuses it
         now = time.monotonic()
         parent = ParentRequest(
             request_id=request_id,
@@ -108,6 +145,7 @@ class LLMEngine:
         )
         bad_words = self._bad_words_ids(params.bad_words or [])
         eos = self.tokenizer.eos_token_ids
+        requests = []
         for index in range(params.n):
             seq_params = params
             if params.n > 1 and params.seed is not None:
@@ -133,22 +171,185 @@ class LLMEngine:
                 arrival_time=parent.metrics.arrival_time,
                 payload=state,
                 skip_prefix_cache=params.prompt_logprobs is not None,
+                lora_id=lora_request.lora_int_id if lora_request else 0,
+                cache_salt=lora_request.cache_salt if lora_request else b"",
             )
-            self.scheduler.add_request(request)
+            requests.append(request)
+        if params.structured_outputs is None:
+            for request in requests:
+                self.scheduler.add_request(request)
+        else:
+            grammar = self._grammar_compiler().submit(params.structured_outputs)
+            deadline = time.monotonic() + COMPILE_TIMEOUT_S
+            self._compiling[request_id] = _Compiling(requests, grammar, deadline)
         self._parents[request_id] = parent
         self._prompt_tokens_total += len(token_ids)
 
+    def add_pooling_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: PoolingParams,
+        *,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a pooling request (an embedding, a score's half, a classification): its one
+        delta, when it finishes, carries the pooled vector (``RequestDelta.pooled``) and no
+        sequences. It shares the steps with generation requests on a generating engine."""
+        self._check_request_id(request_id)
+        config = self.config
+        if config.pooler is None or not self.runner.returns_hidden_states:
+            raise RequestError(
+                f"embeddings and scores need the model's hidden states, which the "
+                f"{self.platform.name} platform's whole-model executor does not return; "
+                "run them on a platform that runs kvrun's own model code (cpu, cuda, rocm, "
+                "hpu)",
+                param="model",
+            )
+        self._check_task(params)
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        check_prompt(token_ids, vocab_size=config.vocab_size, max_model_len=config.max_model_len)
+        params.verify(config.hidden_size, config.matryoshka)
+        now = time.monotonic()
+        state = PoolingState(
+            request_id=request_id,
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=token_ids,
+            params=params,
+            pooler=config.pooler,
+            metrics=RequestMetrics(arrival_time=arrival_time or now),
+            classify=config.convert == "classify",
+        )
+        self.scheduler.add_request(
+            Request(
+                request_id=request_id,
+                prompt_token_ids=token_ids,
+                max_tokens=1,
+                arrival_time=state.metrics.arrival_time,
+                payload=state,
+                prompt_only=True,
+                skip_prefix_cache=config.pooler.needs_every_position,
+            )
+        )
+        self._pooling[request_id] = state
+        self._prompt_tokens_total += len(token_ids)
+
+    def _check_task(self, params: PoolingParams) -> None:
+        """Embeddings and scores need an embedding model, classes a classifier."""
+        classifier = self.config.convert == "classify"
+        if params.task == "classify" and not classifier:
+            raise RequestError(
+                f"classification needs a *ForSequenceClassification model; "
+                f"{self.config.architecture} runs as an embedding model here",
+                param="model",
+            )
+        if params.task in ("embed", "score") and classifier:
+            raise RequestError(
+                f"{self.config.architecture} is a classifier: it gives class probabilities "
+                "(classify), not embeddings or scores",
+                param="model",
+            )
+        if classifier and params.dimensions is not None:
+            raise RequestError.invalid(
+                "dimensions", params.dimensions, "None: a classifier's output is its classes"
+            )
+
+    # LoRA adapters (vLLM's names) -----------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read and check an adapter now (requests naming it then start without reading
+        it); a LoraError (a RequestError) says why it cannot run."""
+        if self.lora is None:
+            raise RequestError(
+                "a LoRA adapter needs the engine started with enable_lora=True (--enable-lora)",
+                param="lora_request",
+            )
+        self.lora.add(lora_request)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter; False when this engine did not know it."""
+        return self.lora is not None and self.lora.remove(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return set(self.lora.list_loras()) if self.lora is not None else set()
+
+    def _check_request_id(self, request_id: str) -> None:
+        if request_id in self._parents or request_id in self._pooling:
+            raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+
     def abort_request(self, request_ids: Iterable[str]) -> None:
         for request_id in request_ids:
+            if self._pooling.pop(request_id, None) is not None:
+                self.scheduler.abort_requests([request_id])
+                continue
             parent = self._parents.pop(request_id, None)
             if parent is None:
                 continue
+            if self._compiling.pop(request_id, None) is not None:
+                continue  # never reached the scheduler
             n = len(parent.sequences)
             ids = [self._seq_id(request_id, i, n) for i in range(n)]
             self.scheduler.abort_requests(ids)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents)
+        return bool(self._parents or self._pooling)
+
+    def take_failed_requests(self) -> list[tuple[str, RequestError]]:
+        """Requests refused after :meth:`add_request` returned (a grammar that did not
+        compile in time), each with its error, once; they are no longer unfinished."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    # structured output ----------------------------------------------------------------
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(
+                self.tokenizer, self.config.vocab_size, self.config.structured_outputs_backend
+            )
+        return self._grammars
+
+    def _admit_compiled(self) -> None:
+        """Hand the requests whose grammar compiled to the scheduler, each sequence with
+        its own matcher; refuse those whose grammar failed or ran out of time. When nothing
+        else can run, wait a little for the first compile rather than spin."""
+        if not self._compiling:
+            return
+        if not self.scheduler.has_unfinished_requests():
+            first = next(iter(self._compiling.values()))
+            timeout = max(0.0, min(0.05, first.deadline - time.monotonic()))
+            wait([first.grammar], timeout=timeout)
+        now = time.monotonic()
+        for request_id, entry in list(self._compiling.items()):
+            error: RequestError | None = None
+            if entry.grammar.done():
+                exc = entry.grammar.exception()
+                if exc is None:
+                    compiled = entry.grammar.result()
+                    for request in entry.requests:
+                        state: SequenceState = request.payload  # type: ignore[assignment]
+                        state.constraint = compiled.matcher()
+                        self.scheduler.add_request(request)
+                    del self._compiling[request_id]
+                    continue
+                error = (
+                    exc
+                    if isinstance(exc, RequestError)
+                    else RequestError(
+                        f"structured_outputs could not be compiled: {exc}",
+                        param="structured_outputs",
+                    )
+                )
+            elif now >= entry.deadline:
+                entry.grammar.cancel()
+                error = RequestError(
+                    f"structured_outputs did not compile within {COMPILE_TIMEOUT_S:.0f} s; "
+                    "accepted: a smaller schema, regex or grammar",
+                    param="structured_outputs",
+                )
+            if error is not None:
+                del self._compiling[request_id]
+                self._parents.pop(request_id, None)
+                self._failed.append((request_id, error))
 
     # the loop ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -158,16 +359,26 @@ class LLMEngine:
         Feed the deltas to an :class:`~kvrun.engine.output_accumulator.OutputAccumulator`
         for vLLM-shaped RequestOutputs; a request's last delta has ``finished`` set.
         """
+        self._admit_compiled()
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
         now = time.monotonic()
+        pooling = frozenset(c.request_id for c in out.chunks if c.request_id in self._pooling)
         wants_prompt_logprobs = frozenset(
             chunk.request_id
             for chunk in out.chunks
-            if self._needs_prompt_logprobs(chunk.request_id, chunk.start_position)
+            if chunk.request_id not in pooling
+            and self._needs_prompt_logprobs(chunk.request_id, chunk.start_position)
         )
-        logits = self.runner.execute(out.chunks, wants_prompt_logprobs)
+        if pooling:
+            logits = self.runner.execute(out.chunks, wants_prompt_logprobs, pooling)
+            for chunk in out.chunks:
+                if chunk.request_id in pooling:
+                    rows = logits.hidden[chunk.request_id]
+                    self._pooling[chunk.request_id].add_chunk(chunk.start_position, rows)
+        else:
+            logits = self.runner.execute(out.chunks, wants_prompt_logprobs)
         states = [self._state(rid) for rid in logits.request_ids]
         sampled = self.sampling.sample(logits.logits, states)
         for chunk in out.chunks:
@@ -177,19 +388,32 @@ class LLMEngine:
         updated = self.scheduler.update(out, new_tokens)
         logprobs_by_id = dict(zip(logits.request_ids, sampled.logprobs))
         touched: dict[str, ParentRequest] = {}
+        outputs = []
         for request in updated:
+            if request.prompt_only:
+                pooled = self._pooling.pop(request.request_id)
+                pooled.metrics.finished_time = time.monotonic()
+                outputs.append(pooled.final_delta(request.num_cached_tokens))
+                continue
             state: SequenceState = request.payload  # type: ignore[assignment]
             token = request.output_token_ids[-1]
             entry = logprobs_by_id.get(request.request_id)
             if entry is not None:
                 entry = self.sampling.decode_logprobs(entry, self.tokenizer)
-            stop = state.add_token(token, entry)
+            # The EOS or stop token that ended the sequence is not text (vLLM's rule).
+            ended_by_token = request.status is RequestStatus.FINISHED_STOPPED
+            text = not ended_by_token or state.params.include_stop_str_in_output
+            stop = state.add_token(token, entry, text=text)
             self._generation_tokens_total += 1
+            ended = state.constraint is not None and self._grammar_ended(state, token)
             if stop is not None and not request.status.is_finished():
                 self.scheduler.finish_request(
                     request.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop
                 )
                 state.finish("stop", stop)
+            elif ended and not request.status.is_finished():
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+                state.finish("stop", None)
             elif request.status.is_finished():
                 state.finish(request.finish_reason or "stop", request.stop_reason)
             parent = state.parent
@@ -198,7 +422,6 @@ class LLMEngine:
             )
             parent.mark_token(now)
             touched[parent.request_id] = parent
-        outputs = []
         for parent in touched.values():
             if parent.finished:
                 parent.metrics.finished_time = time.monotonic()
@@ -273,6 +496,22 @@ class LLMEngine:
         return uuid.uuid4().hex
 
     # helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def _grammar_ended(state: SequenceState, token: int) -> bool:
+        """Advance the sequence's grammar by its new token; True when nothing may follow:
+        the grammar ended (its stop token, or its last character under ignore_eos), or the
+        token was outside it (every token was masked: min_tokens holding back the only stop
+        the grammar allowed)."""
+        assert state.constraint is not None
+        if not state.constraint.accept(token):
+            logger.warning(
+                "request %s: token %d is outside its structured_outputs grammar; stopping it",
+                state.parent.request_id,
+                token,
+            )
+            return True
+        return state.constraint.is_terminated()
+
     @staticmethod
     def _seq_id(request_id: str, index: int, n: int) -> str:
         return request_id if n == 1 else f"{request_id}#{index}"

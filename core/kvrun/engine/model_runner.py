@@ -10,7 +10,7 @@ whole-chunk logits for requests that asked for prompt logprobs).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,8 @@ from kvrun.engine.step_runner import CausalLM
 from kvrun.scheduling.output import ScheduledChunk
 
 if TYPE_CHECKING:
+    from kvrun.engine.batch import BatchInputs
+    from kvrun.lora.manager import LoraBatch, LoraManager
     from kvrun.platforms.base import DecodeGraphRunner
 
 __all__ = ["ModelRunner"]
@@ -26,6 +28,8 @@ __all__ = ["ModelRunner"]
 
 class ModelRunner:
     """A :class:`~kvrun.engine.step_runner.StepRunner` over the core model, in-process."""
+
+    returns_hidden_states = True
 
     def __init__(
         self,
@@ -36,6 +40,7 @@ class ModelRunner:
         *,
         fused_decoder: DecodeGraphRunner | None = None,
         decode_graph: DecodeGraphRunner | None = None,
+        lora: LoraManager | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -46,6 +51,10 @@ class ModelRunner:
         # either returns None for a step it does not take. None = not offered.
         self.fused_decoder = fused_decoder
         self.decode_graph = decode_graph
+        self._pools_logits = bool(getattr(model, "pools_class_logits", False))
+        # LoRA adapters' slots (enable_lora); a step where a token has an adapter runs the
+        # model's own forward, which applies them (the fused and graph paths do not).
+        self.lora = lora
 
     @torch.inference_mode()
     def commit_kv_cache(self) -> int:
@@ -55,12 +64,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, chunks: Sequence[ScheduledChunk], prompt_logits_for: frozenset[str] = frozenset()
+        self,
+        chunks: Sequence[ScheduledChunk],
+        prompt_logits_for: frozenset[str] = frozenset(),
+        hidden_for: frozenset[str] = frozenset(),
     ) -> StepLogits:
-        """Run one step; ``prompt_logits_for`` names requests whose chunk needs all logits."""
+        """Run one step; ``prompt_logits_for`` names requests whose chunk needs all logits,
+        ``hidden_for`` those whose chunk's hidden states go back (pooling)."""
         batch = build_batch(chunks, self.block_size, self.device)
+        lora = self._lora_batch(chunks, batch) if self.lora is not None else None
         hidden = None
-        if self.fused_decoder is not None:
+        if lora is not None:
+            model: Any = self.model  # a model whose supports_lora the builder checked
+            hidden = model.forward(
+                batch.input_ids, batch.positions, self.kv_caches, batch.meta, lora=lora
+            )
+        if hidden is None and self.fused_decoder is not None:
             hidden = self.fused_decoder.run(batch.input_ids, batch.positions, batch.meta)
         if hidden is None and self.decode_graph is not None:
             hidden = self.decode_graph.run(batch.input_ids, batch.positions, batch.meta)
@@ -68,16 +87,41 @@ class ModelRunner:
             hidden = self.model.forward(
                 batch.input_ids, batch.positions, self.kv_caches, batch.meta
             )
-        logits = self.model.compute_logits(hidden.index_select(0, batch.sample_indices))
+        sampling = [i for i in batch.sample_chunks if chunks[i].request_id not in hidden_for]
+        if len(sampling) == len(batch.sample_chunks):
+            indices = batch.sample_indices
+        else:  # pooling requests sample nothing: no logits for their last rows
+            indices = batch.sample_indices[[batch.sample_chunks.index(i) for i in sampling]]
+        logits = self.model.compute_logits(hidden.index_select(0, indices))
         prompt_logits: dict[str, torch.Tensor] = {}
-        if prompt_logits_for:
+        hidden_rows: dict[str, torch.Tensor] = {}
+        if prompt_logits_for or hidden_for:
             starts = batch.meta.query_start_loc.tolist()
             for i, chunk in enumerate(chunks):
+                rows = hidden[starts[i] : starts[i + 1]]
                 if chunk.request_id in prompt_logits_for:
-                    rows = hidden[starts[i] : starts[i + 1]]
                     prompt_logits[chunk.request_id] = self.model.compute_logits(rows)
+                if chunk.request_id in hidden_for:
+                    # a classifier's rows are its class logits (its head is linear, so
+                    # pooling them equals scoring the pooled state)
+                    hidden_rows[chunk.request_id] = (
+                        self.model.compute_logits(rows) if self._pools_logits else rows
+                    )
         return StepLogits(
             logits=logits,
-            request_ids=[chunks[i].request_id for i in batch.sample_chunks],
+            request_ids=[chunks[i].request_id for i in sampling],
             prompt_logits=prompt_logits,
+            hidden=hidden_rows,
         )
+
+    def _lora_batch(self, chunks: Sequence[ScheduledChunk], batch: BatchInputs) -> LoraBatch | None:
+        """The step's adapters in their slots, each token's slot; None when no chunk has one."""
+        assert self.lora is not None
+        if not any(chunk.lora_id for chunk in chunks):
+            return None
+        slots = self.lora.activate([chunk.lora_id for chunk in chunks])
+        per_token = torch.repeat_interleave(
+            torch.tensor(slots, dtype=torch.int64),
+            torch.tensor(batch.meta.query_lens, dtype=torch.int64),
+        )
+        return self.lora.batch(per_token.to(self.device))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
 
 from kvrun.engine.sequence import SequenceState
+from kvrun.ops import reference
 from kvrun.outputs import Logprob
 from kvrun.sampling import (
     Sampler,
@@ -32,15 +33,19 @@ class SamplingStep:
         *,
         logits_processor_threads: int,
         top_k_top_p: TopKTopPSampler | None = None,  # the platform's kernel, if any
+        apply_token_bitmask: Callable[..., None] = reference.apply_token_bitmask,  # the op table's
     ) -> None:
         self.device = device
-        self.sampler = Sampler(logits_processor_threads, top_k_top_p)
+        self.sampler = Sampler(logits_processor_threads, top_k_top_p, apply_token_bitmask)
 
     def make_generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else make_generator(seed, self.device)
 
     def sample(self, logits: torch.Tensor, states: Sequence[SequenceState]) -> SamplerOutput:
         """One token per state; ``logits`` is [len(states), V] float32."""
+        if not states:  # a step of pooling requests only
+            empty = torch.empty(0, dtype=torch.int64, device=logits.device)
+            return SamplerOutput(sampled=empty, token_ids=[], logprobs=[])
         rows = [
             SamplingRow(
                 params=s.params,
@@ -49,6 +54,7 @@ class SamplingStep:
                 generator=s.generator,
                 bad_words_token_ids=s.bad_words_ids,
                 eos_token_ids=tuple(s.eos_token_ids),
+                token_mask=s.constraint,
             )
             for s in states
         ]

@@ -24,6 +24,7 @@ from kvrun.outputs import (
 )
 from kvrun.sampling.stop import find_stop, stop_holdback
 from kvrun.sampling_params import SamplingParams
+from kvrun.structured_output.compiler import ConstraintMatcher
 from kvrun.tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = ["ParentRequest", "SequenceState", "make_detokenizer"]
@@ -40,6 +41,8 @@ class SequenceState:
     detokenizer: IncrementalDetokenizer | None  # None when params.detokenize is False
     bad_words_ids: list[list[int]]
     eos_token_ids: frozenset[int]  # masked until min_tokens are generated
+    # Structured output: this sequence's place in its grammar (set once it compiled).
+    constraint: ConstraintMatcher | None = None
     token_ids: list[int] = field(default_factory=list)  # all generated (the sampler reads them)
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
@@ -60,13 +63,17 @@ class SequenceState:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add_token(self, token_id: int, logprobs: dict[int, Logprob] | None) -> str | None:
-        """Record one generated token; returns the stop string it completed, if any."""
+    def add_token(
+        self, token_id: int, logprobs: dict[int, Logprob] | None, *, text: bool = True
+    ) -> str | None:
+        """Record one generated token; returns the stop string it completed, if any.
+        ``text=False``: the token adds nothing to the text (the EOS or stop token that
+        ended the sequence, as vLLM leaves it out unless include_stop_str_in_output)."""
         self.token_ids.append(token_id)
         if logprobs is not None:
             self.pending_logprobs.append(logprobs)
             self.cumulative_logprob += logprobs[token_id].logprob
-        if self.detokenizer is None:
+        if self.detokenizer is None or not text:
             return None
         new_text = self.detokenizer.add_tokens([token_id])
         if not new_text:

@@ -38,6 +38,9 @@ class StepRunner(Protocol):
       as float32 ``[S, vocab]``; ``request_ids[i]`` names row i's request;
     - for each request in ``prompt_logits_for`` whose chunk runs, ``prompt_logits`` holds
       the logits of every row of that chunk (row j predicts prompt token start + j + 1);
+    - a request in ``hidden_for`` (pooling) gets no logits row: ``hidden`` holds the final
+      hidden states of every row of its chunk, and a runner that cannot return them
+      raises (the builder refuses the pooling runner on such platforms first);
     - a chunk's K/V land in the cache slots its ``block_ids`` name, so that later steps
       (and other requests sharing those blocks through the prefix cache) read them;
     - results do not depend on which other chunks share the step beyond float rounding
@@ -45,9 +48,13 @@ class StepRunner(Protocol):
     """
 
     block_size: int  # tokens per KV block, as the scheduler was built with
+    returns_hidden_states: bool  # execute() can honour hidden_for (pooling requests)
 
     def execute(
-        self, chunks: Sequence[ScheduledChunk], prompt_logits_for: frozenset[str] = frozenset()
+        self,
+        chunks: Sequence[ScheduledChunk],
+        prompt_logits_for: frozenset[str] = frozenset(),
+        hidden_for: frozenset[str] = frozenset(),
     ) -> StepLogits: ...
 
     def commit_kv_cache(self) -> int:

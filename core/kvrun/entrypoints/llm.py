@@ -8,12 +8,27 @@ from typing import Any
 
 from tqdm import tqdm
 
+from kvrun.beam_search import BeamSearchOutput
 from kvrun.config import EngineArgs
+from kvrun.engine.beam_search import run_beam_search
 from kvrun.engine.llm_engine import LLMEngine
 from kvrun.engine.output_accumulator import OutputAccumulator
 from kvrun.errors import KvrunError
-from kvrun.outputs import RequestOutput, RequestOutputKind
-from kvrun.sampling_params import SamplingParams
+from kvrun.lora.request import LoRARequest
+from kvrun.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolingOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    RequestOutputKind,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from kvrun.pooling import PoolingParams, cosine
+from kvrun.sampling_params import BeamSearchParams, SamplingParams
 from kvrun.tokenizer import Tokenizer
 
 __all__ = ["LLM"]
@@ -55,11 +70,16 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt; outputs come back in the prompts' order."""
+        """Generate for each prompt; outputs come back in the prompts' order.
+
+        ``lora_request``: the LoRA adapter every prompt runs with, or one (or None) per
+        prompt (the engine needs ``enable_lora=True``)."""
         items = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(items))
-        return self._run([_prompt_of(p) for p in items], params, use_tqdm)
+        loras = _as_lora_list(lora_request, len(items))
+        return self._run([_prompt_of(p) for p in items], params, use_tqdm, loras)
 
     def chat(
         self,
@@ -69,8 +89,10 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+        """Apply the model's chat template to each conversation, then generate
+        (``lora_request`` as in :meth:`generate`)."""
         conversations: list[Sequence[Message]]
         if messages and isinstance(messages[0], Mapping):
             conversations = [messages]  # type: ignore[list-item]
@@ -87,7 +109,138 @@ class LLM:
             # The template already holds any special tokens the model wants.
             prompts.append(tokenizer.encode(text, add_special_tokens=False))
         params = _as_params_list(sampling_params, len(prompts))
-        return self._run(prompts, params, use_tqdm)
+        return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)))
+
+    def beam_search(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        params: BeamSearchParams,
+    ) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (vLLM's ``LLM.beam_search``): one
+        :class:`~kvrun.beam_search.BeamSearchOutput` per prompt, its ``beam_width``
+        best sequences first. The rule is transformers' (see :mod:`kvrun.beam_search`)."""
+        tokenizer = self.llm_engine.tokenizer
+        token_lists = []
+        for item in _as_prompt_list(prompts):
+            prompt = _prompt_of(item)
+            token_lists.append(tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+        return run_beam_search(self.llm_engine, token_lists, params)
+
+    # pooling (runner="pooling") -------------------------------------------------------
+    def encode(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[PoolingRequestOutput]:
+        """Each prompt's pooled hidden state (the model must run with runner="pooling")."""
+        items = [_prompt_of(p) for p in _as_prompt_list(prompts)]
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            plist = [pooling_params or PoolingParams(task="encode")] * len(items)
+        else:
+            plist = list(pooling_params)
+            if len(plist) != len(items):
+                raise KvrunError(
+                    f"got {len(plist)} pooling params for {len(items)} prompts; "
+                    "give one, or one per prompt"
+                )
+        return self._pool(items, plist, use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """Each prompt's embedding (normalised unless the pooler or params say otherwise)."""
+        return [
+            EmbeddingRequestOutput(
+                out.request_id, EmbeddingOutput(out.outputs.data.tolist()), out.prompt_token_ids
+            )
+            for out in self.encode(
+                prompts, pooling_params or PoolingParams(task="embed"), use_tqdm=use_tqdm
+            )
+        ]
+
+    def classify(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        *,
+        use_tqdm: bool = True,
+    ) -> list[ClassificationRequestOutput]:
+        """Each prompt's class probabilities (a ``*ForSequenceClassification`` model)."""
+        items = [_prompt_of(p) for p in _as_prompt_list(prompts)]
+        params = [PoolingParams(task="classify")] * len(items)
+        return [
+            ClassificationRequestOutput(
+                out.request_id,
+                ClassificationOutput(out.outputs.data.tolist()),
+                out.prompt_token_ids,
+            )
+            for out in self._pool(items, params, use_tqdm)
+        ]
+
+    def score(
+        self,
+        text_1: str | Sequence[str],
+        text_2: str | Sequence[str],
+        *,
+        use_tqdm: bool = True,
+    ) -> list[ScoringRequestOutput]:
+        """vLLM's scores for an embedding model: the cosine similarity of each pair's
+        embeddings. One ``text_1`` pairs with every ``text_2``; two lists pair up."""
+        firsts = [text_1] if isinstance(text_1, str) else list(text_1)
+        seconds = [text_2] if isinstance(text_2, str) else list(text_2)
+        if len(firsts) == 1:
+            firsts = firsts * len(seconds)
+        if len(firsts) != len(seconds) or not seconds:
+            raise KvrunError(
+                f"score() pairs text_1 with text_2: got {len(firsts)} and {len(seconds)} "
+                "texts; give one text_1 or as many as text_2 (at least one)"
+            )
+        unique = list(dict.fromkeys([*firsts, *seconds]))
+        params = PoolingParams(task="score")
+        outs = self._pool(list(unique), [params] * len(unique), use_tqdm)
+        by_text = dict(zip(unique, outs, strict=True))
+        return [
+            ScoringRequestOutput(
+                f"{by_text[a].request_id}-{by_text[b].request_id}",
+                ScoringOutput(cosine(by_text[a].outputs.data, by_text[b].outputs.data)),
+                by_text[a].prompt_token_ids + by_text[b].prompt_token_ids,
+            )
+            for a, b in zip(firsts, seconds, strict=True)
+        ]
+
+    def _pool(
+        self, prompts: list[str | list[int]], params: list[PoolingParams], use_tqdm: bool
+    ) -> list[PoolingRequestOutput]:
+        engine = self.llm_engine
+        ids: list[str] = []
+        pooled: dict[str, PoolingRequestOutput] = {}
+        bar = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm)
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                request_id = str(self._counter)
+                self._counter += 1
+                engine.add_pooling_request(request_id, prompt, p)
+                ids.append(request_id)
+            while engine.has_unfinished_requests():
+                for delta in engine.step():
+                    if delta.pooled is not None:
+                        pooled[delta.request_id] = PoolingRequestOutput(
+                            delta.request_id,
+                            PoolingOutput(delta.pooled),
+                            list(delta.prompt_token_ids),
+                        )
+                        bar.update(1)
+        except BaseException:
+            engine.abort_request(ids)
+            raise
+        finally:
+            bar.close()
+        return [pooled[i] for i in ids]
 
     def start_profile(self) -> None:
         self.llm_engine.start_profile()
@@ -96,32 +249,39 @@ class LLM:
         self.llm_engine.stop_profile()
 
     def _run(
-        self, prompts: list[str | list[int]], params: list[SamplingParams], use_tqdm: bool
+        self,
+        prompts: list[str | list[int]],
+        params: list[SamplingParams],
+        use_tqdm: bool,
+        loras: Sequence[LoRARequest | None] = (),
     ) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = []
         # Only each request's final output is returned (as vLLM's LLM does), so the
         # accumulator builds nothing on the steps in between.
         final_only: dict[int, SamplingParams] = {}  # one copy per distinct params object
-        for prompt, p in zip(prompts, params):
-            request_id = str(self._counter)
-            self._counter += 1
-            if p.output_kind is not RequestOutputKind.FINAL_ONLY:
-                if id(p) not in final_only:
-                    final_only[id(p)] = p.replace(output_kind=RequestOutputKind.FINAL_ONLY)
-                p = final_only[id(p)]
-            engine.add_request(request_id, prompt, p)
-            ids.append(request_id)
         finished: dict[str, RequestOutput] = {}
         accumulator = OutputAccumulator()
-        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
+        bar = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm)
         try:
+            for index, (prompt, p) in enumerate(zip(prompts, params)):
+                request_id = str(self._counter)
+                self._counter += 1
+                if p.output_kind is not RequestOutputKind.FINAL_ONLY:
+                    if id(p) not in final_only:
+                        final_only[id(p)] = p.replace(output_kind=RequestOutputKind.FINAL_ONLY)
+                    p = final_only[id(p)]
+                lora = loras[index] if loras else None
+                engine.add_request(request_id, prompt, p, lora_request=lora)
+                ids.append(request_id)
             while engine.has_unfinished_requests():
                 for delta in engine.step():
                     output = accumulator.add(delta)
                     if output is not None and output.finished:
                         finished[output.request_id] = output
                         bar.update(1)
+                for _, error in engine.take_failed_requests():
+                    raise error
         except BaseException:
             engine.abort_request(ids)
             raise
@@ -164,5 +324,21 @@ def _as_params_list(
     if len(listed) != count:
         raise KvrunError(
             f"got {len(listed)} sampling_params for {count} prompts; give one, or one per prompt"
+        )
+    return listed
+
+
+def _as_lora_list(
+    lora: LoRARequest | Sequence[LoRARequest | None] | None, count: int
+) -> list[LoRARequest | None]:
+    if lora is None:
+        return []
+    if isinstance(lora, LoRARequest):
+        return [lora] * count
+    listed = list(lora)
+    if len(listed) != count or not all(r is None or isinstance(r, LoRARequest) for r in listed):
+        raise KvrunError(
+            f"got {len(listed)} lora_request entries for {count} prompts; give one "
+            "LoRARequest, or one LoRARequest (or None) per prompt"
         )
     return listed

@@ -52,6 +52,11 @@ class ModelConfig:
     layer_windows: tuple[int | None, ...] = ()
     local_rope_theta: float | None = None
     hidden_act: str = "silu"
+    # Embeddings may be cut to fewer dimensions (Matryoshka): True for any, or the sizes
+    # the model was trained for (config.json's is_matryoshka / matryoshka_dimensions).
+    matryoshka: tuple[int, ...] | bool = False
+    # *ForSequenceClassification: the classes its score head outputs, by index.
+    id2label: tuple[str, ...] = ()
 
     @property
     def attention_scale(self) -> float:
@@ -175,11 +180,30 @@ class ModelConfig:
             "attention_bias": bool(hf.get("attention_bias", bias_default)),
             "sliding_window": int(window) if window else None,
             "qk_norm": model_type in _QK_NORM,
+            "id2label": _labels(hf) if str(architectures[0]).endswith(_CLASSIFIER) else (),
+            "matryoshka": (
+                tuple(int(d) for d in hf["matryoshka_dimensions"])
+                if hf.get("matryoshka_dimensions")
+                else bool(hf.get("is_matryoshka", False))
+            ),
         }
         fields.update(_moe_fields(hf, model_type, num_layers, source))
         fields.update(_gemma_fields(hf, model_type, num_layers, source))
         fields.update(_deepseek_fields(hf, model_type, num_layers, source))
         return cls(**fields)
+
+
+_CLASSIFIER = "ForSequenceClassification"
+
+
+def _labels(hf: Mapping[str, Any]) -> tuple[str, ...]:
+    """A classifier's label names in index order (id2label, else num_labels of LABEL_i)."""
+    id2label = hf.get("id2label")
+    if isinstance(id2label, Mapping) and id2label:
+        return tuple(
+            str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(len(id2label))
+        )  # type: ignore[call-overload]
+    return tuple(f"LABEL_{i}" for i in range(int(hf.get("num_labels", 2))))
 
 
 def _deepseek_fields(hf: Mapping[str, Any], model_type: str, num_layers: int, source: str) -> Any:

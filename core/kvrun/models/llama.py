@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -44,12 +44,17 @@ from kvrun.models.rope import cos_sin_cache
 from kvrun.models.weights import fill_parameters
 from kvrun.ops import OpTable
 
+if TYPE_CHECKING:
+    from kvrun.lora.manager import LoraBatch
+    from kvrun.lora.targets import LoraTargets
+
 __all__ = [
     "LlamaForCausalLM",
     "LlamaLayer",
     "MixtureOfExpertsForCausalLM",
     "Qwen3ForCausalLM",
     "dense_block",
+    "lora_dense_block",
 ]
 
 DenseBlock = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -80,6 +85,8 @@ class LlamaForCausalLM:
 
     # Its attributes and arithmetic are the layout kvrun.models.layout describes.
     decoder_layout: ClassVar[str] = DECODER_LAYOUT
+    # LoRA adapters on the attention and MLP projections (lora_targets, forward's lora)
+    supports_lora: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -208,6 +215,34 @@ class LlamaForCausalLM:
         self.lm_head = self.embed if tied else prepare(self.lm_head)
         self._prepared = True
 
+    def lora_targets(self) -> LoraTargets:
+        """Where PEFT's modules land in the merged projections (kvrun.lora.targets)."""
+        from kvrun.lora.targets import LoraMatrix, LoraTarget, LoraTargets
+
+        c = self.config
+        q, kv, inter, hidden = self.q_size, self.kv_size, c.intermediate_size, c.hidden_size
+        return LoraTargets(
+            architecture=c.architecture,
+            num_layers=c.num_layers,
+            matrices=(
+                LoraMatrix("qkv", hidden, q + 2 * kv, parts=3),
+                LoraMatrix("o", q, hidden, parts=1),
+                LoraMatrix("gate_up", hidden, 2 * inter, parts=2),
+                LoraMatrix("down", inter, hidden, parts=1),
+            ),
+            modules={
+                "q_proj": LoraTarget("qkv", 0, (0, q)),
+                "k_proj": LoraTarget("qkv", 1, (q, q + kv)),
+                "v_proj": LoraTarget("qkv", 2, (q + kv, q + 2 * kv)),
+                "qkv_proj": LoraTarget("qkv", 0, (0, q + 2 * kv)),  # Phi-3's merged form
+                "o_proj": LoraTarget("o", 0, (0, hidden)),
+                "gate_proj": LoraTarget("gate_up", 0, (0, inter)),
+                "up_proj": LoraTarget("gate_up", 1, (inter, 2 * inter)),
+                "gate_up_proj": LoraTarget("gate_up", 0, (0, 2 * inter)),  # Phi-3's
+                "down_proj": LoraTarget("down", 0, (0, hidden)),
+            },
+        )
+
     # forward ---------------------------------------------------------------------------
     def compile(self, compiler: Callable[[DenseBlock, str], DenseBlock]) -> None:
         """Replace the dense block by ``compiler(block, name)`` (torch.compile)."""
@@ -219,6 +254,7 @@ class LlamaForCausalLM:
         positions: torch.Tensor,  # [T]
         kv_caches: list[torch.Tensor],  # one per layer
         meta: AttentionMetadata,
+        lora: LoraBatch | None = None,  # the step's adapters, when any token has one
     ) -> torch.Tensor:  # [T, H] final hidden states (normed)
         c = self.config
         num_tokens = input_ids.shape[0]
@@ -226,6 +262,8 @@ class LlamaForCausalLM:
         h: torch.Tensor = self.ops.rms_norm(residual, self.layers[0].input_norm, c.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             qkv = self.ops.linear(h, layer.qkv, layer.qkv_bias)
+            if lora is not None:
+                qkv = lora.apply(i, "qkv", h, qkv)
             q = qkv[:, : self.q_size].view(num_tokens, c.num_heads, c.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size]
             v = qkv[:, self.q_size + self.kv_size :]
@@ -246,6 +284,18 @@ class LlamaForCausalLM:
                     layer.o,
                     layer.post_norm,
                     layer.moe,
+                    next_norm,
+                )
+                continue
+            if lora is not None:
+                h, residual = lora_dense_block(
+                    self.ops,
+                    c.rms_norm_eps,
+                    lora,
+                    i,
+                    attn.reshape(num_tokens, self.q_size),
+                    residual,
+                    layer,
                     next_norm,
                 )
                 continue
@@ -289,6 +339,25 @@ def dense_block(
     return ops.fused_add_rms_norm(x, residual, next_norm, eps)  # type: ignore[no-any-return]
 
 
+def lora_dense_block(
+    ops: OpTable,
+    eps: float,
+    lora: LoraBatch,
+    index: int,  # the layer's index
+    attn: torch.Tensor,  # [T, Hq * D] attention output of layer i
+    residual: torch.Tensor,  # [T, H]
+    layer: LlamaLayer,
+    next_norm: torch.Tensor,  # [H]
+) -> tuple[torch.Tensor, torch.Tensor]:  # as dense_block
+    """dense_block with each token's LoRA adapter added to o, gate|up and down."""
+    x = lora.apply(index, "o", attn, ops.linear(attn, layer.o))
+    h, residual = ops.fused_add_rms_norm(x, residual, layer.post_norm, eps)
+    gate_up = lora.apply(index, "gate_up", h, ops.linear(h, layer.gate_up))
+    inner = ops.silu_and_mul(gate_up)
+    x = lora.apply(index, "down", inner, ops.linear(inner, layer.down))
+    return ops.fused_add_rms_norm(x, residual, next_norm, eps)  # type: ignore[no-any-return]
+
+
 class Qwen3ForCausalLM(LlamaForCausalLM):
     """Qwen3: the Llama arithmetic with a per-head RMSNorm of q and k before the rotation
     (part of kvrun's fused-decoder layout since its version 2)."""
@@ -302,6 +371,7 @@ class MixtureOfExpertsForCausalLM(LlamaForCausalLM):
     """
 
     decoder_layout: ClassVar[str] = f"{DECODER_LAYOUT} + mixture-of-experts MLPs"
+    supports_lora: ClassVar[bool] = False  # adapters on experts are not built
 
 
 def _mixture_destinations(prefix: str, moe: MoeWeights, config: ModelConfig) -> dict[str, Any]:
@@ -311,3 +381,35 @@ def _mixture_destinations(prefix: str, moe: MoeWeights, config: ModelConfig) -> 
         names = ("w1", "w3", "w2")
         return mixture_destinations(prefix + "block_sparse_moe.", moe, config, expert_names=names)
     return mixture_destinations(prefix + "mlp.", moe, config)
+
+
+class LlamaForSequenceClassification(LlamaForCausalLM):
+    """A Llama-family classifier (Llama, Mistral, Qwen2, Qwen3 ``*ForSequenceClassification``):
+    the decoder, then a ``score`` head of one row per label in place of the lm_head.
+
+    It runs under the pooling runner only: :meth:`compute_logits` gives the class logits
+    of each row, which the runner returns for the pooled positions
+    (``pools_class_logits``); a linear head without bias commutes with the pooling.
+    """
+
+    decoder_layout: ClassVar[str] = "kvrun-sequence-classifier (pooling only)"
+    pools_class_logits: ClassVar[bool] = True
+    supports_lora: ClassVar[bool] = False  # the pooling runner takes no adapters
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        ops: OpTable,
+        attention: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__(replace(config, tie_word_embeddings=False), ops, attention, dtype, device)
+        self.lm_head = torch.empty(
+            len(config.id2label), config.hidden_size, dtype=dtype, device=device
+        )
+
+    def _destinations(self) -> dict[str, torch.Tensor]:
+        dest = super()._destinations()
+        dest["score.weight"] = dest.pop("lm_head.weight")
+        return dest

@@ -18,6 +18,7 @@ __all__ = ["BUILTIN_ARCHITECTURES", "ModelRegistry"]
 _LLAMA = "kvrun.models.llama:LlamaForCausalLM"
 _MOE = "kvrun.models.llama:MixtureOfExpertsForCausalLM"
 _GEMMA = "kvrun.models.gemma:GemmaForCausalLM"
+_CLASSIFIER = "kvrun.models.llama:LlamaForSequenceClassification"
 BUILTIN_ARCHITECTURES: Mapping[str, str] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
@@ -30,6 +31,11 @@ BUILTIN_ARCHITECTURES: Mapping[str, str] = {
     "Gemma2ForCausalLM": _GEMMA,
     "Gemma3ForCausalLM": _GEMMA,
     "DeepseekV2ForCausalLM": "kvrun.models.deepseek:DeepseekV2ForCausalLM",
+    # classifiers, for the pooling runner (convert="classify")
+    "LlamaForSequenceClassification": _CLASSIFIER,
+    "MistralForSequenceClassification": _CLASSIFIER,
+    "Qwen2ForSequenceClassification": _CLASSIFIER,
+    "Qwen3ForSequenceClassification": _CLASSIFIER,
 }
 
 

@@ -32,6 +32,8 @@ class OpTable:
     reshape_and_cache: Callable[..., Any]
     paged_attention: Callable[..., Any]
     awq_dequantize: Callable[..., Any]  # at load, not in the forward: AWQ layers' weights
+    apply_token_bitmask: Callable[..., Any]  # in the sampler: structured output's token mask
+    add_lora: Callable[..., Any]  # LoRA adapters: each token's adapter added to a projection
 
     def with_overrides(self, overrides: Mapping[str, Callable[..., Any]], source: str) -> OpTable:
         """A copy with some ops replaced; an unknown op name is a PluginError naming ``source``."""

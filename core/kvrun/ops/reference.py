@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "AWQ_ORDER",
+    "add_lora",
     "awq_dequantize",
     "embedding",
     "fused_add_rms_norm",
@@ -101,6 +102,27 @@ def rotary_embedding(
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def add_lora(
+    y: torch.Tensor,  # [T, N] the projection's output for x (bias included)
+    x: torch.Tensor,  # [T, K] the projection's input
+    lora_a: torch.Tensor,  # [S, R, K] every slot's A (rows past an adapter's rank are zero)
+    lora_b: torch.Tensor,  # [S, N, R] every slot's B
+    scales: torch.Tensor,  # [S] float32: each slot's lora_alpha / r
+    slots: torch.Tensor,  # [T] int64: each token's slot; -1 = no adapter
+) -> torch.Tensor:  # [T, N]: y + scales[s] * (x @ A_s^T) @ B_s^T per token, s its slot
+    """Batched LoRA: each token's adapter added to a projection (PEFT's order: the
+    low-rank product, then the scale). Tokens with slot -1 keep ``y`` exactly."""
+    out = y.clone()
+    for slot in torch.unique(slots).tolist():
+        if slot < 0:
+            continue
+        rows = torch.nonzero(slots == slot).squeeze(1)
+        xs = x.index_select(0, rows)
+        delta = F.linear(F.linear(xs, lora_a[slot]), lora_b[slot]) * scales[slot]
+        out.index_copy_(0, rows, out.index_select(0, rows) + delta.to(out.dtype))
+    return out
 
 
 def fused_moe(
@@ -226,3 +248,22 @@ def awq_dequantize(
     index = torch.arange(rows, device=q.device) // group
     weight = (q - z[index]).float() * scales.float()[index]
     return weight.t().contiguous()
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor,  # [B, V] float32, changed in place
+    bitmask: torch.Tensor,  # [G, ceil(V / 32)] int32: bit t % 32 of word t // 32 allows token t
+    rows: torch.Tensor,  # [G] int64: the logits row each bitmask row applies to
+) -> None:
+    """Structured output's mask: every token a row's grammar does not allow gets -inf.
+
+    Bits past V are ignored; tokens past the bitmask's width are not allowed. Rows not
+    in ``rows`` are left as they are.
+    """
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(bitmask.shape[0], -1)
+    if allowed.shape[1] < vocab:
+        allowed = F.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    allowed = allowed[:, :vocab].to(logits.device)
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

@@ -10,12 +10,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from kvrun.sampling_params import SamplingParams
 
-__all__ = ["SamplingMetadata", "SamplingRow", "build_sampling_metadata", "make_generator"]
+__all__ = [
+    "SamplingMetadata",
+    "SamplingRow",
+    "TokenMask",
+    "build_sampling_metadata",
+    "make_generator",
+]
+
+
+class TokenMask(Protocol):
+    """A row's structured-output constraint, as the sampler sees it
+    (:class:`kvrun.structured_output.compiler.ConstraintMatcher`)."""
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write row ``row`` of an int32 [G, ceil(V / 32)] bitmask: bit set = allowed."""
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -39,6 +54,7 @@ class SamplingRow:
     generator: torch.Generator | None = None  # make_generator(params.seed, ...) when seeded
     bad_words_token_ids: Sequence[Sequence[int]] = ()  # params.bad_words, tokenized
     eos_token_ids: Sequence[int] = ()  # the model's EOS ids; masked with stop ids until min_tokens
+    token_mask: TokenMask | None = None  # structured output: the grammar's allowed tokens
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,8 @@ class SamplingMetadata:
     bias_values: torch.Tensor | None  # [N] float32 added at bias_index
     banned_index: tuple[torch.Tensor, torch.Tensor] | None  # ([N] row, [N] token) set to -inf
     processors: list[tuple[int, SamplingRow]]  # (row, input) for rows with logits processors
+    mask_rows: torch.Tensor | None  # [G] int64 rows under a structured-output constraint
+    token_bitmask: torch.Tensor | None  # [G, ceil(V / 32)] int32, row j for mask_rows[j]
     prompt_ids: torch.Tensor | None  # [B, Lp] int64 padded with V; repetition penalty only
     output_ids: torch.Tensor | None  # [B, Lo] int64 padded with V; any penalty
     repetition_penalty: torch.Tensor | None  # [B] float32; 1.0 = none
@@ -110,6 +128,18 @@ def _rows(indices: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(indices, dtype=torch.int64, device=device)
 
 
+def _token_bitmask(
+    rows: Sequence[SamplingRow], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    masked = [(i, row.token_mask) for i, row in enumerate(rows) if row.token_mask is not None]
+    if not masked:
+        return None
+    bitmask = torch.full((len(masked), (vocab_size + 31) // 32), -1, dtype=torch.int32)
+    for j, (_, mask) in enumerate(masked):
+        mask.fill_bitmask(bitmask, j)
+    return _rows([i for i, _ in masked], device), bitmask.to(device)
+
+
 def build_sampling_metadata(
     rows: Sequence[SamplingRow], vocab_size: int, device: torch.device
 ) -> SamplingMetadata:
@@ -148,6 +178,7 @@ def build_sampling_metadata(
     num_logprobs = [r.params.logprobs for r in rows]
     logprob_rows = [i for i, n in enumerate(num_logprobs) if n is not None]
 
+    token_bitmask = _token_bitmask(rows, vocab_size, device)
     return SamplingMetadata(
         num_rows=len(rows),
         all_greedy=not random,
@@ -165,6 +196,8 @@ def build_sampling_metadata(
         bias_values=_floats(bias_values, device) if bias_values else None,
         banned_index=_index(banned_pairs, device) if banned_pairs else None,
         processors=[(i, r) for i, r in enumerate(rows) if r.params.logits_processors],
+        mask_rows=token_bitmask[0] if token_bitmask else None,
+        token_bitmask=token_bitmask[1] if token_bitmask else None,
         prompt_ids=(
             _padded([r.prompt_token_ids for r in rows], vocab_size, device) if any_rep else None
         ),

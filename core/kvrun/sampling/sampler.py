@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvrun.ops import reference
 from kvrun.outputs import Logprob
 from kvrun.sampling.logprobs import logprob_dicts
 from kvrun.sampling.metadata import SamplingMetadata, SamplingRow
@@ -119,10 +120,15 @@ class Sampler:
     """
 
     def __init__(
-        self, logits_processor_threads: int = 0, top_k_top_p: TopKTopPSampler | None = None
+        self,
+        logits_processor_threads: int = 0,
+        top_k_top_p: TopKTopPSampler | None = None,
+        apply_token_bitmask: Callable[..., None] = reference.apply_token_bitmask,
     ) -> None:
         # Platform.top_k_top_p_sampler(): a device kernel for unseeded random rows.
         self._top_k_top_p = top_k_top_p
+        # The op table's apply_token_bitmask: structured output's masks, in place.
+        self._apply_token_bitmask = apply_token_bitmask
         # VLLM_LOGITS_PROCESSOR_THREADS, read by the entry point: > 0 runs rows' logits
         # processors concurrently (worth it when they release the GIL).
         self._pool = (
@@ -143,6 +149,8 @@ class Sampler:
         if md.logprob_rows is not None:
             # Indexing copies, so the in-place stages below cannot touch these values.
             raw_logprobs = torch.log_softmax(logits[md.logprob_rows], dim=1)  # [L, V]
+        if md.token_bitmask is not None and md.mask_rows is not None:
+            self._apply_token_bitmask(logits, md.token_bitmask, md.mask_rows)
         logits = process_logits(logits, md, self._pool.map if self._pool is not None else None)
 
         if md.all_greedy:

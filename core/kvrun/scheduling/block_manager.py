@@ -10,10 +10,19 @@ from dataclasses import dataclass, field
 
 from kvrun.scheduling.free_blocks import FifoFreeBlocks, FreeBlockPolicy
 
-__all__ = ["ROOT_BLOCK_HASH", "BlockManager", "PrefixHit", "hash_block"]
+__all__ = ["ROOT_BLOCK_HASH", "BlockManager", "PrefixHit", "hash_block", "root_hash"]
 
 # The parent digest of a sequence's first block.
 ROOT_BLOCK_HASH = bytes(32)
+
+
+def root_hash(salt: bytes) -> bytes:
+    """The parent digest of the first block of a sequence with this cache salt (a LoRA
+    adapter's identity): ROOT_BLOCK_HASH for none, else a digest no chain can reach, so
+    sequences with different salts never share a block."""
+    if not salt:
+        return ROOT_BLOCK_HASH
+    return hashlib.sha256(b"kvrun-cache-salt\0" + salt).digest()
 
 
 def hash_block(parent: bytes, token_ids: Sequence[int]) -> bytes:
@@ -132,14 +141,15 @@ class BlockManager:
 
     # ---- prefix cache -----------------------------------------------------------------
 
-    def find_prefix(self, token_ids: Sequence[int]) -> PrefixHit:
-        """The longest cached run of whole leading blocks, always short of the last token."""
+    def find_prefix(self, token_ids: Sequence[int], salt: bytes = b"") -> PrefixHit:
+        """The longest cached run of whole leading blocks, always short of the last token,
+        among blocks committed with the same ``salt``."""
         if not self.enable_prefix_caching:
             return PrefixHit((), (), 0, len(token_ids))
         bs = self.block_size
         block_ids: list[int] = []
         hashes: list[bytes] = []
-        parent = ROOT_BLOCK_HASH
+        parent = root_hash(salt)
         for i in range((len(token_ids) - 1) // bs):
             digest = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
             block_id = self._cache.get(digest)
@@ -150,10 +160,13 @@ class BlockManager:
             parent = digest
         return PrefixHit(tuple(block_ids), tuple(hashes), len(block_ids) * bs, len(token_ids))
 
-    def commit(self, seq_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+    def commit(
+        self, seq_id: str, token_ids: Sequence[int], num_computed_tokens: int, salt: bytes = b""
+    ) -> None:
         """Register the sequence's blocks that ``num_computed_tokens`` computed tokens fill.
 
-        ``token_ids`` is the sequence's tokens (at least ``num_computed_tokens`` of them).
+        ``token_ids`` is the sequence's tokens (at least ``num_computed_tokens`` of them);
+        ``salt`` the one its prefix was looked up with.
         A block whose content another block already caches (a twin computed in the same
         step) stays unregistered and is released clean.
         """
@@ -163,7 +176,7 @@ class BlockManager:
         bs = self.block_size
         num_full = num_computed_tokens // bs
         assert num_full <= len(seq.block_ids) and num_computed_tokens <= len(token_ids)
-        parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_BLOCK_HASH
+        parent = seq.block_hashes[-1] if seq.block_hashes else root_hash(salt)
         for i in range(len(seq.block_hashes), num_full):
             digest = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
             seq.block_hashes.append(digest)

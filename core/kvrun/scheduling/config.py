@@ -22,6 +22,9 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     # When False a prompt (or a recompute) must fit whole in one step's token budget.
     enable_chunked_prefill: bool = True
+    # Distinct LoRA adapters among running requests at most (the engine's device slots);
+    # 0 = no adapters run (LoRA disabled), so nothing is counted.
+    max_loras: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):

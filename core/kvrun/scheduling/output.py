@@ -31,6 +31,8 @@ class ScheduledChunk:
     # True for a prompt chunk or a recompute (q > 1, or a request with no output yet);
     # False for a plain decode of the last sampled token.
     is_prefill: bool
+    # The request's LoRA adapter (Request.lora_id); 0 = none.
+    lora_id: int = 0
 
     @property
     def num_tokens(self) -> int:

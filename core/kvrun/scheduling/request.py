@@ -69,6 +69,15 @@ class Request:
     # Never serve this request's tokens from the prefix cache (its blocks are still
     # cached for others): set when the engine needs logits for every prompt position.
     skip_prefix_cache: bool = False
+    # A pooling request (embeddings, scores): it samples nothing and finishes once its
+    # whole prompt is computed; the runner hands the engine its hidden states instead.
+    prompt_only: bool = False
+    # The LoRA adapter the request runs with (its lora_int_id); 0 = none. The scheduler
+    # runs at most SchedulerConfig.max_loras distinct adapters at once.
+    lora_id: int = 0
+    # Seeds the request's prefix-cache chain (its adapter's identity): requests share
+    # cached blocks only when their salts are equal. b"" = the plain chain.
+    cache_salt: bytes = b""
     # Opaque per-request state owned by the engine (sampling params, detokenizer); the
     # scheduler never reads it.
     payload: object = None

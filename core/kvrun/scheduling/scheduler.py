@@ -47,6 +47,8 @@ class Scheduler:
       so a request never samples while its (re)compute is incomplete.
     - ``num_computed_tokens`` advances in ``update``, after the model ran; blocks filled
       by computed tokens are then registered in the prefix cache.
+    - At most ``max_loras`` distinct LoRA adapters are among the running requests: a
+      waiting request whose adapter would be one more waits at the head of the queue.
     - When a running request needs a block and none is free, the most recently added
       running request that is not yet scheduled this step is preempted: its blocks are
       freed, ``num_computed_tokens`` drops to 0 and it goes to the front of the waiting
@@ -90,6 +92,7 @@ class Scheduler:
             f"prompt of {request.num_prompt_tokens} tokens exceeds "
             f"max_model_len={self.config.max_model_len}"
         )
+        assert not request.lora_id or self.config.max_loras, "an adapter with max_loras=0"
         self._requests[request.request_id] = request
         self._order[request.request_id] = self._next_order
         self._next_order += 1
@@ -221,8 +224,9 @@ class Scheduler:
     ) -> list[Request]:
         """Record that ``output`` ran: advance computed tokens, append samples, apply stops.
 
-        ``sampled`` maps the id of each sampling chunk's request to its sampled token(s).
-        Returns the requests that got a new token, finished ones included.
+        ``sampled`` maps the id of each sampling chunk's request to its sampled token(s)
+        (a ``prompt_only`` request has none: it finishes when its last chunk ran).
+        Returns the requests that got a new token or finished their prompt.
         """
         if output.chunks:
             assert output is self._in_flight, "update() got an output that is not in flight"
@@ -236,10 +240,19 @@ class Scheduler:
             assert request.num_computed_tokens == chunk.start_position
             request.num_computed_tokens += chunk.num_tokens
             self.block_manager.commit(
-                request.request_id, request.all_token_ids, request.num_computed_tokens
+                request.request_id,
+                request.all_token_ids,
+                request.num_computed_tokens,
+                request.cache_salt,
             )
             if not chunk.samples:
                 assert chunk.request_id not in sampled, f"{chunk.request_id!r} cannot sample"
+                continue
+            if request.prompt_only:  # its prompt is computed: nothing more to do
+                assert chunk.request_id not in sampled, f"{chunk.request_id!r} samples nothing"
+                self._running.remove(request)
+                self._finish(request, RequestStatus.FINISHED_STOPPED, None)
+                updated.append(request)
                 continue
             tokens = sampled.get(chunk.request_id)
             assert tokens, f"no sampled token for {chunk.request_id!r}"
@@ -258,9 +271,11 @@ class Scheduler:
     def _admit(self, request: Request, budget: int) -> ScheduledChunk | None:
         """Allocate a waiting request's first chunk and move it to running; None if it can't."""
         bm = self.block_manager
+        if request.lora_id and not self._adapter_fits(request.lora_id):
+            return None
         hit: PrefixHit | None = None
         if bm.enable_prefix_caching and not request.skip_prefix_cache:
-            hit = bm.find_prefix(request.all_token_ids)
+            hit = bm.find_prefix(request.all_token_ids, request.cache_salt)
         num_computed = hit.num_tokens if hit is not None else 0
         remaining = request.num_tokens - num_computed
         if not self.config.enable_chunked_prefill and remaining > budget:
@@ -277,6 +292,12 @@ class Scheduler:
         bisect.insort(self._running, request, key=lambda r: order[r.request_id])
         return self._make_chunk(request, num_new, table)
 
+    def _adapter_fits(self, lora_id: int) -> bool:
+        """Whether a request with this adapter may run next to the running ones: at most
+        ``max_loras`` distinct adapters run at once (the engine's device slots)."""
+        running = {r.lora_id for r in self._running if r.lora_id}
+        return lora_id in running or len(running) < self.config.max_loras
+
     def _make_chunk(self, request: Request, num_new: int, table: list[int]) -> ScheduledChunk:
         request.block_ids = table
         start = request.num_computed_tokens
@@ -288,6 +309,7 @@ class Scheduler:
             samples=start + num_new == request.num_tokens,
             # A lone token after earlier outputs is a decode even when it ends a recompute.
             is_prefill=num_new > 1 or request.num_output_tokens == 0,
+            lora_id=request.lora_id,
         )
 
     def _preempt(self, request: Request) -> None:

@@ -21,11 +21,19 @@ from kvrun.server.auth import OPEN_PATHS, ApiKeyMiddleware
 from kvrun.server.config import ServerConfig
 from kvrun.server.errors import ApiError, error_body
 from kvrun.server.limits import RequestLimitsMiddleware
+from kvrun.server.lora import add_lora_routes
 from kvrun.server.metrics import CONTENT_TYPE_LATEST
 from kvrun.server.params import check_text_size
 from kvrun.server.protocol import DetokenizeRequest, TokenizeRequest, parse_body
 from kvrun.server.serving_chat import create_chat_completion, render_messages
 from kvrun.server.serving_completion import create_completion
+from kvrun.server.serving_pooling import (
+    create_classify,
+    create_embeddings,
+    create_pooling,
+    create_rerank,
+    create_score,
+)
 from kvrun.server.state import ServerState
 from kvrun.server.wire import UtilityMethod
 from kvrun.version import __version__
@@ -101,7 +109,11 @@ def _add_openai_routes(app: FastAPI) -> None:
             "parent": None,
             "max_model_len": state.info.max_model_len,
         }
-        return JSONResponse({"object": "list", "data": [card]})
+        adapters = [
+            {**card, "id": name, "root": path, "parent": state.info.model_name}
+            for name, path in state.loras.items()
+        ]
+        return JSONResponse({"object": "list", "data": [card, *adapters]})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -110,6 +122,33 @@ def _add_openai_routes(app: FastAPI) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(_state(request), request)
+
+
+def _add_pooling_routes(app: FastAPI) -> None:
+    """Embeddings and scores (the model run with --runner pooling), as vLLM serves them."""
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await create_embeddings(_state(request), request)
+
+    @app.post("/pooling")
+    async def pooling(request: Request) -> Response:
+        return await create_pooling(_state(request), request)
+
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def score(request: Request) -> Response:
+        return await create_score(_state(request), request)
+
+    @app.post("/classify")
+    async def classify(request: Request) -> Response:
+        return await create_classify(_state(request), request)
+
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    async def rerank(request: Request) -> Response:
+        return await create_rerank(_state(request), request)
 
 
 def _add_tokenizer_routes(app: FastAPI) -> None:
@@ -205,9 +244,12 @@ def build_app(config: ServerConfig) -> FastAPI:
     app = FastAPI(title="kvrun", version=__version__)
     _install_error_handlers(app)
     _add_openai_routes(app)
+    _add_pooling_routes(app)
     _add_tokenizer_routes(app)
     _add_operational_routes(app)
     _add_gated_routes(app, config)
+    if config.allow_runtime_lora_updating:
+        add_lora_routes(app)
     # Starlette runs the last added middleware first: authentication before size limits,
     # so an unauthenticated client cannot make the server buffer a body.
     app.add_middleware(

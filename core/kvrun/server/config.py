@@ -22,9 +22,20 @@ class ServerConfig:
     body_timeout_s: float = 30.0  # --request-body-timeout: the whole body must arrive by then
     dev_mode: bool = False  # VLLM_SERVER_DEV_MODE: adds /reset_prefix_cache
     profiler_dir: str | None = None  # VLLM_TORCH_PROFILER_DIR: adds /start_profile, /stop_profile
-    allow_runtime_lora_updating: bool = False  # accepted; LoRA routes come with LoRA support
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING: adds /v1/load_lora_adapter, /v1/unload_lora_adapter
+    allow_runtime_lora_updating: bool = False
+    lora_modules: tuple[tuple[str, str], ...] = ()  # --lora-modules: (name, path) at start
+    # --allowed-lora-paths: real directories runtime adapter paths must lie in; () = none
+    allowed_lora_paths: tuple[str, ...] = ()
     # --trust-request-chat-template: render templates clients send (else a 400)
     trust_request_chat_template: bool = False
     keep_alive_on_engine_death: bool = False  # VLLM_KEEP_ALIVE_ON_ENGINE_DEATH
+    # --enable-auto-tool-choice: tool_choice "auto" reads calls with tool_call_parser
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None  # --tool-call-parser: a name in TOOL_PARSERS
+    exclude_tools_when_tool_choice_none: bool = (
+        False  # tool_choice "none": no tools to the template
+    )
+    reasoning_parser: str | None = None  # --reasoning-parser: a name in REASONING_PARSERS
     uvicorn_log_level: str = "warning"
     access_log: bool = False

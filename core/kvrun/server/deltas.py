@@ -40,6 +40,7 @@ def to_wire(delta: EngineDelta) -> RequestDelta:
         finished=delta.finished,
         num_cached_tokens=delta.num_cached_tokens,
         prompt_logprobs=prompt_logprobs,
+        pooled=None if delta.pooled is None else delta.pooled.tolist(),
     )
 
 

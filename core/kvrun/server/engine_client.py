@@ -35,6 +35,8 @@ from kvrun.server.wire import (
     Utility,
     UtilityMethod,
     UtilityResult,
+    WireLora,
+    WirePooling,
     WireSampling,
 )
 from kvrun.stats import EngineStats
@@ -198,14 +200,35 @@ class EngineClient:
 
     # requests -----------------------------------------------------------------------
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: WireSampling
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: WireSampling,
+        lora_name: str | None = None,  # a loaded LoRA adapter's name
     ) -> RequestStream:
         if self.dead_summary is not None:
             raise EngineDeadError(self.dead_summary)
         n = params.n if isinstance(params.n, int) else 1
         stream = RequestStream(request_id, RequestTimes(arrival=time.monotonic()), n)
         self._streams[request_id] = stream
-        self.transport.send(AddRequest(request_id, prompt_token_ids, params, stream.times.arrival))
+        self.transport.send(
+            AddRequest(
+                request_id, prompt_token_ids, params, stream.times.arrival, lora_name=lora_name
+            )
+        )
+        return stream
+
+    def add_pooling_request(
+        self, request_id: str, prompt_token_ids: list[int], pooling: WirePooling
+    ) -> RequestStream:
+        """A pooling request: its one (finished) delta carries ``pooled``."""
+        if self.dead_summary is not None:
+            raise EngineDeadError(self.dead_summary)
+        stream = RequestStream(request_id, RequestTimes(arrival=time.monotonic()), 0)
+        self._streams[request_id] = stream
+        self.transport.send(
+            AddRequest(request_id, prompt_token_ids, WireSampling(), stream.times.arrival, pooling)
+        )
         return stream
 
     def abort(self, request_ids: list[str]) -> None:
@@ -231,14 +254,15 @@ class EngineClient:
             self.transport.send(Abort([s.request_id for s in streams]))
         return len(streams)
 
-    async def call(self, method: UtilityMethod) -> bool | None:
-        """Run a utility method in the engine; ApiError 500/503 when it fails or times out."""
+    async def call(self, method: UtilityMethod, lora: WireLora | None = None) -> bool | None:
+        """Run a utility method in the engine; ApiError 500/503 when it fails or times out,
+        the engine's 400/404 when it refused the caller's argument (an adapter)."""
         if self.dead_summary is not None:
             raise EngineDeadError(self.dead_summary)
         call_id = next(self._call_ids)
         future: asyncio.Future[UtilityResult] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
-        self.transport.send(Utility(call_id, method))
+        self.transport.send(Utility(call_id, method, lora))
         try:
             result = await asyncio.wait_for(future, self.rpc_timeout_s)
         except TimeoutError:
@@ -250,6 +274,9 @@ class EngineClient:
         finally:
             self._calls.pop(call_id, None)
         if not result.ok:
+            if result.status < 500:
+                code = "model_not_found" if result.status == 404 else None
+                raise ApiError(result.error or method, result.status, code=code)
             raise ApiError(f"{method} failed: {result.error}", 500)
         return result.value
 

@@ -9,6 +9,7 @@ frontend can tell a hung engine from an idle one. The same loop runs in a thread
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvrun.errors import KvrunError, RequestError
+from kvrun.lora.request import LoRARequest
 from kvrun.server.deltas import to_wire
 from kvrun.server.wire import (
     Abort,
@@ -74,6 +76,8 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
         dtype=str(config.dtype).removeprefix("torch."),
         num_kv_blocks=config.num_kv_blocks,
         block_size=config.block_size,
+        id2label=list(config.id2label),
+        structured_outputs_backend=config.structured_outputs_backend,
     )
 
 
@@ -85,6 +89,10 @@ class EngineLoop:
         self.send = send
         self.heartbeat_s = heartbeat_s
         self._rejected: list[Rejected] = []
+        # LoRA adapters loaded by name (--lora-modules, /v1/load_lora_adapter); ids are
+        # this loop's, never reused, so a reloaded adapter shares no cached KV blocks.
+        self._loras: dict[str, LoRARequest] = {}
+        self._lora_ids = itertools.count(1)
 
     def handle(self, msg: FrontendMessage) -> bool:
         """Apply one message; False on Shutdown."""
@@ -102,9 +110,37 @@ class EngineLoop:
         from kvrun.sampling_params import SamplingParams
 
         try:
+            if msg.pooling is not None:
+                from kvrun.pooling import PoolingParams
+
+                pooling = msg.pooling
+                self.engine.add_pooling_request(
+                    msg.request_id,
+                    msg.prompt_token_ids,
+                    PoolingParams(
+                        dimensions=pooling.dimensions,
+                        normalize=pooling.normalize,
+                        task=pooling.task,
+                    ),
+                    arrival_time=msg.arrival_time,
+                )
+                return
             params = SamplingParams(**msg.params.kwargs())  # type: ignore[arg-type]
+            lora = None
+            if msg.lora_name is not None:
+                lora = self._loras.get(msg.lora_name)
+                if lora is None:  # unloaded while the request was on its way
+                    raise RequestError(
+                        f"The model `{msg.lora_name}` does not exist.",
+                        param="model",
+                        code="model_not_found",
+                    )
             self.engine.add_request(
-                msg.request_id, msg.prompt_token_ids, params, arrival_time=msg.arrival_time
+                msg.request_id,
+                msg.prompt_token_ids,
+                params,
+                arrival_time=msg.arrival_time,
+                lora_request=lora,
             )
         except RequestError as exc:
             self._rejected.append(Rejected(msg.request_id, str(exc), exc.param, exc.code, 400))
@@ -124,6 +160,8 @@ class EngineLoop:
 
     def _utility(self, msg: Utility) -> UtilityResult:
         try:
+            if msg.method in ("load_lora_adapter", "unload_lora_adapter"):
+                return self._lora_call(msg)
             if msg.method == "reset_prefix_cache":
                 return UtilityResult(msg.call_id, True, self.engine.reset_prefix_cache(), None)
             if msg.method == "start_profile":
@@ -135,6 +173,30 @@ class EngineLoop:
             logger.exception("utility call %s failed", msg.method)
             return UtilityResult(msg.call_id, False, None, str(exc))
 
+    def _lora_call(self, msg: Utility) -> UtilityResult:
+        """Load or unload an adapter by name; a refusal comes back with its 400/404."""
+        if msg.lora is None:
+            return UtilityResult(msg.call_id, False, None, "no adapter named", 400)
+        name = msg.lora.lora_name
+        if msg.method == "unload_lora_adapter":
+            unloaded = self._loras.pop(name, None)
+            if unloaded is None:
+                error = f"The LoRA adapter `{name}` is not loaded."
+                return UtilityResult(msg.call_id, False, None, error, 404)
+            self.engine.remove_lora(unloaded.lora_int_id)
+            return UtilityResult(msg.call_id, True, True, None)
+        if name in self._loras:
+            error = f"The LoRA adapter `{name}` is already loaded; unload it first."
+            return UtilityResult(msg.call_id, False, None, error, 400)
+        lora = LoRARequest(name, next(self._lora_ids), msg.lora.lora_path)
+        try:
+            self.engine.add_lora(lora)
+        except RequestError as exc:
+            return UtilityResult(msg.call_id, False, None, str(exc), 400)
+        self._loras[name] = lora
+        logger.info("LoRA adapter %s loaded (id %d)", name, lora.lora_int_id)
+        return UtilityResult(msg.call_id, True, True, None)
+
     def run(self, receive: Receive, should_stop: Callable[[], bool] = lambda: False) -> None:
         last_sent = 0.0
         while not should_stop():
@@ -144,6 +206,8 @@ class EngineLoop:
                 if not self.handle(msg):
                     return
             outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+            for request_id, exc in self.engine.take_failed_requests():  # grammars that failed
+                self._rejected.append(Rejected(request_id, str(exc), exc.param, exc.code, 400))
             now = time.time()
             if outputs or messages or self._rejected or now - last_sent >= self.heartbeat_s:
                 deltas = [to_wire(o) for o in outputs]

@@ -19,7 +19,8 @@ from kvrun.errors import RequestError
 from kvrun.sampling_params import SamplingParams
 from kvrun.server.errors import ApiError
 from kvrun.server.protocol import ChatCompletionRequest, CompletionRequest
-from kvrun.server.wire import EngineInfo, WireSampling
+from kvrun.server.wire import EngineInfo, WireSampling, WireStructuredOutputs
+from kvrun.structured_output import StructuredOutputsParams
 
 __all__ = [
     "SamplingChoice",
@@ -146,6 +147,7 @@ def build_sampling(
     max_tokens: int,
     choice: SamplingChoice,
     info: EngineInfo,
+    structured_outputs: StructuredOutputsParams | None = None,
 ) -> WireSampling:
     """The request's sampling fields, checked as the engine will check them; unset ones
     keep SamplingParams' defaults. The route has run :func:`check_caps` already (once per
@@ -182,4 +184,10 @@ def build_sampling(
     except RequestError as exc:
         raise api_error(exc, {"logprobs": choice.logprobs_param}) from None
     # What travels is what the request set, normalised (stop as a list, bias keys as ints).
-    return WireSampling(**{name: getattr(params, name) for name in fields})
+    wire = WireSampling(**{name: getattr(params, name) for name in fields})
+    if structured_outputs is not None:
+        so = structured_outputs
+        wire.structured_outputs = WireStructuredOutputs(
+            **{name: getattr(so, name) for name in WireStructuredOutputs.__struct_fields__}
+        )
+    return wire

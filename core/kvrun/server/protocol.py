@@ -71,6 +71,19 @@ class _SamplingFields(_Strict):
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
     user: str | None = None
+    # vLLM's beam search (kvrun.server.beam_search): the n best of max(n, best_of) beams
+    # (chat has no best_of: its width is n).
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    # Structured output (kvrun.server.structured): at most one of these constrains the reply.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -104,7 +117,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # False: at most one call (tool_choice required)
 
 
 class TokenizeRequest(_Strict):

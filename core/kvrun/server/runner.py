@@ -25,6 +25,7 @@ from kvrun.errors import ConfigError
 from kvrun.server.app import attach_state, build_app
 from kvrun.server.config import ServerConfig
 from kvrun.server.engine_client import EngineClient
+from kvrun.server.lora import load_static_adapters
 from kvrun.server.metrics import ServerMetrics
 from kvrun.server.state import ServerState
 
@@ -113,6 +114,7 @@ async def _serve(
     tokenizer_task = asyncio.ensure_future(asyncio.to_thread(_load_tokenizer, engine_args, env))
     try:
         info = await client.start()
+        loras = await load_static_adapters(client, config.lora_modules)
         tokenizer = await tokenizer_task
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -120,7 +122,10 @@ async def _serve(
         client.metrics = metrics
         app = build_app(config)
         attach_state(
-            app, ServerState(config, client, info, tokenizer, metrics, started_at=int(time.time()))
+            app,
+            ServerState(
+                config, client, info, tokenizer, metrics, started_at=int(time.time()), loras=loras
+            ),
         )
         uv_config = uvicorn.Config(
             app,

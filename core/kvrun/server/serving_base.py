@@ -61,9 +61,12 @@ class GenerationCall(ABC):
         n: int,
         prompt_ids: Sequence[list[int]],  # token ids per prompt
         request_ids: Sequence[str],  # engine request id per prompt
+        model: str | None = None,  # the request's "model": the base model or an adapter
     ) -> None:
         assert len(prompt_ids) == len(request_ids)
         self.state = state
+        self.lora_name = state.lora_for(model)  # the LoRA adapter the requests run with
+        self.model_name = self.lora_name or state.info.model_name
         self.id = call_id
         self.created = int(time.time())
         self.object_name = object_name
@@ -99,7 +102,7 @@ class GenerationCall(ABC):
             "id": self.id,
             "object": self.object_name,
             "created": self.created,
-            "model": self.state.info.model_name,
+            "model": self.model_name,
             "choices": choices,
             "usage": self.usage(),
         }
@@ -110,7 +113,7 @@ class GenerationCall(ABC):
             "id": self.id,
             "object": self.chunk_object_name,
             "created": self.created,
-            "model": self.state.info.model_name,
+            "model": self.model_name,
             "choices": choices,
         }
         if self.include_usage:
@@ -144,7 +147,7 @@ class GenerationCall(ABC):
         streaming = False
         try:
             streams = [
-                client.add_request(rid, ids, sampling)
+                client.add_request(rid, ids, sampling, self.lora_name)
                 for rid, ids, sampling in zip(
                     self.request_ids, self.prompt_ids, samplings, strict=True
                 )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -11,6 +13,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from kvrun.errors import KvrunError
+from kvrun.server.beam_search import answer_with_beams, beam_search_params
+from kvrun.server.chat_output import MessageStream, OutputPlan
 from kvrun.server.deltas import SequenceState
 from kvrun.server.engine_client import RequestStream
 from kvrun.server.errors import ApiError, EngineDeadError
@@ -24,9 +28,14 @@ from kvrun.server.params import (
     resolve_max_tokens,
 )
 from kvrun.server.protocol import ChatCompletionRequest, ChatMessage, parse_body
+from kvrun.server.reasoning import make_reasoning_parser
 from kvrun.server.serving_base import GenerationCall, stream_error
 from kvrun.server.state import ServerState
 from kvrun.server.streaming import SSE_DONE
+from kvrun.server.structured import read_constraint
+from kvrun.server.tool_parsers import tool_parser_class
+from kvrun.server.tool_parsers.forced import NamedToolParser, RequiredToolParser
+from kvrun.server.tools import ToolPlan, check_tool_constraint, plan_tools, template_tool_calls
 from kvrun.server.wire import RequestDelta
 
 __all__ = ["create_chat_completion", "render_messages"]
@@ -63,6 +72,8 @@ def _message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                     )
                 texts.append(part["text"])
             data["content"] = "\n".join(texts)
+        if "tool_calls" in data:
+            data["tool_calls"] = template_tool_calls(data["tool_calls"], f"messages[{i}]")
         out.append(data)
     return out
 
@@ -75,6 +86,7 @@ async def render_messages(
     continue_final_message: bool,
     chat_template: str | None,
     chat_template_kwargs: dict[str, Any] | None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The prompt text; a template runs in the tokenizer's Jinja sandbox, in a worker
     thread so a slow one does not stall other requests."""
@@ -102,6 +114,7 @@ async def render_messages(
             dicts,
             add_generation_prompt=add_generation_prompt,
             chat_template=chat_template,
+            tools=tools,
             continue_final_message=continue_final_message,
             **kwargs,
         )
@@ -112,7 +125,13 @@ async def render_messages(
 
 
 class _Chat(GenerationCall):
-    def __init__(self, state: ServerState, req: ChatCompletionRequest, prompt_ids: list[int]):
+    def __init__(
+        self,
+        state: ServerState,
+        req: ChatCompletionRequest,
+        prompt_ids: list[int],
+        plan: OutputPlan,
+    ):
         call_id = f"chatcmpl-{uuid.uuid4().hex}"
         super().__init__(
             state,
@@ -123,10 +142,12 @@ class _Chat(GenerationCall):
             n=req.n,
             prompt_ids=[prompt_ids],
             request_ids=[call_id],
+            model=req.model,
         )
         self.req = req
         self.result = self.states[0]
         self.num_top = req.top_logprobs or 0
+        self.plan = plan
 
     def _logprobs(self, seq: SequenceState, start: int) -> dict[str, Any] | None:
         if not self.req.logprobs:
@@ -136,16 +157,18 @@ class _Chat(GenerationCall):
         return {"content": chat_logprobs(ids, positions, self.num_top, self.state.tokenizer)}
 
     def response(self) -> dict[str, Any]:
-        choices = [
-            {
-                "index": seq.index,
-                "message": {"role": "assistant", "content": seq.text},
-                "logprobs": self._logprobs(seq, 0),
-                "finish_reason": seq.finish_reason,
-                "stop_reason": seq.stop_reason,
-            }
-            for seq in self.result.sequences
-        ]
+        choices = []
+        for seq in self.result.sequences:
+            shaper = MessageStream(self.plan)
+            choices.append(
+                {
+                    "index": seq.index,
+                    "message": shaper.message(seq.text),
+                    "logprobs": self._logprobs(seq, 0),
+                    "finish_reason": shaper.finish_reason(seq.finish_reason),
+                    "stop_reason": seq.stop_reason,
+                }
+            )
         return self.envelope(choices)
 
     async def stream(
@@ -153,6 +176,7 @@ class _Chat(GenerationCall):
     ) -> AsyncIterator[bytes]:
         (stream,), (first,) = streams, firsts
         sent_tokens = [0] * self.req.n
+        shapers = [MessageStream(self.plan) for _ in range(self.req.n)]
         try:
             for j in range(self.req.n):
                 role = {"role": "assistant", "content": ""}
@@ -165,19 +189,20 @@ class _Chat(GenerationCall):
                 for completion in delta.completions:
                     seq = self.result.sequences[completion.index]
                     j = seq.index
-                    text = completion.text
+                    finished = seq.finish_reason is not None
+                    fields = shapers[j].feed(completion.text, finished)
                     logprobs = None
                     if len(seq.token_ids) > sent_tokens[j]:
                         logprobs = self._logprobs(seq, sent_tokens[j])
                         sent_tokens[j] = len(seq.token_ids)
-                    if not (text or logprobs or seq.finish_reason):
+                    if not (fields or logprobs or finished):
                         continue
                     choices.append(
                         {
                             "index": j,
-                            "delta": {"content": text} if text else {},
+                            "delta": fields,
                             "logprobs": logprobs,
-                            "finish_reason": seq.finish_reason,
+                            "finish_reason": shapers[j].finish_reason(seq.finish_reason),
                             "stop_reason": seq.stop_reason,
                         }
                     )
@@ -192,28 +217,56 @@ class _Chat(GenerationCall):
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
-    if req.tools and req.tool_choice != "none":
+    if not req.use_beam_search and req.length_penalty != 1.0:
         raise ApiError(
-            "tool calling is not supported; omit tools or set tool_choice to 'none'",
+            f"length_penalty={req.length_penalty} is invalid without use_beam_search; "
+            "accepted: unset, or use_beam_search=true",
             400,
-            param="tools",
-        )
-    if req.response_format is not None and req.response_format.get("type") != "text":
-        raise ApiError(
-            f"response_format {req.response_format.get('type')!r} is not supported; "
-            "accepted: {'type': 'text'}",
-            400,
-            param="response_format",
+            param="length_penalty",
         )
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError("top_logprobs needs logprobs set to true", 400, param="top_logprobs")
+
+
+def _output_plan(
+    state: ServerState, req: ChatCompletionRequest, tools: ToolPlan, constrained: bool, prompt: str
+) -> OutputPlan:
+    """How the replies become messages: the tool parser the tool mode needs, and the
+    reasoning parser unless a constraint shapes the reply from its first token."""
+    config = state.config
+    tool_parser: Any = None
+    if tools.mode == "auto":
+        assert config.tool_call_parser is not None
+        tool_parser = tool_parser_class(config.tool_call_parser)
+    elif tools.mode == "required":
+        tool_parser = RequiredToolParser
+    elif tools.function is not None:  # named
+        tool_parser = functools.partial(NamedToolParser, tools.function)
+    reasoning = None
+    if config.reasoning_parser is not None and not constrained:
+        reasoning = functools.partial(
+            make_reasoning_parser, config.reasoning_parser, prompt, req.chat_template_kwargs
+        )
+    return OutputPlan(tool_parser, reasoning, calls_finish=tools.mode != "named")
 
 
 async def create_chat_completion(state: ServerState, request: Request) -> Response:
     req = parse_body(await request.body(), ChatCompletionRequest)
     state.check_model(req.model)
     _check_unsupported(req)
+    tools = plan_tools(req, state.config)
     check_caps(req, state.config.limits)  # before the template renders
+    constraint = await read_constraint(req, state.info.structured_outputs_backend)
+    if tools.constraint is not None:
+        if constraint is not None:
+            raise ApiError(
+                f"tool_choice {json.dumps(req.tool_choice)} holds the reply to the tools' "
+                "schema and cannot be combined with another output constraint "
+                "(response_format, structured_outputs, guided_*); drop one of them",
+                400,
+                param="tool_choice",
+            )
+        constraint = await check_tool_constraint(tools)
     state.check_alive()
     text = await render_messages(
         state,
@@ -222,6 +275,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         continue_final_message=req.continue_final_message,
         chat_template=req.chat_template,
         chat_template_kwargs=req.chat_template_kwargs,
+        tools=tools.tools,
     )
     check_text_size(text, "messages", state.info, state.tokenizer.max_token_chars)
     prompt_ids = await asyncio.to_thread(
@@ -238,6 +292,20 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         logprobs_param="top_logprobs",
         prompt_logprobs=req.prompt_logprobs,
     )
-    sampling = build_sampling(req, max_tokens=max_tokens, choice=choice, info=state.info)
-    chat = _Chat(state, req, prompt_ids)
+    plan = _output_plan(state, req, tools, constraint is not None, text)
+    if (
+        tools.mode == "auto"
+        and tool_parser_class(state.config.tool_call_parser or "").needs_special_tokens
+        and "skip_special_tokens" not in req.model_fields_set
+    ):
+        # the format's markers are special tokens: keep them in the text (as vLLM does)
+        req = req.model_copy(update={"skip_special_tokens": False})
+    sampling = build_sampling(
+        req, max_tokens=max_tokens, choice=choice, info=state.info, structured_outputs=constraint
+    )
+    chat = _Chat(state, req, prompt_ids, plan)
+    if req.use_beam_search:  # the n best beams of width n
+        params = beam_search_params(req, max_tokens, [prompt_ids], state.info)
+        skip = req.skip_special_tokens
+        return await answer_with_beams(chat, request, params, skip_special_tokens=skip)
     return await chat.answer(request, [sampling], req.stream)

@@ -10,6 +10,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from kvrun.server.beam_search import answer_with_beams, beam_search_params
 from kvrun.server.deltas import SequenceState
 from kvrun.server.engine_client import RequestStream
 from kvrun.server.errors import ApiError, EngineDeadError
@@ -26,7 +27,9 @@ from kvrun.server.protocol import CompletionRequest, parse_body
 from kvrun.server.serving_base import GenerationCall, stream_error
 from kvrun.server.state import ServerState
 from kvrun.server.streaming import SSE_DONE, merged
+from kvrun.server.structured import read_constraint
 from kvrun.server.wire import RequestDelta
+from kvrun.structured_output import StructuredOutputsParams
 
 __all__ = ["create_completion"]
 
@@ -65,7 +68,11 @@ class _Completion(GenerationCall):
     """One /v1/completions call: its parsed request, prompts and engine requests."""
 
     def __init__(
-        self, state: ServerState, req: CompletionRequest, prompts: list[tuple[str, list[int]]]
+        self,
+        state: ServerState,
+        req: CompletionRequest,
+        prompts: list[tuple[str, list[int]]],
+        constraint: StructuredOutputsParams | None,
     ) -> None:
         call_id = f"cmpl-{uuid.uuid4().hex}"
         self.prompts = prompts
@@ -78,6 +85,7 @@ class _Completion(GenerationCall):
             n=req.n,
             prompt_ids=[ids for _, ids in self.prompts],
             request_ids=[f"{call_id}-{i}" for i in range(len(self.prompts))],
+            model=req.model,
         )
         self.req = req
         echo_logprobs = req.logprobs if req.echo else None
@@ -100,6 +108,7 @@ class _Completion(GenerationCall):
                     max_tokens=max_tokens,
                     choice=self.choice,
                     info=state.info,
+                    structured_outputs=constraint,
                 )
             )
 
@@ -197,7 +206,14 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     state.check_model(req.model)
     if req.suffix is not None:
         raise ApiError("suffix is not supported", 400, param="suffix")
-    if req.best_of is not None and req.best_of != req.n:
+    if not req.use_beam_search and req.length_penalty != 1.0:
+        raise ApiError(
+            f"length_penalty={req.length_penalty} is invalid without use_beam_search; "
+            "accepted: unset, or use_beam_search=true",
+            400,
+            param="length_penalty",
+        )
+    if not req.use_beam_search and req.best_of is not None and req.best_of != req.n:
         raise ApiError(
             f"best_of={req.best_of} is invalid; accepted: unset or equal to n={req.n}",
             400,
@@ -207,7 +223,20 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     prompt = req.prompt
     single = isinstance(prompt, str) or (bool(prompt) and all(isinstance(p, int) for p in prompt))
     check_caps(req, state.config.limits, 1 if single else len(prompt))
+    constraint = await read_constraint(req, state.info.structured_outputs_backend)
     state.check_alive()
     prompts = await asyncio.to_thread(_prompts, req, state)
-    work = _Completion(state, req, prompts)
+    work = _Completion(state, req, prompts, constraint)
+    if req.use_beam_search:
+        if work.lora_name is not None:  # the search's steps run on the base model only
+            raise ApiError(
+                "use_beam_search is not supported with a LoRA adapter; accepted: the base "
+                f"model `{state.info.model_name}`",
+                400,
+                param="use_beam_search",
+            )
+        max_tokens = min(s.max_tokens for s in work.samplings if isinstance(s.max_tokens, int))
+        params = beam_search_params(req, max_tokens, work.prompt_ids, state.info)
+        skip = req.skip_special_tokens
+        return await answer_with_beams(work, request, params, skip_special_tokens=skip)
     return await work.answer(request, work.samplings, req.stream)

@@ -35,7 +35,10 @@ __all__ = [
     "Utility",
     "UtilityMethod",
     "UtilityResult",
+    "WireLora",
+    "WirePooling",
     "WireSampling",
+    "WireStructuredOutputs",
     "engine_decoder",
     "frontend_decoder",
 ]
@@ -45,6 +48,21 @@ UNSET = msgspec.UNSET
 
 class _Message(msgspec.Struct, forbid_unknown_fields=True):
     """Base of every message: a field we do not know is a malformed message."""
+
+
+class WireStructuredOutputs(_Message, omit_defaults=True):
+    """A request's StructuredOutputsParams, as the frontend checked it (one constraint)."""
+
+    json: str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
 
 
 class WireSampling(_Message, omit_defaults=True):
@@ -71,14 +89,31 @@ class WireSampling(_Message, omit_defaults=True):
     bad_words: list[str] | msgspec.UnsetType = UNSET
     include_stop_str_in_output: bool | msgspec.UnsetType = UNSET
     skip_special_tokens: bool | msgspec.UnsetType = UNSET
+    structured_outputs: WireStructuredOutputs | msgspec.UnsetType = UNSET
 
     def kwargs(self) -> dict[str, object]:
         """Keyword arguments for ``SamplingParams``: only the fields that were set."""
-        return {
+        out = {
             name: value
             for name in self.__struct_fields__
             if (value := getattr(self, name)) is not UNSET
         }
+        if isinstance(self.structured_outputs, WireStructuredOutputs):
+            from kvrun.structured_output import StructuredOutputsParams
+
+            constraint = self.structured_outputs
+            out["structured_outputs"] = StructuredOutputsParams(
+                **{name: getattr(constraint, name) for name in constraint.__struct_fields__}
+            )
+        return out
+
+
+class WirePooling(_Message, omit_defaults=True):
+    """A pooling request's PoolingParams (embeddings, scores)."""
+
+    dimensions: int | None = None
+    normalize: bool | None = None
+    task: str | None = None
 
 
 # --- frontend -> engine ------------------------------------------------------------
@@ -89,18 +124,34 @@ class AddRequest(_Message, tag="add"):
     prompt_token_ids: list[int]  # already tokenized (and checked) by the frontend
     params: WireSampling
     arrival_time: float  # time.time() at the frontend
+    pooling: WirePooling | None = None  # set: a pooling request (params unused)
+    lora_name: str | None = None  # the LoRA adapter it runs with (a loaded adapter's name)
 
 
 class Abort(_Message, tag="abort"):
     request_ids: list[str]
 
 
-UtilityMethod = Literal["reset_prefix_cache", "start_profile", "stop_profile"]
+UtilityMethod = Literal[
+    "reset_prefix_cache",
+    "start_profile",
+    "stop_profile",
+    "load_lora_adapter",
+    "unload_lora_adapter",
+]
+
+
+class WireLora(_Message, omit_defaults=True):
+    """The adapter a load or unload call names; the frontend has checked the path."""
+
+    lora_name: str
+    lora_path: str = ""  # a real path inside the allowed directories (load only)
 
 
 class Utility(_Message, tag="utility"):
     call_id: int
     method: UtilityMethod  # a closed set: the engine never looks up a name it was sent
+    lora: WireLora | None = None  # the *_lora_adapter methods' argument
 
 
 class Shutdown(_Message, tag="shutdown"):
@@ -126,6 +177,8 @@ class EngineInfo(_Message):
     dtype: str  # e.g. "float32"
     num_kv_blocks: int
     block_size: int
+    id2label: list[str] = []  # a classifier's labels (runner "pooling", convert "classify")
+    structured_outputs_backend: str = "xgrammar"  # how the engine compiles constraints
 
 
 class Hello(_Message, tag="hello"):
@@ -164,6 +217,7 @@ class RequestDelta(_Message, array_like=True):
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     # Sent once, when the engine first has them: one entry per prompt token, entry 0 None.
     prompt_logprobs: list[list[LogprobEntry] | None] | None = None
+    pooled: list[float] | None = None  # a pooling request's vector, in its finished delta
 
 
 class Rejected(_Message, array_like=True):
@@ -188,6 +242,7 @@ class UtilityResult(_Message, tag="result"):
     ok: bool
     value: bool | None
     error: str | None
+    status: int = 500  # the HTTP status of a failure: 400/404 for a caller's mistake
 
 
 class Dead(_Message, tag="dead"):

@@ -226,6 +226,46 @@ def _moe_case(tokens: int, hidden: int, inter: int, experts: int, k: int) -> Any
     return make
 
 
+def _bitmask_case(rows: list[int], batch: int, vocab: int) -> Any:
+    """Structured output's mask (logits are float32 whatever the model's dtype)."""
+
+    def make(
+        dtype: torch.dtype, device: torch.device, seed: int
+    ) -> tuple[list[Any], frozenset[int]]:
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(batch, vocab, generator=g).to(device)
+        words = (vocab + 31) // 32
+        bitmask = torch.randint(-(2**31), 2**31, (len(rows), words), generator=g, dtype=torch.int64)
+        bitmask = bitmask.to(torch.int32).to(device)
+        index = torch.tensor(rows, dtype=torch.int64, device=device)
+        return [logits, bitmask, index], frozenset({0})
+
+    return make
+
+
+def _lora_case(tokens: int, inner: int, outer: int, slots: int, rank: int) -> Any:
+    """Tokens spread over every slot and none (-1), one slot used by no token; adapters
+    of smaller rank than the slots' (zero rows in A), as the slots hold them."""
+
+    def make(
+        dtype: torch.dtype, device: torch.device, seed: int
+    ) -> tuple[list[Any], frozenset[int]]:
+        g = torch.Generator().manual_seed(seed)
+        x = _randn(g, tokens, inner, dtype=dtype, device=device)
+        y = _randn(g, tokens, outer, dtype=dtype, device=device)
+        lora_a = 0.2 * _randn(g, slots, rank, inner, dtype=dtype, device=device)
+        lora_b = 0.2 * _randn(g, slots, outer, rank, dtype=dtype, device=device)
+        lora_a[0, rank // 2 :] = 0  # slot 0 holds an adapter of half the rank
+        lora_b[0, :, rank // 2 :] = 0
+        scales = (0.5 + torch.rand(slots, generator=g)).to(device)
+        index = torch.randint(-1, max(slots - 1, 1), (tokens,), generator=g)
+        index[0] = -1  # a token with no adapter, unless it is the only one
+        index[-1] = 0
+        return [y, x, lora_a, lora_b, scales, index.to(device)], frozenset()
+
+    return make
+
+
 OP_CASES: tuple[OpCase, ...] = (
     OpCase("linear", "1x64-to-96", _linear_case(1, 64, 96, bias=False)),
     OpCase("linear", "7x33-to-40-bias", _linear_case(7, 33, 40, bias=True)),
@@ -257,6 +297,13 @@ OP_CASES: tuple[OpCase, ...] = (
     OpCase("awq_dequantize", "64-to-32-group-32", _awq_case(64, 32, 32)),
     OpCase("awq_dequantize", "40-to-24-group-16-ragged", _awq_case(40, 24, 16)),
     OpCase("awq_dequantize", "48-to-16-one-group", _awq_case(48, 16, -1)),
+    OpCase("add_lora", "1tok-1slot-r8", _lora_case(1, 64, 96, 1, 8)),
+    OpCase("add_lora", "2tok-none-and-one", _lora_case(2, 16, 24, 2, 4)),
+    OpCase("add_lora", "9tok-3slots-r16", _lora_case(9, 33, 40, 3, 16)),
+    OpCase("add_lora", "64tok-4slots-qkv-r48", _lora_case(64, 128, 192, 4, 48)),
+    OpCase("apply_token_bitmask", "3-of-5-rows-v100", _bitmask_case([0, 2, 4], 5, 100)),
+    OpCase("apply_token_bitmask", "1-row-v4096", _bitmask_case([0], 1, 4096)),
+    OpCase("apply_token_bitmask", "2-of-8-rows-v49152", _bitmask_case([6, 1], 8, 49152)),
 )
 
 

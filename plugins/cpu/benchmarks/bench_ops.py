@@ -8,6 +8,15 @@ projections (425 MB of float32 weights, more than any cache holds), plain weight
 through the reference against weights from ``prepare_linear``.
 
     python plugins/cpu/benchmarks/bench_ops.py [--runs 200] [--threads N] [--only fused_moe]
+
+``--paths`` compares the matmul paths instead (:func:`path_cases`): the native bf16
+matmul on AMX tiles (the AMX_BF16 build) and on vdpbf16ps (the AVX512_BF16 build) on
+the same packed panels, the native float32 matmul, and torch's bf16 and float32
+F.linear (oneDNN), for decode-like (1..16 tokens) and prefill-like (64..512) batches of
+SmolLM2-135M's and a 1B Llama's (Llama-3.2-1B's sizes) projections and lm_head;
+medians of the runs, taken in turns.
+
+    python plugins/cpu/benchmarks/bench_ops.py --paths [--runs 9] [--only 1b]
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from kvrun.ops import OpTable, reference, reference_ops
 from kvrun_cpu import ops
@@ -185,16 +195,140 @@ def moe_cases(cpu: OpTable) -> dict[str, tuple[Callable[[], Any], Callable[[], A
     return out
 
 
+# (name, hidden, intermediate, heads, kv heads, head dim, vocab, layers timed at decode)
+MODELS = [
+    ("smollm2-135m", 576, 1536, 9, 3, 64, 49152, 30),
+    ("1b", 2048, 8192, 32, 8, 64, 128256, 8),  # Llama-3.2-1B's sizes; 16 layers really
+]
+DECODE_TOKENS, PREFILL_TOKENS = (1, 4, 8, 16), (64, 128, 512)
+PATHS = ("kvrun AMX bf16", "kvrun vdpbf16ps bf16", "kvrun fp32", "torch bf16", "torch fp32")
+
+
+def path_cases(
+    model: tuple[str, int, int, int, int, int, int, int], kernels: dict[str, Any]
+) -> list[tuple[str, int, float, dict[str, Callable[[], Any]]]]:
+    """Per (what, tokens): its GFLOP and one callable per path in PATHS that has kernels.
+
+    Decode-like batches run every projection of ``layers`` layers (weights from memory,
+    as in a real step); prefill-like ones two layers (compute-bound). The lm_head alone
+    at 1, 16 and 64 tokens (the rows that want logits)."""
+    name, hidden, inter, heads, kv_heads, head_dim, vocab, layers = model
+    g = torch.Generator().manual_seed(4)
+    shapes = [((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim)]
+    shapes += [(2 * inter, hidden), (hidden, inter)]
+    amx, vdp = kernels.get("AMX_BF16"), kernels.get("AVX512_BF16")
+    packer = amx or vdp  # one packing serves both: the same panels
+
+    def weights(count: int, mats: list[tuple[int, int]]) -> dict[str, list[Any]]:
+        plain = [0.02 * torch.randn(n, k, generator=g) for _ in range(count) for n, k in mats]
+        out: dict[str, list[Any]] = {"fp32": plain, "bf16": [w.bfloat16() for w in plain]}
+        if packer is not None:
+            out["packed bf16"] = [packer.pack(w) for w in out["bf16"]]
+            out["packed fp32"] = [packer.pack(w) for w in plain]
+        return out
+
+    def runners(ws: dict[str, list[Any]], tokens: int) -> dict[str, Callable[[], Any]]:
+        xs32 = {k: torch.randn(tokens, k, generator=g) for k in {w.shape[1] for w in ws["fp32"]}}
+        xs16 = {k: x.bfloat16() for k, x in xs32.items()}
+        fns: dict[str, Callable[[], Any]] = {
+            "torch bf16": lambda: [F.linear(xs16[w.shape[1]], w) for w in ws["bf16"]],
+            "torch fp32": lambda: [F.linear(xs32[w.shape[1]], w) for w in ws["fp32"]],
+        }
+        for label, lib in (("kvrun AMX bf16", amx), ("kvrun vdpbf16ps bf16", vdp)):
+            if lib is not None:
+                fns[label] = functools.partial(
+                    lambda lib: [lib.packed_linear(xs16[w.shape[1]], w) for w in ws["packed bf16"]],
+                    lib,
+                )
+        if packer is not None:
+            fns["kvrun fp32"] = lambda: [
+                packer.packed_linear(xs32[w.shape[1]], w) for w in ws["packed fp32"]
+            ]
+        return fns
+
+    cases = []
+    flop_layer = 2 * sum(n * k for n, k in shapes)
+    decode_ws = weights(layers, shapes)
+    for tokens in DECODE_TOKENS:
+        label = f"{name}: {layers} layers' projections"
+        cases.append(
+            (label, tokens, flop_layer * layers * tokens / 1e9, runners(decode_ws, tokens))
+        )
+    del decode_ws
+    prefill_ws = weights(2, shapes)
+    for tokens in PREFILL_TOKENS:
+        label = f"{name}: 2 layers' projections"
+        cases.append((label, tokens, flop_layer * 2 * tokens / 1e9, runners(prefill_ws, tokens)))
+    head_ws = weights(1, [(vocab, hidden)])
+    for tokens in (1, 16, 64):
+        cases.append(
+            (
+                f"{name}: lm_head",
+                tokens,
+                2 * vocab * hidden * tokens / 1e9,
+                runners(head_ws, tokens),
+            )
+        )
+    return cases
+
+
+def run_paths(runs: int, only: str, clock: Callable[[], float]) -> None:
+    """The matmul paths' table (--paths): median ms and GFLOP/s per path."""
+    kernels: dict[str, Any] = {}
+    for isa in ("AMX_BF16", "AVX512_BF16"):
+        native, why = load_native(Path(tempfile.mkdtemp()), torch.get_num_threads(), isa=isa)
+        if native is not None and native.isa == isa:
+            kernels[isa] = native
+        else:
+            print(f"(no {isa} path: {why})")
+    print(
+        "| shapes | tokens | "
+        + " | ".join(f"{p} ms (GFLOP/s)" for p in PATHS)
+        + " | AMX vs vdpbf16ps | AMX vs torch bf16 |"
+    )
+    print("|---|---:|" + "---:|" * (len(PATHS) + 2))
+    for model in MODELS:
+        if only not in model[0]:
+            continue
+        for label, tokens, gflop, fns in path_cases(model, kernels):
+            times: dict[str, list[float]] = {p: [] for p in fns}
+            for fn in fns.values():
+                fn()  # warm: first touch, thread start
+            for _ in range(runs):
+                for p, fn in fns.items():
+                    start = clock()
+                    fn()
+                    times[p].append(clock() - start)
+            med = {p: statistics.median(t) for p, t in times.items()}
+            cells = [
+                f"{med[p] * 1e3:.2f} ({gflop / med[p]:.0f})" if p in med else "-" for p in PATHS
+            ]
+            amx, vdp, tb = (
+                med.get(p) for p in ("kvrun AMX bf16", "kvrun vdpbf16ps bf16", "torch bf16")
+            )
+            ratio = f"{vdp / amx:.2f}x" if amx and vdp else "-"
+            ratio_t = f"{tb / amx:.2f}x" if amx and tb else "-"
+            print(
+                f"| {label} | {tokens} | " + " | ".join(cells) + f" | {ratio} | {ratio_t} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--timer", choices=sorted(TIMERS), default="wall")
     parser.add_argument("--only", default="", help="run only the ops whose name contains this")
+    parser.add_argument("--paths", action="store_true", help="compare the matmul paths instead")
     args = parser.parse_args()
     clock = TIMERS[args.timer]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.paths:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.runs} runs")
+        run_paths(args.runs, args.only, clock)
+        return
     isa = torch.backends.cpu.get_cpu_capability()
     threads = torch.get_num_threads()
     print(

@@ -23,6 +23,7 @@ from kvrun_cpu.attention.plan import build_plan
 from kvrun_cpu.native import NativeKernels, PackedWeight
 
 __all__ = [
+    "apply_token_bitmask",
     "cpu_ops",
     "embedding",
     "fused_add_rms_norm",
@@ -227,6 +228,25 @@ def silu_and_mul(
     return out.mul_(up)  # in place on silu's fresh result: one temporary fewer
 
 
+def apply_token_bitmask(
+    logits: torch.Tensor,  # [B, V] float32, changed in place
+    bitmask: torch.Tensor,  # [G, ceil(V / 32)] int32
+    rows: torch.Tensor,  # [G] int64
+    native: NativeKernels | None = None,
+) -> None:
+    """Structured output's mask, one pass over each masked row (the reference unpacks
+    every bit into a [G, V] tensor first)."""
+    if (
+        native is not None
+        and logits.dtype == torch.float32
+        and logits.device.type == "cpu"
+        and logits.stride(1) == 1
+    ):
+        native.apply_token_bitmask(logits, bitmask.to(torch.int32).contiguous(), rows)
+        return
+    reference.apply_token_bitmask(logits, bitmask, rows)
+
+
 def reshape_and_cache(
     key: torch.Tensor,  # [T, Hk, D]
     value: torch.Tensor,  # [T, Hk, D]
@@ -343,6 +363,7 @@ _OPS: dict[str, Callable[..., Any]] = {
     "fused_moe": fused_moe,
     "reshape_and_cache": reshape_and_cache,
     "paged_attention": paged_attention,
+    "apply_token_bitmask": apply_token_bitmask,
 }
 
 

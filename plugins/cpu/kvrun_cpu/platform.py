@@ -73,7 +73,8 @@ class CpuPlatform(Platform):
             apply_threads_bind(cores)
 
     def describe(self) -> str:
-        """ "cpu (<model>: <features>; torch <isa>; N threads on cores ...; native ...)"."""
+        """ "cpu (<model>: <features>; torch <isa>; N threads on cores ...; native kernels
+        <isa>)": AMX_BF16 where the bf16 matmuls run on AMX tiles."""
         isa = torch.backends.cpu.get_cpu_capability()
         cores = format_cores(os.sched_getaffinity(0))
         line = (
@@ -82,7 +83,11 @@ class CpuPlatform(Platform):
         )
         if self._native is not None:
             native = self._native[0]
-            line += f"; native kernels {native.isa}" if native is not None else "; torch kernels"
+            if native is None:
+                line += "; torch kernels"
+            else:  # the note says why a wider ISA (AMX) this CPU has is unused
+                line += f"; native kernels {native.isa}"
+                line += f" ({native.note})" if native.note else ""
         return line + ")"
 
     # attention ------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from kvrun_cpu.native.amx import AMX_ISA, FALLBACK_ISA, init_tiles, log_fallback
 from kvrun_cpu.native.build import BuildSettings, compile_library, default_isa, library_path
 from kvrun_cpu.native.packed import PANEL, PackedWeight
 
@@ -55,6 +56,8 @@ _SIGNATURES: dict[str, list[type]] = {
     ],
     # x, x_row, out, o_row, tokens, inter, dtype, workers
     "kvrun_silu_and_mul": [_PTR, _I64, _PTR, _I64, _I64, _I64, _INT, _INT],
+    # logits, row, bitmask, words, rows, count, vocab, workers
+    "kvrun_apply_token_bitmask": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _INT],
     # positions, q, q_tok, q_head, k, k_tok, k_head, cos_sin, max_pos, out, tokens, Hq, Hk, D,
     # dtype, workers -> bad position or -1
     "kvrun_rotary": [
@@ -72,6 +75,8 @@ _SIGNATURES: dict[str, list[type]] = {
     "kvrun_decode_step": [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _INT],
     # model, m -> floats of scratch
     "kvrun_decode_scratch": [_PTR, _I64],
+    # -> 0 (the tiles granted: bf16 matmuls on AMX) or why not (kvrun_cpu.native.amx)
+    "kvrun_amx_init": [],
 }
 _RESULTS: dict[str, type] = {
     "kvrun_packed_rows_f32": _I64,
@@ -80,6 +85,7 @@ _RESULTS: dict[str, type] = {
     "kvrun_rotary": _I64,
     "kvrun_decode_step": _I64,
     "kvrun_decode_scratch": _I64,
+    "kvrun_amx_init": _INT,
 }
 
 
@@ -88,11 +94,12 @@ class NativeKernels:
     included) of torch's OpenMP runtime; calls from several Python threads each get
     their own team."""
 
-    def __init__(self, library: Path, threads: int, isa: str) -> None:
+    def __init__(self, library: Path, threads: int, isa: str, note: str | None = None) -> None:
         lib = ctypes.CDLL(str(library))
         self.library = library
         self.threads = max(1, threads)
         self.isa = isa  # the instruction set it was built for (build.supported_isas)
+        self.note = note  # why a wider ISA this CPU has is not the one used, or None
         for name, argtypes in _SIGNATURES.items():
             fn = lib[name]
             fn.argtypes = argtypes
@@ -101,6 +108,7 @@ class NativeKernels:
         # The fused decode step is driven by kvrun_cpu.native.decoder.NativeDecoder.
         self.decode_step_fn = self._decode_step  # type: ignore[attr-defined]
         self.decode_scratch_fn = self._decode_scratch  # type: ignore[attr-defined]
+        self.amx_init_fn = self._amx_init  # type: ignore[attr-defined]
 
     # matmul ----------------------------------------------------------------------------
     def pack(self, weight: torch.Tensor) -> PackedWeight:  # [N, K] float32 or bfloat16
@@ -340,6 +348,29 @@ class NativeKernels:
         )
         return out
 
+    def apply_token_bitmask(
+        self,
+        logits: torch.Tensor,  # [B, V] float32, changed in place
+        bitmask: torch.Tensor,  # [G, words] int32
+        rows: torch.Tensor,  # [G] int64
+    ) -> None:
+        assert logits.dtype == torch.float32 and logits.stride(1) == 1
+        assert bitmask.dtype == torch.int32 and bitmask.is_contiguous()
+        rows = rows.to(torch.int64).contiguous()
+        assert rows.shape[0] == bitmask.shape[0]
+        if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < logits.shape[0]):
+            raise IndexError(f"bitmask rows {rows.tolist()} outside {logits.shape[0]} logits rows")
+        self._apply_token_bitmask(  # type: ignore[attr-defined]
+            logits.data_ptr(),
+            logits.stride(0),
+            bitmask.data_ptr(),
+            bitmask.shape[1],
+            rows.data_ptr(),
+            rows.shape[0],
+            logits.shape[1],
+            self.threads,
+        )
+
     def rotary(
         self,
         positions: torch.Tensor,  # [T] int64 contiguous
@@ -399,6 +430,24 @@ def load_native(
     """
     isa = isa or default_isa()
     settings = settings or BuildSettings()
+    native, why = _load(cache_dir, threads, isa, settings)
+    if isa != AMX_ISA:
+        return native, why
+    # The tiles only where the build worked and Linux grants them; else vdpbf16ps.
+    refused = why if native is None else init_tiles(native.amx_init_fn)
+    if refused is None:
+        return native, why
+    native, why = _load(cache_dir, threads, FALLBACK_ISA, settings)
+    if native is None:  # nothing builds here (no compiler, no cache): that is the reason
+        return None, why
+    log_fallback(refused)
+    native.note = f"{AMX_ISA} unused: {refused}"
+    return native, f"{why} ({native.note})"
+
+
+def _load(
+    cache_dir: Path, threads: int, isa: str, settings: BuildSettings
+) -> tuple[NativeKernels | None, str]:
     lib, flags = library_path(cache_dir, isa, settings.build_type)
     if lib.exists():
         try:

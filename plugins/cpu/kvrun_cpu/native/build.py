@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from kvrun.host_cpu import host_cpu
+
 __all__ = [
     "SOURCE_DIR",
     "BuildSettings",
@@ -57,9 +59,11 @@ _BASE_FLAGS = (
     "-fno-math-errno",
 )
 # Per ISA name, widest first: what the sources may assume. "AVX512" is torch's name for
-# F+BW+VL+DQ; "AVX512_BF16" adds the bfloat16 dot product (packed_bf16.c).
+# F+BW+VL+DQ; "AVX512_BF16" adds the bfloat16 dot product (packed_bf16.c); "AMX_BF16"
+# adds the tiles (amx_bf16.c), used only once Linux grants them (native/amx.py).
 _AVX512 = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 _ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "AMX_BF16": (*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
     "AVX512_BF16": (*_AVX512, "-mavx512bf16"),
     "AVX512": _AVX512,
     "AVX2": ("-mavx2", "-mfma", "-mf16c"),
@@ -88,8 +92,11 @@ def supported_isas() -> list[str]:
         return ["generic"]
     names = list(_ISA_FLAGS)
     found = names[names.index(isa) :]
-    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return ["AVX512_BF16", *found] if isa == "AVX512" and bf16 else found
+    if isa != "AVX512" or not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return found
+    # /proc/cpuinfo lists amx_bf16 only where the kernel also supports the tile state.
+    amx = host_cpu().has("AMX_BF16") and torch.cpu._is_amx_tile_supported()
+    return ["AMX_BF16", "AVX512_BF16", *found] if amx else ["AVX512_BF16", *found]
 
 
 def default_isa() -> str:

@@ -287,3 +287,42 @@ int64_t kvrun_write_kv(const void *key, int64_t k_tok, int64_t k_head, const voi
     }
     return -1;
 }
+
+/* --- apply_token_bitmask (structured output) ------------------------------------------- */
+
+typedef struct {
+    float *logits;          /* [B, row] float32 */
+    int64_t row;            /* logits' row stride */
+    const int32_t *bitmask; /* [G, words]: bit t % 32 of word t / 32 allows token t */
+    int64_t words;
+    const int64_t *rows; /* [G] the logits row of each bitmask row (checked by the caller) */
+    int64_t count, vocab;
+} bitmask_args;
+
+static void bitmask_task(const void *p, int worker, int workers)
+{
+    const bitmask_args *a = p;
+    int64_t begin, end;
+    kv_split(a->count, 1, worker, workers, &begin, &end);
+    const float neg_inf = -__builtin_inff();
+    for (int64_t g = begin; g < end; ++g) {
+        float *out = a->logits + a->rows[g] * a->row;
+        const int32_t *mask = a->bitmask + g * a->words;
+        for (int64_t w = 0; w * 32 < a->vocab; ++w) {
+            const uint32_t bits = w < a->words ? (uint32_t)mask[w] : 0u;
+            if (bits == 0xFFFFFFFFu)
+                continue; /* all 32 allowed */
+            const int64_t first = w * 32, last = first + 32 < a->vocab ? first + 32 : a->vocab;
+            for (int64_t t = first; t < last; ++t)
+                if (!((bits >> (t - first)) & 1u))
+                    out[t] = neg_inf;
+        }
+    }
+}
+
+void kvrun_apply_token_bitmask(float *logits, int64_t row, const int32_t *bitmask, int64_t words,
+                               const int64_t *rows, int64_t count, int64_t vocab, int workers)
+{
+    const bitmask_args a = {logits, row, bitmask, words, rows, count, vocab};
+    kv_pool_run(bitmask_task, &a, workers_for(count * vocab, workers));
+}

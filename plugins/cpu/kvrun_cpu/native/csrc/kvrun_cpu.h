@@ -73,6 +73,12 @@ KV_INTERNAL void kv_for_each_tile(const void *args, kv_tile_fn tile, int64_t m, 
 KV_INTERNAL void kv_packed_panels_bf16(const uint16_t *x, int64_t x_row, const uint16_t *panels,
                                        const uint16_t *bias, uint16_t *y, int64_t y_row, int64_t m,
                                        int64_t n, int64_t k, int64_t p_begin, int64_t p_end);
+/* The same on AMX tiles (amx_bf16.c), only where kv_amx_ready(): this process was
+   granted the tiles (kvrun_amx_init) by a library built for AMX. */
+KV_INTERNAL int kv_amx_ready(void);
+KV_INTERNAL void kv_amx_panels_bf16(const uint16_t *x, int64_t x_row, const uint16_t *panels,
+                                    const uint16_t *bias, uint16_t *y, int64_t y_row, int64_t m,
+                                    int64_t n, int64_t k, int64_t p_begin, int64_t p_end);
 /* Row `row` of a packed [n, k] matrix into out [k]. */
 KV_INTERNAL void kv_packed_row(const void *panels, int64_t k, int64_t row, void *out, int dt);
 

@@ -6,7 +6,10 @@
  * 16 float32 sums. Without that extension the pairs are widened to float32 and
  * multiplied in two fused multiply-adds. Sums are float32, rounded to bfloat16 once at
  * the end (with the bias added first), as torch's bfloat16 matmul rounds. Tiles and
- * thread split are those of packed.c.
+ * thread split are those of packed.c. In the AMX_BF16 build, once the process has the
+ * tiles (kvrun_amx_init), every batch size runs on amx_bf16.c instead, on these same
+ * panels: the two round pair sums differently, so the choice is per library, never per
+ * batch size, and a token's result stays independent of its batch.
  */
 #include <string.h>
 
@@ -106,7 +109,11 @@ static void tile_any(const void *args, int64_t i, int64_t p, int64_t mr, int64_t
 
 static void panels_bf16(const bf16_args *a, int64_t p_begin, int64_t p_end)
 {
-    kv_for_each_tile(a, tile_any, a->m, p_begin, p_end);
+    if (kv_amx_ready())
+        kv_amx_panels_bf16(a->x, a->x_row, a->panels, a->bias, a->y, a->y_row, a->m, a->n, a->k,
+                           p_begin, p_end);
+    else
+        kv_for_each_tile(a, tile_any, a->m, p_begin, p_end);
 }
 
 void kv_packed_panels_bf16(const uint16_t *x, int64_t x_row, const uint16_t *panels,

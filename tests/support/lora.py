@@ -1,0 +1,113 @@
+"""LoRA adapters made with peft on test checkpoints, and peft's greedy continuations.
+
+Both are cached on disk (tests/support/checkpoints.cached_build), keyed by the base
+directory and every setting, since transformers and peft are the slow part.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.support.checkpoints import cached_build
+
+__all__ = ["make_adapter", "peft_greedy"]
+
+
+def make_adapter(
+    base: Path,
+    *,
+    seed: int,
+    r: int = 8,
+    alpha: float = 16,
+    targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    use_rslora: bool = False,
+    std: float = 0.1,
+) -> Path:
+    """A PEFT LoRA adapter for ``base`` with random A and B (nonzero B, unlike a fresh
+    adapter) drawn from ``seed``, saved as adapter_config.json + adapter_model.safetensors."""
+    key: dict[str, Any] = {
+        "base": str(base),
+        "seed": seed,
+        "r": r,
+        "alpha": alpha,
+        "targets": list(targets),
+        "rslora": use_rslora,
+        "std": std,
+    }
+
+    def build(out: Path) -> Path:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        config = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            target_modules=list(targets),
+            use_rslora=use_rslora,
+            lora_dropout=0.0,
+        )
+        with warnings.catch_warnings():  # peft reads transformers' deprecated names
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, config)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in sorted(peft_model.named_parameters()):
+                if "lora_" in name:
+                    param.copy_(std * torch.randn(param.shape, generator=g))
+        peft_model.save_pretrained(str(out))
+        return out
+
+    return cached_build("lora-adapter", key, build)
+
+
+def peft_greedy(
+    base: Path, adapter: Path | None, prompts: Sequence[list[int]], max_new_tokens: int
+) -> list[list[int]]:
+    """Greedy continuations (fp32, one prompt at a time, EOS ignored) of ``base`` with the
+    adapter applied by peft (None: the base model alone)."""
+    key = {
+        "base": str(base),
+        "adapter": str(adapter),
+        "prompts": [list(p) for p in prompts],
+        "n": max_new_tokens,
+    }
+
+    def build(out: Path) -> Path:
+        tokens = _greedy(base, adapter, prompts, max_new_tokens)
+        (out / "tokens.json").write_text(json.dumps(tokens))
+        return out
+
+    path = cached_build("peft-greedy", key, build) / "tokens.json"
+    result: list[list[int]] = json.loads(path.read_text())
+    return result
+
+
+@torch.inference_mode()
+def _greedy(
+    base: Path, adapter: Path | None, prompts: Sequence[list[int]], max_new_tokens: int
+) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        with warnings.catch_warnings():  # peft reads transformers' deprecated names
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    results = []
+    for prompt in prompts:
+        ids = list(prompt)
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+        results.append(ids[len(prompt) :])
+    return results
