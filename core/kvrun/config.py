@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -94,7 +95,7 @@ class EngineArgs:
                 raise ConfigError(
                     f"{name} {getattr(self, name)!r} is not known; accepted: {', '.join(accepted)}"
                 )
-        PoolerConfig.parse(self.pooler_config)
+        resolve_pooler(self.pooler_config, PoolerConfig())
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         for name in ("block_size", "max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
@@ -242,8 +243,30 @@ class EngineArgs:
         return cls(**values)
 
 
-# The keys of vLLM's StructuredOutputsConfig that kvrun acts on.
-STRUCTURED_OUTPUTS_KEYS = ("backend",)
+def json_object_option(
+    name: str, value: dict[str, Any] | str | None, keys: Sequence[str], example: str
+) -> dict[str, Any]:
+    """An engine option given as a dict or its JSON text (vLLM's ``--x-config`` flags):
+    the dict, with only ``keys``; a ConfigError naming what is wrong otherwise."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{name} {value!r} is not JSON ({exc}); accepted: an object such as {example}"
+            ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{name} {value!r} is not accepted; accepted: an object such as {example}"
+        )
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        raise ConfigError(
+            f"{name} key {unknown[0]!r} is not acted on by kvrun; accepted keys: {', '.join(keys)}"
+        )
+    return value
 
 
 def structured_outputs_backend(config: dict[str, Any] | str | None) -> str:
@@ -251,28 +274,21 @@ def structured_outputs_backend(config: dict[str, Any] | str | None) -> str:
     what is wrong with it otherwise."""
     from kvrun.structured_output.compiler import resolve_backend
 
-    if config is None:
-        return resolve_backend(None)
-    if isinstance(config, str):
-        try:
-            config = json.loads(config)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"structured_outputs_config {config!r} is not JSON ({exc}); accepted: an "
-                'object such as {"backend": "xgrammar"}'
-            ) from None
-    if not isinstance(config, dict):
-        raise ConfigError(
-            f"structured_outputs_config {config!r} is not accepted; accepted: an object "
-            'such as {"backend": "xgrammar"}'
-        )
-    unknown = sorted(set(config) - set(STRUCTURED_OUTPUTS_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"structured_outputs_config key {unknown[0]!r} is not acted on by kvrun; "
-            f"accepted keys: {', '.join(STRUCTURED_OUTPUTS_KEYS)}"
-        )
-    return resolve_backend(config.get("backend"))
+    options = json_object_option(
+        "structured_outputs_config", config, ("backend",), '{"backend": "xgrammar"}'
+    )
+    return resolve_backend(options.get("backend"))
+
+
+def resolve_pooler(value: dict[str, Any] | str | None, default: PoolerConfig) -> PoolerConfig:
+    """The pooler a pooler_config asks for, over ``default``."""
+    options = json_object_option(
+        "pooler_config",
+        value,
+        ("pooling_type", "normalize"),
+        '{"pooling_type": "MEAN", "normalize": true}',
+    )
+    return default.with_options(options)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ and the normalisation; :class:`PoolingParams` is the per-request part.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -51,41 +50,19 @@ class PoolerConfig:
     pooling_type: PoolingType = "LAST"
     normalize: bool = True  # embeddings are L2-normalised unless a request says otherwise
 
-    @classmethod
-    def parse(cls, value: dict[str, Any] | str | None) -> PoolerConfig:
-        """From vLLM's ``pooler_config`` (a dict or its JSON text); a ConfigError names
-        what is wrong with it."""
-        if value is None:
-            return cls()
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"pooler_config {value!r} is not JSON ({exc}); accepted: an object such "
-                    'as {"pooling_type": "MEAN", "normalize": true}'
-                ) from None
-        if not isinstance(value, dict):
-            raise ConfigError(
-                f"pooler_config {value!r} is not accepted; accepted: an object such as "
-                '{"pooling_type": "MEAN", "normalize": true}'
-            )
-        unknown = sorted(set(value) - {"pooling_type", "normalize"})
-        if unknown:
-            raise ConfigError(
-                f"pooler_config key {unknown[0]!r} is not acted on by kvrun; accepted keys: "
-                "pooling_type, normalize"
-            )
-        kind = str(value.get("pooling_type", "LAST")).upper()
+    def with_options(self, options: dict[str, Any]) -> PoolerConfig:
+        """A copy with vLLM's ``pooler_config`` keys applied (pooling_type, normalize);
+        a ConfigError names a value kvrun does not take."""
+        kind = str(options.get("pooling_type", self.pooling_type)).upper()
         if kind not in POOLING_TYPES:
             raise ConfigError(
-                f"pooler_config pooling_type {value.get('pooling_type')!r} is not supported; "
+                f"pooler_config pooling_type {options.get('pooling_type')!r} is not supported; "
                 f"accepted: {', '.join(POOLING_TYPES)}"
             )
-        normalize = value.get("normalize", True)
+        normalize = options.get("normalize", self.normalize)
         if not isinstance(normalize, bool):
             raise ConfigError(f"pooler_config normalize {normalize!r} is not true or false")
-        return cls(pooling_type=kind, normalize=normalize)  # type: ignore[arg-type]
+        return PoolerConfig(pooling_type=kind, normalize=normalize)  # type: ignore[arg-type]
 
     @property
     def needs_every_position(self) -> bool:

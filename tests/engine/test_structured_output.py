@@ -139,7 +139,7 @@ def test_a_finished_grammar_stops_even_under_ignore_eos(engine: LLMEngine) -> No
 def test_one_compile_per_constraint(engine: LLMEngine) -> None:
     first = Constraint(json={"type": "object", "properties": {"k": {"type": "integer"}}})
     same = Constraint(json='{"properties": {"k": {"type": "integer"}}, "type": "object"}')
-    compiler = engine._grammar_compiler()
+    compiler = engine.grammars.compiler
     assert compiler.submit(first).result() is compiler.submit(same).result()
 
 

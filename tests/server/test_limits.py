@@ -94,3 +94,30 @@ def test_headers_over_the_limit() -> None:
     assert body["error"]["message"] == (
         "request headers are 210 bytes; the limit is 200 bytes (--max-header-bytes)"
     )
+
+
+def test_an_over_size_body_is_read_to_its_end_before_the_400() -> None:
+    """A server that closes while the client still sends makes the client's kernel see a
+    reset, and the answer is lost: the rest of the body is read first (within bounds)."""
+    events: list[str] = []
+    chunks = [b"x" * 8, b"x" * 8, b"x" * 8]
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        events.append("read")
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        events.append(message["type"])
+
+    for headers in ([(b"content-length", b"24")], []):  # declared, and found while reading
+        events.clear()
+        messages[:] = [
+            {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+            for i, c in enumerate(chunks)
+        ]
+        app = RequestLimitsMiddleware(
+            _Echo(), max_header_bytes=200, max_body_bytes=10, body_timeout_s=30.0
+        )
+        asyncio.run(app({"type": "http", "headers": headers}, receive, send))
+        assert events == ["read"] * 3 + ["http.response.start", "http.response.body"], headers

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
-from kvrun.config import EngineArgs, EngineConfig, parse_dtype, structured_outputs_backend
+from kvrun.config import (
+    EngineArgs,
+    EngineConfig,
+    parse_dtype,
+    resolve_pooler,
+    structured_outputs_backend,
+)
 from kvrun.engine.compilation import CompileSettings, compile_function, compile_settings
 from kvrun.engine.executor_runner import ExecutorRunner
 from kvrun.engine.model_runner import ModelRunner
@@ -213,7 +219,7 @@ def resolve_runner(args: EngineArgs, model: ModelConfig) -> dict[str, Any]:
                 "(--runner pooling)"
             )
         # A generating engine serves embeddings too, beside generation in the same steps.
-        return {"runner": "generate", "pooler": PoolerConfig.parse(args.pooler_config)}
+        return {"runner": "generate", "pooler": resolve_pooler(args.pooler_config, PoolerConfig())}
     convert = args.convert if args.convert != "auto" else ("classify" if classifier else "embed")
     if convert != ("classify" if classifier else "embed"):
         accepted = "auto, classify" if classifier else "auto, embed"
@@ -228,7 +234,7 @@ def resolve_runner(args: EngineArgs, model: ModelConfig) -> dict[str, Any]:
             f"accepted: {accepted}"
         )
     default = PoolerConfig(normalize=False) if classifier else PoolerConfig()
-    pooler = default if args.pooler_config is None else PoolerConfig.parse(args.pooler_config)
+    pooler = resolve_pooler(args.pooler_config, default)
     return {"runner": "pooling", "pooler": pooler, "convert": convert, "id2label": model.id2label}
 
 

@@ -15,13 +15,13 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import Future, wait
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from kvrun.config import EngineArgs, EngineConfig
 from kvrun.engine.builder import EngineParts, build_engine_parts
+from kvrun.engine.grammar_queue import GrammarQueue
 from kvrun.engine.pooling_state import PoolingState
 from kvrun.engine.sampling_step import SamplingStep
 from kvrun.engine.sequence import ParentRequest, SequenceState, make_detokenizer
@@ -37,27 +37,11 @@ from kvrun.scheduling.output import ScheduledChunk
 from kvrun.scheduling.request import Request, RequestStatus
 from kvrun.scheduling.scheduler import Scheduler
 from kvrun.stats import EngineStats
-from kvrun.structured_output.compiler import (
-    COMPILE_TIMEOUT_S,
-    CompiledConstraint,
-    GrammarCompiler,
-    check_constraint,
-)
 from kvrun.validation import check_prompt, resolve_max_tokens
 
 __all__ = ["LLMEngine"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Compiling:
-    """A constrained request whose grammar is compiling: its sequences wait outside the
-    scheduler, so nothing else waits for the compiler."""
-
-    requests: list[Request]
-    grammar: Future[CompiledConstraint]
-    deadline: float  # time.monotonic() after which the request is refused
 
 
 class LLMEngine:
@@ -82,10 +66,12 @@ class LLMEngine:
             apply_token_bitmask=parts.apply_token_bitmask,
         )
         self._parents: dict[str, ParentRequest] = {}
-        self._grammars: GrammarCompiler | None = None  # made for the first constrained request
-        self._compiling: dict[str, _Compiling] = {}
+        # constrained requests while their grammar compiles, and those it refused
+        self.grammars = GrammarQueue(
+            self.tokenizer, self.config.vocab_size, self.config.structured_outputs_backend
+        )
         self._failed: list[tuple[str, RequestError]] = []
-        self._pooling: dict[str, PoolingState] = {}  # pooling requests (runner="pooling")
+        self._pooling: dict[str, PoolingState] = {}  # pooling requests
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._last_batch_log = time.monotonic()
@@ -128,8 +114,7 @@ class LLMEngine:
         check_prompt(token_ids, vocab_size=config.vocab_size, max_model_len=config.max_model_len)
         params.verify(config.vocab_size, config.max_logprobs)
         if params.structured_outputs is not None:
-            # a RequestError naming the field
-            check_constraint(params.structured_outputs, config.structured_outputs_backend)
+            self.grammars.check(params.structured_outputs)  # a RequestError naming the field
         max_tokens = resolve_max_tokens(
             params.max_tokens, prompt_len=len(token_ids), max_model_len=config.max_model_len
         )
@@ -179,9 +164,7 @@ class LLMEngine:
             for request in requests:
                 self.scheduler.add_request(request)
         else:
-            grammar = self._grammar_compiler().submit(params.structured_outputs)
-            deadline = time.monotonic() + COMPILE_TIMEOUT_S
-            self._compiling[request_id] = _Compiling(requests, grammar, deadline)
+            self.grammars.hold(request_id, requests, params.structured_outputs)
         self._parents[request_id] = parent
         self._prompt_tokens_total += len(token_ids)
 
@@ -285,7 +268,7 @@ class LLMEngine:
             parent = self._parents.pop(request_id, None)
             if parent is None:
                 continue
-            if self._compiling.pop(request_id, None) is not None:
+            if self.grammars.drop(request_id):
                 continue  # never reached the scheduler
             n = len(parent.sequences)
             ids = [self._seq_id(request_id, i, n) for i in range(n)]
@@ -300,56 +283,15 @@ class LLMEngine:
         failed, self._failed = self._failed, []
         return failed
 
-    # structured output ----------------------------------------------------------------
-    def _grammar_compiler(self) -> GrammarCompiler:
-        if self._grammars is None:
-            self._grammars = GrammarCompiler(
-                self.tokenizer, self.config.vocab_size, self.config.structured_outputs_backend
-            )
-        return self._grammars
-
     def _admit_compiled(self) -> None:
-        """Hand the requests whose grammar compiled to the scheduler, each sequence with
-        its own matcher; refuse those whose grammar failed or ran out of time. When nothing
-        else can run, wait a little for the first compile rather than spin."""
-        if not self._compiling:
-            return
-        if not self.scheduler.has_unfinished_requests():
-            first = next(iter(self._compiling.values()))
-            timeout = max(0.0, min(0.05, first.deadline - time.monotonic()))
-            wait([first.grammar], timeout=timeout)
-        now = time.monotonic()
-        for request_id, entry in list(self._compiling.items()):
-            error: RequestError | None = None
-            if entry.grammar.done():
-                exc = entry.grammar.exception()
-                if exc is None:
-                    compiled = entry.grammar.result()
-                    for request in entry.requests:
-                        state: SequenceState = request.payload  # type: ignore[assignment]
-                        state.constraint = compiled.matcher()
-                        self.scheduler.add_request(request)
-                    del self._compiling[request_id]
-                    continue
-                error = (
-                    exc
-                    if isinstance(exc, RequestError)
-                    else RequestError(
-                        f"structured_outputs could not be compiled: {exc}",
-                        param="structured_outputs",
-                    )
-                )
-            elif now >= entry.deadline:
-                entry.grammar.cancel()
-                error = RequestError(
-                    f"structured_outputs did not compile within {COMPILE_TIMEOUT_S:.0f} s; "
-                    "accepted: a smaller schema, regex or grammar",
-                    param="structured_outputs",
-                )
-            if error is not None:
-                del self._compiling[request_id]
-                self._parents.pop(request_id, None)
-                self._failed.append((request_id, error))
+        """Constrained requests whose grammar is ready join the scheduler; those it
+        refused finish here, reported by :meth:`take_failed_requests`."""
+        admitted, refused = self.grammars.ready(idle=not self.scheduler.has_unfinished_requests())
+        for request in admitted:
+            self.scheduler.add_request(request)
+        for request_id, error in refused:
+            self._parents.pop(request_id, None)
+            self._failed.append((request_id, error))
 
     # the loop ----------------------------------------------------------------------
     @torch.inference_mode()

@@ -34,7 +34,13 @@ from kvrun.server.wire import EngineInfo, WireSampling
 if TYPE_CHECKING:
     from kvrun.tokenizer import Tokenizer
 
-__all__ = ["answer_with_beams", "beam_search_params", "fill_states", "run_beam_search"]
+__all__ = [
+    "answer_with_beams",
+    "beam_search_params",
+    "check_beam_fields",
+    "fill_states",
+    "run_beam_search",
+]
 
 # Request fields that would change which text a beam search returns, and that it does not
 # apply (vLLM ignores them silently; here they are refused, as unknown fields are).
@@ -58,6 +64,17 @@ _NOT_WITH_BEAMS: dict[str, object] = {
     "guided_grammar": None,
     "tools": None,  # chat
 }
+
+
+def check_beam_fields(req: CompletionRequest | ChatCompletionRequest) -> None:
+    """A beam-search field without use_beam_search is a 400 (it would change nothing)."""
+    if not req.use_beam_search and req.length_penalty != 1.0:
+        raise ApiError(
+            f"length_penalty={req.length_penalty} is invalid without use_beam_search; "
+            "accepted: unset, or use_beam_search=true",
+            400,
+            param="length_penalty",
+        )
 
 
 def beam_search_params(

@@ -15,7 +15,28 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvrun.server.errors import error_body
 
-__all__ = ["RequestLimitsMiddleware"]
+__all__ = ["DRAIN_LIMIT_BYTES", "RequestLimitsMiddleware"]
+
+# An over-size body up to this size is read and dropped before the 400 is sent: a
+# server that closes while the client is still sending makes the client's kernel see a
+# reset, and the client never reads the answer. Beyond it the 400 goes out at once.
+DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
+
+
+async def _drain(receive: Receive, limit: int, timeout_s: float) -> None:
+    """Read and drop the rest of a request body (at most ``limit`` bytes, ``timeout_s``)."""
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while size <= limit:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                size += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+    except TimeoutError:
+        return
 
 
 async def _reject(send: Send, message: str, code: str, status: int = 400) -> None:
@@ -69,6 +90,8 @@ class RequestLimitsMiddleware:
         for name, value in headers:
             too_big = value.isdigit() and int(value) > self.max_body_bytes
             if name == b"content-length" and too_big:
+                if int(value) <= DRAIN_LIMIT_BYTES:
+                    await _drain(receive, DRAIN_LIMIT_BYTES, self.body_timeout_s)
                 await _reject(send, self._body_message(int(value)), "body_too_large")
                 return
         # Buffer the body (bounded by the limit) so chunked uploads are counted too.
@@ -86,6 +109,8 @@ class RequestLimitsMiddleware:
                     size += len(chunk)
                     if size > self.max_body_bytes:
                         message_text = self._body_message(size, at_least=True)
+                        if message.get("more_body", False):
+                            await _drain(receive, DRAIN_LIMIT_BYTES, self.body_timeout_s)
                         await _reject(send, message_text, "body_too_large")
                         return
                     chunks.append(chunk)

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from kvrun.errors import KvrunError
-from kvrun.server.beam_search import answer_with_beams, beam_search_params
+from kvrun.server.beam_search import answer_with_beams, beam_search_params, check_beam_fields
 from kvrun.server.chat_output import MessageStream, OutputPlan
 from kvrun.server.deltas import SequenceState
 from kvrun.server.engine_client import RequestStream
@@ -217,13 +217,7 @@ class _Chat(GenerationCall):
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
-    if not req.use_beam_search and req.length_penalty != 1.0:
-        raise ApiError(
-            f"length_penalty={req.length_penalty} is invalid without use_beam_search; "
-            "accepted: unset, or use_beam_search=true",
-            400,
-            param="length_penalty",
-        )
+    check_beam_fields(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError("top_logprobs needs logprobs set to true", 400, param="top_logprobs")
 

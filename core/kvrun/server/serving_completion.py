@@ -10,7 +10,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from kvrun.server.beam_search import answer_with_beams, beam_search_params
+from kvrun.server.beam_search import answer_with_beams, beam_search_params, check_beam_fields
 from kvrun.server.deltas import SequenceState
 from kvrun.server.engine_client import RequestStream
 from kvrun.server.errors import ApiError, EngineDeadError
@@ -206,13 +206,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     state.check_model(req.model)
     if req.suffix is not None:
         raise ApiError("suffix is not supported", 400, param="suffix")
-    if not req.use_beam_search and req.length_penalty != 1.0:
-        raise ApiError(
-            f"length_penalty={req.length_penalty} is invalid without use_beam_search; "
-            "accepted: unset, or use_beam_search=true",
-            400,
-            param="length_penalty",
-        )
+    check_beam_fields(req)
     if not req.use_beam_search and req.best_of is not None and req.best_of != req.n:
         raise ApiError(
             f"best_of={req.best_of} is invalid; accepted: unset or equal to n={req.n}",

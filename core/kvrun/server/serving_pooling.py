@@ -51,10 +51,6 @@ class EmbeddingRequest(_Strict):
     user: str | None = None
 
 
-class PoolingRequest(EmbeddingRequest):
-    pass
-
-
 class ClassifyRequest(_Strict):
     model: str | None = None
     input: Inputs
@@ -178,42 +174,36 @@ async def _answer(request: Request, work: Any) -> Response:
         return Response(status_code=499)
 
 
-async def create_embeddings(state: ServerState, request: Request) -> Response:
+async def _vectors(
+    state: ServerState, request: Request, task: str, item: tuple[str, str], prefix: str
+) -> Response:
+    """/v1/embeddings and /pooling: one vector per input, as ``{"object": item[0],
+    item[1]: vector}`` entries."""
     req = parse_body(await request.body(), EmbeddingRequest)
     state.check_model(req.model)
+    kind, key = item
 
     async def work() -> dict[str, Any]:
         prompts = _inputs(req.input, "input")
-        params = _params(req.dimensions, "embed")
+        params = _params(req.dimensions, task)
         vectors, tokens = await _pool(
             state, request, prompts, params, "input", req.add_special_tokens
         )
         data = [
-            {"object": "embedding", "embedding": _encode(v, req.encoding_format), "index": i}
+            {"object": kind, key: _encode(v, req.encoding_format), "index": i}
             for i, v in enumerate(vectors)
         ]
-        return _envelope(state, "embd", tokens, data=data)
+        return _envelope(state, prefix, tokens, data=data)
 
     return await _answer(request, work())
+
+
+async def create_embeddings(state: ServerState, request: Request) -> Response:
+    return await _vectors(state, request, "embed", ("embedding", "embedding"), "embd")
 
 
 async def create_pooling(state: ServerState, request: Request) -> Response:
-    req = parse_body(await request.body(), PoolingRequest)
-    state.check_model(req.model)
-
-    async def work() -> dict[str, Any]:
-        prompts = _inputs(req.input, "input")
-        params = _params(req.dimensions, "encode")
-        vectors, tokens = await _pool(
-            state, request, prompts, params, "input", req.add_special_tokens
-        )
-        data = [
-            {"object": "pooling", "data": _encode(v, req.encoding_format), "index": i}
-            for i, v in enumerate(vectors)
-        ]
-        return _envelope(state, "pool", tokens, data=data)
-
-    return await _answer(request, work())
+    return await _vectors(state, request, "encode", ("pooling", "data"), "pool")
 
 
 def _pairs(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[str, str]]:
