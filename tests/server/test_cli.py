@@ -140,7 +140,10 @@ def test_bench_soak_reports_windows_with_aborts_and_rss(server: Server) -> None:
         "--window", "3",
         "--abort-fraction", "0.3",
         "--unique-prompts",
-        "--max-tokens", "24",
+        # long enough (ignore_eos) that an abandoned request is still running when its
+        # client gives up (at most 2 s): on a fast, quiet machine 24 tokens were not
+        "--max-tokens", "128",
+        "--ignore-eos",
         "--server-pid", str(server.proc.pid),
         "--json",
     )  # fmt: skip
