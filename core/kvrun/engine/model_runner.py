@@ -87,11 +87,12 @@ class ModelRunner:
             hidden = self.model.forward(
                 batch.input_ids, batch.positions, self.kv_caches, batch.meta
             )
-        sampling = [i for i in batch.sample_chunks if chunks[i].request_id not in hidden_for]
-        if len(sampling) == len(batch.sample_chunks):
-            indices = batch.sample_indices
-        else:  # pooling requests sample nothing: no logits for their last rows
-            indices = batch.sample_indices[[batch.sample_chunks.index(i) for i in sampling]]
+        # pooling requests sample nothing: no logits for their last rows
+        keep = [
+            j for j, i in enumerate(batch.sample_chunks) if chunks[i].request_id not in hidden_for
+        ]
+        sampling = [batch.sample_chunks[j] for j in keep]
+        indices = batch.sample_indices[keep] if hidden_for else batch.sample_indices
         logits = self.model.compute_logits(hidden.index_select(0, indices))
         prompt_logits: dict[str, torch.Tensor] = {}
         hidden_rows: dict[str, torch.Tensor] = {}

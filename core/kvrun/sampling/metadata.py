@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from kvrun.sampling_params import SamplingParams
+from kvrun.structured_output.compiler import allocate_token_bitmask
 
 __all__ = [
     "SamplingMetadata",
@@ -134,7 +135,7 @@ def _token_bitmask(
     masked = [(i, row.token_mask) for i, row in enumerate(rows) if row.token_mask is not None]
     if not masked:
         return None
-    bitmask = torch.full((len(masked), (vocab_size + 31) // 32), -1, dtype=torch.int32)
+    bitmask = allocate_token_bitmask(len(masked), vocab_size)
     for j, (_, mask) in enumerate(masked):
         mask.fill_bitmask(bitmask, j)
     return _rows([i for i, _ in masked], device), bitmask.to(device)
