@@ -5,6 +5,7 @@
 #   bash benchmarks/serve_peer.sh vllm  [PORT]   (default port 8100)
 #   bash benchmarks/serve_peer.sh kvrun [PORT]
 #   bash benchmarks/serve_peer.sh kvrun-bf16 [PORT]   (also vllm-bf16)
+#   bash benchmarks/serve_peer.sh kvrun-dp2 [PORT]    (two engine cores, THREADS/2 threads each)
 #
 # Same settings as the offline benchmark: fp32 (bf16 for the -bf16 peers), 2 threads
 # bound to cores 0-1, max_model_len 2048, prefix caching off. THREADS overrides the
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PEER="${1:?usage: serve_peer.sh vllm|kvrun|vllm-bf16|kvrun-bf16 [PORT]}"
+PEER="${1:?usage: serve_peer.sh vllm|kvrun|vllm-bf16|kvrun-bf16|kvrun-dp2 [PORT]}"
 PORT="${2:-8100}"
 THREADS="${THREADS:-2}"
 MODEL="$HERE/models/smollm2-135m-f32"
@@ -43,5 +44,16 @@ case "$PEER" in
             --dtype "$DTYPE" --max-model-len 2048 --no-enable-prefix-caching \
             --host 127.0.0.1 --port "$PORT"
         ;;
-    *) echo "unknown peer '$PEER'; accepted: vllm kvrun vllm-bf16 kvrun-bf16" >&2; exit 2 ;;
+    kvrun-dp2)
+        # Data parallelism: two whole engine cores behind one frontend. kvrun splits the
+        # CPUs it may use (cores 0..THREADS-1, set by taskset) evenly between the cores
+        # and pins each, so the thread variables must not be set (they would win).
+        unset OMP_NUM_THREADS VLLM_CPU_OMP_THREADS_BIND
+        kvrun="$HERE/.venvs/kvrun/bin/kvrun"
+        [[ -x "$kvrun" ]] || kvrun="kvrun"
+        exec taskset -c "0-$((THREADS - 1))" "$kvrun" serve "$MODEL" --served-model-name smollm2 \
+            --dtype float32 --max-model-len 2048 --no-enable-prefix-caching \
+            --data-parallel-size 2 --host 127.0.0.1 --port "$PORT"
+        ;;
+    *) echo "unknown peer '$PEER'; accepted: vllm kvrun vllm-bf16 kvrun-bf16 kvrun-dp2" >&2; exit 2 ;;
 esac

@@ -73,7 +73,7 @@ def test_json_lists_every_variable_typed(tmp_path: Path) -> None:
         "group": "runtime",
         "accepted": "a port number (an integer from 0 to 65535)",
         "doc": "First port for internal distributed communication; more ports count up.",
-        "honoured": False,
+        "honoured": True,
         "effect": EFFECTS["VLLM_PORT"].describe(),
     }
     picked = {

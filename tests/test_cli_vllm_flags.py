@@ -214,16 +214,17 @@ def test_vllms_bool_spellings_of_kvruns_flags(argv: list[str], dest: str, value:
     ("argv", "message"),
     [
         (
-            ["-tp", "2"],
-            "-tp 2 (vLLM's --tensor-parallel-size) is not supported: kvrun runs one model in "
-            "one process; distributed execution is not built yet (issue 17). Accepted: 1. "
-            "Instead: run one `kvrun serve` per device behind a load balancer.",
+            ["-dcp", "2"],
+            "-dcp 2 (vLLM's --decode-context-parallel-size) is not supported: kvrun's "
+            "parallelism is tensor and pipeline parallelism (the mp and ray executors) and data "
+            "parallelism behind one frontend (docs/distributed.md); this part of vLLM's is not "
+            "built. Accepted: 1.",
         ),
         (
-            ["--tensor-parallel-size=2"],
-            "--tensor-parallel-size 2 is not supported: kvrun runs one model in one process; "
-            "distributed execution is not built yet (issue 17). Accepted: 1. "
-            "Instead: run one `kvrun serve` per device behind a load balancer.",
+            ["--nnodes=2"],
+            "--nnodes 2 is not supported: kvrun's parallelism is tensor and pipeline "
+            "parallelism (the mp and ray executors) and data parallelism behind one frontend "
+            "(docs/distributed.md); this part of vLLM's is not built. Accepted: 1.",
         ),
         (
             ["--lora-target-modules", "q_proj"],
@@ -237,14 +238,11 @@ def test_vllms_bool_spellings_of_kvruns_flags(argv: list[str], dest: str, value:
             "Accepted: --no-fully-sharded-loras.",
         ),
         (
-            ["-q", "awq"],
-            "-q awq (vLLM's --quantization) is not supported: kvrun reads the quantization "
-            "from the checkpoint itself (AWQ, GGUF). Instead: omit it.",
-        ),
-        (
-            ["--headless"],
-            "--headless is not supported: kvrun runs one model in one process; distributed "
-            "execution is not built yet (issue 17).",
+            ["-dpn", "1"],
+            "-dpn 1 (vLLM's --data-parallel-rank) is not supported: kvrun's data-parallel "
+            "ranks share rank 0's frontend; vLLM's external load balancing (one API server "
+            "per rank) is not built. Instead: --headless --data-parallel-start-rank R (or "
+            "VLLM_DP_RANK=R).",
         ),
         (
             ["--hf-token"],
@@ -255,6 +253,12 @@ def test_vllms_bool_spellings_of_kvruns_flags(argv: list[str], dest: str, value:
 )
 def test_refusals_name_the_flag_why_and_what_instead(argv: list[str], message: str) -> None:
     assert _refusal(*argv) == message
+
+
+def test_quantization_is_kvruns_own_flag() -> None:
+    assert EngineArgs.from_cli_args(_parse("-q", "gguf")).quantization == "gguf"
+    assert EngineArgs.from_cli_args(_parse("--quantization", "awq")).quantization == "awq"
+    assert EngineArgs.from_cli_args(_parse()).quantization is None
 
 
 def test_dotted_json_keys_are_refused_as_their_flag() -> None:
@@ -272,7 +276,7 @@ def test_dotted_json_keys_are_refused_as_their_flag() -> None:
     "argv",
     [
         ["-tp", "1"],
-        ["--tensor-parallel-size", "1.0"],
+        ["--decode-context-parallel-size", "1.0"],
         ["-pp", "1", "-dp", "1", "--nnodes", "1"],
         ["--no-enable-lora", "--no-enable-expert-parallel"],
         ["--scheduling-policy", "FCFS"],
@@ -369,10 +373,11 @@ def _kvrun(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
     ("args", "line"),
     [
         (
-            ["-tp", "2"],
-            "kvrun serve: -tp 2 (vLLM's --tensor-parallel-size) is not supported: kvrun runs "
-            "one model in one process; distributed execution is not built yet (issue 17). "
-            "Accepted: 1. Instead: run one `kvrun serve` per device behind a load balancer.",
+            ["-dcp", "2"],
+            "kvrun serve: -dcp 2 (vLLM's --decode-context-parallel-size) is not supported: "
+            "kvrun's parallelism is tensor and pipeline parallelism (the mp and ray executors) "
+            "and data parallelism behind one frontend (docs/distributed.md); this part of "
+            "vLLM's is not built. Accepted: 1.",
         ),
         (
             ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'],

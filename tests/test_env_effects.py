@@ -36,8 +36,8 @@ def test_variables_without_a_feature_are_named_on_every_platform() -> None:
     for platform in ("cpu", "openvino", "cuda", "acme"):
         named = dict(ineffective(env, platform, "offline"))
         assert sorted(named) == ["VLLM_AUDIO_FETCH_TIMEOUT", "VLLM_DP_SIZE"]
-        assert named["VLLM_AUDIO_FETCH_TIMEOUT"].startswith("kvrun takes no image, video or audio")
-        assert "distributed-execution issue" in named["VLLM_DP_SIZE"]
+        assert named["VLLM_AUDIO_FETCH_TIMEOUT"].startswith("it acts only under kvrun serve")
+        assert named["VLLM_DP_SIZE"].startswith("it acts only under kvrun serve")
 
 
 def test_another_platform_s_variable_names_the_platform_that_reads_it() -> None:
@@ -77,7 +77,7 @@ def test_the_engine_names_each_once_at_start(
     environ = {
         **os.environ,
         "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_HOST_IP": "10.0.0.1",
+        "VLLM_USE_RAY_COMPILED_DAG_OVERLAP_COMM": "1",
         "S3_ACCESS_KEY_ID": "key",  # honoured (loading s3:// models): not named
         "VLLM_MLA_DISABLE_REQUANTIZATION": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1",  # honoured on cpu: not named
@@ -87,7 +87,7 @@ def test_the_engine_names_each_once_at_start(
     with caplog.at_level(logging.WARNING, logger="kvrun.envs"):
         LLMEngine.from_args(args, envs.read_env(environ), entry_point="serve")
     named = [r.getMessage().split(" ")[0] for r in caplog.records if r.name == "kvrun.envs"]
-    assert named == ["VLLM_HOST_IP", "VLLM_MLA_DISABLE_REQUANTIZATION"]
+    assert named == ["VLLM_USE_RAY_COMPILED_DAG_OVERLAP_COMM", "VLLM_MLA_DISABLE_REQUANTIZATION"]
     assert "secret" not in caplog.text
 
 
@@ -114,5 +114,6 @@ def test_kvrun_env_shows_the_effect_column(tmp_path: Path) -> None:
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
     assert rows["VLLM_CPU_KVCACHE_SPACE"]["effect"] == "the KV-cache budget (platform cpu only)"
     assert rows["VLLM_CPU_KVCACHE_SPACE"]["honoured"] is True
-    assert rows["VLLM_HOST_IP"]["honoured"] is False
-    assert rows["VLLM_HOST_IP"]["effect"].startswith("no effect yet: kvrun runs one model")
+    ray_overlap = rows["VLLM_USE_RAY_COMPILED_DAG_NCCL_CHANNEL"]
+    assert ray_overlap["honoured"] is False
+    assert ray_overlap["effect"].startswith("no effect yet: ")

@@ -241,7 +241,7 @@ BAD_VALUES = [
     (
         "VLLM_RAY_BUNDLE_INDICES",
         "0,1,1",
-        "(an index repeats); accepted: comma-separated integers, each >= 0, all different",
+        "(1 repeated); accepted: comma-separated integers, each >= 0, all different",
     ),
     (
         "VLLM_PP_LAYER_PARTITION",

@@ -12,8 +12,18 @@ import torch
 
 from kvrun.errors import ConfigError
 from kvrun.pooling import CONVERTS, RUNNERS, PoolerConfig
+from kvrun.quantization import check_quantization
 
-__all__ = ["DTYPES", "KV_CACHE_DTYPES", "LOAD_FORMATS", "EngineArgs", "EngineConfig", "parse_dtype"]
+__all__ = [
+    "DTYPES",
+    "EXECUTOR_BACKENDS",
+    "KV_CACHE_DTYPES",
+    "LOAD_FORMATS",
+    "EngineArgs",
+    "EngineConfig",
+    "check_parallelism",
+    "parse_dtype",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -87,8 +97,28 @@ class EngineArgs:
     max_loras: int = 1  # adapters in device slots, so distinct adapters running at once
     max_lora_rank: int = 16  # the highest adapter rank accepted
     max_cpu_loras: int | None = None  # adapters kept read in host memory; None = max_loras
+    # vLLM's quantization names (kvrun.quantization): None dequantizes a quantized checkpoint
+    # at load; "gguf" runs a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K matrices as stored; "awq" as None.
+    quantization: str | None = None
+    # Distributed execution (vLLM's ParallelConfig names): ranks splitting each layer and
+    # the layer stack; the executor that runs them (None: "uni" for one rank, else "mp").
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    # Whole engines serving one model (`kvrun serve -dp N`; kvrun.server.data_parallel).
+    # An engine itself runs one rank: the offline LLM refuses more than 1.
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        check_parallelism(
+            self.tensor_parallel_size,
+            self.pipeline_parallel_size,
+            self.distributed_executor_backend,
+        )
+        if not isinstance(self.data_parallel_size, int) or self.data_parallel_size < 1:
+            raise ConfigError(
+                f"data_parallel_size must be an integer >= 1, got {self.data_parallel_size!r}"
+            )
         structured_outputs_backend(self.structured_outputs_config)
         for name, accepted in (("runner", RUNNERS), ("convert", CONVERTS)):
             if getattr(self, name) not in accepted:
@@ -114,6 +144,7 @@ class EngineArgs:
                 "host memory), or unset"
             )
         parse_dtype(self.dtype)
+        check_quantization(self.quantization)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(
                 f"gpu_memory_utilization={self.gpu_memory_utilization} is out of range; "
@@ -161,6 +192,13 @@ class EngineArgs:
         group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
         group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
         group.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_CACHE_DTYPES])
+        group.add_argument(
+            "--quantization",
+            "-q",
+            default=None,
+            help="gguf: run a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K matrices as stored (default: "
+            "dequantize at load); awq: an AWQ checkpoint (dequantized at load)",
+        )
         group.add_argument(
             "--load-format",
             default="auto",
@@ -222,6 +260,26 @@ class EngineArgs:
             help="adapters kept read in host memory (default: --max-loras)",
         )
         group.add_argument(
+            "--tensor-parallel-size",
+            "-tp",
+            type=int,
+            default=1,
+            help="ranks that split each layer (tensor parallelism)",
+        )
+        group.add_argument(
+            "--pipeline-parallel-size",
+            "-pp",
+            type=int,
+            default=1,
+            help="ranks that split the layer stack (pipeline parallelism)",
+        )
+        group.add_argument(
+            "--distributed-executor-backend",
+            default=None,
+            help="how ranks run: uni (in this process; the default for one rank), "
+            "mp (worker processes; the default for several), ray (Ray actors)",
+        )
+        group.add_argument(
             "--guided-decoding-backend",
             default=None,
             help="vLLM's older spelling of --structured-outputs-config '{\"backend\": NAME}'",
@@ -241,6 +299,33 @@ class EngineArgs:
                 )
             values["structured_outputs_config"] = {"backend": backend}
         return cls(**values)
+
+
+# distributed_executor_backend values (vLLM's names) and what kvrun does with each.
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+
+
+def check_parallelism(tp: int, pp: int, backend: str | None) -> str:
+    """The executor backend for ``tp`` x ``pp`` ranks (``backend`` None: "uni" for one
+    rank, "mp" for several); a ConfigError naming the bad value and what is accepted."""
+    for name, value in (("tensor_parallel_size", tp), ("pipeline_parallel_size", pp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name}={value!r} is not valid; accepted: an integer >= 1")
+    world = tp * pp
+    if backend is None:
+        return "uni" if world == 1 else "mp"
+    if backend not in EXECUTOR_BACKENDS:
+        raise ConfigError(
+            f"distributed_executor_backend={backend!r} is not known; accepted: "
+            f"{', '.join(EXECUTOR_BACKENDS)} (unset: uni for one rank, mp for several)"
+        )
+    if backend == "uni" and world > 1:
+        raise ConfigError(
+            f"distributed_executor_backend='uni' runs one rank in this process, but "
+            f"tensor_parallel_size x pipeline_parallel_size = {tp} x {pp} = {world}; "
+            "accepted: mp (or unset) or ray for several ranks"
+        )
+    return backend
 
 
 def json_object_option(
@@ -330,6 +415,10 @@ class EngineConfig:
     max_loras: int = 0  # device slots for adapters (0 without enable_lora)
     max_lora_rank: int = 0  # the highest adapter rank accepted
     max_cpu_loras: int = 0  # adapters kept read in host memory
+    quantization: str | None = None  # EngineArgs.quantization, checked
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"  # "uni" (in-process) or "mp" (workers)
 
     @property
     def cache_dtype(self) -> torch.dtype:

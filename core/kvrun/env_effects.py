@@ -75,11 +75,7 @@ def _none(why: str) -> Effect:
 _CPU = ("cpu",)
 _GPU = ("cuda", "rocm")
 _SERVE = ("serve",)
-_DISTRIBUTED = (
-    "kvrun runs one model in one process so far; tensor, pipeline and data parallelism "
-    "and the Ray executor come with the distributed-execution issue"
-)
-_MEDIA = "kvrun takes no image, video or audio inputs yet (the multimodal issue)"
+_DP_OFFLINE = "data parallelism is `kvrun serve -dp N`; the offline LLM runs one engine per process"
 _S3 = "loading s3://bucket/prefix models"
 _MOE_TRITON = "kvrun-cuda has no Triton fused-MoE kernel yet (the model-breadth issue)"
 _BUILD = "the cpu plugin's native kernels (C, built on first use)"
@@ -103,22 +99,29 @@ EFFECTS: dict[str, Effect] = {
     # runtime
     "VLLM_CONFIG_ROOT": _acts("where usage-stats state lives"),
     "VLLM_CACHE_ROOT": _acts("compile, kernel and exported-model caches; usage records"),
-    "VLLM_HOST_IP": _none(_DISTRIBUTED),
-    "VLLM_PORT": _none(
-        "it is the port of vLLM's distributed workers, and "
-        + _DISTRIBUTED
-        + "; the server's own port is --port"
+    "VLLM_HOST_IP": _acts(
+        "the address tensor/pipeline-parallel ranks meet at (the rendezvous; gloo uses the "
+        "interface that holds it; unset: 127.0.0.1)"
+    ),
+    "VLLM_PORT": _acts(
+        "the first port tried for the ranks' rendezvous, counting up to a free one "
+        "(unset: any free port); the server's own port is --port"
     ),
     "VLLM_RPC_BASE_PATH": _acts("the frontend-engine IPC sockets", entry=_SERVE),
     "VLLM_USE_MODELSCOPE": _acts("model resolution"),
-    "VLLM_RINGBUFFER_WARNING_INTERVAL": _none(
-        "kvrun's frontend and engine exchange ZeroMQ messages, not vLLM's shared-memory ring buffer"
+    "VLLM_RINGBUFFER_WARNING_INTERVAL": _acts(
+        "the mp executor's warning, repeated at this interval, while a worker lags behind "
+        "its shared-memory step broadcast"
     ),
     "VLLM_TEST_DYNAMO_FULLGRAPH_CAPTURE": _none(
         "kvrun compiles each dense block on its own (enforce_eager=False), never the "
         "whole model as one graph"
     ),
-    "LOCAL_RANK": _acts("the GPU index", platforms=_GPU),
+    "LOCAL_RANK": _acts(
+        "the GPU index; the mp executor sets it for each worker (its rank on this machine)",
+        platforms=_GPU,
+        elsewhere="the mp executor sets it for each worker; the cpu platform picks no device",
+    ),
     "VLLM_ENGINE_ITERATION_TIMEOUT_S": _acts("the server's engine-hang detection", entry=_SERVE),
     "VLLM_API_KEY": _acts("the server's bearer-token check", entry=("serve", "bench")),
     "S3_ACCESS_KEY_ID": _acts(_S3 + " (unset: boto3's own credentials)"),
@@ -137,17 +140,42 @@ EFFECTS: dict[str, Effect] = {
     "VLLM_LOGITS_PROCESSOR_THREADS": _acts("the sampler's logits-processor threads"),
     "VLLM_TRACE_FUNCTION": _acts("logging (a call trace)"),
     "VLLM_ATTENTION_BACKEND": _acts("the attention backend choice"),
-    "VLLM_PP_LAYER_PARTITION": _none(_DISTRIBUTED),
-    "VLLM_USE_RAY_SPMD_WORKER": _none(_DISTRIBUTED),
-    "VLLM_USE_RAY_COMPILED_DAG": _none(_DISTRIBUTED),
-    "VLLM_USE_RAY_COMPILED_DAG_NCCL_CHANNEL": _none(_DISTRIBUTED),
-    "VLLM_USE_RAY_COMPILED_DAG_OVERLAP_COMM": _none(_DISTRIBUTED),
-    "VLLM_WORKER_MULTIPROC_METHOD": _none(_DISTRIBUTED),
-    "VLLM_ASSETS_CACHE": _none(_MEDIA),
-    "VLLM_IMAGE_FETCH_TIMEOUT": _none(_MEDIA),
-    "VLLM_VIDEO_FETCH_TIMEOUT": _none(_MEDIA),
-    "VLLM_AUDIO_FETCH_TIMEOUT": _none(_MEDIA),
-    "VLLM_MM_INPUT_CACHE_SIZE": _none(_MEDIA),
+    "VLLM_PP_LAYER_PARTITION": _acts(
+        "each pipeline stage's layer count (unset: even, the remainder to the earlier stages)"
+    ),
+    "VLLM_USE_RAY_SPMD_WORKER": _none(
+        "kvrun's ray executor is always SPMD (every rank a Ray actor given each step "
+        "directly, none in the engine process), which is what 1 asks; 0 (a rank in the "
+        "engine process) is not built"
+    ),
+    "VLLM_USE_RAY_COMPILED_DAG": _acts(
+        "the ray executor: 1 drives its actors through a Ray compiled graph (Ray's "
+        "shared-memory channels on cpu, where every rank must be on the engine's node) "
+        "instead of one actor call per rank and step"
+    ),
+    "VLLM_USE_RAY_COMPILED_DAG_NCCL_CHANNEL": _none(
+        "kvrun's compiled graph carries only each step's message and the driver's logits "
+        "between the engine and its actors (activations move by torch.distributed): no "
+        "tensor passes between actors for an NCCL channel to carry"
+    ),
+    "VLLM_USE_RAY_COMPILED_DAG_OVERLAP_COMM": _acts(
+        "the ray executor's compiled graph (VLLM_USE_RAY_COMPILED_DAG=1): overlaps its GPU "
+        "communication with compute",
+        platforms=_GPU,
+    ),
+    "VLLM_WORKER_MULTIPROC_METHOD": _acts(
+        "how the mp executor starts its worker processes (fork turns to spawn, with a "
+        "warning, once this process has run OpenMP threads, which a fork cannot carry)"
+    ),
+    "VLLM_ASSETS_CACHE": _acts("the server's cache of downloaded media", entry=_SERVE),
+    "VLLM_IMAGE_FETCH_TIMEOUT": _acts("the server's image_url fetches", entry=_SERVE),
+    "VLLM_VIDEO_FETCH_TIMEOUT": _acts("the server's video_url fetches", entry=_SERVE),
+    "VLLM_AUDIO_FETCH_TIMEOUT": _acts(
+        "the server's audio_url and input_audio fetches", entry=_SERVE
+    ),
+    "VLLM_MM_INPUT_CACHE_SIZE": _acts(
+        "the engine's LRU of media encoder outputs (multimodal models), keyed by content hash"
+    ),
     "VLLM_FUSED_MOE_CHUNK_SIZE": _acts(
         "the tokens per fused_moe call of a mixture-of-experts model"
     ),
@@ -179,12 +207,34 @@ EFFECTS: dict[str, Effect] = {
         "kvrun has no fp8 weights to requantize: absorbed matrices stay in the model dtype"
     ),
     "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON": _none(_MOE_TRITON),
-    "VLLM_RAY_PER_WORKER_GPUS": _none(_DISTRIBUTED),
-    "VLLM_RAY_BUNDLE_INDICES": _none(_DISTRIBUTED),
-    "VLLM_DP_RANK": _none(_DISTRIBUTED),
-    "VLLM_DP_SIZE": _none(_DISTRIBUTED),
-    "VLLM_DP_MASTER_IP": _none(_DISTRIBUTED),
-    "VLLM_DP_MASTER_PORT": _none(_DISTRIBUTED),
+    "VLLM_RAY_PER_WORKER_GPUS": _acts(
+        "the ray executor: GPUs each actor (rank) reserves, its placement-group bundle",
+        platforms=_GPU,
+        elsewhere="on cpu each actor reserves its torch threads as CPUs",
+    ),
+    "VLLM_RAY_BUNDLE_INDICES": _acts(
+        "the ray executor: the placement-group bundle of each rank (unset: rank r on bundle r)"
+    ),
+    "VLLM_DP_RANK": _acts(
+        "the data-parallel rank this `kvrun serve` runs (>= 1: a headless engine core)",
+        entry=_SERVE,
+        elsewhere=_DP_OFFLINE,
+    ),
+    "VLLM_DP_SIZE": _acts(
+        "the data-parallel size (engine cores); must equal --data-parallel-size if both given",
+        entry=_SERVE,
+        elsewhere=_DP_OFFLINE,
+    ),
+    "VLLM_DP_MASTER_IP": _acts(
+        "rank 0's address, where it listens for the other data-parallel ranks",
+        entry=_SERVE,
+        elsewhere=_DP_OFFLINE,
+    ),
+    "VLLM_DP_MASTER_PORT": _acts(
+        "rank 0's port for the other data-parallel ranks (0: 29550)",
+        entry=_SERVE,
+        elsewhere=_DP_OFFLINE,
+    ),
     "VLLM_CI_USE_S3": _acts("kvrun's test suite: test checkpoints come from S3, not built"),
     # cpu
     "VLLM_CPU_KVCACHE_SPACE": _acts("the KV-cache budget", platforms=_CPU),

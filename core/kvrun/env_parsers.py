@@ -247,7 +247,8 @@ def int_list(low: int, *, distinct: bool = False) -> Parser[list[int]]:
                 raise ValueError(f"{value} is below {low}")
             values.append(value)
         if distinct and len(set(values)) != len(values):
-            raise ValueError("an index repeats")
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            raise ValueError(f"{', '.join(map(str, repeated))} repeated")
         return values
 
     return Parser("list[int]", accepted, convert)

@@ -355,9 +355,11 @@ class EnvSnapshot:
     )
     VLLM_DP_RANK: int = _var(p.integer(0), 0, _RUN, "This process's data-parallel rank.")
     VLLM_DP_SIZE: int = _var(p.integer(1), 1, _RUN, "Data-parallel world size.")
-    VLLM_DP_MASTER_IP: str = _var(p.STR, "", _RUN, "IP of the data-parallel master node.")
+    VLLM_DP_MASTER_IP: str = _var(
+        p.STR, "", _RUN, "IP of the data-parallel master node (rank 0); empty: 127.0.0.1."
+    )
     VLLM_DP_MASTER_PORT: int = _var(
-        p.integer(0, 65535), 0, _RUN, "Port of the data-parallel master node; 0: pick a free one."
+        p.integer(0, 65535), 0, _RUN, "Port of the data-parallel master node; 0: 29550."
     )
     VLLM_CI_USE_S3: bool = _var(p.BOOL, False, _RUN, "Load test models from S3 (our CI only).")
     # ---------------------------------------------------------------- cpu

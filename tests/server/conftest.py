@@ -81,14 +81,15 @@ class Server:
         )
 
     def metrics(self) -> dict[str, float]:
-        """Samples of /metrics, labels dropped for model_name-only metrics."""
+        """Samples of /metrics, labels dropped for metrics labelled only with the model
+        name and engine 0 (every metric of a server with one engine)."""
         with self.http() as http:
             text = http.get("/metrics").text
         out: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name, value = line.rsplit(" ", 1)
-                out[re.sub(r'\{model_name="[^"]*"\}', "", name)] = float(value)
+                out[re.sub(r'\{engine="0",model_name="[^"]*"\}', "", name)] = float(value)
         return out
 
     def wait_metric(self, name: str, value: float, timeout: float = 15.0) -> None:
@@ -127,8 +128,10 @@ def launch(
     args: Sequence[str] = (),
     env: dict[str, str] | None = None,
     api_key: str | None = API_KEY,
+    prefix: Sequence[str] = (),
 ) -> Server:
-    """Start `kvrun serve` and wait until /health answers 200."""
+    """Start `kvrun serve` and wait until /health answers 200; ``prefix``: a command
+    that runs the server (it must exec it, so the server keeps the process id)."""
     workdir.mkdir(parents=True, exist_ok=True)
     # ipc:// paths must stay under ~100 bytes: pytest's tmp paths can be longer
     rpc_base = Path(tempfile.mkdtemp(prefix="kvrun-test-"))
@@ -143,6 +146,7 @@ def launch(
     }
     environ.pop("VLLM_API_KEY", None)
     cmd = [
+        *prefix,
         sys.executable, "-m", "kvrun.cli.main", "serve",
         "--port", str(port),
         "--max-model-len", str(MAX_MODEL_LEN),

@@ -86,7 +86,7 @@ CASES: list[tuple[str, dict[str, Any], int, str | None, str | int | None]] = [
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
         400,
-        "messages",
+        "messages[0].content[0]",  # a text-only model: "does not accept image inputs"
         400,
     ),
     (

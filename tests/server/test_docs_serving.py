@@ -59,7 +59,7 @@ def _exported_metric_names() -> list[str]:
         num_preemptions_total=1,
     )
     stats = EngineStats(scheduler, prompt_tokens_total=40, generation_tokens_total=8)
-    metrics = ServerMetrics("m", lambda: stats)
+    metrics = ServerMetrics("m", lambda: {0: stats})
     times = RequestTimes(arrival=0.0)
     for now in (0.5, 0.75, 1.0):  # first token, then two more: ttft, itl and tpot all observed
         metrics.on_tokens(times, now, 1)

@@ -129,7 +129,9 @@ def test_refusals_name_the_field(pooler: Server, server: Server) -> None:
 def test_classify_route(classifier_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    srv = launch(tmp_path / "classifier", args=["--model", str(classifier_dir)])
+    # float32: compared with transformers' float32 to 1e-5 (auto may be bfloat16)
+    args = ["--model", str(classifier_dir), "--dtype", "float32"]
+    srv = launch(tmp_path / "classifier", args=args)
     try:
         with srv.http() as http:
             answer = http.post("/classify", json={"input": TEXTS[:2]}).json()

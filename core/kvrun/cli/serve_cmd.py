@@ -84,6 +84,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="directories runtime adapter loads may read from "
         "(VLLM_ALLOW_RUNTIME_LORA_UPDATING=1; default: none, loads refused)",
     )
+    media = parser.add_argument_group("media inputs (multimodal models)")
+    media.add_argument(
+        "--allowed-media-domains",
+        nargs="+",
+        default=None,
+        metavar="HOST",
+        help="fetch media URLs from these hosts only (trusted: they may resolve to private "
+        "or loopback addresses); default: any host with public addresses only",
+    )
+    media.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        metavar="DIR",
+        help="accept file:// media URLs inside this directory (symlinks resolved); "
+        "default: file:// refused",
+    )
+    media.add_argument(
+        "--limit-mm-per-prompt",
+        default=None,
+        metavar="JSON",
+        help="the most media items of each kind per prompt, e.g. '{\"image\": 2}' "
+        "(default: 8 of each)",
+    )
     tools = parser.add_argument_group("tool calling and reasoning output")
     tools.add_argument(
         "--enable-auto-tool-choice",
@@ -116,6 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="split <think> reasoning into reasoning_content: deepseek_r1 or qwen3",
     )
+    _add_data_parallel_args(parser)
     from kvrun.config import EngineArgs
 
     EngineArgs.add_cli_args(parser)
@@ -126,6 +150,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(docs/serving.md), then exit",
     )
     _add_vllm_flags(parser)
+
+
+def _add_data_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """vLLM's data-parallel flags (docs/distributed.md); None: not given (VLLM_DP_* or
+    the default applies, see kvrun.server.data_parallel.resolve_data_parallel)."""
+    dp = parser.add_argument_group("data parallelism (docs/distributed.md)")
+    dp.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        # not EngineArgs.data_parallel_size's name: None (not given) must not reach it
+        dest="data_parallel_size_arg",
+        type=int,
+        default=None,
+        help="engine cores (whole engines) behind this frontend (default: VLLM_DP_SIZE, 1)",
+    )
+    dp.add_argument(
+        "--data-parallel-size-local",
+        "-dpl",
+        type=int,
+        default=None,
+        help="how many of the ranks run on this machine (default: all; 1 for an "
+        "externally launched rank)",
+    )
+    dp.add_argument(
+        "--data-parallel-start-rank",
+        "-dpr",
+        type=int,
+        default=None,
+        help="the rank this process runs (default: VLLM_DP_RANK, 0); >= 1 runs headless",
+    )
+    dp.add_argument(
+        "--data-parallel-address",
+        "-dpa",
+        default=None,
+        help="rank 0's IP address, where it listens for the other ranks (default: "
+        "VLLM_DP_MASTER_IP, 127.0.0.1)",
+    )
+    dp.add_argument(
+        "--data-parallel-rpc-port",
+        "-dpp",
+        type=int,
+        default=None,
+        help="rank 0's port for the other ranks (default: VLLM_DP_MASTER_PORT, 29550)",
+    )
+    dp.add_argument(
+        "--headless",
+        action="store_true",
+        help="run a rank's engine core without a frontend; it registers with rank 0",
+    )
 
 
 def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
@@ -215,9 +288,16 @@ def run(args: argparse.Namespace, env: Any) -> int:
             f"the model is given twice, as MODEL={args.model_tag!r} and --model={args.model!r}; "
             "give one"
         )
-    engine_args = EngineArgs.from_cli_args(args)
+    from kvrun.server.data_parallel import resolve_data_parallel
+
+    data_parallel = resolve_data_parallel(args, env)
+    engine_args = replace(EngineArgs.from_cli_args(args), data_parallel_size=data_parallel.size)
     if args.model_tag is not None:
         engine_args = replace(engine_args, model=args.model_tag)
+    if data_parallel.headless:
+        from kvrun.server.dp_remote import run_headless
+
+        return run_headless(engine_args, env, data_parallel)
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
     if args.shutdown_timeout < 0:
@@ -247,6 +327,17 @@ def run(args: argparse.Namespace, env: Any) -> int:
     if lora_modules and not engine_args.enable_lora:
         raise ConfigError("--lora-modules needs --enable-lora")
     allowed_lora_paths = check_allowed_dirs(args.allowed_lora_paths)
+    from kvrun.multimodal.assets import AssetCache
+    from kvrun.multimodal.fetch import MediaPolicy
+    from kvrun.server.chat_media import parse_limit_mm_per_prompt
+
+    media = MediaPolicy.from_env(
+        env,
+        allowed_domains=args.allowed_media_domains,
+        allowed_local_path=args.allowed_local_media_path,
+        cache=AssetCache(env.VLLM_ASSETS_CACHE),
+    )
+    limit_mm_per_prompt = parse_limit_mm_per_prompt(args.limit_mm_per_prompt)
     if args.root_path and not args.root_path.startswith("/"):
         raise ConfigError(f"--root-path must start with '/', got {args.root_path!r}")
     config = ServerConfig(
@@ -269,6 +360,8 @@ def run(args: argparse.Namespace, env: Any) -> int:
         allow_runtime_lora_updating=env.VLLM_ALLOW_RUNTIME_LORA_UPDATING,
         lora_modules=lora_modules,
         allowed_lora_paths=allowed_lora_paths,
+        media=media,
+        limit_mm_per_prompt=limit_mm_per_prompt,
         trust_request_chat_template=args.trust_request_chat_template,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
@@ -277,5 +370,6 @@ def run(args: argparse.Namespace, env: Any) -> int:
         keep_alive_on_engine_death=env.VLLM_KEEP_ALIVE_ON_ENGINE_DEATH,
         uvicorn_log_level=args.uvicorn_log_level,
         access_log=not args.disable_uvicorn_access_log,
+        data_parallel=data_parallel,
     )
     return run_server(engine_args, config, env)

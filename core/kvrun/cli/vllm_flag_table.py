@@ -45,13 +45,18 @@ def _w(names: str, group: str, arity: Arity, reason: str, **kw: Any) -> VllmFlag
     return _flag(Verdict.WARN, names, group, arity, reason, **kw)
 
 
-_DIST = "kvrun runs one model in one process; distributed execution is not built yet (issue 17)"
-_DIST_INSTEAD = "run one `kvrun serve` per device behind a load balancer"
+_DIST = (
+    "kvrun's parallelism is tensor and pipeline parallelism (the mp and ray executors) and "
+    "data parallelism behind one frontend (docs/distributed.md); this part of vLLM's is not built"
+)
 _LORA = (
     "kvrun's LoRA adapters are plain PEFT LoRA on the attention and MLP projections, in the "
     "model's dtype"
 )
-_MM = "multimodal inputs are not built yet (issue 18); kvrun serves text-only models"
+_MM = (
+    "kvrun's media inputs (docs/serving.md, Media inputs) have no such setting: media are "
+    "decoded by the frontend and processed by the model's own processor settings"
+)
 _SO_DEFAULTS = (
     "kvrun takes this per request, not as a server-wide default: the request's "
     "structured_outputs object has disable_fallback, disable_any_whitespace and "
@@ -79,7 +84,13 @@ _REMOVED = "vLLM removed it; "
 
 FLAGS: tuple[VllmFlag, ...] = (
     # `vllm serve` itself
-    _r("--headless", "serve", S, _DIST),
+    _k(
+        "--headless",
+        "serve",
+        S,
+        "a data-parallel rank's engine core without a frontend: it registers with rank 0 "
+        "at --data-parallel-address:--data-parallel-rpc-port",
+    ),
     _r("--api-server-count -asc", "serve", V, "kvrun runs one API server process", accepts=("1",)),
     _r(
         "--config",
@@ -331,8 +342,8 @@ FLAGS: tuple[VllmFlag, ...] = (
     _k("--dtype", "ModelConfig", V, "auto lets the platform pick"),
     _k("--seed", "ModelConfig", V, "as vLLM (default 0)"),
     _r("--hf-config-path", "ModelConfig", V, "kvrun reads config.json from the model"),
-    _r("--allowed-local-media-path", "ModelConfig", V, _MM),
-    _r("--allowed-media-domains", "ModelConfig", L, _MM),
+    _k("--allowed-local-media-path", "ModelConfig", V, "file:// media only under it"),
+    _k("--allowed-media-domains", "ModelConfig", L, "media fetched from these hosts only"),
     _k("--revision", "ModelConfig", V, "as vLLM"),
     _w("--code-revision", "ModelConfig", V, "kvrun never runs a checkpoint's code"),
     _r(
@@ -343,12 +354,12 @@ FLAGS: tuple[VllmFlag, ...] = (
         instead="--revision, or --tokenizer with a local directory",
     ),
     _k("--max-model-len", "ModelConfig", V, "an integer (vLLM also reads 32k, 1M)"),
-    _r(
+    _k(
         "--quantization -q",
         "ModelConfig",
         V,
-        "kvrun reads the quantization from the checkpoint itself (AWQ, GGUF)",
-        instead="omit it",
+        "gguf: a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K matrices run as stored; awq: dequantized at "
+        "load; unset: dequantized at load; vLLM's GPU kernels (awq_marlin, ...) refused",
     ),
     _w(
         "--allow-deprecated-quantization",
@@ -550,22 +561,13 @@ FLAGS: tuple[VllmFlag, ...] = (
         instead="a built-in --reasoning-parser",
     ),
     # ParallelConfig
-    _r(
+    _k(
         "--distributed-executor-backend",
         "ParallelConfig",
         V,
-        _DIST,
-        instead=_DIST_INSTEAD,
-        accepts=("uni",),
+        "uni (in-process), mp (worker processes on this machine) or ray (Ray actors)",
     ),
-    _r(
-        "--pipeline-parallel-size -pp",
-        "ParallelConfig",
-        V,
-        _DIST,
-        instead=_DIST_INSTEAD,
-        accepts=("1",),
-    ),
+    _k("--pipeline-parallel-size -pp", "ParallelConfig", V, "as vLLM"),
     _r("--master-addr", "ParallelConfig", V, _DIST, accepts=("127.0.0.1",)),
     _r("--master-port", "ParallelConfig", V, _DIST),
     _r("--nnodes -n", "ParallelConfig", V, _DIST, accepts=("1",)),
@@ -594,32 +596,50 @@ FLAGS: tuple[VllmFlag, ...] = (
         "kvrun does not bind its own threads to NUMA nodes",
         instead="numactl, or VLLM_CPU_OMP_THREADS_BIND on the cpu platform",
     ),
-    _r(
-        "--tensor-parallel-size -tp",
-        "ParallelConfig",
-        V,
-        _DIST,
-        instead=_DIST_INSTEAD,
-        accepts=("1",),
-    ),
+    _k("--tensor-parallel-size -tp", "ParallelConfig", V, "as vLLM"),
     _r("--decode-context-parallel-size -dcp", "ParallelConfig", V, _DIST, accepts=("1",)),
     _r("--dcp-comm-backend", "ParallelConfig", V, _DIST),
     _r("--dcp-kv-cache-interleave-size", "ParallelConfig", V, _DIST, accepts=("1",)),
     _r("--cp-kv-cache-interleave-size", "ParallelConfig", V, _DIST, accepts=("1",)),
     _r("--prefill-context-parallel-size -pcp", "ParallelConfig", V, _DIST, accepts=("1",)),
-    _r(
+    _k(
         "--data-parallel-size -dp",
         "ParallelConfig",
         V,
-        _DIST,
-        instead=_DIST_INSTEAD,
-        accepts=("1",),
+        "as vLLM: N engine cores behind one frontend (or VLLM_DP_SIZE)",
     ),
-    _r("--data-parallel-rank -dpn", "ParallelConfig", V, _DIST),
-    _r("--data-parallel-start-rank -dpr", "ParallelConfig", V, _DIST),
-    _r("--data-parallel-size-local -dpl", "ParallelConfig", V, _DIST, accepts=("1",)),
-    _r("--data-parallel-address -dpa", "ParallelConfig", V, _DIST),
-    _r("--data-parallel-rpc-port -dpp", "ParallelConfig", V, _DIST),
+    _r(
+        "--data-parallel-rank -dpn",
+        "ParallelConfig",
+        V,
+        "kvrun's data-parallel ranks share rank 0's frontend; vLLM's external load "
+        "balancing (one API server per rank) is not built",
+        instead="--headless --data-parallel-start-rank R (or VLLM_DP_RANK=R)",
+    ),
+    _k(
+        "--data-parallel-start-rank -dpr",
+        "ParallelConfig",
+        V,
+        "the rank a --headless process runs (or VLLM_DP_RANK)",
+    ),
+    _k(
+        "--data-parallel-size-local -dpl",
+        "ParallelConfig",
+        V,
+        "ranks this machine runs: all by default, 1 for an externally launched rank",
+    ),
+    _k(
+        "--data-parallel-address -dpa",
+        "ParallelConfig",
+        V,
+        "rank 0's IP address; rank 0 listens on it only (or VLLM_DP_MASTER_IP; default 127.0.0.1)",
+    ),
+    _k(
+        "--data-parallel-rpc-port -dpp",
+        "ParallelConfig",
+        V,
+        "the port rank 0 listens on for the other ranks (or VLLM_DP_MASTER_PORT; default 29550)",
+    ),
     _r("--data-parallel-backend -dpb", "ParallelConfig", V, _DIST, accepts=("mp",)),
     _r("--data-parallel-hybrid-lb -dph", "ParallelConfig", B, _DIST, accepts=("false",)),
     _r("--data-parallel-external-lb -dpe", "ParallelConfig", B, _DIST, accepts=("false",)),
@@ -738,7 +758,7 @@ FLAGS: tuple[VllmFlag, ...] = (
     _r("--offload-params", "OffloadConfig", L, _OFFLOAD),
     # MultiModalConfig
     _r("--language-model-only", "MultiModalConfig", B, _MM, accepts=("false",)),
-    _r("--limit-mm-per-prompt", "MultiModalConfig", J, _MM),
+    _k("--limit-mm-per-prompt", "MultiModalConfig", J, "a count per kind (default 8)"),
     _r("--enable-mm-embeds", "MultiModalConfig", B, _MM, accepts=("false",)),
     _r("--media-io-kwargs", "MultiModalConfig", J, _MM),
     _r("--mm-processor-kwargs", "MultiModalConfig", J, _MM),

@@ -20,6 +20,7 @@ from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
 from kvrun.config import (
     EngineArgs,
     EngineConfig,
+    check_parallelism,
     parse_dtype,
     resolve_pooler,
     structured_outputs_backend,
@@ -40,6 +41,7 @@ from kvrun.ops import reference, reference_ops
 from kvrun.platforms import KVCachePlan, KVCacheRequest, Platform, plan_exact_kv_blocks
 from kvrun.plugins import create_platform, load_general_plugins
 from kvrun.pooling import PoolerConfig
+from kvrun.quantization import plan_quantized_load
 from kvrun.sampling.truncation import TopKTopPSampler
 from kvrun.scheduling.capacity import require_blocks
 from kvrun.scheduling.scheduler import Scheduler, SchedulerConfig
@@ -48,11 +50,14 @@ from kvrun.usage import record_usage
 
 if TYPE_CHECKING:
     from kvrun.lora.manager import LoraManager
+    from kvrun.multimodal.processing import MultiModalProcessor
 
 __all__ = [
     "EngineParts",
     "ResolvedConfig",
     "build_engine_parts",
+    "kv_cache_request",
+    "load_model_source",
     "resolve_engine_config",
     "resolve_lora",
     "resolve_max_model_len",
@@ -81,6 +86,8 @@ class EngineParts:
     apply_token_bitmask: Callable[..., None] = reference.apply_token_bitmask
     # LoRA adapters' host cache and device slots (enable_lora), shared with the runner.
     lora: LoraManager | None = None
+    # A multimodal model's media processing (prompts with multi_modal_data); None = text.
+    multimodal: MultiModalProcessor | None = None
 
 
 @dataclass(frozen=True)
@@ -190,9 +197,17 @@ def resolve_engine_config(
         gpu_memory_utilization=args.gpu_memory_utilization,
         load_format=engine_load_format(args, env),
         trust_remote_code=args.trust_remote_code,
+        quantization=args.quantization,
         structured_outputs_backend=structured_outputs_backend(args.structured_outputs_config),
         hidden_size=model.hidden_size,
         matryoshka=model.matryoshka,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        distributed_executor_backend=check_parallelism(
+            args.tensor_parallel_size,
+            args.pipeline_parallel_size,
+            args.distributed_executor_backend,
+        ),
         **resolve_runner(args, model),
         **resolve_lora(args),
     )
@@ -286,18 +301,7 @@ def build_engine_parts(
     platform = platform or create_platform(env)
     warn_ineffective(env, platform.name, entry_point, platform.honoured_variables)
     platform.setup_process()
-    plugin_manager = load_general_plugins(env.VLLM_PLUGINS)
-    registry = ModelRegistry()
-    for extra in plugin_manager.hook.kvrun_model_architectures():
-        registry = registry.extended(extra)
-
-    checkpoint = load_engine_checkpoint(args, env, native_architectures=registry.entries)
-    model_config = ModelConfig.from_hf(checkpoint.hf_config, checkpoint.source)
-    if model_config.is_moe:
-        model_config = replace(model_config, moe_chunk_size=env.VLLM_FUSED_MOE_CHUNK_SIZE)
-    if model_config.is_mla:
-        model_config = _mla_mode(model_config, env)
-    model_cls = registry.resolve(model_config.architecture, checkpoint.source)
+    checkpoint, model_config, model_cls = load_model_source(args, env)
     resolved = resolve_engine_config(args, env, platform, model_config, checkpoint.source)
     config = resolved.config
     if config.enable_lora and not getattr(model_cls, "supports_lora", False):
@@ -318,13 +322,39 @@ def build_engine_parts(
             "platform's whole-model executor does not return; run embeddings on a platform "
             "that runs kvrun's own model code (cpu, cuda, rocm, hpu)"
         )
+    if executor is not None and config.quantization == "gguf":
+        raise ConfigError(
+            f"quantization='gguf' runs GGUF blocks in kvrun's own model code; the "
+            f"{platform.name} platform runs a whole-model executor (omit quantization)"
+        )
     if executor is not None and config.enable_lora:
         raise ConfigError(
             f"enable_lora needs kvrun's own model code; the {platform.name} platform runs a "
             "whole-model executor that applies no adapters"
         )
     lora: LoraManager | None = None
-    if executor is not None:
+    if executor is not None and model_config.accepted_modalities:
+        raise ConfigError(
+            f"{model_config.architecture} takes media inputs through kvrun's own model code; "
+            f"the {platform.name} platform runs a whole-model executor without them"
+        )
+    if config.distributed_executor_backend == "mp":
+        # worker processes hold the model and the KV cache (kvrun.executor)
+        from kvrun.executor.build import build_mp_executor, check_mp_supported
+
+        check_mp_supported(config, model_config, executor is not None)
+        runner, plan = build_mp_executor(
+            args, env, platform, config, model_config, resolved.attention
+        )
+    elif config.distributed_executor_backend == "ray":
+        # Ray actors hold the model and the KV cache (kvrun.executor.ray_executor)
+        from kvrun.executor.ray_executor import build_ray_executor, check_ray_supported
+
+        check_ray_supported(config, model_config, executor is not None)
+        runner, plan = build_ray_executor(
+            args, env, platform, config, model_config, resolved.attention
+        )
+    elif executor is not None:
         if executor.block_size != config.block_size:
             raise ConfigError(
                 f"the {platform.name} executor uses KV blocks of {executor.block_size} tokens "
@@ -350,7 +380,13 @@ def build_engine_parts(
             fused_decoder=fused_decoder,
             decode_graph=decode_graph,
             lora=lora,
+            mm_cache_size=env.VLLM_MM_INPUT_CACHE_SIZE,
         )
+    multimodal = None
+    if model_config.accepted_modalities:
+        from kvrun.multimodal.processing import MultiModalProcessor
+
+        multimodal = MultiModalProcessor(checkpoint.directory, model_config, checkpoint.source)
     config = replace(config, num_kv_blocks=plan.num_blocks, kv_cache_bytes=plan.total_bytes)
     scheduler = Scheduler(
         SchedulerConfig(
@@ -387,7 +423,26 @@ def build_engine_parts(
         platform.top_k_top_p_sampler(),
         ops.apply_token_bitmask,
         lora,
+        multimodal,
     )
+
+
+def load_model_source(args: EngineArgs, env: EnvSnapshot) -> tuple[Checkpoint, ModelConfig, Any]:
+    """The checkpoint ``args`` name, its ModelConfig (with the engine's MoE/MLA settings)
+    and the model class its architecture resolves to (general plugins' included)."""
+    plugin_manager = load_general_plugins(env.VLLM_PLUGINS)
+    registry = ModelRegistry()
+    for extra in plugin_manager.hook.kvrun_model_architectures():
+        registry = registry.extended(extra)
+
+    checkpoint = load_engine_checkpoint(args, env, native_architectures=registry.entries)
+    model_config = ModelConfig.from_hf(checkpoint.hf_config, checkpoint.source)
+    if model_config.is_moe:
+        model_config = replace(model_config, moe_chunk_size=env.VLLM_FUSED_MOE_CHUNK_SIZE)
+    if model_config.is_mla:
+        model_config = _mla_mode(model_config, env)
+    model_cls = registry.resolve(model_config.architecture, checkpoint.source)
+    return checkpoint, model_config, model_cls
 
 
 def _compile_model(model: Any, settings: CompileSettings) -> None:
@@ -436,10 +491,33 @@ def _load_core_model(
     # past the model's context only under VLLM_ALLOW_LONG_MAX_MODEL_LEN
     model_config = replace(model_config, serve_positions=config.max_model_len)
     model = model_cls(model_config, ops, attention, config.dtype, platform.device)
+    # quantization="gguf": the matrices that run as stored (kvrun.quantization)
+    keep = plan_quantized_load(config.quantization, checkpoint, model, platform)
     weights = checkpoint.iter_weights(
-        config.dtype, awq_dequantize=ops.awq_dequantize, awq_device=platform.device
+        config.dtype,
+        awq_dequantize=ops.awq_dequantize,
+        awq_device=platform.device,
+        keep_quantized=keep,
     )
     model.load_weights(weights, config.model_source)
+    kv_request = kv_cache_request(
+        platform, config, model_config, attention, model if num_kv_blocks is None else None
+    )
+    plan = _plan_kv_cache(platform, kv_request, num_kv_blocks)
+    kv_caches = platform.allocate_kv_cache(plan, model_config.num_layers)
+    return model, kv_caches, plan
+
+
+def kv_cache_request(
+    platform: Platform,
+    config: EngineConfig,
+    model_config: ModelConfig,
+    attention: AttentionBackend,
+    profile_model: Any | None,
+) -> KVCacheRequest:
+    """What the KV cache of ``model_config``'s layers and KV heads needs (a tensor-parallel
+    rank passes its own shape); ``profile_model``: run it once so that a platform that
+    profiles budgets from the measured peak (None: no profiling, a fixed block count)."""
 
     def layer_shape(n: int) -> tuple[int, ...]:
         return attention.kv_cache_shape(
@@ -447,10 +525,10 @@ def _load_core_model(
         )
 
     peak = None
-    if num_kv_blocks is None:  # a platform that profiles budgets from the measured peak
+    if profile_model is not None:
         peak = platform.measure_peak_memory(
             make_profile_run(
-                model,
+                profile_model,
                 model_config.num_layers,
                 layer_shape,
                 config.cache_dtype,
@@ -460,7 +538,7 @@ def _load_core_model(
                 platform.device,
             )
         )
-    kv_request = KVCacheRequest(
+    return KVCacheRequest(
         num_layers=model_config.num_layers,
         num_kv_heads=model_config.num_kv_heads,
         head_dim=model_config.head_dim,
@@ -471,9 +549,6 @@ def _load_core_model(
         gpu_memory_utilization=config.gpu_memory_utilization,
         peak_memory_bytes=peak,
     )
-    plan = _plan_kv_cache(platform, kv_request, num_kv_blocks)
-    kv_caches = platform.allocate_kv_cache(plan, model_config.num_layers)
-    return model, kv_caches, plan
 
 
 def _decode_graphs(

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -59,6 +60,7 @@ class LLMEngine:
         self.scheduler: Scheduler = parts.scheduler
         self.runner: StepRunner = parts.runner
         self.lora = parts.lora  # LoRA adapters (enable_lora), else None
+        self.multimodal = parts.multimodal  # media processing (a multimodal model), else None
         self.sampling = SamplingStep(
             self.platform.device,
             logits_processor_threads=env.VLLM_LOGITS_PROCESSOR_THREADS or 0,
@@ -94,14 +96,21 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: str | list[int],
+        prompt: str | list[int] | Mapping[str, Any],
         params: SamplingParams,
         *,
         arrival_time: float | None = None,
         lora_request: LoRARequest | None = None,
     ) -> None:
-        """Queue a request; a RequestError (or ValueError) says why one is refused."""
+        """Queue a request; a RequestError (or ValueError) says why one is refused.
+
+        ``prompt`` may be vLLM's dict: ``{"prompt": str}`` or ``{"prompt_token_ids":
+        [...]}``, with ``"multi_modal_data": {"image": ..., "video": ...}`` for a
+        multimodal model (:mod:`kvrun.multimodal.processing` says what each takes)."""
         self._check_request_id(request_id)
+        multi_modal_data = None
+        if isinstance(prompt, Mapping):
+            prompt, multi_modal_data = _prompt_and_media(prompt)
         if self.config.runner != "generate":
             raise RequestError(
                 "this engine runs its model as a pooling model (runner='pooling'): it makes "
@@ -111,6 +120,15 @@ class LLMEngine:
         prompt_text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         config = self.config
+        multi_modal = None
+        if multi_modal_data:
+            if self.multimodal is None:
+                raise RequestError(
+                    f"{config.architecture} takes text only; multi_modal_data needs a model "
+                    "that accepts media (Qwen2-VL: image, video)",
+                    param="multi_modal_data",
+                )
+            token_ids, multi_modal = self.multimodal.process(token_ids, multi_modal_data)
         check_prompt(token_ids, vocab_size=config.vocab_size, max_model_len=config.max_model_len)
         params.verify(config.vocab_size, config.max_logprobs)
         if params.structured_outputs is not None:
@@ -130,6 +148,9 @@ class LLMEngine:
         )
         bad_words = self._bad_words_ids(params.bad_words or [])
         eos = self.tokenizer.eos_token_ids
+        cache_salt = lora_request.cache_salt if lora_request else b""
+        if multi_modal is not None:  # other media, other KV: the hashes seed the chain
+            cache_salt += multi_modal.cache_salt
         requests = []
         for index in range(params.n):
             seq_params = params
@@ -157,7 +178,8 @@ class LLMEngine:
                 payload=state,
                 skip_prefix_cache=params.prompt_logprobs is not None,
                 lora_id=lora_request.lora_int_id if lora_request else 0,
-                cache_salt=lora_request.cache_salt if lora_request else b"",
+                cache_salt=cache_salt,
+                multi_modal=multi_modal,
             )
             requests.append(request)
         if params.structured_outputs is None:
@@ -508,3 +530,18 @@ class LLMEngine:
         if now - self._last_batch_log >= interval:
             self._last_batch_log = now
             logger.info("batch: %d sequences, %d tokens this step", num_seqs, num_tokens)
+
+
+def _prompt_and_media(prompt: Mapping[str, Any]) -> tuple[str | list[int], Any]:
+    """vLLM's prompt dict -> (text or token ids, its multi_modal_data or None)."""
+    if "prompt_token_ids" in prompt:
+        text_or_ids: str | list[int] = [int(t) for t in prompt["prompt_token_ids"]]
+    elif "prompt" in prompt:
+        text_or_ids = str(prompt["prompt"])
+    else:
+        raise RequestError.invalid(
+            "prompt",
+            f"a dict with keys {sorted(prompt)}",
+            "a dict with 'prompt' or 'prompt_token_ids'",
+        )
+    return text_or_ids, prompt.get("multi_modal_data")

@@ -16,6 +16,7 @@ import torch
 
 from kvrun.engine.batch import StepLogits, build_batch
 from kvrun.engine.step_runner import CausalLM
+from kvrun.multimodal.encoder_cache import EncoderCache, multimodal_step_inputs
 from kvrun.scheduling.output import ScheduledChunk
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class ModelRunner:
         fused_decoder: DecodeGraphRunner | None = None,
         decode_graph: DecodeGraphRunner | None = None,
         lora: LoraManager | None = None,
+        mm_cache_size: int = 256,  # VLLM_MM_INPUT_CACHE_SIZE: encoder outputs kept
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -55,6 +57,10 @@ class ModelRunner:
         # LoRA adapters' slots (enable_lora); a step where a token has an adapter runs the
         # model's own forward, which applies them (the fused and graph paths do not).
         self.lora = lora
+        # A multimodal model's encoder outputs by content hash (kvrun.multimodal).
+        self.encoder_cache = (
+            EncoderCache(mm_cache_size) if getattr(model, "supports_multimodal", False) else None
+        )
 
     @torch.inference_mode()
     def commit_kv_cache(self) -> int:
@@ -74,19 +80,34 @@ class ModelRunner:
         batch = build_batch(chunks, self.block_size, self.device)
         lora = self._lora_batch(chunks, batch) if self.lora is not None else None
         hidden = None
-        if lora is not None:
+        positions = batch.positions
+        if self.encoder_cache is not None and any(c.multi_modal is not None for c in chunks):
+            # media rows: the model's encoder outputs and M-RoPE positions; a step without
+            # media rows only shifts positions (the rope delta) and takes the usual paths
+            mm_model: Any = self.model  # a model that declares supports_multimodal
+            positions, embeds = multimodal_step_inputs(
+                chunks,
+                batch.positions,
+                self.encoder_cache,
+                mm_model.encode,
+                mm_model.embed_tokens,
+                batch.input_ids,
+            )
+            if embeds is not None:
+                hidden = mm_model.forward(
+                    batch.input_ids, positions, self.kv_caches, batch.meta, inputs_embeds=embeds
+                )
+        if hidden is None and lora is not None:
             model: Any = self.model  # a model whose supports_lora the builder checked
             hidden = model.forward(
                 batch.input_ids, batch.positions, self.kv_caches, batch.meta, lora=lora
             )
         if hidden is None and self.fused_decoder is not None:
-            hidden = self.fused_decoder.run(batch.input_ids, batch.positions, batch.meta)
+            hidden = self.fused_decoder.run(batch.input_ids, positions, batch.meta)
         if hidden is None and self.decode_graph is not None:
-            hidden = self.decode_graph.run(batch.input_ids, batch.positions, batch.meta)
+            hidden = self.decode_graph.run(batch.input_ids, positions, batch.meta)
         if hidden is None:
-            hidden = self.model.forward(
-                batch.input_ids, batch.positions, self.kv_caches, batch.meta
-            )
+            hidden = self.model.forward(batch.input_ids, positions, self.kv_caches, batch.meta)
         # pooling requests sample nothing: no logits for their last rows
         keep = [
             j for j, i in enumerate(batch.sample_chunks) if chunks[i].request_id not in hidden_for

@@ -55,10 +55,19 @@ class LLM:
                 f"LLM() got unknown option(s) {', '.join(unknown)}; "
                 f"accepted: {', '.join(sorted(known - {'model'}))}"
             )
+        args = EngineArgs(model=model, **kwargs)
+        if args.data_parallel_size != 1:
+            # As vLLM's LLM: one process runs one engine; N engines need N processes.
+            raise KvrunError(
+                f"LLM(data_parallel_size={args.data_parallel_size}) is refused: the offline "
+                "LLM runs one engine in this process; serve N engines behind one endpoint "
+                f"with `kvrun serve --data-parallel-size {args.data_parallel_size}` (-dp), or "
+                "run one LLM per process on parts of the prompts"
+            )
         env = envs.read_env()
         configure_logging(env)
         envs.warn_unknown_variables()
-        self.llm_engine = LLMEngine.from_args(EngineArgs(model=model, **kwargs), env)
+        self.llm_engine = LLMEngine.from_args(args, env)
         self._counter = 0
 
     def get_tokenizer(self) -> Tokenizer:
@@ -75,11 +84,13 @@ class LLM:
         """Generate for each prompt; outputs come back in the prompts' order.
 
         ``lora_request``: the LoRA adapter every prompt runs with, or one (or None) per
-        prompt (the engine needs ``enable_lora=True``)."""
+        prompt (the engine needs ``enable_lora=True``). A prompt dict may carry
+        ``multi_modal_data`` (``{"image": PIL.Image | [...], "video": frames | [...]}``)
+        for a multimodal model, as in vLLM."""
         items = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(items))
         loras = _as_lora_list(lora_request, len(items))
-        return self._run([_prompt_of(p) for p in items], params, use_tqdm, loras)
+        return self._run([_generate_prompt(p) for p in items], params, use_tqdm, loras)
 
     def chat(
         self,
@@ -250,7 +261,7 @@ class LLM:
 
     def _run(
         self,
-        prompts: list[str | list[int]],
+        prompts: Sequence[str | list[int] | Mapping[str, Any]],
         params: list[SamplingParams],
         use_tqdm: bool,
         loras: Sequence[LoRARequest | None] = (),
@@ -299,10 +310,22 @@ def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[Prompt
     return items
 
 
+def _generate_prompt(item: PromptInput) -> str | list[int] | Mapping[str, Any]:
+    """A prompt for generation: a dict with media goes to the engine whole."""
+    if isinstance(item, Mapping) and item.get("multi_modal_data"):
+        return item
+    return _prompt_of(item)
+
+
 def _prompt_of(item: PromptInput) -> str | list[int]:
     if isinstance(item, str):
         return item
     if isinstance(item, Mapping):
+        if item.get("multi_modal_data"):  # generate() hands such prompts on whole
+            raise KvrunError(
+                "multi_modal_data is taken by generate() only; beam_search and the pooling "
+                "calls take text prompts"
+            )
         if "prompt_token_ids" in item:
             return [int(t) for t in item["prompt_token_ids"]]
         if "prompt" in item:

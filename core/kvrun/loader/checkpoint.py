@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -63,7 +63,9 @@ class Checkpoint:
         progress: bool = True,
         awq_dequantize: Dequantize = reference.awq_dequantize,
         awq_device: torch.device | None = None,
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+        keep_quantized: frozenset[str] = frozenset(),
+        select: Callable[[str], bool] | None = None,
+    ) -> Iterator[tuple[str, Any]]:
         """Yield (Hugging Face parameter name, tensor) pairs, each converted to ``dtype``.
 
         Names are as transformers names the parameters ("model.layers.0.self_attn.
@@ -74,7 +76,11 @@ class Checkpoint:
         are made there, by ``awq_dequantize`` (the platform's op; default: the reference).
         A ``dummy`` checkpoint yields random tensors (:mod:`kvrun.loader.dummy`), the same
         for the same ``dummy_seed``; a ``none`` one raises ModelLoadError.
-        ``progress`` shows a tqdm bar on stderr.
+        ``progress`` shows a tqdm bar on stderr. A GGUF file's matrices named in
+        ``keep_quantized`` come as :class:`kvrun.quantization.QuantizedMatrix` blocks
+        (``quantization="gguf"``: :func:`kvrun.quantization.plan_quantized_load`).
+        ``select``: only the names it accepts are yielded (a pipeline stage's; safetensors
+        files do not even read the others).
         """
         from tqdm.auto import tqdm
 
@@ -90,7 +96,9 @@ class Checkpoint:
         if self.format == "gguf":
             from kvrun.loader.gguf_loader import iter_gguf
 
-            stored = iter_gguf(self.weight_files[0], self.hf_config, dtype, self.gguf_reader)
+            stored = iter_gguf(
+                self.weight_files[0], self.hf_config, dtype, self.gguf_reader, keep_quantized
+            )
         elif self.format == "dummy":
             from kvrun.loader.dummy import dummy_weight_spec, iter_dummy
 
@@ -106,8 +114,11 @@ class Checkpoint:
 
             awq = awq_config(self.hf_config, self.source)
             # AWQ's int32 / float16 tensors are read as stored and dequantised together.
-            read = iter_pt if self.format == "pt" else iter_safetensors
-            stored = read(self.weight_files, dtype if awq is None else None)
+            cast = dtype if awq is None else None
+            if self.format == "pt":
+                stored = iter_pt(self.weight_files, cast)
+            else:  # unselected tensors are not even read
+                stored = iter_safetensors(self.weight_files, cast, select)
         bar = tqdm(
             total=total,
             desc=f"Loading {self.name}",
@@ -119,7 +130,8 @@ class Checkpoint:
         def counted() -> Iterator[tuple[str, torch.Tensor]]:
             for pair in stored:
                 bar.update(1)
-                yield pair
+                if select is None or select(pair[0]):
+                    yield pair
 
         with bar:
             if awq is None:

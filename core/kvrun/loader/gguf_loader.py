@@ -26,6 +26,7 @@ __all__ = [
     "GgufArch",
     "check_gguf_tensors",
     "gguf_hf_config",
+    "gguf_stored_types",
     "gguf_weight_count",
     "iter_gguf",
     "open_gguf",
@@ -397,14 +398,39 @@ def unpermute_rotary(rows: np.ndarray, num_heads: int) -> np.ndarray:
     return rows.reshape(num_heads, half, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+def gguf_stored_types(reader: Any, hf_config: Mapping[str, Any], path: Path) -> dict[str, str]:
+    """Hugging Face name -> the GGUF type its tensor is stored in ("Q4_1", "F32"), for
+    every tensor that is one Hugging Face tensor (stacked experts left out)."""
+    naming = _Naming(hf_config)
+    types: dict[str, str] = {}
+    for tensor in reader.tensors:
+        if tensor.name in _SKIPPED:
+            continue
+        names = naming.hf_names(tensor.name, path)
+        if len(names) == 1 and not (
+            tensor.name.startswith("blk.") and _layer_part(tensor.name, path)[1] in _STACKED
+        ):
+            types[names[0]] = tensor.tensor_type.name
+    return types
+
+
 def iter_gguf(
-    path: Path, hf_config: Mapping[str, Any], dtype: torch.dtype, reader: Any = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face name, dequantized tensor in ``dtype``) for every GGUF tensor.
+    path: Path,
+    hf_config: Mapping[str, Any],
+    dtype: torch.dtype,
+    reader: Any = None,
+    keep_quantized: frozenset[str] = frozenset(),
+) -> Iterator[tuple[str, Any]]:
+    """Yield (Hugging Face name, dequantized tensor in ``dtype``) for every GGUF tensor;
+    the names in ``keep_quantized`` (matrices in one of
+    :data:`kvrun.quantization.EXECUTABLE_GGUF_TYPES`) as a
+    :class:`kvrun.quantization.QuantizedMatrix` of their blocks instead.
 
     ``reader`` is the already opened ``open_gguf(path)``, when the caller has one.
     """
     from gguf.quants import dequantize
+
+    from kvrun.quantization import QuantizedMatrix
 
     if reader is None:
         reader = open_gguf(path)
@@ -416,6 +442,15 @@ def iter_gguf(
         if tensor.name in _SKIPPED:
             continue
         names = naming.hf_names(tensor.name, path)
+        if len(names) == 1 and names[0] in keep_quantized:
+            rows = np.asarray(tensor.data)  # uint8 [out, blocks * bytes]: rows are whole
+            if arch.rotary_permuted and ".self_attn.q_proj." in names[0]:
+                rows = unpermute_rotary(rows, heads)
+            elif arch.rotary_permuted and ".self_attn.k_proj." in names[0]:
+                rows = unpermute_rotary(rows, kv_heads)
+            blocks = torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True))
+            yield names[0], QuantizedMatrix(tensor.tensor_type.name, blocks, int(tensor.shape[0]))
+            continue
         values = dequantize(tensor.data, tensor.tensor_type)
         if naming.gemma and tensor.name.endswith("norm.weight"):
             values = values - 1.0  # stored as 1 + w (see _GEMMA_NAMES)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -84,10 +84,13 @@ def validate_safetensors(path: Path) -> int:
 
 
 def iter_safetensors(
-    files: Sequence[Path], dtype: torch.dtype | None
+    files: Sequence[Path],
+    dtype: torch.dtype | None,
+    select: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor in ``dtype``) for every tensor of ``files``, in file order;
-    ``dtype=None`` keeps each tensor's stored dtype."""
+    ``dtype=None`` keeps each tensor's stored dtype. ``select``: only the names it
+    accepts are read (a pipeline stage's layers)."""
     for path in files:
         try:
             handle = safe_open(str(path), framework="pt")
@@ -96,6 +99,8 @@ def iter_safetensors(
         with handle as reader:
             for name in reader.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if name.endswith(_SKIPPED_SUFFIXES):
+                    continue
+                if select is not None and not select(name):
                     continue
                 tensor = reader.get_tensor(name)
                 yield name, tensor if dtype is None else tensor.to(dtype)

@@ -57,6 +57,20 @@ class ModelConfig:
     matryoshka: tuple[int, ...] | bool = False
     # *ForSequenceClassification: the classes its score head outputs, by index.
     id2label: tuple[str, ...] = ()
+    # Multimodal models (Qwen2-VL, Qwen2.5-VL, Qwen2-Audio): the media a prompt may carry
+    # besides text ("image", "video", "audio"; empty for a text-only model), the vision
+    # tower's config.json section, the placeholder tokens the processor expands, and
+    # M-RoPE's split of the rotary frequencies into (t, h, w) sections (empty: ordinary
+    # rotary).
+    accepted_modalities: frozenset[str] = frozenset()
+    vision: Mapping[str, Any] | None = None
+    image_token_id: int = -1
+    video_token_id: int = -1
+    vision_start_token_id: int = -1
+    mrope_section: tuple[int, ...] = ()
+    # Qwen2-Audio: the audio encoder's config.json section and its placeholder token.
+    audio: Mapping[str, Any] | None = None
+    audio_token_id: int = -1
 
     @property
     def attention_scale(self) -> float:
@@ -117,6 +131,9 @@ class ModelConfig:
         architectures = hf.get("architectures") or []
         if not architectures:
             raise ModelLoadError(f"{source}: config.json has no 'architectures' list")
+        multimodal = _multimodal_fields(hf, source)
+        if multimodal:  # the language model's fields are in text_config
+            hf = {**hf.get("text_config", {}), **_top_level(hf)}
 
         def need(key: str) -> Any:
             if key not in hf:
@@ -126,7 +143,7 @@ class ModelConfig:
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
         model_type = hf.get("model_type", "")
-        bias_default = model_type in ("qwen2", "qwen2_moe")
+        bias_default = model_type in _QWEN2_BIAS
         window = hf.get("sliding_window")
         if model_type in _OPT_IN_WINDOW and not hf.get("use_sliding_window", False):
             window = None
@@ -150,6 +167,7 @@ class ModelConfig:
         if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) in (
             None,
             "default",
+            "mrope",  # Qwen2-VL's older spelling: M-RoPE over default frequencies
         ):
             rope_scaling = None
         if rope_scaling is not None:
@@ -190,7 +208,65 @@ class ModelConfig:
         fields.update(_moe_fields(hf, model_type, num_layers, source))
         fields.update(_gemma_fields(hf, model_type, num_layers, source))
         fields.update(_deepseek_fields(hf, model_type, num_layers, source))
+        fields.update(multimodal)
         return cls(**fields)
+
+
+# The multimodal architectures kvrun runs, by config.json model_type, and the media each
+# accepts.
+_MULTIMODAL = {
+    "qwen2_vl": frozenset({"image", "video"}),
+    "qwen2_5_vl": frozenset({"image", "video"}),
+    "qwen2_audio": frozenset({"audio"}),
+}
+
+
+def _top_level(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """A multimodal config's own keys, minus its sub-configs (they win over text_config's
+    for the keys both have: architectures, model_type, tie_word_embeddings)."""
+    return {
+        k: v for k, v in hf.items() if k not in ("text_config", "vision_config", "audio_config")
+    }
+
+
+def _multimodal_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Qwen2-VL's vision tower, placeholder tokens and M-RoPE sections, Qwen2-Audio's
+    encoder and placeholder ({} for text-only models)."""
+    model_type = hf.get("model_type", "")
+    if model_type not in _MULTIMODAL:
+        return {}
+    if model_type == "qwen2_audio":
+        audio = hf.get("audio_config")
+        token = hf.get("audio_token_id", hf.get("audio_token_index"))
+        if not isinstance(audio, Mapping) or token is None:
+            raise ModelLoadError(
+                f"{source}: a {model_type} config.json needs audio_config and audio_token_index"
+            )
+        return {
+            "accepted_modalities": _MULTIMODAL[model_type],
+            "audio": dict(audio),
+            "audio_token_id": int(token),
+        }
+    vision = hf.get("vision_config")
+    if not isinstance(vision, Mapping):
+        raise ModelLoadError(f"{source}: a {model_type} config.json needs a vision_config")
+    text = hf.get("text_config") or {}
+    params = text.get("rope_parameters") or hf.get("rope_parameters") or {}
+    scaling = text.get("rope_scaling") or hf.get("rope_scaling") or {}
+    section = params.get("mrope_section") or scaling.get("mrope_section")
+    if not section:
+        raise ModelLoadError(f"{source}: a {model_type} config.json needs rope mrope_section")
+    ids = {}
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id"):
+        if key not in hf:
+            raise ModelLoadError(f"{source}: a {model_type} config.json lacks {key!r}")
+        ids[key] = int(hf[key])
+    return {
+        "accepted_modalities": _MULTIMODAL[model_type],
+        "vision": dict(vision),
+        "mrope_section": tuple(int(s) for s in section),
+        **ids,
+    }
 
 
 _CLASSIFIER = "ForSequenceClassification"
@@ -358,5 +434,9 @@ def _moe_fields(hf: Mapping[str, Any], model_type: str, num_layers: int, source:
 
 # Model types whose config carries a sliding_window that applies only with
 # use_sliding_window (Qwen's); and those with per-head q/k norms.
-_OPT_IN_WINDOW = frozenset({"qwen2", "qwen3", "qwen2_moe", "qwen3_moe"})
+# Model types whose q/k/v projections carry a bias unless attention_bias says otherwise.
+_QWEN2_BIAS = frozenset({"qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl", "qwen2_audio"})
+_OPT_IN_WINDOW = frozenset(
+    {"qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "qwen2_vl", "qwen2_5_vl", "qwen2_audio"}
+)
 _QK_NORM = frozenset({"qwen3", "qwen3_moe", "gemma3_text"})

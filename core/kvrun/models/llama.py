@@ -24,7 +24,7 @@ because its arithmetic is exactly the layout's.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -45,6 +45,7 @@ from kvrun.models.weights import fill_parameters
 from kvrun.ops import OpTable
 
 if TYPE_CHECKING:
+    from kvrun.distributed.layers import ModelParallel
     from kvrun.lora.manager import LoraBatch
     from kvrun.lora.targets import LoraTargets
 
@@ -87,6 +88,9 @@ class LlamaForCausalLM:
     decoder_layout: ClassVar[str] = DECODER_LAYOUT
     # LoRA adapters on the attention and MLP projections (lora_targets, forward's lora)
     supports_lora: ClassVar[bool] = True
+    # Tensor/pipeline parallelism (kvrun.distributed): built with ``parallel=``, the model
+    # is one rank's shard (``config`` is then the rank's shape, ShardLayout.rank_config).
+    supports_parallel: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -95,8 +99,10 @@ class LlamaForCausalLM:
         attention: AttentionBackend,
         dtype: torch.dtype,
         device: torch.device,
+        parallel: ModelParallel | None = None,
     ) -> None:
         self.config = config
+        self.parallel = parallel
         self.ops = ops
         self.attention = attention
         self.dtype = dtype
@@ -108,7 +114,10 @@ class LlamaForCausalLM:
         def empty(*shape: int) -> torch.Tensor:
             return torch.empty(shape, dtype=dtype, device=device)
 
-        self.embed: Any = empty(c.vocab_size, c.hidden_size)  # prepared once loaded
+        # prepared once loaded; None on a pipeline stage that neither embeds nor uses it
+        # as a tied lm_head
+        holds_embed = parallel is None or parallel.layout.holds_embedding(c.tie_word_embeddings)
+        self.embed: Any = empty(c.vocab_size, c.hidden_size) if holds_embed else None
 
         def layer(i: int) -> LlamaLayer:
             moe = c.moe_layers[i] if c.moe_layers else False
@@ -126,9 +135,17 @@ class LlamaForCausalLM:
             )
 
         self.layers = [layer(i) for i in range(c.num_layers)]
-        self.norm = empty(c.hidden_size)
+        # the final norm and lm_head live on the last pipeline stage only
+        self._last_stage = parallel is None or parallel.last_stage
+        self.norm = (
+            empty(c.hidden_size)
+            if self._last_stage
+            else torch.ones(c.hidden_size, dtype=dtype, device=device)
+        )
         self.lm_head: Any = (
-            self.embed if c.tie_word_embeddings else empty(c.vocab_size, c.hidden_size)
+            self.embed
+            if c.tie_word_embeddings or not self._last_stage
+            else empty(c.vocab_size, c.hidden_size)
         )
         self._prepared = False
         # RoPE is computed in float32 like the reference implementation, whatever the dtype.
@@ -141,13 +158,19 @@ class LlamaForCausalLM:
         ).to(device)
         # Everything between two attentions; a field so compile() can swap it.
         self._dense: DenseBlock = functools.partial(dense_block, ops, c.rms_norm_eps)
+        if parallel is not None and parallel.tensor_parallel:  # row-parallel o and down
+            self._dense = functools.partial(self._dense, all_reduce=parallel.all_reduce)
 
     # loading -------------------------------------------------------------------------
     def _destinations(self) -> dict[str, torch.Tensor]:
         """Hugging Face parameter name -> the slice of our tensor it fills."""
         q, kv, inter = self.q_size, self.kv_size, self.config.intermediate_size
         dest = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
-        if not self.config.tie_word_embeddings:
+        if self.embed is None:  # a pipeline stage without it (see __init__)
+            del dest["model.embed_tokens.weight"]
+        if not self._last_stage:
+            del dest["model.norm.weight"]
+        elif not self.config.tie_word_embeddings:
             dest["lm_head.weight"] = self.lm_head
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
@@ -185,6 +208,16 @@ class LlamaForCausalLM:
             return (f"{stem}gate_proj.weight", f"{stem}up_proj.weight")
         return ()
 
+    def keep_quantized(
+        self, stored_types: Mapping[str, str], accepted: Iterable[str]
+    ) -> frozenset[str]:
+        """Before :meth:`load_weights` (``quantization="gguf"``): the matrices stored in
+        an ``accepted`` GGUF type become quantized destinations; returns the Hugging Face
+        names the loader must yield quantized (:func:`kvrun.quantization.keep_llama_quantized`)."""
+        from kvrun.quantization import keep_llama_quantized
+
+        return keep_llama_quantized(self, stored_types, accepted)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
         """Fill every parameter from (Hugging Face name, tensor) pairs, all of which must be
         present, then hand each matrix to the platform's ``prepare_linear``."""
@@ -211,7 +244,7 @@ class LlamaForCausalLM:
                 continue
             prepare_mixture(layer.moe, prepare)
         tied = self.lm_head is self.embed
-        self.embed = prepare(self.embed)
+        self.embed = prepare(self.embed) if self.embed is not None else None
         self.lm_head = self.embed if tied else prepare(self.lm_head)
         self._prepared = True
 
@@ -255,10 +288,20 @@ class LlamaForCausalLM:
         kv_caches: list[torch.Tensor],  # one per layer
         meta: AttentionMetadata,
         lora: LoraBatch | None = None,  # the step's adapters, when any token has one
+        inputs_embeds: torch.Tensor | None = None,  # [T, H] used instead of input_ids' rows
     ) -> torch.Tensor:  # [T, H] final hidden states (normed)
         c = self.config
         num_tokens = input_ids.shape[0]
-        residual = self.ops.embedding(input_ids, self.embed)
+        if inputs_embeds is not None:  # a multimodal model's media rows (kvrun.models.qwen2_vl)
+            residual = inputs_embeds
+        elif self.parallel is None:
+            residual = self.ops.embedding(input_ids, self.embed)
+        elif self.parallel.first_stage:
+            residual = self.parallel.embed(self.ops, input_ids, self.embed)
+        else:  # a later pipeline stage starts from the residual stream of the one before
+            residual = self.parallel.receive_residual(
+                num_tokens, c.hidden_size, self.dtype, self.device
+            )
         h: torch.Tensor = self.ops.rms_norm(residual, self.layers[0].input_norm, c.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             qkv = self.ops.linear(h, layer.qkv, layer.qkv_bias)
@@ -272,7 +315,7 @@ class LlamaForCausalLM:
             if layer.q_norm is not None and layer.k_norm is not None:
                 q = self._head_norm(q, layer.q_norm)
                 k = self._head_norm(k, layer.k_norm)
-            q, k = self.ops.rotary_embedding(positions, q, k, self.cos_sin)
+            q, k = self._rotate(positions, q, k)
             attn = self.attention.forward(q, k, v, kv_caches[i], meta)
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             if layer.moe is not None:
@@ -308,7 +351,17 @@ class LlamaForCausalLM:
                 layer.down,
                 next_norm,
             )
+        if not self._last_stage:
+            assert self.parallel is not None
+            self.parallel.send_residual(residual)
+            return residual  # the next stage's input; this stage computes no logits
         return h
+
+    def _rotate(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embedding of q and k (a subclass with other positions overrides it)."""
+        return self.ops.rotary_embedding(positions, q, k, self.cos_sin)  # type: ignore[no-any-return]
 
     def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm of each head's vector ([T, heads, D]), Qwen3's q/k norm."""
@@ -318,6 +371,8 @@ class LlamaForCausalLM:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B, V] fp32
         logits: torch.Tensor = self.ops.linear(hidden, self.lm_head)
+        if self.parallel is not None:  # each rank's vocabulary columns, joined on tp_rank 0
+            logits = self.parallel.gather_logits(logits)
         return logits.float()
 
 
@@ -331,11 +386,19 @@ def dense_block(
     gate_up: torch.Tensor,  # [2 I, H]
     down: torch.Tensor,  # [H, I]
     next_norm: torch.Tensor,  # [H] layer i+1's input norm, or the final norm
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed input of layer i+1 [T, H], residual [T, H])
-    """Layer i's output projection and MLP, and the norm that opens layer i+1."""
+    """Layer i's output projection and MLP, and the norm that opens layer i+1.
+
+    ``all_reduce``: tensor parallelism's sum of the row-parallel o and down projections'
+    partial results over the ranks (kvrun.distributed); None for a whole model."""
     x = ops.linear(attn, o)
+    if all_reduce is not None:
+        x = all_reduce(x)
     h, residual = ops.fused_add_rms_norm(x, residual, post_norm, eps)
     x = ops.linear(ops.silu_and_mul(ops.linear(h, gate_up)), down)
+    if all_reduce is not None:
+        x = all_reduce(x)
     return ops.fused_add_rms_norm(x, residual, next_norm, eps)  # type: ignore[no-any-return]
 
 
@@ -372,6 +435,7 @@ class MixtureOfExpertsForCausalLM(LlamaForCausalLM):
 
     decoder_layout: ClassVar[str] = f"{DECODER_LAYOUT} + mixture-of-experts MLPs"
     supports_lora: ClassVar[bool] = False  # adapters on experts are not built
+    supports_parallel: ClassVar[bool] = False  # experts are not sharded yet
 
 
 def _mixture_destinations(prefix: str, moe: MoeWeights, config: ModelConfig) -> dict[str, Any]:
@@ -395,6 +459,7 @@ class LlamaForSequenceClassification(LlamaForCausalLM):
     decoder_layout: ClassVar[str] = "kvrun-sequence-classifier (pooling only)"
     pools_class_logits: ClassVar[bool] = True
     supports_lora: ClassVar[bool] = False  # the pooling runner takes no adapters
+    supports_parallel: ClassVar[bool] = False  # the score head is not vocab-sharded
 
     def __init__(
         self,

@@ -31,6 +31,15 @@ BUILTIN_ARCHITECTURES: Mapping[str, str] = {
     "Gemma2ForCausalLM": _GEMMA,
     "Gemma3ForCausalLM": _GEMMA,
     "DeepseekV2ForCausalLM": "kvrun.models.deepseek:DeepseekV2ForCausalLM",
+    # multimodal (images, video): the vision tower and the Qwen2 decoder with M-RoPE
+    "Qwen2VLForConditionalGeneration": "kvrun.models.qwen2_vl:Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": (
+        "kvrun.models.qwen2_vl:Qwen2_5_VLForConditionalGeneration"
+    ),
+    # multimodal (audio): the Whisper-style encoder and the Qwen2 decoder
+    "Qwen2AudioForConditionalGeneration": (
+        "kvrun.models.qwen2_audio:Qwen2AudioForConditionalGeneration"
+    ),
     # classifiers, for the pooling runner (convert="classify")
     "LlamaForSequenceClassification": _CLASSIFIER,
     "MistralForSequenceClassification": _CLASSIFIER,

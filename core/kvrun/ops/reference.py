@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kvrun.quantization import QuantizedMatrix
+
 __all__ = [
     "AWQ_ORDER",
     "add_lora",
@@ -46,7 +48,10 @@ def linear(
     weight: torch.Tensor,  # [N, K], as prepare_linear returned it
     bias: torch.Tensor | None = None,  # [N]
 ) -> torch.Tensor:  # [T, N]
-    """x @ weight.T + bias: every projection and the logits."""
+    """x @ weight.T + bias: every projection and the logits. A GGUF matrix kept quantized
+    (:class:`kvrun.quantization.QuantizedMatrix`) is dequantized for the call."""
+    if isinstance(weight, QuantizedMatrix):
+        return F.linear(x, weight.dequantize().to(x.dtype), bias)
     return F.linear(x, weight, bias)
 
 
@@ -54,7 +59,12 @@ def embedding(
     ids: torch.Tensor,  # [T] int64
     table: torch.Tensor,  # [V, H], as prepare_linear returned it
 ) -> torch.Tensor:  # [T, H]
-    """Rows ``ids`` of the table: the token embedding (also the tied lm_head's weight)."""
+    """Rows ``ids`` of the table: the token embedding (also the tied lm_head's weight).
+    A quantized table's rows are dequantized (float32)."""
+    if isinstance(table, QuantizedMatrix):
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < table.out_features):
+            raise IndexError(f"token ids outside the {table.out_features} rows of the table")
+        return table.dequantize(ids)
     return F.embedding(ids, table)
 
 

@@ -210,7 +210,12 @@ class Platform(ABC):
 
     name: ClassVar[str]  # "cpu", "cuda", ...
     device_type: ClassVar[str]  # torch device type
-    dist_backend: ClassVar[str]  # torch.distributed backend: "gloo", "nccl", ...
+    # The communicator tensor/pipeline-parallel ranks use: a torch.distributed backend
+    # ("gloo" on cpu, "nccl" on cuda, "nccl" = RCCL on rocm, "xla" on tpu).
+    dist_backend: ClassVar[str]
+    # Why tensor/pipeline parallelism does not run on this platform; "" = it does
+    # (kvrun.distributed.worker refuses world_size > 1 with this reason).
+    parallel_unsupported: ClassVar[str] = ""
     priority: ClassVar[int] = 0  # higher wins when VLLM_TARGET_DEVICE is unset
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
     default_attention_backend: ClassVar[str] = "REFERENCE"
@@ -221,6 +226,10 @@ class Platform(ABC):
     # vendor's platform that reads, say, VLLM_CPU_KVCACHE_SPACE): not named at start as
     # having no effect here.
     honoured_variables: ClassVar[frozenset[str]] = frozenset()
+    # GGUF types (kvrun.quantization.EXECUTABLE_GGUF_TYPES) whose matrices this platform's
+    # prepare_linear / linear / embedding take as kvrun.quantization.QuantizedMatrix
+    # (quantization="gguf"); empty: such a run is refused.
+    quantized_gguf_types: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, env: EnvSnapshot) -> None:
         self.env = env

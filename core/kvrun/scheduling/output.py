@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # no torch at run time in the scheduler
+    from kvrun.multimodal.inputs import MultiModalInputs
 
 __all__ = ["ScheduledChunk", "SchedulerOutput", "SchedulerStats"]
 
@@ -33,6 +37,9 @@ class ScheduledChunk:
     is_prefill: bool
     # The request's LoRA adapter (Request.lora_id); 0 = none.
     lora_id: int = 0
+    # The request's media (Request.multi_modal): the runner writes the encoder rows this
+    # chunk covers into its input embeddings and uses the M-RoPE positions. None = text.
+    multi_modal: MultiModalInputs | None = None
 
     @property
     def num_tokens(self) -> int:

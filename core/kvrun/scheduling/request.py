@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # no torch at run time in the scheduler
+    from kvrun.multimodal.inputs import MultiModalInputs
 
 __all__ = ["Request", "RequestStatus"]
 
@@ -78,6 +82,9 @@ class Request:
     # Seeds the request's prefix-cache chain (its adapter's identity): requests share
     # cached blocks only when their salts are equal. b"" = the plain chain.
     cache_salt: bytes = b""
+    # The prompt's processed media (kvrun.multimodal); the scheduler only hands it on to
+    # the request's chunks. Its content hashes are part of cache_salt.
+    multi_modal: MultiModalInputs | None = None
     # Opaque per-request state owned by the engine (sampling params, detokenizer); the
     # scheduler never reads it.
     payload: object = None

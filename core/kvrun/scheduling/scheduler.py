@@ -310,6 +310,7 @@ class Scheduler:
             # A lone token after earlier outputs is a decode even when it ends a recompute.
             is_prefill=num_new > 1 or request.num_output_tokens == 0,
             lora_id=request.lora_id,
+            multi_modal=request.multi_modal,
         )
 
     def _preempt(self, request: Request) -> None:

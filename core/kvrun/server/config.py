@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvrun.multimodal.fetch import MediaPolicy
+from kvrun.server.chat_media import parse_limit_mm_per_prompt
+from kvrun.server.data_parallel import DataParallelConfig
 from kvrun.server.params import ServerLimits
 
 __all__ = ["ServerConfig"]
@@ -37,5 +40,15 @@ class ServerConfig:
         False  # tool_choice "none": no tools to the template
     )
     reasoning_parser: str | None = None  # --reasoning-parser: a name in REASONING_PARSERS
+    # where media content parts may come from, fetch timeouts and caps
+    # (--allowed-media-domains, --allowed-local-media-path, VLLM_*_FETCH_TIMEOUT,
+    # VLLM_ASSETS_CACHE); see kvrun.multimodal.fetch
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+    # --limit-mm-per-prompt: the most items of each kind one prompt may carry
+    limit_mm_per_prompt: dict[str, int] = field(
+        default_factory=lambda: parse_limit_mm_per_prompt(None)
+    )
     uvicorn_log_level: str = "warning"
     access_log: bool = False
+    # --data-parallel-size and the other DP flags / VLLM_DP_*: the engine cores behind us
+    data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)

@@ -36,6 +36,7 @@ from kvrun.server.wire import (
     UtilityMethod,
     UtilityResult,
     WireLora,
+    WireMultiModal,
     WirePooling,
     WireSampling,
 )
@@ -44,6 +45,7 @@ from kvrun.stats import EngineStats
 if TYPE_CHECKING:
     from kvrun.config import EngineArgs
     from kvrun.envs import EnvSnapshot
+    from kvrun.server.data_parallel import DataParallelConfig
 
 __all__ = ["EngineClient", "RequestStream"]
 
@@ -105,15 +107,20 @@ class EngineClient:
         env: EnvSnapshot,
         *,
         on_dead: Callable[[str], None] | None = None,
+        data_parallel: DataParallelConfig | None = None,  # N engine cores (-dp N)
     ) -> None:
         self.engine_args = engine_args
         self.env = env
         self.on_dead = on_dead
-        self.transport: Transport = (
-            ProcessTransport(engine_args, env)
-            if env.VLLM_ENABLE_V1_MULTIPROCESSING
-            else ThreadTransport(engine_args, env)
-        )
+        self.transport: Transport
+        if data_parallel is not None and data_parallel.enabled:
+            from kvrun.server.data_parallel import DataParallelTransport
+
+            self.transport = DataParallelTransport(engine_args, env, data_parallel)
+        elif env.VLLM_ENABLE_V1_MULTIPROCESSING:
+            self.transport = ProcessTransport(engine_args, env)
+        else:
+            self.transport = ThreadTransport(engine_args, env)
         self.info: EngineInfo | None = None
         self.stats: EngineStats | None = None
         self.metrics: ServerMetrics | None = None
@@ -134,6 +141,14 @@ class EngineClient:
         if len(lines) <= 1:
             return self.dead_reason
         return f"{lines[0].rstrip(':')}: {lines[-1].strip()}"
+
+    def engine_stats(self) -> dict[int, EngineStats]:
+        """Each engine's (data-parallel rank's) latest stats, by rank."""
+        from kvrun.server.data_parallel import DataParallelTransport
+
+        if isinstance(self.transport, DataParallelTransport):
+            return dict(self.transport.stats_by_rank)
+        return {} if self.stats is None else {0: self.stats}
 
     @property
     def rpc_timeout_s(self) -> float:
@@ -205,6 +220,7 @@ class EngineClient:
         prompt_token_ids: list[int],
         params: WireSampling,
         lora_name: str | None = None,  # a loaded LoRA adapter's name
+        multi_modal_data: WireMultiModal | None = None,  # the prompt's decoded media
     ) -> RequestStream:
         if self.dead_summary is not None:
             raise EngineDeadError(self.dead_summary)
@@ -213,9 +229,15 @@ class EngineClient:
         self._streams[request_id] = stream
         self.transport.send(
             AddRequest(
-                request_id, prompt_token_ids, params, stream.times.arrival, lora_name=lora_name
+                request_id,
+                prompt_token_ids,
+                params,
+                stream.times.arrival,
+                lora_name=lora_name,
+                multi_modal_data=multi_modal_data,
             )
         )
+        stream.times.engine = self.transport.engine_index(request_id)
         return stream
 
     def add_pooling_request(
@@ -229,6 +251,7 @@ class EngineClient:
         self.transport.send(
             AddRequest(request_id, prompt_token_ids, WireSampling(), stream.times.arrival, pooling)
         )
+        stream.times.engine = self.transport.engine_index(request_id)
         return stream
 
     def abort(self, request_ids: list[str]) -> None:

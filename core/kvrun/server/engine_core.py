@@ -16,7 +16,7 @@ import signal
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvrun.errors import KvrunError, RequestError
 from kvrun.lora.request import LoRARequest
@@ -78,6 +78,9 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
         block_size=config.block_size,
         id2label=list(config.id2label),
         structured_outputs_backend=config.structured_outputs_backend,
+        accepted_modalities=sorted(
+            engine.multimodal.accepted_modalities if engine.multimodal is not None else ()
+        ),
     )
 
 
@@ -135,9 +138,15 @@ class EngineLoop:
                         param="model",
                         code="model_not_found",
                     )
+            prompt: list[int] | dict[str, Any] = msg.prompt_token_ids
+            if msg.multi_modal_data is not None:  # to_data: a ValueError (400) if malformed
+                prompt = {
+                    "prompt_token_ids": msg.prompt_token_ids,
+                    "multi_modal_data": msg.multi_modal_data.to_data(),
+                }
             self.engine.add_request(
                 msg.request_id,
-                msg.prompt_token_ids,
+                prompt,
                 params,
                 arrival_time=msg.arrival_time,
                 lora_request=lora,
@@ -304,10 +313,21 @@ class EngineEndpoint:
 
 
 def engine_process_main(
-    engine_args: EngineArgs, env: EnvSnapshot, paths: IpcPaths, parent_pid: int
+    engine_args: EngineArgs,
+    env: EnvSnapshot,
+    paths: IpcPaths,
+    parent_pid: int,
+    cpus: tuple[int, ...] | None = None,
 ) -> None:
-    """Entry point of the engine process (multiprocessing spawn)."""
+    """Entry point of the engine process (multiprocessing spawn); ``cpus``: run one
+    compute thread per CPU listed, pinned to them (a data-parallel rank's share)."""
     from kvrun.logging_config import configure_logging
+
+    if cpus is not None:
+        import torch
+
+        os.sched_setaffinity(0, cpus)  # before the thread pools exist: they inherit it
+        torch.set_num_threads(len(cpus))
 
     # Ctrl-C, `timeout` and systemd signal the whole process group; the frontend decides
     # when we stop (Shutdown after draining, SIGKILL past the timeout), and we exit on our

@@ -4,11 +4,14 @@ Engine gauges and counters (running, waiting, KV usage, token and prefix-cache
 totals, preemptions) are read from the engine's latest stats when scraped;
 latencies are observed by the frontend as outputs arrive. Nothing is registered
 in prometheus_client's global registry, so two apps in one process do not clash.
+
+Every metric is labelled ``model_name`` and ``engine`` (the data-parallel rank, "0"
+with one engine), as vLLM labels them: a sum over ``engine`` is the server's total.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -49,65 +52,87 @@ class RequestTimes:
     first_token: float | None = None
     last_token: float | None = None
     num_generation_tokens: int = 0
+    engine: int = 0  # the engine (data-parallel rank) that runs the request
+
+
+_LABELS = ["model_name", "engine"]
+
+_GAUGES: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = (
+    (
+        "vllm:num_requests_running",
+        "Requests in the running batch.",
+        lambda s: s.scheduler.num_running,
+    ),
+    (
+        "vllm:num_requests_waiting",
+        "Requests waiting to be scheduled.",
+        lambda s: s.scheduler.num_waiting,
+    ),
+    (
+        "vllm:kv_cache_usage_perc",
+        "KV-cache usage: 1 means every block is in use.",
+        lambda s: s.scheduler.kv_cache_usage,
+    ),
+)
+_COUNTERS: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = (
+    ("vllm:prompt_tokens", "Prefill tokens processed.", lambda s: s.prompt_tokens_total),
+    ("vllm:generation_tokens", "Generated tokens.", lambda s: s.generation_tokens_total),
+    (
+        "vllm:num_preemptions",
+        "Preemptions by the scheduler.",
+        lambda s: s.scheduler.num_preemptions_total,
+    ),
+    (
+        "vllm:prefix_cache_queries",
+        "Prompt tokens looked up in the prefix cache.",
+        lambda s: s.scheduler.prefix_cache_queries,
+    ),
+    (
+        "vllm:prefix_cache_hits",
+        "Prompt tokens found in the prefix cache.",
+        lambda s: s.scheduler.prefix_cache_hits,
+    ),
+)
 
 
 class _EngineStatsCollector(Collector):
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(
+        self, model_name: str, stats: Callable[[], Mapping[int, EngineStats | None]]
+    ) -> None:
         self._model = model_name
         self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._stats()
-        if stats is None:
+        by_engine = sorted((e, s) for e, s in self._stats().items() if s is not None)
+        if not by_engine:
             return
-        sched = stats.scheduler
-        labels = ["model_name"]
-        gauges = (
-            ("vllm:num_requests_running", "Requests in the running batch.", sched.num_running),
-            ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", sched.num_waiting),
-            (
-                "vllm:kv_cache_usage_perc",
-                "KV-cache usage: 1 means every block is in use.",
-                sched.kv_cache_usage,
-            ),
-        )
-        for name, doc, value in gauges:
-            gauge = GaugeMetricFamily(name, doc, labels=labels)
-            gauge.add_metric([self._model], float(value))
+        for name, doc, read in _GAUGES:
+            gauge = GaugeMetricFamily(name, doc, labels=_LABELS)
+            for engine, stats in by_engine:
+                gauge.add_metric([self._model, str(engine)], float(read(stats)))
             yield gauge
-        counters = (
-            ("vllm:prompt_tokens", "Prefill tokens processed.", stats.prompt_tokens_total),
-            ("vllm:generation_tokens", "Generated tokens.", stats.generation_tokens_total),
-            ("vllm:num_preemptions", "Preemptions by the scheduler.", sched.num_preemptions_total),
-            (
-                "vllm:prefix_cache_queries",
-                "Prompt tokens looked up in the prefix cache.",
-                sched.prefix_cache_queries,
-            ),
-            (
-                "vllm:prefix_cache_hits",
-                "Prompt tokens found in the prefix cache.",
-                sched.prefix_cache_hits,
-            ),
-        )
-        for name, doc, value in counters:
-            counter = CounterMetricFamily(name, doc, labels=labels)
-            counter.add_metric([self._model], float(value))
+        for name, doc, read in _COUNTERS:
+            counter = CounterMetricFamily(name, doc, labels=_LABELS)
+            for engine, stats in by_engine:
+                counter.add_metric([self._model, str(engine)], float(read(stats)))
             yield counter
 
 
 class ServerMetrics:
     """The /metrics registry of one app."""
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(
+        self, model_name: str, stats: Callable[[], Mapping[int, EngineStats | None]]
+    ) -> None:
+        """``stats``: each engine's (data-parallel rank's) latest stats, by rank."""
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineStatsCollector(model_name, stats))
-        labels = ["model_name"]
+        labels = _LABELS
         self.request_success = Counter(
             "vllm:request_success",
             "Sequences finished, by finish reason.",
-            ["model_name", "finished_reason"],
+            [*_LABELS, "finished_reason"],
             registry=self.registry,
         )
         self.ttft = Histogram(
@@ -145,19 +170,22 @@ class ServerMetrics:
             return
         if times.first_token is None:
             times.first_token = now
-            self.ttft.labels(self.model_name).observe(now - times.arrival)
+            self.ttft.labels(self.model_name, str(times.engine)).observe(now - times.arrival)
         elif times.last_token is not None:
-            self.itl.labels(self.model_name).observe(now - times.last_token)
+            self.itl.labels(self.model_name, str(times.engine)).observe(now - times.last_token)
         times.last_token = now
         times.num_generation_tokens += num_new
 
     def on_finished(self, times: RequestTimes, now: float, finish_reasons: list[str]) -> None:
+        engine = str(times.engine)
         for reason in finish_reasons:
-            self.request_success.labels(self.model_name, reason).inc()
-        self.e2e.labels(self.model_name).observe(now - times.arrival)
+            self.request_success.labels(self.model_name, engine, reason).inc()
+        self.e2e.labels(self.model_name, engine).observe(now - times.arrival)
         if times.first_token is not None and times.num_generation_tokens > 1:
             decode = (times.last_token or now) - times.first_token
-            self.tpot.labels(self.model_name).observe(decode / (times.num_generation_tokens - 1))
+            self.tpot.labels(self.model_name, engine).observe(
+                decode / (times.num_generation_tokens - 1)
+            )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

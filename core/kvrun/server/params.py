@@ -144,7 +144,7 @@ def check_caps(
 def build_sampling(
     req: CompletionRequest | ChatCompletionRequest,
     *,
-    max_tokens: int,
+    max_tokens: int | None,
     choice: SamplingChoice,
     info: EngineInfo,
     structured_outputs: StructuredOutputsParams | None = None,

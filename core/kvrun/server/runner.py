@@ -103,7 +103,7 @@ async def _serve(
         if server is not None:
             server.should_exit = True
 
-    client = EngineClient(engine_args, env, on_dead=on_dead)
+    client = EngineClient(engine_args, env, on_dead=on_dead, data_parallel=config.data_parallel)
     # Until uvicorn takes over the signals, SIGTERM cancels start-up cleanly.
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -118,7 +118,7 @@ async def _serve(
         tokenizer = await tokenizer_task
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        metrics = ServerMetrics(info.model_name, lambda: client.stats)
+        metrics = ServerMetrics(info.model_name, client.engine_stats)
         client.metrics = metrics
         app = build_app(config)
         attach_state(

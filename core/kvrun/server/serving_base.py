@@ -19,7 +19,7 @@ from kvrun.server.errors import ApiError, EngineDeadError, error_body
 from kvrun.server.protocol import StreamOptions
 from kvrun.server.state import ServerState
 from kvrun.server.streaming import ClientDisconnected, SSEResponse, sse_event, until_disconnect
-from kvrun.server.wire import RequestDelta, WireSampling
+from kvrun.server.wire import RequestDelta, WireMultiModal, WireSampling
 
 __all__ = ["GenerationCall", "stream_error"]
 
@@ -62,6 +62,7 @@ class GenerationCall(ABC):
         prompt_ids: Sequence[list[int]],  # token ids per prompt
         request_ids: Sequence[str],  # engine request id per prompt
         model: str | None = None,  # the request's "model": the base model or an adapter
+        multi_modal_data: Sequence[WireMultiModal | None] | None = None,  # media per prompt
     ) -> None:
         assert len(prompt_ids) == len(request_ids)
         self.state = state
@@ -74,6 +75,7 @@ class GenerationCall(ABC):
         self.stream_options = stream_options
         self.prompt_ids = list(prompt_ids)
         self.request_ids = list(request_ids)
+        self.multi_modal_data = list(multi_modal_data or [None] * len(self.prompt_ids))
         self.states = [RequestState(n) for _ in self.prompt_ids]
 
     # bodies -------------------------------------------------------------------------
@@ -147,9 +149,13 @@ class GenerationCall(ABC):
         streaming = False
         try:
             streams = [
-                client.add_request(rid, ids, sampling, self.lora_name)
-                for rid, ids, sampling in zip(
-                    self.request_ids, self.prompt_ids, samplings, strict=True
+                client.add_request(rid, ids, sampling, self.lora_name, media)
+                for rid, ids, sampling, media in zip(
+                    self.request_ids,
+                    self.prompt_ids,
+                    samplings,
+                    self.multi_modal_data,
+                    strict=True,
                 )
             ]
             # Wait for each request's first output before answering, so a request the

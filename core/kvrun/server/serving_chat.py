@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from kvrun.errors import KvrunError
 from kvrun.server.beam_search import answer_with_beams, beam_search_params, check_beam_fields
+from kvrun.server.chat_media import MediaPart, load_media, template_content
 from kvrun.server.chat_output import MessageStream, OutputPlan
 from kvrun.server.deltas import SequenceState
 from kvrun.server.engine_client import RequestStream
@@ -36,9 +37,9 @@ from kvrun.server.structured import read_constraint
 from kvrun.server.tool_parsers import tool_parser_class
 from kvrun.server.tool_parsers.forced import NamedToolParser, RequiredToolParser
 from kvrun.server.tools import ToolPlan, check_tool_constraint, plan_tools, template_tool_calls
-from kvrun.server.wire import RequestDelta
+from kvrun.server.wire import RequestDelta, WireMultiModal
 
-__all__ = ["create_chat_completion", "render_messages"]
+__all__ = ["create_chat_completion", "render_chat", "render_messages"]
 
 # Names the renderer passes itself; chat_template_kwargs may not override them.
 # Names chat_template_kwargs may not set: the render's own arguments.
@@ -55,27 +56,25 @@ _RESERVED_TEMPLATE_NAMES = frozenset(
 )
 
 
-def _message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as plain dicts, content parts joined into one string."""
+def _message_dicts(
+    messages: list[ChatMessage], state: ServerState
+) -> tuple[list[dict[str, Any]], list[MediaPart]]:
+    """Messages as plain dicts (text parts joined into one string; a message with media
+    keeps its parts, as kvrun.server.chat_media shapes them), and the media parts."""
     out = []
+    media: list[MediaPart] = []
+    accepted = state.info.accepted_modalities
     for i, message in enumerate(messages):
         data = message.model_dump(exclude_none=True)
         if isinstance(message.content, list):
-            texts = []
-            for part in message.content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ApiError(
-                        f"messages[{i}].content has a part of type {part.get('type')!r}; "
-                        "only text parts ({'type': 'text', 'text': ...}) are supported",
-                        400,
-                        param="messages",
-                    )
-                texts.append(part["text"])
-            data["content"] = "\n".join(texts)
+            data["content"], parts = template_content(
+                message.content, i, accepted, state.info.model_name
+            )
+            media.extend(parts)
         if "tool_calls" in data:
             data["tool_calls"] = template_tool_calls(data["tool_calls"], f"messages[{i}]")
         out.append(data)
-    return out
+    return out, media
 
 
 async def render_messages(
@@ -88,8 +87,32 @@ async def render_messages(
     chat_template_kwargs: dict[str, Any] | None,
     tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The prompt text; a template runs in the tokenizer's Jinja sandbox, in a worker
-    thread so a slow one does not stall other requests."""
+    """The prompt text (media parts become the template's placeholders, unfetched)."""
+    text, _ = await render_chat(
+        state,
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        chat_template=chat_template,
+        chat_template_kwargs=chat_template_kwargs,
+        tools=tools,
+    )
+    return text
+
+
+async def render_chat(
+    state: ServerState,
+    messages: list[ChatMessage],
+    *,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    chat_template: str | None,
+    chat_template_kwargs: dict[str, Any] | None,
+    tools: list[dict[str, Any]] | None = None,
+) -> tuple[str, list[MediaPart]]:
+    """The prompt text and the messages' media parts (in order, not yet fetched); a
+    template runs in the tokenizer's Jinja sandbox, in a worker thread so a slow one
+    does not stall other requests."""
     kwargs = dict(chat_template_kwargs or {})
     asked = chat_template is not None or "chat_template" in kwargs
     if asked and not state.config.trust_request_chat_template:
@@ -107,9 +130,9 @@ async def render_messages(
             400,
             param="chat_template_kwargs",
         )
-    dicts = _message_dicts(messages)
+    dicts, media = _message_dicts(messages, state)
     try:
-        return await asyncio.to_thread(
+        text = await asyncio.to_thread(
             state.tokenizer.apply_chat_template,
             dicts,
             add_generation_prompt=add_generation_prompt,
@@ -122,6 +145,7 @@ async def render_messages(
         raise ApiError(
             str(exc), 400, param="chat_template" if chat_template is not None else "messages"
         ) from None
+    return text, media
 
 
 class _Chat(GenerationCall):
@@ -131,6 +155,7 @@ class _Chat(GenerationCall):
         req: ChatCompletionRequest,
         prompt_ids: list[int],
         plan: OutputPlan,
+        media: WireMultiModal | None = None,
     ):
         call_id = f"chatcmpl-{uuid.uuid4().hex}"
         super().__init__(
@@ -143,6 +168,7 @@ class _Chat(GenerationCall):
             prompt_ids=[prompt_ids],
             request_ids=[call_id],
             model=req.model,
+            multi_modal_data=[media],
         )
         self.req = req
         self.result = self.states[0]
@@ -262,7 +288,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
             )
         constraint = await check_tool_constraint(tools)
     state.check_alive()
-    text = await render_messages(
+    text, media_parts = await render_chat(
         state,
         req.messages,
         add_generation_prompt=req.add_generation_prompt,
@@ -276,11 +302,24 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         state.tokenizer.encode, text, add_special_tokens=req.add_special_tokens
     )
     check_prompt(prompt_ids, state.info, "messages")
+    media = None
+    if media_parts:
+        if req.use_beam_search:
+            raise ApiError(
+                "use_beam_search is not supported with media content parts",
+                400,
+                param="use_beam_search",
+            )
+        config = state.config
+        media = await load_media(media_parts, config.media, config.limit_mm_per_prompt)
     requested: int | None = req.max_tokens
     param = "max_tokens"
     if req.max_completion_tokens is not None:
         requested, param = req.max_completion_tokens, "max_completion_tokens"
-    max_tokens = resolve_max_tokens(requested, param, len(prompt_ids), state.info, None)
+    max_tokens: int | None = resolve_max_tokens(requested, param, len(prompt_ids), state.info, None)
+    if media is not None and requested is None:
+        # the engine expands the media placeholders: the room is what is left after that
+        max_tokens = None
     choice = SamplingChoice(
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         logprobs_param="top_logprobs",
@@ -297,8 +336,9 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     sampling = build_sampling(
         req, max_tokens=max_tokens, choice=choice, info=state.info, structured_outputs=constraint
     )
-    chat = _Chat(state, req, prompt_ids, plan)
+    chat = _Chat(state, req, prompt_ids, plan, media)
     if req.use_beam_search:  # the n best beams of width n
+        assert max_tokens is not None  # media (max_tokens left to the engine) refuse beams
         params = beam_search_params(req, max_tokens, [prompt_ids], state.info)
         skip = req.skip_special_tokens
         return await answer_with_beams(chat, request, params, skip_special_tokens=skip)

@@ -64,6 +64,10 @@ class Transport(ABC):
     async def close(self, timeout: float) -> None:
         """Wait up to ``timeout`` s for the engine side to stop (after Shutdown), then force it."""
 
+    def engine_index(self, request_id: str) -> int:
+        """The engine (data-parallel rank) a request was sent to; 0 with one engine."""
+        return 0
+
 
 class ThreadTransport(Transport):
     """The engine loop in a daemon thread of this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
@@ -138,9 +142,19 @@ class ThreadTransport(Transport):
 class ProcessTransport(Transport):
     """The engine loop in a spawned process, over two ipc:// sockets."""
 
-    def __init__(self, engine_args: EngineArgs, env: EnvSnapshot) -> None:
+    def __init__(
+        self,
+        engine_args: EngineArgs,
+        env: EnvSnapshot,
+        *,
+        rank: int | None = None,  # a data-parallel rank (kvrun.server.data_parallel)
+        cpus: tuple[int, ...] | None = None,  # pin the engine process to these CPUs
+    ) -> None:
         self._args = engine_args
         self._env = env
+        self._rank = rank
+        self._cpus = cpus
+        self._released = False
         self.paths: IpcPaths = make_ipc_paths(env.VLLM_RPC_BASE_PATH)
         self._ctx = zmq.asyncio.Context()
         self._pull = self._ctx.socket(zmq.PULL)
@@ -159,13 +173,16 @@ class ProcessTransport(Transport):
         context = multiprocessing.get_context("spawn")
         self.process = context.Process(
             target=engine_process_main,
-            args=(self._args, self._env, self.paths, os.getpid()),
-            name="kvrun-engine",
+            args=(self._args, self._env, self.paths, os.getpid(), self._cpus),
+            name="kvrun-engine" if self._rank is None else f"kvrun-engine-dp{self._rank}",
             daemon=True,
         )
         self.process.start()
         logger.info(
-            "engine process %d started; sockets in %s", self.process.pid, self.paths.directory
+            "%sengine process %d started; sockets in %s",
+            "" if self._rank is None else f"DP rank {self._rank}: ",
+            self.process.pid,
+            self.paths.directory,
         )
 
     def send(self, msg: FrontendMessage) -> None:
@@ -233,6 +250,13 @@ class ProcessTransport(Transport):
                 )
                 process.kill()
                 await asyncio.to_thread(process.join, 5.0)
+        self.release()
+
+    def release(self) -> None:
+        """Close the sockets and remove their files (once; the process must be gone)."""
+        if self._released:
+            return
+        self._released = True
         self._push.close(linger=0)
         self._pull.close(linger=0)
         self._ctx.term()

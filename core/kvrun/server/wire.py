@@ -11,7 +11,8 @@ text that may still become a stop string).
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
 import msgspec
 
@@ -35,7 +36,11 @@ __all__ = [
     "Utility",
     "UtilityMethod",
     "UtilityResult",
+    "WireArray",
+    "WireAudio",
+    "WireImage",
     "WireLora",
+    "WireMultiModal",
     "WirePooling",
     "WireSampling",
     "WireStructuredOutputs",
@@ -76,7 +81,7 @@ class WireSampling(_Message, omit_defaults=True):
     seed: int | msgspec.UnsetType | None = UNSET
     stop: list[str] | msgspec.UnsetType = UNSET
     stop_token_ids: list[int] | msgspec.UnsetType = UNSET
-    max_tokens: int | msgspec.UnsetType = UNSET
+    max_tokens: int | msgspec.UnsetType | None = UNSET  # None: the room the prompt leaves
     min_tokens: int | msgspec.UnsetType = UNSET
     ignore_eos: bool | msgspec.UnsetType = UNSET
     logprobs: int | msgspec.UnsetType | None = UNSET
@@ -116,6 +121,84 @@ class WirePooling(_Message, omit_defaults=True):
     task: str | None = None
 
 
+# Media a request carries, decoded by the frontend (kvrun.multimodal.media): raw pixels
+# and raw array bytes, never an encoded file the engine would have to parse again.
+_WIRE_DTYPES = frozenset({"uint8", "int16", "int32", "float16", "float32", "float64"})
+_WIRE_IMAGE_MODES = {"RGB": 3, "RGBA": 4, "L": 1}
+
+
+class WireArray(_Message, array_like=True):
+    """A numpy array: C-order bytes, its dtype's name (one of a closed set) and shape."""
+
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+    @classmethod
+    def of(cls, array: Any) -> WireArray:
+        import numpy as np
+
+        array = np.ascontiguousarray(array)
+        return cls(str(array.dtype), list(array.shape), array.tobytes())
+
+    def to_array(self) -> Any:
+        """The array; ValueError for a dtype outside the set or bytes that do not fit."""
+        import numpy as np
+
+        if self.dtype not in _WIRE_DTYPES or any(d < 0 for d in self.shape):
+            raise ValueError(f"a media array of dtype {self.dtype!r} is not accepted")
+        dtype = np.dtype(self.dtype)
+        if len(self.data) != math.prod(self.shape) * dtype.itemsize:
+            raise ValueError("a media array's bytes do not match its shape")
+        return np.frombuffer(self.data, dtype=dtype).reshape(self.shape)
+
+
+class WireImage(_Message, array_like=True):
+    """A decoded image: PIL mode (RGB, RGBA or L), size and raw pixel bytes."""
+
+    mode: str
+    width: int
+    height: int
+    data: bytes
+
+    @classmethod
+    def of(cls, image: Any) -> WireImage:
+        return cls(image.mode, image.size[0], image.size[1], image.tobytes())
+
+    def to_image(self) -> Any:
+        from PIL import Image
+
+        channels = _WIRE_IMAGE_MODES.get(self.mode)
+        if channels is None or len(self.data) != self.width * self.height * channels:
+            raise ValueError("a media image's bytes do not match its mode and size")
+        return Image.frombytes(self.mode, (self.width, self.height), self.data)
+
+
+class WireAudio(_Message, array_like=True):
+    samples: WireArray  # float32 [N], mono
+    sample_rate: int
+
+
+class WireMultiModal(_Message, omit_defaults=True):
+    """A prompt's media, each kind in the order its placeholders appear in the prompt."""
+
+    image: list[WireImage] = []
+    video: list[WireArray] = []  # uint8 [frames, height, width, 3]
+    audio: list[WireAudio] = []
+
+    def to_data(self) -> dict[str, list[Any]]:
+        """The engine's ``multi_modal_data``: {"image": [PIL.Image], "video": [array],
+        "audio": [(array, sample_rate)]}, only the kinds present."""
+        data: dict[str, list[Any]] = {}
+        if self.image:
+            data["image"] = [i.to_image() for i in self.image]
+        if self.video:
+            data["video"] = [v.to_array() for v in self.video]
+        if self.audio:
+            data["audio"] = [(a.samples.to_array(), a.sample_rate) for a in self.audio]
+        return data
+
+
 # --- frontend -> engine ------------------------------------------------------------
 
 
@@ -126,6 +209,7 @@ class AddRequest(_Message, tag="add"):
     arrival_time: float  # time.time() at the frontend
     pooling: WirePooling | None = None  # set: a pooling request (params unused)
     lora_name: str | None = None  # the LoRA adapter it runs with (a loaded adapter's name)
+    multi_modal_data: WireMultiModal | None = None  # the prompt's media, decoded
 
 
 class Abort(_Message, tag="abort"):
@@ -179,6 +263,7 @@ class EngineInfo(_Message):
     block_size: int
     id2label: list[str] = []  # a classifier's labels (runner "pooling", convert "classify")
     structured_outputs_backend: str = "xgrammar"  # how the engine compiles constraints
+    accepted_modalities: list[str] = []  # media the model takes: "image", "video", "audio"
 
 
 class Hello(_Message, tag="hello"):

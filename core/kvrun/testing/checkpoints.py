@@ -11,6 +11,11 @@ session fixtures that cache these on disk live in the test suites.
   prompts tokenize to real text.
 - :func:`build_gguf_from_hf`: a Hugging Face Llama/Qwen2 checkpoint written as GGUF
   the way llama.cpp's converter writes it (Q/K rows permuted for Llama).
+- :func:`build_random_qwen2_vl_checkpoint`: a tiny random Qwen2-VL (vision tower and
+  language model) with the SmolLM2 tokenizer plus Qwen2-VL's vision tokens, and an
+  image processor for small images (or a Qwen2.5-VL);
+  :func:`build_random_qwen2_audio_checkpoint`: a tiny random Qwen2-Audio with a Whisper
+  feature extractor over a 2-second window.
 - :func:`build_word_tokenizer`: a self-contained whitespace word-level tokenizer of any
   vocabulary size, for tiny models that must not need the SmolLM2 files (the
   conformance kit, on a vendor's machine).
@@ -33,6 +38,8 @@ __all__ = [
     "build_gguf_from_hf",
     "build_hf_checkpoint_from_gguf",
     "build_random_checkpoint",
+    "build_random_qwen2_audio_checkpoint",
+    "build_random_qwen2_vl_checkpoint",
     "build_word_tokenizer",
     "save_tokenizer_from_gguf",
 ]
@@ -236,6 +243,190 @@ def build_random_checkpoint(
             source = Path(tokenizer_dir) / name
             if source.is_file():
                 shutil.copyfile(source, out / name)
+    return out
+
+
+# Qwen2-VL's vision tokens, added to the tokenizer of a random Qwen2-VL checkpoint.
+QWEN2_VL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def build_random_qwen2_vl_checkpoint(
+    out_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path,
+    seed: int = 0,
+    init_std: float = 0.05,
+    min_pixels: int = 28 * 28,
+    max_pixels: int = 112 * 112,
+    qwen2_5: bool = False,
+) -> Path:
+    """A tiny random fp32 Qwen2-VL: 2 decoder layers (hidden 64, head_dim 16, M-RoPE
+    sections 2/3/3), a 2-block vision tower (embed 32, patch 14, merge 2), the tokenizer
+    of ``tokenizer_dir`` (SmolLM2's) with Qwen2-VL's four vision tokens added, and an
+    image processor resizing within ``min_pixels``..``max_pixels`` (a 56x84 image: a
+    4x6 patch grid, 6 placeholder tokens). Norm weights are drawn near 1, everything
+    else with ``init_std``, so that the image changes what the model says.
+
+    ``qwen2_5``: a Qwen2.5-VL instead, whose 3-block vision tower attends within windows
+    of 56 pixels (2x2 merge units) except in block 1, with 4 tokens per second of video.
+    """
+    from transformers import (
+        AutoTokenizer,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    out = _empty_dir(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_VL_TOKENS)})
+    ids = {t: int(tokenizer.get_vocab()[t]) for t in QWEN2_VL_TOKENS}
+    vocab = len(tokenizer)
+    eos = tokenizer.eos_token_id
+    vision: dict[str, Any] = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 64,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    if qwen2_5:
+        vision = {
+            "depth": 3,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "out_hidden_size": 64,
+            "num_heads": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+            "tokens_per_second": 4,
+        }
+    config = (Qwen2_5_VLConfig if qwen2_5 else Qwen2VLConfig)(
+        text_config={
+            "vocab_size": vocab,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+            },
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": eos,
+        },
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    model: Any = (
+        Qwen2_5_VLForConditionalGeneration(config)  # type: ignore[arg-type]
+        if qwen2_5
+        else Qwen2VLForConditionalGeneration(config)  # type: ignore[arg-type]
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            is_norm = "norm" in name or "ln_q" in name
+            if is_norm and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            else:
+                param.copy_(init_std * noise)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = eos
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    processor.save_pretrained(str(out))
+    return out
+
+
+# Qwen2-Audio's audio tokens, added to the tokenizer of a random Qwen2-Audio checkpoint.
+QWEN2_AUDIO_TOKENS = ("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>")
+
+
+def build_random_qwen2_audio_checkpoint(
+    out_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path,
+    seed: int = 0,
+    init_std: float = 0.05,
+) -> Path:
+    """A tiny random fp32 Qwen2-Audio: the Qwen2 decoder of
+    :func:`build_random_qwen2_vl_checkpoint` (plain rotary), a 2-layer audio encoder
+    (d_model 32, 16 mel bins, 100 positions: a 2-second window of 200 mel frames), the
+    tokenizer of ``tokenizer_dir`` with Qwen2-Audio's three audio tokens added, and a
+    Whisper feature extractor for that window (16 kHz, hop 160)."""
+    from transformers import (
+        AutoTokenizer,
+        Qwen2AudioConfig,
+        Qwen2AudioForConditionalGeneration,
+        WhisperFeatureExtractor,
+    )
+
+    out = _empty_dir(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_AUDIO_TOKENS)})
+    eos = tokenizer.eos_token_id
+    config = Qwen2AudioConfig(
+        audio_config={
+            "num_mel_bins": 16,
+            "encoder_layers": 2,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 64,
+            "d_model": 32,
+            "max_source_positions": 100,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": eos,
+        },
+        audio_token_index=int(tokenizer.get_vocab()["<|AUDIO|>"]),
+    )
+    model = Qwen2AudioForConditionalGeneration(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            else:
+                param.copy_(init_std * noise)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = eos
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    extractor = WhisperFeatureExtractor(  # type: ignore[no-untyped-call]
+        feature_size=16, sampling_rate=16000, hop_length=160, chunk_length=2, n_fft=400
+    )
+    extractor.save_pretrained(str(out))
     return out
 
 

@@ -17,12 +17,20 @@ import torch
 import torch.nn.functional as F
 
 from kvrun.ops import reference
+from kvrun.quantization import QuantizedMatrix
 from kvrun_cpu.attention.kernels import decode_attention, prefill_attention
-from kvrun_cpu.attention.native import decode_batch, runs_natively
+from kvrun_cpu.attention.native import decode_batch, prefill_batch, runs_natively
 from kvrun_cpu.attention.plan import build_plan
 from kvrun_cpu.native import NativeKernels, PackedWeight
+from kvrun_cpu.native.quantized import (
+    QuantizedPackedWeight,
+    pack_quantized,
+    quantized_linear,
+    quantized_rows,
+)
 
 __all__ = [
+    "add_lora",
     "apply_token_bitmask",
     "cpu_ops",
     "embedding",
@@ -53,8 +61,10 @@ def prepare_linear(
     weight: torch.Tensor, native: NativeKernels | None = None
 ) -> torch.Tensor | PackedWeight:  # [N, K] -> what linear and embedding read
     """float32 and bfloat16 matrices packed into the native kernels' 16-row panels
-    (faster than oneDNN's at every batch size measured: the cpu README); others as they
-    are."""
+    (faster than oneDNN's at every batch size measured: the cpu README); GGUF blocks kept
+    quantized (``quantization="gguf"``) repacked for csrc/quant.c; others as they are."""
+    if isinstance(weight, QuantizedMatrix):
+        return weight if native is None else pack_quantized(weight)
     if native is None or weight.dtype not in _NATIVE_DTYPES or weight.dim() != 2:
         return weight
     return native.pack(weight)
@@ -67,7 +77,12 @@ def linear(
     native: NativeKernels | None = None,
 ) -> torch.Tensor:  # [T, N]
     """Packed weights on the native kernels; plain float32 on oneDNN's matmul; F.linear
-    (oneDNN or MKL) for other dtypes."""
+    (oneDNN or MKL) for other dtypes; GGUF blocks on csrc/quant.c (or the reference)."""
+    if isinstance(weight, QuantizedPackedWeight):
+        assert native is not None  # prepare_linear packs only with the native kernels
+        return quantized_linear(native, x, weight, bias)
+    if isinstance(weight, QuantizedMatrix):
+        return reference.linear(x, weight, bias)
     if isinstance(weight, PackedWeight):
         if (
             native is not None
@@ -97,6 +112,11 @@ def embedding(
     table: torch.Tensor | PackedWeight,  # [V, H], as prepare_linear returned it
     native: NativeKernels | None = None,
 ) -> torch.Tensor:  # [T, H]
+    if isinstance(table, QuantizedPackedWeight):
+        assert native is not None
+        return quantized_rows(native, ids.to(torch.int64), table)
+    if isinstance(table, QuantizedMatrix):
+        return reference.embedding(ids, table)
     if isinstance(table, PackedWeight):
         if native is not None and ids.dim() == 1 and ids.dtype == torch.int64:
             return native.packed_rows(ids, table)  # the table's dtype
@@ -293,17 +313,28 @@ def paged_attention(
     scale: float,
     native: NativeKernels | None = None,
 ) -> torch.Tensor:  # [T, Hq, D]
-    """Causal paged attention: decodes batched (in the native kernel when given),
-    prefills one by one on SDPA."""
+    """Causal paged attention: decodes and prefills each in one native call when the
+    kernels are given (chunk-invariant), else decodes batched and prefills on SDPA."""
     block_size, num_kv_heads, head_dim = key_cache.shape[1:]
     in_c = runs_natively(native, query, key_cache) and key_cache.dtype == value_cache.dtype
-    plan = build_plan(query_lens, seq_lens, block_tables, block_size, one_decode_batch=in_c)
+    plan = build_plan(
+        query_lens,
+        seq_lens,
+        block_tables,
+        block_size,
+        one_decode_batch=in_c,
+        one_prefill_batch=in_c,
+    )
     out = torch.empty_like(query)
     if plan.decode_batch is not None:
         assert native is not None
         # The kernel reads [Hk, NB, bs, D] through strides: no copy of the cache.
         k_heads, v_heads = key_cache.permute(2, 0, 1, 3), value_cache.permute(2, 0, 1, 3)
         decode_batch(native, query, k_heads, v_heads, plan.decode_batch, scale, out)
+    if plan.prefill_batch is not None:
+        assert native is not None
+        k_heads, v_heads = key_cache.permute(2, 0, 1, 3), value_cache.permute(2, 0, 1, 3)
+        prefill_batch(native, query, k_heads, v_heads, plan.prefill_batch, scale, out)
     for group in plan.decodes:
         n, width = group.num_seqs, group.num_blocks * block_size
         # [n * blocks, bs, Hk, D] -> [n, Hk, span, D]: a view of the gathered blocks.
@@ -352,6 +383,33 @@ def fused_moe(
     return torch.zeros_like(hidden).index_add_(0, tokens, weighted.to(hidden.dtype))
 
 
+def add_lora(
+    y: torch.Tensor,  # [T, N]
+    x: torch.Tensor,  # [T, K]
+    lora_a: torch.Tensor,  # [S, R, K]
+    lora_b: torch.Tensor,  # [S, N, R]
+    scales: torch.Tensor,  # [S] float32
+    slots: torch.Tensor,  # [T] int64, -1 = no adapter
+    native: NativeKernels | None = None,
+) -> torch.Tensor:  # [T, N]
+    """Batched LoRA in one native call (csrc/lora.c: tokens grouped by slot, then the
+    shrink and the expansion over the thread pool); the reference's loop over slots
+    otherwise."""
+    if (
+        native is not None
+        and y.dtype in _NATIVE_DTYPES
+        and x.dtype == lora_a.dtype == lora_b.dtype == y.dtype
+        and _rowwise(y)
+        and _rowwise(x)
+        and lora_a.is_contiguous()
+        and lora_b.is_contiguous()
+        and scales.dtype == torch.float32
+        and slots.dtype == torch.int64
+    ):
+        return native.add_lora(y, x, lora_a, lora_b, scales.contiguous(), slots.contiguous())
+    return reference.add_lora(y, x, lora_a, lora_b, scales, slots)
+
+
 _OPS: dict[str, Callable[..., Any]] = {
     "prepare_linear": prepare_linear,
     "linear": linear,
@@ -364,6 +422,7 @@ _OPS: dict[str, Callable[..., Any]] = {
     "reshape_and_cache": reshape_and_cache,
     "paged_attention": paged_attention,
     "apply_token_bitmask": apply_token_bitmask,
+    "add_lora": add_lora,
 }
 
 

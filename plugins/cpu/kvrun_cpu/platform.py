@@ -32,6 +32,9 @@ __all__ = ["CpuPlatform"]
 logger = logging.getLogger("kvrun.cpu")  # under "kvrun", the logger entry points configure
 
 GiB = 1 << 30
+# Native kernel builds whose bf16 matmuls run in hardware (vdpbf16ps, AMX tiles): there
+# bf16 is ~2x float32's throughput, so dtype="auto" is bfloat16.
+BF16_ISAS = frozenset({"AMX_BF16", "AVX512_BF16"})
 # VLLM_CPU_KVCACHE_SPACE of 0 (its default) means this many GiB, as in vLLM.
 DEFAULT_KVCACHE_GIB = 4
 
@@ -41,17 +44,17 @@ class CpuPlatform(Platform):
     device_type = "cpu"
     dist_backend = "gloo"
     priority = 0
-    # dtype="auto" is float32. bf16 is faster only with the native kernels' AVX512-BF16
-    # build (BENCHMARKS.md), and its prefill attention (torch SDPA) rounds differently
-    # when a prompt arrives in other chunks (a prefix-cache hit, the token budget),
-    # enough to change seeded samples between two identical requests (NOTES.md).
-    # float32 keeps greedy output equal to transformers' and seeds reproducible; bf16
-    # is `dtype="bfloat16"`.
+    # dtype="auto" is default_dtype(): bfloat16 where the native kernels' build has
+    # bf16 in hardware (AVX512_BF16, AMX), float32 elsewhere. Exact parity with
+    # transformers' float32 asks for `dtype="float32"`.
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (
         torch.float32,
         torch.bfloat16,
         torch.float16,
     )
+    # GGUF matrices run as stored with quantization="gguf" (kvrun_cpu.native.quantized;
+    # without the native kernels, through the reference ops: dequantized per call).
+    quantized_gguf_types: ClassVar[frozenset[str]] = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q4_K"})
     # Measured fastest (benchmarks/bench_attention.py, README.md).
     default_attention_backend = TorchSdpaAttention.name
 
@@ -62,6 +65,7 @@ class CpuPlatform(Platform):
         self._backends: dict[tuple[str, AttentionLayerSpec], AttentionBackend] = {}
         self._native: tuple[NativeKernels | None, str] | None = None  # built on first use
         self._ipex: tuple[bool, str] | None = None  # (usable, why), probed on first use
+        self._default_dtype: torch.dtype | None = None  # decided (and logged) on first use
 
     # identity -------------------------------------------------------------------
     def setup_process(self, rank: int = 0) -> None:
@@ -89,6 +93,24 @@ class CpuPlatform(Platform):
                 line += f"; native kernels {native.isa}"
                 line += f" ({native.note})" if native.note else ""
         return line + ")"
+
+    def default_dtype(self) -> torch.dtype:
+        """dtype="auto": bfloat16 where the native kernels run bf16 in hardware (the
+        AVX512_BF16 or AMX build), float32 elsewhere (AVX2, no compiler), as vLLM's cpu
+        platform picks bfloat16 where AVX512_BF16 is. Safe because a prompt's bf16 bits do
+        not depend on its chunks or batch (the native prefill attention). Logged once."""
+        if self._default_dtype is None:
+            native = self.native_kernels()
+            if native is not None and native.isa in BF16_ISAS:
+                self._default_dtype = torch.bfloat16
+                why = f"the native kernels run bf16 in hardware ({native.isa})"
+            else:
+                self._default_dtype = torch.float32
+                built = "unavailable" if native is None else f"built for {native.isa}"
+                why = f"no hardware bf16 (the native kernels are {built})"
+            name = str(self._default_dtype).removeprefix("torch.")
+            logger.info("dtype=auto is %s on cpu: %s", name, why)
+        return self._default_dtype
 
     # attention ------------------------------------------------------------------
     def attention_backends(self) -> Mapping[str, type[AttentionBackend]]:

@@ -178,8 +178,37 @@ def test_torch_sdpa_falls_back_to_torch_when_the_kernels_cannot_be_built(
     assert dict(cpu.ops()) == dict(cpu_ops(None))  # every op on its torch path
 
 
-def test_auto_dtype_is_float32(platform: Make) -> None:
-    assert platform().default_dtype() == torch.float32
+def test_auto_dtype_is_bfloat16_where_the_native_kernels_run_it(
+    platform: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    cpu = platform()
+    with caplog.at_level(logging.INFO, logger="kvrun.cpu"):
+        dtype = cpu.default_dtype()
+        assert cpu.default_dtype() == dtype  # decided once
+    native = cpu.native_kernels()
+    assert native is not None
+    hardware_bf16 = native.isa in ("AMX_BF16", "AVX512_BF16")
+    assert dtype == (torch.bfloat16 if hardware_bf16 else torch.float32)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dtype=auto")]
+    assert said == [
+        f"dtype=auto is bfloat16 on cpu: the native kernels run bf16 in hardware ({native.isa})"
+        if hardware_bf16
+        else f"dtype=auto is float32 on cpu: no hardware bf16 (the native kernels are built "
+        f"for {native.isa})"
+    ]
+
+
+def test_auto_dtype_is_float32_without_the_native_kernels(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    cpu = CpuPlatform(read_env({"VLLM_CACHE_ROOT": str(blocker)}))
+    with caplog.at_level(logging.INFO, logger="kvrun.cpu"):
+        assert cpu.default_dtype() == torch.float32
+    assert caplog.records[-1].getMessage() == (
+        "dtype=auto is float32 on cpu: no hardware bf16 (the native kernels are unavailable)"
+    )
 
 
 def test_native_kernels_are_built_for_the_widest_isa(platform: Make) -> None:

@@ -57,7 +57,7 @@ def refused_settings(env: EnvSnapshot) -> list[str]:
 class CudaPlatform(Platform):
     name = "cuda"
     device_type = "cuda"
-    dist_backend = "nccl"
+    dist_backend = "nccl"  # torch.distributed's NCCL (no custom all-reduce yet)
     priority = 100
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (
         torch.bfloat16,

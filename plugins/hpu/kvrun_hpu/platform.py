@@ -35,6 +35,10 @@ class HpuPlatform(Platform):
     name = "hpu"
     device_type = "hpu"
     dist_backend = "hccl"
+    parallel_unsupported = (
+        "kvrun's hpu plugin has not been run with HCCL across Gaudi cards; it serves one "
+        "card per engine (tensor_parallel_size=1, pipeline_parallel_size=1)"
+    )
     priority = 70
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float32)
     default_attention_backend: ClassVar[str] = HpuFlatAttention.name

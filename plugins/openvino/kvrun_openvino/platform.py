@@ -37,6 +37,11 @@ class OpenvinoPlatform(Platform):
     name = "openvino"
     device_type = "cpu"
     dist_backend = "gloo"
+    parallel_unsupported = (
+        "OpenVINO runs the whole model as one compiled graph in one process, which kvrun "
+        "does not shard; use the cpu platform (VLLM_TARGET_DEVICE=cpu) for "
+        "tensor_parallel_size/pipeline_parallel_size > 1"
+    )
     # Below cpu (0): with the openvino stack installed beside kvrun-cpu (as in kvrun's own
     # dev environment), an unset VLLM_TARGET_DEVICE keeps the reference cpu platform;
     # VLLM_TARGET_DEVICE=openvino selects this one. It never displaces a GPU either way.

@@ -53,7 +53,7 @@ class RocmPlatform(CudaPlatform):
     name = "rocm"
     # ROCm builds of torch name HIP devices "cuda" and put RCCL behind the "nccl" backend.
     device_type = "cuda"
-    dist_backend = "nccl"
+    dist_backend = "nccl"  # RCCL: ROCm torch serves it as the "nccl" backend
     priority = 90
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (
         torch.bfloat16,

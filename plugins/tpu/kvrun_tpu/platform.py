@@ -63,7 +63,11 @@ def pallas_usable() -> bool:
 class TpuPlatform(Platform):
     name = "tpu"
     device_type = "xla"
-    dist_backend = "xla"
+    dist_backend = "xla"  # torch-xla's collectives
+    parallel_unsupported = (
+        "the tpu platform runs a whole-model torch-xla executor that kvrun does not shard "
+        "yet (its collectives would be XLA's, the 'xla' backend)"
+    )
     priority = 80
     # TPUs compute in bf16 natively; fp16 is emulated and slow.
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float32)

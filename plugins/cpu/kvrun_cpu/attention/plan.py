@@ -4,7 +4,8 @@ Built once per step from the host-side lengths and shared by every layer, so the
 per-layer work is only gathers and matmuls. Decodes (query length 1) are batched:
 each group pads its sequences to the group's longest context and masks the tail,
 and sequences of very different lengths go to different groups so little is padded.
-Prefills (and prefill chunks, and prefills after a prefix hit) run one request each.
+Prefills (and prefill chunks, and prefills after a prefix hit) run one request each,
+or all in one :class:`PrefillBatch` for the native kernel that reads the cache itself.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = [
     "BatchPlan",
     "DecodeBatch",
     "DecodeGroup",
+    "PrefillBatch",
     "PrefillSeq",
     "build_plan",
     "group_decodes",
@@ -76,10 +78,24 @@ class PrefillSeq:
 
 
 @dataclass(frozen=True)
+class PrefillBatch:
+    """Every request of the step with more than one new token, for a kernel that reads
+    the cache itself; their rows of the step's query are each a run."""
+
+    seqs: tuple[int, ...]  # [n] request indices in the batch, ascending
+    block_tables: torch.Tensor  # [n, max_blocks] int32, contiguous
+    seq_lens: torch.Tensor  # [n] int32: context after this step
+    q_starts: torch.Tensor  # [n] int32: each request's first row in the step's tokens
+    q_lens: torch.Tensor  # [n] int32: its new tokens
+    block_id_range: tuple[int, int]  # (min, max) of block_tables, checked before C reads
+
+
+@dataclass(frozen=True)
 class BatchPlan:
     decodes: tuple[DecodeGroup, ...]  # padded groups (empty when decode_batch is set)
     decode_batch: DecodeBatch | None  # all decodes as one batch, when asked for and any
-    prefills: tuple[PrefillSeq, ...]
+    prefills: tuple[PrefillSeq, ...]  # empty when prefill_batch is set
+    prefill_batch: PrefillBatch | None = None  # all prefills as one batch, when asked for
 
 
 def group_decodes(
@@ -118,6 +134,7 @@ def build_plan(
     min_saved_rows: int = SPLIT_MIN_SAVED_ROWS,
     *,
     one_decode_batch: bool = False,  # all decodes in one unpadded DecodeBatch, no groups
+    one_prefill_batch: bool = False,  # all prefills in one PrefillBatch, no PrefillSeqs
 ) -> BatchPlan:
     device = block_tables.device
     starts = [0] * len(query_lens)
@@ -161,6 +178,32 @@ def build_plan(
                 span=span,
                 mask=mask,
             )
+        )
+    prefill_seqs = [i for i, q in enumerate(query_lens) if q > 1]
+    if one_prefill_batch and prefill_seqs:
+        rows = torch.tensor(prefill_seqs, dtype=torch.int64, device=device)
+        width = -(-max(seq_lens[i] for i in prefill_seqs) // block_size)
+        tables = block_tables.index_select(0, rows)[:, :width].to(torch.int32).contiguous()
+
+        def ints(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        # A shorter request's table is read only up to its own length: check those ids.
+        used = [tables[k, : -(-seq_lens[i] // block_size)] for k, i in enumerate(prefill_seqs)]
+        ids = torch.cat(used)
+        prefill_batch = PrefillBatch(
+            seqs=tuple(prefill_seqs),
+            block_tables=tables,
+            seq_lens=ints([seq_lens[i] for i in prefill_seqs]),
+            q_starts=ints([starts[i] for i in prefill_seqs]),
+            q_lens=ints([query_lens[i] for i in prefill_seqs]),
+            block_id_range=(int(ids.min()), int(ids.max())),
+        )
+        return BatchPlan(
+            decodes=tuple(decodes),
+            decode_batch=decode_batch,
+            prefills=(),
+            prefill_batch=prefill_batch,
         )
     prefills = []
     for i, (q_len, s_len) in enumerate(zip(query_lens, seq_lens, strict=True)):

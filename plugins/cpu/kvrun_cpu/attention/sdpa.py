@@ -5,10 +5,12 @@ gathering a batch's blocks with one ``index_select`` on dim 1 yields ``[Hk, n, S
 K/V that SDPA reads without a further copy. Each step gathers only the blocks named
 by the block tables, never concatenates a sequence's history.
 
-Given the native kernels (:mod:`kvrun_cpu.native`), the cache write and every decode
-(float32, bfloat16, float16) run there: the decode kernel skips the gather and reads
-the cache in place. Prefills always run on SDPA. As in vLLM's CPU backend of the
-same name.
+Given the native kernels (:mod:`kvrun_cpu.native`), the cache write, every decode and
+every prefill (float32, bfloat16, float16) run there: the kernels skip the gather and
+read the cache in place, and a prefill attends each query exactly as decode would, so
+a prompt's bits do not depend on its chunks, its batch or a prefix-cache hit (what
+lets bfloat16 be the cpu default). Without them prefills run on SDPA. As in vLLM's
+CPU backend of the same name.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, AttentionMetadata
 from kvrun.ops import reference
 from kvrun_cpu.attention.kernels import Workspace, decode_attention, prefill_attention
-from kvrun_cpu.attention.native import decode_batch, runs_natively
+from kvrun_cpu.attention.native import decode_batch, prefill_batch, runs_natively
 from kvrun_cpu.attention.plan import BatchPlan, build_plan
 from kvrun_cpu.native import NativeKernels
 
@@ -76,7 +78,8 @@ class TorchSdpaAttention(AttentionBackend):
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
     def plan(self, meta: AttentionMetadata, one_decode_batch: bool = False) -> BatchPlan:
-        """The step's plan, rebuilt only when the metadata (or its block tables) changed."""
+        """The step's plan, rebuilt only when the metadata (or its block tables) changed;
+        ``one_decode_batch``: decodes and prefills each as one batch for the kernels."""
         tables = meta.block_tables
         lens = (*meta.query_lens, -1, *meta.seq_lens_host)
         last = self._plan_from
@@ -95,6 +98,7 @@ class TorchSdpaAttention(AttentionBackend):
                 tables,
                 meta.block_size,
                 one_decode_batch=one_decode_batch,
+                one_prefill_batch=one_decode_batch,
             )
             self._plan_from = (lens, tables.clone(), meta.block_size, one_decode_batch)
         return self._plan
@@ -134,6 +138,10 @@ class TorchSdpaAttention(AttentionBackend):
             assert self.native is not None
             batch = plan.decode_batch
             decode_batch(self.native, query, key_cache, value_cache, batch, scale, out)
+        if plan.prefill_batch is not None:
+            assert self.native is not None
+            prefill = plan.prefill_batch
+            prefill_batch(self.native, query, key_cache, value_cache, prefill, scale, out)
         for group in plan.decodes:
             n, width = group.num_seqs, group.num_blocks * block_size
             shape = (num_kv_heads, n * group.num_blocks, block_size, head_dim)

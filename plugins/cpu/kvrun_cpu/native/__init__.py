@@ -48,6 +48,13 @@ _SIGNATURES: dict[str, list[type]] = {
         *(_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64, _PTR),
         *(_I64, _I64, _I64, _I64, _I64, _FLOAT, _PTR, _I64, _I64, _INT, _INT),
     ],
+    # query, q_tok, q_head, key_cache, value_cache, c_head, c_block, c_slot, tables, t_row,
+    # seq_lens, q_starts, q_lens, n, num_heads, num_kv_heads, head_dim, block_size, scale,
+    # out, o_tok, o_head, dtype, workers -> 0, or -1 out of memory
+    "kvrun_paged_prefill": [
+        *(_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR),
+        *(_I64, _I64, _I64, _I64, _I64, _FLOAT, _PTR, _I64, _I64, _INT, _INT),
+    ],
     # x, x_row, residual, r_row, weight, out, o_row, sum, s_row, tokens, hidden, eps, dtype,
     # workers
     "kvrun_rms_norm": [
@@ -77,6 +84,19 @@ _SIGNATURES: dict[str, list[type]] = {
     "kvrun_decode_scratch": [_PTR, _I64],
     # -> 0 (the tiles granted: bf16 matmuls on AMX) or why not (kvrun_cpu.native.amx)
     "kvrun_amx_init": [],
+    # quantized GGUF matrices (quant.c, kvrun_cpu.native.quantized): x, x_row, blocks, bits,
+    # bias, y, y_row, m, n, k, workers -> 0 or -1 (out of memory)
+    "kvrun_quant_linear": [_PTR, _I64, _PTR, _INT, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT],
+    # ids, m, blocks, bits, n, k, out -> bad id or -1
+    "kvrun_quant_rows": [_PTR, _I64, _PTR, _INT, _I64, _I64, _PTR],
+    # -> 1: AVX512-VNNI, 0: the portable C
+    "kvrun_quant_isa": [],
+    # y, y_row, x, x_row, a, b, scales, slots, tokens, n, k, r, num_slots, out, o_row, dtype,
+    # workers -> -1, a token whose slot is out of range, or -2 out of memory (lora.c)
+    "kvrun_add_lora": [
+        *(_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64),
+        *(_PTR, _I64, _INT, _INT),
+    ],
 }
 _RESULTS: dict[str, type] = {
     "kvrun_packed_rows_f32": _I64,
@@ -86,6 +106,11 @@ _RESULTS: dict[str, type] = {
     "kvrun_decode_step": _I64,
     "kvrun_decode_scratch": _I64,
     "kvrun_amx_init": _INT,
+    "kvrun_quant_linear": _INT,
+    "kvrun_quant_rows": _I64,
+    "kvrun_quant_isa": _INT,
+    "kvrun_paged_prefill": _INT,
+    "kvrun_add_lora": _I64,
 }
 
 
@@ -253,6 +278,66 @@ class NativeKernels:
             self.threads,
         )
 
+    def paged_prefill(
+        self,
+        query: torch.Tensor,  # [T, Hq, D]: the step's tokens; unit last stride
+        key_cache: torch.Tensor,  # viewed as [Hk, num_blocks, block_size, D], unit last stride
+        value_cache: torch.Tensor,  # same shape and strides as key_cache
+        tables: torch.Tensor,  # [n, max_blocks] int32, unit last stride
+        seq_lens: torch.Tensor,  # [n] int32 contiguous: context after this step
+        q_starts: torch.Tensor,  # [n] int32 contiguous: each request's first row of query
+        q_lens: torch.Tensor,  # [n] int32 contiguous: its new tokens, >= 1, <= seq_len
+        scale: float,
+        out: torch.Tensor,  # [T, Hq, D], the query's dtype: the requests' rows are written
+    ) -> None:
+        """Causal attention of each request's new tokens over its paged context (their
+        own K/V already written), into out: each query exactly as :meth:`paged_decode`
+        attends a request of its position + 1 tokens, so chunking never changes a bit.
+
+        The caller guarantees the rows and every block id (up to each request's length)
+        are inside query/out and the cache: the kernel reads them unchecked.
+        """
+        num_heads, head_dim = query.shape[1], query.shape[2]
+        num_kv_heads, _, block_size, _ = key_cache.shape
+        n = seq_lens.shape[0]
+        assert key_cache.stride() == value_cache.stride() and key_cache.stride(3) == 1
+        assert query.stride(2) == 1 and tables.stride(1) == 1 and seq_lens.is_contiguous()
+        assert q_starts.is_contiguous() and q_lens.is_contiguous()
+        assert tables.dtype == seq_lens.dtype == q_starts.dtype == q_lens.dtype == torch.int32
+        assert query.dtype == key_cache.dtype == value_cache.dtype == out.dtype
+        assert out.shape == query.shape and out.stride(2) == 1
+        assert num_heads % num_kv_heads == 0
+        assert tables.shape[0] == q_starts.shape[0] == q_lens.shape[0] == n
+        c_head, c_block, c_slot, _ = key_cache.stride()
+        failed = self._paged_prefill(  # type: ignore[attr-defined]
+            query.data_ptr(),
+            query.stride(0),
+            query.stride(1),
+            key_cache.data_ptr(),
+            value_cache.data_ptr(),
+            c_head,
+            c_block,
+            c_slot,
+            tables.data_ptr(),
+            tables.stride(0),
+            seq_lens.data_ptr(),
+            q_starts.data_ptr(),
+            q_lens.data_ptr(),
+            n,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            scale,
+            out.data_ptr(),
+            out.stride(0),
+            out.stride(1),
+            DTYPE_CODES[query.dtype],
+            self.threads,
+        )
+        if failed:
+            raise MemoryError("paged_prefill: no memory for its work list")
+
     def write_kv(
         self,
         key: torch.Tensor,  # [T, Hk, D], unit last stride
@@ -295,6 +380,56 @@ class NativeKernels:
                 f"slot {int(slots[bad])} of token {bad} is outside the KV cache of "
                 f"{num_blocks} blocks of {block_size}"
             )
+
+    # lora ------------------------------------------------------------------------------
+    def add_lora(
+        self,
+        y: torch.Tensor,  # [T, N] float32 or bfloat16, unit last stride
+        x: torch.Tensor,  # [T, K] y's dtype, unit last stride
+        lora_a: torch.Tensor,  # [S, R, K] y's dtype, contiguous
+        lora_b: torch.Tensor,  # [S, N, R] y's dtype, contiguous
+        scales: torch.Tensor,  # [S] float32 contiguous
+        slots: torch.Tensor,  # [T] int64 contiguous: each token's slot, -1 for none
+    ) -> torch.Tensor:  # [T, N]: y + scales[s] * (x @ A_s^T) @ B_s^T per token of slot s
+        """Batched LoRA (kvrun.ops.reference.add_lora); a slot outside [-1, S) is an
+        IndexError."""
+        tokens, n = y.shape
+        num_slots, r, k = lora_a.shape
+        assert x.shape == (tokens, k) and lora_b.shape == (num_slots, n, r)
+        assert y.dtype == x.dtype == lora_a.dtype == lora_b.dtype and y.dtype in _PACKED
+        assert y.stride(1) == 1 and x.stride(1) == 1
+        assert lora_a.is_contiguous() and lora_b.is_contiguous()
+        assert scales.dtype == torch.float32 and scales.is_contiguous()
+        assert scales.shape == (num_slots,)
+        assert slots.dtype == torch.int64 and slots.is_contiguous() and slots.shape == (tokens,)
+        out = torch.empty((tokens, n), dtype=y.dtype)
+        bad = self._add_lora(  # type: ignore[attr-defined]
+            y.data_ptr(),
+            y.stride(0),
+            x.data_ptr(),
+            x.stride(0),
+            lora_a.data_ptr(),
+            lora_b.data_ptr(),
+            scales.data_ptr(),
+            slots.data_ptr(),
+            tokens,
+            n,
+            k,
+            r,
+            num_slots,
+            out.data_ptr(),
+            n,
+            DTYPE_CODES[y.dtype],
+            self.threads,
+        )
+        if bad == -2:
+            raise MemoryError(f"add_lora: no memory for {tokens} tokens of rank {r}")
+        if bad >= 0:
+            raise IndexError(
+                f"slot {int(slots[bad])} of token {bad} is outside the {num_slots} LoRA slots "
+                "(-1 for none)"
+            )
+        return out
 
     # elementwise -----------------------------------------------------------------------
     def rms_norm(

@@ -60,11 +60,13 @@ _BASE_FLAGS = (
 )
 # Per ISA name, widest first: what the sources may assume. "AVX512" is torch's name for
 # F+BW+VL+DQ; "AVX512_BF16" adds the bfloat16 dot product (packed_bf16.c); "AMX_BF16"
-# adds the tiles (amx_bf16.c), used only once Linux grants them (native/amx.py).
+# adds the tiles (amx_bf16.c), used only once Linux grants them (native/amx.py). Every
+# CPU with AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4) has AVX512_VNNI, which the
+# quantized matmuls (quant.c) use.
 _AVX512 = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 _ISA_FLAGS: dict[str, tuple[str, ...]] = {
-    "AMX_BF16": (*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
-    "AVX512_BF16": (*_AVX512, "-mavx512bf16"),
+    "AMX_BF16": (*_AVX512, "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16"),
+    "AVX512_BF16": (*_AVX512, "-mavx512bf16", "-mavx512vnni"),
     "AVX512": _AVX512,
     "AVX2": ("-mavx2", "-mfma", "-mf16c"),
     "generic": (),

@@ -19,6 +19,7 @@ import torch
 from kvrun.attention.base import AttentionMetadata
 from kvrun.errors import KvrunError
 from kvrun_cpu.native.packed import PANEL, PackedWeight
+from kvrun_cpu.native.quantized import QuantizedPackedWeight
 
 __all__ = ["NativeDecoder", "unsupported_reason"]
 
@@ -87,6 +88,8 @@ def unsupported_reason(model: Any, kv_caches: list[torch.Tensor]) -> str | None:
     if any(c.dtype != dtype or not c.is_contiguous() for c in kv_caches):
         return "the KV cache is not contiguous and in the model's dtype"
     matrices = [model.embed, *(getattr(lay, n) for lay in model.layers for n in _MATRICES)]
+    if any(isinstance(m, QuantizedPackedWeight) for m in matrices):
+        return "the weights are GGUF blocks (quantization='gguf'); decoder.c reads float panels"
     if not all(isinstance(m, PackedWeight) and m.dtype == dtype for m in matrices):
         return "the weights are not packed for the native kernels"
     if model.config.intermediate_size % PANEL:

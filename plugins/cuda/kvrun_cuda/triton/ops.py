@@ -21,6 +21,7 @@ from kvrun_cuda.triton.elementwise import (
     rotary_embedding,
     silu_and_mul,
 )
+from kvrun_cuda.triton.lora import add_lora
 from kvrun_cuda.triton.paged_attention import unified_attention
 
 __all__ = ["TRITON_OP_NAMES", "paged_attention", "triton_ops"]
@@ -66,6 +67,7 @@ def triton_ops() -> dict[str, Callable[..., Any]]:
         "reshape_and_cache": reshape_and_cache,
         "paged_attention": paged_attention,
         "awq_dequantize": awq_dequantize,
+        "add_lora": add_lora,
     }
 
 

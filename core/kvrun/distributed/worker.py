@@ -1,0 +1,326 @@
+"""One rank of a tensor/pipeline-parallel engine: its shard of the model and of the KV
+cache, in its own process.
+
+An executor (kvrun.executor) starts one process per rank and calls, on every rank, in
+this order: ``Worker(args, env, spec)``, :meth:`Worker.init_distributed`,
+:meth:`Worker.load_model`, :meth:`Worker.kv_cache_blocks` (each rank's own count),
+:meth:`Worker.init_kv_cache` with the smallest count over the ranks, then
+:meth:`Worker.execute` for each step with the same chunks on every rank, and
+:meth:`Worker.close`. Every rank runs every step (the collectives need all of them);
+only the driver rank (tp_rank 0 of the last stage) returns the step's logits.
+
+The configuration is resolved exactly as the in-process builder does
+(:func:`kvrun.engine.builder.resolve_engine_config`), so every rank and the engine
+agree on it; the model is then built in the rank's own shape
+(:meth:`~kvrun.distributed.parallel.ShardLayout.rank_config`) and loaded from this rank's
+slices of the checkpoint (:func:`~kvrun.distributed.parallel.shard_weights`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
+from kvrun.config import EngineArgs, EngineConfig
+from kvrun.distributed.communicator import Communicator
+from kvrun.distributed.layers import ModelParallel
+from kvrun.distributed.parallel import ParallelConfig, ShardLayout, shard_weights
+from kvrun.distributed.state import ProcessGroups, close_quietly, init_process_groups
+from kvrun.engine.batch import StepLogits, build_batch
+from kvrun.engine.builder import kv_cache_request, load_model_source, resolve_engine_config
+from kvrun.engine.compilation import compile_function, compile_settings
+from kvrun.engine.model_runner import ModelRunner
+from kvrun.envs import read_env
+from kvrun.errors import ConfigError
+from kvrun.models.config import ModelConfig
+from kvrun.ops import reference_ops
+from kvrun.platforms import KVCacheRequest, plan_exact_kv_blocks
+from kvrun.plugins import create_platform
+from kvrun.quantization import plan_quantized_load
+from kvrun.scheduling.output import ScheduledChunk
+
+__all__ = ["Worker", "WorkerSpec", "unsupported_reason"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Where a rank stands; plain data (ints, strs), sent to its process as msgpack."""
+
+    rank: int  # global rank = pp_rank * tensor_parallel_size + tp_rank
+    local_rank: int  # rank on this machine (LOCAL_RANK)
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    init_method: str  # "tcp://HOST:PORT": the rendezvous (kvrun.distributed.state)
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size)
+
+
+def unsupported_reason(model_cls: Any, architecture: str, parallel: ParallelConfig) -> str | None:
+    """Why ``model_cls`` cannot run split as ``parallel`` asks; None when it can."""
+    if parallel.world_size == 1:
+        return None
+    if getattr(model_cls, "supports_parallel", False) and not getattr(
+        model_cls, "supports_multimodal", False
+    ):
+        return None
+    asked = (
+        f"tensor_parallel_size>1 (asked {parallel.tensor_parallel_size})"
+        if parallel.tensor_parallel_size > 1
+        else f"pipeline_parallel_size>1 (asked {parallel.pipeline_parallel_size})"
+    )
+    return f"architecture {architecture} does not support {asked} yet"
+
+
+class _StageProfile:
+    """A non-last pipeline stage as make_profile_run sees it: its forward, no logits."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model.forward(*args, **kwargs)  # type: ignore[no-any-return]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.new_zeros(hidden.shape[0], 0)
+
+
+class Worker:
+    """One rank: its shard of the model and of the KV cache, in its own process."""
+
+    def __init__(self, args: EngineArgs, env: Mapping[str, str], spec: WorkerSpec) -> None:
+        self.args = args
+        # the spec's local rank is this process's LOCAL_RANK (the platform picks its
+        # device by it), whatever the engine's own environment said
+        self.environ = {**env, "LOCAL_RANK": str(spec.local_rank)}
+        self.env = read_env(self.environ)
+        self.spec = spec
+        self.parallel = spec.parallel
+        self.pp_rank, self.tp_rank = self.parallel.coordinates(spec.rank)
+        self.is_driver = spec.rank == self.parallel.driver_rank
+        self.platform = create_platform(self.env)
+        why = self.platform.parallel_unsupported
+        if self.parallel.world_size > 1 and why:
+            raise ConfigError(
+                f"the {self.platform.name} platform does not support tensor/pipeline "
+                f"parallelism: {why}"
+            )
+        self.groups: ProcessGroups | None = None
+        self.config: EngineConfig | None = None
+        self.layout: ShardLayout | None = None
+        self.model: Any = None
+        self.runner: ModelRunner | None = None
+        self.kv_caches: list[torch.Tensor] = []
+        self._rank_config: ModelConfig | None = None
+        self._attention: AttentionBackend | None = None
+        self._kv_request: KVCacheRequest | None = None
+
+    # set-up ------------------------------------------------------------------------
+    def init_distributed(self, timeout_s: float) -> None:
+        """Set up this process (the platform's per-rank set-up: device index, the
+        VLLM_CPU_OMP_THREADS_BIND cores of this local rank; the thread count is otherwise
+        the executor's) and join the other ranks over the platform's backend; a rendezvous that fails within ``timeout_s`` raises
+        :class:`kvrun.distributed.state.DistributedError` naming the rank and address."""
+        self.platform.setup_process(self.spec.local_rank)
+        self.groups = init_process_groups(
+            self.parallel,
+            self.spec.rank,
+            self.spec.init_method,
+            self.platform.dist_backend,
+            timeout_s,
+            self.environ,
+        )
+
+    def load_model(self) -> None:
+        """Resolve the configuration as the builder does, then build and load this
+        rank's shard (each rank reads only the layers of its stage and keeps only its
+        slices of each tensor)."""
+        assert self.groups is not None, "init_distributed first"
+        args, env, platform = self.args, self.env, self.platform
+        checkpoint, model_config, model_cls = load_model_source(args, env)
+        why = unsupported_reason(model_cls, model_config.architecture, self.parallel)
+        if why is not None:
+            raise ConfigError(why)
+        if _has_executor(platform):
+            raise ConfigError(
+                f"the {platform.name} platform runs a whole-model executor, which kvrun's "
+                "workers do not drive"
+            )
+        config = resolve_engine_config(args, env, platform, model_config, checkpoint.source).config
+        if config.enable_lora and self.parallel.world_size > 1:
+            raise ConfigError(
+                "enable_lora with tensor/pipeline parallelism is not supported yet: adapters "
+                "are not sharded"
+            )
+        layout = ShardLayout.build(
+            model_config, self.parallel, self.spec.rank, env.VLLM_PP_LAYER_PARTITION
+        )
+        rank_config = replace(
+            layout.rank_config(model_config), serve_positions=config.max_model_len
+        )
+        attention = platform.attention_backend(
+            config.attention_backend,
+            AttentionLayerSpec(
+                num_heads=rank_config.num_heads,
+                num_kv_heads=rank_config.num_kv_heads,
+                head_dim=rank_config.head_dim,
+                scale=model_config.attention_scale,
+                dtype=config.dtype,
+                kv_cache_dtype=config.kv_cache_dtype,
+                logit_softcap=model_config.attn_logit_softcap,
+            ),
+        )
+        if config.quantization == "gguf" and self.parallel.world_size > 1:
+            raise ConfigError(
+                "quantization='gguf' with tensor/pipeline parallelism is not supported yet: "
+                "GGUF blocks are not sliced across ranks; omit quantization (the weights are "
+                "then dequantized at load)"
+            )
+        ops = reference_ops().with_overrides(platform.ops(), f"platform {platform.name!r}")
+        torch.manual_seed(args.seed)
+        if self.parallel.world_size == 1:
+            model = model_cls(rank_config, ops, attention, config.dtype, platform.device)
+        else:
+            model = model_cls(
+                rank_config,
+                ops,
+                attention,
+                config.dtype,
+                platform.device,
+                parallel=ModelParallel(layout, Communicator(self.groups)),
+            )
+        # as the builder: the matrices that run as stored (kvrun.quantization)
+        keep = plan_quantized_load(config.quantization, checkpoint, model, platform)
+        weights = checkpoint.iter_weights(
+            config.dtype,
+            awq_dequantize=ops.awq_dequantize,
+            awq_device=platform.device,
+            keep_quantized=keep,
+            # a pipeline stage reads only its own layers' tensors
+            select=(
+                None
+                if self.parallel.world_size == 1
+                else lambda name: layout.wants(name, model_config.tie_word_embeddings)
+            ),
+        )
+        if self.parallel.world_size > 1:
+            weights = shard_weights(weights, layout, model_config)
+        model.load_weights(weights, config.model_source)
+        if not args.enforce_eager:
+            self._compile(model)
+        self.config, self.layout, self.model = config, layout, model
+        self._rank_config, self._attention = rank_config, attention
+        logger.info(
+            "rank %d (pp %d/%d, tp %d/%d): layers %d-%d, q heads %d-%d, kv heads %d-%d",
+            self.spec.rank, self.pp_rank, self.parallel.pipeline_parallel_size, self.tp_rank,
+            self.parallel.tensor_parallel_size, layout.layers[0], layout.layers[1] - 1,
+            layout.q_heads[0], layout.q_heads[1] - 1, layout.kv_heads[0], layout.kv_heads[1] - 1,
+        )  # fmt: skip
+
+    def _compile(self, model: Any) -> None:
+        compile_hook = getattr(model, "compile", None)
+        if compile_hook is None:
+            return
+        if self.parallel.tensor_parallel_size > 1:
+            logger.info(
+                "rank %d: enforce_eager=False: the dense blocks run eagerly with "
+                "tensor_parallel_size>1 (their all-reduce is not compiled)",
+                self.spec.rank,
+            )
+            return
+        settings = compile_settings(self.env)
+        compile_hook(lambda fn, name: compile_function(fn, settings, name))
+
+    def kv_cache_blocks(self) -> int:
+        """KV blocks this rank's share of the budget holds: its own layers and KV heads
+        against the platform's budget for this process (or num_kv_blocks when given)."""
+        assert self.config is not None and self._rank_config is not None, "load_model first"
+        assert self._attention is not None
+        fixed = self.args.num_kv_blocks
+        profile = None
+        if fixed is None:
+            last = self.layout is not None and self.layout.last_stage
+            profile = self.model if last else _StageProfile(self.model)
+        self._kv_request = kv_cache_request(
+            self.platform, self.config, self._rank_config, self._attention, profile
+        )
+        if fixed is not None:
+            return fixed
+        return self.platform.plan_kv_cache(self._kv_request).num_blocks
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate exactly ``num_blocks`` blocks (the smallest count over the ranks)."""
+        assert self.config is not None and self._rank_config is not None, "load_model first"
+        if self._kv_request is None:
+            self.kv_cache_blocks()
+        assert self._kv_request is not None
+        plan = plan_exact_kv_blocks(
+            self._kv_request,
+            num_blocks,
+            "the KV cache every rank allocates (the fewest blocks any rank holds)",
+        )
+        self.kv_caches = self.platform.allocate_kv_cache(plan, self._rank_config.num_layers)
+        self.config = replace(
+            self.config, num_kv_blocks=num_blocks, kv_cache_bytes=plan.total_bytes
+        )
+        fused = None
+        if self.parallel.world_size == 1:
+            fused = self.platform.fused_decoder(self.model, self.kv_caches, self.config)
+        else:
+            logger.info(
+                "rank %d: decode steps run op by op: the platform's fused decoder and decode "
+                "graphs are single-process (tensor/pipeline parallelism)",
+                self.spec.rank,
+            )
+        self.runner = ModelRunner(
+            self.model,
+            self.kv_caches,
+            self.config.block_size,
+            self.platform.device,
+            fused_decoder=fused,
+        )
+
+    def commit_kv_cache(self) -> int:
+        """Write this rank's whole KV cache once (so its pages are really allocated);
+        the bytes written."""
+        assert self.runner is not None, "init_kv_cache first"
+        return self.runner.commit_kv_cache()
+
+    # steps ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(
+        self,
+        chunks: Sequence[ScheduledChunk],
+        prompt_logits_for: frozenset[str] = frozenset(),
+        hidden_for: frozenset[str] = frozenset(),
+    ) -> StepLogits | None:
+        """Run this rank's part of one step. The driver rank returns the StepLogits
+        exactly as :class:`~kvrun.engine.model_runner.ModelRunner` does; the others None."""
+        assert self.runner is not None and self.layout is not None, "init_kv_cache first"
+        if self.layout.last_stage:
+            out = self.runner.execute(chunks, prompt_logits_for, hidden_for)
+            return out if self.is_driver else None
+        # an earlier stage: its layers, then the residual stream goes on (in forward)
+        batch = build_batch(chunks, self.runner.block_size, self.runner.device)
+        self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        return None
+
+    def close(self) -> None:
+        """Leave the process groups (idempotent)."""
+        close_quietly(self.groups)
+        self.groups = None
+
+
+def _has_executor(platform: Any) -> bool:
+    """Whether the platform overrides model_executor (openvino, tpu: whole-model executors)."""
+    from kvrun.platforms import Platform
+
+    return type(platform).model_executor is not Platform.model_executor

@@ -1,0 +1,1 @@
+"""The multiprocess executor: worker processes driven over a shared-memory broadcast."""

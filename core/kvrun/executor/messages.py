@@ -1,0 +1,321 @@
+"""Typed messages between the multiprocess executor and its workers (msgpack, no pickle).
+
+Every message is a msgspec Struct in a tagged union: the tag (field ``type``) names the
+message, the Struct is its schema, and a payload that is not one of these messages (an
+unknown tag, a missing or mistyped field, a pickle) fails to decode with a
+:class:`MessageError` naming what is wrong. Tensors travel as raw bytes with their dtype
+and shape (:class:`TensorBlob`).
+
+Directions:
+- executor -> every worker, over the shared-memory broadcast (:data:`Broadcast`):
+  :class:`InitKVCache`, :class:`ExecuteStep`, :class:`CommitKVCache`, :class:`Shutdown`;
+- worker -> executor, over each worker's reply pipe (:data:`Reply`): :class:`WorkerReady`,
+  :class:`KVCacheReady`, :class:`StepResult` (driver rank only), :class:`Committed`,
+  :class:`WorkerFailed`;
+- :class:`WorkerStart`: what a worker process is started with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import torch
+
+from kvrun.engine.batch import StepLogits
+from kvrun.scheduling.output import ScheduledChunk
+
+__all__ = [
+    "Broadcast",
+    "ChannelHandle",
+    "CommitKVCache",
+    "Committed",
+    "ExecuteStep",
+    "InitKVCache",
+    "KVCacheReady",
+    "MessageError",
+    "Reply",
+    "Shutdown",
+    "StepLogitsMessage",
+    "StepResult",
+    "TensorBlob",
+    "WireChunk",
+    "WorkerFailed",
+    "WorkerReady",
+    "WorkerStart",
+    "chunk_from_wire",
+    "chunk_to_wire",
+    "decode_broadcast",
+    "decode_reply",
+    "decode_start",
+    "encode",
+    "pack_step_logits",
+    "pack_tensor",
+    "unpack_step_logits",
+    "unpack_tensor",
+]
+
+# Tensor dtypes that may cross the boundary, by name.
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+
+
+class MessageError(RuntimeError):
+    """A payload that is not a well-formed message of the expected union."""
+
+
+class _Message(msgspec.Struct, forbid_unknown_fields=True, tag_field="type"):
+    """Base of every message: tagged by ``type``; a field we do not know is malformed."""
+
+
+class TensorBlob(msgspec.Struct, forbid_unknown_fields=True):
+    """A tensor as raw bytes: ``data`` holds prod(shape) elements of ``dtype``, C order."""
+
+    dtype: str  # a key of _DTYPES
+    shape: list[int]
+    data: bytes
+
+
+# --- executor -> workers (the broadcast) ------------------------------------------------
+class InitKVCache(_Message, tag="init_kv_cache"):
+    """Allocate the KV cache: the minimum of the ranks' block counts."""
+
+    num_blocks: int
+
+
+class WireChunk(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
+    """A ScheduledChunk's fields (kvrun.scheduling.output says what each means); the
+    media of a multimodal chunk do not travel (the builder refuses such models here)."""
+
+    request_id: str
+    token_ids: list[int]
+    start_position: int
+    block_ids: list[int]
+    samples: bool
+    is_prefill: bool
+    lora_id: int
+
+
+class ExecuteStep(_Message, tag="execute"):
+    """One scheduler step, as StepRunner.execute takes it."""
+
+    step: int  # counts up from 0; the driver's StepResult names it
+    chunks: list[WireChunk]
+    prompt_logits_for: frozenset[str]
+    hidden_for: frozenset[str]
+
+
+class CommitKVCache(_Message, tag="commit_kv_cache"):
+    """Write every byte of this rank's KV cache once (StepRunner.commit_kv_cache)."""
+
+
+class Shutdown(_Message, tag="shutdown"):
+    """Close the worker and exit."""
+
+
+Broadcast = InitKVCache | ExecuteStep | CommitKVCache | Shutdown
+
+
+# --- workers -> executor (each worker's reply pipe) -------------------------------------
+class WorkerReady(_Message, tag="ready"):
+    """Distributed init and model load done; the blocks this rank's KV budget holds."""
+
+    rank: int
+    kv_cache_blocks: int
+
+
+class KVCacheReady(_Message, tag="kv_cache_ready"):
+    rank: int
+
+
+class StepLogitsMessage(msgspec.Struct, forbid_unknown_fields=True):
+    """A StepLogits with its tensors as blobs (fields as StepLogits' own)."""
+
+    logits: TensorBlob
+    request_ids: list[str]
+    prompt_logits: dict[str, TensorBlob]
+    hidden: dict[str, TensorBlob]
+
+
+class StepResult(_Message, tag="step_result"):
+    """The driver rank's output of step ``step``."""
+
+    step: int
+    logits: StepLogitsMessage
+
+
+class Committed(_Message, tag="committed"):
+    rank: int
+    nbytes: int  # bytes of KV cache this rank wrote
+
+
+class WorkerFailed(_Message, tag="failed"):
+    """A worker's exception; it exits right after sending this."""
+
+    rank: int
+    phase: str  # "start-up", "init_kv_cache", "execute", ...
+    error: str  # the exception's type and message
+    traceback: str
+    user_error: bool  # the exception was a KvrunError (a bad setting, an unreachable peer)
+
+
+Reply = WorkerReady | KVCacheReady | StepResult | Committed | WorkerFailed
+
+
+# --- what a worker process starts with --------------------------------------------------
+class ChannelHandle(msgspec.Struct, forbid_unknown_fields=True):
+    """How a reader attaches to a broadcast ring (kvrun.executor.shm_channel)."""
+
+    name: str  # the shared-memory segment's name (/dev/shm/<name>)
+    num_readers: int
+    num_slots: int
+    slot_bytes: int
+
+
+class WorkerStart(_Message, tag="start"):
+    """Everything a worker process needs: its WorkerSpec's fields, the engine options,
+    the environment, and where its channels are."""
+
+    rank: int
+    local_rank: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    init_method: str
+    is_driver: bool
+    engine_args: dict[str, Any]  # EngineArgs' fields (plain data)
+    env: dict[str, str]  # the variables the engine was started with, LOCAL_RANK set
+    threads: int  # torch/OpenMP threads for this worker
+    dist_timeout_s: float  # bound on the distributed rendezvous
+    channel: ChannelHandle
+    reader_index: int  # this worker's reader slot in the channel
+    doorbell_fd: int  # read end of this worker's wake-up pipe (EOF: the executor is gone)
+    reply_fd: int  # write end of this worker's reply pipe
+    parent_pid: int
+    started_by_main_thread: bool  # PR_SET_PDEATHSIG is safe (it follows the starting thread)
+
+
+_encoder = msgspec.msgpack.Encoder()
+_broadcast_decoder = msgspec.msgpack.Decoder(Broadcast)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_start_decoder = msgspec.msgpack.Decoder(WorkerStart)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[Any], payload: bytes, what: str) -> Any:
+    try:
+        return decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        tags = ", ".join(sorted(_tags(decoder.type)))
+        raise MessageError(
+            f"{len(payload)} bytes are not a valid {what} message ({exc}); accepted "
+            f"message types: {tags}"
+        ) from None
+
+
+def _tags(union: Any) -> list[str]:
+    members = getattr(union, "__args__", (union,))
+    return [str(m.__struct_config__.tag) for m in members]
+
+
+def decode_broadcast(payload: bytes) -> Broadcast:
+    """An executor -> worker message; MessageError for anything else."""
+    message: Broadcast = _decode(_broadcast_decoder, payload, "executor-to-worker")
+    return message
+
+
+def decode_reply(payload: bytes) -> Reply:
+    """A worker -> executor message; MessageError for anything else."""
+    message: Reply = _decode(_reply_decoder, payload, "worker-to-executor")
+    return message
+
+
+def decode_start(payload: bytes) -> WorkerStart:
+    message: WorkerStart = _decode(_start_decoder, payload, "worker start")
+    return message
+
+
+def chunk_to_wire(chunk: ScheduledChunk) -> WireChunk:
+    if getattr(chunk, "multi_modal", None) is not None:
+        raise MessageError(
+            f"request {chunk.request_id}'s chunk carries media, which the mp executor "
+            "does not send to its workers"
+        )
+    return WireChunk(
+        chunk.request_id,
+        chunk.token_ids,
+        chunk.start_position,
+        chunk.block_ids,
+        chunk.samples,
+        chunk.is_prefill,
+        chunk.lora_id,
+    )
+
+
+def chunk_from_wire(wire: WireChunk) -> ScheduledChunk:
+    return ScheduledChunk(
+        request_id=wire.request_id,
+        token_ids=wire.token_ids,
+        start_position=wire.start_position,
+        block_ids=wire.block_ids,
+        samples=wire.samples,
+        is_prefill=wire.is_prefill,
+        lora_id=wire.lora_id,
+    )
+
+
+def pack_tensor(tensor: torch.Tensor) -> TensorBlob:
+    """The tensor's bytes (moved to host memory, made contiguous)."""
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise MessageError(f"tensors of dtype {name} do not cross to the executor")
+    host = tensor.detach().to("cpu").contiguous()
+    data = host.view(torch.uint8).numpy().tobytes() if host.numel() else b""
+    return TensorBlob(name, list(host.shape), data)
+
+
+def unpack_tensor(blob: TensorBlob) -> torch.Tensor:
+    """A tensor owning a copy of the blob's bytes."""
+    dtype = _DTYPES.get(blob.dtype)
+    if dtype is None:
+        raise MessageError(
+            f"tensor dtype {blob.dtype!r} is not known; accepted: {', '.join(_DTYPES)}"
+        )
+    count = 1
+    for d in blob.shape:
+        count *= d
+    if count * torch.empty((), dtype=dtype).element_size() != len(blob.data):
+        raise MessageError(
+            f"a {blob.dtype} tensor of shape {blob.shape} needs "
+            f"{count * torch.empty((), dtype=dtype).element_size()} bytes, got {len(blob.data)}"
+        )
+    if not blob.data:
+        return torch.empty(blob.shape, dtype=dtype)
+    raw = torch.frombuffer(bytearray(blob.data), dtype=torch.uint8)
+    return raw.view(dtype).reshape(blob.shape)
+
+
+def pack_step_logits(out: StepLogits) -> StepLogitsMessage:
+    return StepLogitsMessage(
+        logits=pack_tensor(out.logits),
+        request_ids=list(out.request_ids),
+        prompt_logits={k: pack_tensor(v) for k, v in out.prompt_logits.items()},
+        hidden={k: pack_tensor(v) for k, v in out.hidden.items()},
+    )
+
+
+def unpack_step_logits(message: StepLogitsMessage) -> StepLogits:
+    return StepLogits(
+        logits=unpack_tensor(message.logits),
+        request_ids=list(message.request_ids),
+        prompt_logits={k: unpack_tensor(v) for k, v in message.prompt_logits.items()},
+        hidden={k: unpack_tensor(v) for k, v in message.hidden.items()},
+    )

@@ -1,0 +1,119 @@
+"""One rank of the Ray executor: a Ray actor wrapping a :class:`~kvrun.distributed.worker.Worker`.
+
+:class:`RankActor` is a plain class; :mod:`kvrun.executor.ray_executor` turns it into a
+Ray actor class (``ray.remote``) and creates one per rank in a placement group. Its
+arguments are plain data, as the mp workers get them: EngineArgs' fields, the variables
+the engine was started with, the WorkerSpec's fields. Each step arrives as the bytes of a
+typed :class:`~kvrun.executor.messages.ExecuteStep` message (msgpack, never a pickle of
+our objects); the driver rank answers the bytes of a
+:class:`~kvrun.executor.messages.StepResult`, the other ranks ``b""``.
+
+Call order (the Worker's): :meth:`placement` (where the actor runs), on rank 0
+:meth:`rendezvous_address`, then :meth:`start` on every rank at once (they meet at the
+rendezvous), :meth:`init_kv_cache`, :meth:`execute` per step, :meth:`close`.
+This module imports no torch at import time; Ray imports it in each actor process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["RankActor"]
+
+logger = logging.getLogger(__name__)
+
+
+class RankActor:
+    """One rank in a Ray actor process."""
+
+    def __init__(self, env: Mapping[str, str], threads: int) -> None:
+        # as an mp worker: this process's thread count before torch starts its pool
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+        from kvrun.envs import read_env
+        from kvrun.logging_config import configure_logging
+
+        configure_logging(read_env(dict(env)))
+        self.env = dict(env)
+        self.threads = threads
+        self.worker: Any = None
+        self.rank = -1
+        self.is_driver = False
+
+    def placement(self) -> tuple[str, str, int]:
+        """(Ray node id, the node's IP as Ray reports it, this process's pid)."""
+        import ray
+
+        return (
+            ray.get_runtime_context().get_node_id(),
+            ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+            os.getpid(),
+        )
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Where rank 0 (this actor) serves the rendezvous: VLLM_HOST_IP, else this
+        node's IP as Ray reports it; the first free port from VLLM_PORT (unset: any)."""
+        import ray
+
+        from kvrun.distributed.state import find_free_port
+        from kvrun.envs import read_env
+
+        env = read_env(self.env)
+        host = env.VLLM_HOST_IP or ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        return host, find_free_port(host, env.VLLM_PORT)
+
+    def start(
+        self, engine_args: dict[str, Any], spec: dict[str, Any], dist_timeout_s: float
+    ) -> int:
+        """Build the Worker, join the rendezvous, load this rank's shard; the KV blocks
+        this rank's share of the budget holds. Errors propagate (Ray carries them)."""
+        from kvrun.config import EngineArgs
+        from kvrun.distributed.worker import Worker, WorkerSpec
+
+        worker_spec = WorkerSpec(**spec)
+        self.rank = worker_spec.rank
+        os.environ["LOCAL_RANK"] = str(worker_spec.local_rank)
+        self.worker = Worker(EngineArgs(**engine_args), self.env, worker_spec)
+        self.is_driver = self.worker.is_driver
+        self.worker.init_distributed(dist_timeout_s)
+        self.worker.load_model()
+        return int(self.worker.kv_cache_blocks())
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.worker.init_kv_cache(num_blocks)
+
+    def commit_kv_cache(self) -> int:
+        return int(self.worker.commit_kv_cache())
+
+    def execute(self, payload: bytes) -> bytes:
+        """Run one step (an ExecuteStep message); the driver's StepResult bytes, else b""."""
+        from kvrun.executor.messages import (
+            ExecuteStep,
+            MessageError,
+            StepResult,
+            chunk_from_wire,
+            decode_broadcast,
+            encode,
+            pack_step_logits,
+        )
+
+        message = decode_broadcast(payload)
+        if not isinstance(message, ExecuteStep):
+            raise MessageError(f"rank {self.rank} expected a step, got {type(message).__name__}")
+        chunks = [chunk_from_wire(c) for c in message.chunks]
+        out = self.worker.execute(chunks, message.prompt_logits_for, message.hidden_for)
+        if not self.is_driver:
+            return b""
+        if out is None:
+            raise RuntimeError("the driver rank's Worker.execute returned no logits")
+        return encode(StepResult(message.step, pack_step_logits(out)))
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None

@@ -1,0 +1,290 @@
+"""Quantized weights kept as stored: vLLM's ``quantization=`` names and GGUF matrices.
+
+``quantization`` (:data:`QUANTIZATION_METHODS`) says how a quantized checkpoint runs:
+
+- ``None`` (the default): as its format says, dequantized at load (GGUF and AWQ alike:
+  the model then computes in its float dtype, and greedy output equals transformers'
+  on the same file);
+- ``"gguf"``: a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K matrices stay in their blocks
+  (:class:`QuantizedMatrix`) and run on the platform's quantized kernels
+  (``Platform.quantized_gguf_types``); other tensor types are dequantized at load;
+- ``"awq"``: an AWQ checkpoint, dequantized at load (as ``None``; accepted because vLLM
+  users name it). vLLM's GPU-only kernels (``awq_marlin``, ``gptq_marlin``, ...) are
+  refused with the reason.
+
+A :class:`QuantizedMatrix` is what the loader yields and the model holds until the
+platform's ``prepare_linear`` repacks it; the reference ``linear`` and ``embedding``
+ops dequantize it per call (the oracle the platform's kernels are tested against).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvrun.errors import ConfigError
+
+__all__ = [
+    "EXECUTABLE_GGUF_TYPES",
+    "GPU_ONLY_METHODS",
+    "QUANTIZATION_METHODS",
+    "QuantizedMatrix",
+    "check_quantization",
+    "quantized_names",
+]
+
+# The accepted values of ``quantization`` (None: dequantize at load).
+QUANTIZATION_METHODS = ("gguf", "awq")
+# vLLM's names for GPU kernels kvrun has no counterpart of, with what to use instead.
+GPU_ONLY_METHODS = (
+    "awq_marlin",
+    "gptq",
+    "gptq_marlin",
+    "gptq_marlin_24",
+    "marlin",
+    "fp8",
+    "fbgemm_fp8",
+    "modelopt",
+    "bitsandbytes",
+    "compressed-tensors",
+    "experts_int8",
+    "ipex",
+    "torchao",
+)
+# GGUF types a matrix may stay in (block of 32 values, bytes per block).
+EXECUTABLE_GGUF_TYPES: Mapping[str, tuple[int, int]] = {
+    "Q8_0": (32, 34),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q4_K": (256, 144),  # super-blocks of 8 x 32 values: 6-bit scales and mins
+}
+
+
+def check_quantization(method: str | None) -> None:
+    """A ConfigError naming ``method`` unless kvrun accepts it."""
+    if method is None or method in QUANTIZATION_METHODS:
+        return
+    if method in GPU_ONLY_METHODS:
+        raise ConfigError(
+            f"quantization {method!r} names one of vLLM's GPU kernels, which kvrun does not "
+            f"have; accepted: {', '.join(QUANTIZATION_METHODS)}, or omit it (a quantized "
+            "checkpoint is then dequantized at load)"
+        )
+    raise ConfigError(
+        f"quantization {method!r} is not known; accepted: {', '.join(QUANTIZATION_METHODS)}, "
+        "or omit it (a quantized checkpoint is then dequantized at load)"
+    )
+
+
+class QuantizedMatrix:
+    """An [out_features, in_features] matrix in GGUF blocks, as the file stores it.
+
+    ``blocks`` is uint8 [out_features, in_features / 32 * block_bytes]: row r's blocks of
+    32 consecutive columns, each laid out as GGUF's ``qtype`` says. Rows are
+    independent, so a model may merge matrices along the rows (q|k|v) by filling row
+    slices (:meth:`__getitem__` with a slice is a view) with :meth:`copy_`. ``dtype`` is
+    the float dtype the model computes in: what :meth:`dequantize` returns.
+    """
+
+    def __init__(
+        self,
+        qtype: str,
+        blocks: torch.Tensor,
+        in_features: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if qtype not in EXECUTABLE_GGUF_TYPES:
+            raise ValueError(
+                f"GGUF type {qtype} is not kept quantized; accepted: "
+                f"{', '.join(EXECUTABLE_GGUF_TYPES)}"
+            )
+        block, nbytes = EXECUTABLE_GGUF_TYPES[qtype]
+        if in_features % block or blocks.dtype != torch.uint8 or blocks.dim() != 2:
+            raise ValueError(
+                f"a {qtype} matrix needs uint8 rows of whole {block}-column blocks; got "
+                f"{blocks.dtype} {tuple(blocks.shape)} for {in_features} columns"
+            )
+        if blocks.shape[1] != in_features // block * nbytes:
+            raise ValueError(
+                f"{in_features} columns of {qtype} take {in_features // block * nbytes} bytes "
+                f"per row, not {blocks.shape[1]}"
+            )
+        self.qtype = qtype
+        self.blocks = blocks
+        self.in_features = in_features
+        self.dtype = dtype
+
+    @classmethod
+    def empty(
+        cls, qtype: str, out_features: int, in_features: int, dtype: torch.dtype = torch.float32
+    ) -> QuantizedMatrix:
+        block, nbytes = EXECUTABLE_GGUF_TYPES[qtype]
+        rows = torch.empty((out_features, -(-in_features // block) * nbytes), dtype=torch.uint8)
+        return cls(qtype, rows, in_features, dtype)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.blocks.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.blocks.numel())
+
+    def __getitem__(self, rows: slice) -> QuantizedMatrix:
+        """Rows ``rows`` (a slice) as a view: filling it fills this matrix."""
+        if not isinstance(rows, slice):
+            raise TypeError(f"a QuantizedMatrix is indexed by a slice of rows, not {rows!r}")
+        return QuantizedMatrix(self.qtype, self.blocks[rows], self.in_features, self.dtype)
+
+    def copy_(self, other: Any) -> QuantizedMatrix:
+        """Fill with ``other``'s blocks (a QuantizedMatrix of the same type and shape)."""
+        if not isinstance(other, QuantizedMatrix) or other.qtype != self.qtype:
+            got = other.qtype if isinstance(other, QuantizedMatrix) else type(other).__name__
+            raise TypeError(f"a {self.qtype} matrix is filled from {self.qtype} blocks, not {got}")
+        self.blocks.copy_(other.blocks)
+        return self
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The matrix (or its rows ``rows``, [T] int64) in ``dtype``, as the GGUF loader
+        dequantizes it (``gguf.quants.dequantize`` in float32, then converted)."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        blocks = self.blocks if rows is None else self.blocks.index_select(0, rows)
+        values = dequantize(blocks.numpy(), GGMLQuantizationType[self.qtype])
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(self.dtype)
+
+    def __repr__(self) -> str:
+        return f"QuantizedMatrix({self.qtype}, {self.out_features}x{self.in_features})"
+
+
+def quantized_names(
+    groups: Iterable[tuple[str, ...]],
+    stored_types: Mapping[str, str],
+    accepted: Iterable[str],
+) -> dict[tuple[str, ...], str]:
+    """Which of a model's matrices stay quantized: each group of Hugging Face names
+    (the parts of one merged matrix, e.g. q/k/v) whose parts are all stored in one
+    ``accepted`` GGUF type, with that type. A group with a part missing from
+    ``stored_types`` (another spelling of a merged weight) or of another type is left
+    out: it is dequantized at load."""
+    allowed = set(accepted) & set(EXECUTABLE_GGUF_TYPES)
+    kept: dict[tuple[str, ...], str] = {}
+    for group in groups:
+        types = {stored_types.get(name) for name in group}
+        if len(types) == 1:
+            (qtype,) = types
+            if qtype in allowed:
+                assert qtype is not None
+                kept[group] = qtype
+    return kept
+
+
+def keep_llama_quantized(
+    model: Any, stored_types: Mapping[str, str], accepted: Iterable[str]
+) -> frozenset[str]:
+    """Before loading: replace a Llama-family model's matrices (merged q|k|v, o, gate|up,
+    down, the embedding and the lm_head) stored in one ``accepted`` GGUF type by empty
+    :class:`QuantizedMatrix` destinations; returns the Hugging Face names the loader
+    must then yield quantized. Mixture layers and the rest keep their float tensors."""
+    names: set[str] = set()
+
+    def swap(owner: Any, attr: str, groups: list[tuple[str, ...]]) -> None:
+        current = getattr(owner, attr)
+        kept = quantized_names(groups, stored_types, accepted)
+        if not isinstance(current, torch.Tensor) or not kept:
+            return
+        group, qtype = next(iter(kept.items()))
+        out_features, in_features = current.shape
+        if in_features % EXECUTABLE_GGUF_TYPES[qtype][0]:
+            return  # not whole blocks (no GGUF writer makes such a row): dequantized
+        setattr(owner, attr, QuantizedMatrix.empty(qtype, out_features, in_features, model.dtype))
+        names.update(group)
+
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+        qkv = (tuple(f"{attn}{x}_proj.weight" for x in "qkv"), (attn + "qkv_proj.weight",))
+        swap(layer, "qkv", list(qkv))
+        swap(layer, "o", [(attn + "o_proj.weight",)])
+        if layer.gate_up is not None:
+            gate_up = (mlp + "gate_proj.weight", mlp + "up_proj.weight")
+            swap(layer, "gate_up", [gate_up, (mlp + "gate_up_proj.weight",)])
+            swap(layer, "down", [(mlp + "down_proj.weight",)])
+    tied = model.lm_head is model.embed
+    if model.embed is not None:
+        swap(model, "embed", [("model.embed_tokens.weight",)])
+    if tied:
+        model.lm_head = model.embed
+    elif model.lm_head is not None:
+        swap(model, "lm_head", [("lm_head.weight",)])
+    return frozenset(names)
+
+
+def plan_quantized_load(
+    method: str | None, checkpoint: Any, model: Any, platform: Any
+) -> frozenset[str]:
+    """What ``quantization=method`` means for this checkpoint, model and platform: the
+    Hugging Face names the loader yields as :class:`QuantizedMatrix` (the model's
+    destinations for them already swapped, :func:`keep_llama_quantized`); empty where
+    everything is dequantized at load. A ConfigError where the method does not apply."""
+    import logging
+
+    logger = logging.getLogger("kvrun.engine")
+    check_quantization(method)
+    if method is None:
+        return frozenset()
+    if method == "awq":
+        from kvrun.loader.awq import awq_config
+
+        if (
+            checkpoint.format == "gguf"
+            or awq_config(checkpoint.hf_config, checkpoint.source) is None
+        ):
+            raise ConfigError(
+                f"quantization='awq' but {checkpoint.source!r} is not an AWQ checkpoint "
+                "(config.json's quantization_config has no quant_method 'awq'); omit it"
+            )
+        logger.info("quantization='awq': the AWQ weights are dequantized at load")
+        return frozenset()
+    if checkpoint.format != "gguf":
+        raise ConfigError(
+            f"quantization='gguf' needs a GGUF file; {checkpoint.source!r} is a "
+            f"{checkpoint.format} checkpoint (omit quantization)"
+        )
+    accepted = frozenset(getattr(platform, "quantized_gguf_types", frozenset()))
+    keep = getattr(model, "keep_quantized", None)
+    if not accepted:
+        raise ConfigError(
+            f"quantization='gguf': the {platform.name} platform has no kernels for GGUF "
+            "blocks; omit quantization to dequantize the file at load"
+        )
+    if keep is None or getattr(model, "parallel", None) is not None:
+        raise ConfigError(
+            f"quantization='gguf' runs the Llama-family dense models on one device, not "
+            f"{type(model).__name__}{' in parallel' if keep else ''}; omit quantization to "
+            "dequantize the file at load"
+        )
+    from kvrun.loader.gguf_loader import gguf_stored_types, open_gguf
+
+    reader = checkpoint.gguf_reader or open_gguf(checkpoint.gguf_file)
+    stored = gguf_stored_types(reader, checkpoint.hf_config, checkpoint.gguf_file)
+    names = frozenset(keep(stored, accepted))
+    matrices = {n: t for n, t in stored.items() if n.endswith(".weight") and "norm" not in n}
+    left = sorted({t for n, t in matrices.items() if n not in names})
+    counts = sorted({t for n, t in matrices.items() if n in names})
+    logger.info(
+        "quantization='gguf': %d of %d weight matrices run as stored (%s); %s",
+        len(names),
+        len(matrices),
+        ", ".join(counts) or "none",
+        f"the rest ({', '.join(left)}) dequantized at load" if left else "none dequantized",
+    )
+    return names

@@ -1,0 +1,324 @@
+/* Quantized weights executed as stored (GGUF Q8_0, Q4_0, Q4_1): y = x W^T (+ bias).
+ *
+ * Layout (kvrun_cpu/native/quantized.py repacks a GGUF matrix into it once, at load):
+ * panels of 16 output rows, each a run of blocks of 32 input columns; one block is
+ *   - the 16 rows' 32 values as unsigned bytes in AVX512-VNNI's operand order: line g
+ *     (64 bytes) holds, for each row l, the values of columns 4g .. 4g+3 in bytes
+ *     4l .. 4l+3. 8-bit: 8 lines, the value + 128 (Q8_0's int8 made unsigned); 4-bit:
+ *     4 lines, column c in the low nibble and column c + 16 in the high one (GGUF's own
+ *     nibble order, so a Q4 row's 16 bytes are copied as they are);
+ *   - 16 scales d, then 16 offsets o: row l's weight at column c is
+ *     d[l] * v[l][c] + o[l] (Q4_1: o = its min; Q4_0: o = -8 d; Q8_0: o = -128 d), as
+ *     fp16; Q4_K's (d times a sub-block's 6-bit scale, -dmin times its 6-bit min) as
+ *     fp32, since those products need more than fp16's 11 bits.
+ * A block is 576 (8-bit), 320 (4-bit) or 384 (4-bit, fp32 scales) bytes, multiples of
+ * 64: every line is aligned.
+ *
+ * Activations are quantized per token and block of 32 to int8, as llama.cpp does:
+ * dx = max|x| / 127, xq = round(x / dx) (to nearest even). Then, per block,
+ *   sum_c w[c] x[c] ~= d * (dx * isum) + o * (dx * sum(xq)),  isum = sum_c v[c] xq[c]
+ * where isum is exact in int32 (AVX512-VNNI's vpdpbusd: unsigned weight bytes times
+ * signed activation bytes, four per lane). Each output is accumulated over the blocks
+ * in order with the same float operations on every path (VNNI and the portable C), so
+ * the two give the same bits, and a token's result depends on its own row only, never
+ * on its batch or on the thread split.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvrun_cpu.h"
+
+#define PANEL 16
+#define QBLOCK 32
+#if KV_AVX512 && defined(__AVX512VNNI__)
+#define KV_VNNI 1
+#else
+#define KV_VNNI 0
+#endif
+
+/* The formats (kvrun_cpu.native.quantized): 8 = 8-bit, 4 = 4-bit with fp16 scales,
+   QF32 = 4-bit with fp32 scales. */
+#define QF32 36
+KV_INLINE int64_t block_bytes(int bits)
+{
+    return bits == 8 ? 8 * 64 + 64 : bits == 4 ? 4 * 64 + 64 : 4 * 64 + 128;
+}
+KV_INLINE int value_bits(int bits) { return bits == QF32 ? 4 : bits; }
+
+/* Row l's scale and offset in a block whose scales start at sc. */
+KV_INLINE float f16_to_f32(uint16_t h);
+KV_INLINE void scale_offset(const uint8_t *sc, int bits, int64_t l, float *d, float *o)
+{
+    if (bits == QF32) {
+        memcpy(d, sc + 4 * l, sizeof *d);
+        memcpy(o, sc + 64 + 4 * l, sizeof *o);
+    } else {
+        uint16_t h[2];
+        memcpy(&h[0], sc + 2 * l, 2);
+        memcpy(&h[1], sc + 32 + 2 * l, 2);
+        *d = f16_to_f32(h[0]);
+        *o = f16_to_f32(h[1]);
+    }
+}
+
+/* 1: the AVX512-VNNI kernels; 0: the portable C (kvrun_cpu.native.quantized logs it). */
+int kvrun_quant_isa(void) { return KV_VNNI; }
+
+/* IEEE half to float, exactly (no F16C needed). */
+KV_INLINE float f16_to_f32(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    union { uint32_t u; float f; } v;
+    if (exp == 0) {
+        const float f = (float)man * (1.0f / 16777216.0f); /* man * 2^-24, exact */
+        return sign ? -f : f;
+    }
+    v.u = sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112u) << 23) | (man << 13));
+    return v.f;
+}
+
+/* --- activations -------------------------------------------------------------------- */
+
+/* Row i of x [m, k] (row stride x_row) into xq [m, k] int8 and xs [m, k/32, 2] (dx and
+   dx * sum(xq) per block). */
+static void quantize_row(const float *x, int64_t k, int8_t *xq, float *xs)
+{
+    for (int64_t b = 0; b < k / QBLOCK; ++b) {
+        const float *v = x + b * QBLOCK;
+        int8_t *q = xq + b * QBLOCK;
+#if KV_AVX512
+        const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+        _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+        const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#else
+        float amax = 0.f;
+        for (int j = 0; j < QBLOCK; ++j) amax = fmaxf(amax, fabsf(v[j]));
+        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        int sum = 0;
+        for (int j = 0; j < QBLOCK; ++j) {
+            const float s = v[j] * id;
+            q[j] = (int8_t)nearbyintf(s);
+            sum += q[j];
+        }
+#endif
+        xs[2 * b] = d;
+        xs[2 * b + 1] = d * (float)sum;
+    }
+}
+
+/* --- the matmul ----------------------------------------------------------------------- */
+
+typedef struct {
+    const int8_t *xq; /* [m, k] */
+    const float *xs;  /* [m, k/32, 2] */
+    const uint8_t *w; /* [ceil(n/16), k/32, block_bytes], 64-byte aligned */
+    const float *bias; /* [n] or NULL */
+    float *y;          /* [m, n], row stride y_row */
+    int64_t y_row, m, n, k;
+    int bits;
+} quant_args;
+
+KV_INLINE void store_tile(const quant_args *a, int64_t i, int64_t p, int MR, int NP,
+                          float acc[4][4][PANEL])
+{
+    for (int j = 0; j < NP; ++j) {
+        const int64_t col = (p + j) * PANEL;
+        const int64_t cols = a->n - col < PANEL ? a->n - col : PANEL;
+        for (int r = 0; r < MR; ++r)
+            for (int64_t l = 0; l < cols; ++l)
+                a->y[(i + r) * a->y_row + col + l] = acc[r][j][l] + (a->bias ? a->bias[col + l] : 0.f);
+    }
+}
+
+#if KV_VNNI
+KV_INLINE __m512i bcast32(const int8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm512_set1_epi32(v);
+}
+
+/* MR (<= 4) rows of x from row i against NP (<= 4) panels from panel p, BITS 4 or 8. */
+KV_INLINE void tile(const quant_args *a, int64_t i, int64_t p, const int MR, const int NP,
+                    const int BITS)
+{
+    const int64_t kb = a->k / QBLOCK, bs = block_bytes(BITS), data = value_bits(BITS) * 64;
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512 acc[4][4];
+    for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < kb; ++b) {
+        __m512i isum[4][4];
+        for (int r = 0; r < MR; ++r)
+            for (int j = 0; j < NP; ++j) isum[r][j] = _mm512_setzero_si512();
+        for (int j = 0; j < NP; ++j) {
+            const uint8_t *blk = a->w + ((p + j) * kb + b) * bs;
+            if (BITS != 8) {
+                for (int g = 0; g < 4; ++g) {
+                    const __m512i v = _mm512_load_si512((const void *)(blk + 64 * g));
+                    const __m512i lo = _mm512_and_si512(v, low);
+                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                    for (int r = 0; r < MR; ++r) {
+                        const int8_t *xr = a->xq + (i + r) * a->k + b * QBLOCK;
+                        isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], lo, bcast32(xr + 4 * g));
+                        isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], hi, bcast32(xr + 16 + 4 * g));
+                    }
+                }
+            } else {
+                for (int g = 0; g < 8; ++g) {
+                    const __m512i v = _mm512_load_si512((const void *)(blk + 64 * g));
+                    for (int r = 0; r < MR; ++r) {
+                        const int8_t *xr = a->xq + (i + r) * a->k + b * QBLOCK;
+                        isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], v, bcast32(xr + 4 * g));
+                    }
+                }
+            }
+        }
+        for (int j = 0; j < NP; ++j) {
+            const uint8_t *sc = a->w + ((p + j) * kb + b) * bs + data;
+            const __m512 d = BITS == QF32 ? _mm512_load_ps(sc)
+                                          : _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)sc));
+            const __m512 o = BITS == QF32 ? _mm512_load_ps(sc + 64)
+                                          : _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 32)));
+            for (int r = 0; r < MR; ++r) {
+                const float *s = a->xs + ((i + r) * kb + b) * 2;
+                const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum[r][j]), _mm512_set1_ps(s[0]));
+                acc[r][j] = _mm512_fmadd_ps(d, t, acc[r][j]);
+                acc[r][j] = _mm512_fmadd_ps(o, _mm512_set1_ps(s[1]), acc[r][j]);
+            }
+        }
+    }
+    float out[4][4][PANEL];
+    for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NP; ++j) _mm512_storeu_ps(out[r][j], acc[r][j]);
+    store_tile(a, i, p, MR, NP, out);
+}
+#else
+/* The portable C: the same integer sums, then the same float operations in order. */
+KV_INLINE void tile(const quant_args *a, int64_t i, int64_t p, const int MR, const int NP,
+                    const int BITS)
+{
+    const int64_t kb = a->k / QBLOCK, bs = block_bytes(BITS), data = value_bits(BITS) * 64;
+    float acc[4][4][PANEL];
+    for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NP; ++j)
+            for (int l = 0; l < PANEL; ++l) acc[r][j][l] = 0.f;
+    for (int64_t b = 0; b < kb; ++b)
+        for (int j = 0; j < NP; ++j) {
+            const uint8_t *blk = a->w + ((p + j) * kb + b) * bs;
+            const uint8_t *sc = blk + data;
+            for (int r = 0; r < MR; ++r) {
+                const int8_t *xr = a->xq + (i + r) * a->k + b * QBLOCK;
+                const float *s = a->xs + ((i + r) * kb + b) * 2;
+                for (int l = 0; l < PANEL; ++l) {
+                    int32_t isum = 0;
+                    for (int c = 0; c < QBLOCK; ++c) {
+                        int v;
+                        if (BITS != 8) {
+                            const uint8_t byte = blk[(c % 16) / 4 * 64 + l * 4 + c % 4];
+                            v = c < 16 ? byte & 0x0f : byte >> 4;
+                        } else {
+                            v = blk[c / 4 * 64 + l * 4 + c % 4];
+                        }
+                        isum += v * xr[c];
+                    }
+                    const float t = (float)isum * s[0];
+                    float d, o;
+                    scale_offset(sc, BITS, l, &d, &o);
+                    acc[r][j][l] = __builtin_fmaf(d, t, acc[r][j][l]);
+                    acc[r][j][l] = __builtin_fmaf(o, s[1], acc[r][j][l]);
+                }
+            }
+        }
+    store_tile(a, i, p, MR, NP, acc);
+}
+#endif
+
+static void tile_any(const quant_args *a, int64_t i, int64_t p, int64_t mr, int64_t np)
+{
+#define T(MR, NP)                                                  \
+    case (MR) * 8 + (NP):                                          \
+        if (a->bits == 4) tile(a, i, p, MR, NP, 4);                \
+        else if (a->bits == QF32) tile(a, i, p, MR, NP, QF32);     \
+        else tile(a, i, p, MR, NP, 8);                             \
+        return;
+    switch (mr * 8 + np) {
+        T(4, 2) T(4, 1) T(3, 2) T(3, 1) T(2, 2) T(2, 1) T(1, 4) T(1, 3) T(1, 2) T(1, 1)
+    }
+#undef T
+}
+
+static void quant_task(const void *args, int worker, int workers)
+{
+    const quant_args *a = args;
+    int64_t begin, end;
+    /* Decode (one row): 4 panels per tile for four independent chains of vpdpbusd;
+       batches: 4 rows x 2 panels, the weights unpacked once per 4 rows. */
+    const int64_t wide = a->m == 1 ? 4 : 2;
+    kv_split((a->n + PANEL - 1) / PANEL, wide, worker, workers, &begin, &end);
+    for (int64_t p = begin; p < end; p += wide) {
+        const int64_t np = end - p < wide ? end - p : wide;
+        for (int64_t i = 0; i < a->m; i += 4) tile_any(a, i, p, a->m - i < 4 ? a->m - i : 4, np);
+    }
+}
+
+/* y [m, n] = x [m, k] (float32, row stride x_row) times the packed matrix transposed
+   (+ bias [n]). k is a multiple of 32. Returns 0, or -1 when scratch memory ran out. */
+int kvrun_quant_linear(const float *x, int64_t x_row, const uint8_t *w, int bits,
+                       const float *bias, float *y, int64_t y_row, int64_t m, int64_t n, int64_t k,
+                       int workers)
+{
+    const int64_t kb = k / QBLOCK;
+    int8_t *xq = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
+    float *xs = malloc(sizeof(float) * (size_t)(m * kb * 2 + 1));
+    if (xq == NULL || xs == NULL) {
+        free(xq);
+        free(xs);
+        return -1;
+    }
+    for (int64_t i = 0; i < m; ++i) quantize_row(x + i * x_row, k, xq + i * k, xs + i * kb * 2);
+    const quant_args a = {xq, xs, w, bias, y, y_row, m, n, k, bits};
+    /* Below ~32 KiB of quantized weights a second thread costs more than it saves. */
+    if (n * k < 65536) workers = 1;
+    kv_pool_run(quant_task, &a, workers);
+    free(xq);
+    free(xs);
+    return 0;
+}
+
+/* Rows `ids` of the packed [n, k] matrix in float32 (an embedding lookup): out [m, k],
+   each value d * v + o exactly as the GGUF dequantisation computes it. Returns -1, or
+   the index of the first id outside [0, n), writing nothing. */
+int64_t kvrun_quant_rows(const int64_t *ids, int64_t m, const uint8_t *w, int bits, int64_t n,
+                         int64_t k, float *out)
+{
+    for (int64_t i = 0; i < m; ++i)
+        if (ids[i] < 0 || ids[i] >= n) return i;
+    const int64_t kb = k / QBLOCK, bs = block_bytes(bits), data = value_bits(bits) * 64;
+    for (int64_t i = 0; i < m; ++i) {
+        const int64_t p = ids[i] / PANEL, l = ids[i] % PANEL;
+        for (int64_t b = 0; b < kb; ++b) {
+            const uint8_t *blk = w + (p * kb + b) * bs;
+            float d, o;
+            scale_offset(blk + data, bits, l, &d, &o);
+            for (int c = 0; c < QBLOCK; ++c) {
+                int v;
+                if (bits != 8) {
+                    const uint8_t byte = blk[(c % 16) / 4 * 64 + l * 4 + c % 4];
+                    v = c < 16 ? byte & 0x0f : byte >> 4;
+                } else {
+                    v = blk[c / 4 * 64 + l * 4 + c % 4];
+                }
+                const float dv = d * (float)v; /* exact: at most 17 by 8 significant bits */
+                out[i * k + b * QBLOCK + c] = dv + o;
+            }
+        }
+    }
+    return -1;
+}
