@@ -338,22 +338,14 @@ def build_engine_parts(
             f"{model_config.architecture} takes media inputs through kvrun's own model code; "
             f"the {platform.name} platform runs a whole-model executor without them"
         )
-    if config.distributed_executor_backend == "mp":
-        # worker processes hold the model and the KV cache (kvrun.executor)
-        from kvrun.executor.build import build_mp_executor, check_mp_supported
+    if config.distributed_executor_backend in ("mp", "ray"):
+        # worker processes or Ray actors hold the model and the KV cache (kvrun.executor)
+        from kvrun.executor.build import build_executor, check_executor_supported
 
-        check_mp_supported(config, model_config, executor is not None)
-        runner, plan = build_mp_executor(
-            args, env, platform, config, model_config, resolved.attention
+        check_executor_supported(
+            config.distributed_executor_backend, config, model_config, executor is not None
         )
-    elif config.distributed_executor_backend == "ray":
-        # Ray actors hold the model and the KV cache (kvrun.executor.ray_executor)
-        from kvrun.executor.ray_executor import build_ray_executor, check_ray_supported
-
-        check_ray_supported(config, model_config, executor is not None)
-        runner, plan = build_ray_executor(
-            args, env, platform, config, model_config, resolved.attention
-        )
+        runner, plan = build_executor(args, env, platform, config, model_config, resolved.attention)
     elif executor is not None:
         if executor.block_size != config.block_size:
             raise ConfigError(

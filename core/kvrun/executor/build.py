@@ -1,10 +1,12 @@
-"""What the engine builder needs to run the model on the mp executor.
+"""What the engine builder needs to run the model on the mp or ray executor.
 
-:func:`build_mp_executor` turns the resolved EngineConfig and the environment into
-:class:`~kvrun.executor.mp.MultiprocSettings` (the rendezvous address from
-VLLM_HOST_IP/VLLM_PORT, VLLM_WORKER_MULTIPROC_METHOD, the thread split,
-VLLM_RINGBUFFER_WARNING_INTERVAL), starts the workers, and describes their KV cache as
-a plan for the start-up log and the scheduler.
+:func:`build_executor` turns the resolved EngineConfig and the environment into the
+executor's settings (mp: the rendezvous address from VLLM_HOST_IP/VLLM_PORT,
+VLLM_WORKER_MULTIPROC_METHOD, VLLM_RINGBUFFER_WARNING_INTERVAL; ray: the VLLM_RAY_*
+variables), starts the ranks with the options this process resolved, and describes
+their KV cache (the smallest rank's budget) as a plan for the start-up log and the
+scheduler. The executors themselves are :mod:`kvrun.executor.mp` and
+:mod:`kvrun.executor.ray_executor`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from kvrun.envs import VARIABLES, EnvSnapshot
 from kvrun.errors import ConfigError
 from kvrun.executor.mp import MultiprocExecutor, MultiprocSettings
 from kvrun.executor.processes import resolve_start_method
+from kvrun.executor.ray_executor import RayExecutor, RaySettings, bundle_indices, import_ray
 from kvrun.models.config import ModelConfig
 from kvrun.platforms import KVCachePlan, Platform, plan_exact_kv_blocks
 
-__all__ = ["build_mp_executor", "check_mp_supported", "worker_environment"]
+__all__ = ["build_executor", "check_executor_supported", "worker_environment"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +37,15 @@ def worker_environment(env: EnvSnapshot) -> dict[str, str]:
     return {name: text for name, text in raw.items() if text is not None}
 
 
-def check_mp_supported(
-    config: EngineConfig, model: ModelConfig, whole_model_executor: bool
+_RANKS = {"mp": "worker process(es)", "ray": "Ray actor(s)"}
+
+
+def check_executor_supported(
+    backend: str, config: EngineConfig, model: ModelConfig, whole_model_executor: bool
 ) -> None:
-    """Refuse (ConfigError) what the mp executor's workers do not run."""
+    """Refuse (ConfigError) what the ranks of the mp and ray executors do not run."""
     world = config.tensor_parallel_size * config.pipeline_parallel_size
-    what = f"distributed_executor_backend='mp' ({world} worker process(es))"
+    what = f"distributed_executor_backend={backend!r} ({world} {_RANKS[backend]})"
     if whole_model_executor:
         raise ConfigError(
             f"{what} runs kvrun's own model code; the {config.platform_name} platform runs a "
@@ -50,25 +56,66 @@ def check_mp_supported(
         raise ConfigError(f"{what} applies no LoRA adapters yet; accepted: enable_lora=False")
     if model.accepted_modalities:
         raise ConfigError(
-            f"{what} does not send media inputs to its workers; {model.architecture} runs "
+            f"{what} does not send media inputs to its ranks; {model.architecture} runs "
             "with distributed_executor_backend='uni'"
         )
 
 
-def build_mp_executor(
+def build_executor(
     args: EngineArgs,
     env: EnvSnapshot,
     platform: Platform,
     config: EngineConfig,
     model: ModelConfig,
     attention: AttentionBackend,
-) -> tuple[MultiprocExecutor, KVCachePlan]:
-    """Start the workers; the executor and a plan of the blocks every rank holds."""
-    from kvrun.distributed.state import init_method, rendezvous_address
+) -> tuple[MultiprocExecutor | RayExecutor, KVCachePlan]:
+    """Start the ranks of ``config.distributed_executor_backend`` (mp or ray); the
+    executor and a plan of the blocks every rank holds (the smallest rank's budget)."""
     from kvrun.engine.builder import kv_cache_request
 
+    backend = config.distributed_executor_backend
     world = config.tensor_parallel_size * config.pipeline_parallel_size
     threads = max(1, torch.get_num_threads() // world)
+    # The ranks resolve the options exactly as this process did.
+    rank_args = replace(
+        args,
+        block_size=config.block_size,
+        max_model_len=config.max_model_len,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+    )
+    executor: MultiprocExecutor | RayExecutor
+    if backend == "mp":
+        executor = MultiprocExecutor(
+            rank_args,
+            worker_environment(env),
+            _mp_settings(env, config, threads),
+            config.block_size,
+        )
+    else:
+        executor = RayExecutor(
+            rank_args,
+            worker_environment(env),
+            _ray_settings(env, platform, config, threads),
+            config.block_size,
+        )
+    try:
+        request = kv_cache_request(platform, config, model, attention, None)
+        plan = plan_exact_kv_blocks(
+            request,
+            executor.num_kv_blocks,
+            f"the smallest of the {world} {_RANKS[backend]}' KV budgets "
+            "(the whole model's size shown)",
+        )
+    except BaseException:
+        executor.close()
+        raise
+    return executor, plan
+
+
+def _mp_settings(env: EnvSnapshot, config: EngineConfig, threads: int) -> MultiprocSettings:
+    from kvrun.distributed.state import init_method, rendezvous_address
+
+    world = config.tensor_parallel_size * config.pipeline_parallel_size
     host, port = rendezvous_address(env)
     settings = MultiprocSettings(
         tensor_parallel_size=config.tensor_parallel_size,
@@ -89,22 +136,26 @@ def build_mp_executor(
         world,
         settings.start_method,
     )
-    # The workers resolve the options exactly as this process did.
-    worker_args = replace(
-        args,
-        block_size=config.block_size,
-        max_model_len=config.max_model_len,
-        max_num_batched_tokens=config.max_num_batched_tokens,
+    return settings
+
+
+def _ray_settings(
+    env: EnvSnapshot, platform: Platform, config: EngineConfig, threads: int
+) -> RaySettings:
+    from kvrun.distributed.state import node_ip
+
+    import_ray()
+    world = config.tensor_parallel_size * config.pipeline_parallel_size
+    on_gpu = platform.device.type == "cuda"
+    settings = RaySettings(
+        tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=config.pipeline_parallel_size,
+        threads_per_worker=threads,
+        gpus_per_worker=float(env.VLLM_RAY_PER_WORKER_GPUS) if on_gpu else 0.0,
+        bundles=list(env.VLLM_RAY_BUNDLE_INDICES),
+        compiled_graph=bool(env.VLLM_USE_RAY_COMPILED_DAG),
+        overlap_gpu_communication=on_gpu and bool(env.VLLM_USE_RAY_COMPILED_DAG_OVERLAP_COMM),
+        node_ip=node_ip(env),
     )
-    executor = MultiprocExecutor(worker_args, worker_environment(env), settings, config.block_size)
-    try:
-        request = kv_cache_request(platform, config, model, attention, None)
-        plan = plan_exact_kv_blocks(
-            request,
-            executor.num_kv_blocks,
-            f"the smallest of the {world} workers' KV budgets (the whole model's size shown)",
-        )
-    except BaseException:
-        executor.close()
-        raise
-    return executor, plan
+    bundle_indices(settings.bundles, world)  # a bad list fails before Ray starts
+    return settings

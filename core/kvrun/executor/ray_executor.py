@@ -60,9 +60,7 @@ from kvrun.scheduling.output import ScheduledChunk
 __all__ = [
     "RayExecutor",
     "RaySettings",
-    "build_ray_executor",
     "bundle_indices",
-    "check_ray_supported",
     "import_ray",
 ]
 
@@ -497,75 +495,3 @@ def _describe(ray: Any, exc: BaseException) -> str:
         return f"{type(cause).__name__}: {cause}"
     first = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {first[0] if first else ''}"
-
-
-def check_ray_supported(config: Any, model: Any, whole_model_executor: bool) -> None:
-    """Refuse (ConfigError) what the Ray actors do not run (as the mp executor's workers)."""
-    world = config.tensor_parallel_size * config.pipeline_parallel_size
-    what = f"distributed_executor_backend='ray' ({world} actor(s))"
-    if whole_model_executor:
-        raise ConfigError(
-            f"{what} runs kvrun's own model code; the {config.platform_name} platform runs a "
-            "whole-model executor; accepted there: tensor_parallel_size=1, "
-            "pipeline_parallel_size=1, distributed_executor_backend='uni'"
-        )
-    if config.enable_lora:
-        raise ConfigError(f"{what} applies no LoRA adapters yet; accepted: enable_lora=False")
-    if model.accepted_modalities:
-        raise ConfigError(
-            f"{what} does not send media inputs to its actors; {model.architecture} runs "
-            "with distributed_executor_backend='uni'"
-        )
-
-
-def build_ray_executor(
-    args: EngineArgs,
-    env: Any,
-    platform: Any,
-    config: Any,
-    model: Any,
-    attention: Any,
-) -> tuple[RayExecutor, Any]:
-    """Start the actors (the mp executor's checks apply); the executor and a plan of the
-    blocks every rank holds. ``env`` is the engine's EnvSnapshot."""
-    from dataclasses import replace
-
-    import torch
-
-    from kvrun.distributed.state import node_ip
-    from kvrun.engine.builder import kv_cache_request
-    from kvrun.executor.build import worker_environment
-    from kvrun.platforms import plan_exact_kv_blocks
-
-    import_ray()
-    world = config.tensor_parallel_size * config.pipeline_parallel_size
-    on_gpu = platform.device.type == "cuda"
-    settings = RaySettings(
-        tensor_parallel_size=config.tensor_parallel_size,
-        pipeline_parallel_size=config.pipeline_parallel_size,
-        threads_per_worker=max(1, torch.get_num_threads() // world),
-        gpus_per_worker=float(env.VLLM_RAY_PER_WORKER_GPUS) if on_gpu else 0.0,
-        bundles=list(env.VLLM_RAY_BUNDLE_INDICES),
-        compiled_graph=bool(env.VLLM_USE_RAY_COMPILED_DAG),
-        overlap_gpu_communication=on_gpu and bool(env.VLLM_USE_RAY_COMPILED_DAG_OVERLAP_COMM),
-        node_ip=node_ip(env),
-    )
-    bundle_indices(settings.bundles, world)  # a bad list fails before Ray starts
-    worker_args = replace(
-        args,
-        block_size=config.block_size,
-        max_model_len=config.max_model_len,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-    )
-    executor = RayExecutor(worker_args, worker_environment(env), settings, config.block_size)
-    try:
-        request = kv_cache_request(platform, config, model, attention, None)
-        plan = plan_exact_kv_blocks(
-            request,
-            executor.num_kv_blocks,
-            f"the smallest of the {world} Ray actors' KV budgets (the whole model's size shown)",
-        )
-    except BaseException:
-        executor.close()
-        raise
-    return executor, plan

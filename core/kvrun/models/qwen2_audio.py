@@ -18,18 +18,16 @@ usual paths (fused decoder, decode graphs).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kvrun.attention.base import AttentionBackend
 from kvrun.models.config import ModelConfig
-from kvrun.models.layout import DECODER_LAYOUT
-from kvrun.models.llama import LlamaForCausalLM
-from kvrun.models.weights import fill_parameters
+from kvrun.models.media_lm import MediaCausalLM
 from kvrun.ops import OpTable
 
 __all__ = ["Qwen2AudioEncoder", "Qwen2AudioForConditionalGeneration"]
@@ -177,17 +175,12 @@ class Qwen2AudioEncoder:
         return out
 
 
-class Qwen2AudioForConditionalGeneration(LlamaForCausalLM):
+class Qwen2AudioForConditionalGeneration(MediaCausalLM):
     """Qwen2-Audio: the audio encoder and the Qwen2 decoder (ordinary rotary).
 
     The runner calls :meth:`encode` for each clip (caching the rows by content hash),
     :meth:`embed_tokens` for a step's token rows, and ``forward`` with ``inputs_embeds``
     when a chunk covers audio rows."""
-
-    decoder_layout: ClassVar[str] = DECODER_LAYOUT
-    supports_lora: ClassVar[bool] = False  # adapters on the audio model are not built
-    supports_multimodal: ClassVar[bool] = True
-    supports_parallel: ClassVar[bool] = False  # the encoder is not sharded
 
     def __init__(
         self,
@@ -199,46 +192,25 @@ class Qwen2AudioForConditionalGeneration(LlamaForCausalLM):
     ) -> None:
         super().__init__(config, ops, attention, dtype, device)
         assert config.audio is not None
-        self.audio_tower = Qwen2AudioEncoder(config.audio, config.hidden_size, ops, dtype, device)
-
-    def _destinations(self) -> dict[str, torch.Tensor]:
-        dest = super()._destinations()
-        dest.update(self.audio_tower.destinations())
-        return dest
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-        """As the Llama family's, with the language model's names under language_model."""
-        assert not self._prepared, "weights are loaded once"
-        fill_parameters(
-            self._destinations(),
-            ((_canonical_name(name), tensor) for name, tensor in weights),
-            source=source,
-            architecture=self.config.architecture,
-            tied=self.config.tie_word_embeddings,
-            also_fills=self._merged_alias,
+        self.audio_tower = self.encoder = Qwen2AudioEncoder(
+            config.audio, config.hidden_size, ops, dtype, device
         )
-        self._prepare()
-        self.audio_tower.prepare()
+
+    @staticmethod
+    def canonical_name(name: str) -> str:
+        """language_model.model.* / language_model.lm_head.* (as saved) and transformers
+        5's model.language_model.* -> the Llama family's names."""
+        for prefix, replacement in (
+            ("language_model.model.", "model."),
+            ("language_model.lm_head.", "lm_head."),
+            ("model.language_model.", "model."),
+            ("model.audio_tower.", "audio_tower."),
+            ("model.multi_modal_projector.", "multi_modal_projector."),
+        ):
+            if name.startswith(prefix):
+                return replacement + name.removeprefix(prefix)
+        return name
 
     def encode(self, modality: str, data: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One clip's placeholder rows [length, H]."""
         return self.audio_tower(data["input_features"], int(data["frames"]))
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
-        rows: torch.Tensor = self.ops.embedding(input_ids, self.embed)
-        return rows
-
-
-def _canonical_name(name: str) -> str:
-    """language_model.model.* / language_model.lm_head.* (as saved) and transformers 5's
-    model.language_model.* -> the Llama family's names."""
-    for prefix, replacement in (
-        ("language_model.model.", "model."),
-        ("language_model.lm_head.", "lm_head."),
-        ("model.language_model.", "model."),
-        ("model.audio_tower.", "audio_tower."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-    ):
-        if name.startswith(prefix):
-            return replacement + name.removeprefix(prefix)
-    return name

@@ -27,7 +27,7 @@ its video M-RoPE time positions step by ``tokens_per_second`` x seconds per fram
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,9 +37,7 @@ import torch.nn.functional as F
 from kvrun.attention.base import AttentionBackend, AttentionMetadata
 from kvrun.errors import ModelLoadError
 from kvrun.models.config import ModelConfig
-from kvrun.models.layout import DECODER_LAYOUT
-from kvrun.models.llama import LlamaForCausalLM
-from kvrun.models.weights import fill_parameters
+from kvrun.models.media_lm import MediaCausalLM
 from kvrun.ops import OpTable
 
 __all__ = [
@@ -162,8 +160,8 @@ class Qwen2VisionTower:
         quarter = self.head_dim // 2
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter))
 
-    def destinations(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Hugging Face names (under ``prefix``, e.g. "visual.") -> our tensors."""
+    def destinations(self, prefix: str = "visual.") -> dict[str, torch.Tensor]:
+        """Hugging Face names (under ``prefix``) -> our tensors."""
         dest = {
             # the Conv3d's [E, C, tps, ps, ps] kernel fills the [E, patch] matrix
             prefix + "patch_embed.proj.weight": self.patch_embed.view(
@@ -319,7 +317,7 @@ class Qwen2VisionTower:
         return out
 
 
-class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
+class Qwen2VLForConditionalGeneration(MediaCausalLM):
     """Qwen2-VL: the vision tower, and the Qwen2 decoder with multimodal rotary positions.
 
     The runner calls :meth:`encode` for each media item (caching the rows by content
@@ -328,10 +326,6 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
     ``forward`` is the Qwen2 decoder's, which the fused decoder may take.
     """
 
-    decoder_layout: ClassVar[str] = DECODER_LAYOUT
-    supports_lora: ClassVar[bool] = False  # adapters on the vision model are not built
-    supports_multimodal: ClassVar[bool] = True
-    supports_parallel: ClassVar[bool] = False  # the encoder is not sharded
     qwen2_5: ClassVar[bool] = False  # Qwen2.5-VL's vision tower
 
     def __init__(
@@ -344,7 +338,7 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
     ) -> None:
         super().__init__(config, ops, attention, dtype, device)
         assert config.vision is not None and config.mrope_section
-        self.visual = Qwen2VisionTower(
+        self.visual = self.encoder = Qwen2VisionTower(
             config.vision, config.hidden_size, ops, dtype, device, qwen2_5=self.qwen2_5
         )
         half = config.head_dim // 2
@@ -359,35 +353,19 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
         ).to(device)
         self._step_table: torch.Tensor | None = None  # the [T, D] rotary rows of a 3-D step
 
-    # loading -------------------------------------------------------------------------
-    def _destinations(self) -> dict[str, torch.Tensor]:
-        dest = super()._destinations()
-        dest.update(self.visual.destinations("visual."))
-        return dest
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-        """As the Llama family's, after mapping transformers 5's names
-        (model.language_model.*, model.visual.*) to the checkpoint names they save."""
-        assert not self._prepared, "weights are loaded once"
-        fill_parameters(
-            self._destinations(),
-            ((_canonical_name(name), tensor) for name, tensor in weights),
-            source=source,
-            architecture=self.config.architecture,
-            tied=self.config.tie_word_embeddings,
-            also_fills=self._merged_alias,
-        )
-        self._prepare()
-        self.visual.prepare()
+    @staticmethod
+    def canonical_name(name: str) -> str:
+        """transformers 5's module names -> the names Qwen2-VL checkpoints are saved with."""
+        if name.startswith("model.language_model."):
+            return "model." + name.removeprefix("model.language_model.")
+        if name.startswith("model.visual."):
+            return name.removeprefix("model.")
+        return name
 
     # multimodal --------------------------------------------------------------------
     def encode(self, modality: str, data: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One item's placeholder rows [length, H] (images and videos alike)."""
         return self.visual(data["pixel_values"], data["grid_thw"])
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
-        rows: torch.Tensor = self.ops.embedding(input_ids, self.embed)
-        return rows
 
     def forward(
         self,
@@ -422,15 +400,6 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         table = self._step_table if self._step_table is not None else self.cos_sin
         return self.ops.rotary_embedding(positions, q, k, table)  # type: ignore[no-any-return]
-
-
-def _canonical_name(name: str) -> str:
-    """transformers 5's module names -> the names Qwen2-VL checkpoints are saved with."""
-    if name.startswith("model.language_model."):
-        return "model." + name.removeprefix("model.language_model.")
-    if name.startswith("model.visual."):
-        return name.removeprefix("model.")
-    return name
 
 
 class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
