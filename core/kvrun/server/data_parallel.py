@@ -463,7 +463,11 @@ class DataParallelTransport(Transport):
         return UtilityResult(msg.call_id, True, value, None)
 
     def pending(self) -> bool:
-        return not self._queue.empty() or any(t.pending() for t in self._local.values())
+        # Only the queue the pumps fill: asking a rank's socket (ZMQ_EVENTS) would consume
+        # the edge its pump's reader waits for, and that rank's messages would stall for
+        # good (seen under load: the engine blocked in send, the frontend idle). The
+        # pumps drain every socket as messages arrive, so the queue says enough.
+        return not self._queue.empty()
 
     def exit_reason(self) -> str | None:
         for rank, transport in self._local.items():
