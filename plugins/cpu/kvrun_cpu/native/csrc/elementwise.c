@@ -12,21 +12,6 @@
 
 enum { DT_F32 = KV_F32, DT_BF16 = KV_BF16 };
 
-KV_INLINE float ld(const void *p, int64_t i, const int dt)
-{
-    return dt == DT_BF16 ? kv_bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-KV_INLINE void st(void *p, int64_t i, float v, const int dt)
-{
-    if (dt == DT_BF16)
-        ((uint16_t *)p)[i] = kv_f32_to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
-
-/* What a value rounded to the dtype reads back as. */
-KV_INLINE float rnd(float v, const int dt) { return dt == DT_BF16 ? kv_bf16_to_f32(kv_f32_to_bf16(v)) : v; }
 
 /* Below this many elements one thread does the whole op. */
 #define SPLIT_MIN 32768
@@ -51,12 +36,12 @@ KV_INLINE void norm_row(const void *x, const void *weight, void *out, int64_t H,
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < H; ++i) {
-        const float v = ld(x, i, dt);
+        const float v = kv_ld(x, i, dt);
         ss += v * v;
     }
     const float inv = 1.f / sqrtf(ss / (float)H + eps);
 #pragma omp simd
-    for (int64_t i = 0; i < H; ++i) st(out, i, ld(weight, i, dt) * rnd(ld(x, i, dt) * inv, dt), dt);
+    for (int64_t i = 0; i < H; ++i) kv_st(out, i, kv_ld(weight, i, dt) * kv_rnd(kv_ld(x, i, dt) * inv, dt), dt);
 }
 
 void kv_rms_norm_row(const void *x, const void *weight, void *out, int64_t n, float eps, int dt)
@@ -70,7 +55,7 @@ void kv_rms_norm_row(const void *x, const void *weight, void *out, int64_t n, fl
 KV_INLINE void add_row(const void *x, void *res, int64_t n, const int dt)
 {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) st(res, i, ld(x, i, dt) + ld(res, i, dt), dt);
+    for (int64_t i = 0; i < n; ++i) kv_st(res, i, kv_ld(x, i, dt) + kv_ld(res, i, dt), dt);
 }
 
 void kv_add_row(const void *x, void *res, int64_t n, int dt)
@@ -90,7 +75,7 @@ KV_INLINE void norm_rows(const norm_args *a, int64_t begin, int64_t end, const i
         if (a->residual) { /* sum = x + residual, in the dtype: what the next layer reads */
             void *sum = (char *)a->sum + t * a->s_row * (dt == DT_BF16 ? 2 : 4);
             const void *res = (const char *)a->residual + t * a->r_row * (dt == DT_BF16 ? 2 : 4);
-            for (int64_t i = 0; i < H; ++i) st(sum, i, ld(src, i, dt) + ld(res, i, dt), dt);
+            for (int64_t i = 0; i < H; ++i) kv_st(sum, i, kv_ld(src, i, dt) + kv_ld(res, i, dt), dt);
             src = sum;
         }
         norm_row(src, a->weight, out, H, a->eps, dt);
@@ -151,8 +136,8 @@ KV_INLINE void silu_mul(const void *gate, const void *up, void *out, int64_t n, 
         }
 #endif
     for (; i < n; ++i) {
-        const float g = ld(gate, i, dt);
-        st(out, i, rnd(g / (1.f + expf(-g)), dt) * ld(up, i, dt), dt);
+        const float g = kv_ld(gate, i, dt);
+        kv_st(out, i, kv_rnd(g / (1.f + expf(-g)), dt) * kv_ld(up, i, dt), dt);
     }
 }
 
@@ -206,10 +191,10 @@ typedef struct {
 KV_INLINE void rotate_head(const void *x, void *o, const float *cs, int64_t half, const int dt)
 {
     for (int64_t i = 0; i < half; ++i) {
-        const float c = rnd(cs[i], dt), s = rnd(cs[half + i], dt);
-        const float x1 = ld(x, i, dt), x2 = ld(x, half + i, dt);
-        st(o, i, rnd(x1 * c, dt) - rnd(x2 * s, dt), dt);
-        st(o, half + i, rnd(x2 * c, dt) + rnd(x1 * s, dt), dt);
+        const float c = kv_rnd(cs[i], dt), s = kv_rnd(cs[half + i], dt);
+        const float x1 = kv_ld(x, i, dt), x2 = kv_ld(x, half + i, dt);
+        kv_st(o, i, kv_rnd(x1 * c, dt) - kv_rnd(x2 * s, dt), dt);
+        kv_st(o, half + i, kv_rnd(x2 * c, dt) + kv_rnd(x1 * s, dt), dt);
     }
 }
 

@@ -126,6 +126,23 @@ KV_INLINE uint16_t kv_f32_to_bf16(float f)
     return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 
+/* Element i of an f32 or bf16 array (dtype code KV_F32 or KV_BF16) as float, stored back,
+   and what a value rounded to the dtype reads back as: the scalar paths' accessors. */
+KV_INLINE float kv_ld(const void *p, int64_t i, const int dt)
+{
+    return dt == KV_BF16 ? kv_bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+KV_INLINE void kv_st(void *p, int64_t i, float v, const int dt)
+{
+    if (dt == KV_BF16)
+        ((uint16_t *)p)[i] = kv_f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+KV_INLINE float kv_rnd(float v, const int dt) { return dt == KV_BF16 ? kv_bf16_to_f32(kv_f32_to_bf16(v)) : v; }
+
 #if KV_AVX512
 /* exp(x) for every lane: Cephes' expf polynomial after a reduction by ln 2; within
    2 ulp of expf over the range softmax and silu use. */

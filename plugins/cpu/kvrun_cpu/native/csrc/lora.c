@@ -22,21 +22,6 @@
 enum { DT_F32 = KV_F32, DT_BF16 = KV_BF16 };
 enum { CHUNK = 16 }; /* tokens per vector in the expansion */
 
-KV_INLINE float ld(const void *p, int64_t i, const int dt)
-{
-    return dt == DT_BF16 ? kv_bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-KV_INLINE void st(void *p, int64_t i, float v, const int dt)
-{
-    if (dt == DT_BF16)
-        ((uint16_t *)p)[i] = kv_f32_to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
-
-KV_INLINE float rnd(float v, const int dt) { return dt == DT_BF16 ? kv_bf16_to_f32(kv_f32_to_bf16(v)) : v; }
-
 typedef struct {
     const void *y, *x, *a, *b; /* [T, N] (y_row), [T, K] (x_row), [S, R, K], [S, N, R] */
     int64_t y_row, x_row;
@@ -69,7 +54,7 @@ KV_INLINE float dot(const void *x, const void *w, int64_t k, const int dt)
                 acc);
     s = _mm512_reduce_add_ps(acc);
 #endif
-    for (; i < k; ++i) s += ld(x, i, dt) * ld(w, i, dt);
+    for (; i < k; ++i) s += kv_ld(x, i, dt) * kv_ld(w, i, dt);
     return s;
 }
 
@@ -80,7 +65,7 @@ KV_INLINE void shrink(const lora_args *a, int64_t begin, int64_t end, const int 
         const int64_t t = a->order[p], s = a->slots[t];
         const char *x = (const char *)a->x + t * a->x_row * es;
         const char *w = (const char *)a->a + s * R * K * es;
-        for (int64_t j = 0; j < R; ++j) a->buf[j * T + p] = rnd(dot(x, w + j * K * es, K, dt), dt);
+        for (int64_t j = 0; j < R; ++j) a->buf[j * T + p] = kv_rnd(dot(x, w + j * K * es, K, dt), dt);
     }
 }
 
@@ -137,7 +122,7 @@ KV_INLINE void expand_rows(const void *brow, const float *buf, int64_t T, int64_
             bits &= bits - 1;
             const __m512 col = _mm512_maskz_loadu_ps(mask, buf + j * T + p0);
             for (int q = 0; q < ROWS; ++q)
-                if (q < rows) v[q] = _mm512_fmadd_ps(_mm512_set1_ps(ld(brow, q * R + j, dt)), col, v[q]);
+                if (q < rows) v[q] = _mm512_fmadd_ps(_mm512_set1_ps(kv_ld(brow, q * R + j, dt)), col, v[q]);
         }
     }
     for (int q = 0; q < ROWS; ++q) _mm512_storeu_ps(acc + q * CHUNK, v[q]);
@@ -149,7 +134,7 @@ KV_INLINE void expand_rows(const void *brow, const float *buf, int64_t T, int64_
     for (int64_t i = 0; i < ROWS * CHUNK; ++i) acc[i] = 0.f;
     for (int64_t q = 0; q < rows; ++q)
         for (int64_t j = 0; j < R; ++j) {
-            const float b = ld(brow, q * R + j, dt);
+            const float b = kv_ld(brow, q * R + j, dt);
             if (b == 0.f) continue;
             const float *col = buf + j * T + p0;
             float *out = acc + q * CHUNK;
@@ -176,7 +161,7 @@ KV_INLINE void expand(const lora_args *a, int64_t n0, int64_t n1, const int dt)
                     const char *y = (const char *)a->y + t * a->y_row * es;
                     char *o = (char *)a->out + t * a->o_row * es;
                     for (int64_t q = 0; q < rows; ++q)
-                        st(o, c + q, ld(y, c + q, dt) + rnd(rnd(acc[q * CHUNK + i], dt) * scale, dt), dt);
+                        kv_st(o, c + q, kv_ld(y, c + q, dt) + kv_rnd(kv_rnd(acc[q * CHUNK + i], dt) * scale, dt), dt);
                 }
             }
         }
