@@ -7,10 +7,13 @@
 #   bench   the GPU benchmark: SmolLM2-135M-shaped and 1B-class random-weight Llamas
 #           (benchmarks/random_model.py: the real weights cannot travel there), kvrun
 #           eager and with decode graphs against transformers, bf16, same card, same run.
-#   all     both (the default).
+#   tp      with two or more GPUs: TP=1 against TP=N (benchmarks/tp_check.py) on the
+#           1B-class random Llama: float32 agreement, bf16 decode speed with the
+#           custom all-reduce and with NCCL only; a one-GPU machine says so and skips.
+#   all     tests and bench (the default; tp is its own call).
 #
 # Run it from the repository root on the device machine (see NOTES.md for the call):
-#   bash benchmarks/gpu_check.sh [tests|bench|all]
+#   bash benchmarks/gpu_check.sh [tests|bench|tp|all]
 # It installs nothing from a network (there is none there): kvrun and kvrun-cuda are
 # installed editable with --no-deps over the machine's own torch, triton and
 # transformers. What it needs beside the tree, `make gpu-check-files` puts here in
@@ -22,8 +25,8 @@
 set -uo pipefail
 
 stage=${1:-all}
-case "$stage" in tests | bench | all) ;; *)
-    echo "usage: $0 [tests|bench|all]" >&2
+case "$stage" in tests | bench | tp | all) ;; *)
+    echo "usage: $0 [tests|bench|tp|all]" >&2
     exit 2
     ;;
 esac
@@ -88,5 +91,19 @@ if [[ $stage == bench || $stage == all ]]; then
         latest=$(ls -td benchmarks/results/*/ | head -1)
         cp "$latest/results.json" "$OUT/bench-$preset.json"
     done
+fi
+if [[ $stage == tp ]]; then
+    gpus=$(nvidia-smi --list-gpus | wc -l)
+    if ((gpus < 2)); then
+        echo "tp: skipped: this machine has $gpus GPU(s); TP=N needs two or more" | tee "$OUT/tp.md"
+    else
+        "$PY" benchmarks/random_model.py --preset llama-1b --tokenizer "$TOKENIZER" \
+            --out /tmp/kvrun-gpu-models/llama-1b >/dev/null || exit 1
+        tp=$((gpus >= 4 ? 4 : 2))
+        timeout 540 "$PY" benchmarks/tp_check.py --model /tmp/kvrun-gpu-models/llama-1b \
+            --tp "$tp" --out "$OUT/tp.md" 2>"$OUT/tp.log"
+        status=$?
+        cat "$OUT/tp.md"
+    fi
 fi
 exit "$status"

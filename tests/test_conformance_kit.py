@@ -96,12 +96,18 @@ def test_the_vendor_backend_passes_the_whole_kit(vendor_site: Path, tmp_path: Pa
             for scenario in ("prefill", "decode", "chunked-prefill", "prefix-hit")
             for d in ("float32", "bfloat16")
         ),
+        # the latent cache: only REFERENCE of the two computes latent_kv
+        *(
+            f"test_attention_matches_reference[REFERENCE-4q1kv-d48-latent32-{scenario}-{d}]"
+            for scenario in ("prefill", "decode", "chunked-prefill", "prefix-hit")
+            for d in ("float32", "bfloat16")
+        ),
     }
     # Exactly these: the ops acme leaves to the reference are not tested as acme's.
     assert set(got) == expected
     assert (
         result.stdout.rstrip().splitlines()[-1].startswith("====")
-        and " 71 passed" in (result.stdout.rstrip().splitlines()[-1])
+        and " 79 passed" in (result.stdout.rstrip().splitlines()[-1])
     )
 
 
@@ -141,7 +147,7 @@ def test_a_whole_model_executor_skips_kernel_checks_and_runs_parity(
     assert result.returncode == 0, result.stdout[-6000:]
     got = outcomes(result)
     assert got.pop("test_greedy_parity[ACME]") == "PASSED"  # the default backend only
-    assert len(got) == 10 + 48  # acme's op cases and attention cases, all skipped
+    assert len(got) == 10 + 48 + 8  # acme's op cases, attention and latent cases, all skipped
     assert set(got.values()) == {"SKIPPED"}
     assert (
         "platform 'acmegraph' runs the whole model in its own executor: its kernels and "

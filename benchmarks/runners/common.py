@@ -19,6 +19,7 @@ Timing rules, the same for every peer:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -28,7 +29,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["JSON_SCHEMA", "Engine", "RunSpec", "main"]
+__all__ = [
+    "JSON_SCHEMA",
+    "RESULT_PREFIX",
+    "Engine",
+    "RunSpec",
+    "lora_engine_args",
+    "lora_requests",
+    "main",
+    "serve",
+    "spread",
+]
 
 
 # The structured-output workload's schema (peers with {"json_schema": true}): records
@@ -98,6 +109,35 @@ class Engine:
         """Forget cached KV between repeats (no-op where nothing persists)."""
 
 
+def lora_engine_args(options: dict[str, Any]) -> dict[str, Any]:
+    """The engine keywords for the spec's ``{"lora": {"adapters": [dir, ...], "rank": r}}``
+    option (vLLM's names, which kvrun shares); {} without it."""
+    lora = options.get("lora")
+    if not lora:
+        return {}
+    return {
+        "enable_lora": True,
+        "max_loras": len(lora["adapters"]),
+        "max_lora_rank": int(lora["rank"]),
+    }
+
+
+def lora_requests(options: dict[str, Any], request_cls: Any) -> list[Any]:
+    """One ``request_cls(name, int_id, path)`` per adapter of the ``lora`` option."""
+    lora = options.get("lora") or {}
+    return [
+        request_cls(f"adapter-{i}", i + 1, str(path))
+        for i, path in enumerate(lora.get("adapters", []))
+    ]
+
+
+def spread(requests: Sequence[Any], count: int) -> list[Any] | None:
+    """Prompt i's adapter: round-robin over ``requests``; None where there are none."""
+    if not requests:
+        return None
+    return [requests[i % len(requests)] for i in range(count)]
+
+
 def _timed(fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
     out = fn()
@@ -162,26 +202,76 @@ def main(make_engine: Callable[[RunSpec], Engine]) -> int:
     """Entry point of a runner script: parse --spec, run, print the JSON result line."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True, help="spec JSON written by benchmarks/run.py")
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep the engine: run one workload per stdin line (see serve())",
+    )
     args = parser.parse_args()
     spec = RunSpec.load(args.spec)
     load_s, engine = _timed_load(make_engine, spec)
+    if args.serve:
+        return serve(engine, spec, load_s)
+    if spec.workload not in ("throughput", "latency"):
+        raise SystemExit(f"unknown workload {spec.workload!r}; accepted: throughput, latency")
+    result = _run_workload(engine, spec) | {"load_s": load_s}
+    # One line, last on stdout: run.py reads it back.
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+# serve()'s answers start with this, so that a peer's own logging on stdout (vLLM logs
+# there) can never be taken for a result.
+RESULT_PREFIX = "@@result "
+
+
+def _run_workload(engine: Engine, spec: RunSpec) -> dict[str, Any]:
     if spec.workload == "throughput":
         result = _throughput(engine, spec)
     elif spec.workload == "latency":
         result = _latency(engine, spec)
     else:
-        raise SystemExit(f"unknown workload {spec.workload!r}; accepted: throughput, latency")
+        raise ValueError(f"unknown workload {spec.workload!r}; accepted: throughput, latency")
     result.update(
         peer=engine.name,
         workload=spec.workload,
         config=engine.config(),
         versions={"python": platform.python_version(), **engine.versions()},
-        load_s=load_s,
         median=_medians(result["runs"]),
     )
-    # One line, last on stdout: run.py reads it back.
-    sys.stdout.write("\n" + json.dumps(result) + "\n")
-    sys.stdout.flush()
+    return result
+
+
+def serve(engine: Engine, spec: RunSpec, load_s: float) -> int:
+    """Keep one loaded engine and run workloads on request, so that a driver can
+    interleave peers within each repeat (benchmarks/interleave.py) without reloading.
+
+    Each stdin line is a JSON object of RunSpec fields overriding ``spec`` (e.g.
+    ``{"workload": "latency", "prompts": [[...]], "max_tokens": 64, "repeats": 1}``);
+    each answer is one stdout line, RESULT_PREFIX then the result's JSON (an
+    ``{"error": ...}`` object when the workload raised). The first answer, before any
+    request, is ``{"ready": true, "load_s": ...}``. EOF on stdin ends the process.
+    """
+    fields = set(RunSpec.__dataclass_fields__)
+
+    def answer(obj: dict[str, Any]) -> None:
+        sys.stdout.write("\n" + RESULT_PREFIX + json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    answer({"ready": True, "load_s": load_s, "peer": engine.name})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        overrides = json.loads(line)
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            answer({"error": f"unknown spec fields {unknown}; accepted: {sorted(fields)}"})
+            continue
+        try:
+            answer(_run_workload(engine, dataclasses.replace(spec, **overrides)))
+        except Exception as exc:  # the driver records it next to the figures
+            answer({"error": f"{type(exc).__name__}: {exc}"})
     return 0
 
 

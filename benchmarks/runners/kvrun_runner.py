@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
-from common import JSON_SCHEMA, Engine, RunSpec, main
+from common import JSON_SCHEMA, Engine, RunSpec, lora_engine_args, lora_requests, main, spread
 
 
 def _engine_arg_names() -> set[str]:
@@ -34,12 +34,15 @@ class KvrunEngine(Engine):
             "enable_prefix_caching": False,
             "seed": 0,
         }
+        wanted.update(lora_engine_args(spec.options))
         wanted.update(spec.options.get("engine_args", {}))
         # Pass only what this kvrun accepts (LLM's keywords are EngineArgs fields): the
         # engine is still growing knobs and refuses unknown ones.
         accepted = set(inspect.signature(kvrun.LLM).parameters) | _engine_arg_names()
         self.kwargs = {k: v for k, v in wanted.items() if k in accepted}
         self.llm = kvrun.LLM(**self.kwargs)
+        # Requests spread round-robin over the adapters ({"lora": {...}} in the options).
+        self.loras = lora_requests(spec.options, kvrun.LoRARequest)
         gen_params = inspect.signature(self.llm.generate).parameters
         self.generate_kwargs = {"use_tqdm": False} if "use_tqdm" in gen_params else {}
 
@@ -54,6 +57,7 @@ class KvrunEngine(Engine):
             "dtype": self.dtype,
             "batching": "continuous (offline LLM.generate)",
             "unsupported_kwargs": dropped,
+            "adapters": len(self.loras),
         }
 
     def reset(self) -> None:
@@ -72,7 +76,9 @@ class KvrunEngine(Engine):
             structured_outputs=constraint,
         )
         inputs = [{"prompt_token_ids": p} for p in prompts]
-        outs = self.llm.generate(inputs, params, **self.generate_kwargs)
+        loras = spread(self.loras, len(prompts))
+        extra = {"lora_request": loras} if loras is not None else {}
+        outs = self.llm.generate(inputs, params, **self.generate_kwargs, **extra)
         return [list(o.outputs[0].token_ids) for o in outs]
 
 

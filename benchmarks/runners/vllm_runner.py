@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from common import JSON_SCHEMA, Engine, RunSpec, main
+from common import JSON_SCHEMA, Engine, RunSpec, lora_engine_args, lora_requests, main, spread
 
 
 class VLLMEngine(Engine):
@@ -32,7 +32,13 @@ class VLLMEngine(Engine):
             # On CPU this is the fraction of the NUMA node's memory vllm reserves; its
             # 0.92 default fails whenever other processes hold memory.
             gpu_memory_utilization=spec.options.get("memory_utilization", 0.3),
+            **lora_engine_args(spec.options),
+            **spec.options.get("engine_args", {}),
         )
+        # Requests spread round-robin over the adapters ({"lora": {...}} in the options).
+        from vllm.lora.request import LoRARequest  # type: ignore[import-not-found]
+
+        self.loras = lora_requests(spec.options, LoRARequest)
 
     def versions(self) -> dict[str, str]:
         import torch
@@ -40,7 +46,11 @@ class VLLMEngine(Engine):
         return {"vllm": self._vllm.__version__, "torch": torch.__version__}
 
     def config(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "batching": "continuous (offline LLM.generate)"}
+        return {
+            "dtype": self.dtype,
+            "batching": "continuous (offline LLM.generate)",
+            "adapters": len(self.loras),
+        }
 
     def generate(self, prompts: Sequence[list[int]], max_tokens: int) -> list[list[int]]:
         extra: dict[str, Any] = {}
@@ -51,7 +61,12 @@ class VLLMEngine(Engine):
         params = self._vllm.SamplingParams(
             max_tokens=max_tokens, ignore_eos=True, temperature=0.0, **extra
         )
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            params,
+            use_tqdm=False,
+            lora_request=spread(self.loras, len(prompts)),
+        )
         return [list(o.outputs[0].token_ids) for o in outs]
 
 

@@ -98,13 +98,17 @@ class EngineArgs:
     max_lora_rank: int = 16  # the highest adapter rank accepted
     max_cpu_loras: int | None = None  # adapters kept read in host memory; None = max_loras
     # vLLM's quantization names (kvrun.quantization): None dequantizes a quantized checkpoint
-    # at load; "gguf" runs a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K matrices as stored; "awq" as None.
+    # at load; "gguf" runs a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices as stored; "awq"
+    # and "fp8" name such a checkpoint, dequantized at load as with None.
     quantization: str | None = None
     # Distributed execution (vLLM's ParallelConfig names): ranks splitting each layer and
     # the layer stack; the executor that runs them (None: "uni" for one rank, else "mp").
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    # True: tensor-parallel ranks sum with the backend's all-reduce (NCCL) even where the
+    # platform offers a faster one (cuda's over peer-to-peer memory: kvrun_cuda).
+    disable_custom_all_reduce: bool = False
     # Whole engines serving one model (`kvrun serve -dp N`; kvrun.server.data_parallel).
     # An engine itself runs one rank: the offline LLM refuses more than 1.
     data_parallel_size: int = 1
@@ -196,8 +200,8 @@ class EngineArgs:
             "--quantization",
             "-q",
             default=None,
-            help="gguf: run a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K matrices as stored (default: "
-            "dequantize at load); awq: an AWQ checkpoint (dequantized at load)",
+            help="gguf: run a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices as stored (default: "
+            "dequantize at load); awq, fp8: an AWQ or fp8 checkpoint (dequantized at load)",
         )
         group.add_argument(
             "--load-format",
@@ -278,6 +282,13 @@ class EngineArgs:
             default=None,
             help="how ranks run: uni (in this process; the default for one rank), "
             "mp (worker processes; the default for several), ray (Ray actors)",
+        )
+        group.add_argument(
+            "--disable-custom-all-reduce",
+            action=argparse.BooleanOptionalAction,
+            default=False,
+            help="tensor-parallel ranks use the backend's all-reduce (NCCL) even where the "
+            "platform has a faster one over peer-to-peer memory (cuda)",
         )
         group.add_argument(
             "--guided-decoding-backend",

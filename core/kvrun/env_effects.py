@@ -77,7 +77,10 @@ _GPU = ("cuda", "rocm")
 _SERVE = ("serve",)
 _DP_OFFLINE = "data parallelism is `kvrun serve -dp N`; the offline LLM runs one engine per process"
 _S3 = "loading s3://bucket/prefix models"
-_MOE_TRITON = "kvrun-cuda has no Triton fused-MoE kernel yet (the model-breadth issue)"
+_MOE_ALIGN_ELSEWHERE = (
+    "only kvrun-cuda's Triton fused_moe has an alignment step; other platforms' fused_moe "
+    "sort their tokens by expert in torch"
+)
 _BUILD = "the cpu plugin's native kernels (C, built on first use)"
 _NO_BUILD_HERE = (
     "only kvrun-cpu compiles anything (its C kernels, on first use); kvrun-cuda's kernels "
@@ -177,7 +180,8 @@ EFFECTS: dict[str, Effect] = {
         "the engine's LRU of media encoder outputs (multimodal models), keyed by content hash"
     ),
     "VLLM_FUSED_MOE_CHUNK_SIZE": _acts(
-        "the tokens per fused_moe call of a mixture-of-experts model"
+        "the tokens per fused_moe call of a mixture-of-experts model (on every platform; "
+        "on cuda/rocm it bounds the Triton kernel's per-call buffers)"
     ),
     "VLLM_NO_DEPRECATION_WARNING": _acts("logging"),
     "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": _acts("the server's engine-death policy", entry=_SERVE),
@@ -199,14 +203,21 @@ EFFECTS: dict[str, Effect] = {
     "VLLM_DISABLE_COMPILE_CACHE": _acts("torch.compile's cache"),
     "VLLM_SERVER_DEV_MODE": _acts("the server's development routes", entry=_SERVE),
     "VLLM_V1_OUTPUT_PROC_CHUNK_SIZE": _acts("the server's output batching", entry=_SERVE),
-    "VLLM_MLA_DISABLE": _acts("DeepSeek-V2's attention: every head cached, plain attention"),
+    "VLLM_MLA_DISABLE": _acts("DeepSeek-V2/V3's attention: every head cached, plain attention"),
     "VLLM_MLA_PERFORM_MATRIX_ABSORPTION": _acts(
-        "DeepSeek-V2's attention: W_UK/W_UV multiplied into q and o at load"
+        "DeepSeek-V2/V3's attention: W_UK/W_UV multiplied into q and o at load"
     ),
-    "VLLM_MLA_DISABLE_REQUANTIZATION": _none(
-        "kvrun has no fp8 weights to requantize: absorbed matrices stay in the model dtype"
+    "VLLM_MLA_DISABLE_REQUANTIZATION": _acts(
+        "DeepSeek-V2/V3 from an fp8 checkpoint with W_UK/W_UV absorbed at load: the "
+        "absorbed matrices are rounded back onto the fp8 block grid unless this is 1 (kept "
+        "at full precision); no effect on other checkpoints or modes (a warning says so)"
     ),
-    "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON": _none(_MOE_TRITON),
+    "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON": _acts(
+        "fused_moe's alignment (tokens sorted by expert, each expert padded to the GEMM's "
+        "tile) in Triton instead of torch ops",
+        platforms=_GPU,
+        elsewhere=_MOE_ALIGN_ELSEWHERE,
+    ),
     "VLLM_RAY_PER_WORKER_GPUS": _acts(
         "the ray executor: GPUs each actor (rank) reserves, its placement-group bundle",
         platforms=_GPU,
@@ -252,8 +263,13 @@ EFFECTS: dict[str, Effect] = {
     "VLLM_USE_FLASHINFER_SAMPLER": _acts("the top-k/top-p kernel", platforms=("cuda",)),
     "VLLM_FLASHINFER_FORCE_TENSOR_CORES": _acts("FlashInfer decode", platforms=("cuda",)),
     "VLLM_TEST_FORCE_FP8_MARLIN": _acts("refused when 1 (no FP8 Marlin kernels)", platforms=_GPU),
-    "VLLM_SKIP_P2P_CHECK": _acts("the peer-to-peer check", platforms=_GPU),
-    "VLLM_CUDA_MEM_ALIGN_KV_CACHE": _acts("KV-cache alignment", platforms=_GPU),
+    "VLLM_SKIP_P2P_CHECK": _acts(
+        "the peer-to-peer check before cuda's custom all-reduce (tensor_parallel_size > 1)",
+        platforms=("cuda",),
+    ),
+    "VLLM_CUDA_MEM_ALIGN_KV_CACHE": _acts(
+        "the latent (MLA) KV cache's entries padded to 256 bytes", platforms=_GPU
+    ),
     "VLLM_CUDART_SO_PATH": _acts("finding cudart", platforms=_GPU),
     "VLLM_USE_TRITON_FLASH_ATTN": _acts("the attention backend choice", platforms=("rocm",)),
     "VLLM_ROCM_FP8_PADDING": _none(

@@ -5,12 +5,16 @@
 - ``None`` (the default): as its format says, dequantized at load (GGUF and AWQ alike:
   the model then computes in its float dtype, and greedy output equals transformers'
   on the same file);
-- ``"gguf"``: a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K matrices stay in their blocks
+- ``"gguf"``: a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K matrices stay in their blocks
   (:class:`QuantizedMatrix`) and run on the platform's quantized kernels
   (``Platform.quantized_gguf_types``); other tensor types are dequantized at load;
 - ``"awq"``: an AWQ checkpoint, dequantized at load (as ``None``; accepted because vLLM
-  users name it). vLLM's GPU-only kernels (``awq_marlin``, ``gptq_marlin``, ...) are
-  refused with the reason.
+  users name it);
+- ``"fp8"``: an fp8 block-quantized checkpoint (DeepSeek-V3's form, kvrun.loader.fp8),
+  dequantized at load (as ``None``); vLLM's online fp8 quantization of a float
+  checkpoint is not built and is refused.
+vLLM's GPU-only kernels (``awq_marlin``, ``gptq_marlin``, ...) are refused with the
+reason.
 
 A :class:`QuantizedMatrix` is what the loader yields and the model holds until the
 platform's ``prepare_linear`` repacks it; the reference ``linear`` and ``embedding``
@@ -37,7 +41,7 @@ __all__ = [
 ]
 
 # The accepted values of ``quantization`` (None: dequantize at load).
-QUANTIZATION_METHODS = ("gguf", "awq")
+QUANTIZATION_METHODS = ("gguf", "awq", "fp8")
 # vLLM's names for GPU kernels kvrun has no counterpart of, with what to use instead.
 GPU_ONLY_METHODS = (
     "awq_marlin",
@@ -45,7 +49,6 @@ GPU_ONLY_METHODS = (
     "gptq_marlin",
     "gptq_marlin_24",
     "marlin",
-    "fp8",
     "fbgemm_fp8",
     "modelopt",
     "bitsandbytes",
@@ -60,6 +63,7 @@ EXECUTABLE_GGUF_TYPES: Mapping[str, tuple[int, int]] = {
     "Q4_0": (32, 18),
     "Q4_1": (32, 20),
     "Q4_K": (256, 144),  # super-blocks of 8 x 32 values: 6-bit scales and mins
+    "Q6_K": (256, 210),  # super-blocks of 16 x 16 values: 6-bit values, int8 scales
 }
 
 
@@ -253,6 +257,20 @@ def plan_quantized_load(
                 "(config.json's quantization_config has no quant_method 'awq'); omit it"
             )
         logger.info("quantization='awq': the AWQ weights are dequantized at load")
+        return frozenset()
+    if method == "fp8":
+        from kvrun.loader.fp8 import fp8_config
+
+        if (
+            checkpoint.format == "gguf"
+            or fp8_config(checkpoint.hf_config, checkpoint.source) is None
+        ):
+            raise ConfigError(
+                f"quantization='fp8' but {checkpoint.source!r} has no fp8 weights (config.json's "
+                "quantization_config has no quant_method 'fp8'); vLLM would quantize it to fp8 "
+                "at load, which kvrun does not do: omit quantization"
+            )
+        logger.info("quantization='fp8': the fp8 weights are dequantized at load")
         return frozenset()
     if checkpoint.format != "gguf":
         raise ConfigError(

@@ -101,8 +101,8 @@ def test_deepseek_v2_matches_transformers(
 def test_the_latent_cache_holds_one_head_of_latent_and_rope(
     random_checkpoint: Callable[..., Path],
 ) -> None:
-    """Per token and layer the absorbed cache holds kv_lora_rank + rope values per plane,
-    where the cache of every head holds heads x (nope + rope)."""
+    """Per token and layer the absorbed cache holds kv_lora_rank + rope values in one
+    plane, where the cache of every head holds heads x (nope + rope) in two."""
     model_dir = _checkpoint("v2-lite-shaped", random_checkpoint)
     latent = make_engine(model_dir, max_model_len=128, num_kv_blocks=16)
     heads = make_engine(model_dir, env=MODES["mla-disabled"], max_model_len=128, num_kv_blocks=16)
@@ -111,7 +111,7 @@ def test_the_latent_cache_holds_one_head_of_latent_and_rope(
         cache = engine.runner.kv_caches[0]
         return cache.numel() // (16 * engine.config.block_size)
 
-    assert per_token(latent) == 2 * (MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"])
+    assert per_token(latent) == MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"]
     assert per_token(heads) == 2 * 4 * (MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"])
 
 

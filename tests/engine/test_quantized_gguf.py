@@ -103,7 +103,7 @@ def test_the_runner_holds_the_file_size_of_weights(
     ("method", "message"),
     [
         ("awq_marlin", "quantization 'awq_marlin' names one of vLLM's GPU kernels"),
-        ("int3", "quantization 'int3' is not known; accepted: gguf, awq"),
+        ("int3", "quantization 'int3' is not known; accepted: gguf, awq, fp8"),
     ],
 )
 def test_quantization_names_are_checked(method: str, message: str) -> None:

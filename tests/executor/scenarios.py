@@ -145,6 +145,61 @@ def parity(model: str, configs: list[dict[str, Any]], max_tokens: int = 12) -> d
     return results
 
 
+def result_area(model: str, batch: int = 16) -> dict[str, Any]:
+    """A prefill and a decode step of ``batch`` requests through the mp executor (TP=1)
+    and the in-process runner, same chunks: where the mp logits live, how far they are
+    from uni's, and what is left once the executor is closed."""
+    import gc
+
+    import torch
+
+    from kvrun import LLM
+    from kvrun.scheduling.output import ScheduledChunk
+
+    torch.set_num_threads(1)
+    options: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 64, "max_model_len": 128}
+    mp = LLM(model, distributed_executor_backend="mp", max_num_seqs=batch, **options)
+    uni = LLM(model, **options)
+    prompts = [[(11 * i + j) % 1000 + 3 for j in range(5 + i % 7)] for i in range(batch)]
+    prefill = [
+        ScheduledChunk(request_id=f"r{i}", token_ids=p, start_position=0, block_ids=[1 + i],
+                       samples=True, is_prefill=True)
+        for i, p in enumerate(prompts)
+    ]  # fmt: skip
+    decode = [
+        ScheduledChunk(request_id=f"r{i}", token_ids=[7 + i], start_position=len(p),
+                       block_ids=[1 + i], samples=True, is_prefill=False)
+        for i, p in enumerate(prompts)
+    ]  # fmt: skip
+    runner: Any = mp.llm_engine.runner
+    area_bytes = runner.settings.result_area_bytes
+    out: dict[str, Any] = {"area_bytes": area_bytes, "steps": []}
+    for chunks in (prefill, decode):
+        got = runner.execute(chunks)
+        want = uni.llm_engine.runner.execute(chunks)
+        out["steps"].append(
+            {
+                "shape": list(got.logits.shape),
+                "dtype": str(got.logits.dtype),
+                "request_ids": got.request_ids == want.request_ids,
+                "max_abs_diff": float((got.logits - want.logits).abs().max()),
+                "equal": bool(torch.equal(got.logits, want.logits)),
+                # a view of the area (its whole mapping is the storage), not a copy
+                "storage_bytes": got.logits.untyped_storage().nbytes(),
+            }
+        )
+        del got
+    pids = list(runner.pids)
+    out["driver_maps_area"] = "kvrun_mp_result" in Path(f"/proc/{pids[0]}/maps").read_text()
+    runner.close()
+    gc.collect()
+    out["alive_after_close"] = [p for p in pids if alive(p)]
+    out["children"] = children(os.getpid())
+    out["segments_left"] = segments()
+    out["area_still_mapped"] = "kvrun_mp_result" in Path("/proc/self/maps").read_text()
+    return out
+
+
 def kill_worker(model: str, tensor_parallel_size: int, victim: int) -> dict[str, Any]:
     """kill -9 one worker while requests run: what the engine raises, and how soon."""
     import torch
@@ -366,6 +421,7 @@ def _wait(condition: Callable[[], bool], timeout_s: float) -> None:
 SCENARIOS: dict[str, Callable[..., Any]] = {
     "parity": parity,
     "kill_worker": kill_worker,
+    "result_area": result_area,
     "start_failure": start_failure,
     "serve": serve,
     "serve_sigterm": serve_sigterm,

@@ -25,36 +25,55 @@ def make_adapter(
     seed: int,
     r: int = 8,
     alpha: float = 16,
-    targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    targets: Sequence[str] | str = ("q_proj", "k_proj", "v_proj", "o_proj"),
     use_rslora: bool = False,
     std: float = 0.1,
+    target_parameters: Sequence[str] = (),
+    model_class: str | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
 ) -> Path:
     """A PEFT LoRA adapter for ``base`` with random A and B (nonzero B, unlike a fresh
-    adapter) drawn from ``seed``, saved as adapter_config.json + adapter_model.safetensors."""
+    adapter) drawn from ``seed``, saved as adapter_config.json + adapter_model.safetensors.
+
+    ``targets`` may be a regex string (PEFT's form); ``target_parameters`` names fused
+    parameters (a mixture's ``experts.gate_up_proj``); ``model_class`` is the
+    transformers class to load ``base`` with (default AutoModelForCausalLM)."""
     key: dict[str, Any] = {
         "base": str(base),
         "seed": seed,
         "r": r,
         "alpha": alpha,
-        "targets": list(targets),
+        "targets": targets if isinstance(targets, str) else list(targets),
         "rslora": use_rslora,
         "std": std,
     }
+    if target_parameters:  # only when set: the keys of earlier adapters stay the same
+        key["target_parameters"] = list(target_parameters)
+    if model_class is not None:
+        key["model_class"] = model_class
+    if rank_pattern or alpha_pattern:
+        key["patterns"] = [rank_pattern or {}, alpha_pattern or {}]
 
     def build(out: Path) -> Path:
+        import transformers
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        cls = getattr(transformers, model_class or "AutoModelForCausalLM")
+        model = cls.from_pretrained(str(base), dtype=torch.float32)
         config = LoraConfig(
             r=r,
             lora_alpha=alpha,
-            target_modules=list(targets),
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            target_parameters=list(target_parameters) or None,
+            rank_pattern=dict(rank_pattern or {}),
+            alpha_pattern=dict(alpha_pattern or {}),
             use_rslora=use_rslora,
             lora_dropout=0.0,
         )
         with warnings.catch_warnings():  # peft reads transformers' deprecated names
             warnings.simplefilter("ignore", FutureWarning)
+            _ignore_pattern_warning()
             peft_model = get_peft_model(model, config)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -101,6 +120,7 @@ def _greedy(
 
         with warnings.catch_warnings():  # peft reads transformers' deprecated names
             warnings.simplefilter("ignore", FutureWarning)
+            _ignore_pattern_warning()
             model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
     results = []
@@ -111,3 +131,12 @@ def _greedy(
             ids.append(int(logits.argmax()))
         results.append(ids[len(prompt) :])
     return results
+
+
+def _ignore_pattern_warning() -> None:
+    """peft checks rank_pattern against module names only, so the pattern it sets itself
+    for a mixture's fused ``experts.gate_up_proj`` (which it does apply) draws a warning
+    that it matched nothing."""
+    warnings.filterwarnings(
+        "ignore", r"The following (rank|alpha)_pattern keys did not match", RuntimeWarning
+    )

@@ -12,6 +12,7 @@ already in the cache.
 from __future__ import annotations
 
 import copy
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -20,7 +21,9 @@ import torch
 
 from kvrun.errors import ConfigError
 
-__all__ = ["AttentionBackend", "AttentionLayerSpec", "AttentionMetadata"]
+__all__ = ["AttentionBackend", "AttentionLayerSpec", "AttentionMetadata", "with_latent_cache"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,36 @@ class AttentionLayerSpec:
     # Scores (after the scale) become c * tanh(scores / c) before the softmax; None = as
     # they are (Gemma 2).
     logit_softcap: float | None = None
+    # Multi-head latent attention's single-plane cache (feature "latent_kv"): the layer
+    # caches keys only, num_kv_heads x head_dim values per token in one plane instead of
+    # two, and each cached token's value is the first latent_value_dim columns of its
+    # key; forward then returns [T, num_heads, latent_value_dim] (DeepSeek: key [c | k_pe],
+    # value c, its first kv_lora_rank columns). None = keys and values in planes of their own.
+    latent_value_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        v = self.latent_value_dim
+        if v is not None and not 1 <= v <= self.head_dim:
+            raise ConfigError(
+                f"latent_value_dim={v}: the value is the first columns of the cached key, "
+                f"so it must lie in 1..head_dim={self.head_dim}"
+            )
 
     @property
     def features(self) -> frozenset[str]:
         """What this spec asks beyond plain causal attention: the names backends declare."""
-        asked = {"sliding_window": self.sliding_window, "logit_softcap": self.logit_softcap}
+        asked = {
+            "sliding_window": self.sliding_window,
+            "logit_softcap": self.logit_softcap,
+            "latent_kv": self.latent_value_dim,
+        }
         return frozenset(name for name, value in asked.items() if value is not None)
+
+    @property
+    def kv_planes(self) -> int:
+        """Planes of num_kv_heads x head_dim values a token takes in the cache: 2 (keys and
+        values), or 1 for the latent cache (the value is read from the key)."""
+        return 1 if self.latent_value_dim is not None else 2
 
 
 @dataclass
@@ -88,6 +115,12 @@ class AttentionBackend(ABC):
       num_kv_heads)``.
     - The result equals :class:`kvrun.attention.reference.ReferenceAttention` within
       floating-point tolerance.
+    - A backend that lists ``"latent_kv"`` in ``features`` implements
+      :meth:`latent_kv_cache_shape` and, for a spec with ``latent_value_dim``, keeps one
+      plane per layer: ``forward`` stores ``key`` only (callers pass the key again as
+      ``value``, which is not read) and attends with each cached token's value equal to
+      the first ``latent_value_dim`` columns of its key, returning
+      ``[T, num_heads, latent_value_dim]``.
     """
 
     name: ClassVar[str]
@@ -126,6 +159,21 @@ class AttentionBackend(ABC):
     ) -> tuple[int, ...]:
         """Shape of one layer's KV-cache tensor."""
 
+    @staticmethod
+    def latent_kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        """Shape of one layer's single-plane (latent) cache; backends with "latent_kv"."""
+        raise NotImplementedError("this attention backend keeps no single-plane latent cache")
+
+    def layer_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        """Shape of one layer's cache for this backend's spec: one plane (latent) or two."""
+        if self.spec.latent_value_dim is not None:
+            return self.latent_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+        return self.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+
     @abstractmethod
     def forward(
         self,
@@ -138,10 +186,32 @@ class AttentionBackend(ABC):
         """Store the new K/V in the cache and return the attention output."""
 
 
+def with_latent_cache(backend: AttentionBackend, value_dim: int) -> AttentionBackend:
+    """``backend`` over a single-plane latent cache whose value is each key's first
+    ``value_dim`` columns (multi-head latent attention), where it computes "latent_kv".
+
+    Otherwise ``backend`` itself, with the reason logged: the caller then passes the key
+    as the value too and the cache holds it twice (two planes), which is exact but
+    costs twice the bytes per token.
+    """
+    if "latent_kv" in backend.features:
+        return backend.variant(latent_value_dim=value_dim)
+    values = backend.spec.num_kv_heads * backend.spec.head_dim
+    logger.info(
+        "attention backend %s keeps no single-plane latent cache (feature latent_kv): the "
+        "latent is cached as key and as value, 2 x %d values per token and layer",
+        backend.name,
+        values,
+    )
+    return backend
+
+
 def _describe(spec: AttentionLayerSpec) -> str:
     parts = []
     if spec.sliding_window is not None:
         parts.append(f"sliding_window={spec.sliding_window}")
     if spec.logit_softcap is not None:
         parts.append(f"logit_softcap={spec.logit_softcap}")
+    if spec.latent_value_dim is not None:
+        parts.append(f"a single-plane latent cache, value = key[:, :{spec.latent_value_dim}]")
     return ", ".join(parts)

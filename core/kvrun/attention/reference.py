@@ -13,17 +13,24 @@ __all__ = ["ReferenceAttention"]
 class ReferenceAttention(AttentionBackend):
     """Slow and obviously right: the oracle every other backend is tested against.
 
-    Cache layout: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (keys, values).
+    Cache layout: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (keys, values);
+    the latent cache (``latent_kv``) is the keys' plane alone, ``[1, ...]`` of the same.
     """
 
     name = "REFERENCE"
-    features = frozenset({"sliding_window", "logit_softcap"})
+    features = frozenset({"sliding_window", "logit_softcap", "latent_kv"})
 
     @staticmethod
     def kv_cache_shape(
         num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
     ) -> tuple[int, ...]:
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    @staticmethod
+    def latent_kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        return (1, num_blocks, block_size, num_kv_heads, head_dim)
 
     def forward(
         self,
@@ -33,9 +40,14 @@ class ReferenceAttention(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        latent = self.spec.latent_value_dim
+        if latent is not None:  # one plane: the value is read from the cached key
+            key_cache = value_cache = kv_cache[0]
+            value = key
+        else:
+            key_cache, value_cache = kv_cache[0], kv_cache[1]
         reference.reshape_and_cache(key, value, key_cache, value_cache, meta.slot_mapping)
-        return reference.paged_attention(
+        out = reference.paged_attention(
             query,
             key_cache,
             value_cache,
@@ -46,3 +58,4 @@ class ReferenceAttention(AttentionBackend):
             sliding_window=self.spec.sliding_window,
             logit_softcap=self.spec.logit_softcap,
         )
+        return out if latent is None else out[..., :latent].contiguous()

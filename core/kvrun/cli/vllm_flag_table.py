@@ -358,8 +358,9 @@ FLAGS: tuple[VllmFlag, ...] = (
         "--quantization -q",
         "ModelConfig",
         V,
-        "gguf: a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K matrices run as stored; awq: dequantized at "
-        "load; unset: dequantized at load; vLLM's GPU kernels (awq_marlin, ...) refused",
+        "gguf: a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices run as stored; awq, fp8: that "
+        "checkpoint dequantized at load; unset: dequantized at load; vLLM's GPU kernels "
+        "(awq_marlin, ...) refused",
     ),
     _w(
         "--allow-deprecated-quantization",
@@ -664,12 +665,11 @@ FLAGS: tuple[VllmFlag, ...] = (
     _r("--expert-placement-strategy", "ParallelConfig", V, _DIST, accepts=("linear",)),
     _w("--max-parallel-loading-workers", "ParallelConfig", V, "kvrun loads weights in one process"),
     _r("--ray-workers-use-nsight", "ParallelConfig", B, _DIST, accepts=("false",)),
-    _w(
+    _k(
         "--disable-custom-all-reduce",
         "ParallelConfig",
         B,
-        "kvrun has no all-reduce to disable",
-        accepts=("true",),
+        "as vLLM: cuda's all-reduce over peer-to-peer memory is not used (docs/distributed.md)",
     ),
     _r(
         "--worker-cls",

@@ -4,23 +4,46 @@ One :class:`Communicator` per rank. Every rank of a tensor-parallel group calls 
 same collectives in the same order (the model's forward is the same code on each), and
 stage s sends to stage s+1 exactly what stage s+1 receives, so nothing waits forever.
 gloo, NCCL and RCCL sum an all-reduce so that every rank gets the same bits.
+
+A platform may offer a faster all-reduce for its tensor-parallel group
+(:meth:`kvrun.platforms.Platform.custom_all_reduce`: cuda's over peer-to-peer memory);
+the communicator tries it first and falls back to the backend's. Its choice depends only
+on the tensor's dtype and size, which are the same on every rank, so all ranks of the
+group always take the same path.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from kvrun.distributed.state import ProcessGroups
 
-__all__ = ["Communicator"]
+__all__ = ["Communicator", "CustomAllReduce"]
+
+
+class CustomAllReduce(Protocol):
+    """A platform's all-reduce for one tensor-parallel group, used before the backend's."""
+
+    def all_reduce(self, x: torch.Tensor) -> bool:
+        """Sum ``x`` over the group in place and return True, or return False (``x``
+        untouched) when this tensor is not for it (dtype, size). Every rank of the group
+        must get the same answer for tensors of the same dtype and shape."""
+        ...
+
+    def close(self) -> None:
+        """Release what it holds (shared buffers)."""
+        ...
 
 
 class Communicator:
     """Tensor-parallel all-reduce and gather, pipeline send and receive."""
 
-    def __init__(self, groups: ProcessGroups) -> None:
+    def __init__(self, groups: ProcessGroups, custom: CustomAllReduce | None = None) -> None:
         self.groups = groups
+        self.custom = custom  # the platform's faster all-reduce, when it offered one
         parallel = groups.parallel
         pp_rank, tp_rank = parallel.coordinates(groups.rank)
         self.tp_size = parallel.tensor_parallel_size
@@ -32,7 +55,7 @@ class Communicator:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of ``x`` over the tensor-parallel group, in place."""
-        if self.tp_size > 1:
+        if self.tp_size > 1 and not (self.custom is not None and self.custom.all_reduce(x)):
             dist.all_reduce(x, group=self.groups.tp_group)
         return x
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
+from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, with_latent_cache
 from kvrun.config import EngineArgs, EngineConfig
-from kvrun.distributed.communicator import Communicator
+from kvrun.distributed.communicator import Communicator, CustomAllReduce
 from kvrun.distributed.layers import ModelParallel
 from kvrun.distributed.parallel import ParallelConfig, ShardLayout, shard_weights
 from kvrun.distributed.state import ProcessGroups, close_quietly, init_process_groups
@@ -122,6 +122,7 @@ class Worker:
         self._rank_config: ModelConfig | None = None
         self._attention: AttentionBackend | None = None
         self._kv_request: KVCacheRequest | None = None
+        self._custom_all_reduce: CustomAllReduce | None = None
 
     # set-up ------------------------------------------------------------------------
     def init_distributed(self, timeout_s: float) -> None:
@@ -178,6 +179,8 @@ class Worker:
                 logit_softcap=model_config.attn_logit_softcap,
             ),
         )
+        if rank_config.is_mla and rank_config.mla_mode == "absorbed":
+            attention = with_latent_cache(attention, rank_config.kv_lora_rank)  # as the builder
         if config.quantization == "gguf" and self.parallel.world_size > 1:
             raise ConfigError(
                 "quantization='gguf' with tensor/pipeline parallelism is not supported yet: "
@@ -195,7 +198,9 @@ class Worker:
                 attention,
                 config.dtype,
                 platform.device,
-                parallel=ModelParallel(layout, Communicator(self.groups)),
+                parallel=ModelParallel(
+                    layout, Communicator(self.groups, self._choose_all_reduce(config.dtype))
+                ),
             )
         # as the builder: the matrices that run as stored (kvrun.quantization)
         keep = plan_quantized_load(config.quantization, checkpoint, model, platform)
@@ -313,8 +318,29 @@ class Worker:
         self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         return None
 
+    def _choose_all_reduce(self, dtype: torch.dtype) -> CustomAllReduce | None:
+        """The platform's faster all-reduce for this tensor-parallel group, unless
+        disable_custom_all_reduce; every rank of the group calls this (it may agree by
+        collectives). tp_rank 0 logs the choice."""
+        assert self.groups is not None
+        if self.parallel.tensor_parallel_size == 1:  # (the builder says the flag does nothing)
+            return None
+        if self.args.disable_custom_all_reduce:
+            custom, why = None, "disable_custom_all_reduce"
+        else:
+            custom, why = self.platform.custom_all_reduce(self.groups, dtype)
+        if self.tp_rank == 0:
+            used = "the platform's custom all-reduce" if custom else f"{self.platform.dist_backend}"
+            logger.info("pp stage %d: tensor-parallel all-reduce: %s (%s)", self.pp_rank, used, why)
+        self._custom_all_reduce = custom
+        return custom
+
     def close(self) -> None:
-        """Leave the process groups (idempotent)."""
+        """Release the custom all-reduce's buffers and leave the process groups
+        (idempotent)."""
+        if self._custom_all_reduce is not None:
+            self._custom_all_reduce.close()
+            self._custom_all_reduce = None
         close_quietly(self.groups)
         self.groups = None
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
+from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, with_latent_cache
 from kvrun.config import (
     EngineArgs,
     EngineConfig,
@@ -36,6 +36,7 @@ from kvrun.errors import ConfigError
 from kvrun.loader import DEFAULT_HUB_MODEL, engine_load_format, load_engine_checkpoint
 from kvrun.loader.checkpoint import Checkpoint
 from kvrun.models.config import ModelConfig
+from kvrun.models.llama import every_layer_window
 from kvrun.models.registry import ModelRegistry
 from kvrun.ops import reference, reference_ops
 from kvrun.platforms import KVCachePlan, KVCacheRequest, Platform, plan_exact_kv_blocks
@@ -109,20 +110,23 @@ def resolve_max_model_len(
 ) -> tuple[int, str]:
     """The context length to serve, and why; longer than the model allows needs the opt-in.
 
-    A model whose layers have sliding windows is served to its full length where the
+    A model whose layers have sliding windows (Gemma's local layers, Mistral's every
+    layer: kvrun.models.llama.every_layer_window) is served to its full length where the
     attention backend computes windows; elsewhere up to its shortest window, where
-    global attention is exact (the model then asks the backend for no window).
+    global attention is exact (the model then asks the backend for no window). Qwen's
+    opt-in window, on some layers only, is always served that way.
     """
     limit = model.max_position_embeddings
     why = f"the model's max_position_embeddings={limit}"
     if model.rope_context_length > limit:
         limit = model.rope_context_length
         why = f"the model's max_position_embeddings x its rope_scaling factor = {limit}"
-    if model.sliding_window is not None and model.sliding_window < limit:
+    computes_windows = attention is not None and "sliding_window" in attention.features
+    windowed = computes_windows and every_layer_window(model) is not None
+    if model.sliding_window is not None and model.sliding_window < limit and not windowed:
         limit = model.sliding_window
         why = f"the model's sliding_window={limit} (kvrun attends globally)"
     windows = [w for w in model.layer_windows if w is not None]
-    computes_windows = attention is not None and "sliding_window" in attention.features
     if windows and not computes_windows and min(windows) < limit:
         limit = min(windows)
         backend = attention.name if attention is not None else "the attention backend"
@@ -142,6 +146,23 @@ def resolve_max_model_len(
             why,
         )
     return requested, "asked for"
+
+
+def released_window(model: ModelConfig, attention: AttentionBackend) -> int | None:
+    """The sliding window behind which the scheduler releases a running request's KV
+    blocks (SchedulerConfig.sliding_window), or None: nothing is released.
+
+    Only where every attention layer has a window and the backend computes it: Mistral
+    v0.1-style models (every_layer_window), or a model whose layer_windows are all local
+    (the widest). Gemma 2/3 interleave global layers, and all layers share one block
+    table, so a global layer still reads every position: nothing can be released.
+    """
+    if "sliding_window" not in attention.features:
+        return None
+    if model.layer_windows:
+        local = [w for w in model.layer_windows if w is not None]
+        return max(local) if len(local) == len(model.layer_windows) else None
+    return every_layer_window(model)
 
 
 def resolve_engine_config(
@@ -164,6 +185,10 @@ def resolve_engine_config(
         logit_softcap=model.attn_logit_softcap,
     )
     attention = platform.attention_backend(backend_name, spec)
+    if model.is_mla and model.mla_mode == "absorbed":
+        # The latent's one plane, its value the first kv_lora_rank columns, where the
+        # backend computes it; else two planes, logged (kvrun.models.deepseek).
+        attention = with_latent_cache(attention, model.kv_lora_rank)
     max_model_len, len_why = resolve_max_model_len(
         args.max_model_len, model, env.VLLM_ALLOW_LONG_MAX_MODEL_LEN, attention
     )
@@ -304,10 +329,13 @@ def build_engine_parts(
     checkpoint, model_config, model_cls = load_model_source(args, env)
     resolved = resolve_engine_config(args, env, platform, model_config, checkpoint.source)
     config = resolved.config
+    if args.disable_custom_all_reduce and config.tensor_parallel_size == 1:
+        logger.info("disable_custom_all_reduce has no effect: tensor_parallel_size=1")
     if config.enable_lora and not getattr(model_cls, "supports_lora", False):
         raise ConfigError(
-            f"enable_lora: kvrun applies LoRA adapters to the Llama-family dense models "
-            f"(Llama, Mistral, Qwen2, Qwen3, Phi-3), not to {model_config.architecture}"
+            f"enable_lora: kvrun applies LoRA adapters to the Llama family (Llama, Mistral, "
+            f"Qwen2, Qwen3, Phi-3), Gemma 2/3, Qwen2-VL, Qwen2.5-VL, Qwen2-Audio and the "
+            f"mixtures (Mixtral, Qwen2-MoE, Qwen3-MoE), not to {model_config.architecture}"
         )
 
     torch.manual_seed(args.seed)
@@ -362,7 +390,8 @@ def build_engine_parts(
         if not args.enforce_eager:
             _compile_model(model, compile_settings(env))
         fused_decoder = platform.fused_decoder(model, kv_caches, config)
-        decode_graph, plan = _decode_graphs(platform, model, kv_caches, config, plan)
+        window = released_window(model_config, resolved.attention)
+        decode_graph, plan = _decode_graphs(platform, model, kv_caches, config, plan, window)
         lora = _build_lora(config, model, platform) if config.enable_lora else None
         runner = ModelRunner(
             model,
@@ -390,6 +419,10 @@ def build_engine_parts(
             enable_prefix_caching=config.enable_prefix_caching,
             enable_chunked_prefill=config.enable_chunked_prefill,
             max_loras=config.max_loras,
+            # whole-model executors attend over whole tables: nothing released there
+            sliding_window=(
+                released_window(model_config, resolved.attention) if executor is None else None
+            ),
         ),
         # The platform may order free KV blocks (Gaudi's contiguous PA wants lowest id first).
         free_block_policy=platform.free_block_policy(config),
@@ -433,6 +466,8 @@ def load_model_source(args: EngineArgs, env: EnvSnapshot) -> tuple[Checkpoint, M
         model_config = replace(model_config, moe_chunk_size=env.VLLM_FUSED_MOE_CHUNK_SIZE)
     if model_config.is_mla:
         model_config = _mla_mode(model_config, env)
+    if env.VLLM_MLA_DISABLE_REQUANTIZATION:
+        _warn_no_requantization(model_config)
     model_cls = registry.resolve(model_config.architecture, checkpoint.source)
     return checkpoint, model_config, model_cls
 
@@ -449,23 +484,49 @@ def _compile_model(model: Any, settings: CompileSettings) -> None:
     compile_hook(lambda fn, name: compile_function(fn, settings, name))
 
 
+def _warn_no_requantization(model: ModelConfig) -> None:
+    """VLLM_MLA_DISABLE_REQUANTIZATION=1 named where it changes nothing: it acts only on
+    latent attention absorbed at load from an fp8 checkpoint (kvrun.models.deepseek)."""
+    if not model.is_mla:
+        why = f"{model.architecture} has no latent attention"
+    elif model.fp8_weight_block is None:
+        why = "the checkpoint's weights are not fp8"
+    elif model.mla_mode != "absorbed" or not model.mla_fused:
+        why = "the MLA matrices are not absorbed at load"
+    else:
+        return
+    logger.warning(
+        "VLLM_MLA_DISABLE_REQUANTIZATION=1 has no effect: it keeps the absorbed MLA "
+        "matrices of an fp8 checkpoint off the fp8 grid, and %s",
+        why,
+    )
+
+
 def _mla_mode(model: ModelConfig, env: EnvSnapshot) -> ModelConfig:
     """Latent attention's mode from VLLM_MLA_DISABLE / VLLM_MLA_PERFORM_MATRIX_ABSORPTION
     (kvrun.models.deepseek), logged with the bytes per token it caches."""
     if env.VLLM_MLA_DISABLE:
         qk = model.qk_nope_head_dim + model.qk_rope_head_dim
         model = replace(model, mla_mode="mha", num_kv_heads=model.num_heads, head_dim=qk)
-        how = "VLLM_MLA_DISABLE=1: every head's key and value cached"
-    else:
-        model = replace(model, mla_fused=env.VLLM_MLA_PERFORM_MATRIX_ABSORPTION)
-        how = "the latent cached; W_UK/W_UV " + (
-            "absorbed at load" if model.mla_fused else "applied per step"
+        values = model.num_kv_heads * model.head_dim
+        how = (
+            "VLLM_MLA_DISABLE=1: every head's key and value cached, "
+            f"2 x {values} values per token and layer"
         )
-    logger.info(
-        "multi-head latent attention: %s (%d values per token and layer, key and value)",
-        how,
-        model.num_kv_heads * model.head_dim,
-    )
+    else:
+        model = replace(
+            model,
+            mla_fused=env.VLLM_MLA_PERFORM_MATRIX_ABSORPTION,
+            # fp8 weights: absorbed matrices back on the fp8 grid (kvrun.models.deepseek)
+            mla_requantize=not env.VLLM_MLA_DISABLE_REQUANTIZATION,
+        )
+        how = (
+            f"the latent [c | k_pe] cached, {model.head_dim} values per token and layer in "
+            f"one plane (the value is its first {model.kv_lora_rank} columns; two planes "
+            "where the attention backend keeps no latent cache); W_UK/W_UV "
+            + ("absorbed at load" if model.mla_fused else "applied per step")
+        )
+    logger.info("multi-head latent attention: %s", how)
     return model
 
 
@@ -512,7 +573,7 @@ def kv_cache_request(
     profiles budgets from the measured peak (None: no profiling, a fixed block count)."""
 
     def layer_shape(n: int) -> tuple[int, ...]:
-        return attention.kv_cache_shape(
+        return attention.layer_cache_shape(
             n, config.block_size, model_config.num_kv_heads, model_config.head_dim
         )
 
@@ -538,8 +599,12 @@ def kv_cache_request(
         dtype=config.cache_dtype,
         max_model_len=config.max_model_len,
         layer_shape=layer_shape,
+        kv_planes=attention.spec.kv_planes,
         gpu_memory_utilization=config.gpu_memory_utilization,
         peak_memory_bytes=peak,
+        # a windowed model's sequence holds one step's span of blocks (capacity.py)
+        sliding_window=released_window(model_config, attention),
+        max_chunk_tokens=config.max_num_batched_tokens,
     )
 
 
@@ -549,6 +614,7 @@ def _decode_graphs(
     kv_caches: list[torch.Tensor],
     config: EngineConfig,
     plan: KVCachePlan,
+    sliding_window: int | None = None,  # released_window: a sequence holds one step's span
 ) -> tuple[Any, KVCachePlan]:
     """The platform's decode graphs (or None), and the plan's blocks minus the reserve.
 
@@ -566,6 +632,8 @@ def _decode_graphs(
             f"{platform.name} platform reserves for decode-graph padding,"
         ),
         remedy="raise the cache size (num_kv_blocks) or lower max_model_len",
+        sliding_window=sliding_window,
+        max_chunk_tokens=config.max_num_batched_tokens,
     )
 
     def forward(ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
@@ -595,10 +663,14 @@ def _log_start(
         dtype_why,
         config.attention_backend,
     )
+    tokens = plan.num_blocks * plan.block_size
     logger.info(
-        "KV cache: %d blocks of %d tokens, %.3f GiB (%s); max_model_len %d (%s)",
+        "KV cache: %d blocks of %d tokens (%d tokens, %d bytes each), %.3f GiB (%s); "
+        "max_model_len %d (%s)",
         plan.num_blocks,
         plan.block_size,
+        tokens,
+        plan.total_bytes // max(tokens, 1),
         plan.total_bytes / GiB,
         plan.reason,
         config.max_model_len,

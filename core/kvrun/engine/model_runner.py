@@ -95,12 +95,17 @@ class ModelRunner:
             )
             if embeds is not None:
                 hidden = mm_model.forward(
-                    batch.input_ids, positions, self.kv_caches, batch.meta, inputs_embeds=embeds
+                    batch.input_ids,
+                    positions,
+                    self.kv_caches,
+                    batch.meta,
+                    lora=lora,
+                    inputs_embeds=embeds,
                 )
         if hidden is None and lora is not None:
             model: Any = self.model  # a model whose supports_lora the builder checked
             hidden = model.forward(
-                batch.input_ids, batch.positions, self.kv_caches, batch.meta, lora=lora
+                batch.input_ids, positions, self.kv_caches, batch.meta, lora=lora
             )
         if hidden is None and self.fused_decoder is not None:
             hidden = self.fused_decoder.run(batch.input_ids, positions, batch.meta)

@@ -88,7 +88,7 @@ def build_executor(
         executor = MultiprocExecutor(
             rank_args,
             worker_environment(env),
-            _mp_settings(env, config, threads),
+            _mp_settings(env, config, threads, model.vocab_size),
             config.block_size,
         )
     else:
@@ -112,7 +112,9 @@ def build_executor(
     return executor, plan
 
 
-def _mp_settings(env: EnvSnapshot, config: EngineConfig, threads: int) -> MultiprocSettings:
+def _mp_settings(
+    env: EnvSnapshot, config: EngineConfig, threads: int, vocab_size: int
+) -> MultiprocSettings:
     from kvrun.distributed.state import init_method, rendezvous_address
 
     world = config.tensor_parallel_size * config.pipeline_parallel_size
@@ -124,6 +126,8 @@ def _mp_settings(env: EnvSnapshot, config: EngineConfig, threads: int) -> Multip
         start_method=resolve_start_method(env.VLLM_WORKER_MULTIPROC_METHOD, threads),
         threads_per_worker=threads,
         ring_warning_interval_s=float(env.VLLM_RINGBUFFER_WARNING_INTERVAL),
+        # the largest step's float32 logits (its pages are allocated as they are written)
+        result_area_bytes=config.max_num_seqs * vocab_size * 4,
     )
     logger.info(
         "mp executor: %d worker(s) (tensor %d x pipeline %d), %d torch thread(s) each "

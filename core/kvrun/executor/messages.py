@@ -4,19 +4,23 @@ Every message is a msgspec Struct in a tagged union: the tag (field ``type``) na
 message, the Struct is its schema, and a payload that is not one of these messages (an
 unknown tag, a missing or mistyped field, a pickle) fails to decode with a
 :class:`MessageError` naming what is wrong. Tensors travel as raw bytes with their dtype
-and shape (:class:`TensorBlob`).
+and shape (:class:`TensorBlob`); a step's logits travel outside the message, which
+names where: from the mp executor's driver rank in its shared result area
+(:class:`SharedTensor`, :mod:`kvrun.executor.result_area`), from the Ray executor's as
+numpy arrays beside the message (:class:`AttachedTensor`).
 
 Directions:
 - executor -> every worker, over the shared-memory broadcast (:data:`Broadcast`):
   :class:`InitKVCache`, :class:`ExecuteStep`, :class:`CommitKVCache`, :class:`Shutdown`;
 - worker -> executor, over each worker's reply pipe (:data:`Reply`): :class:`WorkerReady`,
-  :class:`KVCacheReady`, :class:`StepResult` (driver rank only), :class:`Committed`,
-  :class:`WorkerFailed`;
+  :class:`KVCacheReady`, :class:`StepResult` (driver rank only; the other ranks send
+  nothing per step), :class:`Committed`, :class:`WorkerFailed`;
 - :class:`WorkerStart`: what a worker process is started with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -26,6 +30,7 @@ from kvrun.engine.batch import StepLogits
 from kvrun.scheduling.output import ScheduledChunk
 
 __all__ = [
+    "AttachedTensor",
     "Broadcast",
     "ChannelHandle",
     "CommitKVCache",
@@ -35,10 +40,12 @@ __all__ = [
     "KVCacheReady",
     "MessageError",
     "Reply",
+    "SharedTensor",
     "Shutdown",
     "StepLogitsMessage",
     "StepResult",
     "TensorBlob",
+    "TensorRef",
     "WireChunk",
     "WorkerFailed",
     "WorkerReady",
@@ -48,6 +55,7 @@ __all__ = [
     "decode_broadcast",
     "decode_reply",
     "decode_start",
+    "dtype_named",
     "encode",
     "pack_step_logits",
     "pack_tensor",
@@ -74,12 +82,35 @@ class _Message(msgspec.Struct, forbid_unknown_fields=True, tag_field="type"):
     """Base of every message: tagged by ``type``; a field we do not know is malformed."""
 
 
-class TensorBlob(msgspec.Struct, forbid_unknown_fields=True):
+class TensorBlob(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="blob"):
     """A tensor as raw bytes: ``data`` holds prod(shape) elements of ``dtype``, C order."""
 
     dtype: str  # a key of _DTYPES
     shape: list[int]
     data: bytes
+
+
+class SharedTensor(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="shared"):
+    """A tensor the driver rank placed in the executor's result area: prod(shape)
+    elements of ``dtype``, C order, from byte ``offset`` (kvrun.executor.result_area)."""
+
+    dtype: str  # a key of _DTYPES
+    shape: list[int]
+    offset: int
+
+
+class AttachedTensor(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="attached"):
+    """A tensor that travels beside the message as an array of its own, the ``index``-th
+    (the Ray executor's driver rank: Ray's object store carries a numpy array without
+    the copies of bytes inside msgpack)."""
+
+    dtype: str  # a key of _DTYPES
+    shape: list[int]
+    index: int
+
+
+# where a reply's tensor is: in the message, in the mp result area, or beside the message
+TensorRef = TensorBlob | SharedTensor | AttachedTensor
 
 
 # --- executor -> workers (the broadcast) ------------------------------------------------
@@ -135,11 +166,12 @@ class KVCacheReady(_Message, tag="kv_cache_ready"):
 
 
 class StepLogitsMessage(msgspec.Struct, forbid_unknown_fields=True):
-    """A StepLogits with its tensors as blobs (fields as StepLogits' own)."""
+    """A StepLogits (fields as its own) with its tensors as blobs or, the logits, in the
+    result area; hidden states (which pooling keeps across steps) always as blobs."""
 
-    logits: TensorBlob
+    logits: TensorRef
     request_ids: list[str]
-    prompt_logits: dict[str, TensorBlob]
+    prompt_logits: dict[str, TensorRef]
     hidden: dict[str, TensorBlob]
 
 
@@ -198,6 +230,7 @@ class WorkerStart(_Message, tag="start"):
     reply_fd: int  # write end of this worker's reply pipe
     parent_pid: int
     started_by_main_thread: bool  # PR_SET_PDEATHSIG is safe (it follows the starting thread)
+    result_fd: int = -1  # the driver rank's: its result area (kvrun.executor.result_area)
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -272,11 +305,18 @@ def chunk_from_wire(wire: WireChunk) -> ScheduledChunk:
     )
 
 
+def dtype_named(name: str) -> torch.dtype:
+    """The dtype a message names; MessageError for one that may not cross."""
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        raise MessageError(f"tensor dtype {name!r} is not known; accepted: {', '.join(_DTYPES)}")
+    return dtype
+
+
 def pack_tensor(tensor: torch.Tensor) -> TensorBlob:
     """The tensor's bytes (moved to host memory, made contiguous)."""
     name = str(tensor.dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise MessageError(f"tensors of dtype {name} do not cross to the executor")
+    dtype_named(name)
     host = tensor.detach().to("cpu").contiguous()
     data = host.view(torch.uint8).numpy().tobytes() if host.numel() else b""
     return TensorBlob(name, list(host.shape), data)
@@ -284,11 +324,7 @@ def pack_tensor(tensor: torch.Tensor) -> TensorBlob:
 
 def unpack_tensor(blob: TensorBlob) -> torch.Tensor:
     """A tensor owning a copy of the blob's bytes."""
-    dtype = _DTYPES.get(blob.dtype)
-    if dtype is None:
-        raise MessageError(
-            f"tensor dtype {blob.dtype!r} is not known; accepted: {', '.join(_DTYPES)}"
-        )
+    dtype = dtype_named(blob.dtype)
     count = 1
     for d in blob.shape:
         count *= d
@@ -303,19 +339,41 @@ def unpack_tensor(blob: TensorBlob) -> torch.Tensor:
     return raw.view(dtype).reshape(blob.shape)
 
 
-def pack_step_logits(out: StepLogits) -> StepLogitsMessage:
+def pack_step_logits(
+    out: StepLogits,
+    place: Callable[[torch.Tensor], TensorRef] = pack_tensor,
+) -> StepLogitsMessage:
+    """The message of ``out``; ``place`` puts the logits and prompt logits where they
+    travel (a result area's ``place``; by default as blobs in the message)."""
     return StepLogitsMessage(
-        logits=pack_tensor(out.logits),
+        logits=place(out.logits),
         request_ids=list(out.request_ids),
-        prompt_logits={k: pack_tensor(v) for k, v in out.prompt_logits.items()},
+        prompt_logits={k: place(v) for k, v in out.prompt_logits.items()},
         hidden={k: pack_tensor(v) for k, v in out.hidden.items()},
     )
 
 
-def unpack_step_logits(message: StepLogitsMessage) -> StepLogits:
+def unpack_step_logits(
+    message: StepLogitsMessage,
+    outside: Callable[[SharedTensor | AttachedTensor], torch.Tensor] | None = None,
+) -> StepLogits:
+    """The StepLogits of ``message``; ``outside`` reads a tensor the message only points
+    to (the mp result area's ``tensor``; the Ray executor's attached arrays).
+    MessageError for such a tensor where there is no reader."""
+
+    def tensor(item: TensorRef) -> torch.Tensor:
+        if isinstance(item, TensorBlob):
+            return unpack_tensor(item)
+        if outside is None:
+            raise MessageError(
+                f"a reply names a tensor outside the message ({type(item).__name__}), and "
+                "this executor has nowhere to read it from"
+            )
+        return outside(item)
+
     return StepLogits(
-        logits=unpack_tensor(message.logits),
+        logits=tensor(message.logits),
         request_ids=list(message.request_ids),
-        prompt_logits={k: unpack_tensor(v) for k, v in message.prompt_logits.items()},
+        prompt_logits={k: tensor(v) for k, v in message.prompt_logits.items()},
         hidden={k: unpack_tensor(v) for k, v in message.hidden.items()},
     )

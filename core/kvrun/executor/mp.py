@@ -9,7 +9,10 @@ ranks on this machine; :mod:`kvrun.executor.processes`), and once built it is a
   has every rank allocate that many (the scheduler's block ids are the same on all);
 - each step's arguments are published once on the shared-memory ring
   (:mod:`kvrun.executor.shm_channel`) as a typed message; every rank runs the step and
-  the driver rank (tp_rank 0 of the last stage) replies the StepLogits on its pipe;
+  the driver rank (tp_rank 0 of the last stage) writes the step's logits into the
+  result area (:mod:`kvrun.executor.result_area`, shared memory sized for the largest
+  step's logits) and replies a small typed header on its pipe; :meth:`execute` returns
+  views of the area, valid until the next :meth:`execute`; the other ranks send nothing;
 - every wait watches every worker's reply pipe and exit sentinel: a worker that raises
   or dies ends the wait at once, with an error naming its rank. A failure after
   start-up makes the executor dead (:class:`ExecutorDeadError`, here and on every later
@@ -59,6 +62,7 @@ from kvrun.executor.messages import (
     unpack_step_logits,
 )
 from kvrun.executor.processes import WorkerProcess, check_start_method, start_worker
+from kvrun.executor.result_area import ResultArea
 from kvrun.executor.shm_channel import BroadcastWriter, ChannelTimeout
 from kvrun.scheduling.output import ScheduledChunk
 
@@ -93,6 +97,9 @@ class MultiprocSettings:
     startup_timeout_s: float = 1800.0  # bound on start-up as a whole (loading included)
     ring_slots: int = 16
     ring_slot_bytes: int = 1 << 20
+    # the result area: max_num_seqs x vocab x 4 (a step's float32 logits); 0: none, every
+    # tensor through the reply pipe
+    result_area_bytes: int = 0
 
     @property
     def world_size(self) -> int:
@@ -112,6 +119,7 @@ class _Workers:
         self.processes: list[WorkerProcess] = []
         self.replies: list[Connection] = []
         self.writer: BroadcastWriter | None = None
+        self.area: ResultArea | None = None
         self.closed = False
 
     def shutdown(self, grace_s: float = _SHUTDOWN_GRACE_S) -> None:
@@ -134,6 +142,8 @@ class _Workers:
             conn.close()
         if self.writer is not None:
             self.writer.close()
+        if self.area is not None:
+            self.area.close()
 
 
 class MultiprocExecutor:
@@ -190,7 +200,11 @@ class MultiprocExecutor:
         reply = result[self.settings.driver_rank]
         if reply.step != step:
             self._die(f"the driver rank answered step {reply.step} to step {step}")
-        return unpack_step_logits(reply.logits)
+        area = self._workers.area
+        try:
+            return unpack_step_logits(reply.logits, area.tensor if area is not None else None)
+        except (MessageError, ValueError) as exc:
+            self._die(f"the driver rank's step result is malformed: {exc}")
 
     def commit_kv_cache(self) -> int:
         self._publish(CommitKVCache())
@@ -222,8 +236,11 @@ class MultiprocExecutor:
             reader_names=[f"worker rank {r}" for r in range(s.world_size)],
         )
         workers.writer = writer
+        if s.result_area_bytes > 0:
+            workers.area = ResultArea(s.result_area_bytes)
+        area_fd = workers.area.fd if workers.area is not None else -1
         pipes = [os.pipe() for _ in range(s.world_size)]
-        for _, write_fd in pipes:  # a decode step's logits in one write (Linux; else 64 KiB)
+        for _, write_fd in pipes:  # a reply in one write, logits as bytes included (Linux)
             with contextlib.suppress(OSError):
                 fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, _REPLY_PIPE_BYTES)
         engine_args: dict[str, Any] = asdict(args)
@@ -246,9 +263,12 @@ class MultiprocExecutor:
                     reply_fd=pipes[rank][1],
                     parent_pid=os.getpid(),
                     started_by_main_thread=threading.current_thread() is threading.main_thread(),
+                    result_fd=area_fd if rank == s.driver_rank else -1,
                 )
                 # every reply pipe's read end, and the write ends of the workers to come
                 others = [pipe[0] for pipe in pipes] + [pipe[1] for pipe in pipes[rank + 1 :]]
+                if area_fd >= 0 and rank != s.driver_rank:
+                    others.append(area_fd)
                 close_in_child = writer.inherited_fds(rank) + others
                 workers.processes.append(start_worker(start, s.start_method, close_in_child))
                 os.close(pipes[rank][1])  # the child holds the write end now
@@ -260,6 +280,8 @@ class MultiprocExecutor:
                         os.close(fd)
             raise
         writer.close_reader_fds()
+        if workers.area is not None:
+            workers.area.close_fd()  # the driver holds its own
         logger.info(
             "mp executor: started %d workers by %s (pids %s), %d thread(s) each, rendezvous %s",
             s.world_size,

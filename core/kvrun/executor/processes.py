@@ -174,7 +174,8 @@ def start_worker(start: WorkerStart, method: str, close_in_child: Sequence[int])
     try:
         popen = subprocess.Popen(
             [sys.executable, "-m", "kvrun.executor.worker_main", str(read_fd)],
-            pass_fds=(read_fd, start.doorbell_fd, start.reply_fd),
+            pass_fds=(read_fd, start.doorbell_fd, start.reply_fd)
+            + ((start.result_fd,) if start.result_fd >= 0 else ()),
             close_fds=True,
         )
     finally:

@@ -6,7 +6,10 @@ arguments are plain data, as the mp workers get them: EngineArgs' fields, the va
 the engine was started with, the WorkerSpec's fields. Each step arrives as the bytes of a
 typed :class:`~kvrun.executor.messages.ExecuteStep` message (msgpack, never a pickle of
 our objects); the driver rank answers the bytes of a
-:class:`~kvrun.executor.messages.StepResult`, the other ranks ``b""``.
+:class:`~kvrun.executor.messages.StepResult` and, beside them, its float32 logits as
+numpy arrays (the message names them: :class:`~kvrun.executor.messages.AttachedTensor`),
+which Ray's object store carries without the copies that bytes inside msgpack cost; the
+other ranks answer ``b""``.
 
 Call order (the Worker's): :meth:`placement` (where the actor runs), on rank 0
 :meth:`rendezvous_address`, then :meth:`start` on every rank at once (they meet at the
@@ -90,16 +93,22 @@ class RankActor:
     def commit_kv_cache(self) -> int:
         return int(self.worker.commit_kv_cache())
 
-    def execute(self, payload: bytes) -> bytes:
-        """Run one step (an ExecuteStep message); the driver's StepResult bytes, else b""."""
+    def execute(self, payload: bytes) -> tuple[bytes, list[Any]] | bytes:
+        """Run one step (an ExecuteStep message); the driver's StepResult bytes and the
+        arrays it names, else b""."""
+        import torch
+
         from kvrun.executor.messages import (
+            AttachedTensor,
             ExecuteStep,
             MessageError,
             StepResult,
+            TensorRef,
             chunk_from_wire,
             decode_broadcast,
             encode,
             pack_step_logits,
+            pack_tensor,
         )
 
         message = decode_broadcast(payload)
@@ -111,7 +120,16 @@ class RankActor:
             return b""
         if out is None:
             raise RuntimeError("the driver rank's Worker.execute returned no logits")
-        return encode(StepResult(message.step, pack_step_logits(out)))
+        arrays: list[Any] = []
+
+        def attach(tensor: torch.Tensor) -> TensorRef:
+            if tensor.dtype != torch.float32 or tensor.numel() == 0:
+                return pack_tensor(tensor)
+            arrays.append(tensor.detach().to("cpu").contiguous().numpy())
+            return AttachedTensor("float32", list(tensor.shape), len(arrays) - 1)
+
+        header = encode(StepResult(message.step, pack_step_logits(out, attach)))
+        return header, arrays
 
     def close(self) -> None:
         if self.worker is not None:

@@ -21,7 +21,8 @@ cluster):
   :attr:`RaySettings.startup_timeout_s`;
 - steps are SPMD: the engine process runs no rank; every actor gets the step's bytes (a
   typed :class:`~kvrun.executor.messages.ExecuteStep`, msgpack) and the driver rank
-  (tp_rank 0 of the last stage) answers a :class:`~kvrun.executor.messages.StepResult`.
+  (tp_rank 0 of the last stage) answers a :class:`~kvrun.executor.messages.StepResult`
+  with its float32 logits beside it as numpy arrays (one copy out of Ray's object store).
   By default each step is one actor call per rank; under VLLM_USE_RAY_COMPILED_DAG=1
   the calls go through a Ray compiled graph (InputNode -> every actor's ``execute`` ->
   MultiOutputNode), over Ray's shared-memory channels on cpu, where every rank must be
@@ -43,14 +44,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn
 
+import torch
+
 from kvrun.config import EngineArgs
 from kvrun.engine.batch import StepLogits
 from kvrun.errors import ConfigError, KvrunError
 from kvrun.executor.messages import (
+    AttachedTensor,
     ExecuteStep,
+    MessageError,
+    SharedTensor,
     StepResult,
     chunk_to_wire,
     decode_reply,
+    dtype_named,
     encode,
     unpack_step_logits,
 )
@@ -272,10 +279,17 @@ class RayExecutor:
         else:
             refs = [actor.execute.remote(payload) for actor in self._placed.actors]
             replies = self._gather(refs, "execute", None)
-        message = decode_reply(replies[self.settings.driver_rank])
-        if not isinstance(message, StepResult) or message.step != step:
-            self._die(f"the driver rank answered {type(message).__name__} to step {step}")
-        return unpack_step_logits(message.logits)
+        reply = replies[self.settings.driver_rank]
+        if not (isinstance(reply, tuple) and len(reply) == 2 and isinstance(reply[0], bytes)):
+            self._die(f"the driver rank answered {type(reply).__name__} to step {step}")
+        header, arrays = reply
+        try:
+            message = decode_reply(header)
+            if not isinstance(message, StepResult) or message.step != step:
+                self._die(f"the driver rank answered {type(message).__name__} to step {step}")
+            return unpack_step_logits(message.logits, lambda ref: _attached(ref, arrays))
+        except MessageError as exc:
+            self._die(f"the driver rank's step result is malformed: {exc}")
 
     def commit_kv_cache(self) -> int:
         self._check_alive()
@@ -486,6 +500,20 @@ class RayExecutor:
         logger.error("ray executor: %s; killing every actor", what)
         self._placed.kill_actors()
         raise ExecutorDeadError(self._dead)
+
+
+def _attached(ref: SharedTensor | AttachedTensor, arrays: Sequence[Any]) -> torch.Tensor:
+    """A writable copy of the array ``ref`` names (the sampler edits logits in place; what
+    Ray returns is read-only and, under a compiled graph, reused by the next step)."""
+    if not isinstance(ref, AttachedTensor) or not 0 <= ref.index < len(arrays):
+        raise MessageError(f"the reply names {ref}, and {len(arrays)} array(s) came with it")
+    tensor = torch.tensor(arrays[ref.index])
+    if tensor.dtype != dtype_named(ref.dtype) or list(tensor.shape) != ref.shape:
+        raise MessageError(
+            f"array {ref.index} is {tensor.dtype} {list(tensor.shape)}; the reply says "
+            f"{ref.dtype} {ref.shape}"
+        )
+    return tensor
 
 
 def _describe(ray: Any, exc: BaseException) -> str:

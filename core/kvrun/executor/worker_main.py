@@ -12,7 +12,9 @@ descriptor FD. Either way the worker:
    :class:`~kvrun.distributed.worker.Worker`, joins the rendezvous, loads its shard and
    replies :class:`WorkerReady` with the KV blocks its share of the budget holds;
 3. serves broadcast messages in order until :class:`Shutdown` or the executor's exit;
-   only the driver rank replies to steps;
+   only the driver rank replies to steps: its logits go into the executor's result area
+   (:mod:`kvrun.executor.result_area`) and the reply names where; the other ranks send
+   nothing per step;
 4. on any exception replies :class:`WorkerFailed` (rank, phase, error) and exits 1.
 
 Module imports stay light (no torch) so that a spawned worker sets its variables
@@ -50,6 +52,7 @@ from kvrun.executor.messages import (
     decode_start,
     encode,
     pack_step_logits,
+    pack_tensor,
 )
 
 __all__ = ["main", "run_worker"]
@@ -107,6 +110,7 @@ def run_worker(start: WorkerStart) -> int:
     reply = Connection(start.reply_fd, readable=False)
     phase = "start-up"
     worker: Any = None
+    area: Any = None
     try:
         import torch
 
@@ -116,6 +120,12 @@ def run_worker(start: WorkerStart) -> int:
         from kvrun.executor.shm_channel import BroadcastReader, ChannelClosed
 
         reader = BroadcastReader(start.channel, start.reader_index, start.doorbell_fd)
+        place: Any = pack_tensor
+        if start.result_fd >= 0:
+            from kvrun.executor.result_area import ResultAreaWriter
+
+            area = ResultAreaWriter(start.result_fd)
+            place = area.place
         spec = WorkerSpec(
             rank=start.rank,
             local_rank=start.local_rank,
@@ -143,7 +153,10 @@ def run_worker(start: WorkerStart) -> int:
                 if start.is_driver:
                     if out is None:
                         raise RuntimeError("the driver rank's Worker.execute returned no logits")
-                    reply.send_bytes(encode(StepResult(message.step, pack_step_logits(out))))
+                    if area is not None:
+                        area.start_step()  # the executor has read the last step's
+                    result = StepResult(message.step, pack_step_logits(out, place))
+                    reply.send_bytes(encode(result))
             elif isinstance(message, InitKVCache):
                 phase = "init_kv_cache"
                 worker.init_kv_cache(message.num_blocks)

@@ -50,11 +50,13 @@ def awq_config(hf_config: Mapping[str, Any], source: str) -> AwqConfig | None:
     if quant is None:
         return None
     method = str(quant.get("quant_method", "")).lower() if isinstance(quant, dict) else ""
+    if method == "fp8":
+        return None  # kvrun.loader.fp8
     if method != "awq":
         raise ModelLoadError(
             f"model {source!r}: config.json's quantization_config has quant_method "
-            f"{method or quant!r}; kvrun loads AWQ (4-bit, GEMM layout) checkpoints and GGUF "
-            "files, or unquantised weights"
+            f"{method or quant!r}; kvrun loads AWQ (4-bit, GEMM layout) and fp8 "
+            "(block-quantized e4m3) checkpoints and GGUF files, or unquantised weights"
         )
     bits = quant.get("bits", quant.get("w_bit", 4))
     version = str(quant.get("version", "gemm")).lower()

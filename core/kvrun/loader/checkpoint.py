@@ -69,8 +69,8 @@ class Checkpoint:
         """Yield (Hugging Face parameter name, tensor) pairs, each converted to ``dtype``.
 
         Names are as transformers names the parameters ("model.layers.0.self_attn.
-        q_proj.weight", "model.embed_tokens.weight"). GGUF and AWQ (:mod:`kvrun.loader.awq`)
-        tensors are dequantized, and GGUF's Llama Q/K rows un-permuted. A tied checkpoint
+        q_proj.weight", "model.embed_tokens.weight"). GGUF, AWQ (:mod:`kvrun.loader.awq`)
+        and fp8 (:mod:`kvrun.loader.fp8`) tensors are dequantized, and GGUF's Llama Q/K rows un-permuted. A tied checkpoint
         yields no "lm_head.weight" unless the file stores one. Tensors are new CPU tensors
         the caller owns, except AWQ layers' weights when ``awq_device`` is given: those
         are made there, by ``awq_dequantize`` (the platform's op; default: the reference).
@@ -85,8 +85,9 @@ class Checkpoint:
         from tqdm.auto import tqdm
 
         from kvrun.loader.awq import awq_config, merge_awq
+        from kvrun.loader.fp8 import fp8_config, merge_fp8
 
-        awq = None
+        awq = fp8 = None
         total = self.num_tensors
         if self.format == "none":
             raise ModelLoadError(
@@ -113,8 +114,10 @@ class Checkpoint:
             from kvrun.loader.safetensors_loader import iter_safetensors
 
             awq = awq_config(self.hf_config, self.source)
-            # AWQ's int32 / float16 tensors are read as stored and dequantised together.
-            cast = dtype if awq is None else None
+            fp8 = fp8_config(self.hf_config, self.source)
+            # AWQ's int32 / float16 and fp8's float8 / float32 tensors are read as stored
+            # and dequantised together.
+            cast = dtype if awq is None and fp8 is None else None
             if self.format == "pt":
                 stored = iter_pt(self.weight_files, cast)
             else:  # unselected tensors are not even read
@@ -134,7 +137,9 @@ class Checkpoint:
                     yield pair
 
         with bar:
-            if awq is None:
-                yield from counted()
-            else:
+            if awq is not None:
                 yield from merge_awq(counted(), awq, dtype, self.source, awq_dequantize, awq_device)
+            elif fp8 is not None:
+                yield from merge_fp8(counted(), fp8, dtype, self.source)
+            else:
+                yield from counted()

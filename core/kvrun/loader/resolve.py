@@ -28,6 +28,7 @@ from kvrun.loader.formats import (
     local_names,
     wanted_files,
 )
+from kvrun.loader.fp8 import fp8_config
 from kvrun.loader.gguf_loader import (
     check_gguf_tensors,
     gguf_hf_config,
@@ -241,7 +242,9 @@ def _load_local(path: Path, source: str, opts: _Options) -> Checkpoint:
         trust_remote_code=opts.trust_remote_code,
         native_architectures=opts.native_architectures,
     )
-    awq_config(hf_config, source)  # a quantisation kvrun cannot load fails before any weight
+    # a quantisation kvrun cannot load fails before any weight
+    awq_config(hf_config, source)
+    fp8_config(hf_config, source)
     checkpoint = Checkpoint(
         source=source,
         hf_config=hf_config,

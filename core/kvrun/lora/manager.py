@@ -1,9 +1,10 @@
 """Adapters in a fixed number of device slots, swapped in least recently used first from a
 host cache, and the per-step view the model reads (:class:`LoraBatch`).
 
-Each of the model's merged matrices (:class:`~kvrun.lora.targets.LoraMatrix`) has, per
-layer, ``A [max_loras, parts * max_lora_rank, in]`` and ``B [max_loras, out,
-parts * max_lora_rank]``. An adapter of rank r fills its modules' blocks (the rest stays
+Each of the model's merged matrices (:class:`~kvrun.lora.targets.LoraMatrix`) has, in
+each layer that has it, ``A [max_loras, parts * max_lora_rank, in]`` and ``B [max_loras,
+out, parts * max_lora_rank]`` (an expert matrix: ``[experts, max_loras, ...]``, so
+that one expert's slots are contiguous, as the native ``add_lora`` reads them). An adapter of rank r fills its modules' blocks (the rest stays
 zero, which adds exact zeros), so one ``add_lora`` call per matrix applies every
 token's adapter, whatever its rank and modules.
 """
@@ -20,7 +21,7 @@ import torch
 
 from kvrun.lora.adapter import LoraAdapter, LoraError, load_adapter
 from kvrun.lora.request import LoRARequest
-from kvrun.lora.targets import LoraTargets
+from kvrun.lora.targets import LoraMatrix, LoraTargets
 
 __all__ = ["NO_SLOT", "LoraBatch", "LoraManager"]
 
@@ -34,15 +35,37 @@ class LoraBatch:
     """One step's adapters as the model reads them."""
 
     add_lora: Callable[..., Any]  # the platform's op (kvrun.ops.reference.add_lora)
-    # per layer: matrix name -> (A [S, R', in], B [S, out, R']) over every slot
+    # per layer: matrix name -> (A [S, R', in], B [S, out, R']) over every slot, for
+    # the matrices the layer has (an expert matrix: A [E, S, R', in], B [E, S, out, R'])
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
     scales: torch.Tensor  # [S] float32 per slot
     slots: torch.Tensor  # [T] int64: each token's slot, NO_SLOT for none
+    # whether an adapter of this step changes a mixture's routed experts (then the
+    # mixture runs its experts with their deltas, kvrun.models.moe.lora_moe_mlp)
+    adapts_experts: bool = False
 
     def apply(self, layer: int, matrix: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y`` ([T, N], the projection of ``x`` [T, K]) plus each token's adapter."""
         a, b = self.layers[layer][matrix]
         out: torch.Tensor = self.add_lora(y, x, a, b, self.scales, self.slots)
+        return out
+
+    def apply_rows(
+        self,
+        layer: int,
+        matrix: str,
+        x: torch.Tensor,  # [n, K] some of the step's rows
+        y: torch.Tensor,  # [n, N] their projection
+        rows: torch.Tensor,  # [n] int64: which of the step's tokens each row is
+        expert: int | None = None,  # an expert matrix's expert
+    ) -> torch.Tensor:
+        """:meth:`apply` for some rows of the step (a mixture's chunk, or the tokens
+        routed to one expert); ``y`` unchanged where the layer lacks ``matrix``."""
+        pair = self.layers[layer].get(matrix)
+        if pair is None:
+            return y
+        a, b = pair if expert is None else (pair[0][expert], pair[1][expert])
+        out: torch.Tensor = self.add_lora(y, x, a, b, self.scales, self.slots.index_select(0, rows))
         return out
 
 
@@ -78,21 +101,30 @@ class LoraManager:
         self.dtype = dtype
         self.add_lora = add_lora
         r = max_lora_rank
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        def slots(m: LoraMatrix) -> tuple[torch.Tensor, torch.Tensor]:
+            experts = (m.experts,) if m.experts else ()
+            return (
+                zeros(*experts, max_loras, m.parts * r, m.in_features),
+                zeros(*experts, max_loras, m.out_features, m.parts * r),
+            )
+
         self._layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [
-            {
-                m.name: (
-                    torch.zeros(max_loras, m.parts * r, m.in_features, dtype=dtype, device=device),
-                    torch.zeros(max_loras, m.out_features, m.parts * r, dtype=dtype, device=device),
-                )
-                for m in targets.matrices
-            }
-            for _ in range(targets.num_layers)
+            {m.name: slots(m) for m in targets.matrices if targets.has(i, m.name)}
+            for i in range(targets.num_layers)
         ]
         self._scales = torch.zeros(max_loras, dtype=torch.float32, device=device)
         self._known: dict[int, LoRARequest] = {}
         self._host: OrderedDict[int, LoraAdapter] = OrderedDict()  # LRU, oldest first
         self._slots: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, LRU first
         self._free_slots = list(range(max_loras))
+        experts = {m.name for m in targets.matrices if m.experts}
+        self._expert_modules = {n for n, t in targets.modules.items() if t.matrix in experts}
+        self._expert_slots: set[int] = set()  # slots whose adapter changes experts
+        self._step_adapts_experts = False
         self.num_reads = 0  # adapters read from disk
         self.num_slot_loads = 0  # adapters copied into a device slot
 
@@ -155,11 +187,14 @@ class LoraManager:
                 slot = self._slots.pop(victim)
             self._load_slot(slot, self._adapter(lora_id))
             self._slots[lora_id] = slot
+        self._step_adapts_experts = any(self._slots[i] in self._expert_slots for i in wanted)
         return [self._slots[i] if i else NO_SLOT for i in lora_ids]
 
     def batch(self, token_slots: torch.Tensor) -> LoraBatch:
         """The model's view of this step: ``token_slots`` [T] from :meth:`activate`."""
-        return LoraBatch(self.add_lora, self._layers, self._scales, token_slots)
+        return LoraBatch(
+            self.add_lora, self._layers, self._scales, token_slots, self._step_adapts_experts
+        )
 
     def _adapter(self, lora_id: int) -> LoraAdapter:
         adapter = self._host.get(lora_id)
@@ -176,16 +211,25 @@ class LoraManager:
 
     def _load_slot(self, slot: int, adapter: LoraAdapter) -> None:
         r = self.max_lora_rank
+        experts = {m.name for m in self.targets.matrices if m.experts}
+
+        def at(matrix: str) -> tuple[Any, ...]:  # the slot's index (experts lead)
+            return (slice(None), slot) if matrix in experts else (slot,)
+
         for layer in self._layers:
-            for a, b in layer.values():
-                a[slot].zero_()
-                b[slot].zero_()
+            for name, (a, b) in layer.items():
+                a[at(name)].zero_()
+                b[at(name)].zero_()
         for (index, module), (lora_a, lora_b) in adapter.weights.items():
             target = self.targets.modules[module]
             a, b = self._layers[index][target.matrix]
             start = target.part * r
-            rank = lora_a.shape[0]
-            a[slot, start : start + rank] = lora_a.to(self.dtype)
-            b[slot, target.rows[0] : target.rows[1], start : start + rank] = lora_b.to(self.dtype)
+            rank = lora_a.shape[-2]
+            rows = slice(*target.rows)
+            a[at(target.matrix)][..., start : start + rank, :] = lora_a.to(self.dtype)
+            b[at(target.matrix)][..., rows, start : start + rank] = lora_b.to(self.dtype)
         self._scales[slot] = adapter.scale
+        self._expert_slots.discard(slot)
+        if any(module in self._expert_modules for _, module in adapter.weights):
+            self._expert_slots.add(slot)
         self.num_slot_loads += 1

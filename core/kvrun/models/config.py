@@ -87,11 +87,15 @@ class ModelConfig:
         return self.num_experts > 0
 
     # Mixture routing beyond softmax-top-k (DeepSeek): the weights' scale, and
-    # "group_limited_greedy" top-k within the best topk_group of n_group expert groups.
+    # "group_limited_greedy" top-k within the best topk_group of n_group expert groups
+    # (V2: a group's best score ranks it); "noaux_tc" (V3): sigmoid scores, the experts
+    # chosen by score + the router's e_score_correction_bias within the topk_group groups
+    # whose two best biased scores sum highest, weighted by the unbiased scores.
     routed_scaling_factor: float = 1.0
     topk_method: str = "greedy"
     n_group: int = 1
     topk_group: int = 1
+    scoring_func: str = "softmax"  # "sigmoid" (DeepSeek-V3)
     # Multi-head latent attention (DeepSeek-V2/V3; kv_lora_rank 0 = none). The cache then
     # holds num_kv_heads x head_dim per token as the mode says: "absorbed" (one kv head
     # of kv_lora_rank + qk_rope_head_dim: the latent and the rotated rope key) or "mha"
@@ -105,6 +109,15 @@ class ModelConfig:
     # absorbed: W_q . W_UK and W_UV . W_o multiplied once at load
     # (VLLM_MLA_PERFORM_MATRIX_ABSORPTION), else applied one after the other per step
     mla_fused: bool = True
+    # transformers rotates q_pe/k_pe in interleaved pairs (DeepSeek-V2; V3's
+    # rope_interleave, its default), else in halves
+    mla_rope_interleaved: bool = True
+    # fp8 checkpoints (quantization_config quant_method "fp8"): the weights' block shape
+    # [rows, columns], dequantized at load (kvrun.loader.fp8); None: not fp8
+    fp8_weight_block: tuple[int, int] | None = None
+    # fp8 + absorbed at load: round the absorbed MLA matrices back onto the fp8 block
+    # grid, as vLLM requantizes them (False: VLLM_MLA_DISABLE_REQUANTIZATION=1)
+    mla_requantize: bool = True
     softmax_scale: float | None = None  # overrides attention_scale (MLA: yarn's mscale^2)
     # Positions the rotary tables cover beyond the model's context: the engine's
     # max_model_len when VLLM_ALLOW_LONG_MAX_MODEL_LEN lets it exceed that (0: none).
@@ -208,6 +221,7 @@ class ModelConfig:
         fields.update(_moe_fields(hf, model_type, num_layers, source))
         fields.update(_gemma_fields(hf, model_type, num_layers, source))
         fields.update(_deepseek_fields(hf, model_type, num_layers, source))
+        fields["fp8_weight_block"] = _fp8_weight_block(hf)
         fields.update(multimodal)
         return cls(**fields)
 
@@ -282,22 +296,44 @@ def _labels(hf: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(f"LABEL_{i}" for i in range(int(hf.get("num_labels", 2))))
 
 
+def _fp8_weight_block(hf: Mapping[str, Any]) -> tuple[int, int] | None:
+    """An fp8 checkpoint's weight block shape (the loader checked the quantization_config
+    before the model is built: kvrun.loader.fp8.fp8_config); None when not fp8."""
+    quant = hf.get("quantization_config")
+    if not isinstance(quant, Mapping) or str(quant.get("quant_method", "")).lower() != "fp8":
+        return None
+    rows, cols = quant.get("weight_block_size") or (128, 128)
+    return int(rows), int(cols)
+
+
+# DeepSeek routing by model_type: (scoring functions, topk methods) transformers runs.
+# Its V2 class reads topk_method (softmax scores always); its V3 class always runs
+# sigmoid scores with the correction bias and group-limited choice, whatever the config
+# says, so a V3 config naming anything else would not mean what it says.
+_DEEPSEEK_ROUTING = {
+    "deepseek_v2": (("softmax",), ("greedy", "group_limited_greedy")),
+    "deepseek_v3": (("sigmoid",), ("noaux_tc",)),
+}
+
+
 def _deepseek_fields(hf: Mapping[str, Any], model_type: str, num_layers: int, source: str) -> Any:
-    """DeepSeek-V2's latent attention and routed experts (V3's sigmoid scoring and
-    correction bias are refused). The cache shape fields describe the absorbed mode."""
-    if model_type != "deepseek_v2":
+    """DeepSeek-V2/V3's latent attention and routed experts (V2: softmax scores, greedy
+    or group-limited by the best score; V3: sigmoid scores, the correction bias, groups
+    ranked by their two best scores). The cache shape fields describe the absorbed mode."""
+    if model_type not in _DEEPSEEK_ROUTING:
         return {}
-    if hf.get("scoring_func", "softmax") != "softmax" or hf.get("topk_method") == "noaux_tc":
+    scorings, methods = _DEEPSEEK_ROUTING[model_type]
+    v3 = model_type == "deepseek_v3"
+    scoring = str(hf.get("scoring_func") or scorings[0])
+    method = str(hf.get("topk_method") or methods[0])
+    if scoring not in scorings or method not in methods:
         raise ModelLoadError(
-            f"{source}: DeepSeek routing scoring_func={hf.get('scoring_func')!r}, "
-            f"topk_method={hf.get('topk_method')!r} is not supported; supported: softmax "
-            "scores with topk_method greedy or group_limited_greedy (DeepSeek-V2)"
-        )
-    method = str(hf.get("topk_method") or "greedy")
-    if method not in ("greedy", "group_limited_greedy"):
-        raise ModelLoadError(
-            f"{source}: topk_method {method!r} is not supported; supported: greedy, "
-            "group_limited_greedy"
+            f"{source}: {model_type} routing scoring_func={scoring!r}, topk_method="
+            f"{method!r} is not supported; supported: "
+            + "; ".join(
+                f"{t}: scoring_func {s[0]!r} with topk_method {', '.join(m)}"
+                for t, (s, m) in _DEEPSEEK_ROUTING.items()
+            )
         )
     kv_lora, rope = int(hf["kv_lora_rank"]), int(hf["qk_rope_head_dim"])
     nope, v = int(hf["qk_nope_head_dim"]), int(hf["v_head_dim"])
@@ -323,6 +359,7 @@ def _deepseek_fields(hf: Mapping[str, Any], model_type: str, num_layers: int, so
         "head_dim": kv_lora + rope,
         "softmax_scale": scale,
         "attention_bias": bool(hf.get("attention_bias", False)),
+        "mla_rope_interleaved": bool(hf.get("rope_interleave", True)) if v3 else True,
     }
     if experts:
         shared = int(hf.get("n_shared_experts") or 0) * int(hf["moe_intermediate_size"])
@@ -332,10 +369,11 @@ def _deepseek_fields(hf: Mapping[str, Any], model_type: str, num_layers: int, so
             moe_intermediate_size=int(hf["moe_intermediate_size"]),
             shared_expert_intermediate_size=shared,
             # transformers' DeepSeek-V2 router scales the chosen softmax weights, never
-            # renormalizes them
-            norm_topk_prob=False,
+            # renormalizes them; V3's renormalizes where norm_topk_prob says (default)
+            norm_topk_prob=bool(hf.get("norm_topk_prob", True)) if v3 else False,
             routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0),
             topk_method=method,
+            scoring_func=scoring,
             n_group=int(hf.get("n_group") or 1),
             topk_group=int(hf.get("topk_group") or 1),
             moe_layers=tuple(i >= first_dense for i in range(num_layers)),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,10 @@ from kvrun.models.config import ModelConfig
 from kvrun.models.rope import cos_sin_cache
 from kvrun.models.weights import fill_parameters
 from kvrun.ops import OpTable
+
+if TYPE_CHECKING:
+    from kvrun.lora.manager import LoraBatch
+    from kvrun.lora.targets import LoraTargets
 
 __all__ = ["GemmaForCausalLM", "GemmaLayer"]
 
@@ -64,6 +68,10 @@ class GemmaForCausalLM:
 
     # Not kvrun's fused-decoder layout (kvrun.models.layout): decode steps run op by op.
     decoder_layout: ClassVar[str] = "gemma: pre/post norms, GeGLU, soft-capping, windows"
+    # LoRA adapters on q/k/v/o and gate/up/down (lora_targets, forward's lora): each
+    # projection's adapter is added to its output, before the norm that follows it
+    # (o, down) or the GeGLU (gate|up), as PEFT's wrapped Linear modules do.
+    supports_lora: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -190,6 +198,16 @@ class GemmaForCausalLM:
         self.lm_head = self.embed if tied else prepare(self.lm_head)
         self._prepared = True
 
+    def lora_targets(self) -> LoraTargets:
+        """Where PEFT's modules land in the merged projections (kvrun.lora.targets)."""
+        from kvrun.lora.targets import LoraTargets, attention_mlp_lora
+
+        c = self.config
+        matrices, modules = attention_mlp_lora(
+            self.q_size, self.kv_size, c.hidden_size, c.intermediate_size
+        )
+        return LoraTargets(c.architecture, c.num_layers, matrices, modules)
+
     # forward ---------------------------------------------------------------------------
     def forward(
         self,
@@ -197,14 +215,20 @@ class GemmaForCausalLM:
         positions: torch.Tensor,  # [T]
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
+        lora: LoraBatch | None = None,  # the step's adapters, when any token has one
     ) -> torch.Tensor:  # [T, H] final hidden states (normed)
         c, ops = self.config, self.ops
         eps = c.rms_norm_eps
         t = input_ids.shape[0]
+
+        def project(i: int, name: str, x: torch.Tensor, weight: Any) -> torch.Tensor:
+            y: torch.Tensor = ops.linear(x, weight)
+            return y if lora is None else lora.apply(i, name, x, y)
+
         x = ops.embedding(input_ids, self.embed) * self.embed_scale
         for i, lay in enumerate(self.layers):
             h = ops.rms_norm(x, lay.input_norm, eps)
-            qkv = ops.linear(h, lay.qkv)
+            qkv = project(i, "qkv", h, lay.qkv)
             q = qkv[:, : self.q_size].view(t, c.num_heads, c.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, c.num_kv_heads, c.head_dim)
             v = qkv[:, self.q_size + self.kv_size :].view(t, c.num_kv_heads, c.head_dim)
@@ -213,12 +237,12 @@ class GemmaForCausalLM:
                 k = ops.rms_norm(k.reshape(-1, c.head_dim), lay.k_norm, eps).view(k.shape)
             q, k = ops.rotary_embedding(positions, q, k, lay.cos_sin)
             attn = lay.attention.forward(q, k, v, kv_caches[i], meta)
-            x = x + ops.rms_norm(
-                ops.linear(attn.reshape(t, self.q_size), lay.o), lay.post_attention_norm, eps
-            )
+            attn = attn.reshape(t, self.q_size)
+            x = x + ops.rms_norm(project(i, "o", attn, lay.o), lay.post_attention_norm, eps)
             h = ops.rms_norm(x, lay.pre_feedforward_norm, eps)
-            gate, up = ops.linear(h, lay.gate_up).chunk(2, dim=-1)
-            mlp = ops.linear(F.gelu(gate, approximate=self._approximate) * up, lay.down)
+            gate, up = project(i, "gate_up", h, lay.gate_up).chunk(2, dim=-1)
+            inner = F.gelu(gate, approximate=self._approximate) * up
+            mlp = project(i, "down", inner, lay.down)
             x = x + ops.rms_norm(mlp, lay.post_feedforward_norm, eps)
         return ops.rms_norm(x, self.norm, eps)  # type: ignore[no-any-return]
 

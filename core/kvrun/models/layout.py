@@ -97,4 +97,7 @@ def layout_mismatch(model: object) -> str | None:
     )
     if missing:
         return f"{name} declares {DECODER_LAYOUT} but lacks {', '.join(missing)}"
+    asked = sorted(model.attention.spec.features)  # type: ignore[attr-defined]
+    if asked:  # e.g. Mistral's sliding window: the layout's attention is plain causal
+        return f"{name}'s attention asks for {', '.join(asked)}, outside {DECODER_LAYOUT}"
     return None

@@ -36,6 +36,7 @@ from kvrun.models.layout import DECODER_LAYOUT
 from kvrun.models.moe import (
     MoeWeights,
     empty_mixture,
+    lora_moe_mlp,
     mixture_destinations,
     moe_block,
     prepare_mixture,
@@ -50,15 +51,32 @@ if TYPE_CHECKING:
     from kvrun.lora.targets import LoraTargets
 
 __all__ = [
+    "EVERY_LAYER_WINDOWED",
     "LlamaForCausalLM",
     "LlamaLayer",
     "MixtureOfExpertsForCausalLM",
     "Qwen3ForCausalLM",
     "dense_block",
+    "every_layer_window",
     "lora_dense_block",
+    "lora_moe_block",
 ]
 
 DenseBlock = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+# Architectures whose config's sliding_window windows every layer, as Hugging Face's
+# attention does (Mistral v0.1, Mixtral). The others are served up to their window, with
+# global attention: Qwen's opt-in window (use_sliding_window) covers only the layers from
+# max_window_layers on; Phi-3's (2047 of mini-4k's 4096) keeps the fast global kernels.
+EVERY_LAYER_WINDOWED = frozenset({"MistralForCausalLM", "MixtralForCausalLM"})
+
+
+def every_layer_window(config: ModelConfig) -> int | None:
+    """The sliding window every attention layer of this Llama-family model sees (a query
+    at p sees keys > p - W), or None when it attends globally."""
+    if config.architecture in EVERY_LAYER_WINDOWED:
+        return config.sliding_window
+    return None
 
 
 @dataclass
@@ -104,6 +122,12 @@ class LlamaForCausalLM:
         self.config = config
         self.parallel = parallel
         self.ops = ops
+        # Mistral-style windows, where the backend computes them; elsewhere the engine
+        # serves the model only up to its window (kvrun.engine.builder), where global
+        # attention is the same.
+        window = every_layer_window(config)
+        if window is not None and "sliding_window" in attention.features:
+            attention = attention.variant(sliding_window=window)
         self.attention = attention
         self.dtype = dtype
         self.device = device
@@ -242,7 +266,7 @@ class LlamaForCausalLM:
                 layer.gate_up = prepare(layer.gate_up)
                 layer.down = prepare(layer.down)
                 continue
-            prepare_mixture(layer.moe, prepare)
+            prepare_mixture(layer.moe, self.ops)
         tied = self.lm_head is self.embed
         self.embed = prepare(self.embed) if self.embed is not None else None
         self.lm_head = self.embed if tied else prepare(self.lm_head)
@@ -250,31 +274,13 @@ class LlamaForCausalLM:
 
     def lora_targets(self) -> LoraTargets:
         """Where PEFT's modules land in the merged projections (kvrun.lora.targets)."""
-        from kvrun.lora.targets import LoraMatrix, LoraTarget, LoraTargets
+        from kvrun.lora.targets import LoraTargets, attention_mlp_lora
 
         c = self.config
-        q, kv, inter, hidden = self.q_size, self.kv_size, c.intermediate_size, c.hidden_size
-        return LoraTargets(
-            architecture=c.architecture,
-            num_layers=c.num_layers,
-            matrices=(
-                LoraMatrix("qkv", hidden, q + 2 * kv, parts=3),
-                LoraMatrix("o", q, hidden, parts=1),
-                LoraMatrix("gate_up", hidden, 2 * inter, parts=2),
-                LoraMatrix("down", inter, hidden, parts=1),
-            ),
-            modules={
-                "q_proj": LoraTarget("qkv", 0, (0, q)),
-                "k_proj": LoraTarget("qkv", 1, (q, q + kv)),
-                "v_proj": LoraTarget("qkv", 2, (q + kv, q + 2 * kv)),
-                "qkv_proj": LoraTarget("qkv", 0, (0, q + 2 * kv)),  # Phi-3's merged form
-                "o_proj": LoraTarget("o", 0, (0, hidden)),
-                "gate_proj": LoraTarget("gate_up", 0, (0, inter)),
-                "up_proj": LoraTarget("gate_up", 1, (inter, 2 * inter)),
-                "gate_up_proj": LoraTarget("gate_up", 0, (0, 2 * inter)),  # Phi-3's
-                "down_proj": LoraTarget("down", 0, (0, hidden)),
-            },
+        matrices, modules = attention_mlp_lora(
+            self.q_size, self.kv_size, c.hidden_size, c.intermediate_size, merged_names=True
         )
+        return LoraTargets(c.architecture, c.num_layers, matrices, modules)
 
     # forward ---------------------------------------------------------------------------
     def compile(self, compiler: Callable[[DenseBlock, str], DenseBlock]) -> None:
@@ -318,6 +324,18 @@ class LlamaForCausalLM:
             q, k = self._rotate(positions, q, k)
             attn = self.attention.forward(q, k, v, kv_caches[i], meta)
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            if layer.moe is not None and lora is not None:
+                h, residual = lora_moe_block(
+                    self.ops,
+                    c,
+                    lora,
+                    i,
+                    attn.reshape(num_tokens, self.q_size),
+                    residual,
+                    layer,
+                    next_norm,
+                )
+                continue
             if layer.moe is not None:
                 h, residual = moe_block(
                     self.ops,
@@ -434,8 +452,73 @@ class MixtureOfExpertsForCausalLM(LlamaForCausalLM):
     """
 
     decoder_layout: ClassVar[str] = f"{DECODER_LAYOUT} + mixture-of-experts MLPs"
-    supports_lora: ClassVar[bool] = False  # adapters on experts are not built
+    # LoRA on attention, dense MLPs, the shared expert and the routed experts
+    # (lora_targets; the mixture: lora_moe_block)
+    supports_lora: ClassVar[bool] = True
     supports_parallel: ClassVar[bool] = False  # experts are not sharded yet
+
+    def lora_targets(self) -> LoraTargets:
+        """The Llama layout's matrices where a layer has a dense MLP; in mixture layers,
+        Qwen2-MoE's shared expert (``shared_expert.gate_proj``...) and the routed
+        experts through PEFT's ``target_parameters`` (``experts.gate_up_proj``,
+        ``experts.down_proj``: one A and B per expert)."""
+        from kvrun.lora.targets import LoraMatrix, LoraTarget, LoraTargets, attention_mlp_lora
+
+        c = self.config
+        hidden, inter = c.hidden_size, c.moe_intermediate_size
+        shared = c.shared_expert_intermediate_size
+        mixtures = frozenset(i for i, layer in enumerate(self.layers) if layer.moe is not None)
+        matrices, modules = attention_mlp_lora(
+            self.q_size,
+            self.kv_size,
+            hidden,
+            c.intermediate_size,
+            mlp_layers=frozenset(range(c.num_layers)) - mixtures,
+        )
+        extra = [
+            LoraMatrix("experts_w13", hidden, 2 * inter, 2, mixtures, experts=c.num_experts),
+            LoraMatrix("experts_w2", inter, hidden, 1, mixtures, experts=c.num_experts),
+        ]
+        parameters = ("experts.gate_up_proj", "experts.down_proj")  # PEFT's nesting order
+        modules["experts.gate_up_proj"] = LoraTarget("experts_w13", 0, (0, 2 * inter))
+        modules["experts.down_proj"] = LoraTarget("experts_w2", 0, (0, hidden))
+        # transformers 4's expert modules (kvrun.lora.targets)
+        v4 = ("w1", "w3", "w2") if c.architecture == "MixtralForCausalLM" else None
+        gate, up, down = v4 or ("gate_proj", "up_proj", "down_proj")
+        modules[f"experts.{gate}"] = LoraTarget("experts_w13", 0, (0, inter))
+        modules[f"experts.{up}"] = LoraTarget("experts_w13", 1, (inter, 2 * inter))
+        modules[f"experts.{down}"] = LoraTarget("experts_w2", 0, (0, hidden))
+        if shared:
+            extra += [
+                LoraMatrix("shared_gate_up", hidden, 2 * shared, 2, mixtures),
+                LoraMatrix("shared_down", shared, hidden, 1, mixtures),
+            ]
+            modules["shared_expert.gate_proj"] = LoraTarget("shared_gate_up", 0, (0, shared))
+            modules["shared_expert.up_proj"] = LoraTarget("shared_gate_up", 1, (shared, 2 * shared))
+            modules["shared_expert.down_proj"] = LoraTarget("shared_down", 0, (0, hidden))
+        return LoraTargets(
+            c.architecture, c.num_layers, (*matrices, *extra), modules, parameters=parameters
+        )
+
+
+def lora_moe_block(
+    ops: OpTable,
+    config: ModelConfig,
+    lora: LoraBatch,
+    index: int,  # the layer's index
+    attn: torch.Tensor,  # [T, Hq * D] attention output of layer i
+    residual: torch.Tensor,  # [T, H]
+    layer: LlamaLayer,
+    next_norm: torch.Tensor,  # [H]
+) -> tuple[torch.Tensor, torch.Tensor]:  # as moe_block
+    """moe_block with each token's LoRA adapter added to o and inside the mixture
+    (:func:`kvrun.models.moe.lora_moe_mlp`)."""
+    assert layer.moe is not None
+    eps = config.rms_norm_eps
+    x = lora.apply(index, "o", attn, ops.linear(attn, layer.o))
+    h, residual = ops.fused_add_rms_norm(x, residual, layer.post_norm, eps)
+    x = lora_moe_mlp(ops, h, layer.moe, config, lora, index)
+    return ops.fused_add_rms_norm(x, residual, next_norm, eps)  # type: ignore[no-any-return]
 
 
 def _mixture_destinations(prefix: str, moe: MoeWeights, config: ModelConfig) -> dict[str, Any]:

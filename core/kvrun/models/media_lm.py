@@ -9,18 +9,25 @@ A subclass builds its encoder in ``__init__`` (an object with ``destinations()``
 checkpoint names of its tensors, and ``prepare()``, run once after loading), maps the
 checkpoint's names onto the Llama family's in :meth:`canonical_name`, and implements
 ``encode``.
+
+LoRA adapters apply to the language model only (vLLM's default too): PEFT names its
+modules ``model.language_model.layers.N...`` (transformers 5); an adapter on a module of
+the encoder (the subclass's ``lora_encoders``) is refused naming that module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
 from kvrun.models.layout import DECODER_LAYOUT
 from kvrun.models.llama import LlamaForCausalLM
 from kvrun.models.weights import fill_parameters
+
+if TYPE_CHECKING:
+    from kvrun.lora.targets import LoraTargets
 
 __all__ = ["MediaCausalLM", "MediaEncoder"]
 
@@ -37,7 +44,9 @@ class MediaCausalLM(LlamaForCausalLM):
     """The Llama-family decoder plus a media encoder (see the module docstring)."""
 
     decoder_layout: ClassVar[str] = DECODER_LAYOUT
-    supports_lora: ClassVar[bool] = False  # adapters on the encoders are not built
+    supports_lora: ClassVar[bool] = True  # on the language model (module docstring)
+    # the encoder's top-level module names, whose adapters are refused
+    lora_encoders: ClassVar[tuple[str, ...]] = ()
     supports_multimodal: ClassVar[bool] = True
     supports_parallel: ClassVar[bool] = False  # the encoder is not sharded
     encoder: MediaEncoder  # set by the subclass's __init__
@@ -67,6 +76,12 @@ class MediaCausalLM(LlamaForCausalLM):
         )
         self._prepare()
         self.encoder.prepare()
+
+    def lora_targets(self) -> LoraTargets:
+        """The language model's LoRA surface; adapters on the encoder are refused."""
+        from dataclasses import replace
+
+        return replace(super().lora_targets(), encoders=self.lora_encoders)
 
     def encode(self, modality: str, data: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One media item's placeholder rows [length, H]."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +181,8 @@ class Qwen2AudioForConditionalGeneration(MediaCausalLM):
     The runner calls :meth:`encode` for each clip (caching the rows by content hash),
     :meth:`embed_tokens` for a step's token rows, and ``forward`` with ``inputs_embeds``
     when a chunk covers audio rows."""
+
+    lora_encoders: ClassVar[tuple[str, ...]] = ("audio_tower", "multi_modal_projector")
 
     def __init__(
         self,

@@ -327,6 +327,7 @@ class Qwen2VLForConditionalGeneration(MediaCausalLM):
     """
 
     qwen2_5: ClassVar[bool] = False  # Qwen2.5-VL's vision tower
+    lora_encoders: ClassVar[tuple[str, ...]] = ("visual",)
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ BUILTIN_ARCHITECTURES: Mapping[str, str] = {
     "Gemma2ForCausalLM": _GEMMA,
     "Gemma3ForCausalLM": _GEMMA,
     "DeepseekV2ForCausalLM": "kvrun.models.deepseek:DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM": "kvrun.models.deepseek:DeepseekV3ForCausalLM",
     # multimodal (images, video): the vision tower and the Qwen2 decoder with M-RoPE
     "Qwen2VLForConditionalGeneration": "kvrun.models.qwen2_vl:Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": (

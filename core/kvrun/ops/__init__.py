@@ -29,6 +29,7 @@ class OpTable:
     rotary_embedding: Callable[..., Any]
     silu_and_mul: Callable[..., Any]
     fused_moe: Callable[..., Any]  # a mixture-of-experts MLP (Mixtral, Qwen-MoE)
+    prepare_experts: Callable[..., Any]  # at load: one projection's experts, as fused_moe reads
     reshape_and_cache: Callable[..., Any]
     paged_attention: Callable[..., Any]
     awq_dequantize: Callable[..., Any]  # at load, not in the forward: AWQ layers' weights

@@ -22,8 +22,10 @@ __all__ = [
     "awq_dequantize",
     "embedding",
     "fused_add_rms_norm",
+    "fused_moe",
     "linear",
     "paged_attention",
+    "prepare_experts",
     "prepare_linear",
     "reshape_and_cache",
     "rms_norm",
@@ -135,18 +137,33 @@ def add_lora(
     return out
 
 
+def prepare_experts(
+    matrices: Sequence[Any],  # [E] one projection's experts, each as prepare_linear made it
+) -> Any:  # what fused_moe reads for that projection
+    """The form ``fused_moe`` reads one projection's experts in (every expert's gate-up
+    matrices, or every expert's down matrices), made once after loading, from what
+    ``prepare_linear`` returned for each.
+
+    A platform whose kernel reads all experts as one ``[E, N, K]`` tensor stacks them
+    here, once, instead of on every call. The reference keeps the list. Whatever a
+    platform returns, the model hands it only to ``fused_moe``; the reference
+    ``fused_moe`` also reads a stacked ``[E, N, K]`` tensor (it indexes experts), so a
+    platform whose ``fused_moe`` is disabled still runs on its stacks.
+    """
+    return list(matrices)
+
+
 def fused_moe(
     hidden: torch.Tensor,  # [T, H]
-    w13: Sequence[
-        Any
-    ],  # [E] each expert's [2I, H] gate rows then up rows, as prepare_linear made it
-    w2: Sequence[Any],  # [E] each expert's [H, I] down projection, as prepare_linear made it
+    w13: Any,  # [E] x [2I, H]: each expert's gate rows then up rows, as prepare_experts made it
+    w2: Any,  # [E] x [H, I]: each expert's down projection, as prepare_experts made it
     topk_weights: torch.Tensor,  # [T, K] float32: the router's weight of each chosen expert
     topk_ids: torch.Tensor,  # [T, K] int64: the chosen experts
 ) -> torch.Tensor:  # [T, H] in hidden's dtype: sum_k weight_k * expert_k(hidden)
     """A mixture-of-experts MLP: each token through its K experts (SiLU-gated, as
     silu_and_mul), weighted. Experts are visited in id order and their outputs added in
-    that order (Hugging Face's order), each scaled in float32 then cast to the dtype."""
+    that order (Hugging Face's order), each scaled in float32 then cast to the dtype.
+    ``w13`` and ``w2`` are lists of prepare_linear's matrices or ``[E, N, K]`` tensors."""
     out = torch.zeros_like(hidden)
     k = topk_ids.shape[1]
     flat = topk_ids.reshape(-1)
@@ -197,8 +214,10 @@ def paged_attention(
     """Causal attention of each request's new tokens over its paged context (within the
     sliding window, scores soft-capped, when given).
 
-    Gathers each request's whole context, which is what makes it a reference and not
-    a fast path.
+    Gathers each request's whole context (from the window's first block, with a
+    window: entries before it may be ``NULL_BLOCK`` placeholders of released blocks,
+    kvrun.scheduling.block_manager), which is what makes it a reference and not a fast
+    path.
     """
     block_size = key_cache.shape[1]
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -208,18 +227,23 @@ def paged_attention(
     start = 0
     for i, (seq_len, q_len) in enumerate(zip(seq_lens, query_lens)):
         n_blocks = (seq_len + block_size - 1) // block_size
-        blocks = block_tables[i, :n_blocks].long()
-        k = key_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [S, Hk, D]
-        v = value_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        # the first key any of these queries sees: (seq_len - q_len) - W + 1, or 0
+        first = 0
+        if sliding_window is not None:
+            first = max(0, seq_len - q_len - sliding_window + 1) // block_size * block_size
+        blocks = block_tables[i, first // block_size : n_blocks].long()
+        k = key_cache[blocks].reshape(-1, num_kv_heads, head_dim)[: seq_len - first]  # [S, Hk, D]
+        v = value_cache[blocks].reshape(-1, num_kv_heads, head_dim)[: seq_len - first]
         k = k.repeat_interleave(group, dim=1).float()  # [S, Hq, D]
         v = v.repeat_interleave(group, dim=1).float()
         q = query[start : start + q_len].float()  # [Q, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, Q, S]
         if logit_softcap is not None:
             scores = torch.tanh(scores / logit_softcap) * logit_softcap
-        # query j sits at absolute position seq_len - q_len + j and sees keys 0..that.
+        # query j sits at absolute position seq_len - q_len + j and sees keys 0..that;
+        # key s sits at position first + s.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device).unsqueeze(1)
-        k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)
+        k_pos = torch.arange(first, seq_len, device=query.device).unsqueeze(0)
         hidden = k_pos > q_pos
         if sliding_window is not None:
             hidden |= k_pos <= q_pos - sliding_window

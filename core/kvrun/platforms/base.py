@@ -26,6 +26,8 @@ from kvrun.scheduling.capacity import blocks_needed, require_blocks
 
 if TYPE_CHECKING:
     from kvrun.config import EngineConfig
+    from kvrun.distributed.communicator import CustomAllReduce
+    from kvrun.distributed.state import ProcessGroups
     from kvrun.envs import EnvSnapshot
     from kvrun.sampling.truncation import TopKTopPSampler
     from kvrun.scheduling.free_blocks import FreeBlockPolicy
@@ -69,17 +71,32 @@ class KVCacheRequest:
     # Peak bytes measure_peak_memory reported for the largest step (weights and
     # activations); None when the platform does not profile.
     peak_memory_bytes: int | None = None
+    # Planes of num_kv_heads x head_dim values per token and layer: 2 (keys and values),
+    # 1 for multi-head latent attention's single-plane cache (AttentionLayerSpec.kv_planes).
+    kv_planes: int = 2
+    # A model whose every layer has a sliding window of this many positions, its blocks
+    # released as a sequence runs: one sequence then holds at most the blocks of one
+    # step's span of max_chunk_tokens (kvrun.scheduling.capacity.blocks_needed).
+    sliding_window: int | None = None
+    max_chunk_tokens: int | None = None
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes across all layers, every plane (keys and values)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.kv_planes * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
     @property
     def bytes_per_block(self) -> int:
-        """Bytes one block takes across all layers, keys and values."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        """Bytes one block takes across all layers, every plane (keys and values)."""
+        return self.block_size * self.bytes_per_token
 
     @property
     def min_blocks(self) -> int:
-        """Blocks one sequence of max_model_len needs."""
-        return blocks_needed(self.max_model_len, self.block_size)
+        """Blocks one sequence of max_model_len needs (at most at once, when windowed)."""
+        return blocks_needed(
+            self.max_model_len, self.block_size, self.sliding_window, self.max_chunk_tokens
+        )
 
 
 @dataclass(frozen=True)
@@ -95,15 +112,19 @@ class KVCachePlan:
     num_layers: int
     budget_bytes: int  # the budget the blocks were carved from
     reason: str  # one line for the start-up log: where the budget came from
+    # Elements of padding after each entry's last dimension (cuda's 256-byte alignment of
+    # latent entries, VLLM_CUDA_MEM_ALIGN_KV_CACHE): allocate_kv_cache then returns views
+    # of layer_shape into storage whose last dimension is that much longer.
+    entry_padding: int = 0
 
     @property
     def total_bytes(self) -> int:
-        """Bytes of all layers' cache tensors together."""
+        """Bytes of all layers' cache storage together (padding included)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
         n = self.num_layers
-        for d in self.layer_shape:
+        for d in self.layer_shape[:-1]:
             n *= d
-        return n * elem
+        return n * (self.layer_shape[-1] + self.entry_padding) * elem
 
 
 # The model's forward as a decode-graph runner calls it:
@@ -180,6 +201,8 @@ def plan_exact_kv_blocks(request: KVCacheRequest, num_blocks: int, why: str) -> 
         max_model_len=request.max_model_len,
         holder=why,
         remedy="ask for more blocks or lower max_model_len",
+        sliding_window=request.sliding_window,
+        max_chunk_tokens=request.max_chunk_tokens,
     )
     return KVCachePlan(
         num_blocks=num_blocks,
@@ -321,6 +344,18 @@ class Platform(ABC):
         (padding rows of captured decode graphs); they are the highest block ids."""
         return 0
 
+    def custom_all_reduce(
+        self, groups: ProcessGroups, dtype: torch.dtype
+    ) -> tuple[CustomAllReduce | None, str]:
+        """A faster all-reduce than ``dist_backend``'s for this rank's tensor-parallel
+        group (activations of ``dtype``), or None; and the reason, which the worker logs.
+
+        Called once by every rank of the group right after the groups form (so an
+        implementation may run collectives on ``groups.tp_group`` to agree), and not at
+        all under ``disable_custom_all_reduce``. Every rank must return the same choice.
+        """
+        return None, f"the {self.name} platform's all-reduce is {self.dist_backend}'s"
+
     def fused_decoder(
         self, model: Any, kv_caches: list[torch.Tensor], config: EngineConfig
     ) -> DecodeGraphRunner | None:
@@ -362,6 +397,8 @@ class Platform(ABC):
             max_model_len=request.max_model_len,
             holder=f"the {self.name} KV-cache budget of {budget / 2**30:.3f} GiB ({why})",
             remedy=f"raise the budget (to {need / 2**30:.3f} GiB) or lower max_model_len",
+            sliding_window=request.sliding_window,
+            max_chunk_tokens=request.max_chunk_tokens,
         )
         return KVCachePlan(
             num_blocks=num_blocks,
@@ -374,10 +411,14 @@ class Platform(ABC):
         )
 
     def allocate_kv_cache(self, plan: KVCachePlan, num_layers: int) -> list[torch.Tensor]:
-        return [
-            torch.zeros(plan.layer_shape, dtype=plan.dtype, device=self.device)
-            for _ in range(num_layers)
-        ]
+        shape = plan.layer_shape
+        if plan.entry_padding:  # views of padded storage: the last dimension's stride grows
+            padded = (*shape[:-1], shape[-1] + plan.entry_padding)
+            return [
+                torch.zeros(padded, dtype=plan.dtype, device=self.device)[..., : shape[-1]]
+                for _ in range(num_layers)
+            ]
+        return [torch.zeros(shape, dtype=plan.dtype, device=self.device) for _ in range(num_layers)]
 
     # kernels --------------------------------------------------------------------
     def ops(self) -> Mapping[str, Callable[..., Any]]:

@@ -6,7 +6,7 @@ and which KV blocks hold them; the model runner turns that into tensors.
 
 from __future__ import annotations
 
-from kvrun.scheduling.block_manager import BlockManager, PrefixHit, hash_block
+from kvrun.scheduling.block_manager import NULL_BLOCK, BlockManager, PrefixHit, hash_block
 from kvrun.scheduling.config import SchedulerConfig
 from kvrun.scheduling.free_blocks import (
     FifoFreeBlocks,
@@ -20,6 +20,7 @@ from kvrun.scheduling.request import Request, RequestStatus
 from kvrun.scheduling.scheduler import Scheduler, check_stop
 
 __all__ = [
+    "NULL_BLOCK",
     "BlockManager",
     "FifoFreeBlocks",
     "FreeBlockPolicy",

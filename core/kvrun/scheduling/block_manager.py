@@ -10,10 +10,25 @@ from dataclasses import dataclass, field
 
 from kvrun.scheduling.free_blocks import FifoFreeBlocks, FreeBlockPolicy
 
-__all__ = ["ROOT_BLOCK_HASH", "BlockManager", "PrefixHit", "hash_block", "root_hash"]
+__all__ = [
+    "NULL_BLOCK",
+    "ROOT_BLOCK_HASH",
+    "BlockManager",
+    "PrefixHit",
+    "hash_block",
+    "root_hash",
+]
 
 # The parent digest of a sequence's first block.
 ROOT_BLOCK_HASH = bytes(32)
+
+# What a block table holds in place of a block released out of a sliding window
+# (BlockManager.release_before). Block 0 is an ordinary block that another sequence may
+# hold: the entry only keeps the table positional (entry i covers tokens [i * bs, (i + 1)
+# * bs)) and stays in bounds for a kernel that indexes with it, as table padding does;
+# attention with the window never reads it (kvrun.ops.reference.paged_attention gathers
+# from the window's first block).
+NULL_BLOCK = 0
 
 
 def root_hash(salt: bytes) -> bytes:
@@ -53,6 +68,9 @@ class PrefixHit:
 class _SeqBlocks:
     block_ids: list[int]  # the block table
     block_hashes: list[bytes] = field(default_factory=list)  # digests of its full computed blocks
+    # Leading table entries released out of a sliding window: NULL_BLOCK placeholders that
+    # hold no block (their digests stay in block_hashes, so the chain goes on).
+    num_released: int = 0
 
 
 class BlockManager:
@@ -82,6 +100,15 @@ class BlockManager:
     - Prefix-cache counters are in tokens and count each admitted lookup once:
       ``prefix_cache_queries`` adds the looked-up length, ``prefix_cache_hits`` the hit.
     - Block ids are 0..num_blocks-1; 0 is an ordinary block.
+    - Sliding windows (``release_before``): when every attention layer of the model sees
+      only the last W positions, a sequence's leading blocks that no later query can see
+      are released while it runs, so it holds about ``W / block_size`` blocks however
+      long it grows. Released entries stay in its table as ``NULL_BLOCK`` placeholders
+      (a released prefix of the table, never a hole in the middle), hold no reference,
+      and are skipped by ``free``; a released cached block stays in the prefix cache
+      (evictable), so the chain of digests of the sequence and of every other sequence
+      stays valid. Only a model whose *every* layer is windowed may release blocks:
+      layers share one block table, and a global layer (Gemma's) reads every position.
     """
 
     def __init__(
@@ -136,6 +163,11 @@ class BlockManager:
         seq = self._seqs.get(seq_id)
         return list(seq.block_ids) if seq is not None else []
 
+    def num_held_blocks(self, seq_id: str) -> int:
+        """Blocks a sequence holds now: its table less the entries released out of its window."""
+        seq = self._seqs.get(seq_id)
+        return len(seq.block_ids) - seq.num_released if seq is not None else 0
+
     def num_blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -178,6 +210,7 @@ class BlockManager:
         assert num_full <= len(seq.block_ids) and num_computed_tokens <= len(token_ids)
         parent = seq.block_hashes[-1] if seq.block_hashes else root_hash(salt)
         for i in range(len(seq.block_hashes), num_full):
+            assert i >= seq.num_released, f"block {i} of {seq_id!r} released uncommitted"
             digest = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
             seq.block_hashes.append(digest)
             parent = digest
@@ -202,30 +235,43 @@ class BlockManager:
     # ---- allocation -------------------------------------------------------------------
 
     def allocate(
-        self, seq_id: str, num_tokens: int, prefix: PrefixHit | None = None
+        self,
+        seq_id: str,
+        num_tokens: int,
+        prefix: PrefixHit | None = None,
+        keep_from: int = 0,
     ) -> list[int] | None:
         """Grow (or create) ``seq_id``'s table to hold ``num_tokens`` tokens.
 
         ``prefix`` (a new sequence only) adopts those cached blocks first. Returns a copy
-        of the whole table, or None, changing nothing, when too few blocks are free.
+        of the whole table, or None, changing nothing else, when too few blocks are free.
+        ``keep_from`` (a model whose every layer has a sliding window): the first
+        position any query still to come can see; blocks wholly before it are released
+        first (``release_before``), and a prefix hit's blocks before it are not adopted
+        (their entries are ``NULL_BLOCK`` from the start), so they need no free block.
         """
         seq = self._seqs.get(seq_id)
         hit = prefix if prefix is not None else PrefixHit((), (), 0, 0)
         assert seq is None or prefix is None, f"prefix given for existing sequence {seq_id!r}"
         assert num_tokens > hit.num_tokens, (num_tokens, hit.num_tokens)
+        if seq is not None:
+            self.release_before(seq_id, keep_from)
+        skip = min(max(0, keep_from) // self.block_size, len(hit.block_ids))
+        adopted = hit.block_ids[skip:]
         have = len(seq.block_ids) if seq is not None else len(hit.block_ids)
         num_new = max(0, self.num_blocks_needed(num_tokens) - have)
         # Reviving an evictable hit block takes it out of the free pool too.
-        num_revived = sum(1 for b in hit.block_ids if self._ref_counts[b] == 0)
+        num_revived = sum(1 for b in adopted if self._ref_counts[b] == 0)
         if num_new + num_revived > self.num_free_blocks:
             return None
         if seq is None:
-            for block_id, digest in zip(hit.block_ids, hit.block_hashes, strict=True):
+            for block_id, digest in zip(adopted, hit.block_hashes[skip:], strict=True):
                 assert self._block_hashes[block_id] == digest, f"stale prefix hit {block_id}"
                 if self._ref_counts[block_id] == 0:
                     del self._evictable[block_id]
                 self._ref_counts[block_id] += 1
-            seq = _SeqBlocks(list(hit.block_ids), list(hit.block_hashes))
+            table = [NULL_BLOCK] * skip + list(adopted)
+            seq = _SeqBlocks(table, list(hit.block_hashes), num_released=skip)
             self._seqs[seq_id] = seq
             if self.enable_prefix_caching and prefix is not None:
                 self.prefix_cache_queries += hit.num_query_tokens
@@ -234,19 +280,44 @@ class BlockManager:
             seq.block_ids.append(self._take_free_block())
         return list(seq.block_ids)
 
+    def release_before(self, seq_id: str, position: int) -> int:
+        """Release the sequence's blocks that hold only tokens before ``position``; returns
+        how many were released now.
+
+        For a model whose every attention layer has a sliding window: ``position`` is the
+        first one any query still to come can see (``num_computed_tokens - W + 1``). The
+        released entries become ``NULL_BLOCK`` placeholders; the blocks go back to the
+        pool in table order (a cached one stays in the prefix cache until evicted, the
+        oldest first). With prefix caching every released block was committed first, as
+        blocks wholly before the computed tokens are.
+        """
+        seq = self._seqs[seq_id]
+        end = min(max(0, position) // self.block_size, len(seq.block_ids))
+        released = 0
+        for i in range(seq.num_released, end):
+            self._unref(seq.block_ids[i])
+            seq.block_ids[i] = NULL_BLOCK
+            released += 1
+        seq.num_released = max(seq.num_released, end)
+        return released
+
     def free(self, seq_id: str) -> None:
         """Release a sequence's blocks, tail first; cached ones stay reusable until evicted."""
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return
-        for block_id in reversed(seq.block_ids):
-            self._ref_counts[block_id] -= 1
-            assert self._ref_counts[block_id] >= 0, f"block {block_id} freed twice"
-            if self._ref_counts[block_id] == 0:
-                if self._block_hashes[block_id] is None:
-                    self._clean.push(block_id)
-                else:
-                    self._evictable[block_id] = None
+        for block_id in reversed(seq.block_ids[seq.num_released :]):
+            self._unref(block_id)
+
+    def _unref(self, block_id: int) -> None:
+        """Drop one table's reference; at zero the block becomes free (evictable if cached)."""
+        self._ref_counts[block_id] -= 1
+        assert self._ref_counts[block_id] >= 0, f"block {block_id} freed twice"
+        if self._ref_counts[block_id] == 0:
+            if self._block_hashes[block_id] is None:
+                self._clean.push(block_id)
+            else:
+                self._evictable[block_id] = None
 
     def _take_free_block(self) -> int:
         if len(self._clean):

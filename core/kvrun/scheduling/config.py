@@ -25,12 +25,20 @@ class SchedulerConfig:
     # Distinct LoRA adapters among running requests at most (the engine's device slots);
     # 0 = no adapters run (LoRA disabled), so nothing is counted.
     max_loras: int = 0
+    # The sliding window (positions) of a model whose every attention layer has one, on
+    # a backend that computes it; None = some layer attends globally. A running request
+    # then releases its blocks that no later query can see, so it holds about
+    # sliding_window / block_size blocks however long it grows, and the cache need only
+    # hold one step's span (kvrun.scheduling.capacity.blocks_needed).
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             _require_positive(name, getattr(self, name))
         _require_positive("block_size", self.block_size)
         _require_positive("num_blocks", self.num_blocks)
+        if self.sliding_window is not None:
+            _require_positive("sliding_window", self.sliding_window)
         if self.max_num_batched_tokens < self.max_num_seqs:
             # Otherwise some running requests could never get a decode slot.
             raise ConfigError(
@@ -49,6 +57,8 @@ class SchedulerConfig:
             max_model_len=self.max_model_len,
             holder=f"the scheduler's KV cache (num_blocks={self.num_blocks})",
             remedy="give the KV cache more memory or lower max_model_len",
+            sliding_window=self.sliding_window,
+            max_chunk_tokens=self.max_num_batched_tokens,
         )
 
 

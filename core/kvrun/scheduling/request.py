@@ -57,7 +57,8 @@ class Request:
       ``num_computed_tokens < num_tokens`` between steps (its newest token still
       has to be fed to the model), a waiting or preempted one has 0.
     - ``block_ids`` covers at least ``num_computed_tokens`` tokens while running and is
-      empty otherwise.
+      empty otherwise; with a sliding window on every layer its leading entries may be
+      ``NULL_BLOCK`` placeholders of blocks released out of the window.
     """
 
     request_id: str

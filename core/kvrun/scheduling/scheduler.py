@@ -55,6 +55,13 @@ class Scheduler:
       queue. On resume it recomputes prompt + output and the sample at the end of that
       recompute is its next token, so outputs equal those of an unpressured run. No
       waiting request is admitted in a step that preempted.
+    - With ``sliding_window`` (every attention layer windowed), a running request's
+      blocks that hold only positions before ``num_computed_tokens - W + 1`` (the first
+      one its next query sees) are released when it is next scheduled, and a prefix
+      hit's blocks before that position are never adopted: a request holds at most the
+      blocks of one step's span (``kvrun.scheduling.capacity.blocks_needed``), and
+      admission and preemption count only those. Released entries stay in its block
+      table as ``NULL_BLOCK`` (the attention never reads outside the window).
     - ``schedule`` and ``update`` alternate: a non-empty output must be passed to
       ``update`` before the next ``schedule``.
     - Finished requests are forgotten at once (``get_request`` returns None) after their
@@ -170,8 +177,9 @@ class Scheduler:
             request = self._running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, f"running request {request.request_id!r} has nothing to do"
+            keep_from = self._keep_from(request.num_computed_tokens)
             table = self.block_manager.allocate(
-                request.request_id, request.num_computed_tokens + num_new
+                request.request_id, request.num_computed_tokens + num_new, keep_from=keep_from
             )
             while table is None:
                 victim = self._running.pop()
@@ -185,7 +193,9 @@ class Scheduler:
                 if victim is request:
                     break
                 table = self.block_manager.allocate(
-                    request.request_id, request.num_computed_tokens + num_new
+                    request.request_id,
+                    request.num_computed_tokens + num_new,
+                    keep_from=keep_from,
                 )
             if table is None:
                 break  # the request preempted itself; it was the last running one
@@ -281,7 +291,9 @@ class Scheduler:
         if not self.config.enable_chunked_prefill and remaining > budget:
             return None
         num_new = min(remaining, budget)
-        table = bm.allocate(request.request_id, num_computed + num_new, hit)
+        table = bm.allocate(
+            request.request_id, num_computed + num_new, hit, self._keep_from(num_computed)
+        )
         if table is None:
             return None
         if request.status is RequestStatus.WAITING:
@@ -291,6 +303,12 @@ class Scheduler:
         order = self._order
         bisect.insort(self._running, request, key=lambda r: order[r.request_id])
         return self._make_chunk(request, num_new, table)
+
+    def _keep_from(self, num_computed: int) -> int:
+        """The first position a request's next chunk (starting at ``num_computed``) sees:
+        ``num_computed - W + 1`` with a sliding window on every layer, else 0 (all)."""
+        window = self.config.sliding_window
+        return max(0, num_computed - window + 1) if window is not None else 0
 
     def _adapter_fits(self, lora_id: int) -> bool:
         """Whether a request with this adapter may run next to the running ones: at most

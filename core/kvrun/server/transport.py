@@ -8,6 +8,7 @@ encodes them as msgpack; the thread transport hands the Structs over directly
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -166,6 +167,13 @@ class ProcessTransport(Transport):
         self.process: BaseProcess | None = None
         self._closed = False
         self.dropped = 0  # messages dropped as undecodable
+        # The socket's only reader (a task, started by the first receive) moves every
+        # message here as it arrives; `pending` looks here and never at the socket: asking
+        # a zmq.asyncio socket for ZMQ_EVENTS while a task awaits it can consume the edge
+        # that task waits for, and its messages then stall (seen with DP under load).
+        self._inbox: asyncio.Queue[EngineMessage | None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reader_error: BaseException | None = None
 
     async def start(self) -> None:
         from kvrun.server.engine_core import engine_process_main
@@ -207,24 +215,41 @@ class ProcessTransport(Transport):
             return None
 
     async def receive(self) -> list[EngineMessage]:
+        if self._inbox is None:
+            self._inbox = asyncio.Queue()
+            self._reader = asyncio.get_running_loop().create_task(
+                self._read_socket(self._inbox), name="kvrun-engine-socket-reader"
+            )
         messages: list[EngineMessage] = []
-        while not messages:
-            msg = self._decode(await self._pull.recv_multipart())
-            if msg is not None:
-                messages.append(msg)
+        msg = await self._inbox.get()
+        while msg is not None:
+            messages.append(msg)
+            if self._inbox.empty():
+                return messages
+            msg = self._inbox.get_nowait()
+        self._inbox.put_nowait(None)  # the reader failed: say so on this and every call
+        if messages:
+            return messages
+        raise RuntimeError(
+            f"reading the engine's socket failed: {self._reader_error!r}"
+        ) from self._reader_error
+
+    async def _read_socket(self, inbox: asyncio.Queue[EngineMessage | None]) -> None:
+        """The socket's only reader: every message into ``inbox`` as it arrives; on an
+        error, None (after which receive raises it)."""
+        try:
             while True:
-                try:
-                    frames = await self._pull.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                msg = self._decode(frames)
+                msg = self._decode(await self._pull.recv_multipart())
                 if msg is not None:
-                    messages.append(msg)
-        return messages
+                    inbox.put_nowait(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._reader_error = exc
+            inbox.put_nowait(None)
 
     def pending(self) -> bool:
-        events = self._pull.getsockopt(zmq.EVENTS)
-        return isinstance(events, int) and bool(events & zmq.POLLIN)
+        return self._inbox is not None and not self._inbox.empty()
 
     def exit_reason(self) -> str | None:
         if self.process is None or self.process.exitcode is None:
@@ -257,6 +282,9 @@ class ProcessTransport(Transport):
         if self._released:
             return
         self._released = True
+        if self._reader is not None and not self._reader.done():
+            with contextlib.suppress(RuntimeError):  # its event loop already closed
+                self._reader.cancel()
         self._push.close(linger=0)
         self._pull.close(linger=0)
         self._ctx.term()

@@ -6,10 +6,15 @@ step writes its new keys and values and attends, and the backend's output must m
 the reference backend's at every step. The backend's cache starts as NaN everywhere,
 so any slot it reads without having written it (another request's block, a padded
 table entry, the tail of a last block) poisons the result. Nothing here imports pytest.
+
+A latent spec (``LATENT_SPECS``: multi-head latent attention's single-plane cache, for
+backends that compute ``latent_kv``) runs the same scenarios with every value equal to
+its key, as DeepSeek passes it, in a cache of the backend's latent layout.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +24,7 @@ from kvrun.attention.reference import ReferenceAttention
 from kvrun.testing.op_checks import assert_close
 from kvrun.testing.target import dtype_name
 
-__all__ = ["LAYER_SPECS", "SCENARIOS", "Scenario", "check_backend"]
+__all__ = ["LATENT_SPECS", "LAYER_SPECS", "SCENARIOS", "Scenario", "check_backend", "specs_for"]
 
 BLOCK_SIZE = 16
 
@@ -57,6 +62,22 @@ LAYER_SPECS: tuple[tuple[str, AttentionLayerSpec], ...] = tuple(
     for h, kv, d in ((4, 4, 16), (4, 2, 32), (8, 1, 64))
 )
 
+# (label, spec): the latent cache, DeepSeek's shape in small: one kv head of a 32-wide
+# latent and 16 rope columns, the value the latent alone.
+LATENT_SPECS: tuple[tuple[str, AttentionLayerSpec], ...] = (
+    (
+        "4q1kv-d48-latent32",
+        AttentionLayerSpec(
+            num_heads=4, num_kv_heads=1, head_dim=48, scale=48**-0.5, latent_value_dim=32
+        ),
+    ),
+)
+
+
+def specs_for(backend: type[AttentionBackend]) -> tuple[tuple[str, AttentionLayerSpec], ...]:
+    """The layer specs the kit runs ``backend`` on: the latent ones where it computes them."""
+    return LAYER_SPECS + (LATENT_SPECS if "latent_kv" in backend.features else ())
+
 
 def _total_tokens(scenario: Scenario) -> dict[str, int]:
     totals: dict[str, int] = {}
@@ -88,6 +109,8 @@ def check_backend(
         r: tuple(torch.randn((t, n, d), generator=g).to(dtype) for n in (h, kv, kv))
         for r, t in sorted(totals.items())
     }
+    if spec.latent_value_dim is not None:  # the latent cache: each value is its key
+        data = {r: (q, k, k) for r, (q, k, _) in data.items()}
     blocks: dict[str, list[int]] = {r: [] for r in totals}
     done = dict.fromkeys(totals, 0)
     shared = {request: (owner, tokens) for request, owner, tokens in scenario.prefix}
@@ -97,10 +120,16 @@ def check_backend(
         for i in (1, 2):
             data[request][i][:tokens] = data[owner][i][:tokens]
 
-    shape = type(backend).kv_cache_shape(num_blocks, BLOCK_SIZE, kv, d)
+    shape = backend.layer_cache_shape(num_blocks, BLOCK_SIZE, kv, d)
+    if spec.latent_value_dim is not None:
+        per_token = math.prod(shape) // (num_blocks * BLOCK_SIZE)
+        assert per_token == kv * d, (
+            f"{what}: its latent cache of {num_blocks} blocks is laid out as {shape}, "
+            f"{per_token} values per token; the latent cache is one plane of {kv} x {d}"
+        )
     cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
     reference = ReferenceAttention(spec)
-    ref_shape = ReferenceAttention.kv_cache_shape(num_blocks, BLOCK_SIZE, kv, d)
+    ref_shape = reference.layer_cache_shape(num_blocks, BLOCK_SIZE, kv, d)
     ref_cache = torch.full(ref_shape, float("nan"), dtype=dtype, device=device)
 
     for index, step in enumerate(scenario.steps):

@@ -7,7 +7,7 @@ session fixtures that cache these on disk live in the test suites.
 - :func:`build_hf_checkpoint_from_gguf`: the SmolLM2 GGUF as a plain fp32 Hugging
   Face directory (what transformers loads from the GGUF, saved as safetensors).
 - :func:`build_random_checkpoint`: a tiny random Llama, Qwen2, Qwen3, Mistral, Phi-3,
-  Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma 2/3 or DeepSeek-V2 using the SmolLM2 tokenizer, so
+  Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma 2/3 or DeepSeek-V2/V3 using the SmolLM2 tokenizer, so
   prompts tokenize to real text.
 - :func:`build_gguf_from_hf`: a Hugging Face Llama/Qwen2 checkpoint written as GGUF
   the way llama.cpp's converter writes it (Q/K rows permuted for Llama).
@@ -56,6 +56,7 @@ Arch = Literal[
     "gemma2",
     "gemma3",
     "deepseek_v2",
+    "deepseek_v3",
 ]
 # Files a Hugging Face tokenizer is saved as; copied between checkpoints.
 TOKENIZER_FILES = (
@@ -122,6 +123,7 @@ def build_hf_checkpoint_from_gguf(gguf_path: str | Path | None, out_dir: str | P
 def _config(arch: Arch, fields: dict[str, Any], sliding_window: int | None) -> Any:
     from transformers import (
         DeepseekV2Config,
+        DeepseekV3Config,
         Gemma2Config,
         Gemma3TextConfig,
         LlamaConfig,
@@ -158,6 +160,8 @@ def _config(arch: Arch, fields: dict[str, Any], sliding_window: int | None) -> A
         return Qwen3MoeConfig(**fields, use_sliding_window=False)
     if arch == "deepseek_v2":
         return DeepseekV2Config(**fields)
+    if arch == "deepseek_v3":
+        return DeepseekV3Config(**fields)
     if arch == "gemma2":
         return Gemma2Config(**fields, sliding_window=sliding_window or 4096)
     if arch == "gemma3":
@@ -232,6 +236,9 @@ def build_random_checkpoint(
                 param.copy_(1.0 + 0.1 * noise)
             else:
                 param.copy_(init_std * noise)
+        for name, buffer in model.named_buffers():  # DeepSeek-V3's router bias, saved
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(init_std * torch.randn(buffer.shape, generator=generator))
     if max_shard_size is None:
         model.save_pretrained(str(out))
     else:

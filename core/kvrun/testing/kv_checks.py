@@ -2,8 +2,11 @@
 
 The request describes a tiny model laid out by the platform's default attention
 backend. Allocation is checked on a plan of the platform's own making, shrunk to a
-few blocks, so the check costs nothing on a device with a large budget. Nothing here
-imports pytest.
+few blocks, so the check costs nothing on a device with a large budget. Where the
+default backend keeps multi-head latent attention's single-plane cache (``latent_kv``)
+the same checks run on a latent request too: its plan is sized by one plane per token,
+so the budget that held N tokens in two planes holds at least 2N. Nothing here imports
+pytest.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ __all__ = [
     "check_allocation",
     "check_plan",
     "check_refuses_small_budget",
+    "keeps_latent_cache",
     "kit_kv_request",
 ]
 
@@ -29,10 +33,12 @@ ALLOC_BLOCKS = 3
 
 
 def kit_kv_request(
-    platform: Platform, dtype: torch.dtype, max_model_len: int = 64
+    platform: Platform, dtype: torch.dtype, max_model_len: int = 64, *, latent: bool = False
 ) -> KVCacheRequest:
-    """What the engine would ask for a 2-layer model with 2 kv heads of 16."""
+    """What the engine would ask for a 2-layer model with 2 kv heads of 16; ``latent``:
+    in the default backend's single-plane latent layout (it must compute latent_kv)."""
     backend = platform.attention_backends()[platform.default_attention_backend]
+    shape = backend.latent_kv_cache_shape if latent else backend.kv_cache_shape
     return KVCacheRequest(
         num_layers=NUM_LAYERS,
         num_kv_heads=2,
@@ -40,15 +46,43 @@ def kit_kv_request(
         block_size=16,
         dtype=dtype,
         max_model_len=max_model_len,
-        layer_shape=lambda n: backend.kv_cache_shape(n, 16, 2, 16),
+        layer_shape=lambda n: shape(n, 16, 2, 16),
+        kv_planes=1 if latent else 2,
     )
 
 
+def keeps_latent_cache(platform: Platform) -> bool:
+    """Whether the platform's default attention backend computes latent_kv."""
+    backend = platform.attention_backends()[platform.default_attention_backend]
+    return "latent_kv" in backend.features
+
+
 def check_plan(platform: Platform, dtype: torch.dtype) -> KVCachePlan:
-    """plan_kv_cache answers the request and stays within the budget it reports."""
-    request = kit_kv_request(platform, dtype)
+    """plan_kv_cache answers the request and stays within the budget it reports; a latent
+    request (where the default backend keeps one) gets one plane's bytes per token."""
+    plan = _check_plan(platform, kit_kv_request(platform, dtype), dtype_name(dtype))
+    if keeps_latent_cache(platform):
+        request = kit_kv_request(platform, dtype, latent=True)
+        what = f"kv allocator plan ({dtype_name(dtype)}, latent cache)"
+        latent = _check_plan(platform, request, f"{dtype_name(dtype)}, latent cache")
+        per_token = latent.total_bytes // (latent.num_blocks * latent.block_size)
+        assert per_token == request.bytes_per_token, (
+            f"{what}: {latent.num_blocks} blocks take {latent.total_bytes} bytes, "
+            f"{per_token} a token; one plane of {request.num_layers} layers x "
+            f"{request.num_kv_heads} x {request.head_dim} is {request.bytes_per_token}"
+        )
+        if latent.budget_bytes == plan.budget_bytes:
+            assert latent.num_blocks >= 2 * plan.num_blocks, (
+                f"{what}: {latent.num_blocks} blocks from the budget of {plan.budget_bytes} "
+                f"bytes that holds {plan.num_blocks} two-plane blocks; one plane holds twice "
+                "the tokens (KVCacheRequest.bytes_per_block counts kv_planes)"
+            )
+    return plan
+
+
+def _check_plan(platform: Platform, request: KVCacheRequest, label: str) -> KVCachePlan:
     plan = platform.plan_kv_cache(request)
-    what = f"kv allocator plan ({dtype_name(dtype)})"
+    what = f"kv allocator plan ({label})"
     assert plan.total_bytes <= plan.budget_bytes, (
         f"{what}: plans {plan.total_bytes} bytes, over its budget of {plan.budget_bytes} "
         f"({plan.reason})"
@@ -96,14 +130,21 @@ def _int_view(t: torch.Tensor) -> torch.Tensor:
 
 def check_allocation(platform: Platform, dtype: torch.dtype) -> None:
     """allocate_kv_cache returns num_layers tensors of the plan's shape, dtype and device,
-    none sharing memory with another or with itself."""
-    request = kit_kv_request(platform, dtype)
+    none sharing memory with another or with itself (for a latent plan too, where the
+    default backend keeps one)."""
+    _check_allocation(platform, kit_kv_request(platform, dtype), dtype_name(dtype))
+    if keeps_latent_cache(platform):
+        request = kit_kv_request(platform, dtype, latent=True)
+        _check_allocation(platform, request, f"{dtype_name(dtype)}, latent cache")
+
+
+def _check_allocation(platform: Platform, request: KVCacheRequest, label: str) -> None:
     full = platform.plan_kv_cache(request)
     blocks = min(full.num_blocks, max(ALLOC_BLOCKS, request.min_blocks))
     plan = dataclasses.replace(
         full, num_blocks=blocks, layer_shape=tuple(request.layer_shape(blocks))
     )
-    what = f"kv allocator allocate_kv_cache ({dtype_name(dtype)}, {blocks} blocks)"
+    what = f"kv allocator allocate_kv_cache ({label}, {blocks} blocks)"
     caches = platform.allocate_kv_cache(plan, NUM_LAYERS)
     assert isinstance(caches, list | tuple) and len(caches) == NUM_LAYERS, (
         f"{what}: returned {type(caches).__name__} of "

@@ -8,7 +8,9 @@ that skips a slot or writes one it was not given is caught. ``paged_attention`` 
 caches whose unused slots (blocks no table names, the tail of each last block) are
 NaN: they must not reach the output. ``linear`` and ``embedding`` read their weight in
 the form the platform's ``prepare_linear`` gives it, as the model passes it, and so do
-``fused_moe``'s lists of expert matrices. Nothing here imports pytest.
+``fused_moe``'s experts: each matrix through ``prepare_linear``, then each projection's
+list through ``prepare_experts`` (a platform overriding any of the three gets the
+fused_moe cases). Nothing here imports pytest.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from kvrun.testing.target import dtype_name
 
 __all__ = ["OP_CASES", "TOLERANCE", "OpCase", "assert_close", "check_op"]
 
-# Ops whose weight arguments (at these indices; a list: each of its matrices) the model
-# hands over as prepare_linear made them.
+# Ops whose weight arguments (at these indices; a list: each of its matrices, then the
+# list through prepare_experts) the model hands over as prepare_linear made them.
 _PREPARED_ARG: dict[str, tuple[int, ...]] = {"linear": (1,), "embedding": (1,), "fused_moe": (1, 2)}
 
 # (atol, rtol) per dtype: a few units in the last place of the values these cases make.
@@ -48,6 +50,8 @@ class OpCase:
     @property
     def uses(self) -> tuple[str, ...]:
         """Every op the case runs: a platform overriding any of them gets the case."""
+        if self.op == "fused_moe":
+            return (self.op, "prepare_linear", "prepare_experts")
         return (self.op, "prepare_linear") if self.op in _PREPARED_ARG else (self.op,)
 
 
@@ -286,6 +290,9 @@ OP_CASES: tuple[OpCase, ...] = (
     OpCase("fused_moe", "1tok-8experts-top2", _moe_case(1, 32, 48, 8, 2)),
     OpCase("fused_moe", "37tok-4experts-top2", _moe_case(37, 64, 32, 4, 2)),
     OpCase("fused_moe", "70tok-16experts-top4", _moe_case(70, 48, 24, 16, 4)),
+    # ~100 pairs per expert: every group spans two 64-row tiles and ends mid-tile, as a
+    # stacked-expert kernel pads them
+    OpCase("fused_moe", "150tok-3experts-top2", _moe_case(150, 40, 56, 3, 2)),
     OpCase("reshape_and_cache", "1tok-2kv-d16", _cache_case(1, 4, 16, 2, 16)),
     OpCase("reshape_and_cache", "37tok-4kv-d32", _cache_case(37, 6, 16, 4, 32)),
     OpCase("paged_attention", "decode-gqa", _attention_case([1, 17, 40], [1, 1, 1], 4, 2, 16)),
@@ -358,8 +365,8 @@ def check_op(case: OpCase, ops: OpTable, dtype: torch.dtype, device: torch.devic
     call_args = list(args)
     for index in _PREPARED_ARG.get(case.op, ()):
         weight = args[index]
-        if isinstance(weight, list):
-            call_args[index] = [ops.prepare_linear(w) for w in weight]
+        if isinstance(weight, list):  # fused_moe's experts of one projection
+            call_args[index] = ops.prepare_experts([ops.prepare_linear(w) for w in weight])
         else:
             call_args[index] = ops.prepare_linear(weight)
     got = getattr(ops, case.op)(*call_args)

@@ -69,7 +69,7 @@ class ConformanceSuite:
             attention_combos = [
                 (b, spec, s, d)
                 for b in target.backend_names
-                for spec in attention_checks.LAYER_SPECS
+                for spec in attention_checks.specs_for(target.backend_class(b))
                 for s in attention_checks.SCENARIOS
                 for d in dtypes
             ]

@@ -54,7 +54,9 @@ class CpuPlatform(Platform):
     )
     # GGUF matrices run as stored with quantization="gguf" (kvrun_cpu.native.quantized;
     # without the native kernels, through the reference ops: dequantized per call).
-    quantized_gguf_types: ClassVar[frozenset[str]] = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q4_K"})
+    quantized_gguf_types: ClassVar[frozenset[str]] = frozenset(
+        {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}
+    )
     # Measured fastest (benchmarks/bench_attention.py, README.md).
     default_attention_backend = TorchSdpaAttention.name
 

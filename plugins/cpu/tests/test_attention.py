@@ -69,13 +69,26 @@ def run_case(
     heads: tuple[int, int],
     dtype: torch.dtype,
     seed: int = 0,
+    *,
+    head_dim: int = HEAD_DIM,
+    latent: int | None = None,  # the latent cache's value width (values = keys[..., :latent])
+    window: int | None = None,  # a sliding window (the reference computes it)
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     num_heads, num_kv_heads = heads
-    spec = AttentionLayerSpec(num_heads, num_kv_heads, HEAD_DIM, HEAD_DIM**-0.5)
+    spec = AttentionLayerSpec(
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        head_dim**-0.5,
+        latent_value_dim=latent,
+        sliding_window=window,
+    )
     backends = [ReferenceAttention(spec), make_backend(spec)]
     caches = [
-        torch.randn(b.kv_cache_shape(NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, HEAD_DIM), generator=gen)
+        torch.randn(
+            b.layer_cache_shape(NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, head_dim), generator=gen
+        )
         .mul_(3.0)
         .to(dtype)
         for b in backends
@@ -95,11 +108,11 @@ def run_case(
         meta = make_meta(
             [tables[i] for i, _, _ in step], [s for _, s, _ in step], [q for *_, q in step]
         )
-        shape = (meta.num_tokens, num_heads, HEAD_DIM)
-        kv_shape = (meta.num_tokens, num_kv_heads, HEAD_DIM)
+        shape = (meta.num_tokens, num_heads, head_dim)
+        kv_shape = (meta.num_tokens, num_kv_heads, head_dim)
         q = torch.randn(shape, generator=gen).to(dtype)
         k = torch.randn(kv_shape, generator=gen).to(dtype)
-        v = torch.randn(kv_shape, generator=gen).to(dtype)
+        v = k if latent is not None else torch.randn(kv_shape, generator=gen).to(dtype)
         want = backends[0].forward(q, k, v, caches[0], meta)
         got = backends[1].forward(q, k, v, caches[1], meta)
         assert got.shape == want.shape and got.dtype == want.dtype
@@ -133,6 +146,58 @@ class TestAgainstReference:
     ) -> None:
         requests = [(49, 1), (0, 30), (6, 1), (16, 17), (199, 1), (0, 1), (3, 2)]
         run_case(make_backend, requests, heads, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("head_dim", "latent"),
+    [(48, 32), (576, 512)],  # small, and DeepSeek-V2's kv_lora_rank 512 + rope 64
+    ids=["d48-latent32", "v2-d576-latent512"],
+)
+def test_the_latent_cache_matches_the_reference(
+    make_backend: Factory, head_dim: int, latent: int, dtype: torch.dtype
+) -> None:
+    # One plane per layer, each value the first `latent` columns of its key: decodes of
+    # varied lengths, a prefill, a chunk after a prefix hit, in one batch.
+    requests = [(49, 1), (0, 30), (6, 1), (16, 17), (199, 1), (0, 1)]
+    run_case(make_backend, requests, (8, 1), dtype, head_dim=head_dim, latent=latent)
+
+
+def test_the_latent_cache_is_one_plane() -> None:
+    spec = AttentionLayerSpec(4, 1, 576, 576**-0.5, latent_value_dim=512)
+    backend = TorchSdpaAttention(spec)
+    assert backend.layer_cache_shape(10, 16, 1, 576) == (1, 1, 10, 16, 576)
+    assert spec.kv_planes == 1 and "latent_kv" in TorchSdpaAttention.features
+
+
+@pytest.mark.parametrize(
+    ("requests", "reference_calls"),
+    [
+        ([(9, 1), (0, 12), (4, 3), (15, 1)], 0),  # every context within the window
+        ([(40, 1), (0, 30), (20, 5), (3, 1)], 2),  # some past it: both steps gather
+    ],
+    ids=["within", "past"],
+)
+def test_a_sliding_window_gathers_only_when_it_masks_something(
+    make_backend: Factory,
+    monkeypatch: pytest.MonkeyPatch,
+    requests: list[tuple[int, int]],
+    reference_calls: int,
+) -> None:
+    from kvrun_cpu.attention import sdpa
+
+    calls = []
+    gather = sdpa.reference.paged_attention
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return gather(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sdpa.reference, "paged_attention", counted)
+    run_case(make_backend, requests, (8, 2), torch.float32, window=16)
+    # The oracle (ReferenceAttention) gathers once in each of the two steps; the rest
+    # are the backend's.
+    assert len(calls) - 2 == reference_calls
 
 
 def test_single_token_prompt(make_backend: Factory) -> None:

@@ -1,4 +1,4 @@
-"""GGUF Q8_0 / Q4_0 / Q4_1 / Q4_K matrices run as stored (csrc/quant.c), on every ISA this CPU
+"""GGUF Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K matrices run as stored (csrc/quant.c), on every ISA this CPU
 runs (the AVX512-VNNI kernels and the portable C).
 
 Two oracles. Exact: the kernel's own arithmetic in float64 (activations quantized to
@@ -27,20 +27,22 @@ from kvrun_cpu.native.quantized import (
     quantized_rows,
 )
 
-TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K")
+TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+SUPER_BLOCKS = {"Q4_K": 144, "Q6_K": 210}  # bytes per 256 values
 ROWS = (1, 3, 17, 64)
 SHAPES = ((960, 576), (37, 64), (100, 1536))  # 37: not a multiple of the 16-row panel
 FORMAT_TOL = 1.5e-2
 
 
 def width(qtype: str, k: int) -> int:
-    """k, rounded up to whole super-blocks of 256 for Q4_K."""
-    return -(-k // 256) * 256 if qtype == "Q4_K" else k
+    """k, rounded up to whole super-blocks of 256 for Q4_K and Q6_K."""
+    return -(-k // 256) * 256 if qtype in SUPER_BLOCKS else k
 
 
 def gguf_matrix(qtype: str, n: int, k: int, seed: int = 0) -> QuantizedMatrix:
-    """Random weights quantized by gguf-py; Q4_K (which gguf-py only reads) as random
-    super-blocks whose fp16 d and dmin stay below 1, as the test GGUF writer makes them."""
+    """Random weights quantized by gguf-py; Q4_K and Q6_K (which gguf-py only reads) as
+    random super-blocks whose fp16 d (and dmin) stay below 1, as the test GGUF writer
+    makes them."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
@@ -48,6 +50,14 @@ def gguf_matrix(qtype: str, n: int, k: int, seed: int = 0) -> QuantizedMatrix:
         rng = np.random.default_rng(seed)
         blocks = rng.integers(0, 0x3C, (n, k // 256 * 144), dtype=np.uint8)
         return QuantizedMatrix(qtype, torch.from_numpy(blocks), k)
+    if qtype == "Q6_K":  # any values; d's high byte keeps it below 1; int8 scales of
+        # either sign and magnitudes 16-63, as a quantizer's are (not 1 beside 127)
+        rng = np.random.default_rng(seed)
+        blocks = rng.integers(0, 256, (n, k // 256, 210), dtype=np.uint8)
+        scales = rng.integers(16, 64, (n, k // 256, 16)) * rng.choice([-1, 1], (n, k // 256, 16))
+        blocks[..., 192:208] = scales.astype(np.int8).view(np.uint8)
+        blocks[..., 209] = rng.integers(0, 0x3C, (n, k // 256), dtype=np.uint8)
+        return QuantizedMatrix(qtype, torch.from_numpy(blocks.reshape(n, -1)), k)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
     blocks = quantize(w.numpy(), GGMLQuantizationType[qtype])
     return QuantizedMatrix(qtype, torch.from_numpy(blocks), k)
@@ -128,8 +138,9 @@ def test_packed_size_is_the_files(qtype: str) -> None:
     k = width(qtype, 576)
     matrix = gguf_matrix(qtype, 960, k)
     # the fp16 offset of Q4_0 / Q8_0; Q4_K: 16 bytes of nibbles and 8 of fp32 scale and
-    # offset per 32 values, where the file has 144 bytes per 256
-    extra = {"Q4_1": 0, "Q4_0": 2, "Q8_0": 2, "Q4_K": 24 - 144 / 8}[qtype]
+    # offset per 32 values, where the file has 144 bytes per 256; Q6_K: 24 bytes of
+    # values and 8 of two fp32 scales per 32 values, where the file has 210 per 256
+    extra = {"Q4_1": 0, "Q4_0": 2, "Q8_0": 2, "Q4_K": 24 - 144 / 8, "Q6_K": 32 - 210 / 8}[qtype]
     assert pack_quantized(matrix).nbytes == matrix.nbytes + 960 * (k // 32) * extra
 
 
@@ -157,7 +168,11 @@ def test_cpu_ops_take_gguf_blocks(native_kernels: NativeKernels, qtype: str) -> 
 @pytest.mark.parametrize(
     ("qtype", "k", "message"),
     [
-        ("Q6_K", 256, "GGUF type Q6_K is not kept quantized; accepted: Q8_0, Q4_0, Q4_1, Q4_K"),
+        (
+            "Q5_K",
+            256,
+            "GGUF type Q5_K is not kept quantized; accepted: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K",
+        ),
         ("Q4_1", 48, "a Q4_1 matrix needs uint8 rows of whole 32-column blocks"),
         ("Q4_K", 576, "a Q4_K matrix needs uint8 rows of whole 256-column blocks"),
     ],

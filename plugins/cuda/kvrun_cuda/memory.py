@@ -6,11 +6,20 @@ The arithmetic is pure (bytes in, bytes out) so it is tested on CPU; the measuri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import torch
 
 from kvrun.errors import ConfigError
+from kvrun.platforms import KVCacheRequest
 
-__all__ = ["KV_ALIGN_BYTES", "MemorySnapshot", "aligned_entry_elems", "profiled_kv_budget"]
+__all__ = [
+    "KV_ALIGN_BYTES",
+    "MemorySnapshot",
+    "aligned_entry_elems",
+    "aligned_latent_request",
+    "profiled_kv_budget",
+]
 
 GiB = 1 << 30
 # VLLM_CUDA_MEM_ALIGN_KV_CACHE pads each cache entry to a multiple of this many bytes.
@@ -55,12 +64,27 @@ def aligned_entry_elems(entry_elems: int, elem_size: int, enabled: bool) -> int:
     """Elements to allocate for one cache entry of ``entry_elems`` elements.
 
     With VLLM_CUDA_MEM_ALIGN_KV_CACHE the entry is padded to a multiple of 256 bytes
-    (the cache is then a strided view of the padded storage). vLLM applies this to
-    multi-head latent attention entries only; kvrun has no MLA model yet, so the
-    platform passes ``enabled`` only for MLA layouts and today's caches are unchanged.
+    (the cache is then a strided view of the padded storage). As in vLLM, only
+    multi-head latent attention's single-plane entries are padded
+    (:func:`aligned_latent_request`).
     """
     if not enabled:
         return entry_elems
     assert KV_ALIGN_BYTES % elem_size == 0, elem_size
     per = KV_ALIGN_BYTES // elem_size
     return -(-entry_elems // per) * per
+
+
+def aligned_latent_request(request: KVCacheRequest, enabled: bool) -> tuple[KVCacheRequest, int]:
+    """The request to budget blocks by, and the elements of padding per entry.
+
+    A single-plane latent cache (``kv_planes == 1``, one KV head of kv_lora_rank + rope
+    values: 576 for DeepSeek-V2, 1152 bytes in bfloat16) with VLLM_CUDA_MEM_ALIGN_KV_CACHE
+    pads each entry to a multiple of 256 bytes (1280): blocks are budgeted at the padded
+    size and the allocator returns views of the real width. Other caches are unchanged.
+    """
+    if not enabled or request.kv_planes != 1:
+        return request, 0
+    elem = torch.empty((), dtype=request.dtype).element_size()
+    width = aligned_entry_elems(request.head_dim, elem, True)
+    return replace(request, head_dim=width), width - request.head_dim

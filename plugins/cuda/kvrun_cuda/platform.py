@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec
 from kvrun.errors import ConfigError
-from kvrun.platforms import KVCacheRequest, Platform
+from kvrun.platforms import KVCachePlan, KVCacheRequest, Platform
 from kvrun.platforms.base import DecodeForward
 from kvrun.platforms.memory import device_memory_budget
 from kvrun_cuda.backends import (
@@ -28,11 +29,13 @@ from kvrun_cuda.devices import device_index
 from kvrun_cuda.fp8 import FP8_KV_DTYPE, FP8_KV_DTYPES, LayerScales
 from kvrun_cuda.kernels import select_ops, triton_kernels
 from kvrun_cuda.libraries import CUDART, NCCL, FoundLibrary, find_library
-from kvrun_cuda.memory import MemorySnapshot, profiled_kv_budget
+from kvrun_cuda.memory import MemorySnapshot, aligned_latent_request, profiled_kv_budget
 from kvrun_cuda.sampler import flashinfer_sampler, flashinfer_top_k_top_p
 
 if TYPE_CHECKING:
     from kvrun.config import EngineConfig
+    from kvrun.distributed.communicator import CustomAllReduce
+    from kvrun.distributed.state import ProcessGroups
     from kvrun.envs import EnvSnapshot
     from kvrun.sampling.truncation import TopKTopPSampler
 
@@ -57,7 +60,7 @@ def refused_settings(env: EnvSnapshot) -> list[str]:
 class CudaPlatform(Platform):
     name = "cuda"
     device_type = "cuda"
-    dist_backend = "nccl"  # torch.distributed's NCCL (no custom all-reduce yet)
+    dist_backend = "nccl"  # torch.distributed's NCCL, and custom_all_reduce where P2P allows
     priority = 100
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (
         torch.bfloat16,
@@ -103,6 +106,15 @@ class CudaPlatform(Platform):
         """The CUDA runtime per VLLM_CUDART_SO_PATH, LD_LIBRARY_PATH, CUDA_HOME."""
         env = self.env
         return find_library(CUDART, env.VLLM_CUDART_SO_PATH, env.LD_LIBRARY_PATH, env.CUDA_HOME)
+
+    def custom_all_reduce(
+        self, groups: ProcessGroups, dtype: torch.dtype
+    ) -> tuple[CustomAllReduce | None, str]:
+        """The all-reduce over peer-to-peer memory where the group's GPUs allow it
+        (kvrun_cuda.custom_all_reduce; VLLM_SKIP_P2P_CHECK trusts the driver's report)."""
+        from kvrun_cuda.custom_all_reduce import custom_all_reduce
+
+        return custom_all_reduce(groups, dtype, self.env.VLLM_SKIP_P2P_CHECK)
 
     # attention ------------------------------------------------------------------
     def attention_backends(self) -> Mapping[str, type[AttentionBackend]]:
@@ -179,13 +191,20 @@ class CudaPlatform(Platform):
 
     # kernels --------------------------------------------------------------------
     def ops(self) -> Mapping[str, Callable[..., Any]]:
-        kernels, why = triton_kernels()
+        align_in_triton = self.env.VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON
+        kernels, why = triton_kernels(align_in_triton)
         logger.info("%s", why)
         chosen, notes = select_ops(
             kernels, self.env.VLLM_DISABLED_KERNELS, self.env.VLLM_USE_TRITON_AWQ
         )
         for note in notes:
             logger.info("%s", note)
+        if "fused_moe" in chosen:  # debug: most models have no mixture
+            logger.debug(
+                "fused_moe: tokens sorted by expert in %s (VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON=%d)",
+                "Triton" if align_in_triton else "torch",
+                int(align_in_triton),
+            )
         return chosen
 
     # sampling -------------------------------------------------------------------
@@ -234,6 +253,20 @@ class CudaPlatform(Platform):
         free, total = torch.cuda.mem_get_info(index)
         budget, why = device_memory_budget(free, total, request.model_bytes, where)
         return budget, why + " (activations not profiled: no profiling forward ran)"
+
+    def plan_kv_cache(self, request: KVCacheRequest) -> KVCachePlan:
+        """The base plan; a latent (MLA) cache's entries padded to 256 bytes under
+        VLLM_CUDA_MEM_ALIGN_KV_CACHE (kvrun_cuda.memory.aligned_latent_request)."""
+        budgeted, padding = aligned_latent_request(request, self.env.VLLM_CUDA_MEM_ALIGN_KV_CACHE)
+        plan = super().plan_kv_cache(budgeted)
+        if not padding:
+            return plan
+        return replace(
+            plan,
+            entry_padding=padding,
+            reason=plan.reason + f"; latent entries padded from {request.head_dim} to "
+            f"{budgeted.head_dim} values (VLLM_CUDA_MEM_ALIGN_KV_CACHE)",
+        )
 
 
 def check_backend_dtype(offered: Sequence[BackendEntry], backend: str, dtype: torch.dtype) -> None:

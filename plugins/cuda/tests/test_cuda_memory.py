@@ -5,11 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvrun.envs import read_env
 from kvrun.errors import ConfigError
+from kvrun.platforms import KVCacheRequest
 from kvrun_cuda.cuda_graphs import GraphBuffers, capture_sizes, eager_reason, padded_size
 from kvrun_cuda.devices import device_index, visible_devices
 from kvrun_cuda.flashinfer_attn import paged_kv_indices
-from kvrun_cuda.memory import MemorySnapshot, aligned_entry_elems, profiled_kv_budget
+from kvrun_cuda.memory import (
+    MemorySnapshot,
+    aligned_entry_elems,
+    aligned_latent_request,
+    profiled_kv_budget,
+)
+from kvrun_cuda.platform import CudaPlatform
 
 GiB = 1 << 30
 
@@ -116,3 +124,58 @@ def test_when_decode_steps_run_eagerly() -> None:
             "cannot capture"
         )
     assert eager_reason(False, "TRITON_ATTN", torch.float16) is None
+
+
+def _latent_request(dtype: torch.dtype, planes: int = 1) -> KVCacheRequest:
+    # DeepSeek-V2's latent entry: one KV head of kv_lora_rank 512 + rope 64
+    return KVCacheRequest(
+        num_layers=2,
+        num_kv_heads=1,
+        head_dim=576,
+        block_size=16,
+        dtype=dtype,
+        max_model_len=64,
+        layer_shape=lambda n: (planes, n, 16, 1, 576),
+        kv_planes=planes,
+    )
+
+
+@pytest.mark.parametrize(("dtype", "width"), [(torch.bfloat16, 640), (torch.float8_e4m3fn, 768)])
+def test_latent_entries_are_padded_to_256_bytes_when_asked(dtype: torch.dtype, width: int) -> None:
+    request = _latent_request(dtype)
+    budgeted, padding = aligned_latent_request(request, enabled=True)
+    assert (budgeted.head_dim, padding) == (width, width - 576)
+    assert budgeted.bytes_per_token == 2 * width * dtype.itemsize  # what blocks are budgeted at
+    assert aligned_latent_request(request, enabled=False) == (request, 0)
+    two_planes = _latent_request(dtype, planes=2)  # not MLA's single plane: unchanged
+    assert aligned_latent_request(two_planes, enabled=True) == (two_planes, 0)
+
+
+class _HostCuda(CudaPlatform):
+    """The cuda platform's planning and allocation with the device facts a CPU lacks:
+    a fixed budget and host memory."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def kv_cache_budget(self, request: KVCacheRequest) -> tuple[int, str]:
+        return 1 << 20, "1 MiB"
+
+
+@pytest.mark.parametrize("aligned", ["1", "0"])
+def test_the_cuda_plan_budgets_padded_entries_and_allocates_views(aligned: str) -> None:
+    platform = _HostCuda(read_env({"VLLM_CUDA_MEM_ALIGN_KV_CACHE": aligned}))
+    request = _latent_request(torch.bfloat16)
+    plan = platform.plan_kv_cache(request)
+    width = 640 if aligned == "1" else 576
+    assert plan.num_blocks == (1 << 20) // (16 * 2 * width * 2)
+    assert plan.layer_shape == (1, plan.num_blocks, 16, 1, 576)
+    assert plan.entry_padding == width - 576
+    assert plan.total_bytes == 2 * plan.num_blocks * 16 * width * 2
+    assert ("VLLM_CUDA_MEM_ALIGN_KV_CACHE" in plan.reason) == (aligned == "1")
+    caches = platform.allocate_kv_cache(plan, 2)
+    for cache in caches:
+        assert cache.shape == plan.layer_shape and cache.stride()[-2] == width
+        assert cache.stride()[-1] == 1 and not cache.any()
+    assert caches[0].untyped_storage().data_ptr() != caches[1].untyped_storage().data_ptr()

@@ -104,7 +104,7 @@ def test_variables_without_a_feature_yet_are_named_on_cuda() -> None:
     env = read_env(
         {
             "VLLM_FUSED_MOE_CHUNK_SIZE": "1024",  # acts on every platform: not named
-            "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON": "1",
+            "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON": "1",  # the Triton fused_moe's alignment
             "VLLM_FLASH_ATTN_VERSION": "3",
             "MAX_JOBS": "4",
             "VLLM_USE_TRITON_AWQ": "1",
@@ -112,13 +112,13 @@ def test_variables_without_a_feature_yet_are_named_on_cuda() -> None:
     )
     assert refused_settings(env) == []
     named = dict(ineffective(env, "cuda", "offline"))
-    assert sorted(named) == [
-        "MAX_JOBS",
-        "VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON",
-        "VLLM_FLASH_ATTN_VERSION",
-    ]
+    assert sorted(named) == ["MAX_JOBS", "VLLM_FLASH_ATTN_VERSION"]
     assert named["VLLM_FLASH_ATTN_VERSION"].startswith("kvrun-cuda has no FLASH_ATTN backend")
     assert "kvrun-cuda's kernels are Triton" in named["MAX_JOBS"]
+    # Elsewhere the alignment variable is named, with the reason.
+    on_cpu = dict(ineffective(env, "cpu", "offline"))
+    assert "only kvrun-cuda's Triton fused_moe" in on_cpu["VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON"]
+    assert "VLLM_FUSED_MOE_CHUNK_SIZE" not in on_cpu
 
 
 def test_check_config_refuses_a_dtype_the_backend_cannot_run() -> None:
@@ -136,10 +136,26 @@ def test_disabled_kernels_fall_back_to_the_reference() -> None:
         "VLLM_DISABLED_KERNELS: paged_attention has no kernel here; the reference runs",
         "VLLM_DISABLED_KERNELS: 'MarlinLinearKernel' names no kernel of this platform; known "
         "ops: prepare_linear, linear, embedding, rms_norm, fused_add_rms_norm, "
-        "rotary_embedding, silu_and_mul, fused_moe, reshape_and_cache, paged_attention, "
-        "awq_dequantize, apply_token_bitmask, add_lora",
+        "rotary_embedding, silu_and_mul, fused_moe, prepare_experts, reshape_and_cache, "
+        "paged_attention, awq_dequantize, apply_token_bitmask, add_lora",
     ]
     assert select_ops(available, []) == (available, [])
+
+
+def test_disabling_prepare_experts_takes_the_triton_fused_moe_with_it() -> None:
+    # The Triton fused_moe reads the stacks prepare_experts makes; without them it would
+    # get lists, so it runs the reference, and the log says why.
+    available = {"fused_moe": reference.fused_moe, "prepare_experts": reference.prepare_experts}
+    chosen, notes = select_ops(available, ["prepare_experts"])
+    assert chosen == {}
+    assert notes == [
+        "VLLM_DISABLED_KERNELS: prepare_experts is disabled, so fused_moe (which reads the "
+        "stacked experts) runs the reference op too",
+        "VLLM_DISABLED_KERNELS: prepare_experts runs the reference op",
+    ]
+    # Disabling fused_moe alone keeps the stacks, which the reference fused_moe reads.
+    chosen, _ = select_ops(available, ["fused_moe"])
+    assert chosen == {"prepare_experts": reference.prepare_experts}
 
 
 def test_triton_awq_dequantisation_is_an_opt_in() -> None:

@@ -70,6 +70,12 @@ def test_the_builds_cover_every_kernel_and_batch_kind() -> None:
         "paged_attention[decode-split]",
         "awq_dequantize",
         "merge_splits",
+        "fused_moe[gate-up]",
+        "fused_moe[down]",
+        "moe_align[count]",
+        "moe_align[offsets]",
+        "moe_align[tile-experts]",
+        "moe_align[scatter]",
     ]
 
 
@@ -128,6 +134,17 @@ def test_fp8_cache_kernels_compile_ahead_of_time(target: str, cache: str, name: 
 def test_attention_compiles_for_sm_90_in_other_dtypes(dtype: str, kind: str) -> None:
     skip_unless_compilable("sm_90")
     (build,) = [b for b in kernel_builds(dtype) if b.name == f"paged_attention[{kind}]"]
+    compiled = compile_kernel(build, AOT_TARGETS["sm_90"])
+    assert compiled.asm["cubin"][:4] == b"\x7fELF"
+    assert compiled.metadata.shared <= SHARED_LIMIT["sm_90"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_fused_moe_compiles_for_sm_90_in_other_dtypes(dtype: str) -> None:
+    # fp32 takes the exact ("ieee") tl.dot, not TF32: another lowering than fp16's.
+    skip_unless_compilable("sm_90")
+    (build,) = [b for b in kernel_builds(dtype) if b.name == "fused_moe[gate-up]"]
+    assert build.constexprs["IEEE"] == (dtype == "fp32")
     compiled = compile_kernel(build, AOT_TARGETS["sm_90"])
     assert compiled.asm["cubin"][:4] == b"\x7fELF"
     assert compiled.metadata.shared <= SHARED_LIMIT["sm_90"]

@@ -15,7 +15,13 @@ pytest.importorskip("triton", reason="triton is not installed (Linux only)")
 
 from kvrun.attention.base import AttentionLayerSpec
 from kvrun.ops import reference_ops
-from kvrun.testing.attention_checks import LAYER_SPECS, SCENARIOS, Scenario, check_backend
+from kvrun.testing.attention_checks import (
+    LATENT_SPECS,
+    LAYER_SPECS,
+    SCENARIOS,
+    Scenario,
+    check_backend,
+)
 from kvrun.testing.op_checks import OP_CASES, OpCase, check_op
 from kvrun_cuda.triton.attention import TritonAttention
 from kvrun_cuda.triton.ops import triton_ops
@@ -45,4 +51,14 @@ def test_kit_op_checks(case: OpCase, dtype: torch.dtype) -> None:
 def test_kit_attention_scenarios(
     label: str, spec: AttentionLayerSpec, scenario: Scenario, dtype: torch.dtype
 ) -> None:
+    check_backend(TritonAttention(spec), scenario, dtype, CPU)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+@pytest.mark.parametrize(("label", "spec"), LATENT_SPECS, ids=[label for label, _ in LATENT_SPECS])
+def test_kit_latent_cache_scenarios(
+    label: str, spec: AttentionLayerSpec, scenario: Scenario, dtype: torch.dtype
+) -> None:
+    # One plane per layer, read as keys and as values (DeepSeek's latent cache).
     check_backend(TritonAttention(spec), scenario, dtype, CPU)

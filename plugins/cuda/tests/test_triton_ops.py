@@ -43,10 +43,9 @@ def test_op_table_covers_every_op_name_but_linear() -> None:
     # linear stays the reference (F.linear): cuBLAS is what a GPU should run for it.
     # The matmul ops stay the reference's (cuBLAS on a GPU).
     matmul = ("prepare_linear", "linear", "embedding")
-    # fused_moe: the reference (a loop over experts) until a Triton fused-MoE kernel exists;
     # apply_token_bitmask: the reference's torch runs on the device (its Triton kernel is
     # open work, NOTES.md)
-    missing = ("fused_moe", "apply_token_bitmask")
+    missing = ("apply_token_bitmask",)
     assert TRITON_OP_NAMES == tuple(n for n in OP_NAMES if n not in matmul + missing)
     assert triton_ops()["rms_norm"] is tri.rms_norm
     assert triton_ops()["paged_attention"] is paged_attention

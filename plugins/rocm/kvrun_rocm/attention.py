@@ -9,6 +9,8 @@ prefill kernel misbehaves on a given ROCm release.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, AttentionMetadata
@@ -18,9 +20,11 @@ __all__ = ["RocmTritonAttention"]
 
 
 class RocmTritonAttention(AttentionBackend):
-    """Cache layout: the Triton backend's, which must equal the reference's (checked)."""
+    """Cache layout: the Triton backend's, which must equal the reference's (checked);
+    the latent cache (one plane) too, as both paths compute it."""
 
     name = "TRITON_ATTN"
+    features = frozenset({"latent_kv"})
 
     def __init__(self, spec: AttentionLayerSpec, use_triton_flash_attn: bool = True) -> None:
         super().__init__(spec)
@@ -31,15 +35,33 @@ class RocmTritonAttention(AttentionBackend):
         self.torch_path: AttentionBackend = ReferenceAttention(spec)
         # Both paths write the same cache tensor, so their layouts must agree.
         sample = (7, 16, spec.num_kv_heads, spec.head_dim)
-        assert TritonAttention.kv_cache_shape(*sample) == ReferenceAttention.kv_cache_shape(
-            *sample
-        ), "the Triton and reference KV-cache layouts differ"
+        for layout in ("kv_cache_shape", "latent_kv_cache_shape"):
+            ours = getattr(TritonAttention, layout)(*sample)
+            assert ours == getattr(ReferenceAttention, layout)(*sample), (
+                f"the Triton and reference KV-cache layouts differ ({layout})"
+            )
 
     @staticmethod
     def kv_cache_shape(
         num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
     ) -> tuple[int, ...]:
         return ReferenceAttention.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+
+    @staticmethod
+    def latent_kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        return ReferenceAttention.latent_kv_cache_shape(
+            num_blocks, block_size, num_kv_heads, head_dim
+        )
+
+    def variant(self, **changes: Any) -> AttentionBackend:
+        """This backend for another layer's spec, both of its paths included."""
+        other = super().variant(**changes)
+        assert isinstance(other, RocmTritonAttention)
+        other.triton = self.triton.variant(**changes)
+        other.torch_path = self.torch_path.variant(**changes)
+        return other
 
     def forward(
         self,

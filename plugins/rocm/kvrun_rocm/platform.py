@@ -19,7 +19,8 @@ from kvrun_cuda.fp8 import FP8_KV_DTYPE
 from kvrun_cuda.platform import CudaPlatform
 
 if TYPE_CHECKING:
-    pass
+    from kvrun.distributed.communicator import CustomAllReduce
+    from kvrun.distributed.state import ProcessGroups
 
 __all__ = ["ROCM_BACKENDS", "ROCM_TRITON_ATTN", "RocmPlatform", "fp8_kv_dtype"]
 
@@ -64,6 +65,12 @@ class RocmPlatform(CudaPlatform):
     BACKENDS: ClassVar[tuple[BackendEntry, ...]] = ROCM_BACKENDS
     # kv_cache_dtype=fp8 / fp8_e4m3 is stored as fp8_kv_dtype(the device's arch).
     kv_cache_dtypes: ClassVar[tuple[torch.dtype, ...]] = (FP8_KV_DTYPE, torch.float8_e4m3fnuz)
+
+    def custom_all_reduce(
+        self, groups: ProcessGroups, dtype: torch.dtype
+    ) -> tuple[CustomAllReduce | None, str]:
+        """RCCL's all-reduce: kvrun-rocm has no peer-to-peer all-reduce of its own."""
+        return None, "RCCL's all-reduce (kvrun-rocm has no peer-to-peer all-reduce)"
 
     def describe(self) -> str:
         index = torch.cuda.current_device()

@@ -203,3 +203,25 @@ def test_fp8_padding_set_by_hand_is_named_as_having_nothing_to_pad() -> None:
     ((name, why),) = ineffective(read_env({"VLLM_ROCM_FP8_PADDING": "0"}), "rocm", "offline")
     assert name == "VLLM_ROCM_FP8_PADDING"
     assert why.startswith("kvrun loads no fp8 weights yet, so there is nothing to pad")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (the shared Triton backend imports it)")
+@pytest.mark.parametrize("flash", [True, False], ids=["triton-prefill", "torch-prefill"])
+def test_the_latent_cache_variant_reaches_both_paths(
+    flash: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """variant(latent_value_dim=...) (what the engine builder asks for DeepSeek) gives the
+    Triton and the torch path the latent spec: one plane, the scenarios' outputs the
+    reference's."""
+    from kvrun.testing.attention_checks import SCENARIOS, check_backend
+    from kvrun_rocm.attention import RocmTritonAttention
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    plain = RocmTritonAttention(AttentionLayerSpec(4, 1, 48, 48**-0.5), flash)
+    latent = plain.variant(latent_value_dim=32)
+    assert isinstance(latent, RocmTritonAttention)
+    assert latent.triton.spec.latent_value_dim == latent.torch_path.spec.latent_value_dim == 32
+    assert plain.triton.spec.latent_value_dim is None  # the original keeps its spec
+    assert latent.layer_cache_shape(5, 16, 1, 48) == (1, 5, 16, 1, 48)
+    for scenario in SCENARIOS:
+        check_backend(latent, scenario, torch.float32, torch.device("cpu"))

@@ -53,6 +53,13 @@ class XlaModelExecutor(ModelExecutor):
         )
         # Built-in architectures only: general plugins' models are not offered here yet.
         self.model_config = c = ModelConfig.from_hf(checkpoint.hf_config, checkpoint.source)
+        if c.is_mla:
+            # Its modes, scale and latent cache are resolved by the core's engine builder,
+            # which this executor does not run: refused rather than run with plain heads.
+            raise ConfigError(
+                f"{c.architecture} (multi-head latent attention) is not supported on the "
+                "tpu platform yet; run it on the cpu or cuda platform"
+            )
         model_cls = ModelRegistry().resolve(c.architecture, checkpoint.source)
         spec = AttentionLayerSpec(
             num_heads=c.num_heads,

@@ -58,8 +58,9 @@ class TorchSdpaAttention(AttentionBackend):
 
     name = "TORCH_SDPA"
     # Layers with a sliding window or soft-capped scores (Gemma) run the core's gathering
-    # reference op over this cache (float32 scores): correct, not fast.
-    features = frozenset({"sliding_window", "logit_softcap"})
+    # reference op over this cache (float32 scores): correct, not fast. The latent cache
+    # (``[1, Hk, num_blocks, block_size, D]``) runs every path, native kernels included.
+    features = frozenset({"sliding_window", "logit_softcap", "latent_kv"})
 
     def __init__(self, spec: AttentionLayerSpec, native: NativeKernels | None = None) -> None:
         super().__init__(spec)
@@ -76,6 +77,12 @@ class TorchSdpaAttention(AttentionBackend):
         num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
     ) -> tuple[int, ...]:
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
+
+    @staticmethod
+    def latent_kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        return (1, num_kv_heads, num_blocks, block_size, head_dim)
 
     def plan(self, meta: AttentionMetadata, one_decode_batch: bool = False) -> BatchPlan:
         """The step's plan, rebuilt only when the metadata (or its block tables) changed;
@@ -111,14 +118,39 @@ class TorchSdpaAttention(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        key_cache, value_cache = kv_cache[0], kv_cache[1]  # [Hk, NB, bs, D]
+        latent = self.spec.latent_value_dim
+        if latent is None:
+            return self._attend(query, key, value, kv_cache[0], kv_cache[1], meta)
+        # The latent cache: one plane read as both keys and values (the kernels take the
+        # same tensor twice), and the output's first latent columns are the values'.
+        plane = kv_cache[0]
+        return self._attend(query, key, key, plane, plane, meta)[..., :latent].contiguous()
+
+    def _needs_reference(self, meta: AttentionMetadata) -> bool:
+        """Soft-capping, or a window that masks something this step: the gathering
+        reference op. A window no context reaches past (every seq_len <= the window, so
+        no block was released either) masks nothing: the fast paths are exact there."""
+        spec = self.spec
+        if spec.logit_softcap is not None:
+            return True
+        return spec.sliding_window is not None and meta.max_seq_len > spec.sliding_window
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,  # [Hk, NB, bs, D]
+        value_cache: torch.Tensor,  # the same shape; may be key_cache itself (latent)
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         native = runs_natively(self.native, query, key_cache)
         if native and key.dtype == key_cache.dtype and meta.slot_mapping.dtype == torch.int64:
             assert self.native is not None
             self.native.write_kv(key, value, key_cache, value_cache, meta.slot_mapping)
         else:
             write_kv_head_major(key, value, key_cache, value_cache, meta.slot_mapping)
-        if self.spec.features:
+        if self._needs_reference(meta):
             return reference.paged_attention(
                 query,
                 key_cache.permute(1, 2, 0, 3),  # [NB, bs, Hk, D], the reference's layout

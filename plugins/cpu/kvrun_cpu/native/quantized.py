@@ -2,12 +2,13 @@
 and the calls into ``csrc/quant.c``.
 
 :func:`pack_quantized` turns a :class:`kvrun.quantization.QuantizedMatrix` (GGUF Q8_0,
-Q4_0, Q4_1 or Q4_K blocks, row by row) into :class:`QuantizedPackedWeight`: panels of
+Q4_0, Q4_1, Q4_K or Q6_K blocks, row by row) into :class:`QuantizedPackedWeight`: panels of
 16 rows, each block of 32 columns as the kernel's AVX512-VNNI operands plus 16 scales
 and 16 offsets (the layout is described in ``csrc/quant.c``). Its size is about the
 file's: Q4_1 exactly, Q4_0 and Q8_0 one fp16 offset per block of 32 more, Q4_K 6.0 bits
 per value instead of 4.5 (each sub-block's scale and min as fp32, since d times a 6-bit
-scale needs 17 bits). Activations are quantized
+scale needs 17 bits), Q6_K 8.0 instead of 6.56 (its 6-bit values whole, d times each
+16-value sub-block's int8 scale as fp32). Activations are quantized
 per token to int8 blocks of 32 inside the kernel, as llama.cpp does, so results are
 within the format's rounding of dequantize-then-matmul, not equal to it
 (``plugins/cpu/tests/test_cpu_quantized_linear.py`` states the tolerance).
@@ -39,7 +40,7 @@ PANEL = 16  # output rows per panel (csrc/quant.c)
 QBLOCK = 32  # input columns per block
 # GGUF type -> bits per stored value in the kernel's layout
 # (36: 4-bit values with fp32 scales, csrc/quant.c's QF32)
-_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q4_K": 36}
+_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q4_K": 36, "Q6_K": 6}
 QUANTIZED_TYPES = frozenset(_BITS)
 assert QUANTIZED_TYPES <= set(EXECUTABLE_GGUF_TYPES)
 _LOGGED: set[str] = set()  # libraries whose quantized path was logged
@@ -95,6 +96,39 @@ def _q4_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return nibbles, scale, offset
 
 
+def _q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K super-blocks [N, K / 256, 210] (128 bytes of low nibbles, 64 of top 2-bit
+    pairs, 16 int8 scales, fp16 d) -> each value v in [0, 64) [N, K / 32, 32] and d times
+    its sub-block's scale [N, K / 16] (fp32, exact): weight = that (v - 32)."""
+    n, supers = raw.shape[:2]
+    low = raw[..., 0:128].reshape(n, supers, 2, 64)  # per half of 128 values
+    top = raw[..., 128:192].reshape(n, supers, 2, 1, 32)
+    # a half's value j: low nibble of byte j % 64 (j < 64) or its high nibble (j >= 64);
+    # top bits 2 (j // 32) .. of byte j % 32
+    nibbles = np.concatenate([low & 0x0F, low >> 4], axis=-1)  # [n, S, 2, 128]
+    pairs = (top >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 1, 4, 1)) & 0x03
+    values = nibbles | (pairs.reshape(n, supers, 2, 128) << 4)
+    scales = np.ascontiguousarray(raw[..., 192:208]).view(np.int8).astype(np.float32)
+    d = np.ascontiguousarray(raw[..., 208:210]).view(np.float16).astype(np.float32)
+    return values.reshape(n, supers * 8, 32), (d * scales).reshape(n, supers * 16)
+
+
+def _interleave_q6(values: np.ndarray, scale: np.ndarray, panels: int, kb: int) -> np.ndarray:
+    """values [N, kb, 32] in [0, 64), scale [N, 2 kb] fp32 -> csrc/quant.c's Q6 blocks:
+    4 nibble lines, 2 top-bit lines, then d_lo and d_hi of the block's 16 rows."""
+    lines = values.reshape(panels, PANEL, kb, 8, 4).transpose(0, 2, 3, 1, 4)
+    lines = lines.reshape(panels, kb, 8, 64)  # line g: columns 4g .. 4g + 3 of each row
+    nibbles = (lines[:, :, :4] & 0x0F) | ((lines[:, :, 4:] & 0x0F) << 4)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 1, 4, 1)
+    pairs = ((lines >> 4) & 0x03).reshape(panels, kb, 2, 4, 64) << shifts
+    tops = np.bitwise_or.reduce(pairs, axis=3)  # [P, kb, 2, 64]
+    halves = scale.reshape(panels, PANEL, kb, 2).transpose(0, 2, 3, 1)  # [P, kb, 2, 16]
+    d = np.ascontiguousarray(halves.astype(np.float32)).view(np.uint8).reshape(panels, kb, 128)
+    return np.concatenate(
+        [nibbles.reshape(panels, kb, 256), tops.reshape(panels, kb, 128), d], axis=-1
+    )
+
+
 def _repack(matrix: QuantizedMatrix) -> np.ndarray:  # uint8 [P, K / 32, block bytes]
     n, k = matrix.shape
     block, nbytes = EXECUTABLE_GGUF_TYPES[matrix.qtype]
@@ -104,6 +138,9 @@ def _repack(matrix: QuantizedMatrix) -> np.ndarray:  # uint8 [P, K / 32, block b
     if matrix.qtype == "Q4_K":
         values, d, offset = _q4_k(raw)
         return _interleave(values, d, offset, panels, kb)
+    if matrix.qtype == "Q6_K":
+        q6, scale = _q6_k(raw)
+        return _interleave_q6(q6, scale, panels, kb)
     d = np.ascontiguousarray(raw[..., 0:2]).view(np.float16)[..., 0]  # [N, kb]
     if matrix.qtype == "Q4_1":
         offset = np.ascontiguousarray(raw[..., 2:4]).view(np.float16)[..., 0]

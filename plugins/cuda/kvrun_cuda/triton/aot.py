@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kvrun_cuda.fp8 import fp8_max
-from kvrun_cuda.triton import awq, elementwise, paged_attention
+from kvrun_cuda.triton import awq, elementwise, fused_moe, paged_attention
 from kvrun_cuda.triton.launch import Kernel
 
 __all__ = [
@@ -51,6 +51,15 @@ _TYPED_POINTERS = {
     "query_start_ptr": "*i32",
     "qweight_ptr": "*i32",
     "qzeros_ptr": "*i32",
+    # fused_moe's routing and alignment
+    "ids_ptr": "*i64",
+    "counts_ptr": "*i32",
+    "cursor_ptr": "*i32",
+    "ends_ptr": "*i32",
+    "total_ptr": "*i32",
+    "sorted_ptr": "*i32",
+    "tile_experts_ptr": "*i32",
+    "weight_ptr": "*fp32",
 }
 _FLOAT_SCALARS = {"eps", "scale_log2", "k_scale", "v_scale"}
 
@@ -154,6 +163,49 @@ def kernel_builds(dtype: str = "fp16") -> list[KernelBuild]:
             paged_attention._merge_splits_kernel,
             {"HEAD_DIM": 128, "D_PAD": 128, "SPLITS_PAD": split.num_splits, "TILE": split.tile},
             dtype=dtype,
+        ),
+        *_moe_builds(dtype),
+    ]
+
+
+def _moe_builds(dtype: str) -> list[KernelBuild]:
+    """fused_moe's kernels for a Mixtral-shaped layer (8 experts, top-2), prefill tiles;
+    the alignment's for 256 experts (DeepSeek-V3's count)."""
+    gemm = fused_moe._grouped_gemm_kernel
+    prefill = fused_moe.moe_config(4096, 8)
+    tiles = {"BLOCK_M": prefill.block_m, "BLOCK_N": prefill.block_n, "BLOCK_K": prefill.block_k}
+    ieee = dtype == "fp32"
+    block_e = 256
+    return [
+        KernelBuild(
+            "fused_moe[gate-up]",
+            gemm,
+            {**tiles, "TOP_K": 2, "GATED": True, "MUL_WEIGHT": False, "IEEE": ieee},
+            dtype=dtype,
+        ),
+        KernelBuild(
+            "fused_moe[down]",
+            gemm,
+            {**tiles, "TOP_K": 1, "GATED": False, "MUL_WEIGHT": True, "IEEE": ieee},
+            dtype=dtype,
+        ),
+        KernelBuild("moe_align[count]", fused_moe._count_kernel, {"BLOCK": fused_moe.PAIR_BLOCK}),
+        KernelBuild(
+            "moe_align[offsets]",
+            fused_moe._offsets_kernel,
+            {"BLOCK_M": prefill.block_m, "BLOCK_E": block_e},
+        ),
+        KernelBuild(
+            "moe_align[tile-experts]",
+            fused_moe._tile_experts_kernel,
+            {
+                "BLOCK_M": prefill.block_m,
+                "BLOCK_T": fused_moe.tiles_per_program(block_e),
+                "BLOCK_E": block_e,
+            },
+        ),
+        KernelBuild(
+            "moe_align[scatter]", fused_moe._scatter_kernel, {"BLOCK": fused_moe.PAIR_BLOCK}
         ),
     ]
 

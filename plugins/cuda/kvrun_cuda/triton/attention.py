@@ -42,12 +42,21 @@ class TritonAttention(AttentionBackend):
     """
 
     name = "TRITON_ATTN"
+    # The latent cache (``[1, num_blocks, block_size, num_kv_heads, head_dim]``): the
+    # kernels read its one plane as keys and as values.
+    features = frozenset({"latent_kv"})
 
     @staticmethod
     def kv_cache_shape(
         num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
     ) -> tuple[int, ...]:
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    @staticmethod
+    def latent_kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        return (1, num_blocks, block_size, num_kv_heads, head_dim)
 
     @staticmethod
     def unsupported_reason(head_dim: int, dtype: torch.dtype) -> str | None:
@@ -82,11 +91,20 @@ class TritonAttention(AttentionBackend):
         k_scale: float = 1.0,  # an fp8 cache's per-layer scales; 1.0 for any other
         v_scale: float = 1.0,
     ) -> torch.Tensor:
-        """Store the new keys and values, then attend over the cache: two launches."""
-        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        """Store the new keys and values, then attend over the cache: two launches.
+
+        A latent spec's one plane is passed as both caches: its keys are written (twice,
+        the same bytes) and read as the values, whose first latent columns are returned.
+        """
+        latent = self.spec.latent_value_dim
+        if latent is not None:
+            key_cache = value_cache = kv_cache[0]
+            value = key
+        else:
+            key_cache, value_cache = kv_cache[0], kv_cache[1]
         assert key_cache.shape[1] == meta.block_size, (key_cache.shape, meta.block_size)
         reshape_and_cache(key, value, key_cache, value_cache, meta.slot_mapping, k_scale, v_scale)
-        return unified_attention(
+        out = unified_attention(
             query,
             key_cache,
             value_cache,
@@ -98,6 +116,7 @@ class TritonAttention(AttentionBackend):
             k_scale=k_scale,
             v_scale=v_scale,
         )
+        return out if latent is None else out[..., :latent].contiguous()
 
 
 class TritonFp8Attention(TritonAttention):
@@ -107,8 +126,11 @@ class TritonFp8Attention(TritonAttention):
     scales measured exactly as :class:`kvrun_cuda.fp8.Fp8KVCacheAttention` (the oracle)
     measures them, so both store the same bytes and read the same values. Not graph-safe,
     unlike its parent: the first write to a layer reads its maxima back to the host, and
-    one instance keeps every layer's scales.
+    one instance keeps every layer's scales. No latent cache: keys and values are scaled
+    apart, so one plane cannot be read as both (DeepSeek keeps two planes here).
     """
+
+    features = frozenset()
 
     def __init__(
         self, spec: AttentionLayerSpec, k_scale_constant: int = 200, v_scale_constant: int = 100

@@ -8,6 +8,7 @@ TritonAttention` allocates (as ``[2, ...]``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from kvrun_cuda.triton.elementwise import (
     rotary_embedding,
     silu_and_mul,
 )
+from kvrun_cuda.triton.fused_moe import fused_moe, prepare_experts
 from kvrun_cuda.triton.lora import add_lora
 from kvrun_cuda.triton.paged_attention import unified_attention
 
@@ -57,13 +59,17 @@ def paged_attention(
     )
 
 
-def triton_ops() -> dict[str, Callable[..., Any]]:
-    """Op name -> Triton kernel wrapper, for Platform.ops()."""
+def triton_ops(moe_align_in_triton: bool = False) -> dict[str, Callable[..., Any]]:
+    """Op name -> Triton kernel wrapper, for Platform.ops(). ``moe_align_in_triton``
+    (VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON): fused_moe sorts its tokens by expert in
+    Triton rather than in torch ops."""
     return {
         "rms_norm": rms_norm,
         "fused_add_rms_norm": fused_add_rms_norm,
         "rotary_embedding": rotary_embedding,
         "silu_and_mul": silu_and_mul,
+        "fused_moe": functools.partial(fused_moe, align_in_triton=moe_align_in_triton),
+        "prepare_experts": prepare_experts,
         "reshape_and_cache": reshape_and_cache,
         "paged_attention": paged_attention,
         "awq_dequantize": awq_dequantize,

@@ -11,14 +11,21 @@
  *     d[l] * v[l][c] + o[l] (Q4_1: o = its min; Q4_0: o = -8 d; Q8_0: o = -128 d), as
  *     fp16; Q4_K's (d times a sub-block's 6-bit scale, -dmin times its 6-bit min) as
  *     fp32, since those products need more than fp16's 11 bits.
- * A block is 576 (8-bit), 320 (4-bit) or 384 (4-bit, fp32 scales) bytes, multiples of
- * 64: every line is aligned.
+ * Q6_K (format Q6) keeps its 6-bit values v in [0, 64): 4 lines of nibbles as 4-bit
+ * (column c's low 4 bits in the low nibble, c + 16's in the high), then 2 lines of the
+ * top 2 bits: line 4 + h, byte 4l + t holds those of columns 16h + 4i + t in bits 2i,
+ * 2i + 1 (i = 0..3); then two fp32 scales per row, d_lo[16] and d_hi[16] (d times the
+ * sub-block's int8 scale, one per 16 columns): weight d_half (v - 32).
+ * A block is 576 (8-bit), 320 (4-bit), 384 (4-bit, fp32 scales) or 512 (Q6) bytes,
+ * multiples of 64: every line is aligned.
  *
  * Activations are quantized per token and block of 32 to int8, as llama.cpp does:
  * dx = max|x| / 127, xq = round(x / dx) (to nearest even). Then, per block,
  *   sum_c w[c] x[c] ~= d * (dx * isum) + o * (dx * sum(xq)),  isum = sum_c v[c] xq[c]
  * where isum is exact in int32 (AVX512-VNNI's vpdpbusd: unsigned weight bytes times
- * signed activation bytes, four per lane). Each output is accumulated over the blocks
+ * signed activation bytes, four per lane). Q6 sums each half of 16 columns apart:
+ *   sum ~= d_lo * (dx * (isum_lo - 32 s_lo)) + d_hi * (dx * (isum_hi - 32 s_hi)),
+ * s_half the sum of the half's xq (exact integers until the one conversion to float). Each output is accumulated over the blocks
  * in order with the same float operations on every path (VNNI and the portable C), so
  * the two give the same bits, and a token's result depends on its own row only, never
  * on its batch or on the thread split.
@@ -38,13 +45,24 @@
 #endif
 
 /* The formats (kvrun_cpu.native.quantized): 8 = 8-bit, 4 = 4-bit with fp16 scales,
-   QF32 = 4-bit with fp32 scales. */
+   QF32 = 4-bit with fp32 scales, Q6 = 6-bit with two fp32 scales per row. */
 #define QF32 36
+#define Q6 6
 KV_INLINE int64_t block_bytes(int bits)
 {
-    return bits == 8 ? 8 * 64 + 64 : bits == 4 ? 4 * 64 + 64 : 4 * 64 + 128;
+    return bits == 8 ? 8 * 64 + 64 : bits == 4 ? 4 * 64 + 64 : bits == Q6 ? 6 * 64 + 128 : 4 * 64 + 128;
 }
+/* Where a block's scales start: its value lines' bytes. */
 KV_INLINE int value_bits(int bits) { return bits == QF32 ? 4 : bits; }
+
+/* Q6: the 6-bit value of row l, column c (0..31) of a block. */
+KV_INLINE int q6_value(const uint8_t *blk, int64_t l, int c)
+{
+    const int g = c / 4, t = c % 4;
+    const uint8_t nib = blk[(g % 4) * 64 + l * 4 + t];
+    const uint8_t top = blk[4 * 64 + (g / 4) * 64 + l * 4 + t];
+    return (g < 4 ? nib & 0x0f : nib >> 4) | ((top >> (2 * (g % 4))) & 3) << 4;
+}
 
 /* Row l's scale and offset in a block whose scales start at sc. */
 KV_INLINE float f16_to_f32(uint16_t h);
@@ -117,6 +135,7 @@ static void quantize_row(const float *x, int64_t k, int8_t *xq, float *xs)
 typedef struct {
     const int8_t *xq; /* [m, k] */
     const float *xs;  /* [m, k/32, 2] */
+    const int32_t *xh; /* Q6: [m, k/32, 2] the sums of each half's xq; else NULL */
     const uint8_t *w; /* [ceil(n/16), k/32, block_bytes], 64-byte aligned */
     const float *bias; /* [n] or NULL */
     float *y;          /* [m, n], row stride y_row */
@@ -199,6 +218,53 @@ KV_INLINE void tile(const quant_args *a, int64_t i, int64_t p, const int MR, con
         for (int j = 0; j < NP; ++j) _mm512_storeu_ps(out[r][j], acc[r][j]);
     store_tile(a, i, p, MR, NP, out);
 }
+
+/* Q6: each block's two halves of 16 columns in turn, the values rebuilt from their
+   nibble and top-bit lines in registers. */
+KV_INLINE void tile_q6(const quant_args *a, int64_t i, int64_t p, const int MR, const int NP)
+{
+    const int64_t kb = a->k / QBLOCK, bs = block_bytes(Q6);
+    const __m512i low = _mm512_set1_epi8(0x0f), two = _mm512_set1_epi8(0x03);
+    __m512 acc[4][4];
+    for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < kb; ++b)
+        for (int h = 0; h < 2; ++h) {
+            __m512i isum[4][4];
+            for (int r = 0; r < MR; ++r)
+                for (int j = 0; j < NP; ++j) isum[r][j] = _mm512_setzero_si512();
+            for (int j = 0; j < NP; ++j) {
+                const uint8_t *blk = a->w + ((p + j) * kb + b) * bs;
+                const __m512i top = _mm512_load_si512((const void *)(blk + 4 * 64 + 64 * h));
+                for (int g = 0; g < 4; ++g) {
+                    const __m512i nib = _mm512_load_si512((const void *)(blk + 64 * g));
+                    const __m512i lo4 = h ? _mm512_and_si512(_mm512_srli_epi16(nib, 4), low)
+                                          : _mm512_and_si512(nib, low);
+                    const __m512i hi2 = _mm512_and_si512(_mm512_srli_epi16(top, 2 * g), two);
+                    const __m512i v = _mm512_or_si512(lo4, _mm512_slli_epi16(hi2, 4));
+                    for (int r = 0; r < MR; ++r) {
+                        const int8_t *xr = a->xq + (i + r) * a->k + b * QBLOCK + 16 * h;
+                        isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], v, bcast32(xr + 4 * g));
+                    }
+                }
+            }
+            for (int j = 0; j < NP; ++j) {
+                const uint8_t *sc = a->w + ((p + j) * kb + b) * bs + 6 * 64 + 64 * h;
+                const __m512 d = _mm512_load_ps(sc);
+                for (int r = 0; r < MR; ++r) {
+                    const float dx = a->xs[((i + r) * kb + b) * 2];
+                    const int32_t shift = 32 * a->xh[((i + r) * kb + b) * 2 + h];
+                    const __m512i q = _mm512_sub_epi32(isum[r][j], _mm512_set1_epi32(shift));
+                    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(dx));
+                    acc[r][j] = _mm512_fmadd_ps(d, t, acc[r][j]);
+                }
+            }
+        }
+    float out[4][4][PANEL];
+    for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NP; ++j) _mm512_storeu_ps(out[r][j], acc[r][j]);
+    store_tile(a, i, p, MR, NP, out);
+}
 #else
 /* The portable C: the same integer sums, then the same float operations in order. */
 KV_INLINE void tile(const quant_args *a, int64_t i, int64_t p, const int MR, const int NP,
@@ -238,6 +304,35 @@ KV_INLINE void tile(const quant_args *a, int64_t i, int64_t p, const int MR, con
         }
     store_tile(a, i, p, MR, NP, acc);
 }
+
+KV_INLINE void tile_q6(const quant_args *a, int64_t i, int64_t p, const int MR, const int NP)
+{
+    const int64_t kb = a->k / QBLOCK, bs = block_bytes(Q6);
+    float acc[4][4][PANEL];
+    for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NP; ++j)
+            for (int l = 0; l < PANEL; ++l) acc[r][j][l] = 0.f;
+    for (int64_t b = 0; b < kb; ++b)
+        for (int h = 0; h < 2; ++h)
+            for (int j = 0; j < NP; ++j) {
+                const uint8_t *blk = a->w + ((p + j) * kb + b) * bs;
+                const uint8_t *sc = blk + 6 * 64 + 64 * h;
+                for (int r = 0; r < MR; ++r) {
+                    const int8_t *xr = a->xq + (i + r) * a->k + b * QBLOCK;
+                    const float dx = a->xs[((i + r) * kb + b) * 2];
+                    const int32_t shift = 32 * a->xh[((i + r) * kb + b) * 2 + h];
+                    for (int l = 0; l < PANEL; ++l) {
+                        int32_t isum = 0;
+                        for (int c = 16 * h; c < 16 * h + 16; ++c) isum += q6_value(blk, l, c) * xr[c];
+                        const float t = (float)(isum - shift) * dx;
+                        float d;
+                        memcpy(&d, sc + 4 * l, sizeof d);
+                        acc[r][j][l] = __builtin_fmaf(d, t, acc[r][j][l]);
+                    }
+                }
+            }
+    store_tile(a, i, p, MR, NP, acc);
+}
 #endif
 
 static void tile_any(const quant_args *a, int64_t i, int64_t p, int64_t mr, int64_t np)
@@ -246,6 +341,7 @@ static void tile_any(const quant_args *a, int64_t i, int64_t p, int64_t mr, int6
     case (MR) * 8 + (NP):                                          \
         if (a->bits == 4) tile(a, i, p, MR, NP, 4);                \
         else if (a->bits == QF32) tile(a, i, p, MR, NP, QF32);     \
+        else if (a->bits == Q6) tile_q6(a, i, p, MR, NP);          \
         else tile(a, i, p, MR, NP, 8);                             \
         return;
     switch (mr * 8 + np) {
@@ -282,13 +378,26 @@ int kvrun_quant_linear(const float *x, int64_t x_row, const uint8_t *w, int bits
         free(xs);
         return -1;
     }
+    int32_t *xh = NULL;
+    if (bits == Q6 && (xh = malloc(sizeof(int32_t) * (size_t)(m * kb * 2 + 1))) == NULL) {
+        free(xq);
+        free(xs);
+        return -1;
+    }
     for (int64_t i = 0; i < m; ++i) quantize_row(x + i * x_row, k, xq + i * k, xs + i * kb * 2);
-    const quant_args a = {xq, xs, w, bias, y, y_row, m, n, k, bits};
+    if (xh != NULL)
+        for (int64_t i = 0; i < m * kb * 2; ++i) {
+            int32_t sum = 0;
+            for (int c = 0; c < 16; ++c) sum += xq[i * 16 + c];
+            xh[i] = sum;
+        }
+    const quant_args a = {xq, xs, xh, w, bias, y, y_row, m, n, k, bits};
     /* Below ~32 KiB of quantized weights a second thread costs more than it saves. */
     if (n * k < 65536) workers = 1;
     kv_pool_run(quant_task, &a, workers);
     free(xq);
     free(xs);
+    free(xh);
     return 0;
 }
 
@@ -305,6 +414,14 @@ int64_t kvrun_quant_rows(const int64_t *ids, int64_t m, const uint8_t *w, int bi
         const int64_t p = ids[i] / PANEL, l = ids[i] % PANEL;
         for (int64_t b = 0; b < kb; ++b) {
             const uint8_t *blk = w + (p * kb + b) * bs;
+            if (bits == Q6) { /* the loader's (d sc) (v - 32), one rounding */
+                for (int c = 0; c < QBLOCK; ++c) {
+                    float d;
+                    memcpy(&d, blk + data + 64 * (c / 16) + 4 * l, sizeof d);
+                    out[i * k + b * QBLOCK + c] = d * (float)(q6_value(blk, l, c) - 32);
+                }
+                continue;
+            }
             float d, o;
             scale_offset(blk + data, bits, l, &d, &o);
             for (int c = 0; c < QBLOCK; ++c) {
