@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,40 +22,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from tests.executor.scenarios import REPO, _greedy, _quote, alive
+from tests.executor.scenarios import _greedy, alive, run_scenario
 from tests.support.ray_cluster import RayCluster, processes_with_environ
 
 
 def run(name: str, timeout_s: float = 600, **kwargs: Any) -> Any:
     """Run scenario ``name`` in its own network namespace; its result."""
-    command = (
-        f"ip link set lo up && exec {sys.executable} -m tests.executor.ray_scenarios {name} "
-        + _quote(json.dumps(kwargs))
-    )
-    environ = {
-        **os.environ,
-        "VLLM_TARGET_DEVICE": "cpu",
-        "OMP_WAIT_POLICY": "PASSIVE",
+    ray_environ = {
         "RAY_USAGE_STATS_ENABLED": "0",
         # Ray's token authentication with a token of this run (left unset, a local
         # cluster would write one to ~/.ray/auth_token)
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
     }
-    environ.pop("RAY_ADDRESS", None)
-    done = subprocess.run(
-        ["unshare", "-n", "sh", "-c", command],
-        cwd=REPO,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
+    return run_scenario(
+        "tests.executor.ray_scenarios", name, timeout_s, ray_environ, ("RAY_ADDRESS",), **kwargs
     )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, (
-        f"scenario {name} failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-20000:]}"
-    )
-    return json.loads(lines[-1][len("RESULT ") :])
 
 
 @contextmanager

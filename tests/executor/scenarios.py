@@ -27,9 +27,21 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 300], [1, 4, 9, 16, 25, 36, 49, 6
 
 def run(name: str, timeout_s: float = 300, env: dict[str, str] | None = None, **kwargs: Any) -> Any:
     """Run scenario ``name`` in its own network namespace; its result."""
-    command = (
-        f"ip link set lo up && exec {sys.executable} -m tests.executor.scenarios {name} "
-        + _quote(json.dumps(kwargs))
+    return run_scenario("tests.executor.scenarios", name, timeout_s, env, **kwargs)
+
+
+def run_scenario(
+    module: str,
+    name: str,
+    timeout_s: float,
+    env: dict[str, str] | None = None,
+    unset: tuple[str, ...] = (),
+    **kwargs: Any,
+) -> Any:
+    """``python -m module name JSON`` in its own network namespace (the cpu platform,
+    passive OpenMP, ``env`` added, ``unset`` removed); the ``RESULT`` it printed last."""
+    command = f"ip link set lo up && exec {sys.executable} -m {module} {name} " + _quote(
+        json.dumps(kwargs)
     )
     environ = {
         **os.environ,
@@ -37,6 +49,8 @@ def run(name: str, timeout_s: float = 300, env: dict[str, str] | None = None, **
         "OMP_WAIT_POLICY": "PASSIVE",
         **(env or {}),
     }
+    for variable in unset:
+        environ.pop(variable, None)
     done = subprocess.run(
         ["unshare", "-n", "sh", "-c", command],
         cwd=REPO,
@@ -47,7 +61,7 @@ def run(name: str, timeout_s: float = 300, env: dict[str, str] | None = None, **
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, (
-        f"scenario {name} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+        f"scenario {name} failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-20000:]}"
     )
     return json.loads(lines[-1][len("RESULT ") :])
 
