@@ -184,6 +184,13 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "(empty log)"
 
 
+def save_run(out_dir: Path, run: dict[str, Any], results: dict[str, Any]) -> None:
+    """Stamp the run's end and write run.json and results.json (what --render reads)."""
+    run["finished"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    (out_dir / "run.json").write_text(json.dumps(run))
+    (out_dir / "results.json").write_text(json.dumps(results))
+
+
 def run_interleaved(
     peers: list[InterleavedPeer],
     base_spec: dict[str, Any],

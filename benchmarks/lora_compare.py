@@ -35,6 +35,7 @@ from interleave import (  # noqa: E402
     medians,
     render_prompts,
     run_interleaved,
+    save_run,
     venv_python,
     versions,
 )
@@ -209,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         timeout=args.timeout,
     )
-    run["finished"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    (out_dir / "run.json").write_text(json.dumps(run))
-    (out_dir / "results.json").write_text(json.dumps(res))
+    save_run(out_dir, run, res)
     print(finish(out_dir))
     print(f"results: {out_dir}", file=sys.stderr)
     return 0
