@@ -19,6 +19,7 @@ import torch
 from kvrun.errors import RequestError
 from kvrun.lora.request import LoRARequest
 from kvrun.sampling_params import SamplingParams
+from tests.engine.test_parity_families import MODELS as PARITY_MODELS
 from tests.support.engine import make_engine
 from tests.support.lora import make_adapter, peft_greedy
 
@@ -319,33 +320,17 @@ def test_encoder_adapters_are_refused_naming_the_module(smollm2_hf_dir: Path) ->
 # -- mixtures: attention, dense MLPs, the shared expert and the routed experts ------------
 
 EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+_QWEN3_MOE_ARCH, _QWEN3_MOE = PARITY_MODELS["qwen3-moe"]
 MOE = {
-    "mixtral": ("mixtral", {"extra_config": {"num_local_experts": 4, "num_experts_per_tok": 2}}),
+    "mixtral": PARITY_MODELS["mixtral"],
     # a shared expert, and layer 1 a dense MLP among mixtures
-    "qwen2-moe": (
-        "qwen2_moe",
-        {
-            "extra_config": {
-                "num_experts": 6,
-                "num_experts_per_tok": 2,
-                "moe_intermediate_size": 48,
-                "shared_expert_intermediate_size": 96,
-                "mlp_only_layers": [1],
-            }
-        },
-    ),
-    # layer 0 dense
+    "qwen2-moe": PARITY_MODELS["qwen2-moe-shared"],
+    # the parity test's Qwen3-MoE with layer 0 dense
     "qwen3-moe": (
-        "qwen3_moe",
+        _QWEN3_MOE_ARCH,
         {
-            "head_dim": 16,
-            "extra_config": {
-                "num_experts": 8,
-                "num_experts_per_tok": 3,
-                "moe_intermediate_size": 32,
-                "norm_topk_prob": True,
-                "mlp_only_layers": [0],
-            },
+            **_QWEN3_MOE,
+            "extra_config": {**_QWEN3_MOE["extra_config"], "mlp_only_layers": [0]},
         },
     ),
 }
