@@ -335,7 +335,8 @@ def build_engine_parts(
         raise ConfigError(
             f"enable_lora: kvrun applies LoRA adapters to the Llama family (Llama, Mistral, "
             f"Qwen2, Qwen3, Phi-3), Gemma 2/3, Qwen2-VL, Qwen2.5-VL, Qwen2-Audio and the "
-            f"mixtures (Mixtral, Qwen2-MoE, Qwen3-MoE), not to {model_config.architecture}"
+            f"mixtures (Mixtral, Qwen2-MoE, Qwen3-MoE) and DeepSeek-V2/V3, not to "
+            f"{model_config.architecture}"
         )
 
     torch.manual_seed(args.seed)
@@ -344,6 +345,8 @@ def build_engine_parts(
     # A graph compiler's whole-model executor replaces the core model and owns its KV
     # cache; the scheduler and sampler below are the same either way.
     executor = platform.model_executor(config)
+    # blocks behind this window are released as a request runs (None: nothing is)
+    window = released_window(model_config, resolved.attention)
     if executor is not None and config.runner == "pooling":
         raise ConfigError(
             f"runner='pooling' needs the model's hidden states, which the {platform.name} "
@@ -390,7 +393,6 @@ def build_engine_parts(
         if not args.enforce_eager:
             _compile_model(model, compile_settings(env))
         fused_decoder = platform.fused_decoder(model, kv_caches, config)
-        window = released_window(model_config, resolved.attention)
         decode_graph, plan = _decode_graphs(platform, model, kv_caches, config, plan, window)
         lora = _build_lora(config, model, platform) if config.enable_lora else None
         runner = ModelRunner(
@@ -420,9 +422,7 @@ def build_engine_parts(
             enable_chunked_prefill=config.enable_chunked_prefill,
             max_loras=config.max_loras,
             # whole-model executors attend over whole tables: nothing released there
-            sliding_window=(
-                released_window(model_config, resolved.attention) if executor is None else None
-            ),
+            sliding_window=window if executor is None else None,
         ),
         # The platform may order free KV blocks (Gaudi's contiguous PA wants lowest id first).
         free_block_policy=platform.free_block_policy(config),
