@@ -4,9 +4,14 @@ Times decode steps of the default model (SmolLM2-135M-Instruct, or --model) with
 in-process runner (``distributed_executor_backend="uni"``), through one worker process
 (``"mp"``), through one worker process whose logits come back through its reply pipe
 as bytes (``"mp-pipe"``: the mp executor without its shared-memory result area, as it
-was before the area), through one Ray actor (``"ray"``, a local cluster kvrun starts) and through
-one Ray actor driven by a compiled graph (``"ray-cgraph"``:
-VLLM_USE_RAY_COMPILED_DAG=1), everything else equal. It prints, per batch size, the
+was before the area), through one Ray actor (``"ray"``, a local cluster kvrun starts; the actor is on the
+engine's node, so its steps and logits take the node-local shared-memory path of
+:mod:`kvrun.executor.ray_local`), through one Ray actor by an actor call per step
+(``"ray-calls"``: the ray executor as it was before that path, as ranks on other
+nodes still get their steps) and through one Ray actor driven by a compiled graph
+(``"ray-cgraph"``: VLLM_USE_RAY_COMPILED_DAG=1), everything else equal. Besides wall
+time it records the CPU time per step of the engine's process and its workers or
+actors, and of the run's other processes (Ray's daemons). It prints, per batch size, the
 median over repeats of each run's median step time and each executor's overhead as a
 share of the uni step. The issue's target: under 10%.
 
@@ -36,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-BACKENDS = ("uni", "mp", "mp-pipe", "ray", "ray-cgraph")
+BACKENDS = ("uni", "mp", "mp-pipe", "ray", "ray-calls", "ray-cgraph")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,6 +63,17 @@ def measure(
             return dataclasses.replace(settings_of(*args), result_area_bytes=0)
 
         build._mp_settings = without_area  # type: ignore[assignment]
+    if backend == "ray-calls":  # the ray executor as it was: an actor call per step
+        import dataclasses
+
+        from kvrun.executor import build
+
+        ray_settings_of = build._ray_settings
+
+        def by_calls(*args: Any) -> Any:
+            return dataclasses.replace(ray_settings_of(*args), node_local=False)
+
+        build._ray_settings = by_calls  # type: ignore[assignment]
     from kvrun import LLM, SamplingParams
 
     llm = LLM(
@@ -74,7 +90,11 @@ def measure(
     engine.step()  # the prefill (one step at these sizes)
     engine.step()  # the first decode pays first-use costs
     runner: Any = engine.runner
-    workers = list(getattr(runner, "pids", []))  # mp: its worker processes (ray: not seen)
+    workers = list(getattr(runner, "pids", []))  # mp: its worker processes; ray: its actors
+    # ray: Ray's own processes (raylet, GCS, ...): every other process in this run's
+    # network namespace
+    daemons = [p for p in _namespace_pids() if p not in workers] if backend != "uni" else []
+    daemons_before = sum(_process_cpu_s(p) for p in daemons)
     cpu_before = time.process_time() + sum(_process_cpu_s(p) for p in workers)
     times = []
     for _ in range(steps):
@@ -82,6 +102,7 @@ def measure(
         engine.step()
         times.append(time.perf_counter() - started)
     cpu_after = time.process_time() + sum(_process_cpu_s(p) for p in workers)
+    daemons_after = sum(_process_cpu_s(p) for p in daemons)
     if hasattr(runner, "close"):
         runner.close()
     times.sort()
@@ -92,7 +113,10 @@ def measure(
         "p90_ms": 1e3 * times[int(0.9 * (len(times) - 1))],
         # CPU time (user + system) of the engine's process and its mp workers per step:
         # what the step costs in work, which load on the machine barely changes
-        "cpu_ms": None if backend.startswith("ray") else 1e3 * (cpu_after - cpu_before) / steps,
+        "cpu_ms": 1e3 * (cpu_after - cpu_before) / steps,
+        # CPU per step of the other processes of the run (Ray's daemons; mp: none)
+        "daemons_cpu_ms": 1e3 * (daemons_after - daemons_before) / steps,
+        "local_ranks": list(getattr(runner, "local_ranks", [])),
         "steps": steps,
         "batch": batch,
     }
@@ -162,9 +186,27 @@ def result_path_cost(batch: int, vocab: int, steps: int) -> dict[str, float]:
 
 
 def _process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (every thread)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU seconds of process ``pid`` so far (every thread; 0 once gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _namespace_pids() -> list[int]:
+    """The processes in this process's network namespace but this one (the run has a
+    namespace of its own: its engine's helpers, actors and Ray's daemons)."""
+    mine = os.readlink("/proc/self/ns/net")
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if os.readlink(f"{entry}/ns/net") == mine:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def load_average() -> str:
@@ -245,7 +287,9 @@ def main() -> None:
                 result = run_one(backend, batch, args)
                 result.update(repeat=repeat, load_before=load, load_after=load_average())
                 runs.append(result)
-                cpu = "" if result["cpu_ms"] is None else f", CPU {result['cpu_ms']:7.2f} ms"
+                cpu = f", CPU {result['cpu_ms']:7.2f} ms"
+                if result.get("daemons_cpu_ms"):
+                    cpu += f" + daemons {result['daemons_cpu_ms']:6.2f} ms"
                 print(
                     f"  repeat {repeat} batch {batch:3d} {backend:10} "
                     f"median {result['median_ms']:8.3f} ms{cpu}  (load {load} -> "

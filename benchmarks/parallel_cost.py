@@ -12,6 +12,9 @@ machine's outward address), repeats interleaved, medians reported:
 
 Every configuration gets the machine's cores in all: TP=1 runs 2 threads in one
 process; TP=2 and PP=2 run two ranks of 1 thread (the executor splits the cores).
+PP=2 keeps two batches in flight (one per stage: 16 requests each in the throughput
+run); "PP=2 one batch" is the same engine driven one step at a time (the executor told
+to accept one batch, as before batches in flight), to show what the overlap buys.
 Bytes moved per token come from kvrun.distributed.capacity (the formulas the capacity
 plan in docs/distributed.md uses) at float32: the all-reduces' ring traffic per rank
 for TP, the residual stream across the stage boundary for PP.
@@ -45,14 +48,31 @@ SHAPE = {
     "rope_theta": 100000.0,
     "max_position_embeddings": 2048,
 }
-CONFIGS = {"TP=1": (1, 1), "TP=2": (2, 1), "PP=2": (1, 2)}
+# label: (tensor_parallel_size, pipeline_parallel_size, one batch at a time)
+CONFIGS = {
+    "TP=1": (1, 1, False),
+    "TP=2": (2, 1, False),
+    "PP=2": (1, 2, False),
+    "PP=2 one batch": (1, 2, True),
+}
 PROMPT_TOKENS = 32
 NEW_TOKENS = 64
 BATCH = 32
 
 
-def _measure(model: str, tp: int, pp: int) -> dict[str, float]:
+def _measure(model: str, tp: int, pp: int, one_batch: bool = False) -> dict[str, float]:
     from kvrun import LLM, SamplingParams
+
+    if one_batch:  # the executor accepts one batch: the engine takes one step at a time
+        from kvrun.executor.mp import MultiprocExecutor
+
+        start_workers = MultiprocExecutor.__init__
+
+        def one_at_a_time(self: Any, *args: Any, **kwargs: Any) -> None:
+            start_workers(self, *args, **kwargs)
+            self.max_concurrent_batches = 1
+
+        MultiprocExecutor.__init__ = one_at_a_time  # type: ignore[method-assign]
 
     llm = LLM(
         model=model,
@@ -107,11 +127,11 @@ def _bytes_per_token(tp: int, pp: int) -> str:
 
 
 def _run_one(model: str, label: str) -> dict[str, Any]:
-    tp, pp = CONFIGS[label]
+    tp, pp, one_batch = CONFIGS[label]
     code = (
         f"import json, sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); "
         "import parallel_cost as p; "
-        f"print(json.dumps(p._measure({model!r}, {tp}, {pp})))"
+        f"print(json.dumps(p._measure({model!r}, {tp}, {pp}, {one_batch})))"
     )
     inner = f"ip link set lo up && exec {sys.executable} -c {json.dumps(code)}"
     command = ["unshare", "-n", "sh", "-c", inner] if shutil.which("unshare") else [
@@ -168,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "| bytes moved per token | load avg at start |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, (tp, pp) in CONFIGS.items():
+    for label, (tp, pp, _) in CONFIGS.items():
         ms = statistics.median(r["ms_per_step"] for r in runs[label])
         tps = statistics.median(r["tokens_per_s"] for r in runs[label])
         loads = ", ".join(f"{r['load']:.1f}" for r in runs[label])

@@ -108,6 +108,13 @@ def _table(rows: list[list[str]], head: list[str]) -> list[str]:
     ]
 
 
+def _shape(peers: dict[str, Any], prompts: int, new: int) -> tuple[int, int]:
+    """(prompts, new tokens per prompt) of a workload, from the first peer with token ids;
+    the defaults given where none has any."""
+    ids = next((r["token_ids"] for r in peers.values() if r.get("token_ids")), None)
+    return (len(ids), len(ids[0])) if ids else (prompts, new)
+
+
 def render_report(report: dict[str, Any], hf_dir: Path, reference: str, baseline: str) -> str:
     m = report["machine"]
     params = count_params(hf_dir)
@@ -158,7 +165,7 @@ def render_report(report: dict[str, Any], hf_dir: Path, reference: str, baseline
             if "error" in res:
                 rows.append(
                     [name, "FAILED: " + res["error"].splitlines()[0][:120]]
-                    + ["-"] * (7 if workload == "latency" else 8)
+                    + ["-"] * (8 if workload == "latency" else 9)
                 )
                 continue
             med = res["median"]
@@ -174,6 +181,7 @@ def render_report(report: dict[str, Any], hf_dir: Path, reference: str, baseline
                 x for x in [res.get("note", ""), res["config"].get("batching", "")] if x
             )
             load = "/".join(f"{x:.1f}" for x in res.get("load_avg", []))
+            rss = _fmt(res.get("peak_rss_mib"), 0)  # absent in runs before it was measured
             if workload == "throughput":
                 rows.append(
                     [
@@ -183,6 +191,7 @@ def render_report(report: dict[str, Any], hf_dir: Path, reference: str, baseline
                         spread,
                         _fmt(ratio, 2),
                         match,
+                        rss,
                         load,
                         note,
                         _versions(res),
@@ -199,16 +208,18 @@ def render_report(report: dict[str, Any], hf_dir: Path, reference: str, baseline
                         pct,
                         _fmt(ratio, 2),
                         match,
+                        rss,
                         load,
                         _versions(res),
                     ]
                 )
         out += [f"### {workload}", ""]
         if workload == "throughput":
-            n = len(next(iter(peers.values())).get("token_ids") or [])
+            n, new = _shape(peers, 64, 128)
             out += [
-                f"{n or 64} chat prompts, 128 new tokens each (greedy, ignore_eos), all "
-                "submitted at once.",
+                f"{n} chat prompts, {new} new tokens each (greedy, ignore_eos), all "
+                "submitted at once. Peak RSS: the high-water resident set of the peer's "
+                "process tree over loading, warm-up and every repeat (runners/common.py).",
                 "",
             ]
             head = [
@@ -218,14 +229,16 @@ def render_report(report: dict[str, Any], hf_dir: Path, reference: str, baseline
                 "range (output)",
                 f"x {baseline}",
                 f"greedy = {reference}",
+                "peak RSS MiB",
                 "load before/after",
                 "notes",
                 "versions",
             ]
         else:
+            new = _shape(peers, 1, 256)[1]
             out += [
-                "One chat prompt, 256 new tokens; TTFT = a 1-token generation; "
-                "decode = 255 / (t(256) - TTFT).",
+                f"One chat prompt, {new} new tokens; TTFT = a 1-token generation; "
+                f"decode = {new - 1} / (t({new}) - TTFT).",
                 "",
             ]
             head = [
@@ -236,6 +249,7 @@ def render_report(report: dict[str, Any], hf_dir: Path, reference: str, baseline
                 "of BW roofline",
                 f"x {baseline}",
                 f"greedy = {reference}",
+                "peak RSS MiB",
                 "load before/after",
                 "versions",
             ]

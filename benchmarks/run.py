@@ -2,6 +2,8 @@
 
     python benchmarks/run.py --workload throughput --peers kvrun,vllm,hf,llamacpp
     python benchmarks/run.py --workload machine,latency,throughput --repeats 3
+    python benchmarks/run.py --workload throughput,latency --reference kvrun \\
+        --peers kvrun,kvrun-bf16,vllm,vllm-bf16,openvino-genai,openvino-genai-f32
 
 Run it with a Python that has transformers (the dev venv, or benchmarks/.venvs/hf):
 it renders the chat template once and hands every peer the same token ids.
@@ -9,6 +11,13 @@ Peers' venvs come from benchmarks/setup_peers.sh. Each peer runs as a subprocess
 (benchmarks/runners/<peer>_runner.py) that prints one JSON line; this script
 prints markdown tables (medians over --repeats) and greedy agreement, and saves
 the raw results under benchmarks/results/.
+
+The openvino-genai peers (OpenVINO GenAI's ContinuousBatchingPipeline) run the same
+checkpoint exported to OpenVINO IR in fp32, which this script makes once under
+benchmarks/models/ with optimum-cli from `bash benchmarks/setup_peers.sh openvino`.
+--prompts and --max-tokens shrink the workloads for a quick check; peak RSS (the
+peer's process tree, runners/common.py) is in every table; benchmarks/greedy_ties.py
+tells whether a peer's greedy divergences from the reference are near-ties.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,7 +56,7 @@ class Peer:
     name: str  # what tables call it
     venv: str  # directory under benchmarks/.venvs
     runner: str  # script under benchmarks/runners
-    weights: str  # "hf" (the fp32 checkpoint), "f32-gguf" or "q4-gguf"
+    weights: str  # "hf" (the fp32 checkpoint), "f32-gguf", "q4-gguf" or "ov-f32" (its IR)
     options: dict[str, Any] = field(default_factory=dict)  # passed to the runner
     note: str = ""  # shown in the table: what differs from the others
     env: dict[str, str] = field(default_factory=dict)  # extra variables for its process
@@ -162,6 +172,35 @@ PEERS = {
             {"batched": True, "label": "llamacpp-q4"},
             "QUANTIZED Q4_1 weights",
         ),
+        # OpenVINO GenAI (issue 16): the fp32 checkpoint exported to fp32 IR; what runs is
+        # OpenVINO's choice unless a property says otherwise (runners/openvino_genai_runner.py).
+        Peer(
+            "openvino-genai",
+            "openvino",
+            "openvino_genai_runner.py",
+            "ov-f32",
+            {"label": "openvino-genai"},
+            "OpenVINO's defaults (bf16 inference and bf16 KV cache where the CPU has AMX)",
+        ),
+        Peer(
+            "openvino-genai-f32",
+            "openvino",
+            "openvino_genai_runner.py",
+            "ov-f32",
+            {"label": "openvino-genai-f32", "properties": {"INFERENCE_PRECISION_HINT": "f32"}},
+            "INFERENCE_PRECISION_HINT=f32 (f16 KV cache, OpenVINO's default)",
+        ),
+        Peer(
+            "openvino-genai-f32-kv32",
+            "openvino",
+            "openvino_genai_runner.py",
+            "ov-f32",
+            {
+                "label": "openvino-genai-f32-kv32",
+                "properties": {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"},
+            },
+            "f32 inference and f32 KV cache",
+        ),
     ]
 }
 
@@ -193,6 +232,40 @@ def _f32_gguf(hf_dir: Path) -> Path:
         check=True,
     )
     return F32_GGUF
+
+
+def _openvino_ir(hf_dir: Path) -> Path:
+    """Export the fp32 checkpoint to OpenVINO IR in fp32 with optimum-intel (once), under
+    benchmarks/models/<checkpoint>-openvino-f32; the exported tokenizer comes along."""
+    out = MODELS / f"{hf_dir.name}-openvino-f32"
+    if (out / "openvino_model.xml").is_file() and (out / "openvino_tokenizer.xml").is_file():
+        return out
+    cli = VENVS / "openvino" / "bin" / "optimum-cli"
+    if not cli.is_file():
+        raise SystemExit(f"{cli} is missing; run: bash benchmarks/setup_peers.sh openvino")
+    # Into a scratch folder first: an interrupted export never looks finished.
+    scratch = MODELS / f".{out.name}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    print(f"[openvino] exporting {hf_dir} to {out}", file=sys.stderr, flush=True)
+    subprocess.run(
+        [
+            str(cli),
+            "export",
+            "openvino",
+            "--model",
+            str(hf_dir),
+            "--task",
+            "text-generation-with-past",
+            "--weight-format",
+            "fp32",
+            str(scratch),
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        check=True,
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    scratch.rename(out)
+    return out
 
 
 def _render_prompts(hf_dir: Path) -> dict[str, list[list[int]]]:
@@ -265,7 +338,7 @@ def _run_peer(
         "workload": workload,
         "model": str(weights[peer.weights]),
         "prompts": prompts,
-        "max_tokens": WORKLOADS[workload],
+        "max_tokens": args.max_tokens or WORKLOADS[workload],
         "repeats": args.repeats,
         "threads": args.threads,
         "max_model_len": args.max_model_len,
@@ -303,6 +376,20 @@ def main(argv: list[str] | None = None) -> int:
         "--peers", default="kvrun,vllm,hf,llamacpp", help=f"comma list of: {', '.join(PEERS)}"
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=None,
+        help="use only the first N throughput prompts (a quick check; default: all 64)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="new tokens per prompt in every workload (a quick check; default: "
+        + ", ".join(f"{w} {n}" for w, n in WORKLOADS.items())
+        + ")",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument(
@@ -362,7 +449,11 @@ def main(argv: list[str] | None = None) -> int:
         weights["f32-gguf"] = _f32_gguf(hf_dir)
     if any(PEERS[p].weights == "q4-gguf" for p in peers):
         weights["q4-gguf"] = default_gguf_path()
+    if any(PEERS[p].weights == "ov-f32" for p in peers):
+        weights["ov-f32"] = _openvino_ir(hf_dir)
     rendered = _render_prompts(hf_dir)
+    if args.prompts is not None:
+        rendered["throughput"] = rendered["throughput"][: args.prompts]
 
     report: dict[str, Any] = {
         "machine": machine_info(),

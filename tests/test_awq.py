@@ -39,18 +39,20 @@ def pack(values: torch.Tensor) -> torch.Tensor:
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)  # two's complement
 
 
-def quantise(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """AWQ tensors of one [out, in] weight (asymmetric, GROUP rows of W^T per group),
+def quantise(
+    weight: torch.Tensor, group: int = GROUP
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """AWQ tensors of one [out, in] weight (asymmetric, ``group`` rows of W^T per group),
     and the float32 weight they dequantise to."""
     wt = weight.t().float()  # [in, out]
-    groups = wt.reshape(-1, GROUP, wt.shape[1])
+    groups = wt.reshape(-1, group, wt.shape[1])
     low, high = groups.amin(dim=1), groups.amax(dim=1)
     scales = ((high - low) / 15).clamp(min=1e-5).half()
     zeros = (-low / scales.float()).round().clamp(0, 15)
     q = (groups / scales.float()[:, None] + zeros[:, None]).round().clamp(0, 15)
     q = q.reshape(wt.shape).int()
     z = zeros.int()
-    rows = torch.arange(wt.shape[0]) // GROUP
+    rows = torch.arange(wt.shape[0]) // group
     dequantised = ((q - z[rows]).float() * scales.float()[rows]).t().contiguous()
     return {"qweight": pack(q), "qzeros": pack(z), "scales": scales}, dequantised
 
@@ -84,14 +86,12 @@ def test_dequantize_uses_each_groups_scale_and_zero() -> None:
     assert torch.equal(one_group, ((q - z[rows]).float() * parts["scales"][:1].float()[rows]).t())
 
 
-@pytest.fixture(scope="module")
-def awq_and_plain(
-    random_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+def write_awq_checkpoint(
+    source: Path, awq_dir: Path, plain_dir: Path, group: int = GROUP
 ) -> tuple[Path, Path]:
-    """(AWQ checkpoint, plain fp32 checkpoint of its dequantised weights), one random Llama."""
-    source = random_checkpoint("llama", seed=11, init_std=0.3, num_layers=2)
-    awq_dir = tmp_path_factory.mktemp("awq")
-    plain_dir = tmp_path_factory.mktemp("awq-plain")
+    """From a random float checkpoint: (an AWQ checkpoint of its QUANTISED projections
+    in groups of ``group`` input rows, a plain fp32 checkpoint of the weights those
+    dequantise to)."""
     for d in (awq_dir, plain_dir):
         for f in source.iterdir():
             if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
@@ -102,7 +102,7 @@ def awq_and_plain(
     for name, tensor in weights.items():
         prefix = name.removesuffix(".weight")
         if name.endswith(".weight") and prefix.rsplit(".", 1)[-1] in QUANTISED:
-            parts, dequantised = quantise(tensor)
+            parts, dequantised = quantise(tensor, group)
             awq.update({f"{prefix}.{k}": v for k, v in parts.items()})
             plain[name] = dequantised
         else:
@@ -113,12 +113,23 @@ def awq_and_plain(
     config["quantization_config"] = {
         "quant_method": "awq",
         "bits": 4,
-        "group_size": GROUP,
+        "group_size": group,
         "zero_point": True,
         "version": "gemm",
     }
     (awq_dir / "config.json").write_text(json.dumps(config))
     return awq_dir, plain_dir
+
+
+@pytest.fixture(scope="module")
+def awq_and_plain(
+    random_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """(AWQ checkpoint, plain fp32 checkpoint of its dequantised weights), one random Llama."""
+    source = random_checkpoint("llama", seed=11, init_std=0.3, num_layers=2)
+    return write_awq_checkpoint(
+        source, tmp_path_factory.mktemp("awq"), tmp_path_factory.mktemp("awq-plain")
+    )
 
 
 def test_an_awq_checkpoint_generates_as_its_dequantised_weights(

@@ -291,6 +291,46 @@ def test_file_urls_only_under_the_allowed_directory(tmp_path: Path) -> None:
         _fetch(f"file://otherhost{allowed}/a.png", policy)
 
 
+@pytest.mark.parametrize(
+    ("offline", "setting", "unset"),
+    [
+        (
+            False,
+            "this server's --allowed-local-media-path",
+            "this server was not started with --allowed-local-media-path",
+        ),
+        (
+            True,
+            "LLM(allowed_local_media_path=...)",
+            "this LLM was made without allowed_local_media_path",
+        ),
+    ],
+)
+def test_refusals_name_the_callers_own_setting(
+    tmp_path: Path, offline: bool, setting: str, unset: str
+) -> None:
+    """A server's refusal names its flag, an LLM's the argument its caller can set."""
+    other = "--allowed-local-media-path" if offline else "LLM("
+    policy = _policy(allowed_local_path=str(tmp_path.resolve()), offline=offline)
+    with pytest.raises(MediaFetchError) as outside:
+        _fetch("file:///etc/passwd", policy)
+    assert f"not inside {setting}" in str(outside.value)
+    with pytest.raises(MediaFetchError) as refused:
+        _fetch("file:///etc/passwd", _policy(offline=offline))
+    assert unset in str(refused.value)
+    domains = setting.replace("local_media_path", "media_domains").replace(
+        "local-media-path", "media-domains"
+    )
+    with pytest.raises(MediaFetchError) as host:
+        _fetch("http://localhost:9/x.png", _policy(offline=offline))
+    assert f"'localhost' is not in {domains}" in str(host.value)
+    with pytest.raises(MediaFetchError) as scheme:
+        _fetch("ftp://127.0.0.1/x.png", _policy(offline=offline))
+    assert f"file (under {setting})" in str(scheme.value)
+    for error in (outside, refused, host, scheme):
+        assert other not in str(error.value)
+
+
 # --- decoding ------------------------------------------------------------------------
 
 

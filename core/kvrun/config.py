@@ -97,6 +97,14 @@ class EngineArgs:
     max_loras: int = 1  # adapters in device slots, so distinct adapters running at once
     max_lora_rank: int = 16  # the highest adapter rank accepted
     max_cpu_loras: int | None = None  # adapters kept read in host memory; None = max_loras
+    # A multimodal model's processor settings (vLLM's name; a dict or its JSON text), e.g.
+    # Qwen2-VL's {"min_pixels": ..., "max_pixels": ...}; a prompt's own override them.
+    mm_processor_kwargs: dict[str, Any] | str | None = None
+    # Where offline LLM.chat's media content parts may come from (vLLM's names; the
+    # server has the same flags): file:// URLs only inside allowed_local_media_path;
+    # with allowed_media_domains, http(s) only from those hosts.
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: list[str] | None = None
     # vLLM's quantization names (kvrun.quantization): None dequantizes a quantized checkpoint
     # at load; "gguf" runs a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices as stored; "awq"
     # and "fp8" name such a checkpoint, dequantized at load as with None.
@@ -130,6 +138,14 @@ class EngineArgs:
                     f"{name} {getattr(self, name)!r} is not known; accepted: {', '.join(accepted)}"
                 )
         resolve_pooler(self.pooler_config, PoolerConfig())
+        if self.mm_processor_kwargs is not None:
+            from kvrun.multimodal.processing import parse_processor_kwargs
+
+            parse_processor_kwargs(self.mm_processor_kwargs)
+        if self.allowed_local_media_path is not None:
+            from kvrun.multimodal.fetch import check_allowed_local_path
+
+            check_allowed_local_path(self.allowed_local_media_path)
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         for name in ("block_size", "max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
@@ -262,6 +278,13 @@ class EngineArgs:
             type=int,
             default=None,
             help="adapters kept read in host memory (default: --max-loras)",
+        )
+        group.add_argument(
+            "--mm-processor-kwargs",
+            default=None,
+            metavar="JSON",
+            help="a multimodal model's processor settings, e.g. '{\"max_pixels\": 200704}' "
+            "(Qwen2-VL: min_pixels, max_pixels); a request's own override them",
         )
         group.add_argument(
             "--tensor-parallel-size",

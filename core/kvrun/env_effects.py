@@ -113,8 +113,9 @@ EFFECTS: dict[str, Effect] = {
     "VLLM_RPC_BASE_PATH": _acts("the frontend-engine IPC sockets", entry=_SERVE),
     "VLLM_USE_MODELSCOPE": _acts("model resolution"),
     "VLLM_RINGBUFFER_WARNING_INTERVAL": _acts(
-        "the mp executor's warning, repeated at this interval, while a worker lags behind "
-        "its shared-memory step broadcast"
+        "the mp executor's warning (and the ray executor's, for the ranks on the engine's "
+        "node), repeated at this interval, while a worker lags behind its shared-memory step "
+        "broadcast"
     ),
     "VLLM_TEST_DYNAMO_FULLGRAPH_CAPTURE": _none(
         "kvrun compiles each dense block on its own (enforce_eager=False), never the "

@@ -4,12 +4,17 @@
 
 - ``None`` (the default): as its format says, dequantized at load (GGUF and AWQ alike:
   the model then computes in its float dtype, and greedy output equals transformers'
-  on the same file);
+  on the same file). vLLM reads an AWQ checkpoint's ``quantization_config`` and runs its
+  AWQ kernels; kvrun keeps ``None`` exact, as for GGUF, and runs the weights as stored
+  only when asked;
 - ``"gguf"``: a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K matrices stay in their blocks
   (:class:`QuantizedMatrix`) and run on the platform's quantized kernels
   (``Platform.quantized_gguf_types``); other tensor types are dequantized at load;
-- ``"awq"``: an AWQ checkpoint, dequantized at load (as ``None``; accepted because vLLM
-  users name it);
+- ``"awq"``: an AWQ checkpoint's 4-bit projections stay packed (:class:`QuantizedMatrix`
+  of type ``AWQ_G<group_size>``, :func:`awq_qtype`) and run on the platform's kernels
+  (``Platform.quantized_awq``), for the dense Llama-family models on one device; groups
+  that are not whole blocks of 32 columns, other models and other platforms are
+  dequantized at load, with a log line saying so;
 - ``"fp8"``: an fp8 block-quantized checkpoint (DeepSeek-V3's form, kvrun.loader.fp8),
   dequantized at load (as ``None``); vLLM's online fp8 quantization of a float
   checkpoint is not built and is refused.
@@ -19,6 +24,7 @@ reason.
 A :class:`QuantizedMatrix` is what the loader yields and the model holds until the
 platform's ``prepare_linear`` repacks it; the reference ``linear`` and ``embedding``
 ops dequantize it per call (the oracle the platform's kernels are tested against).
+Its rows are GGUF blocks, or AWQ's values regrouped by output row (:func:`awq_qtype`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ __all__ = [
     "GPU_ONLY_METHODS",
     "QUANTIZATION_METHODS",
     "QuantizedMatrix",
+    "awq_qtype",
     "check_quantization",
+    "quantized_block",
     "quantized_names",
 ]
 
@@ -67,6 +75,30 @@ EXECUTABLE_GGUF_TYPES: Mapping[str, tuple[int, int]] = {
 }
 
 
+_AWQ_PREFIX = "AWQ_G"
+
+
+def awq_qtype(group_size: int) -> str:
+    """The :class:`QuantizedMatrix` type of AWQ 4-bit rows in groups of ``group_size``
+    columns (a multiple of 32): each group one block of ``group_size / 2 + 3`` bytes, the
+    fp16 scale, the uint8 zero point, then the values' nibbles, 16 bytes per 32 columns
+    with column c in the low nibble of byte c and c + 16 in its high one (GGUF's Q4
+    order). A value q of the group dequantizes to ``scale * (q - zero)``, AWQ's rule."""
+    if group_size <= 0 or group_size % 32:
+        raise ValueError(f"AWQ groups of {group_size} columns are not whole blocks of 32")
+    return f"{_AWQ_PREFIX}{group_size}"
+
+
+def quantized_block(qtype: str) -> tuple[int, int] | None:
+    """(columns, bytes) of one block of ``qtype``; None if no such type is kept quantized."""
+    if qtype in EXECUTABLE_GGUF_TYPES:
+        return EXECUTABLE_GGUF_TYPES[qtype]
+    group = qtype.removeprefix(_AWQ_PREFIX)
+    if qtype.startswith(_AWQ_PREFIX) and group.isdigit() and int(group) % 32 == 0 < int(group):
+        return int(group), int(group) // 2 + 3
+    return None
+
+
 def check_quantization(method: str | None) -> None:
     """A ConfigError naming ``method`` unless kvrun accepts it."""
     if method is None or method in QUANTIZATION_METHODS:
@@ -84,10 +116,11 @@ def check_quantization(method: str | None) -> None:
 
 
 class QuantizedMatrix:
-    """An [out_features, in_features] matrix in GGUF blocks, as the file stores it.
+    """An [out_features, in_features] matrix in GGUF blocks, as the file stores it, or
+    in AWQ groups (:func:`awq_qtype`).
 
-    ``blocks`` is uint8 [out_features, in_features / 32 * block_bytes]: row r's blocks of
-    32 consecutive columns, each laid out as GGUF's ``qtype`` says. Rows are
+    ``blocks`` is uint8 [out_features, in_features / block * block_bytes]: row r's blocks
+    of consecutive columns, each laid out as ``qtype`` says. Rows are
     independent, so a model may merge matrices along the rows (q|k|v) by filling row
     slices (:meth:`__getitem__` with a slice is a view) with :meth:`copy_`. ``dtype`` is
     the float dtype the model computes in: what :meth:`dequantize` returns.
@@ -100,12 +133,13 @@ class QuantizedMatrix:
         in_features: int,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if qtype not in EXECUTABLE_GGUF_TYPES:
+        geometry = quantized_block(qtype)
+        if geometry is None:
             raise ValueError(
                 f"GGUF type {qtype} is not kept quantized; accepted: "
-                f"{', '.join(EXECUTABLE_GGUF_TYPES)}"
+                f"{', '.join(EXECUTABLE_GGUF_TYPES)} (and AWQ_G<n>, n a multiple of 32)"
             )
-        block, nbytes = EXECUTABLE_GGUF_TYPES[qtype]
+        block, nbytes = geometry
         if in_features % block or blocks.dtype != torch.uint8 or blocks.dim() != 2:
             raise ValueError(
                 f"a {qtype} matrix needs uint8 rows of whole {block}-column blocks; got "
@@ -125,7 +159,9 @@ class QuantizedMatrix:
     def empty(
         cls, qtype: str, out_features: int, in_features: int, dtype: torch.dtype = torch.float32
     ) -> QuantizedMatrix:
-        block, nbytes = EXECUTABLE_GGUF_TYPES[qtype]
+        geometry = quantized_block(qtype)
+        assert geometry is not None, qtype
+        block, nbytes = geometry
         rows = torch.empty((out_features, -(-in_features // block) * nbytes), dtype=torch.uint8)
         return cls(qtype, rows, in_features, dtype)
 
@@ -156,17 +192,62 @@ class QuantizedMatrix:
         return self
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The matrix (or its rows ``rows``, [T] int64) in ``dtype``, as the GGUF loader
-        dequantizes it (``gguf.quants.dequantize`` in float32, then converted)."""
+        """The matrix (or its rows ``rows``, [T] int64) in ``dtype``, as the loader
+        dequantizes it (``gguf.quants.dequantize``, or AWQ's ``scale * (q - zero)``, in
+        float32, then converted)."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
         blocks = self.blocks if rows is None else self.blocks.index_select(0, rows)
+        if self.qtype.startswith(_AWQ_PREFIX):
+            return _awq_dequantize_rows(blocks, self.in_features).to(self.dtype)
         values = dequantize(blocks.numpy(), GGMLQuantizationType[self.qtype])
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(self.dtype)
 
     def __repr__(self) -> str:
         return f"QuantizedMatrix({self.qtype}, {self.out_features}x{self.in_features})"
+
+
+def _awq_dequantize_rows(blocks: torch.Tensor, in_features: int) -> torch.Tensor:
+    """AWQ rows (:func:`awq_qtype`) [N, groups * (group / 2 + 3)] -> float32 [N, K]."""
+    n = blocks.shape[0]
+    # groups * (group / 2 + 3) bytes for groups * group columns
+    num_groups = (blocks.shape[1] - in_features // 2) // 3
+    raw = blocks.reshape(n, num_groups, -1)
+    scale = raw[..., 0:2].contiguous().view(torch.float16).float()  # [N, G, 1]
+    zero = raw[..., 2:3].to(torch.int32)
+    nib = raw[..., 3:].reshape(n, num_groups, -1, 16).to(torch.int32)  # per 32 columns
+    q = torch.cat([nib & 0x0F, nib >> 4], dim=-1).reshape(n, num_groups, -1)
+    return ((q - zero).float() * scale).reshape(n, in_features)
+
+
+def awq_rows(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> QuantizedMatrix:
+    """One AWQ layer's (qweight [K, N / 8], qzeros [K / group, N / 8], fp16 scales
+    [K / group, N]; shapes checked) as a ``dtype`` :class:`QuantizedMatrix` of
+    :func:`awq_qtype` rows: the same values, scales and zero points, one output row
+    after another. ``group_size`` must divide K into whole blocks of 32 (-1: all of K)."""
+    from kvrun.ops.reference import unpack_awq
+
+    k = qweight.shape[0]
+    group = k if group_size == -1 else group_size
+    qtype = awq_qtype(group)
+    if k % group:
+        raise ValueError(f"{k} input rows are not whole AWQ groups of {group}")
+    q = unpack_awq(qweight).to(torch.uint8).t()  # [N, K]
+    n = q.shape[0]
+    z = unpack_awq(qzeros).to(torch.uint8).t()  # [N, G]
+    s = scales.to(torch.float16).t().reshape(-1)  # [N * G], row after row
+    halves = q.reshape(n, k // 32, 2, 16)
+    nibbles = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // group, group // 2)
+    head = torch.cat([s.view(torch.uint8).reshape(n, -1, 2), z.reshape(n, -1, 1)], dim=-1)
+    blocks = torch.cat([head, nibbles], dim=-1).reshape(n, -1)
+    return QuantizedMatrix(qtype, blocks, k, dtype)
 
 
 def quantized_names(
@@ -179,7 +260,7 @@ def quantized_names(
     ``accepted`` GGUF type, with that type. A group with a part missing from
     ``stored_types`` (another spelling of a merged weight) or of another type is left
     out: it is dequantized at load."""
-    allowed = set(accepted) & set(EXECUTABLE_GGUF_TYPES)
+    allowed = {qtype for qtype in accepted if quantized_block(qtype) is not None}
     kept: dict[tuple[str, ...], str] = {}
     for group in groups:
         types = {stored_types.get(name) for name in group}
@@ -207,7 +288,8 @@ def keep_llama_quantized(
             return
         group, qtype = next(iter(kept.items()))
         out_features, in_features = current.shape
-        if in_features % EXECUTABLE_GGUF_TYPES[qtype][0]:
+        geometry = quantized_block(qtype)
+        if geometry is None or in_features % geometry[0]:
             return  # not whole blocks (no GGUF writer makes such a row): dequantized
         setattr(owner, attr, QuantizedMatrix.empty(qtype, out_features, in_features, model.dtype))
         names.update(group)
@@ -230,6 +312,42 @@ def keep_llama_quantized(
     elif model.lm_head is not None:
         swap(model, "lm_head", [("lm_head.weight",)])
     return frozenset(names)
+
+
+def _plan_awq(checkpoint: Any, model: Any, platform: Any, logger: Any) -> frozenset[str]:
+    """``quantization="awq"`` on an AWQ checkpoint: the layers kept packed (see
+    :func:`plan_quantized_load`), each other one dequantized at load with the reason
+    logged."""
+    from kvrun.loader.awq import awq_config, awq_stored_types
+
+    config = awq_config(checkpoint.hf_config, checkpoint.source)
+    assert config is not None
+    keep = getattr(model, "keep_quantized", None)
+    why = None
+    if not getattr(platform, "quantized_awq", False):
+        why = f"the {platform.name} platform has no AWQ kernels"
+    elif keep is None or getattr(model, "parallel", None) is not None:
+        what = type(model).__name__ + (" in parallel" if keep is not None else "")
+        why = f"AWQ runs as stored in the Llama-family dense models on one device, not {what}"
+    elif checkpoint.format != "safetensors":
+        why = f"AWQ runs as stored from safetensors files, not {checkpoint.format}"
+    if why is not None:
+        logger.info("quantization='awq': %s; the AWQ weights are dequantized at load", why)
+        return frozenset()
+    assert keep is not None
+    stored = awq_stored_types(checkpoint.weight_files, config)
+    names = frozenset(keep(stored, frozenset(stored.values())))
+    left = len(stored) - len(names)
+    logger.info(
+        "quantization='awq': %d AWQ matrices run as stored (group size %s)%s",
+        len(names),
+        config.group_size,
+        f"; {left} dequantized at load (groups not whole blocks of 32 input rows, or q|k|v "
+        "and gate|up groups that differ)"
+        if left
+        else "",
+    )
+    return names
 
 
 def plan_quantized_load(
@@ -256,8 +374,7 @@ def plan_quantized_load(
                 f"quantization='awq' but {checkpoint.source!r} is not an AWQ checkpoint "
                 "(config.json's quantization_config has no quant_method 'awq'); omit it"
             )
-        logger.info("quantization='awq': the AWQ weights are dequantized at load")
-        return frozenset()
+        return _plan_awq(checkpoint, model, platform, logger)
     if method == "fp8":
         from kvrun.loader.fp8 import fp8_config
 

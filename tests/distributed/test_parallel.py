@@ -207,14 +207,20 @@ def test_phi3_s_merged_weights_are_split_per_part() -> None:
 
 
 def test_architectures_without_sharding_are_refused_by_name() -> None:
+    from kvrun.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+
     tp2, pp2 = ParallelConfig(2, 1), ParallelConfig(1, 2)
-    for cls in (LlamaForCausalLM, Qwen3ForCausalLM):
-        assert unsupported_reason(cls, "X", tp2) is None
-    for cls, arch in (
-        (MixtureOfExpertsForCausalLM, "MixtralForCausalLM"),
-        (GemmaForCausalLM, "Gemma2ForCausalLM"),
-        (LlamaForSequenceClassification, "Qwen3ForSequenceClassification"),
+    for cls in (
+        LlamaForCausalLM,
+        Qwen3ForCausalLM,
+        MixtureOfExpertsForCausalLM,
+        GemmaForCausalLM,
+        DeepseekV2ForCausalLM,
+        DeepseekV3ForCausalLM,
     ):
+        assert unsupported_reason(cls, "X", tp2) is None
+        assert unsupported_reason(cls, "X", pp2) is None
+    for cls, arch in ((LlamaForSequenceClassification, "Qwen3ForSequenceClassification"),):
         assert unsupported_reason(cls, arch, tp2) == (
             f"architecture {arch} does not support tensor_parallel_size>1 (asked 2) yet"
         )

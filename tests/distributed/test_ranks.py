@@ -65,7 +65,9 @@ def _run_in_namespace(jobs: list[dict[str, Any]], tmp: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def runs(
-    random_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+    random_checkpoint: Callable[..., Path],
+    classifier_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Any]:
     """Every job run once, in one namespace: name -> the driver's output, or the ranks'
     error records."""
@@ -77,7 +79,6 @@ def runs(
         "qwen3", seed=5, num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=True
     )
     phi3 = random_checkpoint("phi3", seed=6, num_layers=2, num_heads=4, num_kv_heads=4)
-    gemma2 = random_checkpoint("gemma2", seed=7, num_layers=2, num_heads=4, num_kv_heads=2)
     tmp = tmp_path_factory.mktemp("ranks")
     jobs: list[dict[str, Any]] = []
 
@@ -98,7 +99,7 @@ def runs(
         job(f"{arch}-tp2", model, 2, 1)
     job("qwen2-pp2", qwen2, 1, 2)
     job("qwen3-pp2", qwen3, 1, 2)
-    job("gemma2-tp2", gemma2, 2, 1)
+    job("classifier-tp2", classifier_dir, 2, 1)
     job(
         "unreachable", llama, 2, 1, ranks=[1], timeout_s=RENDEZVOUS_TIMEOUT_S,
         init_method=f"tcp://127.0.0.1:{UNHEARD_PORT}",
@@ -193,10 +194,11 @@ def test_an_unreachable_rendezvous_fails_in_bounded_time_naming_rank_and_address
 
 
 def test_an_architecture_without_sharding_is_refused_on_every_rank(runs: dict[str, Any]) -> None:
-    errors = runs["gemma2-tp2"]["errors"]
+    errors = runs["classifier-tp2"]["errors"]
     assert sorted(e["rank"] for e in errors) == [0, 1]
     for error in errors:
         assert error["type"] == "ConfigError"
         assert error["error"] == (
-            "architecture Gemma2ForCausalLM does not support tensor_parallel_size>1 (asked 2) yet"
+            "architecture Qwen3ForSequenceClassification does not support "
+            "tensor_parallel_size>1 (asked 2) yet"
         )

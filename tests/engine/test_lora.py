@@ -127,6 +127,18 @@ def test_mixed_batch_with_more_adapters_than_slots_equals_peft(
     assert manager is not None
     assert manager.num_slot_loads > len(adapters)  # an adapter came back into a slot
     assert manager.num_reads > len(adapters)  # and was read again after host eviction
+    _assert_fused_adapter_steps(engine)
+
+
+def _assert_fused_adapter_steps(engine: object) -> None:
+    """The decode steps with adapters ran in the cpu plugin's fused decode step."""
+    from kvrun.engine.llm_engine import LLMEngine
+    from kvrun_cpu.native.decoder import NativeDecoder
+
+    assert isinstance(engine, LLMEngine)
+    decoder = getattr(engine.runner, "fused_decoder", None)
+    assert isinstance(decoder, NativeDecoder) and decoder.lora_attached
+    assert decoder.lora_steps >= STEPS - 1  # every decode step of the run had adapters
 
 
 def test_prefix_cache_never_crosses_adapters(qwen2: Path, adapters: dict[str, Path]) -> None:
@@ -334,3 +346,4 @@ def test_smollm2_adapter_in_a_mixed_batch_equals_peft(smollm2_hf_dir: Path) -> N
     assert [got[0], got[3]] == [want[0], want[1]]
     assert [got[2], got[1]] == base
     assert want != base
+    _assert_fused_adapter_steps(engine)

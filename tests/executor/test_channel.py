@@ -113,14 +113,58 @@ def test_an_unknown_tag_a_wrong_direction_and_a_pickle_are_refused() -> None:
         m.unpack_tensor(m.TensorBlob("complex64", [1], b"\x00" * 8))
 
 
-def test_a_media_chunk_is_refused_rather_than_sent_without_its_media() -> None:
-    class Media:  # what ScheduledChunk.multi_modal holds on a multimodal model
-        pass
+def test_media_chunks_travel_with_the_data_of_the_items_they_cover() -> None:
+    from kvrun.multimodal.inputs import MultiModalInputs, MultiModalItem
 
-    chunk = ScheduledChunk("r", [1], 0, [0], samples=True, is_prefill=True)
-    object.__setattr__(chunk, "multi_modal", Media())
-    with pytest.raises(m.MessageError, match="request r's chunk carries media"):
-        m.chunk_to_wire(chunk)
+    pixels = torch.arange(24, dtype=torch.float32).view(4, 6)
+    item = MultiModalItem("image", "ab" * 32, 2, 4, {"pixel_values": pixels,
+                          "grid_thw": torch.tensor([1, 2, 2])})  # fmt: skip
+    positions = torch.arange(24, dtype=torch.int64).view(3, 8)
+    media = MultiModalInputs((item,), positions, -3)
+
+    def round_trip(start: int, count: int) -> ScheduledChunk:
+        chunk = ScheduledChunk("r", list(range(count)), start, [0], samples=True,
+                               is_prefill=True, multi_modal=media)  # fmt: skip
+        step = m.step_message(0, [chunk], frozenset(), frozenset())
+        decoded = m.decode_broadcast(m.encode(step))
+        assert isinstance(decoded, m.ExecuteStep) and decoded.lora is None
+        return m.chunk_from_wire(decoded.chunks[0])
+
+    inside = round_trip(0, 4).multi_modal  # covers rows 2, 3 of the item
+    assert inside is not None and inside.mrope_delta == -3
+    assert torch.equal(inside.items[0].data["pixel_values"], pixels)
+    assert torch.equal(inside.items[0].data["grid_thw"], torch.tensor([1, 2, 2]))
+    assert torch.equal(inside.mrope_positions, positions)  # type: ignore[arg-type]
+    assert inside.cache_salt == media.cache_salt
+    after = round_trip(6, 2).multi_modal  # past the item: its data stays behind
+    assert after is not None and after.items[0].data == {}
+    assert torch.equal(after.positions(6, 2, 8), media.positions(6, 2, 8))
+    decode = round_trip(9, 1).multi_modal  # past the prompt: positions from the delta
+    assert decode is not None and decode.mrope_positions is not None
+    assert decode.mrope_positions.shape == (3, 8)
+    assert torch.equal(decode.positions(9, 1, 8), media.positions(9, 1, 8))
+
+
+def test_a_step_carries_each_chunks_adapter_slot_and_the_loads() -> None:
+    from kvrun.lora.request import LoRARequest
+    from kvrun.lora.slots import SlotTable
+
+    table = SlotTable(2)
+    assert table.assign([0, 7, 9, 7]) == ([-1, 0, 1, 0], [(0, 7), (1, 9)])
+    assert table.assign([5, 9]) == ([0, 1], [(0, 5)])  # 7 was the least recently used
+    follower = SlotTable(2)
+    follower.place(0, 7)
+    follower.place(1, 9)
+    follower.place(0, 5)  # 7's slot goes to 5
+    assert (follower.slot_of(5), follower.slot_of(9), follower.slot_of(7)) == (0, 1, None)
+    step = m.ExecuteStep(
+        3, [], frozenset(), frozenset(),
+        m.LoraStep([0, -1], [m.LoraLoad(0, 5, "five", "/adapters/5")], [7]),
+    )  # fmt: skip
+    decoded = m.decode_broadcast(m.encode(step))
+    assert decoded == step
+    assert isinstance(decoded, m.ExecuteStep) and decoded.lora is not None
+    assert m.lora_request(decoded.lora.loads[0]) == LoRARequest("five", 5, "/adapters/5")
 
 
 def _segments() -> set[str]:

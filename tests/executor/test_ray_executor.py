@@ -4,7 +4,9 @@ network namespaces (tests/executor/ray_scenarios.py):
 - a real two-node Ray cluster on 127.0.0.1 (two ``ray start`` processes, one CPU each,
   joined by RAY_ADDRESS): TP=2 with one rank on each node equals TP=1 on greedy except
   at near-ties, logprobs within 1e-4; a compiled graph across nodes is refused with the
-  reason (Ray 2.60's shared-memory channels hung there); the ranks take the bundles
+  reason (Ray 2.60's shared-memory channels hung there); PP=2 with a stage on each node
+  (one on the ring, one by actor calls) and two batches in flight equals TP=1 token for
+  token; the ranks take the bundles
   VLLM_RAY_BUNDLE_INDICES names; VLLM_RAY_PER_WORKER_GPUS is reported as having
   no effect on cpu; a kill -9'd actor makes the engine dead within a bounded time, the
   other actor is killed, and the cluster (not kvrun's) stays up;
@@ -12,6 +14,12 @@ network namespaces (tests/executor/ray_scenarios.py):
   Ray process behind; TP=1 through an actor equals the in-process runner; TP=2 through
   a Ray compiled graph (VLLM_USE_RAY_COMPILED_DAG=1, Ray's shared-memory channels)
   equals TP=1 but at near-ties, and a killed actor under it makes the engine dead;
+- the node-local data path (kvrun.executor.ray_local): a rank on the engine's node gets
+  every step through the shared-memory ring (its /dev/shm segment there while the
+  engine runs, gone after close; one frame per step) and the driver's logits through
+  the result area, also under a compiled graph; across the two nodes one rank takes
+  the ring and the other actor calls; a kill -9'd actor on the ring makes the engine
+  dead, kills the other actor and leaves no segment in /dev/shm;
 - bad VLLM_RAY_BUNDLE_INDICES are refused naming the numbers, before Ray starts.
 """
 
@@ -76,6 +84,9 @@ def test_tp2_across_two_ray_nodes_equals_one_rank(two_nodes: dict[str, Any]) -> 
     assert tp2["runner"] == "RayExecutor"
     assert tp2["started_cluster"] is False  # it joined the cluster RAY_ADDRESS names
     assert len(set(tp2["node_ids"])) == 2  # one rank on each node
+    # the rank on the engine's node takes the ring, the other one actor calls
+    assert len(tp2["local_ranks"]) == 1, tp2["local_ranks"]
+    assert tp2["segment_while_running"] is True and tp2["segment_after_close"] is False
     assert _assert_tp_matches(tp2, uni) <= 1  # measured: 0 of 3 sequences diverge
     assert tp2["alive_after_close"] == []
 
@@ -90,6 +101,9 @@ def one_node(llama: Path) -> dict[str, Any]:
 def test_compiled_graph_gives_the_same_tokens(one_node: dict[str, Any]) -> None:
     compiled, uni = one_node["compiled"], one_node["uni"]
     assert compiled["compiled"] is True and one_node["ray"]["compiled"] is False
+    # the graph carries the steps (no ring); the driver's logits come back in the area
+    assert compiled["local_ranks"] == [] and compiled["segment"] is None
+    assert compiled["result_area"] is True
     assert len(compiled["pids"]) == 2 and len(set(compiled["node_ids"])) == 1
     assert _assert_tp_matches(compiled, uni) <= 1  # TP=2: near-ties may differ
     assert compiled["alive_after_close"] == []
@@ -122,6 +136,20 @@ def test_a_killed_actor_under_a_compiled_graph_makes_the_engine_dead(
     assert kill["seconds"] < 60
     assert kill["later"] == kill["error"]
     assert kill["alive"] == []
+
+
+@needs_netns
+def test_pp2_across_two_ray_nodes_with_batches_in_flight(two_nodes: dict[str, Any]) -> None:
+    """One stage on each node: one on the node-local ring, the other by actor calls
+    (their references in a FIFO), two batches in flight; TP=1's tokens exactly."""
+    run = two_nodes["pp2"]
+    assert len(set(run["node_ids"])) == 2
+    assert len(run["local_ranks"]) == 1  # the engine's node's rank; the other by calls
+    assert run["peak_in_flight"] == 2
+    for request_id, want in run["uni"]["requests"].items():
+        assert run["pp"]["requests"][request_id]["tokens"] == want["tokens"], request_id
+    assert not run["pp"]["unfinished"]
+    assert run["alive_after_close"] == []
 
 
 @needs_netns
@@ -168,7 +196,7 @@ def test_a_local_cluster_kvrun_starts_stops_with_it(one_node: dict[str, Any]) ->
             assert max(abs(a - b) for (_, a), (_, b) in zip(pos_r, pos_u)) < EXACT_TOL
     assert any("starting a local one" in line for line in ray_run["logs"])
     assert ray_run["alive_after_close"] == []
-    assert one_node["ray_processes_left"] == []
+    assert one_node["ray_processes_left"] == [], one_node["ray_processes_left_commands"]
 
 
 def test_bad_bundle_indices_are_refused_by_number() -> None:
@@ -200,3 +228,36 @@ def test_bad_bundle_indices_stop_the_engine_before_ray_starts(
         LLM(str(llama), dtype="float32", tensor_parallel_size=2,
             distributed_executor_backend="ray")  # fmt: skip
     assert not ray.is_initialized()
+
+
+@needs_netns
+def test_a_rank_on_the_engines_node_gets_its_steps_through_shared_memory(
+    one_node: dict[str, Any],
+) -> None:
+    run = one_node["ray"]
+    assert run["local_ranks"] == [0] and run["result_area"] is True
+    assert run["segment"].startswith("kvrun_mp_")
+    assert run["segment_while_running"] is True
+    # every step went through the ring: one frame each (no actor call carried one)
+    assert run["steps"] > 0
+    assert run["ring_frames"] - run["frames_before"] == run["steps"]
+    assert run["segment_after_close"] is False
+    assert any("node-local shared-memory ring for rank(s) [0]" in line for line in run["logs"])
+
+
+@needs_netns
+def test_a_killed_actor_on_the_ring_makes_the_engine_dead_and_leaks_nothing(
+    one_node: dict[str, Any],
+) -> None:
+    kill = one_node["kill_local"]
+    assert kill["local_ranks"] == [0, 1]
+    pid = kill["pids"][0]
+    assert kill["error"] is not None
+    assert kill["error"].startswith(
+        f"ExecutorDeadError: the engine is dead: worker rank 0 (actor pid {pid}) died during "
+        "execute: ActorDiedError"
+    ), kill["error"]
+    assert kill["seconds"] < 60
+    assert kill["later"] == kill["error"]
+    assert kill["alive"] == []  # the other actor was killed too
+    assert kill["segment"] is not None and kill["segment_after_death"] is False

@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from kvrun.server.app import build_app
 from kvrun.server.config import ServerConfig
 from tests.server.conftest import API_KEY, Server, launch
-from tests.support.lora import make_adapter, peft_greedy
+from tests.support.lora import make_adapter, merged_checkpoint, peft_greedy
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [10, 20, 30, 40]]
 STEPS = 6
@@ -144,14 +144,43 @@ def test_the_model_name_chooses_the_adapter_in_a_shared_batch(
         {"model": "static", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
     )
     assert chat.status_code == 200 and chat.json()["model"] == "static"
-    beams = _post(
-        srv,
-        "/v1/completions",
-        {"model": "static", "prompt": PROMPTS[0], "max_tokens": 2, "use_beam_search": True, "n": 2},
-    )
-    assert beams.status_code == 400 and beams.json()["error"]["param"] == "use_beam_search"
     unknown = _complete(srv, "nope", PROMPTS[0])
     assert unknown.status_code == 404 and "`static`" in unknown.json()["error"]["message"]
+
+
+def test_beam_search_and_embeddings_with_an_adapter(
+    srv: Server, base: Path, adapters: dict[str, Path]
+) -> None:
+    """use_beam_search and /v1/embeddings with ``model`` naming the adapter equal
+    transformers on the merged weights (beams: transformers' beam search; embeddings: the
+    last token's hidden state, normalised)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModel
+
+    from tests.engine.test_beam_search import hf_beam_search
+
+    merged = merged_checkpoint(base, adapters["static"])
+    [want] = hf_beam_search(merged, PROMPTS[:1], 3, 1.0, STEPS)
+    [plain] = hf_beam_search(base, PROMPTS[:1], 3, 1.0, STEPS)
+    assert [ids for ids, _ in want] != [ids for ids, _ in plain]
+    for model, ref in (("static", want), ("base", plain)):
+        body = {"model": model, "prompt": PROMPTS[0], "max_tokens": STEPS, "n": 2, "best_of": 3}
+        beams = _post(srv, "/v1/completions", {**body, "use_beam_search": True})
+        assert beams.status_code == 200, beams.text
+        assert beams.json()["model"] == model
+        texts = [c["text"] for c in beams.json()["choices"]]
+        assert texts == _decoded(base, [[t for t in ids if t != 2] for ids, _ in ref[:2]])
+    for model, directory in (("static", merged), ("base", base)):
+        answer = _post(srv, "/v1/embeddings", {"model": model, "input": PROMPTS})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == model
+        reference = AutoModel.from_pretrained(str(directory), dtype=torch.float32)
+        for item, ids in zip(answer.json()["data"], PROMPTS, strict=True):
+            with torch.no_grad():
+                hidden = reference(torch.tensor([ids])).last_hidden_state[0, -1]
+            got = torch.tensor(item["embedding"])
+            assert float(F.cosine_similarity(got, F.normalize(hidden, dim=-1), dim=0)) > 0.9999
 
 
 def test_runtime_load_and_unload(

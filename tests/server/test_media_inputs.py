@@ -102,6 +102,16 @@ def test_unknown_parts_are_refused(server: Server, part: Any, reason: str) -> No
     assert reason in error["message"] and error["param"] == "messages[0].content[0]"
 
 
+def test_text_model_refuses_mm_processor_kwargs(server: Server) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "mm_processor_kwargs": {"max_pixels": 1000},
+    }
+    error = _error(_post(server, body))
+    assert error["param"] == "mm_processor_kwargs" and "takes text only" in error["message"]
+
+
 def test_text_parts_still_work(server: Server) -> None:
     parts = [{"type": "text", "text": "Say hi."}, {"type": "text", "text": "Briefly."}]
     response = _post(server, {"messages": [{"role": "user", "content": parts}], "max_tokens": 2})
@@ -163,8 +173,11 @@ def vl_server(
     srv.cleanup()
 
 
-def _hf_greedy(checkpoint: Path, prompt_ids: list[int], image_png: bytes) -> str:
-    """transformers' greedy reply to the prompt (one image placeholder) and image."""
+def _hf_greedy(
+    checkpoint: Path, prompt_ids: list[int], image_png: bytes, min_pixels: int | None = None
+) -> str:
+    """transformers' greedy reply to the prompt (one image placeholder) and image
+    (``min_pixels``: the image processor's lower size bound instead of the checkpoint's)."""
     from PIL import Image
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -173,6 +186,11 @@ def _hf_greedy(checkpoint: Path, prompt_ids: list[int], image_png: bytes) -> str
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     processor = Qwen2VLImageProcessorPil.from_pretrained(str(checkpoint))
+    if min_pixels is not None:
+        processor.size = {
+            "shortest_edge": min_pixels,
+            "longest_edge": processor.size["longest_edge"],
+        }
     image = Image.open(io.BytesIO(image_png)).convert("RGB")
     inputs = processor(images=[image], return_tensors="pt")
     grid = inputs["image_grid_thw"]
@@ -187,11 +205,26 @@ def _hf_greedy(checkpoint: Path, prompt_ids: list[int], image_png: bytes) -> str
             attention_mask=torch.ones(1, len(ids), dtype=torch.long),
             pixel_values=inputs["pixel_values"],
             image_grid_thw=grid,
+            # which tokens are image rows: transformers' M-RoPE positions need it
+            mm_token_type_ids=(torch.tensor([ids]) == pad).int(),
             max_new_tokens=MAX_TOKENS,
             do_sample=False,
         )
     text: str = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
     return text
+
+
+def _hf_image_tokens(checkpoint: Path, image_png: bytes) -> int:
+    """The placeholder tokens transformers' Qwen2-VL processor gives the image."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    processor = Qwen2VLImageProcessorPil.from_pretrained(str(checkpoint))
+    image = Image.open(io.BytesIO(image_png)).convert("RGB")
+    grid = processor(images=[image], return_tensors="pt")["image_grid_thw"]
+    return int(grid.prod()) // 4  # spatial merge 2x2
 
 
 def _answer(server: Server, part: dict[str, Any]) -> str:
@@ -223,6 +256,89 @@ def test_image_from_http_equals_transformers_and_data_url(
     assert _answer(vl_server, _image_url(f"file://{local_media}/cat.png")) == expected
     other = "data:image/png;base64," + base64.b64encode(png_bytes((56, 84), seed=3)).decode()
     assert _answer(vl_server, _image_url(other)) != expected  # the image matters
+
+
+def test_mm_processor_kwargs_resize_the_request_media(
+    vl_server: Server, media: MediaServer, qwen2_vl_dir: Path
+) -> None:
+    """The chat request's mm_processor_kwargs reach the processor (transformers' answer
+    at that size, which differs from its answer at the checkpoint's); an unknown key is a
+    400 naming it."""
+    part = _image_url(media.url("/image.png"))
+    with vl_server.http() as http:
+        tokenized = http.post("/tokenize", json={"messages": _image_message(part)})
+    assert tokenized.status_code == 200, tokenized.text
+    big = 112 * 112
+    expected = _hf_greedy(qwen2_vl_dir, tokenized.json()["tokens"], media.image, min_pixels=big)
+    body: dict[str, Any] = {
+        "messages": _image_message(part),
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.0,
+    }
+    plain = _post(vl_server, body)
+    sized = _post(vl_server, {**body, "mm_processor_kwargs": {"min_pixels": big}})
+    assert plain.status_code == 200 and sized.status_code == 200, sized.text
+    assert sized.json()["choices"][0]["message"]["content"] == expected
+    assert expected != _hf_greedy(qwen2_vl_dir, tokenized.json()["tokens"], media.image)
+    error = _error(_post(vl_server, {**body, "mm_processor_kwargs": {"fps": 2}}))
+    assert error["param"] == "mm_processor_kwargs"
+    assert "'fps'" in error["message"] and "accepted: max_pixels, min_pixels" in error["message"]
+
+
+def test_usage_counts_the_prompt_the_engine_ran(
+    vl_server: Server, media: MediaServer, qwen2_vl_dir: Path
+) -> None:
+    """usage.prompt_tokens is the prompt with the image's placeholders expanded (as vLLM
+    and OpenAI count), answered whole and streamed (final and per-chunk usage)."""
+    messages = _image_message(_image_url(media.url("/image.png")))
+    with vl_server.http() as http:
+        tokenized = http.post("/tokenize", json={"messages": messages})
+    assert tokenized.status_code == 200, tokenized.text
+    unexpanded = tokenized.json()["count"]
+    expected = unexpanded - 1 + _hf_image_tokens(qwen2_vl_dir, media.image)
+    assert expected > unexpanded
+    body: dict[str, Any] = {"messages": messages, "max_tokens": 3, "temperature": 0.0}
+    whole = _post(vl_server, body)
+    assert whole.status_code == 200, whole.text
+    usage = whole.json()["usage"]
+    assert usage["prompt_tokens"] == expected
+    assert usage["total_tokens"] == expected + usage["completion_tokens"]
+    for options in (
+        {"include_usage": True},
+        {"include_usage": True, "continuous_usage_stats": True},
+    ):
+        stream = vl_server.client().chat.completions.create(
+            model=None,  # type: ignore[arg-type]
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=3,
+            temperature=0.0,
+            stream=True,
+            stream_options=options,  # type: ignore[arg-type]
+        )
+        chunks = list(stream)
+        assert chunks[-1].usage is not None and not chunks[-1].choices
+        assert chunks[-1].usage.prompt_tokens == expected
+        if options.get("continuous_usage_stats"):  # every chunk, the role chunk first
+            assert all(c.usage is not None for c in chunks)
+            assert {c.usage.prompt_tokens for c in chunks if c.usage} == {expected}
+
+
+def test_mm_processor_kwargs_without_media_are_checked(vl_server: Server) -> None:
+    """No media part: an unknown key is still a 400 naming it; valid settings are taken
+    and change nothing."""
+    body: dict[str, Any] = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.0,
+    }
+    error = _error(_post(vl_server, {**body, "mm_processor_kwargs": {"fps": 2}}))
+    assert error["param"] == "mm_processor_kwargs"
+    assert "'fps'" in error["message"] and "accepted: max_pixels, min_pixels" in error["message"]
+    plain = _post(vl_server, body)
+    sized = _post(vl_server, {**body, "mm_processor_kwargs": {"min_pixels": 112 * 112}})
+    assert plain.status_code == 200 and sized.status_code == 200, sized.text
+    assert sized.json()["choices"] == plain.json()["choices"]
+    assert sized.json()["usage"] == plain.json()["usage"]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import torch
 
 from tests.support.checkpoints import cached_build
 
-__all__ = ["make_adapter", "peft_greedy"]
+__all__ = ["make_adapter", "merged_checkpoint", "peft_greedy"]
 
 
 def make_adapter(
@@ -131,6 +131,29 @@ def _greedy(
             ids.append(int(logits.argmax()))
         results.append(ids[len(prompt) :])
     return results
+
+
+def merged_checkpoint(base: Path, adapter: Path, model_class: str | None = None) -> Path:
+    """``base`` with ``adapter`` merged into its weights by peft (``merge_and_unload``),
+    saved as a Hugging Face directory: the reference model for oracles that take a
+    checkpoint (transformers' beam search, its hidden states). ``model_class``: the
+    transformers class both are loaded with (default AutoModelForCausalLM)."""
+    key = {"base": str(base), "adapter": str(adapter), "model_class": model_class}
+
+    def build(out: Path) -> Path:
+        import transformers
+        from peft import PeftModel
+
+        cls = getattr(transformers, model_class or "AutoModelForCausalLM")
+        model = cls.from_pretrained(str(base), dtype=torch.float32)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated names
+            warnings.simplefilter("ignore", FutureWarning)
+            _ignore_pattern_warning()
+            peft_model = PeftModel.from_pretrained(model, str(adapter))
+        peft_model.merge_and_unload().save_pretrained(str(out))
+        return out
+
+    return cached_build("lora-merged", key, build)
 
 
 def _ignore_pattern_warning() -> None:

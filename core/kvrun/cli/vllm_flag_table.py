@@ -761,7 +761,12 @@ FLAGS: tuple[VllmFlag, ...] = (
     _k("--limit-mm-per-prompt", "MultiModalConfig", J, "a count per kind (default 8)"),
     _r("--enable-mm-embeds", "MultiModalConfig", B, _MM, accepts=("false",)),
     _r("--media-io-kwargs", "MultiModalConfig", J, _MM),
-    _r("--mm-processor-kwargs", "MultiModalConfig", J, _MM),
+    _k(
+        "--mm-processor-kwargs",
+        "MultiModalConfig",
+        J,
+        "handed to the model's processor (Qwen2-VL: min_pixels, max_pixels); unknown keys refused",
+    ),
     _r("--mm-processor-cache-gb", "MultiModalConfig", V, _MM),
     _r("--mm-processor-cache-type", "MultiModalConfig", V, _MM),
     _r("--mm-shm-cache-max-object-size-mb", "MultiModalConfig", V, _MM),

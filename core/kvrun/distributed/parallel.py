@@ -9,10 +9,20 @@ rows (column-parallel), o and down by input columns (row-parallel, summed by an
 all-reduce), the embedding and lm_head by vocabulary rows. Pipeline parallelism splits
 the layers into consecutive runs, one per stage.
 
+Mixtures (Mixtral, Qwen2/3-MoE, DeepSeek) split every expert as vLLM does by default:
+each expert's gate/up rows and down columns by its intermediate dimension, the shared
+expert likewise; the router (and Qwen2-MoE's shared-expert gate, DeepSeek-V3's
+correction bias) is replicated, so every rank routes each token alike and one
+all-reduce sums the mixture's partial outputs. DeepSeek's latent attention splits by
+heads (q or q_b, kv_b by rows, o by columns) and replicates the latent path (q_a,
+kv_a and their norms): each rank caches the whole latent, as vLLM's ranks do.
+
 Invariants of :class:`ShardLayout`:
 - the stages' layer ranges tile ``[0, num_layers)`` in order, none empty;
 - each rank's q heads are consecutive, ``num_heads / tp_size`` of them, and the kv heads
   it holds are exactly those its q heads read (GQA groups never straddle ranks);
+- each rank's rows of the dense MLP, of every expert and of the shared expert are the
+  consecutive ``1 / tp_size`` share of that intermediate dimension at ``tp_rank``;
 - the vocabulary slices tile ``[0, tp_size * vocab_shard)``, which covers the vocabulary;
   rows past ``vocab_size`` are zero padding.
 """
@@ -26,17 +36,26 @@ from dataclasses import dataclass, replace
 import torch
 
 from kvrun.errors import ConfigError
+from kvrun.loader.safetensors_loader import ReadPlan, read_parts
 from kvrun.models.config import ModelConfig
 
 __all__ = [
     "ParallelConfig",
     "ShardLayout",
     "check_heads",
+    "check_intermediate",
     "partition_layers",
     "shard_weights",
+    "weight_plan",
 ]
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")  # a decoder layer's tensor
+# a mixture's tensors: Qwen's and DeepSeek's mlp.experts.<e>.gate_proj, Mixtral's
+# block_sparse_moe.experts.<e>.w1 (gate), w3 (up), w2 (down)
+_EXPERT = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.\d+\.(\w+)$")
+_SHARED = re.compile(r"^mlp\.shared_experts?\.(\w+)$")  # Qwen2-MoE's / DeepSeek's
+_COLUMN = frozenset({"gate_proj", "up_proj", "w1", "w3"})  # split by output rows
+_ROW = frozenset({"down_proj", "w2"})  # split by input columns
 
 
 @dataclass(frozen=True)
@@ -130,6 +149,27 @@ def check_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
         )
 
 
+def check_intermediate(model: ModelConfig, tp_size: int) -> None:
+    """Refuse an MLP, expert or shared expert whose intermediate dimension tensor
+    parallelism cannot split, naming the size and the rank count."""
+    dense = not model.moe_layers or not all(model.moe_layers)
+    sizes = [("intermediate_size", model.intermediate_size if dense else 0)]
+    if model.is_moe:
+        sizes.append(("moe_intermediate_size (each expert's)", model.moe_intermediate_size))
+        sizes.append(("shared expert's intermediate size", model.shared_expert_intermediate_size))
+    for what, size in sizes:
+        if size % tp_size:
+            raise ConfigError(
+                f"the model's {what}={size} is not divisible by tensor_parallel_size="
+                f"{tp_size}; accepted: a tensor_parallel_size dividing {size}"
+            )
+
+
+def _share(size: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    part = size // tp_size
+    return (tp_rank * part, (tp_rank + 1) * part)
+
+
 @dataclass(frozen=True)
 class ShardLayout:
     """One rank's share of a model (see the module docstring for the invariants)."""
@@ -145,6 +185,9 @@ class ShardLayout:
     vocab_start: int
     vocab_shard: int  # rows per rank (the last rank's may run past the vocabulary)
     vocab_size: int  # the model's whole vocabulary
+    # [start, end) of each expert's intermediate rows, and of the shared expert's
+    moe_intermediate: tuple[int, int] = (0, 0)
+    shared_intermediate: tuple[int, int] = (0, 0)
 
     @classmethod
     def build(
@@ -157,11 +200,7 @@ class ShardLayout:
         tp = parallel.tensor_parallel_size
         pp_rank, tp_rank = parallel.coordinates(rank)
         check_heads(model.num_heads, model.num_kv_heads, tp)
-        if model.intermediate_size % tp:
-            raise ConfigError(
-                f"the model's intermediate_size={model.intermediate_size} is not divisible "
-                f"by tensor_parallel_size={tp}"
-            )
+        check_intermediate(model, tp)
         stages = partition_layers(model.num_layers, parallel.pipeline_parallel_size, partition)
         heads = model.num_heads // tp
         if model.num_kv_heads >= tp:
@@ -170,7 +209,6 @@ class ShardLayout:
         else:  # replicated: ranks sharing a kv head are those whose q heads read it
             head = tp_rank // (tp // model.num_kv_heads)
             kv_heads = (head, head + 1)
-        inter = model.intermediate_size // tp
         shard = -(-model.vocab_size // tp)
         return cls(
             tp_rank=tp_rank,
@@ -180,10 +218,12 @@ class ShardLayout:
             layers=stages[pp_rank],
             q_heads=(tp_rank * heads, (tp_rank + 1) * heads),
             kv_heads=kv_heads,
-            intermediate=(tp_rank * inter, (tp_rank + 1) * inter),
+            intermediate=_share(model.intermediate_size, tp, tp_rank),
             vocab_start=tp_rank * shard,
             vocab_shard=shard,
             vocab_size=model.vocab_size,
+            moe_intermediate=_share(model.moe_intermediate_size, tp, tp_rank),
+            shared_intermediate=_share(model.shared_expert_intermediate_size, tp, tp_rank),
         )
 
     @property
@@ -221,6 +261,10 @@ class ShardLayout:
             num_heads=self.q_heads[1] - self.q_heads[0],
             num_kv_heads=self.kv_heads[1] - self.kv_heads[0],
             intermediate_size=self.intermediate[1] - self.intermediate[0],
+            moe_intermediate_size=self.moe_intermediate[1] - self.moe_intermediate[0],
+            shared_expert_intermediate_size=(
+                self.shared_intermediate[1] - self.shared_intermediate[0]
+            ),
             num_layers=end - start,
             vocab_size=self.vocab_shard,
             layer_windows=model.layer_windows[start:end],
@@ -232,73 +276,105 @@ def shard_weights(
     weights: Iterable[tuple[str, torch.Tensor]],
     layout: ShardLayout,
     model: ModelConfig,
+    *,
+    narrowed: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """This rank's slices of a Llama-family checkpoint's (name, tensor) stream.
+    """This rank's slices of a checkpoint's (name, tensor) stream (the Llama family,
+    its mixtures, Gemma 2/3, DeepSeek-V2/V3).
 
     Layer names are renumbered to the stage's own indices (``model.layers.<i - start>``);
     other stages' layers, and the embedding, final norm and lm_head where this stage
     does not hold them, are dropped. Everything else passes as it is (the loader then
-    names any weight the model does not expect).
+    names any weight the model does not expect). ``narrowed``: the tensors are already
+    this rank's parts (the loader read them by :func:`weight_plan`); otherwise they are
+    whole and cut here by the same plans. The vocabulary rows are zero-padded to
+    ``vocab_shard`` either way.
     """
     start = layout.layers[0]
     for name, tensor in weights:
         if not layout.wants(name, model.tie_word_embeddings):
             continue
+        if not narrowed:
+            plan = weight_plan(name, tuple(tensor.shape), layout, model)
+            if plan is not None:
+                tensor = read_parts(tensor, plan)
         match = _LAYER.match(name)
         if match is not None:
-            yield (
-                f"model.layers.{int(match.group(1)) - start}.{match.group(2)}",
-                _layer_slice(match.group(2), tensor, layout, model),
-            )
+            yield f"model.layers.{int(match.group(1)) - start}.{match.group(2)}", tensor
         elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-            yield name, _vocab_rows(tensor, layout)
+            yield name, _pad_vocab_rows(tensor, layout)
         else:
             yield name, tensor
 
 
-def _rows(tensor: torch.Tensor, span: tuple[int, int], unit: int) -> torch.Tensor:
-    return tensor[span[0] * unit : span[1] * unit]
-
-
-def _layer_slice(
-    suffix: str, tensor: torch.Tensor, layout: ShardLayout, model: ModelConfig
-) -> torch.Tensor:
+def weight_plan(
+    name: str, shape: tuple[int, ...], layout: ShardLayout, model: ModelConfig
+) -> ReadPlan | None:
+    """Which parts of the checkpoint tensor ``name`` (of ``shape``, a Hugging Face name
+    with its global layer index) this rank keeps: ``(dim, spans)``, the ``[start, end)``
+    spans along ``dim`` joined in order; None: the whole tensor (replicated, or tp=1)."""
     if layout.tp_size == 1:
-        return tensor
+        return None
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        first = min(layout.vocab_start, shape[0])
+        return 0, ((first, min(first + layout.vocab_shard, shape[0])),)
+    match = _LAYER.match(name)
+    if match is None:
+        return None
+    return _layer_plan(match.group(2).rsplit(".", 1)[0], layout, model)
+
+
+def _span(span: tuple[int, int], unit: int, offset: int = 0) -> tuple[int, int]:
+    return (offset + span[0] * unit, offset + span[1] * unit)
+
+
+def _layer_plan(kind: str, layout: ShardLayout, model: ModelConfig) -> ReadPlan | None:
     d = model.head_dim
-    kind = suffix.rsplit(".", 1)[0]
+    if model.is_mla:  # DeepSeek's heads are not head_dim wide (head_dim is the latent's)
+        mla = _mla_plan(kind, layout, model)
+        if mla is not None:
+            return mla
     if kind == "self_attn.q_proj":
-        return _rows(tensor, layout.q_heads, d)
+        return 0, (_span(layout.q_heads, d),)
     if kind in ("self_attn.k_proj", "self_attn.v_proj"):
-        return _rows(tensor, layout.kv_heads, d)
+        return 0, (_span(layout.kv_heads, d),)
     if kind == "self_attn.qkv_proj":  # Phi-3's merged q|k|v
         q, kv = model.num_heads * d, model.num_kv_heads * d
-        parts = (tensor[:q], tensor[q : q + kv], tensor[q + kv :])
-        return torch.cat(
-            [
-                _rows(parts[0], layout.q_heads, d),
-                _rows(parts[1], layout.kv_heads, d),
-                _rows(parts[2], layout.kv_heads, d),
-            ]
-        )
+        parts = (_span(layout.q_heads, d), _span(layout.kv_heads, d, q))
+        return 0, (*parts, _span(layout.kv_heads, d, q + kv))
     if kind == "self_attn.o_proj":
-        return tensor[:, layout.q_heads[0] * d : layout.q_heads[1] * d]
+        return 1, (_span(layout.q_heads, d),)
     if kind in ("mlp.gate_proj", "mlp.up_proj"):
-        return _rows(tensor, layout.intermediate, 1)
+        return 0, (layout.intermediate,)
     if kind == "mlp.gate_up_proj":  # Phi-3's merged gate|up
-        gate, up = tensor.chunk(2)
-        return torch.cat([_rows(gate, layout.intermediate, 1), _rows(up, layout.intermediate, 1)])
+        return 0, (layout.intermediate, _span(layout.intermediate, 1, model.intermediate_size))
     if kind == "mlp.down_proj":
-        return tensor[:, layout.intermediate[0] : layout.intermediate[1]]
-    return tensor  # norms (q/k norms are per head dimension, the same on every rank)
+        return 1, (layout.intermediate,)
+    expert, shared = _EXPERT.match(kind), _SHARED.match(kind)
+    for match, span in ((expert, layout.moe_intermediate), (shared, layout.shared_intermediate)):
+        if match is not None and match.group(1) in _COLUMN:
+            return 0, (span,)
+        if match is not None and match.group(1) in _ROW:
+            return 1, (span,)
+    # norms (q/k norms are per head dimension, the same on every rank), the routers,
+    # Qwen2-MoE's shared-expert gate, DeepSeek's latent path (q_a, kv_a and their norms)
+    return None
 
 
-def _vocab_rows(tensor: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
+def _mla_plan(kind: str, layout: ShardLayout, model: ModelConfig) -> ReadPlan | None:
+    """DeepSeek's per-head projections split by heads; None for any other tensor."""
+    if kind in ("self_attn.q_proj", "self_attn.q_b_proj"):
+        return 0, (_span(layout.q_heads, model.qk_nope_head_dim + model.qk_rope_head_dim),)
+    if kind == "self_attn.kv_b_proj":
+        return 0, (_span(layout.q_heads, model.qk_nope_head_dim + model.v_head_dim),)
+    if kind == "self_attn.o_proj":
+        return 1, (_span(layout.q_heads, model.v_head_dim),)
+    return None
+
+
+def _pad_vocab_rows(rows: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
     """This rank's rows of a [V, H] table, zero-padded to ``vocab_shard`` rows."""
-    if layout.tp_size == 1:
-        return tensor
-    rows = tensor[layout.vocab_start : layout.vocab_start + layout.vocab_shard]
-    missing = layout.vocab_shard - rows.shape[0]
+    missing = layout.vocab_shard - rows.shape[0] if layout.tp_size > 1 else 0
     if missing:
         rows = torch.cat([rows, rows.new_zeros(missing, rows.shape[1])])
     return rows

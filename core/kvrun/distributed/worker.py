@@ -8,6 +8,11 @@ this order: ``Worker(args, env, spec)``, :meth:`Worker.init_distributed`,
 :meth:`Worker.execute` for each step with the same chunks on every rank, and
 :meth:`Worker.close`. Every rank runs every step (the collectives need all of them);
 only the driver rank (tp_rank 0 of the last stage) returns the step's logits.
+An executor hands a step over as its message (:meth:`Worker.execute_step`): the LoRA
+adapters it places in slots first (each rank reads the file and keeps its shard,
+kvrun.lora.sharding), then its chunks, media included (every rank of a multimodal
+model runs the replicated encoder on the media its chunks cover; with pipeline stages
+only stage 0 encodes, every stage applies the M-RoPE positions).
 
 The configuration is resolved exactly as the in-process builder does
 (:func:`kvrun.engine.builder.resolve_engine_config`), so every rank and the engine
@@ -21,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,7 +34,7 @@ from kvrun.attention.base import AttentionBackend, AttentionLayerSpec, with_late
 from kvrun.config import EngineArgs, EngineConfig
 from kvrun.distributed.communicator import Communicator, CustomAllReduce
 from kvrun.distributed.layers import ModelParallel
-from kvrun.distributed.parallel import ParallelConfig, ShardLayout, shard_weights
+from kvrun.distributed.parallel import ParallelConfig, ShardLayout, shard_weights, weight_plan
 from kvrun.distributed.state import ProcessGroups, close_quietly, init_process_groups
 from kvrun.engine.batch import StepLogits, build_batch
 from kvrun.engine.builder import kv_cache_request, load_model_source, resolve_engine_config
@@ -37,12 +42,17 @@ from kvrun.engine.compilation import compile_function, compile_settings
 from kvrun.engine.model_runner import ModelRunner
 from kvrun.envs import read_env
 from kvrun.errors import ConfigError
+from kvrun.loader.safetensors_loader import ReadPlan
 from kvrun.models.config import ModelConfig
 from kvrun.ops import reference_ops
 from kvrun.platforms import KVCacheRequest, plan_exact_kv_blocks
 from kvrun.plugins import create_platform
 from kvrun.quantization import plan_quantized_load
 from kvrun.scheduling.output import ScheduledChunk
+
+if TYPE_CHECKING:
+    from kvrun.executor.messages import ExecuteStep
+    from kvrun.lora.manager import LoraManager
 
 __all__ = ["Worker", "WorkerSpec", "unsupported_reason"]
 
@@ -68,9 +78,7 @@ def unsupported_reason(model_cls: Any, architecture: str, parallel: ParallelConf
     """Why ``model_cls`` cannot run split as ``parallel`` asks; None when it can."""
     if parallel.world_size == 1:
         return None
-    if getattr(model_cls, "supports_parallel", False) and not getattr(
-        model_cls, "supports_multimodal", False
-    ):
+    if getattr(model_cls, "supports_parallel", False):
         return None
     asked = (
         f"tensor_parallel_size>1 (asked {parallel.tensor_parallel_size})"
@@ -123,6 +131,7 @@ class Worker:
         self._attention: AttentionBackend | None = None
         self._kv_request: KVCacheRequest | None = None
         self._custom_all_reduce: CustomAllReduce | None = None
+        self.lora: LoraManager | None = None  # enable_lora: this rank's adapter slots
 
     # set-up ------------------------------------------------------------------------
     def init_distributed(self, timeout_s: float) -> None:
@@ -156,11 +165,6 @@ class Worker:
                 "workers do not drive"
             )
         config = resolve_engine_config(args, env, platform, model_config, checkpoint.source).config
-        if config.enable_lora and self.parallel.world_size > 1:
-            raise ConfigError(
-                "enable_lora with tensor/pipeline parallelism is not supported yet: adapters "
-                "are not sharded"
-            )
         layout = ShardLayout.build(
             model_config, self.parallel, self.spec.rank, env.VLLM_PP_LAYER_PARTITION
         )
@@ -204,6 +208,12 @@ class Worker:
             )
         # as the builder: the matrices that run as stored (kvrun.quantization)
         keep = plan_quantized_load(config.quantization, checkpoint, model, platform)
+        canonical = getattr(model_cls, "canonical_name", None)
+
+        def narrow(name: str, shape: tuple[int, ...]) -> ReadPlan | None:
+            """This rank's rows or columns of a tensor (safetensors reads only those)."""
+            return weight_plan(canonical(name) if canonical else name, shape, layout, model_config)
+
         weights = checkpoint.iter_weights(
             config.dtype,
             awq_dequantize=ops.awq_dequantize,
@@ -215,14 +225,20 @@ class Worker:
                 if self.parallel.world_size == 1
                 else lambda name: layout.wants(name, model_config.tie_word_embeddings)
             ),
+            # and of each tensor only this rank's share
+            narrow=narrow if self.parallel.tensor_parallel_size > 1 else None,
         )
         if self.parallel.world_size > 1:
-            weights = shard_weights(weights, layout, model_config)
+            if canonical is not None:  # a media model's decoder names, which sharding reads
+                weights = ((canonical(name), tensor) for name, tensor in weights)
+            weights = shard_weights(weights, layout, model_config, narrowed=True)
         model.load_weights(weights, config.model_source)
         if not args.enforce_eager:
             self._compile(model)
         self.config, self.layout, self.model = config, layout, model
         self._rank_config, self._attention = rank_config, attention
+        if config.enable_lora:
+            self.lora = self._lora_slots(model_cls, model_config, ops, attention)
         logger.info(
             "rank %d (pp %d/%d, tp %d/%d): layers %d-%d, q heads %d-%d, kv heads %d-%d",
             self.spec.rank, self.pp_rank, self.parallel.pipeline_parallel_size, self.tp_rank,
@@ -291,6 +307,38 @@ class Worker:
             self.config.block_size,
             self.platform.device,
             fused_decoder=fused,
+            lora=self.lora,
+            mm_cache_size=self.env.VLLM_MM_INPUT_CACHE_SIZE,
+        )
+
+    def _lora_slots(
+        self, model_cls: Any, model_config: ModelConfig, ops: Any, attention: AttentionBackend
+    ) -> LoraManager:
+        """This rank's adapter slots, shaped as its shard; an adapter is read against
+        the whole model (its checks as the engine's) and then cut to this rank's share."""
+        from kvrun.lora.adapter import load_adapter
+        from kvrun.lora.manager import LoraManager
+        from kvrun.lora.sharding import shard_adapter
+        from kvrun.lora.slots import model_lora_targets
+
+        config, layout = self.config, self.layout
+        assert config is not None and layout is not None
+        whole = model_lora_targets(model_cls, model_config, ops, attention, config.dtype)
+
+        def read(request: Any) -> Any:
+            adapter = load_adapter(request, whole, config.max_lora_rank)
+            return shard_adapter(adapter, layout, model_config)
+
+        return LoraManager(
+            self.model.lora_targets(),
+            max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
+            max_cpu_loras=config.max_cpu_loras,
+            dtype=config.dtype,
+            device=self.platform.device,
+            add_lora=ops.add_lora,
+            read=read,
+            follows_engine=True,
         )
 
     def commit_kv_cache(self) -> int:
@@ -315,8 +363,37 @@ class Worker:
             return out if self.is_driver else None
         # an earlier stage: its layers, then the residual stream goes on (in forward)
         batch = build_batch(chunks, self.runner.block_size, self.runner.device)
-        self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        lora = self.runner.lora_batch(chunks, batch) if self.runner.lora is not None else None
+        # a media model's M-RoPE positions on every stage; its media rows on stage 0 only
+        positions, embeds = self.runner.media_inputs(chunks, batch)
+        extra: dict[str, Any] = {}
+        if lora is not None:
+            extra["lora"] = lora
+        if embeds is not None:
+            extra["inputs_embeds"] = embeds
+        self.model.forward(batch.input_ids, positions, self.kv_caches, batch.meta, **extra)
         return None
+
+    def execute_step(self, message: ExecuteStep) -> StepLogits | None:
+        """Run an executor's step message: its adapter loads and removals first (in the
+        slots the engine chose), then :meth:`execute` on its chunks."""
+        from kvrun.executor.messages import chunk_from_wire, lora_request
+
+        chunks = [chunk_from_wire(c) for c in message.chunks]
+        if message.lora is not None:
+            if self.lora is None:
+                raise ConfigError("a step names LoRA adapters, but this rank has no LoRA slots")
+            for lora_id in message.lora.forget:
+                self.lora.forget(lora_id)
+            for load in message.lora.loads:
+                self.lora.place(load.slot, lora_request(load))
+            slots = self.lora.activate([c.lora_id for c in chunks])
+            if slots != message.lora.slots:
+                raise RuntimeError(
+                    f"rank {self.spec.rank}: the step's adapter slots {message.lora.slots} "
+                    f"differ from this rank's {slots}"
+                )
+        return self.execute(chunks, message.prompt_logits_for, message.hidden_for)
 
     def _choose_all_reduce(self, dtype: torch.dtype) -> CustomAllReduce | None:
         """The platform's faster all-reduce for this tensor-parallel group, unless

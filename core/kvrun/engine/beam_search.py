@@ -7,6 +7,10 @@ and its parent's full KV blocks in the prefix cache (the block manager's chained
 hashes; the blocks are shared, reference-counted, while several beams run) and computes
 only the tokens after the last full block. The search itself is
 :class:`kvrun.beam_search.BeamSearch`.
+
+A prompt searched with a LoRA adapter sends every one of its beams' requests with that
+adapter: the candidates are the adapted model's, and the adapter's prefix-cache salt keeps
+its blocks apart from the base model's (beams of the same prompt and adapter still share).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from kvrun.beam_search import (
 )
 from kvrun.engine.llm_engine import LLMEngine
 from kvrun.errors import KvrunError
+from kvrun.lora.request import LoRARequest
 from kvrun.outputs import Logprob
 from kvrun.sampling_params import BeamSearchParams
 
@@ -30,13 +35,19 @@ __all__ = ["run_beam_search"]
 
 
 def run_beam_search(
-    engine: LLMEngine, prompts: Sequence[list[int]], params: BeamSearchParams
+    engine: LLMEngine,
+    prompts: Sequence[list[int]],
+    params: BeamSearchParams,
+    loras: Sequence[LoRARequest | None] = (),
 ) -> list[BeamSearchOutput]:
     """Search every prompt together; one output per prompt, in order.
 
-    As vLLM's offline ``beam_search`` does, each sequence's ``text`` is the decoded
-    prompt and generation, special tokens kept.
+    ``loras``: empty (the base model for all), or each prompt's adapter (or None). As
+    vLLM's offline ``beam_search`` does, each sequence's ``text`` is the decoded prompt
+    and generation, special tokens kept.
     """
+    if loras and len(loras) != len(prompts):
+        raise KvrunError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts")
     config = engine.config
     check_beam_search(
         prompts,
@@ -57,7 +68,8 @@ def run_beam_search(
             for s, search in enumerate(searches):
                 for b, tokens in enumerate(search.pending()):
                     request_id = f"beam-{tag}-{s}-{step}-{b}"
-                    engine.add_request(request_id, tokens, request)
+                    lora = loras[s] if loras else None
+                    engine.add_request(request_id, tokens, request, lora_request=lora)
                     owners[request_id] = (s, b)
             if not owners:
                 break

@@ -29,7 +29,7 @@ from kvrun.engine.compilation import CompileSettings, compile_function, compile_
 from kvrun.engine.executor_runner import ExecutorRunner
 from kvrun.engine.model_runner import ModelRunner
 from kvrun.engine.profile_run import make_profile_run
-from kvrun.engine.step_runner import CausalLM, StepRunner
+from kvrun.engine.step_runner import CausalLM, StepRunner, concurrent_batches
 from kvrun.env_effects import warn_ineffective
 from kvrun.envs import EnvSnapshot
 from kvrun.errors import ConfigError
@@ -51,6 +51,7 @@ from kvrun.usage import record_usage
 
 if TYPE_CHECKING:
     from kvrun.lora.manager import LoraManager
+    from kvrun.lora.slots import ExecutorLoras
     from kvrun.multimodal.processing import MultiModalProcessor
 
 __all__ = [
@@ -85,8 +86,9 @@ class EngineParts:
     top_k_top_p: TopKTopPSampler | None = None
     # The op table's apply_token_bitmask (structured output's mask, in the sampler).
     apply_token_bitmask: Callable[..., None] = reference.apply_token_bitmask
-    # LoRA adapters' host cache and device slots (enable_lora), shared with the runner.
-    lora: LoraManager | None = None
+    # LoRA adapters' host cache and device slots (enable_lora), shared with the runner;
+    # with the mp/ray executor the engine's side of them (the ranks hold the slots).
+    lora: LoraManager | ExecutorLoras | None = None
     # A multimodal model's media processing (prompts with multi_modal_data); None = text.
     multimodal: MultiModalProcessor | None = None
 
@@ -279,11 +281,9 @@ def resolve_runner(args: EngineArgs, model: ModelConfig) -> dict[str, Any]:
 
 
 def resolve_lora(args: EngineArgs) -> dict[str, Any]:
-    """EngineConfig's LoRA fields; refused with the pooling runner."""
+    """EngineConfig's LoRA fields (either runner: pooling requests may name adapters too)."""
     if not args.enable_lora:
         return {}
-    if args.runner == "pooling":
-        raise ConfigError("enable_lora applies to generation; the pooling runner takes no adapters")
     return {
         "enable_lora": True,
         "max_loras": args.max_loras,
@@ -363,7 +363,7 @@ def build_engine_parts(
             f"enable_lora needs kvrun's own model code; the {platform.name} platform runs a "
             "whole-model executor that applies no adapters"
         )
-    lora: LoraManager | None = None
+    lora: LoraManager | ExecutorLoras | None = None
     if executor is not None and model_config.accepted_modalities:
         raise ConfigError(
             f"{model_config.architecture} takes media inputs through kvrun's own model code; "
@@ -376,7 +376,10 @@ def build_engine_parts(
         check_executor_supported(
             config.distributed_executor_backend, config, model_config, executor is not None
         )
-        runner, plan = build_executor(args, env, platform, config, model_config, resolved.attention)
+        runner, plan = build_executor(
+            args, env, platform, config, model_config, resolved.attention, model_cls
+        )
+        lora = runner.lora
     elif executor is not None:
         if executor.block_size != config.block_size:
             raise ConfigError(
@@ -409,7 +412,14 @@ def build_engine_parts(
     if model_config.accepted_modalities:
         from kvrun.multimodal.processing import MultiModalProcessor
 
-        multimodal = MultiModalProcessor(checkpoint.directory, model_config, checkpoint.source)
+        multimodal = MultiModalProcessor(
+            checkpoint.directory, model_config, checkpoint.source, args.mm_processor_kwargs
+        )
+    elif args.mm_processor_kwargs:
+        raise ConfigError(
+            f"mm_processor_kwargs applies to a multimodal model's processor; "
+            f"{model_config.architecture} takes text only (omit mm_processor_kwargs)"
+        )
     config = replace(config, num_kv_blocks=plan.num_blocks, kv_cache_bytes=plan.total_bytes)
     scheduler = Scheduler(
         SchedulerConfig(
@@ -426,6 +436,8 @@ def build_engine_parts(
         ),
         # The platform may order free KV blocks (Gaudi's contiguous PA wants lowest id first).
         free_block_policy=platform.free_block_policy(config),
+        # batches in flight at once: one per pipeline stage on the mp executor, else 1
+        max_concurrent_batches=concurrent_batches(runner),
     )
     _log_start(platform, config, plan, resolved.dtype_why, resolved.max_model_len_why)
     record_usage(

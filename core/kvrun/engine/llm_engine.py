@@ -11,22 +11,25 @@ its own tests included.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 
 from kvrun.config import EngineArgs, EngineConfig
+from kvrun.engine.batch import StepLogits
 from kvrun.engine.builder import EngineParts, build_engine_parts
 from kvrun.engine.grammar_queue import GrammarQueue
 from kvrun.engine.pooling_state import PoolingState
 from kvrun.engine.sampling_step import SamplingStep
 from kvrun.engine.sequence import ParentRequest, SequenceState, make_detokenizer
-from kvrun.engine.step_runner import StepRunner
+from kvrun.engine.step_runner import ConcurrentStepRunner, StepRunner, concurrent_batches
 from kvrun.envs import EnvSnapshot
 from kvrun.errors import RequestError
 from kvrun.lora.request import LoRARequest
@@ -34,7 +37,7 @@ from kvrun.outputs import RequestDelta, RequestMetrics
 from kvrun.platforms import Platform
 from kvrun.pooling import PoolingParams
 from kvrun.sampling_params import SamplingParams
-from kvrun.scheduling.output import ScheduledChunk
+from kvrun.scheduling.output import ScheduledChunk, SchedulerOutput
 from kvrun.scheduling.request import Request, RequestStatus
 from kvrun.scheduling.scheduler import Scheduler
 from kvrun.stats import EngineStats
@@ -78,6 +81,16 @@ class LLMEngine:
         self._generation_tokens_total = 0
         self._last_batch_log = time.monotonic()
         self._profiler: object | None = None
+        # batches submitted to a ConcurrentStepRunner and not yet collected, oldest first
+        self._max_batches = concurrent_batches(self.runner)
+        if self.scheduler.max_concurrent_batches != self._max_batches:
+            raise ValueError(
+                f"the scheduler takes {self.scheduler.max_concurrent_batches} batch(es) in "
+                f"flight but the step runner {type(self.runner).__name__} takes "
+                f"{self._max_batches}; build the Scheduler with max_concurrent_batches="
+                f"{self._max_batches}"
+            )
+        self._in_flight: deque[_Batch] = deque()
 
     @classmethod
     def from_args(
@@ -105,11 +118,14 @@ class LLMEngine:
         """Queue a request; a RequestError (or ValueError) says why one is refused.
 
         ``prompt`` may be vLLM's dict: ``{"prompt": str}`` or ``{"prompt_token_ids":
-        [...]}``, with ``"multi_modal_data": {"image": ..., "video": ...}`` for a
-        multimodal model (:mod:`kvrun.multimodal.processing` says what each takes)."""
+        [...]}``, with ``"multi_modal_data": {"image": ..., "video": ...}`` and
+        ``"mm_processor_kwargs": {...}`` for a multimodal model
+        (:mod:`kvrun.multimodal.processing` says what each takes)."""
         self._check_request_id(request_id)
         multi_modal_data = None
+        processor_kwargs = None
         if isinstance(prompt, Mapping):
+            processor_kwargs = prompt.get("mm_processor_kwargs")
             prompt, multi_modal_data = _prompt_and_media(prompt)
         if self.config.runner != "generate":
             raise RequestError(
@@ -121,6 +137,17 @@ class LLMEngine:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         config = self.config
         multi_modal = None
+        if processor_kwargs is not None and self.multimodal is None:
+            raise RequestError(
+                f"mm_processor_kwargs applies to a multimodal model's processor; "
+                f"{config.architecture} takes text only",
+                param="mm_processor_kwargs",
+            )
+        if processor_kwargs is not None and self.multimodal is not None and not multi_modal_data:
+            # no media to process: the keys and values are still checked (an unknown key
+            # is the same error with or without media), then they have nothing to act on
+            self.multimodal.check_request_kwargs(processor_kwargs)
+            _log_kwargs_without_media()
         if multi_modal_data:
             if self.multimodal is None:
                 raise RequestError(
@@ -128,7 +155,9 @@ class LLMEngine:
                     "that accepts media (Qwen2-VL: image, video)",
                     param="multi_modal_data",
                 )
-            token_ids, multi_modal = self.multimodal.process(token_ids, multi_modal_data)
+            token_ids, multi_modal = self.multimodal.process(
+                token_ids, multi_modal_data, processor_kwargs
+            )
         check_prompt(token_ids, vocab_size=config.vocab_size, max_model_len=config.max_model_len)
         params.verify(config.vocab_size, config.max_logprobs)
         if params.structured_outputs is not None:
@@ -197,10 +226,12 @@ class LLMEngine:
         params: PoolingParams,
         *,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queue a pooling request (an embedding, a score's half, a classification): its one
         delta, when it finishes, carries the pooled vector (``RequestDelta.pooled``) and no
-        sequences. It shares the steps with generation requests on a generating engine."""
+        sequences. It shares the steps with generation requests on a generating engine.
+        ``lora_request``: the hidden states are the adapted model's (as for generation)."""
         self._check_request_id(request_id)
         config = self.config
         if config.pooler is None or not self.runner.returns_hidden_states:
@@ -215,6 +246,8 @@ class LLMEngine:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt(token_ids, vocab_size=config.vocab_size, max_model_len=config.max_model_len)
         params.verify(config.hidden_size, config.matryoshka)
+        if lora_request is not None:
+            self.add_lora(lora_request)  # read and checked now: a LoraError refuses it
         now = time.monotonic()
         state = PoolingState(
             request_id=request_id,
@@ -234,6 +267,8 @@ class LLMEngine:
                 payload=state,
                 prompt_only=True,
                 skip_prefix_cache=config.pooler.needs_every_position,
+                lora_id=lora_request.lora_int_id if lora_request else 0,
+                cache_salt=lora_request.cache_salt if lora_request else b"",
             )
         )
         self._pooling[request_id] = state
@@ -297,7 +332,8 @@ class LLMEngine:
             self.scheduler.abort_requests(ids)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents or self._pooling)
+        """Requests not finished, or batches still in flight (a step collects them)."""
+        return bool(self._parents or self._pooling or self._in_flight)
 
     def take_failed_requests(self) -> list[tuple[str, RequestError]]:
         """Requests refused after :meth:`add_request` returned (a grammar that did not
@@ -322,12 +358,41 @@ class LLMEngine:
 
         Feed the deltas to an :class:`~kvrun.engine.output_accumulator.OutputAccumulator`
         for vLLM-shaped RequestOutputs; a request's last delta has ``finished`` set.
+
+        On a runner that takes several batches in flight (pipeline parallelism on the mp
+        executor) a step first fills the runner up to that many batches, then processes
+        the oldest: its outputs are those of one batch, in submission order.
         """
         self._admit_compiled()
+        now = time.monotonic()  # the time this step's tokens are marked with
+        if self._max_batches > 1:
+            return self._step_in_flight(now)
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
-        now = time.monotonic()
+        batch = self._batch(out)
+        return self._process(batch, self._execute(batch), now)
+
+    def _step_in_flight(self, now: float) -> list[RequestDelta]:
+        """:meth:`step` on a ConcurrentStepRunner: submit batches until
+        ``max_concurrent_batches`` are in flight (the scheduler leaves out requests with
+        a batch in flight), then collect and process the oldest; the others run
+        meanwhile. Outputs come in submission order."""
+        runner = cast(ConcurrentStepRunner, self.runner)  # concurrent_batches checked it
+        while len(self._in_flight) < self._max_batches:
+            out = self.scheduler.schedule()
+            if not out.chunks:
+                break
+            batch = self._batch(out)
+            runner.submit(out.chunks, batch.prompt_logits_for, batch.pooling)
+            self._in_flight.append(batch)
+        if not self._in_flight:
+            return []
+        logits = runner.collect()
+        return self._process(self._in_flight.popleft(), logits, now)
+
+    def _batch(self, out: SchedulerOutput) -> _Batch:
+        """What a scheduled batch asks of the runner beyond its chunks."""
         pooling = frozenset(c.request_id for c in out.chunks if c.request_id in self._pooling)
         wants_prompt_logprobs = frozenset(
             chunk.request_id
@@ -335,14 +400,21 @@ class LLMEngine:
             if chunk.request_id not in pooling
             and self._needs_prompt_logprobs(chunk.request_id, chunk.start_position)
         )
-        if pooling:
-            logits = self.runner.execute(out.chunks, wants_prompt_logprobs, pooling)
-            for chunk in out.chunks:
-                if chunk.request_id in pooling:
-                    rows = logits.hidden[chunk.request_id]
-                    self._pooling[chunk.request_id].add_chunk(chunk.start_position, rows)
-        else:
-            logits = self.runner.execute(out.chunks, wants_prompt_logprobs)
+        return _Batch(out, wants_prompt_logprobs, pooling)
+
+    def _execute(self, batch: _Batch) -> StepLogits:
+        chunks = batch.output.chunks
+        if batch.pooling:
+            return self.runner.execute(chunks, batch.prompt_logits_for, batch.pooling)
+        return self.runner.execute(chunks, batch.prompt_logits_for)
+
+    def _process(self, batch: _Batch, logits: StepLogits, now: float) -> list[RequestDelta]:
+        """Sample from a batch's logits, let the scheduler update, make the deltas."""
+        out = batch.output
+        for chunk in out.chunks:
+            state_of = self._pooling.get(chunk.request_id)
+            if chunk.request_id in batch.pooling and state_of is not None:  # not aborted
+                state_of.add_chunk(chunk.start_position, logits.hidden[chunk.request_id])
         states = [self._state(rid) for rid in logits.request_ids]
         sampled = self.sampling.sample(logits.logits, states)
         for chunk in out.chunks:
@@ -530,6 +602,24 @@ class LLMEngine:
         if now - self._last_batch_log >= interval:
             self._last_batch_log = now
             logger.info("batch: %d sequences, %d tokens this step", num_seqs, num_tokens)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A scheduled batch on its way through the runner."""
+
+    output: SchedulerOutput
+    prompt_logits_for: frozenset[str]  # requests whose prompt logprobs this batch owes
+    pooling: frozenset[str]  # pooling requests: their hidden states come back
+
+
+@functools.cache
+def _log_kwargs_without_media() -> None:
+    """Said once per process: settings that a prompt without media leaves unused."""
+    logger.info(
+        "a prompt without media gave mm_processor_kwargs: they were checked and have no "
+        "effect (they set how media are processed)"
+    )
 
 
 def _prompt_and_media(prompt: Mapping[str, Any]) -> tuple[str | list[int], Any]:

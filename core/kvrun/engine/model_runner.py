@@ -9,8 +9,9 @@ whole-chunk logits for requests that asked for prompt logprobs).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -24,7 +25,31 @@ if TYPE_CHECKING:
     from kvrun.lora.manager import LoraBatch, LoraManager
     from kvrun.platforms.base import DecodeGraphRunner
 
-__all__ = ["ModelRunner"]
+__all__ = ["LoraDecodeStep", "ModelRunner"]
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class LoraDecodeStep(Protocol):
+    """A fused decode step (:meth:`kvrun.Platform.fused_decoder`) that can also add LoRA
+    adapters (the cpu plugin's NativeDecoder); the runner hands it the slots once."""
+
+    def attach_lora(
+        self,
+        layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],  # LoraManager.slot_tensors
+        scales: torch.Tensor,  # [S] float32
+    ) -> str | None:  # None: attached; else why steps with adapters cannot run in it
+        ...
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: Any,
+        lora_slots: torch.Tensor | None = None,  # [N] int64 each token's slot, -1: none
+    ) -> torch.Tensor | None:  # as DecodeGraphRunner.run
+        ...
 
 
 class ModelRunner:
@@ -54,9 +79,18 @@ class ModelRunner:
         self.fused_decoder = fused_decoder
         self.decode_graph = decode_graph
         self._pools_logits = bool(getattr(model, "pools_class_logits", False))
-        # LoRA adapters' slots (enable_lora); a step where a token has an adapter runs the
-        # model's own forward, which applies them (the fused and graph paths do not).
+        # LoRA adapters' slots (enable_lora); a step where a token has an adapter runs in
+        # the fused decode step where it takes adapters (LoraDecodeStep), else in the
+        # model's own forward, which applies them (the graph path does not).
         self.lora = lora
+        self._lora_decoder: LoraDecodeStep | None = None
+        if lora is not None and fused_decoder is not None:
+            why: str | None = "the platform's fused decode step takes no adapters"
+            if isinstance(fused_decoder, LoraDecodeStep):
+                why = fused_decoder.attach_lora(*lora.slot_tensors())
+                self._lora_decoder = fused_decoder if why is None else None
+            if why is not None:
+                logger.info("decode steps with LoRA adapters run op by op: %s", why)
         # A multimodal model's encoder outputs by content hash (kvrun.multimodal).
         self.encoder_cache = (
             EncoderCache(mm_cache_size) if getattr(model, "supports_multimodal", False) else None
@@ -78,30 +112,21 @@ class ModelRunner:
         """Run one step; ``prompt_logits_for`` names requests whose chunk needs all logits,
         ``hidden_for`` those whose chunk's hidden states go back (pooling)."""
         batch = build_batch(chunks, self.block_size, self.device)
-        lora = self._lora_batch(chunks, batch) if self.lora is not None else None
+        lora = self.lora_batch(chunks, batch) if self.lora is not None else None
         hidden = None
-        positions = batch.positions
-        if self.encoder_cache is not None and any(c.multi_modal is not None for c in chunks):
-            # media rows: the model's encoder outputs and M-RoPE positions; a step without
-            # media rows only shifts positions (the rope delta) and takes the usual paths
+        # media rows: the model's encoder outputs and M-RoPE positions; a step without
+        # media rows only shifts positions (the rope delta) and takes the usual paths
+        positions, embeds = self.media_inputs(chunks, batch)
+        if embeds is not None:
             mm_model: Any = self.model  # a model that declares supports_multimodal
-            positions, embeds = multimodal_step_inputs(
-                chunks,
-                batch.positions,
-                self.encoder_cache,
-                mm_model.encode,
-                mm_model.embed_tokens,
-                batch.input_ids,
+            hidden = mm_model.forward(
+                batch.input_ids, positions, self.kv_caches, batch.meta, lora=lora,
+                inputs_embeds=embeds,
+            )  # fmt: skip
+        if hidden is None and lora is not None and self._lora_decoder is not None:
+            hidden = self._lora_decoder.run(
+                batch.input_ids, positions, batch.meta, lora_slots=lora.slots
             )
-            if embeds is not None:
-                hidden = mm_model.forward(
-                    batch.input_ids,
-                    positions,
-                    self.kv_caches,
-                    batch.meta,
-                    lora=lora,
-                    inputs_embeds=embeds,
-                )
         if hidden is None and lora is not None:
             model: Any = self.model  # a model whose supports_lora the builder checked
             hidden = model.forward(
@@ -141,7 +166,28 @@ class ModelRunner:
             hidden=hidden_rows,
         )
 
-    def _lora_batch(self, chunks: Sequence[ScheduledChunk], batch: BatchInputs) -> LoraBatch | None:
+    def media_inputs(
+        self, chunks: Sequence[ScheduledChunk], batch: BatchInputs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's rotary positions and, where a chunk covers media rows, its input
+        embeddings (kvrun.multimodal.encoder_cache). A later pipeline stage of a media
+        model (its ``parallel`` not the first stage) gets the positions only: it starts
+        from the previous stage's residual stream, and only stage 0 encodes."""
+        if self.encoder_cache is None or all(c.multi_modal is None for c in chunks):
+            return batch.positions, None
+        mm_model: Any = self.model  # a model that declares supports_multimodal
+        first = getattr(getattr(mm_model, "parallel", None), "first_stage", True)
+        return multimodal_step_inputs(
+            chunks,
+            batch.positions,
+            self.encoder_cache,
+            mm_model.encode,
+            mm_model.embed_tokens,
+            batch.input_ids,
+            with_embeddings=first,
+        )
+
+    def lora_batch(self, chunks: Sequence[ScheduledChunk], batch: BatchInputs) -> LoraBatch | None:
         """The step's adapters in their slots, each token's slot; None when no chunk has one."""
         assert self.lora is not None
         if not any(chunk.lora_id for chunk in chunks):

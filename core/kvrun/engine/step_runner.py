@@ -13,6 +13,12 @@ from the logits it returns. Implementations:
   arguments are plain data (:class:`~kvrun.scheduling.output.ScheduledChunk`
   dataclasses and request ids) that can be broadcast as typed messages, and only the
   sampling rows' logits come back; the KV caches stay with the workers.
+
+A runner may also accept several batches in flight (:class:`ConcurrentStepRunner`: the
+mp and Ray executors with pipeline parallelism, one batch per stage), so that each pipeline
+stage works on a batch while the next one works on the one before; the engine loop
+then submits up to :func:`concurrent_batches` batches before it collects the oldest.
+Every other runner is driven through ``execute`` alone, one step at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from kvrun.attention.base import AttentionMetadata
 from kvrun.engine.batch import StepLogits
 from kvrun.scheduling.output import ScheduledChunk
 
-__all__ = ["CausalLM", "StepRunner"]
+__all__ = ["CausalLM", "ConcurrentStepRunner", "StepRunner", "concurrent_batches"]
 
 
 class StepRunner(Protocol):
@@ -63,6 +69,51 @@ class StepRunner(Protocol):
         page by page as requests first reach it. Returns the bytes written; 0 where the
         cache is not this runner's to write (an executor's own)."""
         ...
+
+
+class ConcurrentStepRunner(StepRunner, Protocol):
+    """A StepRunner that takes up to ``max_concurrent_batches`` steps in flight.
+
+    Invariants (on top of StepRunner's, which ``collect`` honours for each step):
+    - ``submit`` starts a step and returns without waiting for it; at most
+      ``max_concurrent_batches`` steps are submitted and not yet collected (one more
+      raises);
+    - ``collect`` waits for the oldest submitted step and returns its StepLogits: steps
+      run and are collected in submission order, so a step's K/V writes come after
+      those of every step submitted before it (a later step may read them);
+    - the tensors ``collect`` returns stay valid until ``max_concurrent_batches`` more
+      steps are submitted (the engine samples from them before it submits the next);
+    - ``execute`` is ``submit`` then ``collect`` of that step, with nothing else in
+      flight.
+    """
+
+    max_concurrent_batches: int
+
+    def submit(
+        self,
+        chunks: Sequence[ScheduledChunk],
+        prompt_logits_for: frozenset[str] = frozenset(),
+        hidden_for: frozenset[str] = frozenset(),
+    ) -> None: ...
+
+    def collect(self) -> StepLogits: ...
+
+
+def concurrent_batches(runner: object) -> int:
+    """How many steps the engine may keep in flight on ``runner``: its
+    ``max_concurrent_batches`` (a ConcurrentStepRunner), else 1. A runner that claims
+    more than one without ``submit`` and ``collect``, or a count that is not a positive
+    integer, raises ValueError."""
+    n = getattr(runner, "max_concurrent_batches", 1)
+    name = type(runner).__name__
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{name}.max_concurrent_batches={n!r}: a positive integer is accepted")
+    if n > 1 and not all(callable(getattr(runner, m, None)) for m in ("submit", "collect")):
+        raise ValueError(
+            f"{name}.max_concurrent_batches={n} but it has no submit() and collect(): "
+            "a runner without them takes 1"
+        )
+    return n
 
 
 class CausalLM(Protocol):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -30,6 +30,9 @@ from kvrun.outputs import (
 from kvrun.pooling import PoolingParams, cosine
 from kvrun.sampling_params import BeamSearchParams, SamplingParams
 from kvrun.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from kvrun.multimodal.fetch import MediaPolicy
 
 __all__ = ["LLM"]
 
@@ -69,6 +72,9 @@ class LLM:
         envs.warn_unknown_variables()
         self.llm_engine = LLMEngine.from_args(args, env)
         self._counter = 0
+        # where LLM.chat's media parts may come from (built at the first media part)
+        self._media_settings = (env, args.allowed_media_domains, args.allowed_local_media_path)
+        self._media_policy: MediaPolicy | None = None
 
     def get_tokenizer(self) -> Tokenizer:
         return self.llm_engine.tokenizer
@@ -101,41 +107,88 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        mm_processor_kwargs: Mapping[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate
-        (``lora_request`` as in :meth:`generate`)."""
+        (``lora_request`` as in :meth:`generate`).
+
+        A message's content may be a list of parts, as the server takes them
+        (:mod:`kvrun.multimodal.chat_parts`: ``image_url``, ``video_url``,
+        ``input_audio``, ``audio_url``) plus vLLM's offline ``{"type": "image_pil",
+        "image_pil": PIL.Image}``; URLs are fetched by the server's guarded fetcher
+        (``file://`` only under ``allowed_local_media_path``, http(s) only from
+        ``allowed_media_domains`` when set, else public addresses). ``mm_processor_kwargs``:
+        the processor settings of these conversations' media, over the engine's."""
+        from kvrun.multimodal.chat_parts import (
+            load_parts_blocking,
+            message_dicts,
+            multi_modal_data,
+        )
+
         conversations: list[Sequence[Message]]
         if messages and isinstance(messages[0], Mapping):
             conversations = [messages]  # type: ignore[list-item]
         else:
             conversations = list(messages)  # type: ignore[arg-type]
-        tokenizer = self.llm_engine.tokenizer
-        prompts: list[str | list[int]] = []
+        engine = self.llm_engine
+        tokenizer = engine.tokenizer
+        accepted = engine.multimodal.accepted_modalities if engine.multimodal else frozenset()
+        prompts: list[str | list[int] | Mapping[str, Any]] = []
         for conversation in conversations:
+            dicts, parts = message_dicts(
+                list(conversation), accepted, engine.config.model_name, objects=True
+            )
             text = tokenizer.apply_chat_template(
-                list(conversation),
+                dicts,
                 add_generation_prompt=add_generation_prompt,
                 chat_template=chat_template,
             )
             # The template already holds any special tokens the model wants.
-            prompts.append(tokenizer.encode(text, add_special_tokens=False))
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            prompt: dict[str, Any] = {"prompt_token_ids": ids}
+            if parts:
+                items = load_parts_blocking(parts, self._media(), {})
+                prompt["multi_modal_data"] = multi_modal_data(parts, items)
+            if mm_processor_kwargs is not None:  # checked by the engine, media or not
+                prompt["mm_processor_kwargs"] = mm_processor_kwargs
+            prompts.append(prompt if len(prompt) > 1 else ids)
         params = _as_params_list(sampling_params, len(prompts))
         return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)))
+
+    def _media(self) -> MediaPolicy:
+        """The media policy of LLM.chat: the server's rules from this LLM's options."""
+        if self._media_policy is None:
+            from kvrun.multimodal.assets import AssetCache
+            from kvrun.multimodal.fetch import MediaPolicy
+
+            env, domains, local_path = self._media_settings
+            self._media_policy = MediaPolicy.from_env(
+                env,
+                allowed_domains=domains,
+                allowed_local_path=local_path,
+                cache=AssetCache(env.VLLM_ASSETS_CACHE),
+                offline=True,
+            )
+        return self._media_policy
 
     def beam_search(
         self,
         prompts: PromptInput | Sequence[PromptInput],
         params: BeamSearchParams,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[BeamSearchOutput]:
         """Beam search for each prompt (vLLM's ``LLM.beam_search``): one
         :class:`~kvrun.beam_search.BeamSearchOutput` per prompt, its ``beam_width``
-        best sequences first. The rule is transformers' (see :mod:`kvrun.beam_search`)."""
+        best sequences first. The rule is transformers' (see :mod:`kvrun.beam_search`).
+        ``lora_request`` as in :meth:`generate`: every beam of a prompt runs with its
+        prompt's adapter."""
         tokenizer = self.llm_engine.tokenizer
         token_lists = []
         for item in _as_prompt_list(prompts):
             prompt = _prompt_of(item)
             token_lists.append(tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
-        return run_beam_search(self.llm_engine, token_lists, params)
+        loras = _as_lora_list(lora_request, len(token_lists))
+        return run_beam_search(self.llm_engine, token_lists, params, loras)
 
     # pooling (runner="pooling") -------------------------------------------------------
     def encode(
@@ -144,8 +197,10 @@ class LLM:
         pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[PoolingRequestOutput]:
-        """Each prompt's pooled hidden state (the model must run with runner="pooling")."""
+        """Each prompt's pooled hidden state (the model must run with runner="pooling");
+        ``lora_request`` as in :meth:`generate` (the adapted model's hidden states)."""
         items = [_prompt_of(p) for p in _as_prompt_list(prompts)]
         if pooling_params is None or isinstance(pooling_params, PoolingParams):
             plist = [pooling_params or PoolingParams(task="encode")] * len(items)
@@ -156,7 +211,7 @@ class LLM:
                     f"got {len(plist)} pooling params for {len(items)} prompts; "
                     "give one, or one per prompt"
                 )
-        return self._pool(items, plist, use_tqdm)
+        return self._pool(items, plist, use_tqdm, _as_lora_list(lora_request, len(items)))
 
     def embed(
         self,
@@ -164,14 +219,19 @@ class LLM:
         pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[EmbeddingRequestOutput]:
-        """Each prompt's embedding (normalised unless the pooler or params say otherwise)."""
+        """Each prompt's embedding (normalised unless the pooler or params say otherwise);
+        ``lora_request`` as in :meth:`generate`."""
         return [
             EmbeddingRequestOutput(
                 out.request_id, EmbeddingOutput(out.outputs.data.tolist()), out.prompt_token_ids
             )
             for out in self.encode(
-                prompts, pooling_params or PoolingParams(task="embed"), use_tqdm=use_tqdm
+                prompts,
+                pooling_params or PoolingParams(task="embed"),
+                use_tqdm=use_tqdm,
+                lora_request=lora_request,
             )
         ]
 
@@ -180,17 +240,20 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         *,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[ClassificationRequestOutput]:
-        """Each prompt's class probabilities (a ``*ForSequenceClassification`` model)."""
+        """Each prompt's class probabilities (a ``*ForSequenceClassification`` model);
+        ``lora_request`` as in :meth:`generate`."""
         items = [_prompt_of(p) for p in _as_prompt_list(prompts)]
         params = [PoolingParams(task="classify")] * len(items)
+        loras = _as_lora_list(lora_request, len(items))
         return [
             ClassificationRequestOutput(
                 out.request_id,
                 ClassificationOutput(out.outputs.data.tolist()),
                 out.prompt_token_ids,
             )
-            for out in self._pool(items, params, use_tqdm)
+            for out in self._pool(items, params, use_tqdm, loras)
         ]
 
     def score(
@@ -199,9 +262,11 @@ class LLM:
         text_2: str | Sequence[str],
         *,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | None = None,
     ) -> list[ScoringRequestOutput]:
         """vLLM's scores for an embedding model: the cosine similarity of each pair's
-        embeddings. One ``text_1`` pairs with every ``text_2``; two lists pair up."""
+        embeddings. One ``text_1`` pairs with every ``text_2``; two lists pair up.
+        ``lora_request``: the adapter every text is embedded with."""
         firsts = [text_1] if isinstance(text_1, str) else list(text_1)
         seconds = [text_2] if isinstance(text_2, str) else list(text_2)
         if len(firsts) == 1:
@@ -213,7 +278,8 @@ class LLM:
             )
         unique = list(dict.fromkeys([*firsts, *seconds]))
         params = PoolingParams(task="score")
-        outs = self._pool(list(unique), [params] * len(unique), use_tqdm)
+        loras = _as_lora_list(lora_request, len(unique))
+        outs = self._pool(list(unique), [params] * len(unique), use_tqdm, loras)
         by_text = dict(zip(unique, outs, strict=True))
         return [
             ScoringRequestOutput(
@@ -225,17 +291,22 @@ class LLM:
         ]
 
     def _pool(
-        self, prompts: list[str | list[int]], params: list[PoolingParams], use_tqdm: bool
+        self,
+        prompts: list[str | list[int]],
+        params: list[PoolingParams],
+        use_tqdm: bool,
+        loras: Sequence[LoRARequest | None] = (),
     ) -> list[PoolingRequestOutput]:
         engine = self.llm_engine
         ids: list[str] = []
         pooled: dict[str, PoolingRequestOutput] = {}
         bar = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm)
         try:
-            for prompt, p in zip(prompts, params, strict=True):
+            for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
                 request_id = str(self._counter)
                 self._counter += 1
-                engine.add_pooling_request(request_id, prompt, p)
+                lora = loras[index] if loras else None
+                engine.add_pooling_request(request_id, prompt, p, lora_request=lora)
                 ids.append(request_id)
             while engine.has_unfinished_requests():
                 for delta in engine.step():
@@ -311,8 +382,11 @@ def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[Prompt
 
 
 def _generate_prompt(item: PromptInput) -> str | list[int] | Mapping[str, Any]:
-    """A prompt for generation: a dict with media goes to the engine whole."""
-    if isinstance(item, Mapping) and item.get("multi_modal_data"):
+    """A prompt for generation: a dict with media (or processor settings) goes to the
+    engine whole."""
+    if isinstance(item, Mapping) and (
+        item.get("multi_modal_data") or item.get("mm_processor_kwargs") is not None
+    ):
         return item
     return _prompt_of(item)
 

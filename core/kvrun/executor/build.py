@@ -5,7 +5,9 @@ executor's settings (mp: the rendezvous address from VLLM_HOST_IP/VLLM_PORT,
 VLLM_WORKER_MULTIPROC_METHOD, VLLM_RINGBUFFER_WARNING_INTERVAL; ray: the VLLM_RAY_*
 variables), starts the ranks with the options this process resolved, and describes
 their KV cache (the smallest rank's budget) as a plan for the start-up log and the
-scheduler. The executors themselves are :mod:`kvrun.executor.mp` and
+scheduler. With enable_lora it gives the executor the engine's side of the adapters
+(:class:`~kvrun.lora.slots.ExecutorLoras`: which adapter is in which of the ranks'
+slots, sent with each step). The executors themselves are :mod:`kvrun.executor.mp` and
 :mod:`kvrun.executor.ray_executor`.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -23,6 +26,8 @@ from kvrun.errors import ConfigError
 from kvrun.executor.mp import MultiprocExecutor, MultiprocSettings
 from kvrun.executor.processes import resolve_start_method
 from kvrun.executor.ray_executor import RayExecutor, RaySettings, bundle_indices, import_ray
+from kvrun.lora.sharding import unsplit_modules
+from kvrun.lora.slots import ExecutorLoras, model_lora_targets
 from kvrun.models.config import ModelConfig
 from kvrun.platforms import KVCachePlan, Platform, plan_exact_kv_blocks
 
@@ -52,13 +57,6 @@ def check_executor_supported(
             "whole-model executor; accepted there: tensor_parallel_size=1, "
             "pipeline_parallel_size=1, distributed_executor_backend='uni'"
         )
-    if config.enable_lora:
-        raise ConfigError(f"{what} applies no LoRA adapters yet; accepted: enable_lora=False")
-    if model.accepted_modalities:
-        raise ConfigError(
-            f"{what} does not send media inputs to its ranks; {model.architecture} runs "
-            "with distributed_executor_backend='uni'"
-        )
 
 
 def build_executor(
@@ -68,6 +66,7 @@ def build_executor(
     config: EngineConfig,
     model: ModelConfig,
     attention: AttentionBackend,
+    model_cls: Any = None,  # the model's class (enable_lora: its LoRA surface)
 ) -> tuple[MultiprocExecutor | RayExecutor, KVCachePlan]:
     """Start the ranks of ``config.distributed_executor_backend`` (mp or ray); the
     executor and a plan of the blocks every rank holds (the smallest rank's budget)."""
@@ -95,10 +94,12 @@ def build_executor(
         executor = RayExecutor(
             rank_args,
             worker_environment(env),
-            _ray_settings(env, platform, config, threads),
+            _ray_settings(env, platform, config, threads, model.vocab_size),
             config.block_size,
         )
     try:
+        if config.enable_lora:
+            executor.lora = _executor_loras(platform, config, model, attention, model_cls)
         request = kv_cache_request(platform, config, model, attention, None)
         plan = plan_exact_kv_blocks(
             request,
@@ -110,6 +111,35 @@ def build_executor(
         executor.close()
         raise
     return executor, plan
+
+
+def _executor_loras(
+    platform: Platform,
+    config: EngineConfig,
+    model: ModelConfig,
+    attention: AttentionBackend,
+    model_cls: Any,
+) -> ExecutorLoras:
+    from kvrun.ops import reference_ops
+
+    if model_cls is None:
+        raise ConfigError("enable_lora with an executor needs the model's class")
+    ops = reference_ops().with_overrides(platform.ops(), f"platform {platform.name!r}")
+    targets = model_lora_targets(model_cls, model, ops, attention, config.dtype)
+    unsplit = unsplit_modules(targets.modules) if config.tensor_parallel_size > 1 else []
+    if unsplit:
+        raise ConfigError(
+            f"enable_lora with tensor_parallel_size={config.tensor_parallel_size}: "
+            f"{model.architecture}'s LoRA modules {', '.join(unsplit)} are not split across "
+            "tensor-parallel ranks (kvrun.lora.sharding); accepted: tensor_parallel_size=1"
+        )
+    logger.info(
+        "LoRA: %d slot(s) of rank %d on every rank, each rank reading adapters from their "
+        "path and keeping its shard",
+        config.max_loras,
+        config.max_lora_rank,
+    )
+    return ExecutorLoras(targets, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank)
 
 
 def _mp_settings(
@@ -144,7 +174,7 @@ def _mp_settings(
 
 
 def _ray_settings(
-    env: EnvSnapshot, platform: Platform, config: EngineConfig, threads: int
+    env: EnvSnapshot, platform: Platform, config: EngineConfig, threads: int, vocab_size: int
 ) -> RaySettings:
     from kvrun.distributed.state import node_ip
 
@@ -160,6 +190,9 @@ def _ray_settings(
         compiled_graph=bool(env.VLLM_USE_RAY_COMPILED_DAG),
         overlap_gpu_communication=on_gpu and bool(env.VLLM_USE_RAY_COMPILED_DAG_OVERLAP_COMM),
         node_ip=node_ip(env),
+        # the node-local path's result area: the largest step's float32 logits
+        result_area_bytes=config.max_num_seqs * vocab_size * 4,
+        ring_warning_interval_s=float(env.VLLM_RINGBUFFER_WARNING_INTERVAL),
     )
     bundle_indices(settings.bundles, world)  # a bad list fails before Ray starts
     return settings

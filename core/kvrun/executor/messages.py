@@ -16,17 +16,30 @@ Directions:
   :class:`KVCacheReady`, :class:`StepResult` (driver rank only; the other ranks send
   nothing per step), :class:`Committed`, :class:`WorkerFailed`;
 - :class:`WorkerStart`: what a worker process is started with.
+
+A step (:func:`step_message`) carries, besides its chunks, its LoRA plan
+(:class:`LoraStep`: each chunk's adapter slot, the adapters each rank reads from their
+path into slots first, those removed since the last step; the engine's
+:class:`~kvrun.lora.slots.ExecutorLoras` decides) and each media chunk's inputs
+(:class:`WireMedia`): pixel arrays or audio features travel as :class:`TensorBlob` inside
+the step, which the mp executor's shared-memory ring carries in as many frames as it
+takes, and only for the chunks whose tokens cover the item (a later chunk of the same
+request sends the item without its data: the ranks' encoder caches hold its rows, and a
+chunk that covers none of an item's rows never encodes it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 import torch
 
 from kvrun.engine.batch import StepLogits
+from kvrun.lora.request import LoRARequest
+from kvrun.lora.slots import ExecutorLoras
+from kvrun.multimodal.inputs import MultiModalInputs, MultiModalItem
 from kvrun.scheduling.output import ScheduledChunk
 
 __all__ = [
@@ -38,6 +51,8 @@ __all__ = [
     "ExecuteStep",
     "InitKVCache",
     "KVCacheReady",
+    "LoraLoad",
+    "LoraStep",
     "MessageError",
     "Reply",
     "SharedTensor",
@@ -47,6 +62,8 @@ __all__ = [
     "TensorBlob",
     "TensorRef",
     "WireChunk",
+    "WireMedia",
+    "WireMediaItem",
     "WorkerFailed",
     "WorkerReady",
     "WorkerStart",
@@ -57,8 +74,10 @@ __all__ = [
     "decode_start",
     "dtype_named",
     "encode",
+    "lora_request",
     "pack_step_logits",
     "pack_tensor",
+    "step_message",
     "unpack_step_logits",
     "unpack_tensor",
 ]
@@ -71,6 +90,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
     "int64": torch.int64,
     "int32": torch.int32,
+    "uint8": torch.uint8,
 }
 
 
@@ -120,9 +140,30 @@ class InitKVCache(_Message, tag="init_kv_cache"):
     num_blocks: int
 
 
+class WireMediaItem(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
+    """A MultiModalItem's fields; ``data`` (the encoder's inputs, e.g. Qwen2-VL's
+    pixel_values and grid_thw) is empty when the chunk covers none of its rows."""
+
+    modality: str
+    content_hash: str
+    offset: int
+    length: int
+    data: dict[str, TensorBlob]
+
+
+class WireMedia(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
+    """A chunk's MultiModalInputs: its items, and its M-RoPE positions when the chunk
+    reads them (a chunk past the prompt needs only ``prompt_len`` and the delta)."""
+
+    items: list[WireMediaItem]
+    prompt_len: int
+    mrope_positions: TensorBlob | None  # [3, prompt_len] int64, or None (see above)
+    has_mrope: bool  # the model's media have M-RoPE positions
+    mrope_delta: int
+
+
 class WireChunk(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
-    """A ScheduledChunk's fields (kvrun.scheduling.output says what each means); the
-    media of a multimodal chunk do not travel (the builder refuses such models here)."""
+    """A ScheduledChunk's fields (kvrun.scheduling.output says what each means)."""
 
     request_id: str
     token_ids: list[int]
@@ -131,6 +172,25 @@ class WireChunk(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
     samples: bool
     is_prefill: bool
     lora_id: int
+    media: WireMedia | None = None
+
+
+class LoraLoad(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
+    """Read adapter ``lora_int_id`` from ``lora_path`` into ``slot`` (replacing what the
+    slot held) before the step runs; every rank reads the file and keeps its shard."""
+
+    slot: int
+    lora_int_id: int
+    lora_name: str
+    lora_path: str
+
+
+class LoraStep(msgspec.Struct, forbid_unknown_fields=True):
+    """A step's adapters (kvrun.lora.slots.LoraStepPlan)."""
+
+    slots: list[int]  # per chunk: its adapter's slot, -1 for none
+    loads: list[LoraLoad]
+    forget: list[int]  # adapter ids removed from the engine (ranks drop their copies)
 
 
 class ExecuteStep(_Message, tag="execute"):
@@ -140,6 +200,7 @@ class ExecuteStep(_Message, tag="execute"):
     chunks: list[WireChunk]
     prompt_logits_for: frozenset[str]
     hidden_for: frozenset[str]
+    lora: LoraStep | None = None  # None: no engine adapters (enable_lora=False)
 
 
 class CommitKVCache(_Message, tag="commit_kv_cache"):
@@ -276,12 +337,33 @@ def decode_start(payload: bytes) -> WorkerStart:
     return message
 
 
-def chunk_to_wire(chunk: ScheduledChunk) -> WireChunk:
-    if getattr(chunk, "multi_modal", None) is not None:
-        raise MessageError(
-            f"request {chunk.request_id}'s chunk carries media, which the mp executor "
-            "does not send to its workers"
+def step_message(
+    step: int,
+    chunks: Sequence[ScheduledChunk],
+    prompt_logits_for: frozenset[str],
+    hidden_for: frozenset[str],
+    lora: ExecutorLoras | None = None,
+) -> ExecuteStep:
+    """The ExecuteStep of one scheduler step; ``lora`` (the engine's adapters, when
+    enable_lora) places the chunks' adapters in the ranks' slots."""
+    plan = None
+    if lora is not None:
+        decided = lora.plan([c.lora_id for c in chunks])
+        plan = LoraStep(
+            decided.slots,
+            [LoraLoad(s, r.lora_int_id, r.lora_name, r.lora_path) for s, r in decided.loads],
+            decided.forget,
         )
+    wire = [chunk_to_wire(c) for c in chunks]
+    return ExecuteStep(step, wire, prompt_logits_for, hidden_for, plan)
+
+
+def lora_request(load: LoraLoad) -> LoRARequest:
+    return LoRARequest(load.lora_name, load.lora_int_id, load.lora_path)
+
+
+def chunk_to_wire(chunk: ScheduledChunk) -> WireChunk:
+    media = chunk.multi_modal
     return WireChunk(
         chunk.request_id,
         chunk.token_ids,
@@ -290,6 +372,7 @@ def chunk_to_wire(chunk: ScheduledChunk) -> WireChunk:
         chunk.samples,
         chunk.is_prefill,
         chunk.lora_id,
+        None if media is None else _media_to_wire(media, chunk),
     )
 
 
@@ -302,7 +385,60 @@ def chunk_from_wire(wire: WireChunk) -> ScheduledChunk:
         samples=wire.samples,
         is_prefill=wire.is_prefill,
         lora_id=wire.lora_id,
+        multi_modal=None if wire.media is None else _media_from_wire(wire.media),
     )
+
+
+def _media_to_wire(media: MultiModalInputs, chunk: ScheduledChunk) -> WireMedia:
+    start, end = chunk.start_position, chunk.start_position + chunk.num_tokens
+    items = [
+        WireMediaItem(
+            item.modality,
+            item.content_hash,
+            item.offset,
+            item.length,
+            # only a chunk that covers some of the item's rows may encode it
+            {k: pack_tensor(v) for k, v in item.data.items()}
+            if max(start, item.offset) < min(end, item.end)
+            else {},
+        )
+        for item in media.items
+    ]
+    positions = media.mrope_positions
+    prompt_len = positions.shape[1] if positions is not None else 0
+    return WireMedia(
+        items,
+        prompt_len,
+        pack_tensor(positions) if positions is not None and start < prompt_len else None,
+        positions is not None,
+        media.mrope_delta,
+    )
+
+
+def _media_from_wire(wire: WireMedia) -> MultiModalInputs:
+    positions = None
+    if wire.mrope_positions is not None:
+        positions = unpack_tensor(wire.mrope_positions)
+        if tuple(positions.shape) != (3, wire.prompt_len):
+            raise MessageError(
+                f"M-RoPE positions of shape {tuple(positions.shape)} for a prompt of "
+                f"{wire.prompt_len} tokens; accepted: (3, {wire.prompt_len})"
+            )
+    elif wire.has_mrope:
+        # a chunk past the prompt reads only the prompt's length (and the delta): a
+        # [3, prompt_len] view of one element, never read (MultiModalInputs.positions)
+        positions = torch.zeros((1, 1), dtype=torch.int64).expand(3, wire.prompt_len)
+    items = tuple(
+        MultiModalItem(
+            item.modality,
+            item.content_hash,
+            item.offset,
+            item.length,
+            {k: unpack_tensor(v) for k, v in item.data.items()},
+        )
+        for item in wire.items
+    )
+    return MultiModalInputs(items, positions, wire.mrope_delta)
 
 
 def dtype_named(name: str) -> torch.dtype:

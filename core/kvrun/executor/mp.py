@@ -13,6 +13,13 @@ ranks on this machine; :mod:`kvrun.executor.processes`), and once built it is a
   result area (:mod:`kvrun.executor.result_area`, shared memory sized for the largest
   step's logits) and replies a small typed header on its pipe; :meth:`execute` returns
   views of the area, valid until the next :meth:`execute`; the other ranks send nothing;
+- with pipeline parallelism it is a
+  :class:`~kvrun.engine.step_runner.ConcurrentStepRunner` of one batch per stage:
+  :meth:`submit` publishes a step without waiting (the workers read the ring in order,
+  so stage 0 starts step N+1 while stage 1 runs step N, and their untagged send/recv
+  pair up in that order), :meth:`collect` awaits the oldest step's reply; the result
+  area holds one slot per batch in flight (step N's tensors in slot N mod pp), so the
+  views :meth:`collect` returns stay valid until pp more steps are submitted;
 - every wait watches every worker's reply pipe and exit sentinel: a worker that raises
   or dies ends the wait at once, with an error naming its rank. A failure after
   start-up makes the executor dead (:class:`ExecutorDeadError`, here and on every later
@@ -33,6 +40,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection, wait
@@ -46,7 +54,6 @@ from kvrun.errors import KvrunError
 from kvrun.executor.messages import (
     CommitKVCache,
     Committed,
-    ExecuteStep,
     InitKVCache,
     KVCacheReady,
     MessageError,
@@ -56,14 +63,15 @@ from kvrun.executor.messages import (
     WorkerFailed,
     WorkerReady,
     WorkerStart,
-    chunk_to_wire,
     decode_reply,
     encode,
+    step_message,
     unpack_step_logits,
 )
 from kvrun.executor.processes import WorkerProcess, check_start_method, start_worker
-from kvrun.executor.result_area import ResultArea
+from kvrun.executor.result_area import ALIGN, ResultArea
 from kvrun.executor.shm_channel import BroadcastWriter, ChannelTimeout
+from kvrun.lora.slots import ExecutorLoras
 from kvrun.scheduling.output import ScheduledChunk
 
 __all__ = ["ExecutorDeadError", "MultiprocExecutor", "MultiprocSettings", "WorkerStartError"]
@@ -150,6 +158,8 @@ class MultiprocExecutor:
     """A :class:`~kvrun.engine.step_runner.StepRunner` over worker processes."""
 
     returns_hidden_states = True
+    # enable_lora: the engine's adapters and their slots on the ranks (set by the builder)
+    lora: ExecutorLoras | None = None
 
     def __init__(
         self,
@@ -163,6 +173,10 @@ class MultiprocExecutor:
         check_start_method(settings.start_method)
         self.settings = settings
         self.block_size = block_size
+        # one batch in flight per pipeline stage (kvrun.engine.step_runner)
+        self.max_concurrent_batches = settings.pipeline_parallel_size
+        self.peak_in_flight = 0  # the most steps submitted and not collected at once
+        self._submitted: deque[int] = deque()  # steps submitted, not collected, oldest first
         self._step = 0
         self._dead: str | None = None
         self._running = False  # start-up done: a failure now makes the executor dead
@@ -192,14 +206,41 @@ class MultiprocExecutor:
         prompt_logits_for: frozenset[str] = frozenset(),
         hidden_for: frozenset[str] = frozenset(),
     ) -> StepLogits:
+        # a step still submitted here is one whose caller gave up (KeyboardInterrupt):
+        # its reply is skipped when it comes
+        self._submitted.clear()
+        self.submit(chunks, prompt_logits_for, hidden_for)
+        return self.collect()
+
+    def submit(
+        self,
+        chunks: Sequence[ScheduledChunk],
+        prompt_logits_for: frozenset[str] = frozenset(),
+        hidden_for: frozenset[str] = frozenset(),
+    ) -> None:
+        """Publish one step and return at once (ConcurrentStepRunner)."""
+        if len(self._submitted) >= self.max_concurrent_batches:
+            raise RuntimeError(
+                f"the mp executor already has {len(self._submitted)} steps in flight, its "
+                f"maximum (max_concurrent_batches={self.max_concurrent_batches}); collect one"
+            )
         step = self._step
         self._step += 1
-        wire = [chunk_to_wire(c) for c in chunks]
-        self._publish(ExecuteStep(step, wire, prompt_logits_for, hidden_for))
-        result = self._await(StepResult, [self.settings.driver_rank], "execute")
+        self._publish(step_message(step, chunks, prompt_logits_for, hidden_for, self.lora))
+        self._submitted.append(step)
+        self.peak_in_flight = max(self.peak_in_flight, len(self._submitted))
+
+    def collect(self) -> StepLogits:
+        """The oldest submitted step's logits, once the driver rank replies (views of the
+        result area, valid until max_concurrent_batches more steps are submitted)."""
+        if not self._submitted:
+            raise RuntimeError("the mp executor has no step in flight to collect")
+        step = self._submitted[0]
+        result = self._await(StepResult, [self.settings.driver_rank], "execute", step)
         reply = result[self.settings.driver_rank]
         if reply.step != step:
             self._die(f"the driver rank answered step {reply.step} to step {step}")
+        self._submitted.popleft()
         area = self._workers.area
         try:
             return unpack_step_logits(reply.logits, area.tensor if area is not None else None)
@@ -236,8 +277,9 @@ class MultiprocExecutor:
             reader_names=[f"worker rank {r}" for r in range(s.world_size)],
         )
         workers.writer = writer
-        if s.result_area_bytes > 0:
-            workers.area = ResultArea(s.result_area_bytes)
+        if s.result_area_bytes > 0:  # a slot per batch in flight (the driver's start_step)
+            slot_bytes = -(-s.result_area_bytes // ALIGN) * ALIGN
+            workers.area = ResultArea(slot_bytes * s.pipeline_parallel_size)
         area_fd = workers.area.fd if workers.area is not None else -1
         pipes = [os.pipe() for _ in range(s.world_size)]
         for _, write_fd in pipes:  # a reply in one write, logits as bytes included (Linux)
@@ -305,8 +347,11 @@ class MultiprocExecutor:
             if process.poll() is not None:
                 self._worker_exited(process, "while the executor waited to broadcast")
 
-    def _await(self, kind: type[_R], ranks: Iterable[int], phase: str) -> dict[int, _R]:
-        """One ``kind`` reply from each of ``ranks``, watching every worker meanwhile."""
+    def _await(
+        self, kind: type[_R], ranks: Iterable[int], phase: str, step: int = 0
+    ) -> dict[int, _R]:
+        """One ``kind`` reply from each of ``ranks``, watching every worker meanwhile;
+        step results before ``step`` (steps whose caller gave up) are skipped."""
         self._check_alive()
         pending = set(ranks)
         got: dict[int, _R] = {}
@@ -327,7 +372,7 @@ class MultiprocExecutor:
                 if isinstance(item, Connection):
                     rank = by_conn[item]
                     message = self._receive(item, rank, phase)
-                    if isinstance(message, StepResult) and message.step < self._step - 1:
+                    if isinstance(message, StepResult) and message.step < step:
                         continue  # a step whose caller gave up (KeyboardInterrupt)
                     if isinstance(message, kind) and rank in pending:
                         got[rank] = message

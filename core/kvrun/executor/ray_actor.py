@@ -9,11 +9,19 @@ our objects); the driver rank answers the bytes of a
 :class:`~kvrun.executor.messages.StepResult` and, beside them, its float32 logits as
 numpy arrays (the message names them: :class:`~kvrun.executor.messages.AttachedTensor`),
 which Ray's object store carries without the copies that bytes inside msgpack cost; the
-other ranks answer ``b""``.
+other ranks answer ``b""``. That is the path of a rank on another node than the
+engine's; a rank on the engine's node is attached to the node-local data path
+(:mod:`kvrun.executor.ray_local`: :meth:`attach_local`) and then serves the engine's
+shared-memory ring in one long :meth:`serve_local` call, its logits (the driver's) in
+the result area; under a compiled graph every rank keeps answering :meth:`execute`,
+and the driver (attached on the engine's node) puts its logits in the result area and
+sends its header on its connection.
 
 Call order (the Worker's): :meth:`placement` (where the actor runs), on rank 0
 :meth:`rendezvous_address`, then :meth:`start` on every rank at once (they meet at the
-rendezvous), :meth:`init_kv_cache`, :meth:`execute` per step, :meth:`close`.
+rendezvous), :meth:`init_kv_cache`, on the engine's node :meth:`attach_local` (then
+:meth:`serve_local` unless a compiled graph drives the steps), :meth:`execute` per step
+(ranks on other nodes, compiled graphs), :meth:`close`.
 This module imports no torch at import time; Ray imports it in each actor process.
 """
 
@@ -47,6 +55,7 @@ class RankActor:
         self.worker: Any = None
         self.rank = -1
         self.is_driver = False
+        self.local: Any = None  # the node-local data path's end (kvrun.executor.ray_local)
 
     def placement(self) -> tuple[str, str, int]:
         """(Ray node id, the node's IP as Ray reports it, this process's pid)."""
@@ -93,9 +102,31 @@ class RankActor:
     def commit_kv_cache(self) -> int:
         return int(self.worker.commit_kv_cache())
 
+    def attach_local(self, offer: bytes) -> None:
+        """Connect to the engine on this node (a :class:`~kvrun.executor.ray_local.LocalAttach`)
+        and map what it hands over: the step ring, the driver's result area."""
+        from kvrun.executor.ray_local import LocalEnd
+
+        self.local = LocalEnd(offer)
+
+    def detach_local(self) -> None:
+        """Leave the node-local data path (the engine fell back to actor calls)."""
+        if self.local is not None:
+            self.local.close()
+            self.local = None
+
+    def serve_local(self) -> None:
+        """Serve the engine's ring until it says Shutdown or goes: this call lasts as long
+        as the engine (Ray still reports the actor's death through it)."""
+        self.local.serve(self.worker, self.is_driver)
+
     def execute(self, payload: bytes) -> tuple[bytes, list[Any]] | bytes:
         """Run one step (an ExecuteStep message); the driver's StepResult bytes and the
-        arrays it names, else b""."""
+        arrays it names, else b"". A driver rank attached to the node-local path (a
+        compiled graph's, on the engine's node) puts its logits in the result area and
+        sends the StepResult (or its failure) on its connection instead, answering b"":
+        the engine sleeps on that connection rather than in Ray's channel read, which
+        spins."""
         import torch
 
         from kvrun.executor.messages import (
@@ -104,7 +135,6 @@ class RankActor:
             MessageError,
             StepResult,
             TensorRef,
-            chunk_from_wire,
             decode_broadcast,
             encode,
             pack_step_logits,
@@ -114,8 +144,17 @@ class RankActor:
         message = decode_broadcast(payload)
         if not isinstance(message, ExecuteStep):
             raise MessageError(f"rank {self.rank} expected a step, got {type(message).__name__}")
-        chunks = [chunk_from_wire(c) for c in message.chunks]
-        out = self.worker.execute(chunks, message.prompt_logits_for, message.hidden_for)
+        if self.local is not None and self.is_driver:
+            try:
+                out = self.worker.execute_step(message)
+                if out is None:
+                    raise RuntimeError("the driver rank's Worker.execute returned no logits")
+                self.local.reply.send_bytes(encode(self.local.step_result(message.step, out)))
+            except BaseException as exc:
+                self.local.report_failure("execute", exc)
+                raise
+            return b""
+        out = self.worker.execute_step(message)
         if not self.is_driver:
             return b""
         if out is None:
@@ -132,6 +171,9 @@ class RankActor:
         return header, arrays
 
     def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
+            self.local = None
         if self.worker is not None:
             self.worker.close()
             self.worker = None

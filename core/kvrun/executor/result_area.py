@@ -11,6 +11,10 @@ the header as bytes, as before. The executor reads the tensors as views of its o
 mapping: no pickling, no copy through the pipe.
 
 Invariants:
+- the area is split into equal slots, one per batch the executor keeps in flight (its
+  pipeline parallel size; one slot without pipeline parallelism): step N's tensors go
+  into slot N mod slots, so a step's views stay valid while the following steps are
+  written, until the same slot comes round again;
 - one writer (the driver rank) and one reader (the executor), alternating: the driver
   writes step N's tensors only after the executor published step N, which it does only
   after the caller of step N-1 returned; the reply's arrival on the pipe orders the
@@ -107,17 +111,21 @@ class ResultAreaWriter:
         os.close(fd)  # the mapping keeps the memory
         self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         self._next = 0
+        self._end = self.nbytes
 
-    def start_step(self) -> None:
-        """The previous step's tensors have been read: place from offset 0 again."""
-        self._next = 0
+    def start_step(self, slot: int = 0, num_slots: int = 1) -> None:
+        """Place this step's tensors in ``slot`` of ``num_slots`` equal slots (whose last
+        tensors the executor has read)."""
+        slot_bytes = self.nbytes // num_slots // ALIGN * ALIGN
+        self._next = slot * slot_bytes
+        self._end = self._next + slot_bytes
 
     def place(self, tensor: torch.Tensor) -> SharedTensor | TensorBlob:
         """Copy ``tensor`` into the area when it fits (a SharedTensor naming where), else
         its bytes for the reply itself."""
         blob_dtype = str(tensor.dtype).removeprefix("torch.")
         size = tensor.numel() * tensor.element_size()
-        if self._next + size > self.nbytes or tensor.numel() == 0:
+        if self._next + size > self._end or tensor.numel() == 0:
             return pack_tensor(tensor)
         dtype_named(blob_dtype)  # a dtype that may cross, else MessageError
         offset = self._next

@@ -47,7 +47,6 @@ from kvrun.executor.messages import (
     WorkerFailed,
     WorkerReady,
     WorkerStart,
-    chunk_from_wire,
     decode_broadcast,
     decode_start,
     encode,
@@ -148,13 +147,13 @@ def run_worker(start: WorkerStart) -> int:
                 return 0  # the executor is gone; nothing to answer
             if isinstance(message, ExecuteStep):
                 phase = "execute"
-                chunks = [chunk_from_wire(c) for c in message.chunks]
-                out = worker.execute(chunks, message.prompt_logits_for, message.hidden_for)
+                out = worker.execute_step(message)
                 if start.is_driver:
                     if out is None:
                         raise RuntimeError("the driver rank's Worker.execute returned no logits")
-                    if area is not None:
-                        area.start_step()  # the executor has read the last step's
+                    if area is not None:  # a slot per batch in flight (one per stage)
+                        slots = start.pipeline_parallel_size
+                        area.start_step(message.step % slots, slots)
                     result = StepResult(message.step, pack_step_logits(out, place))
                     reply.send_bytes(encode(result))
             elif isinstance(message, InitKVCache):

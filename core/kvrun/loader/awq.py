@@ -1,4 +1,4 @@
-"""AWQ checkpoints: 4-bit weights dequantised once, at load.
+"""AWQ checkpoints: 4-bit weights dequantised once, at load, or kept packed.
 
 An AWQ ("GEMM" version) checkpoint stores each quantised linear layer ``P`` as three
 tensors instead of ``P.weight [out, in]``:
@@ -18,12 +18,20 @@ do. The arithmetic is the ``awq_dequantize`` op (:mod:`kvrun.ops.reference` hold
 oracle), so a platform can do it with its own kernel on its own device: kvrun-cuda's
 Triton kernel under VLLM_USE_TRITON_AWQ=1. This module checks the checkpoint and
 gathers each layer's three tensors for the op.
+
+Under ``quantization="awq"`` (:func:`kvrun.quantization.plan_quantized_load`) the
+layers named in ``keep_quantized`` are not dequantised: their three tensors become one
+:class:`kvrun.quantization.QuantizedMatrix` (:func:`kvrun.quantization.awq_rows`, the
+same 4-bit values, scales and zero points by output row), which the platform repacks
+for its int4 kernels (the cpu plugin's ``csrc/quant.c``). :func:`awq_stored_types`
+says which layers can be, from the files' headers alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +39,14 @@ import torch
 from kvrun.errors import ModelLoadError
 from kvrun.ops.reference import awq_dequantize
 
-__all__ = ["AwqConfig", "Dequantize", "awq_config", "check_awq_shapes", "merge_awq"]
+__all__ = [
+    "AwqConfig",
+    "Dequantize",
+    "awq_config",
+    "awq_stored_types",
+    "check_awq_shapes",
+    "merge_awq",
+]
 
 _PARTS = ("qweight", "qzeros", "scales")
 # The awq_dequantize op's signature: (qweight, qzeros, scales, group_size) -> [out, in].
@@ -98,6 +113,26 @@ def check_awq_shapes(
         )
 
 
+def awq_stored_types(weight_files: Iterable[Path], config: AwqConfig) -> dict[str, str]:
+    """Every AWQ layer of these safetensors files as ``{"<layer>.weight": "AWQ_G<g>"}``,
+    g its group (``group_size``, or all its input rows for -1): a type
+    :class:`kvrun.quantization.QuantizedMatrix` keeps where g is whole blocks of 32
+    (:func:`kvrun.quantization.awq_qtype`), no kept type otherwise. Read from the
+    files' headers; the tensors are not loaded."""
+    from safetensors import safe_open
+
+    types: dict[str, str] = {}
+    for path in weight_files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                if not name.endswith(".qweight"):
+                    continue
+                rows = handle.get_slice(name).get_shape()[0]
+                group = rows if config.group_size == -1 else config.group_size
+                types[name.removesuffix("qweight") + "weight"] = f"AWQ_G{group}"
+    return types
+
+
 def merge_awq(
     pairs: Iterable[tuple[str, torch.Tensor]],
     config: AwqConfig,
@@ -105,13 +140,18 @@ def merge_awq(
     source: str,
     dequantize: Dequantize = awq_dequantize,
     device: torch.device | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
+    keep_quantized: frozenset[str] = frozenset(),
+) -> Iterator[tuple[str, Any]]:
     """Each layer's (qweight, qzeros, scales) as one ``.weight`` in ``dtype``, whatever
     order or file they come in; other tensors pass through, floating ones in ``dtype``.
 
     ``dequantize`` is the ``awq_dequantize`` op to use (a platform's kernel) and
     ``device`` where it runs: the three tensors move there first and the weight stays
-    there (None: where they were read, the CPU)."""
+    there (None: where they were read, the CPU). A layer whose ``.weight`` is in
+    ``keep_quantized`` comes as a :class:`kvrun.quantization.QuantizedMatrix` instead,
+    on the CPU (:func:`kvrun.quantization.awq_rows`)."""
+    from kvrun.quantization import awq_rows
+
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in pairs:
         prefix, _, part = name.rpartition(".")
@@ -127,6 +167,12 @@ def merge_awq(
                 check_awq_shapes(qweight, qzeros, scales, config.group_size)
             except ValueError as exc:
                 raise ModelLoadError(f"model {source!r}: AWQ layer {prefix}: {exc}") from exc
+            if f"{prefix}.weight" in keep_quantized:
+                yield (
+                    f"{prefix}.weight",
+                    awq_rows(qweight, qzeros, scales, config.group_size, dtype),
+                )
+                continue
             if device is not None:
                 qweight, qzeros, scales = qweight.to(device), qzeros.to(device), scales.to(device)
             weight = dequantize(qweight, qzeros, scales, config.group_size)

@@ -14,6 +14,7 @@ from kvrun.ops import reference
 
 if TYPE_CHECKING:
     from kvrun.loader.awq import Dequantize
+    from kvrun.loader.safetensors_loader import Narrow
 
 __all__ = ["Checkpoint", "CheckpointFormat"]
 
@@ -65,6 +66,7 @@ class Checkpoint:
         awq_device: torch.device | None = None,
         keep_quantized: frozenset[str] = frozenset(),
         select: Callable[[str], bool] | None = None,
+        narrow: Narrow | None = None,
     ) -> Iterator[tuple[str, Any]]:
         """Yield (Hugging Face parameter name, tensor) pairs, each converted to ``dtype``.
 
@@ -78,9 +80,12 @@ class Checkpoint:
         for the same ``dummy_seed``; a ``none`` one raises ModelLoadError.
         ``progress`` shows a tqdm bar on stderr. A GGUF file's matrices named in
         ``keep_quantized`` come as :class:`kvrun.quantization.QuantizedMatrix` blocks
-        (``quantization="gguf"``: :func:`kvrun.quantization.plan_quantized_load`).
+        (``quantization="gguf"``: :func:`kvrun.quantization.plan_quantized_load`), and so
+        do an AWQ checkpoint's layers named there (``quantization="awq"``).
         ``select``: only the names it accepts are yielded (a pipeline stage's; safetensors
-        files do not even read the others).
+        files do not even read the others). ``narrow``: each tensor is only the parts it
+        names (a tensor-parallel rank's share: plain safetensors files read just those
+        bytes; other formats, AWQ and fp8 are read whole, dequantized, then cut).
         """
         from tqdm.auto import tqdm
 
@@ -120,8 +125,12 @@ class Checkpoint:
             cast = dtype if awq is None and fp8 is None else None
             if self.format == "pt":
                 stored = iter_pt(self.weight_files, cast)
-            else:  # unselected tensors are not even read
-                stored = iter_safetensors(self.weight_files, cast, select)
+            else:  # unselected tensors (and unwanted parts, where plain) are not even read
+                plain = awq is None and fp8 is None
+                stored = iter_safetensors(
+                    self.weight_files, cast, select, narrow if plain else None
+                )
+                narrow = None if plain else narrow
         bar = tqdm(
             total=total,
             desc=f"Loading {self.name}",
@@ -136,10 +145,22 @@ class Checkpoint:
                 if select is None or select(pair[0]):
                     yield pair
 
+        def cut(pairs: Iterator[tuple[str, Any]], narrow: Narrow) -> Iterator[tuple[str, Any]]:
+            """The parts ``narrow`` names of tensors read whole (kept quantized blocks pass)."""
+            from kvrun.loader.safetensors_loader import read_parts
+
+            for name, tensor in pairs:
+                whole = isinstance(tensor, torch.Tensor)
+                plan = narrow(name, tuple(tensor.shape)) if whole else None
+                yield name, tensor if plan is None else read_parts(tensor, plan)
+
         with bar:
             if awq is not None:
-                yield from merge_awq(counted(), awq, dtype, self.source, awq_dequantize, awq_device)
+                out = merge_awq(
+                    counted(), awq, dtype, self.source, awq_dequantize, awq_device, keep_quantized
+                )
             elif fp8 is not None:
-                yield from merge_fp8(counted(), fp8, dtype, self.source)
+                out = merge_fp8(counted(), fp8, dtype, self.source)
             else:
-                yield from counted()
+                out = counted()
+            yield from out if narrow is None else cut(out, narrow)

@@ -11,6 +11,7 @@ import json
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -18,7 +19,19 @@ from safetensors import safe_open
 from kvrun.errors import ModelLoadError
 from kvrun.loader.formats import indexed_shards
 
-__all__ = ["find_safetensors_files", "iter_safetensors", "validate_safetensors"]
+__all__ = [
+    "ReadPlan",
+    "find_safetensors_files",
+    "iter_safetensors",
+    "read_parts",
+    "validate_safetensors",
+]
+
+# Which parts of a tensor to read: (dim, spans): the [start, end) spans along ``dim``,
+# joined in order (a tensor-parallel rank's share; kvrun.distributed.parallel.weight_plan).
+ReadPlan = tuple[int, tuple[tuple[int, int], ...]]
+# For a tensor's name and whole shape, the parts to read, or None for all of it.
+Narrow = Callable[[str, tuple[int, ...]], ReadPlan | None]
 
 _INDEX = "model.safetensors.index.json"
 # Buffers some older checkpoints saved; they are recomputed from the config, never loaded.
@@ -83,14 +96,25 @@ def validate_safetensors(path: Path) -> int:
     return count
 
 
+def read_parts(source: Any, plan: ReadPlan) -> torch.Tensor:
+    """The parts ``plan`` names of ``source``: a tensor, or a safetensors slice (which
+    then reads only those bytes from the file)."""
+    dim, spans = plan
+    lead = (slice(None),) * dim
+    parts = [source[(*lead, slice(start, end))] for start, end in spans]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def iter_safetensors(
     files: Sequence[Path],
     dtype: torch.dtype | None,
     select: Callable[[str], bool] | None = None,
+    narrow: Narrow | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor in ``dtype``) for every tensor of ``files``, in file order;
     ``dtype=None`` keeps each tensor's stored dtype. ``select``: only the names it
-    accepts are read (a pipeline stage's layers)."""
+    accepts are read (a pipeline stage's layers). ``narrow``: only the parts it names of
+    each tensor are read (a tensor-parallel rank's rows or columns)."""
     for path in files:
         try:
             handle = safe_open(str(path), framework="pt")
@@ -102,5 +126,9 @@ def iter_safetensors(
                     continue
                 if select is not None and not select(name):
                     continue
-                tensor = reader.get_tensor(name)
+                plan = None
+                if narrow is not None:
+                    part = reader.get_slice(name)
+                    plan = narrow(name, tuple(part.get_shape()))
+                tensor = reader.get_tensor(name) if plan is None else read_parts(part, plan)
                 yield name, tensor if dtype is None else tensor.to(dtype)

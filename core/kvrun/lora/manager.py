@@ -7,6 +7,12 @@ out, parts * max_lora_rank]`` (an expert matrix: ``[experts, max_loras, ...]``, 
 that one expert's slots are contiguous, as the native ``add_lora`` reads them). An adapter of rank r fills its modules' blocks (the rest stays
 zero, which adds exact zeros), so one ``add_lora`` call per matrix applies every
 token's adapter, whatever its rank and modules.
+
+Slots are decided by :class:`~kvrun.lora.slots.SlotTable`. In-process the manager
+decides and fills them (:meth:`LoraManager.activate`); on a rank of the mp or Ray
+executor it *follows* the engine's decisions (``follows_engine=True``): each step message
+names the adapters to read into slots first (:meth:`LoraManager.place`) and each chunk's
+slot, and :meth:`LoraManager.activate` only looks the slots up.
 """
 
 from __future__ import annotations
@@ -21,13 +27,12 @@ import torch
 
 from kvrun.lora.adapter import LoraAdapter, LoraError, load_adapter
 from kvrun.lora.request import LoRARequest
+from kvrun.lora.slots import NO_SLOT, SlotTable
 from kvrun.lora.targets import LoraMatrix, LoraTargets
 
 __all__ = ["NO_SLOT", "LoraBatch", "LoraManager"]
 
 logger = logging.getLogger(__name__)
-
-NO_SLOT = -1  # a token that runs without an adapter
 
 
 @dataclass
@@ -92,7 +97,13 @@ class LoraManager:
         dtype: torch.dtype,
         device: torch.device,
         add_lora: Callable[..., Any],
+        read: Callable[[LoRARequest], LoraAdapter] | None = None,
+        follows_engine: bool = False,
     ) -> None:
+        """``read``: how an adapter is read (default: load_adapter against ``targets``; a
+        tensor-parallel rank reads the whole adapter and keeps its shard,
+        kvrun.lora.sharding). ``follows_engine``: slots are placed by the engine's step
+        messages (:meth:`place`), never chosen here."""
         assert 1 <= max_loras <= max_cpu_loras and max_lora_rank >= 1
         self.targets = targets
         self.max_loras = max_loras
@@ -100,6 +111,8 @@ class LoraManager:
         self.max_cpu_loras = max_cpu_loras
         self.dtype = dtype
         self.add_lora = add_lora
+        self._read = read or (lambda request: load_adapter(request, targets, max_lora_rank))
+        self.follows_engine = follows_engine
         r = max_lora_rank
 
         def zeros(*shape: int) -> torch.Tensor:
@@ -119,8 +132,7 @@ class LoraManager:
         self._scales = torch.zeros(max_loras, dtype=torch.float32, device=device)
         self._known: dict[int, LoRARequest] = {}
         self._host: OrderedDict[int, LoraAdapter] = OrderedDict()  # LRU, oldest first
-        self._slots: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, LRU first
-        self._free_slots = list(range(max_loras))
+        self._table = SlotTable(max_loras)
         experts = {m.name for m in targets.matrices if m.experts}
         self._expert_modules = {n for n, t in targets.modules.items() if t.matrix in experts}
         self._expert_slots: set[int] = set()  # slots whose adapter changes experts
@@ -144,7 +156,7 @@ class LoraManager:
         if request.lora_int_id in self._host:
             self._host.move_to_end(request.lora_int_id)
             return
-        adapter = load_adapter(request, self.targets, self.max_lora_rank)
+        adapter = self._read(request)
         self.num_reads += 1
         self._known[request.lora_int_id] = request
         self._cache(adapter)
@@ -155,9 +167,7 @@ class LoraManager:
         if self._known.pop(lora_id, None) is None:
             return False
         self._host.pop(lora_id, None)
-        slot = self._slots.pop(lora_id, None)
-        if slot is not None:
-            self._free_slots.append(slot)
+        self._table.release(lora_id)
         return True
 
     def list_loras(self) -> list[int]:
@@ -171,24 +181,48 @@ class LoraManager:
 
     # the step --------------------------------------------------------------------------
     def activate(self, lora_ids: Sequence[int]) -> list[int]:
-        """The slot of each id (0: none -> NO_SLOT), loading adapters into slots as needed."""
-        wanted = {i for i in lora_ids if i}
-        assert len(wanted) <= self.max_loras, (
-            f"a step names {len(wanted)} adapters, more than max_loras={self.max_loras}"
-        )
-        for lora_id in wanted:
-            if lora_id in self._slots:
-                self._slots.move_to_end(lora_id)
-                continue
-            if self._free_slots:
-                slot = self._free_slots.pop(0)
-            else:
-                victim = next(i for i in self._slots if i not in wanted)
-                slot = self._slots.pop(victim)
-            self._load_slot(slot, self._adapter(lora_id))
-            self._slots[lora_id] = slot
-        self._step_adapts_experts = any(self._slots[i] in self._expert_slots for i in wanted)
-        return [self._slots[i] if i else NO_SLOT for i in lora_ids]
+        """The slot of each id (0: none -> NO_SLOT), loading adapters into slots as needed
+        (following the engine: the slots its messages placed them in)."""
+        if self.follows_engine:
+            slots = [self._placed_slot(i) if i else NO_SLOT for i in lora_ids]
+        else:
+            slots, loads = self._table.assign(lora_ids)
+            for slot, lora_id in loads:
+                try:
+                    self._load_slot(slot, self._adapter(lora_id))
+                except BaseException:
+                    self._table.release(lora_id)  # the slot holds no whole adapter now
+                    raise
+        self._step_adapts_experts = any(s in self._expert_slots for s in slots if s != NO_SLOT)
+        return slots
+
+    def place(self, slot: int, request: LoRARequest) -> None:
+        """Read ``request``'s adapter into ``slot`` (replacing what it held), as the
+        engine's step message says (``follows_engine``)."""
+        self._known[request.lora_int_id] = request
+        cached = self._host.get(request.lora_int_id)
+        if cached is not None and cached.request != request:  # the id was given again
+            del self._host[request.lora_int_id]
+        self._table.place(slot, request.lora_int_id)
+        self._load_slot(slot, self._adapter(request.lora_int_id))
+
+    def forget(self, lora_id: int) -> None:
+        """Drop a removed adapter's host copy and slot (the engine's step message says)."""
+        self.remove(lora_id)
+
+    def _placed_slot(self, lora_id: int) -> int:
+        slot = self._table.slot_of(lora_id)
+        if slot is None:
+            raise LoraError(f"adapter {lora_id} was never placed in a slot on this rank")
+        return slot
+
+    def slot_tensors(
+        self,
+    ) -> tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]:
+        """Every layer's slot tensors (matrix name -> (A, B), as :class:`LoraBatch`'s
+        ``layers``) and the slots' scales [S]: the same tensors for the manager's life,
+        written in place as adapters enter slots, so a fused step may keep them."""
+        return self._layers, self._scales
 
     def batch(self, token_slots: torch.Tensor) -> LoraBatch:
         """The model's view of this step: ``token_slots`` [T] from :meth:`activate`."""
@@ -204,7 +238,7 @@ class LoraManager:
         request = self._known.get(lora_id)
         if request is None:
             raise LoraError(f"lora_int_id={lora_id} names no adapter this engine knows")
-        adapter = load_adapter(request, self.targets, self.max_lora_rank)
+        adapter = self._read(request)
         self.num_reads += 1
         self._cache(adapter)
         return adapter

@@ -32,6 +32,14 @@ multi-token-prediction layers (``model.layers.{num_hidden_layers + k}``) for spe
 decoding; kvrun does not speculate with them, so their weights are skipped at load
 with a log line, as vLLM skips them when not speculating.
 
+Tensor parallelism (``parallel=``, :mod:`kvrun.distributed`) splits the attention by
+heads, as vLLM does: each rank holds its heads' rows of q (or q_b) and kv_b and their
+columns of o, and the latent path (q_a, kv_a, their norms) whole, so every rank caches the
+whole latent of each token; the absorbed matrices are its heads' products. The o
+projection's and the MLP's (or mixture's, shared experts included) partial sums are
+all-reduced. Pipeline stages split the layers (the dense-first layers wherever they
+fall); the first embeds, the last applies the final norm and the lm_head.
+
 fp8 checkpoints are dequantized at load (:mod:`kvrun.loader.fp8`); the absorbed
 matrices are then rounded back onto the fp8 block grid, as vLLM requantizes them,
 unless VLLM_MLA_DISABLE_REQUANTIZATION=1 (``ModelConfig.mla_requantize``).
@@ -39,7 +47,10 @@ unless VLLM_MLA_DISABLE_REQUANTIZATION=1 (``ModelConfig.mla_requantize``).
 LoRA adapters (:meth:`DeepseekV2ForCausalLM.lora_targets`) change q, kv_a, o, the
 dense MLPs and, with every head cached, kv_b. Their q and kv_a deltas are computed in
 transformers' row order and then rearranged like the weights (rope columns, W_UK
-absorbed per step); o_proj's reads the values that the fused o matrix skips.
+absorbed per step); o_proj's reads the values that the fused o matrix skips. Under
+tensor parallelism each rank holds the adapters' share of its heads (q/q_b and kv_b: B's
+rows; o: A's columns, its delta added before the all-reduce) and q_a's and kv_a's whole
+(kvrun.lora.sharding).
 """
 
 from __future__ import annotations
@@ -69,6 +80,7 @@ from kvrun.models.weights import fill_parameters
 from kvrun.ops import OpTable
 
 if TYPE_CHECKING:
+    from kvrun.distributed.layers import ModelParallel
     from kvrun.lora.manager import LoraBatch
     from kvrun.lora.targets import LoraTargets
 
@@ -110,6 +122,9 @@ class DeepseekV2ForCausalLM:
     decoder_layout: ClassVar[str] = "deepseek-v2: latent attention, routed experts"
     # LoRA on the attention projections and dense MLPs (lora_targets, forward's lora)
     supports_lora: ClassVar[bool] = True
+    # Tensor/pipeline parallelism: built with ``parallel=``, the model is one rank's shard
+    # (``config`` its shape: ShardLayout.rank_config); see the module docstring.
+    supports_parallel: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -118,8 +133,10 @@ class DeepseekV2ForCausalLM:
         attention: AttentionBackend,
         dtype: torch.dtype,
         device: torch.device,
+        parallel: ModelParallel | None = None,
     ) -> None:
         c = config
+        self.parallel = parallel
         if not c.is_mla:
             raise ModelLoadError(f"{c.architecture}: the config has no kv_lora_rank")
         self.config, self.ops, self.attention = config, ops, attention
@@ -155,11 +172,21 @@ class DeepseekV2ForCausalLM:
                 moe=mixture() if moe else None,
             )
 
-        self.embed: Any = empty(c.vocab_size, c.hidden_size)
+        # None on a pipeline stage that neither embeds nor uses it as a tied lm_head
+        holds_embed = parallel is None or parallel.layout.holds_embedding(c.tie_word_embeddings)
+        self.embed: Any = empty(c.vocab_size, c.hidden_size) if holds_embed else None
         self.layers = [layer(i) for i in range(c.num_layers)]
-        self.norm = empty(c.hidden_size)
+        # the final norm and lm_head live on the last pipeline stage only
+        self._last_stage = parallel is None or parallel.last_stage
+        self.norm = (
+            empty(c.hidden_size)
+            if self._last_stage
+            else torch.ones(c.hidden_size, dtype=dtype, device=device)
+        )
         self.lm_head: Any = (
-            self.embed if c.tie_word_embeddings else empty(c.vocab_size, c.hidden_size)
+            self.embed
+            if c.tie_word_embeddings or not self._last_stage
+            else empty(c.vocab_size, c.hidden_size)
         )
         self.cos_sin = cos_sin_cache(
             c.qk_rope_head_dim,
@@ -173,9 +200,13 @@ class DeepseekV2ForCausalLM:
     # loading -------------------------------------------------------------------------
     def _destinations(self) -> dict[str, torch.Tensor]:
         c = self.config
-        dest = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
-        if not c.tie_word_embeddings:
-            dest["lm_head.weight"] = self.lm_head
+        dest: dict[str, Any] = {}
+        if self.embed is not None:
+            dest["model.embed_tokens.weight"] = self.embed
+        if self._last_stage:
+            dest["model.norm.weight"] = self.norm
+            if not c.tie_word_embeddings:
+                dest["lm_head.weight"] = self.lm_head
         for i, lay in enumerate(self.layers):
             p = f"model.layers.{i}."
             dest[p + "input_layernorm.weight"] = lay.input_norm
@@ -298,7 +329,7 @@ class DeepseekV2ForCausalLM:
             else:
                 prepare_mixture(lay.moe, self.ops)
         tied = self.lm_head is self.embed
-        self.embed = prepare(self.embed)
+        self.embed = prepare(self.embed) if self.embed is not None else None
         self.lm_head = self.embed if tied else prepare(self.lm_head)
         self._prepared = True
 
@@ -463,13 +494,21 @@ class DeepseekV2ForCausalLM:
         meta: AttentionMetadata,
         lora: LoraBatch | None = None,  # the step's adapters, when any token has one
     ) -> torch.Tensor:  # [T, H] final hidden states (normed)
-        c, ops = self.config, self.ops
+        c, ops, par = self.config, self.ops, self.parallel
         eps = c.rms_norm_eps
-        residual = ops.embedding(input_ids, self.embed)
+        if par is None:
+            residual = ops.embedding(input_ids, self.embed)
+        else:  # the first stage's vocab-parallel embedding, or the previous stage's output
+            residual = par.stage_input(
+                ops, input_ids, self.embed, c.hidden_size, self.dtype, self.device
+            )
+        reduce = None if par is None else par.partial_sum
         h: torch.Tensor = ops.rms_norm(residual, self.layers[0].input_norm, eps)
         for i, lay in enumerate(self.layers):
             adapters = None if lora is None else _Lora(lora, i)
             x = self._attention(lay, h, positions, kv_caches[i], meta, adapters)
+            if reduce is not None:  # the ranks' heads' partial o projections
+                x = reduce(x)
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             h, residual = ops.fused_add_rms_norm(x, residual, lay.post_norm, eps)
             if lay.moe is not None:
@@ -485,11 +524,19 @@ class DeepseekV2ForCausalLM:
                 x = ops.linear(inner, lay.down)
                 if adapters is not None:
                     x = adapters.apply("down", inner, x)
+            if reduce is not None:  # the ranks' partial MLP (mixture + shared experts)
+                x = reduce(x)
             h, residual = ops.fused_add_rms_norm(x, residual, next_norm, eps)
+        if par is not None and not par.last_stage:
+            par.send_residual(residual)
+            # the next stage's input; this stage computes no logits
+            return residual  # type: ignore[no-any-return]
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B, V] fp32
         logits: torch.Tensor = self.ops.linear(hidden, self.lm_head)
+        if self.parallel is not None:  # each rank's vocabulary columns, joined on tp_rank 0
+            logits = self.parallel.gather_logits(logits)
         return logits.float()
 
 

@@ -13,6 +13,14 @@ Against the Llama arithmetic (:mod:`kvrun.models.llama`), per layer:
 - the embedding scaled by ``sqrt(hidden_size)`` (rounded to the model dtype, as
   Hugging Face does), the logits soft-capped by ``final_logit_softcapping`` (Gemma 2).
 
+Tensor/pipeline parallelism (``parallel=``, :mod:`kvrun.distributed`): each rank holds
+its heads and MLP rows; the o and down projections' partial sums are all-reduced before
+the post-attention and post-feedforward norms (which need the whole vector); the
+embedding (scaled after the vocab-parallel lookup is summed) and the lm_head are split
+by vocabulary rows, the logits soft-capped once gathered. Each pipeline stage runs its
+layers (windows and rope tables as the whole model gives them) and hands the residual
+stream on; the first embeds, the last applies the final norm.
+
 Windows need an attention backend that computes them (``"sliding_window" in
 attention.features``); with one that does not, the engine serves the model only up to
 its shortest window (where global attention is the same) and the local layers attend
@@ -36,6 +44,7 @@ from kvrun.models.weights import fill_parameters
 from kvrun.ops import OpTable
 
 if TYPE_CHECKING:
+    from kvrun.distributed.layers import ModelParallel
     from kvrun.lora.manager import LoraBatch
     from kvrun.lora.targets import LoraTargets
 
@@ -72,6 +81,9 @@ class GemmaForCausalLM:
     # projection's adapter is added to its output, before the norm that follows it
     # (o, down) or the GeGLU (gate|up), as PEFT's wrapped Linear modules do.
     supports_lora: ClassVar[bool] = True
+    # Tensor/pipeline parallelism: built with ``parallel=``, the model is one rank's shard
+    # (``config`` its shape: ShardLayout.rank_config); see the module docstring.
+    supports_parallel: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -80,6 +92,7 @@ class GemmaForCausalLM:
         attention: AttentionBackend,
         dtype: torch.dtype,
         device: torch.device,
+        parallel: ModelParallel | None = None,
     ) -> None:
         c = config
         if c.hidden_act not in _ACTIVATIONS:
@@ -88,6 +101,7 @@ class GemmaForCausalLM:
                 f"supported: {', '.join(_ACTIVATIONS)}"
             )
         self.config = config
+        self.parallel = parallel
         self.ops = ops
         self.attention = attention
         self.dtype = dtype
@@ -130,11 +144,17 @@ class GemmaForCausalLM:
                 k_norm=empty(c.head_dim) if c.qk_norm else None,
             )
 
-        self.embed: Any = empty(c.vocab_size, c.hidden_size)
+        # None on a pipeline stage that neither embeds nor uses it as a tied lm_head
+        holds_embed = parallel is None or parallel.layout.holds_embedding(c.tie_word_embeddings)
+        self.embed: Any = empty(c.vocab_size, c.hidden_size) if holds_embed else None
         self.layers = [layer(w) for w in windows]
-        self.norm = empty(c.hidden_size)
+        # the final norm and lm_head live on the last pipeline stage only
+        self._last_stage = parallel is None or parallel.last_stage
+        self.norm = empty(c.hidden_size) if self._last_stage else None
         self.lm_head: Any = (
-            self.embed if c.tie_word_embeddings else empty(c.vocab_size, c.hidden_size)
+            self.embed
+            if c.tie_word_embeddings or not self._last_stage
+            else empty(c.vocab_size, c.hidden_size)
         )
         # sqrt(hidden) rounded to the model dtype, as Hugging Face scales the embedding
         self.embed_scale = torch.tensor(c.hidden_size**0.5, dtype=dtype, device=device)
@@ -142,7 +162,7 @@ class GemmaForCausalLM:
 
     # loading -------------------------------------------------------------------------
     def _norms(self) -> list[torch.Tensor]:
-        norms = [self.norm]
+        norms = [] if self.norm is None else [self.norm]
         for lay in self.layers:
             norms += [
                 lay.input_norm,
@@ -155,9 +175,13 @@ class GemmaForCausalLM:
 
     def _destinations(self) -> dict[str, torch.Tensor]:
         q, kv, inter = self.q_size, self.kv_size, self.config.intermediate_size
-        dest = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
-        if not self.config.tie_word_embeddings:
-            dest["lm_head.weight"] = self.lm_head
+        dest: dict[str, torch.Tensor] = {}
+        if self.embed is not None:
+            dest["model.embed_tokens.weight"] = self.embed
+        if self.norm is not None:
+            dest["model.norm.weight"] = self.norm
+            if not self.config.tie_word_embeddings:
+                dest["lm_head.weight"] = self.lm_head
         for i, lay in enumerate(self.layers):
             p = f"model.layers.{i}."
             dest[p + "input_layernorm.weight"] = lay.input_norm
@@ -194,7 +218,7 @@ class GemmaForCausalLM:
             lay.qkv, lay.o = prepare(lay.qkv), prepare(lay.o)
             lay.gate_up, lay.down = prepare(lay.gate_up), prepare(lay.down)
         tied = self.lm_head is self.embed
-        self.embed = prepare(self.embed)
+        self.embed = prepare(self.embed) if self.embed is not None else None
         self.lm_head = self.embed if tied else prepare(self.lm_head)
         self._prepared = True
 
@@ -225,7 +249,18 @@ class GemmaForCausalLM:
             y: torch.Tensor = ops.linear(x, weight)
             return y if lora is None else lora.apply(i, name, x, y)
 
-        x = ops.embedding(input_ids, self.embed) * self.embed_scale
+        par = self.parallel
+        partial_sum = None if par is None else par.partial_sum
+
+        def reduce(y: torch.Tensor) -> torch.Tensor:  # row-parallel o and down: summed
+            return y if partial_sum is None else partial_sum(y)
+
+        if par is None:
+            x = ops.embedding(input_ids, self.embed) * self.embed_scale
+        elif par.first_stage:
+            x = par.embed(ops, input_ids, self.embed) * self.embed_scale
+        else:  # the residual stream the previous stage ended with
+            x = par.receive_residual(t, c.hidden_size, self.dtype, self.device)
         for i, lay in enumerate(self.layers):
             h = ops.rms_norm(x, lay.input_norm, eps)
             qkv = project(i, "qkv", h, lay.qkv)
@@ -238,16 +273,24 @@ class GemmaForCausalLM:
             q, k = ops.rotary_embedding(positions, q, k, lay.cos_sin)
             attn = lay.attention.forward(q, k, v, kv_caches[i], meta)
             attn = attn.reshape(t, self.q_size)
-            x = x + ops.rms_norm(project(i, "o", attn, lay.o), lay.post_attention_norm, eps)
+            o = reduce(project(i, "o", attn, lay.o))
+            x = x + ops.rms_norm(o, lay.post_attention_norm, eps)
             h = ops.rms_norm(x, lay.pre_feedforward_norm, eps)
             gate, up = project(i, "gate_up", h, lay.gate_up).chunk(2, dim=-1)
             inner = F.gelu(gate, approximate=self._approximate) * up
-            mlp = project(i, "down", inner, lay.down)
+            mlp = reduce(project(i, "down", inner, lay.down))
             x = x + ops.rms_norm(mlp, lay.post_feedforward_norm, eps)
+        if par is not None and not par.last_stage:
+            par.send_residual(x)
+            # the next stage's input; this stage computes no logits
+            return x  # type: ignore[no-any-return]
         return ops.rms_norm(x, self.norm, eps)  # type: ignore[no-any-return]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B, V] fp32
-        logits: torch.Tensor = self.ops.linear(hidden, self.lm_head).float()
+        logits: torch.Tensor = self.ops.linear(hidden, self.lm_head)
+        if self.parallel is not None:  # each rank's vocabulary columns, joined on tp_rank 0
+            logits = self.parallel.gather_logits(logits)
+        logits = logits.float()
         cap = self.config.final_logit_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

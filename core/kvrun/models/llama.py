@@ -334,6 +334,7 @@ class LlamaForCausalLM:
                     residual,
                     layer,
                     next_norm,
+                    all_reduce=None if self.parallel is None else self.parallel.partial_sum,
                 )
                 continue
             if layer.moe is not None:
@@ -346,6 +347,7 @@ class LlamaForCausalLM:
                     layer.post_norm,
                     layer.moe,
                     next_norm,
+                    all_reduce=None if self.parallel is None else self.parallel.partial_sum,
                 )
                 continue
             if lora is not None:
@@ -358,6 +360,7 @@ class LlamaForCausalLM:
                     residual,
                     layer,
                     next_norm,
+                    all_reduce=None if self.parallel is None else self.parallel.partial_sum,
                 )
                 continue
             h, residual = self._dense(
@@ -429,13 +432,20 @@ def lora_dense_block(
     residual: torch.Tensor,  # [T, H]
     layer: LlamaLayer,
     next_norm: torch.Tensor,  # [H]
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # as dense_block
-    """dense_block with each token's LoRA adapter added to o, gate|up and down."""
+    """dense_block with each token's LoRA adapter added to o, gate|up and down. Under
+    tensor parallelism (``all_reduce``) a rank's row-parallel delta (its columns of A,
+    kvrun.lora.sharding) is part of its partial sum: added before the all-reduce."""
     x = lora.apply(index, "o", attn, ops.linear(attn, layer.o))
+    if all_reduce is not None:
+        x = all_reduce(x)
     h, residual = ops.fused_add_rms_norm(x, residual, layer.post_norm, eps)
     gate_up = lora.apply(index, "gate_up", h, ops.linear(h, layer.gate_up))
     inner = ops.silu_and_mul(gate_up)
     x = lora.apply(index, "down", inner, ops.linear(inner, layer.down))
+    if all_reduce is not None:
+        x = all_reduce(x)
     return ops.fused_add_rms_norm(x, residual, next_norm, eps)  # type: ignore[no-any-return]
 
 
@@ -455,7 +465,8 @@ class MixtureOfExpertsForCausalLM(LlamaForCausalLM):
     # LoRA on attention, dense MLPs, the shared expert and the routed experts
     # (lora_targets; the mixture: lora_moe_block)
     supports_lora: ClassVar[bool] = True
-    supports_parallel: ClassVar[bool] = False  # experts are not sharded yet
+    # each expert split by its intermediate dimension, routing replicated (kvrun.models.moe)
+    supports_parallel: ClassVar[bool] = True
 
     def lora_targets(self) -> LoraTargets:
         """The Llama layout's matrices where a layer has a dense MLP; in mixture layers,
@@ -510,14 +521,22 @@ def lora_moe_block(
     residual: torch.Tensor,  # [T, H]
     layer: LlamaLayer,
     next_norm: torch.Tensor,  # [H]
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # as moe_block
     """moe_block with each token's LoRA adapter added to o and inside the mixture
-    (:func:`kvrun.models.moe.lora_moe_mlp`)."""
+    (:func:`kvrun.models.moe.lora_moe_mlp`). Under tensor parallelism (``all_reduce``)
+    the o delta and the mixture's (its experts' and shared expert's deltas included, each
+    on the rank's share of the intermediate dimension, kvrun.lora.sharding) are parts of
+    the rank's partial sums: added before the all-reduce."""
     assert layer.moe is not None
     eps = config.rms_norm_eps
     x = lora.apply(index, "o", attn, ops.linear(attn, layer.o))
+    if all_reduce is not None:
+        x = all_reduce(x)
     h, residual = ops.fused_add_rms_norm(x, residual, layer.post_norm, eps)
     x = lora_moe_mlp(ops, h, layer.moe, config, lora, index)
+    if all_reduce is not None:
+        x = all_reduce(x)
     return ops.fused_add_rms_norm(x, residual, next_norm, eps)  # type: ignore[no-any-return]
 
 
@@ -541,7 +560,7 @@ class LlamaForSequenceClassification(LlamaForCausalLM):
 
     decoder_layout: ClassVar[str] = "kvrun-sequence-classifier (pooling only)"
     pools_class_logits: ClassVar[bool] = True
-    supports_lora: ClassVar[bool] = False  # the pooling runner takes no adapters
+    supports_lora: ClassVar[bool] = True  # the decoder's; the score head takes no adapter
     supports_parallel: ClassVar[bool] = False  # the score head is not vocab-sharded
 
     def __init__(

@@ -48,7 +48,9 @@ class MediaCausalLM(LlamaForCausalLM):
     # the encoder's top-level module names, whose adapters are refused
     lora_encoders: ClassVar[tuple[str, ...]] = ()
     supports_multimodal: ClassVar[bool] = True
-    supports_parallel: ClassVar[bool] = False  # the encoder is not sharded
+    # the decoder split as the Llama family's; the encoder replicated on every rank (each
+    # rank of stage 0 encodes the media itself; later stages take the residual stream)
+    supports_parallel: ClassVar[bool] = True
     encoder: MediaEncoder  # set by the subclass's __init__
 
     @staticmethod
@@ -88,5 +90,7 @@ class MediaCausalLM(LlamaForCausalLM):
         raise NotImplementedError
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        if self.parallel is not None:  # the vocab-parallel lookup (every rank calls it)
+            return self.parallel.embed(self.ops, input_ids, self.embed)
         rows: torch.Tensor = self.ops.embedding(input_ids, self.embed)
         return rows

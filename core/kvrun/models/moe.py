@@ -8,6 +8,12 @@ a SiLU-gated MLP, and their outputs are summed by the
 platform's ``fused_moe`` op. Qwen2-MoE adds a shared expert every token goes through,
 scaled by a sigmoid gate; DeepSeek's shared experts are added as they are. Tokens are routed and run in chunks of ``moe_chunk_size``
 (VLLM_FUSED_MOE_CHUNK_SIZE), which bounds the op's temporaries on long prefills.
+
+Under tensor parallelism (kvrun.distributed) each rank holds every expert's and the
+shared expert's share of the intermediate dimension (gate/up rows, down columns) and the
+whole router: it routes each token as every other rank does, and :func:`moe_mlp` returns
+its partial sum (the shared gate's sigmoid scales each rank's part alike), which one
+all-reduce completes (``all_reduce`` of :func:`moe_block`).
 """
 
 from __future__ import annotations
@@ -189,12 +195,18 @@ def moe_block(
     post_norm: torch.Tensor,  # [H]
     moe: MoeWeights,
     next_norm: torch.Tensor,  # [H] layer i+1's input norm, or the final norm
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed input of layer i+1, residual)
-    """:func:`kvrun.models.llama.dense_block` with the mixture in place of the MLP."""
+    """:func:`kvrun.models.llama.dense_block` with the mixture in place of the MLP;
+    ``all_reduce`` sums the ranks' partial o and mixture outputs (tensor parallelism)."""
     eps = config.rms_norm_eps
     x = ops.linear(attn, o)
+    if all_reduce is not None:
+        x = all_reduce(x)
     h, residual = ops.fused_add_rms_norm(x, residual, post_norm, eps)
     x = moe_mlp(ops, h, moe, config)
+    if all_reduce is not None:
+        x = all_reduce(x)
     return ops.fused_add_rms_norm(x, residual, next_norm, eps)  # type: ignore[no-any-return]
 
 
@@ -211,7 +223,9 @@ def lora_moe_mlp(
     the routed experts (``lora.adapts_experts``), on each expert's: then the experts run
     here, one at a time as the reference ``fused_moe`` does, each expert's gate|up delta
     added before the activation and its down delta after (``experts_w13``,
-    ``experts_w2``). Otherwise the platform's ``fused_moe`` runs them."""
+    ``experts_w2``). Otherwise the platform's ``fused_moe`` runs them. Under tensor
+    parallelism the adapters are the rank's share of the intermediate dimension
+    (kvrun.lora.sharding), so the output is the rank's partial sum, as moe_mlp's."""
     chunk = max(1, config.moe_chunk_size)
     outputs = []
     for start in range(0, h.shape[0], chunk):

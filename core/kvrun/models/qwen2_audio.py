@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ from kvrun.attention.base import AttentionBackend
 from kvrun.models.config import ModelConfig
 from kvrun.models.media_lm import MediaCausalLM
 from kvrun.ops import OpTable
+
+if TYPE_CHECKING:
+    from kvrun.distributed.layers import ModelParallel
 
 __all__ = ["Qwen2AudioEncoder", "Qwen2AudioForConditionalGeneration"]
 
@@ -191,8 +194,9 @@ class Qwen2AudioForConditionalGeneration(MediaCausalLM):
         attention: AttentionBackend,
         dtype: torch.dtype,
         device: torch.device,
+        parallel: ModelParallel | None = None,  # the decoder's shard (kvrun.distributed)
     ) -> None:
-        super().__init__(config, ops, attention, dtype, device)
+        super().__init__(config, ops, attention, dtype, device, parallel)
         assert config.audio is not None
         self.audio_tower = self.encoder = Qwen2AudioEncoder(
             config.audio, config.hidden_size, ops, dtype, device

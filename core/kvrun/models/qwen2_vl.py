@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,9 @@ from kvrun.errors import ModelLoadError
 from kvrun.models.config import ModelConfig
 from kvrun.models.media_lm import MediaCausalLM
 from kvrun.ops import OpTable
+
+if TYPE_CHECKING:
+    from kvrun.distributed.layers import ModelParallel
 
 __all__ = [
     "Qwen2VLForConditionalGeneration",
@@ -336,8 +339,9 @@ class Qwen2VLForConditionalGeneration(MediaCausalLM):
         attention: AttentionBackend,
         dtype: torch.dtype,
         device: torch.device,
+        parallel: ModelParallel | None = None,  # the decoder's shard (kvrun.distributed)
     ) -> None:
-        super().__init__(config, ops, attention, dtype, device)
+        super().__init__(config, ops, attention, dtype, device, parallel)
         assert config.vision is not None and config.mrope_section
         self.visual = self.encoder = Qwen2VisionTower(
             config.vision, config.hidden_size, ops, dtype, device, qwen2_5=self.qwen2_5

@@ -63,6 +63,7 @@ def multimodal_step_inputs(
     encode: Encode,
     embed_tokens: Callable[[torch.Tensor], torch.Tensor],
     input_ids: torch.Tensor,  # [T]
+    with_embeddings: bool = True,  # False: positions only (a later pipeline stage)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A step's rotary positions and, when a chunk covers media rows, its input embeddings.
 
@@ -85,6 +86,8 @@ def multimodal_step_inputs(
                 if lo < hi:
                     covered.append((row + lo - start, item, lo - item.offset, hi - item.offset))
         row += chunk.num_tokens
+    if not with_embeddings:
+        covered = []  # a stage that does not embed encodes nothing
     if not spans:  # ordinary rotary (Qwen2-Audio): only the media rows change
         if not covered:
             return positions, None
@@ -95,7 +98,9 @@ def multimodal_step_inputs(
         rows = mm.positions(chunk.start_position, chunk.num_tokens, prompt_len)
         three[:, row : row + chunk.num_tokens] = rows.to(three.device)
     if not covered:
-        return three[0].contiguous(), None
+        # no media row: a chunk inside the prompt still has its three components
+        same = bool((three == three[0:1]).all())
+        return (three[0].contiguous(), None) if same else (three, None)
     return three, _embeddings(covered, cache, encode, embed_tokens, input_ids)
 
 

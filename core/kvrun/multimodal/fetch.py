@@ -98,7 +98,8 @@ class MediaPolicy:
     """Where media may come from and how long/large they may be.
 
     ``allowed_domains`` empty: any host whose addresses are all public. ``allowed_local_path``
-    is a real directory (symlinks resolved) or None: ``file:`` URLs refused.
+    is a real directory (symlinks resolved) or None: ``file:`` URLs refused. ``offline``:
+    the policy of an ``LLM`` (refusals name its arguments), else of a server (its flags).
     """
 
     allowed_domains: frozenset[str] = frozenset()
@@ -111,6 +112,7 @@ class MediaPolicy:
     cache: AssetCache | None = None  # downloads kept by URL (VLLM_ASSETS_CACHE)
     # the CAs https media servers are checked against; None: certifi's (httpx's default)
     ssl_context: ssl.SSLContext | None = None
+    offline: bool = False
 
     @classmethod
     def from_env(
@@ -120,8 +122,10 @@ class MediaPolicy:
         allowed_domains: list[str] | tuple[str, ...] | None = None,
         allowed_local_path: str | None = None,
         cache: AssetCache | None = None,
+        offline: bool = False,
     ) -> MediaPolicy:
-        """The policy of a server: timeouts from VLLM_*_FETCH_TIMEOUT, the flags' values."""
+        """The policy of a server (or with ``offline``, of an ``LLM``): timeouts from
+        VLLM_*_FETCH_TIMEOUT, the flags' (arguments') values."""
         return cls(
             allowed_domains=frozenset(_host_key(d) for d in allowed_domains or ()),
             allowed_local_path=check_allowed_local_path(allowed_local_path),
@@ -131,7 +135,15 @@ class MediaPolicy:
                 "audio": float(env.VLLM_AUDIO_FETCH_TIMEOUT),
             },
             cache=cache,
+            offline=offline,
         )
+
+    def setting(self, name: str) -> str:
+        """How a refusal names the setting ``name`` (``allowed_local_media_path``): the
+        server's flag, or the ``LLM`` argument offline, where the caller can change it."""
+        if self.offline:
+            return f"LLM({name}=...)"
+        return "this server's --" + name.replace("_", "-")
 
     def domain_allowed(self, host: str) -> bool:
         return _host_key(host) in self.allowed_domains
@@ -196,7 +208,8 @@ def address_refusal(address: str) -> str | None:
 async def _checked_addresses(host: str, port: int, policy: MediaPolicy) -> list[str]:
     """The addresses of ``host``, all of them checked; the fetch connects to these only."""
     if policy.allowed_domains and not policy.domain_allowed(host):
-        raise MediaFetchError(f"the host {host!r} is not in this server's --allowed-media-domains")
+        where = policy.setting("allowed_media_domains")
+        raise MediaFetchError(f"the host {host!r} is not in {where}")
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -211,7 +224,7 @@ async def _checked_addresses(host: str, port: int, policy: MediaPolicy) -> list[
             if reason is not None:
                 raise MediaFetchError(
                     f"the host {host!r} resolves to {reason}, which media URLs may not "
-                    "reach (list it in --allowed-media-domains to allow it)"
+                    f"reach (list it in {policy.setting('allowed_media_domains')} to allow it)"
                 )
     return addresses
 
@@ -233,7 +246,7 @@ async def fetch_media(url: str, kind: MediaKind, policy: MediaPolicy) -> bytes:
     if scheme not in ("http", "https", "file"):
         raise MediaFetchError(
             f"URLs of scheme {scheme or '(none)'!r} are not accepted; use http, https, "
-            "data (base64) or file (under --allowed-local-media-path)"
+            f"data (base64) or file (under {policy.setting('allowed_local_media_path')})"
         )
     try:
         if scheme == "file":
@@ -263,6 +276,11 @@ def _decode_data_url(url: str, cap: int) -> bytes:
 async def _read_local(url: str, policy: MediaPolicy, cap: int) -> bytes:
     root = policy.allowed_local_path
     if root is None:
+        if policy.offline:
+            raise MediaFetchError(
+                "file: URLs are refused: this LLM was made without allowed_local_media_path "
+                "(LLM(allowed_local_media_path=...) names the directory they may read)"
+            )
         raise MediaFetchError(
             "file: URLs are refused: this server was not started with --allowed-local-media-path"
         )
@@ -270,14 +288,14 @@ async def _read_local(url: str, policy: MediaPolicy, cap: int) -> bytes:
     if parts.netloc not in ("", "localhost"):
         raise MediaFetchError("file: URLs must name a local path (file:///...)")
     path = urllib.parse.unquote(parts.path)
-    return await asyncio.to_thread(_read_under, root, path, cap)
+    where = policy.setting("allowed_local_media_path")
+    return await asyncio.to_thread(_read_under, root, path, cap, where)
 
 
-def _read_under(root: str, path: str, cap: int) -> bytes:
-    """The file at ``path`` if its real path is inside ``root``; never names the path."""
-    outside = MediaFetchError(
-        "the file: URL is not inside this server's --allowed-local-media-path"
-    )
+def _read_under(root: str, path: str, cap: int, where: str) -> bytes:
+    """The file at ``path`` if its real path is inside ``root``; never names the path.
+    ``where``: how the refusal names the setting that holds ``root``."""
+    outside = MediaFetchError(f"the file: URL is not inside {where}")
     if not os.path.isabs(path):
         raise outside
     real = os.path.realpath(path)

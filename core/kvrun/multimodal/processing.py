@@ -20,12 +20,22 @@ Audio goes through the checkpoint's Whisper feature extractor (log-mel over the
 encoder's whole window, with the clip's frame count), resampled to its rate first.
 
 Each item's content hash is the sha256 of its decoded pixels (mode, size and bytes of
-every frame) or samples, and its modality: equal media give equal encoder inputs here.
+every frame) or samples, its modality, and the processor settings that were not the
+checkpoint's own (``mm_processor_kwargs``): equal hashes give equal encoder inputs here,
+so the same image resized otherwise never hits the other size's cached encoding.
+
+``mm_processor_kwargs`` (vLLM's name; the engine's ``LLM(mm_processor_kwargs=...)`` /
+``--mm-processor-kwargs``, overridden key by key by a prompt's own) are handed to the
+Hugging Face processor: Qwen2-VL / Qwen2.5-VL take ``min_pixels`` and ``max_pixels`` (the
+resize bounds of images and video frames, as the image processor's ``size``
+``shortest_edge`` / ``longest_edge``); Qwen2-Audio's feature extractor takes none. An
+unknown key or a bad value is an error naming it and what is accepted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,11 +43,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvrun.errors import ModelLoadError, RequestError
+from kvrun.errors import ConfigError, ModelLoadError, RequestError
 from kvrun.models.config import ModelConfig
 from kvrun.multimodal.inputs import MultiModalInputs, MultiModalItem
 
-__all__ = ["VIDEO_FPS", "MultiModalProcessor", "split_media"]
+__all__ = ["VIDEO_FPS", "MultiModalProcessor", "parse_processor_kwargs", "split_media"]
 
 VIDEO_FPS = 2.0  # the frame rate assumed for a video's frames (Qwen2.5-VL's time positions)
 
@@ -87,8 +97,37 @@ def _pil(frame: Any, what: str) -> Any:
     )
 
 
-def _hash_frames(modality: str, frames: Sequence[Any]) -> str:
+def parse_processor_kwargs(value: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """``mm_processor_kwargs`` as given to the engine (a dict, or ``--mm-processor-kwargs``'
+    JSON text): the dict; a ConfigError when it is not an object."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"mm_processor_kwargs {value!r} is not JSON ({exc}); accepted: an object "
+                "such as '{\"max_pixels\": 200704}'"
+            ) from None
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"mm_processor_kwargs {value!r} is not accepted; accepted: an object such as "
+            '{"max_pixels": 200704}'
+        )
+    return dict(value)
+
+
+def _settings_key(settings: Mapping[str, Any]) -> bytes:
+    """What processor settings add to a content hash (nothing for the checkpoint's own)."""
+    if not settings:
+        return b""
+    return b"|settings:" + json.dumps(dict(settings), sort_keys=True).encode()
+
+
+def _hash_frames(modality: str, frames: Sequence[Any], settings: Mapping[str, Any]) -> str:
     digest = hashlib.sha256(modality.encode())
+    digest.update(_settings_key(settings))
     for frame in frames:
         digest.update(f"|{frame.mode}:{frame.size[0]}x{frame.size[1]}|".encode())
         digest.update(frame.tobytes())
@@ -99,7 +138,13 @@ class MultiModalProcessor:
     """A multimodal model's processing of media prompts, from the checkpoint directory's
     preprocessor_config.json: Qwen2-VL / Qwen2.5-VL (image, video) or Qwen2-Audio."""
 
-    def __init__(self, directory: Path, config: ModelConfig, source: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        config: ModelConfig,
+        source: str,
+        processor_kwargs: Mapping[str, Any] | str | None = None,
+    ) -> None:
         if not (Path(directory) / "preprocessor_config.json").is_file():
             raise ModelLoadError(
                 f"{source}: a {config.architecture} checkpoint needs preprocessor_config.json "
@@ -111,6 +156,12 @@ class MultiModalProcessor:
             "video": config.video_token_id,
             "audio": config.audio_token_id,
         }
+        given = parse_processor_kwargs(processor_kwargs)
+        try:
+            # the engine's settings, which a prompt's own override key by key
+            self.default_kwargs = self._check_kwargs(given, "mm_processor_kwargs")
+        except RequestError as exc:
+            raise ConfigError(str(exc)) from None
         if config.audio is not None:
             from transformers import WhisperFeatureExtractor
 
@@ -137,17 +188,67 @@ class MultiModalProcessor:
     def accepted_modalities(self) -> frozenset[str]:
         return self.config.accepted_modalities
 
+    @property
+    def accepted_kwargs(self) -> tuple[str, ...]:
+        """The ``mm_processor_kwargs`` keys this model's processor takes."""
+        return ("max_pixels", "min_pixels") if self.config.vision is not None else ()
+
+    def check_request_kwargs(self, kwargs: Any) -> dict[str, Any]:
+        """A prompt's ``mm_processor_kwargs`` checked as :meth:`process` checks them (for a
+        prompt without media, where nothing else would): a RequestError naming the key."""
+        return self._check_kwargs(kwargs, "mm_processor_kwargs")
+
+    def _check_kwargs(self, kwargs: Any, param: str) -> dict[str, Any]:
+        """``kwargs`` checked: known keys, positive int pixel counts, min <= max."""
+        if not isinstance(kwargs, Mapping):
+            raise RequestError.invalid(param, type(kwargs).__name__, "a dict of settings")
+        accepted = self.accepted_kwargs
+        for key, value in kwargs.items():
+            if key not in accepted:
+                takes = ", ".join(accepted) if accepted else "none (it takes no settings)"
+                raise RequestError(
+                    f"{param} key {key!r} is not a setting of {self.config.architecture}'s "
+                    f"processor; accepted: {takes}",
+                    param=param,
+                )
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise RequestError.invalid(f"{param}.{key}", value, "an int >= 1 (pixels)")
+        low, high = kwargs.get("min_pixels"), kwargs.get("max_pixels")
+        if low is not None and high is not None and low > high:
+            raise RequestError.invalid(f"{param}.min_pixels", low, f"at most max_pixels={high}")
+        return dict(kwargs)
+
+    def _resize(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """The image processor's call arguments for ``settings`` (its ``size`` bounds)."""
+        if not settings:
+            return {}
+        size = self.image_processor.size
+        low = settings.get("min_pixels", size["shortest_edge"])
+        high = settings.get("max_pixels", size["longest_edge"])
+        if low > high:
+            raise RequestError.invalid(
+                "mm_processor_kwargs",
+                f"min_pixels={low}, max_pixels={high}",
+                "min_pixels <= max_pixels (the checkpoint's own bounds are "
+                f"{size['shortest_edge']} and {size['longest_edge']})",
+            )
+        return {"size": {"shortest_edge": low, "longest_edge": high}}
+
     # media -> encoder inputs ------------------------------------------------------------
-    def _image(self, image: Any) -> tuple[dict[str, torch.Tensor], str, int]:
+    def _image(
+        self, image: Any, settings: Mapping[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], str, int]:
         frame = _pil(image, "multi_modal_data.image")
-        out = self.image_processor(images=[frame], return_tensors="pt")
+        out = self.image_processor(images=[frame], return_tensors="pt", **self._resize(settings))
         data = {"pixel_values": out["pixel_values"], "grid_thw": out["image_grid_thw"][0]}
-        return data, _hash_frames("image", [frame]), self._grid_tokens(data)
+        return data, _hash_frames("image", [frame], settings), self._grid_tokens(data)
 
     def _grid_tokens(self, data: Mapping[str, torch.Tensor]) -> int:
         return int(data["grid_thw"].prod()) // self.merge**2
 
-    def _audio(self, audio: Any) -> tuple[dict[str, torch.Tensor], str, int]:
+    def _audio(
+        self, audio: Any, settings: Mapping[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], str, int]:
         """A clip as ``(samples, sample_rate)`` (or samples at the extractor's rate):
         Whisper's log-mel features padded to the encoder's window, resampled first when
         the rate differs (scipy's polyphase filter)."""
@@ -189,17 +290,19 @@ class MultiModalProcessor:
         )
         frames = int(out["attention_mask"][0].sum())
         length = ((frames - 1) // 2 + 1 - 2) // 2 + 1  # after the stride-2 conv and pooling
-        digest = hashlib.sha256(b"audio|" + samples.tobytes()).hexdigest()
+        digest = hashlib.sha256(b"audio|" + samples.tobytes() + _settings_key(settings)).hexdigest()
         data = {"input_features": out["input_features"][0], "frames": torch.tensor(frames)}
         return data, digest, length
 
-    def _video(self, video: Any) -> tuple[dict[str, torch.Tensor], str, int]:
+    def _video(
+        self, video: Any, settings: Mapping[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], str, int]:
         frames = [_pil(f, "multi_modal_data.video") for f in video]
         if not frames:
             raise RequestError.invalid("multi_modal_data.video", "[]", "at least one frame")
         tps = self.temporal_patch_size
         frames += [frames[-1]] * (-len(frames) % tps)  # pad to whole temporal patches
-        out = self.image_processor(images=frames, return_tensors="pt")
+        out = self.image_processor(images=frames, return_tensors="pt", **self._resize(settings))
         grids = out["image_grid_thw"]
         if not bool((grids == grids[0]).all()):
             raise RequestError.invalid(
@@ -216,13 +319,20 @@ class MultiModalProcessor:
         patches = grouped.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels * tps * ps * ps)
         grid = torch.tensor([len(frames) // tps, h, w], dtype=torch.int64)
         data = {"pixel_values": patches.contiguous(), "grid_thw": grid}
-        return data, _hash_frames("video", frames), self._grid_tokens(data)
+        return data, _hash_frames("video", frames, settings), self._grid_tokens(data)
 
     # the prompt -----------------------------------------------------------------------
     def process(
-        self, token_ids: Sequence[int], multi_modal_data: Mapping[str, Any]
+        self,
+        token_ids: Sequence[int],
+        multi_modal_data: Mapping[str, Any],
+        processor_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[list[int], MultiModalInputs]:
-        """Expand each placeholder of ``token_ids`` for its item; build items and M-RoPE."""
+        """Expand each placeholder of ``token_ids`` for its item; build items and M-RoPE.
+        ``processor_kwargs``: the prompt's ``mm_processor_kwargs``, over the engine's."""
+        settings = self.default_kwargs
+        if processor_kwargs is not None:
+            settings = {**settings, **self._check_kwargs(processor_kwargs, "mm_processor_kwargs")}
         if not isinstance(multi_modal_data, Mapping):
             raise RequestError.invalid(
                 "multi_modal_data", type(multi_modal_data).__name__, "a dict of modality: media"
@@ -239,7 +349,7 @@ class MultiModalProcessor:
         encoders = {"image": self._image, "video": self._video, "audio": self._audio}
         for modality, value in multi_modal_data.items():
             encode = encoders[modality]
-            processed[modality] = [encode(item) for item in split_media(value, modality)]
+            processed[modality] = [encode(item, settings) for item in split_media(value, modality)]
         for modality, given in processed.items():
             found = sum(1 for t in token_ids if t == self.token_ids[modality])
             if found != len(given):

@@ -253,6 +253,9 @@ class Platform(ABC):
     # prepare_linear / linear / embedding take as kvrun.quantization.QuantizedMatrix
     # (quantization="gguf"); empty: such a run is refused.
     quantized_gguf_types: ClassVar[frozenset[str]] = frozenset()
+    # Whether prepare_linear / linear take AWQ rows (kvrun.quantization.awq_qtype) as
+    # QuantizedMatrix (quantization="awq"); False: AWQ checkpoints are dequantized at load.
+    quantized_awq: ClassVar[bool] = False
 
     def __init__(self, env: EnvSnapshot) -> None:
         self.env = env

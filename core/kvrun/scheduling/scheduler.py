@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -62,16 +63,34 @@ class Scheduler:
       blocks of one step's span (``kvrun.scheduling.capacity.blocks_needed``), and
       admission and preemption count only those. Released entries stay in its block
       table as ``NULL_BLOCK`` (the attention never reads outside the window).
-    - ``schedule`` and ``update`` alternate: a non-empty output must be passed to
-      ``update`` before the next ``schedule``.
+    - At most ``max_concurrent_batches`` non-empty outputs are in flight (scheduled, not
+      yet passed to ``update``); with 1, ``schedule`` and ``update`` alternate. Outputs
+      are passed to ``update`` in the order they were scheduled.
+    - A request with a chunk in flight is busy: it is not scheduled again, preempted or
+      freed until its output is passed to ``update``. ``finish_request`` on a busy
+      request (an abort) takes effect then: its blocks stay held (the workers may still
+      be writing them) and the step's token for it is dropped.
+    - With ``max_concurrent_batches`` N > 1 a batch takes at most ceil(R / N) requests,
+      R the unfinished requests up to ``max_num_seqs``, so that the N batches in flight
+      share the requests that can run and no pipeline stage idles for want of a batch.
     - Finished requests are forgotten at once (``get_request`` returns None) after their
       blocks are freed; their ids appear in the next output's ``newly_finished_request_ids``.
     """
 
     def __init__(
-        self, config: SchedulerConfig, free_block_policy: FreeBlockPolicy | None = None
+        self,
+        config: SchedulerConfig,
+        free_block_policy: FreeBlockPolicy | None = None,
+        *,
+        max_concurrent_batches: int = 1,
     ) -> None:
+        if not isinstance(max_concurrent_batches, int) or max_concurrent_batches < 1:
+            raise ValueError(
+                f"max_concurrent_batches={max_concurrent_batches!r}: a positive integer is "
+                "accepted (the step runner's batches in flight)"
+            )
         self.config = config
+        self.max_concurrent_batches = max_concurrent_batches
         # free_block_policy: the platform's order for handing out free blocks; None = FIFO.
         self.block_manager = BlockManager(
             config.num_blocks,
@@ -85,7 +104,10 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # sorted by add order
         self._finished_ids: list[str] = []  # since the last schedule
-        self._in_flight: SchedulerOutput | None = None
+        self._in_flight: deque[SchedulerOutput] = deque()  # oldest first
+        self._busy: set[str] = set()  # requests with a chunk in flight
+        # busy requests finished meanwhile (abort): their status, when their output returns
+        self._finish_on_return: dict[str, tuple[RequestStatus, int | str | None]] = {}
         self._num_preemptions = 0
 
     # ---- requests ---------------------------------------------------------------------
@@ -112,11 +134,17 @@ class Scheduler:
     def finish_request(
         self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None
     ) -> Request | None:
-        """End a request (stop string, abort) and free its blocks; None if unknown or done."""
+        """End a request (stop string, abort) and free its blocks; None if unknown or done.
+
+        A busy request (a chunk in flight) ends when its output is passed to ``update``:
+        until then it keeps its blocks and ``get_request`` still finds it."""
         assert status.is_finished(), f"{status} is not a finished status"
         request = self._requests.get(request_id)
-        if request is None:
+        if request is None or request_id in self._finish_on_return:
             return None
+        if request_id in self._busy:
+            self._finish_on_return[request_id] = (status, stop_reason)
+            return request
         if request.status is RequestStatus.RUNNING:
             self._running.remove(request)
         else:
@@ -135,6 +163,15 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
+
+    def is_in_flight(self, request_id: str) -> bool:
+        """Whether the request has a chunk in an output not yet passed to ``update``."""
+        return request_id in self._busy
+
+    @property
+    def num_in_flight(self) -> int:
+        """Outputs scheduled and not yet passed to ``update``."""
+        return len(self._in_flight)
 
     @property
     def num_running(self) -> int:
@@ -165,16 +202,25 @@ class Scheduler:
     # ---- the step ---------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        assert self._in_flight is None, "schedule() called again before update()"
+        assert len(self._in_flight) < self.max_concurrent_batches, (
+            "schedule() called again before update()"
+            if self.max_concurrent_batches == 1
+            else f"schedule() with {len(self._in_flight)} outputs in flight already"
+        )
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
+        max_requests = self._batch_requests()
 
-        # Running requests first, oldest first; victims come off the tail, so everything
-        # before index i (scheduled this step) is safe from preemption.
+        # Running requests first, oldest first, busy ones skipped; victims are the last
+        # ones not busy, so everything before index i (scheduled this step) and every busy
+        # request is safe from preemption.
         i = 0
-        while i < len(self._running) and budget > 0:
+        while i < len(self._running) and budget > 0 and len(chunks) < max_requests:
             request = self._running[i]
+            if request.request_id in self._busy:
+                i += 1
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, f"running request {request.request_id!r} has nothing to do"
             keep_from = self._keep_from(request.num_computed_tokens)
@@ -182,8 +228,8 @@ class Scheduler:
                 request.request_id, request.num_computed_tokens + num_new, keep_from=keep_from
             )
             while table is None:
-                victim = self._running.pop()
-                assert victim is not request or i > 0, (
+                victim = self._running.pop(self._victim_index(i))
+                assert victim is not request or self._running, (
                     f"request {request.request_id!r} cannot grow to "
                     f"{request.num_computed_tokens + num_new} tokens with every other "
                     f"request preempted ({self.config.num_blocks} blocks)"
@@ -198,7 +244,7 @@ class Scheduler:
                     keep_from=keep_from,
                 )
             if table is None:
-                break  # the request preempted itself; it was the last running one
+                break  # the request preempted itself; it was the last one not busy
             chunks.append(self._make_chunk(request, num_new, table))
             budget -= num_new
             i += 1
@@ -209,6 +255,7 @@ class Scheduler:
             and budget > 0
             and not preempted
             and len(self._running) < self.config.max_num_seqs
+            and len(chunks) < max_requests
         ):
             request = self._waiting[0]
             admitted = self._admit(request, budget)
@@ -226,7 +273,8 @@ class Scheduler:
         )
         self._finished_ids = []
         if chunks:
-            self._in_flight = output
+            self._in_flight.append(output)
+            self._busy.update(chunk.request_id for chunk in chunks)
         return output
 
     def update(
@@ -236,16 +284,26 @@ class Scheduler:
 
         ``sampled`` maps the id of each sampling chunk's request to its sampled token(s)
         (a ``prompt_only`` request has none: it finishes when its last chunk ran).
-        Returns the requests that got a new token or finished their prompt.
+        ``output`` must be the oldest output in flight. Returns the requests that got a
+        new token or finished their prompt (not those finished while it ran).
         """
-        if output.chunks:
-            assert output is self._in_flight, "update() got an output that is not in flight"
-        self._in_flight = None
+        if not output.chunks:
+            return []
+        assert self._in_flight and output is self._in_flight[0], (
+            "update() got an output that is not the oldest in flight"
+        )
+        self._in_flight.popleft()
         updated: list[Request] = []
         for chunk in output.chunks:
+            self._busy.discard(chunk.request_id)
             request = self._requests.get(chunk.request_id)
             if request is None:
-                continue  # finished (aborted, stop string) while the step ran
+                continue
+            ended = self._finish_on_return.pop(chunk.request_id, None)
+            if ended is not None:  # finished (aborted) while its chunk ran
+                self._running.remove(request)
+                self._finish(request, *ended)
+                continue
             assert request.status is RequestStatus.RUNNING
             assert request.num_computed_tokens == chunk.start_position
             request.num_computed_tokens += chunk.num_tokens
@@ -277,6 +335,25 @@ class Scheduler:
         return updated
 
     # ---- helpers ----------------------------------------------------------------------
+
+    def _batch_requests(self) -> int:
+        """How many requests one batch takes: all it can with one batch in flight; with
+        N, ceil(R / N), R the unfinished requests (busy ones count: they come back) up to
+        max_num_seqs (those that can run at once)."""
+        if self.max_concurrent_batches == 1:
+            return self.config.max_num_seqs
+        live = len(self._requests) - len(self._finish_on_return)
+        runnable = min(live, self.config.max_num_seqs)
+        return max(1, math.ceil(runnable / self.max_concurrent_batches))
+
+    def _victim_index(self, i: int) -> int:
+        """The index in running of the preemption victim for running[i]: the last request
+        at i or after that is not busy (running[i] itself, which is not, at worst)."""
+        j = len(self._running) - 1
+        while self._running[j].request_id in self._busy:
+            j -= 1
+        assert j >= i
+        return j
 
     def _admit(self, request: Request, budget: int) -> ScheduledChunk | None:
         """Allocate a waiting request's first chunk and move it to running; None if it can't."""

@@ -7,7 +7,8 @@ single-token request per running beam of every prompt (``max_tokens=1``,
 ``logprobs=2 * beam_width``) and waits for their candidates. The engine needs no new
 message or request kind, a step's beams are batched in the engine like any concurrent
 requests, and they share their prompt's KV blocks through the prefix cache. The
-answer is not streamed (vLLM does not stream beams either): ``stream`` is a 400.
+answer is not streamed (vLLM does not stream beams either): ``stream`` is a 400. A
+request whose ``model`` names a LoRA adapter sends every beam's request with it.
 """
 
 from __future__ import annotations
@@ -130,9 +131,11 @@ async def run_beam_search(
     prompts: list[list[int]],
     params: BeamSearchParams,
     eos_token_ids: frozenset[int],
+    lora_name: str | None = None,
 ) -> list[list[BeamSearchSequence]]:
-    """Each prompt's ``beam_width`` best sequences, best first; what is unfinished when
-    this ends early (client gone, engine dead) is aborted."""
+    """Each prompt's ``beam_width`` best sequences, best first, on the base model or the
+    loaded adapter ``lora_name``; what is unfinished when this ends early (client gone,
+    engine dead) is aborted."""
     searches = [BeamSearch(ids, params, eos_token_ids) for ids in prompts]
     sampling = WireSampling(
         max_tokens=1,
@@ -148,7 +151,7 @@ async def run_beam_search(
             for s, search in enumerate(searches):
                 for b, tokens in enumerate(search.pending()):
                     request_id = f"{call_id}-{s}-beam{step}.{b}"
-                    streams.append(client.add_request(request_id, tokens, sampling))
+                    streams.append(client.add_request(request_id, tokens, sampling, lora_name))
                     live.append(request_id)
                     keys.append((s, b))
             if not streams:
@@ -215,7 +218,12 @@ async def answer_with_beams(
         results = await until_disconnect(
             request,
             run_beam_search(
-                state.client, call.id, call.prompt_ids, params, state.tokenizer.eos_token_ids
+                state.client,
+                call.id,
+                call.prompt_ids,
+                params,
+                state.tokenizer.eos_token_ids,
+                call.lora_name,
             ),
         )
     except ClientDisconnected:

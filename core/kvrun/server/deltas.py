@@ -41,6 +41,7 @@ def to_wire(delta: EngineDelta) -> RequestDelta:
         num_cached_tokens=delta.num_cached_tokens,
         prompt_logprobs=prompt_logprobs,
         pooled=None if delta.pooled is None else delta.pooled.tolist(),
+        num_prompt_tokens=len(delta.prompt_token_ids),
     )
 
 
@@ -82,6 +83,8 @@ class RequestState:
     sequences: list[SequenceState] = field(init=False)
     prompt_logprobs: list[list[LogprobEntry] | None] | None = None
     num_cached_tokens: int = 0
+    # the prompt's length as the engine ran it (media expanded); None until a delta says
+    num_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.sequences = [SequenceState(i) for i in range(self.n)]
@@ -92,6 +95,12 @@ class RequestState:
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
         self.num_cached_tokens = delta.num_cached_tokens
+        self.note_prompt(delta)
+
+    def note_prompt(self, delta: RequestDelta) -> None:
+        """Keep the engine's prompt length (a delta the server made itself has none)."""
+        if delta.num_prompt_tokens is not None:
+            self.num_prompt_tokens = delta.num_prompt_tokens
 
     @property
     def num_generated(self) -> int:

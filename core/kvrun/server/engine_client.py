@@ -241,7 +241,11 @@ class EngineClient:
         return stream
 
     def add_pooling_request(
-        self, request_id: str, prompt_token_ids: list[int], pooling: WirePooling
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        pooling: WirePooling,
+        lora_name: str | None = None,  # a loaded LoRA adapter's name
     ) -> RequestStream:
         """A pooling request: its one (finished) delta carries ``pooled``."""
         if self.dead_summary is not None:
@@ -249,7 +253,14 @@ class EngineClient:
         stream = RequestStream(request_id, RequestTimes(arrival=time.monotonic()), 0)
         self._streams[request_id] = stream
         self.transport.send(
-            AddRequest(request_id, prompt_token_ids, WireSampling(), stream.times.arrival, pooling)
+            AddRequest(
+                request_id,
+                prompt_token_ids,
+                WireSampling(),
+                stream.times.arrival,
+                pooling,
+                lora_name=lora_name,
+            )
         )
         stream.times.engine = self.transport.engine_index(request_id)
         return stream

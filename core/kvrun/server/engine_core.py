@@ -113,6 +113,15 @@ class EngineLoop:
         from kvrun.sampling_params import SamplingParams
 
         try:
+            lora = None
+            if msg.lora_name is not None:
+                lora = self._loras.get(msg.lora_name)
+                if lora is None:  # unloaded while the request was on its way
+                    raise RequestError(
+                        f"The model `{msg.lora_name}` does not exist.",
+                        param="model",
+                        code="model_not_found",
+                    )
             if msg.pooling is not None:
                 from kvrun.pooling import PoolingParams
 
@@ -126,24 +135,18 @@ class EngineLoop:
                         task=pooling.task,
                     ),
                     arrival_time=msg.arrival_time,
+                    lora_request=lora,
                 )
                 return
             params = SamplingParams(**msg.params.kwargs())  # type: ignore[arg-type]
-            lora = None
-            if msg.lora_name is not None:
-                lora = self._loras.get(msg.lora_name)
-                if lora is None:  # unloaded while the request was on its way
-                    raise RequestError(
-                        f"The model `{msg.lora_name}` does not exist.",
-                        param="model",
-                        code="model_not_found",
-                    )
             prompt: list[int] | dict[str, Any] = msg.prompt_token_ids
             if msg.multi_modal_data is not None:  # to_data: a ValueError (400) if malformed
                 prompt = {
                     "prompt_token_ids": msg.prompt_token_ids,
                     "multi_modal_data": msg.multi_modal_data.to_data(),
                 }
+                if msg.multi_modal_data.processor_kwargs is not None:
+                    prompt["mm_processor_kwargs"] = msg.multi_modal_data.processor_kwargs
             self.engine.add_request(
                 msg.request_id,
                 prompt,

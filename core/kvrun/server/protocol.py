@@ -118,6 +118,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # False: at most one call (tool_choice required)
+    # the media processor's settings for this request's media parts, over the server's
+    # --mm-processor-kwargs (kvrun.multimodal.processing checks them)
+    mm_processor_kwargs: dict[str, Any] | None = None
 
 
 class TokenizeRequest(_Strict):

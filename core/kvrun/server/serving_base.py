@@ -90,7 +90,12 @@ class GenerationCall(ABC):
         return options is not None and options.include_usage and options.continuous_usage_stats
 
     def usage(self) -> dict[str, int]:
-        prompt = sum(len(ids) for ids in self.prompt_ids)
+        """Prompt tokens as the engine ran them (media placeholders expanded, as vLLM and
+        OpenAI count), the frontend's own count until the engine has said."""
+        prompt = sum(
+            len(ids) if state.num_prompt_tokens is None else state.num_prompt_tokens
+            for ids, state in zip(self.prompt_ids, self.states, strict=True)
+        )
         completion = sum(s.num_generated for s in self.states)
         return {
             "prompt_tokens": prompt,
@@ -161,6 +166,8 @@ class GenerationCall(ABC):
             # Wait for each request's first output before answering, so a request the
             # engine refuses still gets its 400 rather than a broken event stream.
             firsts = await until_disconnect(request, _firsts(streams))
+            for state, first in zip(self.states, firsts, strict=True):
+                state.note_prompt(first)  # usage's prompt length, before any chunk
             if stream:
                 streaming = True
                 return SSEResponse(

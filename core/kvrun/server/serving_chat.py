@@ -311,13 +311,19 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                 param="use_beam_search",
             )
         config = state.config
-        media = await load_media(media_parts, config.media, config.limit_mm_per_prompt)
+        media = await load_media(
+            media_parts, config.media, config.limit_mm_per_prompt, req.mm_processor_kwargs
+        )
+    elif req.mm_processor_kwargs is not None:
+        # no media: the engine still checks the settings (an unknown key is a 400 as with
+        # media; a text-only model refuses them), and they act on nothing
+        media = WireMultiModal(processor_kwargs=dict(req.mm_processor_kwargs))
     requested: int | None = req.max_tokens
     param = "max_tokens"
     if req.max_completion_tokens is not None:
         requested, param = req.max_completion_tokens, "max_completion_tokens"
     max_tokens: int | None = resolve_max_tokens(requested, param, len(prompt_ids), state.info, None)
-    if media is not None and requested is None:
+    if media_parts and requested is None:
         # the engine expands the media placeholders: the room is what is left after that
         max_tokens = None
     choice = SamplingChoice(

@@ -222,13 +222,6 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     prompts = await asyncio.to_thread(_prompts, req, state)
     work = _Completion(state, req, prompts, constraint)
     if req.use_beam_search:
-        if work.lora_name is not None:  # the search's steps run on the base model only
-            raise ApiError(
-                "use_beam_search is not supported with a LoRA adapter; accepted: the base "
-                f"model `{state.info.model_name}`",
-                400,
-                param="use_beam_search",
-            )
         max_tokens = min(s.max_tokens for s in work.samplings if isinstance(s.max_tokens, int))
         params = beam_search_params(req, max_tokens, work.prompt_ids, state.info)
         skip = req.skip_special_tokens

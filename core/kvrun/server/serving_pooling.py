@@ -4,7 +4,8 @@ They run on a pooling server (``kvrun serve --runner pooling``) and, beside gene
 on a generating one (``/classify`` needs a classifier). Each input becomes one pooling
 request that shares the engine's scheduler and steps with every other request; the
 answer waits for all of them (these routes do not stream). Scores and reranks of an
-embedding model are the cosine similarities of the embeddings, as in vLLM.
+embedding model are the cosine similarities of the embeddings, as in vLLM. A request whose
+``model`` names a LoRA adapter (``--enable-lora``) pools the adapted model's hidden states.
 """
 
 from __future__ import annotations
@@ -94,8 +95,10 @@ async def _pool(
     params: PoolingParams,
     param: str,
     add_special_tokens: bool,
+    model: str | None,
 ) -> tuple[list[torch.Tensor], int]:
-    """Each prompt's pooled vector and the prompt tokens they took in all."""
+    """Each prompt's pooled vector (``model``: the request's, which may name a LoRA
+    adapter) and the prompt tokens they took in all."""
     limit = state.config.limits.max_sequences
     if len(prompts) > limit:
         raise ApiError(
@@ -120,9 +123,10 @@ async def _pool(
     base = uuid.uuid4().hex
     ids_sent = [f"pool-{base}-{i}" for i in range(len(token_ids))]
     client = state.client
+    lora_name = state.lora_for(model)
     try:
         streams = [
-            client.add_pooling_request(rid, ids, wire)
+            client.add_pooling_request(rid, ids, wire, lora_name)
             for rid, ids in zip(ids_sent, token_ids, strict=True)
         ]
 
@@ -156,12 +160,14 @@ def _encode(vector: torch.Tensor, encoding_format: str) -> list[float] | str:
     return vector.tolist()
 
 
-def _envelope(state: ServerState, prefix: str, tokens: int, **body: Any) -> dict[str, Any]:
+def _envelope(
+    state: ServerState, model: str | None, prefix: str, tokens: int, **body: Any
+) -> dict[str, Any]:
     return {
         "id": f"{prefix}-{uuid.uuid4().hex}",
         "object": "list",
         "created": int(time.time()),
-        "model": state.info.model_name,
+        "model": state.lora_for(model) or state.info.model_name,
         **body,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
@@ -187,13 +193,13 @@ async def _vectors(
         prompts = _inputs(req.input, "input")
         params = _params(req.dimensions, task)
         vectors, tokens = await _pool(
-            state, request, prompts, params, "input", req.add_special_tokens
+            state, request, prompts, params, "input", req.add_special_tokens, req.model
         )
         data = [
             {"object": kind, key: _encode(v, req.encoding_format), "index": i}
             for i, v in enumerate(vectors)
         ]
-        return _envelope(state, prefix, tokens, data=data)
+        return _envelope(state, req.model, prefix, tokens, data=data)
 
     return await _answer(request, work())
 
@@ -224,11 +230,15 @@ def _pairs(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[str, 
 
 
 async def _scores(
-    state: ServerState, request: Request, pairs: list[tuple[str, str]], add_special: bool
+    state: ServerState,
+    request: Request,
+    pairs: list[tuple[str, str]],
+    add_special: bool,
+    model: str | None,
 ) -> tuple[list[float], int]:
     unique = list(dict.fromkeys(text for pair in pairs for text in pair))
     vectors, tokens = await _pool(
-        state, request, unique, _params(None, "score"), "text_1", add_special
+        state, request, unique, _params(None, "score"), "text_1", add_special, model
     )
     by_text = dict(zip(unique, vectors, strict=True))
     return [cosine(by_text[a], by_text[b]) for a, b in pairs], tokens
@@ -240,10 +250,10 @@ async def create_score(state: ServerState, request: Request) -> Response:
 
     async def work() -> dict[str, Any]:
         scores, tokens = await _scores(
-            state, request, _pairs(req.text_1, req.text_2), req.add_special_tokens
+            state, request, _pairs(req.text_1, req.text_2), req.add_special_tokens, req.model
         )
         data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
-        return _envelope(state, "score", tokens, data=data)
+        return _envelope(state, req.model, "score", tokens, data=data)
 
     return await _answer(request, work())
 
@@ -256,7 +266,7 @@ async def create_rerank(state: ServerState, request: Request) -> Response:
 
     async def work() -> dict[str, Any]:
         pairs = [(req.query, doc) for doc in req.documents]
-        scores, tokens = await _scores(state, request, pairs, req.add_special_tokens)
+        scores, tokens = await _scores(state, request, pairs, req.add_special_tokens, req.model)
         order = np.argsort([-s for s in scores], kind="stable")[: req.top_n]
         results = []
         for i in order.tolist():
@@ -264,7 +274,7 @@ async def create_rerank(state: ServerState, request: Request) -> Response:
             if req.return_documents:
                 item["document"] = {"text": req.documents[i]}
             results.append(item)
-        body = _envelope(state, "rerank", tokens, results=results)
+        body = _envelope(state, req.model, "rerank", tokens, results=results)
         del body["object"], body["created"]
         body["usage"] = {"total_tokens": tokens}
         return body
@@ -279,7 +289,13 @@ async def create_classify(state: ServerState, request: Request) -> Response:
     async def work() -> dict[str, Any]:
         prompts = _inputs(req.input, "input")
         probs, tokens = await _pool(
-            state, request, prompts, _params(None, "classify"), "input", req.add_special_tokens
+            state,
+            request,
+            prompts,
+            _params(None, "classify"),
+            "input",
+            req.add_special_tokens,
+            req.model,
         )
         labels = state.info.id2label
         data = []
@@ -287,6 +303,6 @@ async def create_classify(state: ServerState, request: Request) -> Response:
             best = int(p.argmax())
             label = labels[best] if best < len(labels) else f"LABEL_{best}"
             data.append({"index": i, "label": label, "probs": p.tolist(), "num_classes": len(p)})
-        return _envelope(state, "classify", tokens, data=data)
+        return _envelope(state, req.model, "classify", tokens, data=data)
 
     return await _answer(request, work())

@@ -185,6 +185,8 @@ class WireMultiModal(_Message, omit_defaults=True):
     image: list[WireImage] = []
     video: list[WireArray] = []  # uint8 [frames, height, width, 3]
     audio: list[WireAudio] = []
+    # the request's mm_processor_kwargs (the engine's processor checks them); None: unset
+    processor_kwargs: dict[str, Any] | None = None
 
     def to_data(self) -> dict[str, list[Any]]:
         """The engine's ``multi_modal_data``: {"image": [PIL.Image], "video": [array],
@@ -303,6 +305,9 @@ class RequestDelta(_Message, array_like=True):
     # Sent once, when the engine first has them: one entry per prompt token, entry 0 None.
     prompt_logprobs: list[list[LogprobEntry] | None] | None = None
     pooled: list[float] | None = None  # a pooling request's vector, in its finished delta
+    # The prompt's length as the engine runs it: media placeholders expanded (what
+    # usage.prompt_tokens counts); None where no engine said (the server's abort delta).
+    num_prompt_tokens: int | None = None
 
 
 class Rejected(_Message, array_like=True):

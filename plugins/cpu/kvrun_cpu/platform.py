@@ -57,6 +57,8 @@ class CpuPlatform(Platform):
     quantized_gguf_types: ClassVar[frozenset[str]] = frozenset(
         {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}
     )
+    # AWQ 4-bit layers run as stored with quantization="awq" (the same module, format QAWQ).
+    quantized_awq: ClassVar[bool] = True
     # Measured fastest (benchmarks/bench_attention.py, README.md).
     default_attention_backend = TorchSdpaAttention.name
 
@@ -196,7 +198,9 @@ class CpuPlatform(Platform):
         self, model: Any, kv_caches: list[torch.Tensor], config: EngineConfig
     ) -> DecodeGraphRunner | None:
         """Every decode-only step in one native call (float32 or bfloat16 Llama family on
-        TORCH_SDPA); None, with the reason logged, where that does not apply."""
+        TORCH_SDPA), LoRA adapters included once the model runner attaches their slots
+        (NativeDecoder.attach_lora); None, with the reason logged, where that does not
+        apply."""
         native = self.native_kernels()
         why = "the native kernels are unavailable" if native is None else None
         why = why or unsupported_reason(model, kv_caches)

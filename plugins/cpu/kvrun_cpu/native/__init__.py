@@ -77,9 +77,11 @@ _SIGNATURES: dict[str, list[type]] = {
         *(_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR),
         *(_I64, _I64, _I64, _I64, _I64, _I64),
     ],
-    # model, tokens, positions, slots, tables, t_row, seq_lens, m, hidden, scratch, where,
-    # workers -> 0 or an error code (kvrun_cpu.native.decoder.STEP_ERRORS)
-    "kvrun_decode_step": [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _INT],
+    # model, tokens, positions, slots, tables, t_row, seq_lens, lora_slots (or NULL), m,
+    # hidden, scratch, where, workers -> 0 or an error code (native.decoder.STEP_ERRORS)
+    "kvrun_decode_step": [
+        *(_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _INT)
+    ],
     # model, m -> floats of scratch
     "kvrun_decode_scratch": [_PTR, _I64],
     # -> 0 (the tiles granted: bf16 matmuls on AMX) or why not (kvrun_cpu.native.amx)

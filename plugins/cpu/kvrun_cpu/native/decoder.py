@@ -7,6 +7,11 @@ layout, and tried by the model runner before the op-by-op forward for every step
 of decodes only (up to ``max_num_seqs`` of them). Its hidden states are bit for bit
 those of the op-by-op native path (``csrc/decoder.c`` runs the same row functions).
 Its speed against the op-by-op path is in BENCHMARKS.md.
+
+LoRA: once :meth:`NativeDecoder.attach_lora` has handed it the adapter slots' tensors
+(:class:`kvrun.lora.manager.LoraManager`'s, filled in place as adapters come and go), a
+step given each token's slot adds the adapters after each projection in the same call,
+as the op-by-op path's ``add_lora`` (``csrc/lora.c``) does, bit for bit.
 """
 
 from __future__ import annotations
@@ -45,11 +50,18 @@ STEP_ERRORS = {
     3: "cache slot outside the KV cache",
     4: "context length below 1 or beyond the block table",
     5: "block id outside the KV cache",
+    6: "LoRA slot outside the attached adapter slots",
 }
+# The projections adapters may change, in csrc/decoder.c's order (LORA_QKV ...).
+LORA_MATRICES = ("qkv", "o", "gate_up", "down")
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in _LAYER_FIELDS]
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in _LAYER_FIELDS),
+        ("lora_a", ctypes.c_void_p * len(LORA_MATRICES)),
+        ("lora_b", ctypes.c_void_p * len(LORA_MATRICES)),
+    ]
 
 
 class _Model(ctypes.Structure):
@@ -69,6 +81,9 @@ class _Model(ctypes.Structure):
         ("num_blocks", ctypes.c_int64),
         ("layers", ctypes.POINTER(_Layer)),
         ("dtype", ctypes.c_int64),
+        ("lora_slots", ctypes.c_int64),
+        ("lora_rank", ctypes.c_int64 * len(LORA_MATRICES)),
+        ("lora_scales", ctypes.c_void_p),
     ]
 
 
@@ -155,18 +170,90 @@ class NativeDecoder:
         self.hidden_size = c.hidden_size
         self.dtype = model.dtype
         self.max_tokens = max_tokens
-        scratch = native.decode_scratch_fn(ctypes.byref(self._model), max_tokens)
-        self._scratch = torch.empty(scratch, dtype=model.dtype)
+        self._scratch_fn = native.decode_scratch_fn
+        self._scratch = self._new_scratch()
         self._where = ctypes.c_int64()
+        self._shapes = {  # each projection's (in, out) features
+            "qkv": (c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim),
+            "o": (c.num_heads * c.head_dim, c.hidden_size),
+            "gate_up": (c.hidden_size, 2 * c.intermediate_size),
+            "down": (c.intermediate_size, c.hidden_size),
+        }
+        self.lora_attached = False
+        self.steps = 0  # steps it ran
+        self.lora_steps = 0  # of those, steps where some token had an adapter
+
+    def _new_scratch(self) -> torch.Tensor:
+        scratch = self._scratch_fn(ctypes.byref(self._model), self.max_tokens)
+        return torch.empty(scratch, dtype=self.dtype)
+
+    def attach_lora(
+        self,
+        layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+        scales: torch.Tensor,
+    ) -> str | None:
+        """Take the adapter slots' tensors for every later step (None), or say why the
+        steps with adapters must run op by op (then nothing is attached).
+
+        ``layers`` per layer: projection name -> (A [S, R, in], B [S, out, R]) over every
+        slot (a layer may lack some); ``scales`` [S] float32. The tensors are read in place
+        at each step, so their contents may change (adapters loaded into slots), never
+        their storage.
+        """
+        if len(layers) != len(self._layers):
+            return f"the adapters have {len(layers)} layers, the model {len(self._layers)}"
+        num_slots = scales.shape[0] if scales.dim() == 1 else -1
+        if scales.dtype != torch.float32 or not scales.is_contiguous() or num_slots < 1:
+            return "the adapter scales are not a contiguous float32 vector"
+        ranks: dict[str, int] = {}
+        for index, pairs in enumerate(layers):
+            for name, (a, b) in pairs.items():
+                if name not in self._shapes:
+                    return f"layer {index}'s adapters change {name}, which decoder.c does not"
+                k, n = self._shapes[name]
+                r = ranks.setdefault(name, a.shape[-2])
+                if (
+                    a.shape != (num_slots, r, k)
+                    or b.shape != (num_slots, n, r)
+                    or any(t.dtype != self.dtype or not t.is_contiguous() for t in (a, b))
+                ):
+                    return (
+                        f"layer {index}'s {name} adapters are not [slots, rank, in] and "
+                        f"[slots, out, rank] contiguous tensors in {str(self.dtype)[6:]}"
+                    )
+        for dst, pairs in zip(self._layers, layers, strict=True):
+            for i, name in enumerate(LORA_MATRICES):
+                a_b = pairs.get(name)
+                dst.lora_a[i] = None if a_b is None else a_b[0].data_ptr()
+                dst.lora_b[i] = None if a_b is None else a_b[1].data_ptr()
+                self._tensors.extend(a_b or ())
+        self._tensors.append(scales)
+        self._model.lora_slots = num_slots
+        for i, name in enumerate(LORA_MATRICES):
+            self._model.lora_rank[i] = ranks.get(name, 0)
+        self._model.lora_scales = scales.data_ptr()
+        self._scratch = self._new_scratch()
+        self.lora_attached = True
+        return None
 
     def run(
         self,
         input_ids: torch.Tensor,  # [N] int64
         positions: torch.Tensor,  # [N] int64
         meta: AttentionMetadata,
+        lora_slots: torch.Tensor | None = None,  # [N] int64 each token's slot, -1: none
     ) -> torch.Tensor | None:  # [N, hidden_size], or None: not a step this runs
+        """The step's normed hidden states; None for a step it does not take (a prefill,
+        more tokens than its scratch, adapters while none are attached)."""
         m = input_ids.shape[0]
         if m > self.max_tokens or meta.max_query_len != 1 or meta.num_tokens != m:
+            return None
+        if lora_slots is not None and (
+            not self.lora_attached
+            or lora_slots.dtype != torch.int64
+            or not lora_slots.is_contiguous()
+            or lora_slots.shape != (m,)
+        ):
             return None
         tables, seq_lens, slots = meta.block_tables, meta.seq_lens, meta.slot_mapping
         if (
@@ -189,6 +276,7 @@ class NativeDecoder:
             tables.data_ptr(),
             tables.shape[1],
             seq_lens.data_ptr(),
+            None if lora_slots is None else lora_slots.data_ptr(),
             m,
             hidden.data_ptr(),
             self._scratch.data_ptr(),
@@ -199,4 +287,6 @@ class NativeDecoder:
             raise KvrunError(
                 f"native decode step: row {self._where.value}: {STEP_ERRORS.get(code, code)}"
             )
+        self.steps += 1
+        self.lora_steps += lora_slots is not None
         return hidden

@@ -1,5 +1,5 @@
-"""GGUF matrices run as stored (``quantization="gguf"``): the repacking, once at load,
-and the calls into ``csrc/quant.c``.
+"""GGUF and AWQ matrices run as stored (``quantization="gguf"`` / ``"awq"``): the
+repacking, once at load, and the calls into ``csrc/quant.c``.
 
 :func:`pack_quantized` turns a :class:`kvrun.quantization.QuantizedMatrix` (GGUF Q8_0,
 Q4_0, Q4_1, Q4_K or Q6_K blocks, row by row) into :class:`QuantizedPackedWeight`: panels of
@@ -12,6 +12,11 @@ scale needs 17 bits), Q6_K 8.0 instead of 6.56 (its 6-bit values whole, d times 
 per token to int8 blocks of 32 inside the kernel, as llama.cpp does, so results are
 within the format's rounding of dequantize-then-matmul, not equal to it
 (``plugins/cpu/tests/test_cpu_quantized_linear.py`` states the tolerance).
+
+AWQ rows (:func:`kvrun.quantization.awq_qtype`, group g) repack to panels of 16 rows
+whose groups are g / 32 blocks of nibble lines and one line of the rows' fp16 scales and
+uint8 zero points: 4.25 bits per value at g = 128 against the checkpoint's 4.16, 4.5 at
+64, 5.0 at 32 (``plugins/cpu/tests/test_cpu_awq_linear.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvrun.quantization import EXECUTABLE_GGUF_TYPES, QuantizedMatrix
+from kvrun.quantization import EXECUTABLE_GGUF_TYPES, QuantizedMatrix, quantized_block
 
 __all__ = [
     "QUANTIZED_TYPES",
@@ -43,6 +48,7 @@ QBLOCK = 32  # input columns per block
 _BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q4_K": 36, "Q6_K": 6}
 QUANTIZED_TYPES = frozenset(_BITS)
 assert QUANTIZED_TYPES <= set(EXECUTABLE_GGUF_TYPES)
+_AWQ_FORMAT = 1000  # csrc/quant.c's QAWQ: + blocks of 32 per group
 _LOGGED: set[str] = set()  # libraries whose quantized path was logged
 
 
@@ -50,7 +56,8 @@ _LOGGED: set[str] = set()  # libraries whose quantized path was logged
 class QuantizedPackedWeight:
     """An [out_features, in_features] GGUF matrix in ``csrc/quant.c``'s layout.
 
-    ``blocks`` is uint8 [ceil(out / 16), in / 32, block bytes], 64-byte aligned; rows past
+    ``blocks`` is uint8 [ceil(out / 16), in / 32, block bytes] (AWQ: [ceil(out / 16),
+    bytes per panel]), 64-byte aligned; rows past
     ``out_features`` are zero. ``dtype`` is the model's float dtype (of what ``linear``
     returns). What the cpu plugin's ``prepare_linear`` returns for a QuantizedMatrix and
     its ``linear`` and ``embedding`` read.
@@ -64,7 +71,10 @@ class QuantizedPackedWeight:
 
     @property
     def bits(self) -> int:
-        return _BITS[self.qtype]
+        """The format code csrc/quant.c dispatches on."""
+        if self.qtype in _BITS:
+            return _BITS[self.qtype]
+        return _AWQ_FORMAT + _awq_group(self.qtype) // QBLOCK
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -129,6 +139,36 @@ def _interleave_q6(values: np.ndarray, scale: np.ndarray, panels: int, kb: int) 
     )
 
 
+def _awq_group(qtype: str) -> int:
+    geometry = quantized_block(qtype)
+    if geometry is None or not qtype.startswith("AWQ_G"):
+        raise ValueError(
+            f"type {qtype} has no native kernel; accepted: {', '.join(sorted(_BITS))} and "
+            "AWQ_G<n> (n a multiple of 32)"
+        )
+    return geometry[0]
+
+
+def _repack_awq(matrix: QuantizedMatrix) -> np.ndarray:  # uint8 [P, bytes per panel]
+    """AWQ rows -> csrc/quant.c's QAWQ panels: per group, its blocks' 4 nibble lines
+    (the rows' nibble bytes are already in the kernel's column order), then the 16 rows'
+    fp16 scales, uint8 zero points and 16 zero bytes."""
+    n, k = matrix.shape
+    group = _awq_group(matrix.qtype)
+    groups, panels, blocks = k // group, -(-n // PANEL), group // QBLOCK
+    raw = np.zeros((panels * PANEL, groups, group // 2 + 3), dtype=np.uint8)
+    raw[:n] = matrix.blocks.numpy().reshape(n, groups, -1)
+    # nibble byte t of block e of a group (row 16p + l) -> line t // 4, byte 4 l + t % 4
+    values = raw[..., 3:].reshape(panels, PANEL, groups, blocks, 4, 4)
+    lines = values.transpose(0, 2, 3, 4, 1, 5).reshape(panels, groups, blocks * 256)
+    head = raw[..., :3].reshape(panels, PANEL, groups, 3).transpose(0, 2, 3, 1)
+    scales = np.ascontiguousarray(head[:, :, :2].transpose(0, 1, 3, 2)).reshape(panels, groups, 32)
+    params = np.concatenate(
+        [scales, head[:, :, 2], np.zeros((panels, groups, 16), dtype=np.uint8)], axis=-1
+    )
+    return np.concatenate([lines, params], axis=-1).reshape(panels, -1)
+
+
 def _repack(matrix: QuantizedMatrix) -> np.ndarray:  # uint8 [P, K / 32, block bytes]
     n, k = matrix.shape
     block, nbytes = EXECUTABLE_GGUF_TYPES[matrix.qtype]
@@ -179,11 +219,7 @@ def _interleave(
 
 def pack_quantized(matrix: QuantizedMatrix) -> QuantizedPackedWeight:
     """The matrix in the kernel's layout (a new, 64-byte aligned tensor)."""
-    if matrix.qtype not in _BITS:
-        raise ValueError(
-            f"GGUF type {matrix.qtype} has no native kernel; accepted: {', '.join(sorted(_BITS))}"
-        )
-    repacked = _repack(matrix)
+    repacked = _repack(matrix) if matrix.qtype in _BITS else _repack_awq(matrix)
     blocks = torch.empty(repacked.shape, dtype=torch.uint8)
     assert blocks.data_ptr() % 64 == 0  # the kernel loads whole aligned lines
     blocks.numpy()[...] = repacked
@@ -200,7 +236,7 @@ def _log_path(native: Any) -> None:
     key = str(native.library)
     if key not in _LOGGED:
         _LOGGED.add(key)
-        logger.info("quantized GGUF matmuls (native %s): %s", native.isa, quantized_isa(native))
+        logger.info("quantized GGUF/AWQ matmuls (native %s): %s", native.isa, quantized_isa(native))
 
 
 def quantized_linear(

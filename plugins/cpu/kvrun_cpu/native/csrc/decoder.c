@@ -19,6 +19,15 @@
  * cache slot, attend over the cached rows; x = attn Wo^T;
  * residual += x, h = norm(residual); gate|up = h Wgu^T, act = silu(gate) up;
  * x = act Wdown^T; residual += x, h = norm(residual) with the next layer's weight.
+ *
+ * LoRA adapters (the add_lora op, lora.c): where the step is given each token's adapter
+ * slot, each of the four projections gets its tokens' deltas, added in place right after
+ * it, before anything reads it (gate|up's before the silu). The shrink (x A_s^T) of qkv and
+ * gate|up runs on each row as soon as its norm is done, in the norm's phase; that of o and
+ * down (whose inputs are written by columns or heads) in a phase of its own after the
+ * input's; the expand runs on the columns of the output each thread has just computed.
+ * lora.c's arithmetic per element does not depend on how the work is split, so the
+ * projections are bit for bit those of the op-by-op path's add_lora.
  */
 #include <omp.h>
 #include <sched.h>
@@ -28,10 +37,16 @@
 
 #include "kvrun_cpu.h"
 
+/* The projections adapters may change, in the order of kv_decoder_layer's lora arrays. */
+enum { LORA_QKV, LORA_O, LORA_GATE_UP, LORA_DOWN, LORA_MATRICES };
+
 typedef struct {
     const void *input_norm, *qkv, *qkv_bias, *o, *post_norm, *gate_up, *down; /* matrices packed */
     void *key_cache, *value_cache; /* [Hk, num_blocks, block_size, D] via the model's strides */
     const void *q_norm, *k_norm;   /* [D] per-head norms before the rotation, or NULL */
+    /* Per projection, every adapter slot's A [S, R, in] and B [S, out, R] (R the
+       kv_decoder's lora_rank), contiguous in the model's dtype; NULL: no adapters on it. */
+    const void *lora_a[LORA_MATRICES], *lora_b[LORA_MATRICES];
 } kv_decoder_layer;
 
 /* Layout of every field: 8 bytes (kvrun_cpu.native.decoder mirrors it with ctypes). */
@@ -45,6 +60,9 @@ typedef struct {
     int64_t c_head, c_block, c_slot, block_size, num_blocks;
     const kv_decoder_layer *layers;
     int64_t dtype; /* KV_F32 or KV_BF16: weights, activations and cache */
+    int64_t lora_slots;                   /* S: adapter slots (0: no adapters attached) */
+    int64_t lora_rank[LORA_MATRICES];     /* each projection's slot rank R */
+    const float *lora_scales;             /* [S] */
 } kv_decoder;
 
 /* A sense-reversing barrier for the step's threads: spin for up to SPIN_NS (the phases
@@ -128,16 +146,64 @@ typedef struct {
     int dt;
     int64_t es; /* bytes per element */
     barrier *sync;
+    /* LoRA: each token's slot [m], or NULL when no token of the step has an adapter; the
+       tokens grouped by slot (kv_lora_group), each token's grouped position [m], and the
+       shrink's output [R, m] (one projection at a time: each is expanded before the next
+       shrink starts) */
+    const int64_t *lora_slots;
+    int64_t *lora_order, *lora_starts, *lora_pos;
+    float *lora_buf;
 } step_args;
 
+/* Whether the step adds adapters to projection `mat` of `layer`. */
+static int has_lora(const step_args *s, const kv_decoder_layer *layer, int mat)
+{
+    return s->lora_slots && layer->lora_a[mat];
+}
+
+/* add_lora's arguments for projection `mat` of `layer`: y [m, n] = x [m, k] W^T, in place. */
+static kv_lora_args lora_args(const step_args *s, const kv_decoder_layer *layer, int mat,
+                              const void *x, int64_t k, void *y, int64_t n)
+{
+    const kv_lora_args a = {.y = y, .x = x, .a = layer->lora_a[mat], .b = layer->lora_b[mat],
+                            .y_row = n, .x_row = k, .scales = s->md->lora_scales,
+                            .slots = s->lora_slots, .order = s->lora_order,
+                            .starts = s->lora_starts, .buf = s->lora_buf, .out = y, .o_row = n,
+                            .tokens = s->m, .n = n, .k = k, .r = s->md->lora_rank[mat],
+                            .num_slots = s->md->lora_slots, .dtype = s->dt};
+    return a;
+}
+
+/* The shrink of row r (its token's grouped position), if its token has an adapter. */
+static void shrink_row(const kv_lora_args *a, const step_args *s, int64_t r)
+{
+    const int64_t p = s->lora_pos[r];
+    if (p < s->lora_starts[s->md->lora_slots]) kv_lora_shrink(a, p, p + 1);
+}
+
+/* The shrink of every adapted token, shared among the threads. */
+static void shrink_part(const step_args *s, const kv_decoder_layer *layer, int mat, const void *x,
+                        int64_t k, int64_t n, int worker, int workers)
+{
+    const kv_lora_args a = lora_args(s, layer, mat, x, k, 0, n);
+    int64_t begin, end;
+    kv_split(s->lora_starts[s->md->lora_slots], 1, worker, workers, &begin, &end);
+    if (begin < end) kv_lora_shrink(&a, begin, end);
+}
+
+/* h = norm(residual (+= x)) row by row; then, where `next` (the layer whose projection
+   `mat` reads h next; NULL: none) has adapters, the shrink of each row. */
 static void residual_norm(const step_args *s, const void *weight, int worker, int workers,
-                          int add)
+                          int add, const kv_decoder_layer *next, int mat, int64_t n)
 {
     const int64_t H = s->md->hidden;
+    const int lora = next && has_lora(s, next, mat);
+    const kv_lora_args a = lora ? lora_args(s, next, mat, s->hidden, H, 0, n) : (kv_lora_args){0};
     for (int64_t r = worker; r < s->m; r += workers) {
         char *res = s->residual + r * H * s->es;
         if (add) kv_add_row(s->x + r * H * s->es, res, H, s->dt);
         kv_rms_norm_row(res, weight, (char *)s->hidden + r * H * s->es, H, (float)s->md->eps, s->dt);
+        if (lora) shrink_row(&a, s, r);
     }
 }
 
@@ -154,12 +220,19 @@ static void panels(const step_args *s, const void *x, const void *w, const void 
     }
 }
 
-static void linear_part(const step_args *s, const void *x, const void *w, const void *bias,
-                        void *y, int64_t n, int64_t k, int worker, int workers)
+/* This thread's panels of y = x W^T (+ bias), then, where projection `mat` of `layer` has
+   adapters, their deltas on those columns (the shrink done before). */
+static void linear_part(const step_args *s, const kv_decoder_layer *layer, int mat, const void *x,
+                        const void *w, const void *bias, void *y, int64_t n, int64_t k, int worker,
+                        int workers)
 {
     int64_t begin, end;
     kv_split((n + 15) / 16, 1, worker, workers, &begin, &end);
     panels(s, x, w, bias, y, n, k, begin, end);
+    if (begin < end && has_lora(s, layer, mat)) {
+        const kv_lora_args a = lora_args(s, layer, mat, x, k, y, n);
+        kv_lora_expand(&a, 16 * begin, 16 * end < n ? 16 * end : n);
+    }
 }
 
 static void attention_part(const step_args *s, const kv_decoder_layer *layer, int worker,
@@ -206,17 +279,22 @@ static void step_body(const step_args *s, int worker, int workers)
     int sense = 0;
     for (int64_t r = worker; r < m; r += workers)
         kv_packed_row(md->embed, H, s->tokens[r], s->residual + r * H * es, s->dt);
-    residual_norm(s, md->layers[0].input_norm, worker, workers, 0);
+    residual_norm(s, md->layers[0].input_norm, worker, workers, 0, md->layers, LORA_QKV, qkv_width);
     barrier_wait(s->sync, &sense);
     for (int64_t l = 0; l < md->num_layers; ++l) {
         const kv_decoder_layer *layer = md->layers + l;
-        linear_part(s, s->hidden, layer->qkv, layer->qkv_bias, s->qkv, qkv_width, H, worker, workers);
+        linear_part(s, layer, LORA_QKV, s->hidden, layer->qkv, layer->qkv_bias, s->qkv, qkv_width,
+                    H, worker, workers);
         barrier_wait(s->sync, &sense);
         attention_part(s, layer, worker, workers);
         barrier_wait(s->sync, &sense);
-        linear_part(s, s->attn, layer->o, 0, s->x, H, attn_width, worker, workers);
+        if (has_lora(s, layer, LORA_O)) { /* the same branch on every thread */
+            shrink_part(s, layer, LORA_O, s->attn, attn_width, H, worker, workers);
+            barrier_wait(s->sync, &sense);
+        }
+        linear_part(s, layer, LORA_O, s->attn, layer->o, 0, s->x, H, attn_width, worker, workers);
         barrier_wait(s->sync, &sense);
-        residual_norm(s, layer->post_norm, worker, workers, 1);
+        residual_norm(s, layer->post_norm, worker, workers, 1, layer, LORA_GATE_UP, 2 * I);
         barrier_wait(s->sync, &sense);
         { /* gate panels [b, e) and their up panels, then act for those columns
              (I is a multiple of 16: NativeDecoder checks) */
@@ -225,6 +303,11 @@ static void step_body(const step_args *s, int worker, int workers)
             if (b < e) {
                 panels(s, s->hidden, layer->gate_up, 0, s->gate_up, 2 * I, H, b, e);
                 panels(s, s->hidden, layer->gate_up, 0, s->gate_up, 2 * I, H, I / 16 + b, I / 16 + e);
+                if (has_lora(s, layer, LORA_GATE_UP)) { /* the deltas before the silu */
+                    const kv_lora_args a = lora_args(s, layer, LORA_GATE_UP, s->hidden, H, s->gate_up, 2 * I);
+                    kv_lora_expand(&a, 16 * b, 16 * e);
+                    kv_lora_expand(&a, I + 16 * b, I + 16 * e);
+                }
                 for (int64_t r = 0; r < m; ++r) {
                     const char *gu = s->gate_up + (r * 2 * I + 16 * b) * es;
                     kv_silu_mul(gu, gu + I * es, s->act + (r * I + 16 * b) * es, 16 * (e - b), s->dt);
@@ -232,10 +315,15 @@ static void step_body(const step_args *s, int worker, int workers)
             }
         }
         barrier_wait(s->sync, &sense);
-        linear_part(s, s->act, layer->down, 0, s->x, H, I, worker, workers);
+        if (has_lora(s, layer, LORA_DOWN)) {
+            shrink_part(s, layer, LORA_DOWN, s->act, I, H, worker, workers);
+            barrier_wait(s->sync, &sense);
+        }
+        linear_part(s, layer, LORA_DOWN, s->act, layer->down, 0, s->x, H, I, worker, workers);
         barrier_wait(s->sync, &sense);
-        residual_norm(s, l + 1 < md->num_layers ? md->layers[l + 1].input_norm : md->final_norm,
-                      worker, workers, 1);
+        const kv_decoder_layer *next = l + 1 < md->num_layers ? layer + 1 : 0;
+        residual_norm(s, next ? next->input_norm : md->final_norm, worker, workers, 1, next,
+                      LORA_QKV, qkv_width);
         barrier_wait(s->sync, &sense);
     }
 }
@@ -244,10 +332,12 @@ static void step_body(const step_args *s, int worker, int workers)
    (kvrun_cpu.native.decoder.STEP_ERRORS) with *where set to the offending row. */
 static int64_t validate(const kv_decoder *md, const int64_t *tokens, const int64_t *positions,
                         const int64_t *slots, const int32_t *tables, int64_t t_row,
-                        const int32_t *seq_lens, int64_t m, int64_t *where)
+                        const int32_t *seq_lens, const int64_t *lora_slots, int64_t m,
+                        int64_t *where)
 {
     for (int64_t r = 0; r < m; ++r) {
         *where = r;
+        if (lora_slots && (lora_slots[r] < -1 || lora_slots[r] >= md->lora_slots)) return 6;
         if (tokens[r] < 0 || tokens[r] >= md->vocab) return 1;
         if (positions[r] < 0 || positions[r] >= md->max_pos) return 2;
         if (slots[r] < 0 || slots[r] >= md->num_blocks * md->block_size) return 3;
@@ -258,12 +348,23 @@ static int64_t validate(const kv_decoder *md, const int64_t *tokens, const int64
     return 0;
 }
 
+/* Bytes of the dtype scratch before the LoRA scratch (64-byte aligned). */
+static int64_t lora_scratch_offset(const kv_decoder *md, int64_t m)
+{
+    const int64_t q = md->num_heads * md->head_dim, kv = md->num_kv_heads * md->head_dim;
+    const int64_t es = md->dtype == KV_BF16 ? 2 : 4;
+    const int64_t bytes = m * (2 * md->hidden + (q + 2 * kv) + 2 * q + 3 * md->intermediate) * es;
+    return (bytes + 63) / 64 * 64;
+}
+
+/* lora_slots: each token's adapter slot in [-1, md->lora_slots) (-1: none), or NULL. */
 int64_t kvrun_decode_step(const kv_decoder *md, const int64_t *tokens, const int64_t *positions,
                           const int64_t *slots, const int32_t *tables, int64_t t_row,
-                          const int32_t *seq_lens, int64_t m, void *hidden, void *scratch,
-                          int64_t *where, int workers)
+                          const int32_t *seq_lens, const int64_t *lora_slots, int64_t m,
+                          void *hidden, void *scratch, int64_t *where, int workers)
 {
-    const int64_t code = validate(md, tokens, positions, slots, tables, t_row, seq_lens, m, where);
+    const int64_t code =
+        validate(md, tokens, positions, slots, tables, t_row, seq_lens, lora_slots, m, where);
     if (code) return code;
     const int64_t H = md->hidden, I = md->intermediate, es = md->dtype == KV_BF16 ? 2 : 4;
     const int64_t q = md->num_heads * md->head_dim, kv = md->num_kv_heads * md->head_dim;
@@ -277,6 +378,16 @@ int64_t kvrun_decode_step(const kv_decoder *md, const int64_t *tokens, const int
     s.attn = s.q + m * q * es;
     s.gate_up = s.attn + m * q * es;
     s.act = s.gate_up + m * 2 * I * es;
+    if (lora_slots) {
+        const int64_t S = md->lora_slots;
+        s.lora_order = (int64_t *)((char *)scratch + lora_scratch_offset(md, m));
+        s.lora_starts = s.lora_order + m;
+        s.lora_pos = s.lora_starts + S + 2;
+        s.lora_buf = (float *)(s.lora_pos + m);
+        kv_lora_group(lora_slots, m, S, s.lora_order, s.lora_starts);
+        for (int64_t p = 0; p < m; ++p) s.lora_pos[s.lora_order[p]] = p;
+        if (s.lora_starts[S] > 0) s.lora_slots = lora_slots; /* else: no token has one */
+    }
     barrier sync = {0, 0, 0, 1};
     s.sync = &sync;
     if (workers <= 1) {
@@ -293,9 +404,14 @@ int64_t kvrun_decode_step(const kv_decoder *md, const int64_t *tokens, const int
     return 0;
 }
 
-/* Elements (of the model's dtype) of scratch kvrun_decode_step needs for m tokens. */
+/* Elements (of the model's dtype) of scratch kvrun_decode_step needs for m tokens (with
+   room for the adapters' grouping and shrink, as attached when it is called). */
 int64_t kvrun_decode_scratch(const kv_decoder *md, int64_t m)
 {
-    const int64_t q = md->num_heads * md->head_dim, kv = md->num_kv_heads * md->head_dim;
-    return m * (2 * md->hidden + (q + 2 * kv) + 2 * q + 3 * md->intermediate);
+    const int64_t es = md->dtype == KV_BF16 ? 2 : 4;
+    int64_t rank = 0;
+    for (int i = 0; i < LORA_MATRICES; ++i) rank = md->lora_rank[i] > rank ? md->lora_rank[i] : rank;
+    const int64_t lora = (int64_t)sizeof(int64_t) * (2 * m + md->lora_slots + 2) +
+                         (int64_t)sizeof(float) * rank * m;
+    return (lora_scratch_offset(md, m) + lora + es - 1) / es;
 }

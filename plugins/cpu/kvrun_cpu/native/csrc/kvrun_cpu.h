@@ -103,6 +103,28 @@ KV_INTERNAL void kv_decode_range(const kv_decode_args *a, int worker, int worker
 /* One item: query heads [h*G, (h+1)*G) of request r against its cached rows. */
 KV_INTERNAL void kv_decode_item(const kv_decode_args *a, int64_t r, int64_t h);
 
+/* Batched LoRA (lora.c): out = y + scale_s * (x A_s^T) B_s^T per token of slot s. */
+typedef struct {
+    const void *y, *x, *a, *b; /* [T, N] (y_row), [T, K] (x_row), [S, R, K], [S, N, R] */
+    int64_t y_row, x_row;
+    const float *scales;    /* [S] */
+    const int64_t *slots;   /* [T] */
+    const int64_t *order;   /* [T] the tokens grouped by slot, the no-slot tokens last */
+    const int64_t *starts;  /* [S + 1] group s is order[starts[s] .. starts[s + 1]) */
+    float *buf;             /* [R, T]: buf[j * T + p], p a grouped position */
+    void *out;              /* [T, N] (o_row); may be y itself (same row stride) */
+    int64_t o_row, tokens, n, k, r, num_slots;
+    int dtype;
+} kv_lora_args;
+/* order [T] and starts [S + 2] of slots [T] (each in [-1, S)): a counting sort by slot,
+   the no-slot tokens (-1) last, from starts[S]. */
+KV_INTERNAL void kv_lora_group(const int64_t *slots, int64_t tokens, int64_t num_slots,
+                               int64_t *order, int64_t *starts);
+/* buf for the grouped positions [p_begin, p_end) (all below starts[S]): reads x. */
+KV_INTERNAL void kv_lora_shrink(const kv_lora_args *a, int64_t p_begin, int64_t p_end);
+/* out columns [n0, n1) of every token from y and buf (the whole shrink done first). */
+KV_INTERNAL void kv_lora_expand(const kv_lora_args *a, int64_t n0, int64_t n1);
+
 /* Rows (elementwise.c). */
 KV_INTERNAL void kv_rms_norm_row(const void *x, const void *weight, void *out, int64_t n,
                                  float eps, int dt);

@@ -13,6 +13,11 @@
  * The rounding of bfloat16 follows the reference: the expansion, then the scale, then the
  * sum, each rounded to the dtype. Float32 sums run in a different order from torch's
  * matmul, so results agree within float rounding, not bit for bit.
+ *
+ * The fused decode step (decoder.c) calls the same passes (kv_lora_group, kv_lora_shrink,
+ * kv_lora_expand in place) inside its own phases. Every output element's arithmetic is
+ * the same whichever tokens and columns a call covers, so its projections are bit for bit
+ * those of this op.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -22,18 +27,7 @@
 enum { DT_F32 = KV_F32, DT_BF16 = KV_BF16 };
 enum { CHUNK = 16 }; /* tokens per vector in the expansion */
 
-typedef struct {
-    const void *y, *x, *a, *b; /* [T, N] (y_row), [T, K] (x_row), [S, R, K], [S, N, R] */
-    int64_t y_row, x_row;
-    const float *scales;    /* [S] */
-    const int64_t *slots;   /* [T] */
-    const int64_t *order;   /* [T] the tokens grouped by slot, the no-slot tokens last */
-    const int64_t *starts;  /* [S + 1] group s is order[starts[s] .. starts[s + 1]) */
-    float *buf;             /* [R, T]: buf[j * T + p], p a grouped position */
-    void *out;              /* [T, N] (o_row) */
-    int64_t o_row, tokens, n, k, r, num_slots;
-    int dtype;
-} lora_args;
+typedef kv_lora_args lora_args;
 
 /* x . w over k, float32 sums. */
 KV_INLINE float dot(const void *x, const void *w, int64_t k, const int dt)
@@ -69,15 +63,20 @@ KV_INLINE void shrink(const lora_args *a, int64_t begin, int64_t end, const int 
     }
 }
 
+void kv_lora_shrink(const kv_lora_args *a, int64_t p_begin, int64_t p_end)
+{
+    if (a->dtype == DT_BF16)
+        shrink(a, p_begin, p_end, DT_BF16);
+    else
+        shrink(a, p_begin, p_end, DT_F32);
+}
+
 static void shrink_task(const void *p, int worker, int workers)
 {
     const lora_args *a = p;
     int64_t begin, end;
     kv_split(a->starts[a->num_slots], 1, worker, workers, &begin, &end);
-    if (a->dtype == DT_BF16)
-        shrink(a, begin, end, DT_BF16);
-    else
-        shrink(a, begin, end, DT_F32);
+    kv_lora_shrink(a, begin, end);
 }
 
 /* ROWS rows of B at a time: their accumulators are independent (no chain of dependent
@@ -166,6 +165,7 @@ KV_INLINE void expand(const lora_args *a, int64_t n0, int64_t n1, const int dt)
             }
         }
     }
+    if (a->y == a->out && a->y_row == a->o_row) return; /* in place: nothing to copy */
     for (int64_t p = a->starts[a->num_slots]; p < T; ++p) { /* no adapter: y as it is */
         const int64_t t = a->order[p];
         memcpy((char *)a->out + (t * a->o_row + n0) * es, (const char *)a->y + (t * a->y_row + n0) * es,
@@ -173,15 +173,33 @@ KV_INLINE void expand(const lora_args *a, int64_t n0, int64_t n1, const int dt)
     }
 }
 
+void kv_lora_expand(const kv_lora_args *a, int64_t n0, int64_t n1)
+{
+    if (n0 >= n1) return;
+    if (a->dtype == DT_BF16)
+        expand(a, n0, n1, DT_BF16);
+    else
+        expand(a, n0, n1, DT_F32);
+}
+
 static void expand_task(const void *p, int worker, int workers)
 {
     const lora_args *a = p;
     int64_t begin, end;
     kv_split(a->n, 16, worker, workers, &begin, &end);
-    if (a->dtype == DT_BF16)
-        expand(a, begin, end, DT_BF16);
-    else
-        expand(a, begin, end, DT_F32);
+    kv_lora_expand(a, begin, end);
+}
+
+void kv_lora_group(const int64_t *slots, int64_t tokens, int64_t num_slots, int64_t *order,
+                   int64_t *starts)
+{
+    memset(starts, 0, (size_t)(num_slots + 2) * sizeof(int64_t));
+    for (int64_t t = 0; t < tokens; ++t) ++starts[(slots[t] < 0 ? num_slots : slots[t]) + 1];
+    for (int64_t s = 0; s <= num_slots; ++s) starts[s + 1] += starts[s];
+    /* Fill by a moving cursor per group, then shift the cursors back into starts. */
+    for (int64_t t = 0; t < tokens; ++t) order[starts[slots[t] < 0 ? num_slots : slots[t]]++] = t;
+    for (int64_t s = num_slots; s > 0; --s) starts[s] = starts[s - 1];
+    starts[0] = 0;
 }
 
 /* Below this many multiply-adds one thread does the whole op. */
@@ -204,13 +222,7 @@ int64_t kvrun_add_lora(const void *y, int64_t y_row, const void *x, int64_t x_ro
         return -2;
     }
     int64_t *starts = order + tokens; /* [num_slots + 2]: the no-slot group is num_slots */
-    memset(starts, 0, (size_t)(num_slots + 2) * sizeof(int64_t));
-    for (int64_t t = 0; t < tokens; ++t) ++starts[(slots[t] < 0 ? num_slots : slots[t]) + 1];
-    for (int64_t s = 0; s <= num_slots; ++s) starts[s + 1] += starts[s];
-    /* Fill by a moving cursor per group, then shift the cursors back into starts. */
-    for (int64_t t = 0; t < tokens; ++t) order[starts[slots[t] < 0 ? num_slots : slots[t]]++] = t;
-    for (int64_t s = num_slots; s > 0; --s) starts[s] = starts[s - 1];
-    starts[0] = 0;
+    kv_lora_group(slots, tokens, num_slots, order, starts);
     const lora_args args = {y,      x,      a,     b,     y_row, x_row, scales,    slots, order,
                             starts, buf,    out,   o_row, tokens, n,    k,         r,     num_slots,
                             dtype};

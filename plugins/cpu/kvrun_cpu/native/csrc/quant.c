@@ -1,4 +1,5 @@
-/* Quantized weights executed as stored (GGUF Q8_0, Q4_0, Q4_1): y = x W^T (+ bias).
+/* Quantized weights executed as stored (GGUF Q8_0, Q4_0, Q4_1, Q4_K, Q6_K; AWQ 4-bit):
+ * y = x W^T (+ bias).
  *
  * Layout (kvrun_cpu/native/quantized.py repacks a GGUF matrix into it once, at load):
  * panels of 16 output rows, each a run of blocks of 32 input columns; one block is
@@ -18,6 +19,12 @@
  * sub-block's int8 scale, one per 16 columns): weight d_half (v - 32).
  * A block is 576 (8-bit), 320 (4-bit), 384 (4-bit, fp32 scales) or 512 (Q6) bytes,
  * multiples of 64: every line is aligned.
+ * AWQ (format QAWQ + gb: groups of gb blocks of 32 columns, AWQ's group_size / 32) keeps
+ * one scale and zero point per row and group: a panel is a run of groups, each its gb
+ * blocks' 4 nibble lines (256 bytes, the 4-bit order above: column c low, c + 16 high;
+ * values q in [0, 16) unsigned) then one line of the 16 rows' fp16 scales s (32 bytes)
+ * and uint8 zero points z (16 bytes, then 16 unused): weight s (q - z), exactly what
+ * AWQ's dequantisation computes. 4.25 bits per value at group 128 (the checkpoint: 4.16).
  *
  * Activations are quantized per token and block of 32 to int8, as llama.cpp does:
  * dx = max|x| / 127, xq = round(x / dx) (to nearest even). Then, per block,
@@ -25,7 +32,10 @@
  * where isum is exact in int32 (AVX512-VNNI's vpdpbusd: unsigned weight bytes times
  * signed activation bytes, four per lane). Q6 sums each half of 16 columns apart:
  *   sum ~= d_lo * (dx * (isum_lo - 32 s_lo)) + d_hi * (dx * (isum_hi - 32 s_hi)),
- * s_half the sum of the half's xq (exact integers until the one conversion to float). Each output is accumulated over the blocks
+ * s_half the sum of the half's xq (exact integers until the one conversion to float).
+ * AWQ subtracts the zero point in the integers alike: per block of its group,
+ *   sum ~= s * (dx * (isum - z sx)),  sx the block's sum of xq.
+ * Each output is accumulated over the blocks
  * in order with the same float operations on every path (VNNI and the portable C), so
  * the two give the same bits, and a token's result depends on its own row only, never
  * on its batch or on the thread split.
@@ -48,6 +58,8 @@
    QF32 = 4-bit with fp32 scales, Q6 = 6-bit with two fp32 scales per row. */
 #define QF32 36
 #define Q6 6
+#define QAWQ 1000 /* + blocks of 32 per group */
+#define AWQ_BLOCK (4 * 64) /* one block's nibble lines; a group adds one line of scales */
 KV_INLINE int64_t block_bytes(int bits)
 {
     return bits == 8 ? 8 * 64 + 64 : bits == 4 ? 4 * 64 + 64 : bits == Q6 ? 6 * 64 + 128 : 4 * 64 + 128;
@@ -135,7 +147,8 @@ static void quantize_row(const float *x, int64_t k, int8_t *xq, float *xs)
 typedef struct {
     const int8_t *xq; /* [m, k] */
     const float *xs;  /* [m, k/32, 2] */
-    const int32_t *xh; /* Q6: [m, k/32, 2] the sums of each half's xq; else NULL */
+    const int32_t *xh; /* Q6: [m, k/32, 2] the sums of each half's xq; AWQ: [m, k/32]
+                          each block's; else NULL */
     const uint8_t *w; /* [ceil(n/16), k/32, block_bytes], 64-byte aligned */
     const float *bias; /* [n] or NULL */
     float *y;          /* [m, n], row stride y_row */
@@ -265,6 +278,57 @@ KV_INLINE void tile_q6(const quant_args *a, int64_t i, int64_t p, const int MR, 
         for (int j = 0; j < NP; ++j) _mm512_storeu_ps(out[r][j], acc[r][j]);
     store_tile(a, i, p, MR, NP, out);
 }
+/* AWQ: a group's scales and zero points held in registers across its blocks. */
+KV_INLINE void tile_awq(const quant_args *a, int64_t i, int64_t p, const int MR, const int NP)
+{
+    const int64_t kb = a->k / QBLOCK, gb = a->bits - QAWQ, gbytes = gb * AWQ_BLOCK + 64;
+    const int64_t stride = kb / gb * gbytes; /* one panel */
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512 acc[4][4];
+    for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < kb / gb; ++g) {
+        __m512 s[4];
+        __m512i z[4];
+        for (int j = 0; j < NP; ++j) {
+            const uint8_t *sc = a->w + (p + j) * stride + g * gbytes + gb * AWQ_BLOCK;
+            s[j] = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)sc));
+            z[j] = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 32)));
+        }
+        for (int64_t e = 0; e < gb; ++e) {
+            const int64_t b = g * gb + e;
+            __m512i isum[4][4];
+            for (int r = 0; r < MR; ++r)
+                for (int j = 0; j < NP; ++j) isum[r][j] = _mm512_setzero_si512();
+            for (int j = 0; j < NP; ++j) {
+                const uint8_t *blk = a->w + (p + j) * stride + g * gbytes + e * AWQ_BLOCK;
+                for (int l4 = 0; l4 < 4; ++l4) {
+                    const __m512i v = _mm512_load_si512((const void *)(blk + 64 * l4));
+                    const __m512i lo = _mm512_and_si512(v, low);
+                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                    for (int r = 0; r < MR; ++r) {
+                        const int8_t *xr = a->xq + (i + r) * a->k + b * QBLOCK;
+                        isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], lo, bcast32(xr + 4 * l4));
+                        isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], hi, bcast32(xr + 16 + 4 * l4));
+                    }
+                }
+            }
+            for (int r = 0; r < MR; ++r) {
+                const __m512 dx = _mm512_set1_ps(a->xs[((i + r) * kb + b) * 2]);
+                const __m512i sx = _mm512_set1_epi32(a->xh[(i + r) * kb + b]);
+                for (int j = 0; j < NP; ++j) {
+                    const __m512i q = _mm512_sub_epi32(isum[r][j], _mm512_mullo_epi32(z[j], sx));
+                    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(q), dx);
+                    acc[r][j] = _mm512_fmadd_ps(s[j], t, acc[r][j]);
+                }
+            }
+        }
+    }
+    float out[4][4][PANEL];
+    for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NP; ++j) _mm512_storeu_ps(out[r][j], acc[r][j]);
+    store_tile(a, i, p, MR, NP, out);
+}
 #else
 /* The portable C: the same integer sums, then the same float operations in order. */
 KV_INLINE void tile(const quant_args *a, int64_t i, int64_t p, const int MR, const int NP,
@@ -333,6 +397,37 @@ KV_INLINE void tile_q6(const quant_args *a, int64_t i, int64_t p, const int MR, 
             }
     store_tile(a, i, p, MR, NP, acc);
 }
+KV_INLINE void tile_awq(const quant_args *a, int64_t i, int64_t p, const int MR, const int NP)
+{
+    const int64_t kb = a->k / QBLOCK, gb = a->bits - QAWQ, gbytes = gb * AWQ_BLOCK + 64;
+    const int64_t stride = kb / gb * gbytes;
+    float acc[4][4][PANEL];
+    for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NP; ++j)
+            for (int l = 0; l < PANEL; ++l) acc[r][j][l] = 0.f;
+    for (int64_t b = 0; b < kb; ++b)
+        for (int j = 0; j < NP; ++j) {
+            const uint8_t *grp = a->w + (p + j) * stride + b / gb * gbytes;
+            const uint8_t *blk = grp + b % gb * AWQ_BLOCK, *sc = grp + gb * AWQ_BLOCK;
+            for (int r = 0; r < MR; ++r) {
+                const int8_t *xr = a->xq + (i + r) * a->k + b * QBLOCK;
+                const float dx = a->xs[((i + r) * kb + b) * 2];
+                const int32_t sx = a->xh[(i + r) * kb + b];
+                for (int l = 0; l < PANEL; ++l) {
+                    int32_t isum = 0;
+                    for (int c = 0; c < QBLOCK; ++c) {
+                        const uint8_t byte = blk[(c % 16) / 4 * 64 + l * 4 + c % 4];
+                        isum += (c < 16 ? byte & 0x0f : byte >> 4) * xr[c];
+                    }
+                    uint16_t h;
+                    memcpy(&h, sc + 2 * l, 2);
+                    const float t = (float)(isum - (int32_t)sc[32 + l] * sx) * dx;
+                    acc[r][j][l] = __builtin_fmaf(f16_to_f32(h), t, acc[r][j][l]);
+                }
+            }
+        }
+    store_tile(a, i, p, MR, NP, acc);
+}
 #endif
 
 static void tile_any(const quant_args *a, int64_t i, int64_t p, int64_t mr, int64_t np)
@@ -342,6 +437,7 @@ static void tile_any(const quant_args *a, int64_t i, int64_t p, int64_t mr, int6
         if (a->bits == 4) tile(a, i, p, MR, NP, 4);                \
         else if (a->bits == QF32) tile(a, i, p, MR, NP, QF32);     \
         else if (a->bits == Q6) tile_q6(a, i, p, MR, NP);          \
+        else if (a->bits > QAWQ) tile_awq(a, i, p, MR, NP);        \
         else tile(a, i, p, MR, NP, 8);                             \
         return;
     switch (mr * 8 + np) {
@@ -378,17 +474,19 @@ int kvrun_quant_linear(const float *x, int64_t x_row, const uint8_t *w, int bits
         free(xs);
         return -1;
     }
+    /* Q6: the sum of each half block's xq (16 values); AWQ: each block's (32) */
+    const int64_t sums = bits == Q6 ? m * kb * 2 : bits > QAWQ ? m * kb : 0, span = bits == Q6 ? 16 : 32;
     int32_t *xh = NULL;
-    if (bits == Q6 && (xh = malloc(sizeof(int32_t) * (size_t)(m * kb * 2 + 1))) == NULL) {
+    if (sums && (xh = malloc(sizeof(int32_t) * (size_t)sums)) == NULL) {
         free(xq);
         free(xs);
         return -1;
     }
     for (int64_t i = 0; i < m; ++i) quantize_row(x + i * x_row, k, xq + i * k, xs + i * kb * 2);
     if (xh != NULL)
-        for (int64_t i = 0; i < m * kb * 2; ++i) {
+        for (int64_t i = 0; i < sums; ++i) {
             int32_t sum = 0;
-            for (int c = 0; c < 16; ++c) sum += xq[i * 16 + c];
+            for (int c = 0; c < span; ++c) sum += xq[i * span + c];
             xh[i] = sum;
         }
     const quant_args a = {xq, xs, xh, w, bias, y, y_row, m, n, k, bits};
@@ -409,7 +507,27 @@ int64_t kvrun_quant_rows(const int64_t *ids, int64_t m, const uint8_t *w, int bi
 {
     for (int64_t i = 0; i < m; ++i)
         if (ids[i] < 0 || ids[i] >= n) return i;
-    const int64_t kb = k / QBLOCK, bs = block_bytes(bits), data = value_bits(bits) * 64;
+    const int64_t kb = k / QBLOCK;
+    if (bits > QAWQ) { /* s (q - z): AWQ's dequantisation, one rounding */
+        const int64_t gb = bits - QAWQ, gbytes = gb * AWQ_BLOCK + 64, stride = kb / gb * gbytes;
+        for (int64_t i = 0; i < m; ++i) {
+            const int64_t p = ids[i] / PANEL, l = ids[i] % PANEL;
+            for (int64_t b = 0; b < kb; ++b) {
+                const uint8_t *grp = w + p * stride + b / gb * gbytes;
+                const uint8_t *blk = grp + b % gb * AWQ_BLOCK, *sc = grp + gb * AWQ_BLOCK;
+                uint16_t h;
+                memcpy(&h, sc + 2 * l, 2);
+                const float s = f16_to_f32(h);
+                for (int c = 0; c < QBLOCK; ++c) {
+                    const uint8_t byte = blk[(c % 16) / 4 * 64 + l * 4 + c % 4];
+                    const int q = c < 16 ? byte & 0x0f : byte >> 4;
+                    out[i * k + b * QBLOCK + c] = s * (float)(q - sc[32 + l]);
+                }
+            }
+        }
+        return -1;
+    }
+    const int64_t bs = block_bytes(bits), data = value_bits(bits) * 64;
     for (int64_t i = 0; i < m; ++i) {
         const int64_t p = ids[i] / PANEL, l = ids[i] % PANEL;
         for (int64_t b = 0; b < kb; ++b) {
