@@ -52,6 +52,49 @@ KV_INLINE float dot(const void *x, const void *w, int64_t k, const int dt)
     return s;
 }
 
+#if KV_AVX512
+/* Up to SHRINK_TOKENS consecutive grouped positions of one slot at a time: each 16 values
+   of a row of A are loaded (and widened from bfloat16) once for all of them. Each token's
+   sums are those of dot() (the same multiply-adds in the same order, the same final
+   reduction), so the grouping never changes a bit. */
+enum { SHRINK_TOKENS = 4 };
+
+KV_INLINE __m512 load16(const void *p, int64_t i, const int dt)
+{
+    return dt == DT_F32 ? _mm512_loadu_ps((const float *)p + i)
+                        : kv_bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
+}
+
+KV_INLINE void shrink(const lora_args *a, int64_t begin, int64_t end, const int dt)
+{
+    const int64_t es = dt == DT_BF16 ? 2 : 4, K = a->k, R = a->r, T = a->tokens;
+    for (int64_t p = begin; p < end;) {
+        const int64_t s = a->slots[a->order[p]];
+        int64_t g = 1;
+        while (g < SHRINK_TOKENS && p + g < end && a->slots[a->order[p + g]] == s) ++g;
+        const char *x[SHRINK_TOKENS];
+        for (int64_t q = 0; q < g; ++q) x[q] = (const char *)a->x + a->order[p + q] * a->x_row * es;
+        const char *w = (const char *)a->a + s * R * K * es;
+        for (int64_t j = 0; j < R; ++j) {
+            const char *wj = w + j * K * es;
+            __m512 acc[SHRINK_TOKENS];
+            for (int q = 0; q < SHRINK_TOKENS; ++q) acc[q] = _mm512_setzero_ps();
+            int64_t i = 0;
+            for (; i + 16 <= K; i += 16) {
+                const __m512 wv = load16(wj, i, dt);
+                for (int q = 0; q < SHRINK_TOKENS; ++q)
+                    if (q < g) acc[q] = _mm512_fmadd_ps(load16(x[q], i, dt), wv, acc[q]);
+            }
+            for (int64_t q = 0; q < g; ++q) {
+                float sum = _mm512_reduce_add_ps(acc[q]);
+                for (int64_t ii = i; ii < K; ++ii) sum += kv_ld(x[q], ii, dt) * kv_ld(wj, ii, dt);
+                a->buf[j * T + p + q] = kv_rnd(sum, dt);
+            }
+        }
+        p += g;
+    }
+}
+#else
 KV_INLINE void shrink(const lora_args *a, int64_t begin, int64_t end, const int dt)
 {
     const int64_t es = dt == DT_BF16 ? 2 : 4, K = a->k, R = a->r, T = a->tokens;
@@ -62,6 +105,8 @@ KV_INLINE void shrink(const lora_args *a, int64_t begin, int64_t end, const int 
         for (int64_t j = 0; j < R; ++j) a->buf[j * T + p] = kv_rnd(dot(x, w + j * K * es, K, dt), dt);
     }
 }
+
+#endif
 
 void kv_lora_shrink(const kv_lora_args *a, int64_t p_begin, int64_t p_end)
 {
@@ -143,6 +188,64 @@ KV_INLINE void expand_rows(const void *brow, const float *buf, int64_t T, int64_
 }
 #endif
 
+#if KV_AVX512
+/* The AVX-512 expansion, column blocks of 16 along N: each block's 16 rows of B are turned
+   once per slot into R column vectors bt[j] (lane i = B[c + i, j]); then for each token of
+   the slot, acc = sum_j bt[j] * buf[j, p] over the nonzero columns in j order, and the
+   block's outputs are written as one vector. Each output element sees the same multiply-adds
+   in the same order as the row-wise form below (a zero B entry adds an exact zero), so the
+   two give the same bits; this one writes whole vectors instead of one element at a time. */
+KV_INLINE void expand(const lora_args *a, int64_t n0, int64_t n1, const int dt)
+{
+    const int64_t es = dt == DT_BF16 ? 2 : 4, N = a->n, R = a->r, T = a->tokens;
+    float rows[16 * R], bt[R * 16];
+    int64_t nz[R];
+    const __m512i row_index = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)R));
+    for (int64_t s = 0; s < a->num_slots; ++s) {
+        if (a->starts[s] == a->starts[s + 1]) continue;
+        const __m512 scale = _mm512_set1_ps(a->scales[s]);
+        const char *bs = (const char *)a->b + s * N * R * es;
+        for (int64_t c = n0; c < n1; c += 16) {
+            const int64_t cols = n1 - c < 16 ? n1 - c : 16;
+            const __mmask16 m = cols >= 16 ? (__mmask16)0xffff : kv_tail_mask(cols);
+            for (int64_t i = 0; i < 16; ++i) /* B's rows c .. c + 15 as float32, zeros past n1 */
+                for (int64_t j = 0; j < R; ++j) rows[i * R + j] = i < cols ? kv_ld(bs, (c + i) * R + j, dt) : 0.f;
+            int64_t count = 0;
+            for (int64_t j = 0; j < R; ++j) {
+                const __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(row_index, _mm512_set1_epi32((int)j)), rows, 4);
+                _mm512_storeu_ps(bt + j * 16, v);
+                if (_mm512_test_epi32_mask(_mm512_castps_si512(v), _mm512_castps_si512(v))) nz[count++] = j;
+            }
+            for (int64_t p = a->starts[s]; p < a->starts[s + 1]; ++p) {
+                const int64_t t = a->order[p];
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t q = 0; q < count; ++q) {
+                    const int64_t j = nz[q];
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(bt + j * 16), _mm512_set1_ps(a->buf[j * T + p]), acc);
+                }
+                const char *y = (const char *)a->y + (t * a->y_row + c) * es;
+                char *o = (char *)a->out + (t * a->o_row + c) * es;
+                if (dt == DT_BF16) {
+                    const __m512 d = kv_bf16x16_to_f32(kv_f32x16_to_bf16(
+                        _mm512_mul_ps(kv_bf16x16_to_f32(kv_f32x16_to_bf16(acc)), scale)));
+                    const __m512 yv = kv_bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, y));
+                    _mm256_mask_storeu_epi16(o, m, kv_f32x16_to_bf16(_mm512_add_ps(yv, d)));
+                } else {
+                    const __m512 yv = _mm512_maskz_loadu_ps(m, y);
+                    _mm512_mask_storeu_ps(o, m, _mm512_fmadd_ps(acc, scale, yv));
+                }
+            }
+        }
+    }
+    if (a->y == a->out && a->y_row == a->o_row) return; /* in place: nothing to copy */
+    for (int64_t p = a->starts[a->num_slots]; p < T; ++p) { /* no adapter: y as it is */
+        const int64_t t = a->order[p];
+        memcpy((char *)a->out + (t * a->o_row + n0) * es, (const char *)a->y + (t * a->y_row + n0) * es,
+               (size_t)((n1 - n0) * es));
+    }
+}
+#else
 KV_INLINE void expand(const lora_args *a, int64_t n0, int64_t n1, const int dt)
 {
     const int64_t es = dt == DT_BF16 ? 2 : 4, N = a->n, R = a->r, T = a->tokens;
@@ -172,6 +275,8 @@ KV_INLINE void expand(const lora_args *a, int64_t n0, int64_t n1, const int dt)
                (size_t)((n1 - n0) * es));
     }
 }
+
+#endif
 
 void kv_lora_expand(const kv_lora_args *a, int64_t n0, int64_t n1)
 {
