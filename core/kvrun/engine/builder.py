@@ -373,9 +373,7 @@ def build_engine_parts(
         # worker processes or Ray actors hold the model and the KV cache (kvrun.executor)
         from kvrun.executor.build import build_executor, check_executor_supported
 
-        check_executor_supported(
-            config.distributed_executor_backend, config, model_config, executor is not None
-        )
+        check_executor_supported(config.distributed_executor_backend, config, executor is not None)
         runner, plan = build_executor(
             args, env, platform, config, model_config, resolved.attention, model_cls
         )

@@ -46,7 +46,7 @@ _RANKS = {"mp": "worker process(es)", "ray": "Ray actor(s)"}
 
 
 def check_executor_supported(
-    backend: str, config: EngineConfig, model: ModelConfig, whole_model_executor: bool
+    backend: str, config: EngineConfig, whole_model_executor: bool
 ) -> None:
     """Refuse (ConfigError) what the ranks of the mp and ray executors do not run."""
     world = config.tensor_parallel_size * config.pipeline_parallel_size
