@@ -172,6 +172,16 @@ PEERS = {
             {"batched": True, "label": "llamacpp-q4"},
             "QUANTIZED Q4_1 weights",
         ),
+        # The same Q4_1 file run as stored by kvrun (issue 16): int8 activations, the
+        # file's 4-bit blocks unpacked in registers; its float layers (norms) in fp32.
+        Peer(
+            "kvrun-q4",
+            "kvrun",
+            "kvrun_runner.py",
+            "q4-gguf",
+            {"dtype": "float32", "engine_args": {"quantization": "gguf"}},
+            "QUANTIZED Q4_1 weights, run as stored",
+        ),
         # OpenVINO GenAI (issue 16): the fp32 checkpoint exported to fp32 IR; what runs is
         # OpenVINO's choice unless a property says otherwise (runners/openvino_genai_runner.py).
         Peer(

@@ -7,6 +7,8 @@ The oracle is transformers on a plain checkpoint holding the same dequantised we
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import shutil
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from kvrun.loader import load_checkpoint
 from kvrun.loader.awq import check_awq_shapes
 from kvrun.ops.reference import awq_dequantize, unpack_awq
 from kvrun.sampling_params import SamplingParams
+from tests.support.checkpoints import cached_build
 from tests.support.engine import hf_greedy, make_engine, run_all
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -121,15 +124,33 @@ def write_awq_checkpoint(
     return awq_dir, plain_dir
 
 
+def cached_awq_checkpoint(source: Path, group: int = GROUP) -> tuple[Path, Path]:
+    """write_awq_checkpoint's pair for (``source``, ``group``), built once and kept under
+    $KVRUN_TEST_CACHE: stable paths, so the transformers references of the plain twin
+    (hf_greedy, keyed by its directory) are cached across runs too. The key holds the
+    writer's own source, so a change to the packer builds the pair anew."""
+
+    def build(out: Path) -> Path:
+        (out / "awq").mkdir()
+        (out / "plain").mkdir()
+        write_awq_checkpoint(source, out / "awq", out / "plain", group)
+        return out
+
+    writer = "".join(inspect.getsource(f) for f in (pack, quantise, write_awq_checkpoint))
+    key = {
+        "source": str(source),
+        "group": group,
+        "writer": hashlib.sha256(writer.encode()).hexdigest()[:16],
+    }
+    root = cached_build("awq-pair", key, build)
+    return root / "awq", root / "plain"
+
+
 @pytest.fixture(scope="module")
-def awq_and_plain(
-    random_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, Path]:
+def awq_and_plain(random_checkpoint: Callable[..., Path]) -> tuple[Path, Path]:
     """(AWQ checkpoint, plain fp32 checkpoint of its dequantised weights), one random Llama."""
     source = random_checkpoint("llama", seed=11, init_std=0.3, num_layers=2)
-    return write_awq_checkpoint(
-        source, tmp_path_factory.mktemp("awq"), tmp_path_factory.mktemp("awq-plain")
-    )
+    return cached_awq_checkpoint(source)
 
 
 def test_an_awq_checkpoint_generates_as_its_dequantised_weights(

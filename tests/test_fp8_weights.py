@@ -127,7 +127,13 @@ def _outputs(engine: Any) -> tuple[list[list[int]], list[list[float]]]:
 
 
 def _assert_equal(engine: Any, reference: Reference) -> None:
-    tokens, logprobs = _outputs(engine)
+    _assert_outputs_equal(_outputs(engine), reference)
+
+
+def _assert_outputs_equal(
+    outputs: tuple[list[list[int]], list[list[float]]], reference: Reference
+) -> None:
+    tokens, logprobs = outputs
     assert tokens == reference.tokens
     for i, row in enumerate(logprobs):
         assert row == pytest.approx(reference.chosen_logprobs[i], abs=1e-4), i
@@ -195,26 +201,38 @@ def test_a_layer_without_its_scales_is_a_damaged_checkpoint(
 
 
 # whole models against transformers --------------------------------------------------------
+@pytest.fixture(scope="module")
+def fp8_llama_outputs(
+    random_checkpoint: Callable[..., Path],
+) -> tuple[list[list[int]], list[list[float]]]:
+    """The fp8 Llama's greedy tokens and logprobs, quantization unset (one engine for
+    the two tests below)."""
+    fp8_dir, _ = _llama(random_checkpoint)
+    return _outputs(make_engine(fp8_dir, max_model_len=128))
+
+
 def test_an_fp8_llama_matches_transformers_loading_the_fp8_file(
     random_checkpoint: Callable[..., Path],
+    fp8_llama_outputs: tuple[list[list[int]], list[list[float]]],
 ) -> None:
     """transformers dequantizes the fp8 file itself (its CPU path) as the oracle, and its
     answer equals the one on the dequantized float32 twin."""
     fp8_dir, plain_dir = _llama(random_checkpoint)
     reference = hf_greedy(fp8_dir, PROMPTS, NEW_TOKENS)
     assert hf_greedy(plain_dir, PROMPTS, NEW_TOKENS).tokens == reference.tokens
-    _assert_equal(make_engine(fp8_dir, max_model_len=128), reference)
+    _assert_outputs_equal(fp8_llama_outputs, reference)
 
 
 def test_quantization_fp8_names_an_fp8_checkpoint_and_refuses_a_float_one(
     random_checkpoint: Callable[..., Path],
+    fp8_llama_outputs: tuple[list[list[int]], list[list[float]]],
 ) -> None:
     """vLLM's quantization='fp8' on an fp8 checkpoint: dequantized at load, the same
     tokens and logprobs as leaving it unset; on a float checkpoint vLLM would quantize
     online, which kvrun refuses by name."""
     fp8_dir, plain_dir = _llama(random_checkpoint)
     named = _outputs(make_engine(fp8_dir, max_model_len=128, quantization="fp8"))
-    assert named == _outputs(make_engine(fp8_dir, max_model_len=128))
+    assert named == fp8_llama_outputs
     with pytest.raises(ConfigError, match=r"quantization='fp8' but .* has no fp8 weights"):
         make_engine(plain_dir, max_model_len=128, quantization="fp8")
 

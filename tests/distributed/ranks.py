@@ -68,7 +68,13 @@ def _rank_main(rank: int, job: dict[str, Any]) -> None:
         pipeline_parallel_size=job["pp"],
         init_method=job["init_method"],
     )
-    environ = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", **job.get("env", {})}
+    # only the cpu plugin: probing the others (openvino's import) in every rank is slow
+    environ = {
+        **os.environ,
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_PLUGINS": "cpu",
+        **job.get("env", {}),
+    }
     # a rank never outlives its runner (killed by the test's timeout): SIGKILL with it
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     torch.set_num_threads(1)  # as an executor gives each rank its share of the cores

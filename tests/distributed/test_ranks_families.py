@@ -27,11 +27,19 @@ import torch
 from kvrun.distributed.parallel import ParallelConfig, ShardLayout, shard_weights
 from kvrun.errors import ConfigError
 from kvrun.models.config import ModelConfig
-from tests.distributed.test_ranks import _run_in_namespace, pytestmark  # noqa: F401
+from tests.distributed.rank_jobs import (
+    NEEDS_NAMESPACE,
+    assert_pipeline_identical,
+    compare_tensor_parallel,
+    job,
+    ok,
+)
 from tests.engine import test_parity_deepseek_v3 as v3_parity
 from tests.engine import test_parity_families as families
 from tests.engine import test_parity_mla as mla_parity
 from tests.support.engine import hf_greedy
+
+pytestmark = NEEDS_NAMESPACE
 
 MAX_TOKENS = 8  # the first tokens of the parity tests' cached references
 TP_TOLERANCE = 1e-4
@@ -61,18 +69,11 @@ def _checkpoint(family: str, random_checkpoint: Callable[..., Path]) -> Path:
     return families._checkpoint(name, random_checkpoint)
 
 
-@pytest.fixture(scope="module")
-def runs(
-    random_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Any]:
-    """Every job run once, in one namespace: name -> the driver's output (or the ranks'
-    errors), plus "<family>-model" -> the checkpoint."""
-    tmp = tmp_path_factory.mktemp("family-ranks")
+def rank_jobs(random_checkpoint: Callable[..., Path], tmp: Path) -> list[dict[str, Any]]:
+    """This file's jobs (run with test_ranks.py's by conftest.rank_runs)."""
     jobs: list[dict[str, Any]] = []
-    out: dict[str, Any] = {}
     for family, (_, prompts, _) in FAMILIES.items():
         model = _checkpoint(family, random_checkpoint)
-        out[f"{family}-model"] = model
         shapes: list[tuple[str, int, int, dict[str, str]]] = [
             (f"tp{tp}-pp{pp}", tp, pp, {}) for tp, pp in ((1, 1), (2, 1), (1, 2))
         ]
@@ -81,65 +82,28 @@ def runs(
         if family == "deepseek_v2":
             shapes += [(f"tp2-{mode}", 2, 1, env) for mode, env in MLA_MODES.items()]
         for shape, tp, pp, env in shapes:
-            name = f"{family}-{shape}"
-            jobs.append(
-                {"name": name, "model": str(model), "tp": tp, "pp": pp, "prompts": prompts,
-                 "max_tokens": MAX_TOKENS, "out": str(tmp / f"{name}.pt"), "env": env}
-            )  # fmt: skip
-    failed = _run_in_namespace(jobs, tmp)
-    for spec in jobs:
-        name, path = spec["name"], Path(spec["out"])
-        errors = [p.read_text() for p in sorted(tmp.glob(f"{name}.pt.rank*"))]
-        out[name] = {"errors": errors} if failed[name] or errors else torch.load(path)
-    return out
+            jobs.append(job(f"{family}-{shape}", model, tp, pp, prompts, MAX_TOKENS, tmp, env=env))
+    return jobs
 
 
-def _ok(runs: dict[str, Any], name: str) -> dict[str, Any]:
-    run = runs[name]
-    assert "errors" not in run, f"{name} failed: {run['errors']}"
-    return run  # type: ignore[no-any-return]
+@pytest.fixture(scope="module")
+def runs(rank_runs: dict[str, Any]) -> dict[str, Any]:
+    return rank_runs
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_pipeline_stages_compute_what_one_rank_does(runs: dict[str, Any], family: str) -> None:
     """Layers 0-1 on stage 0, layer 2 on stage 1: DeepSeek's and Qwen2-MoE's dense layer
     and Gemma's first local, global and second local layers fall on either side."""
-    got, want = _ok(runs, f"{family}-tp1-pp2"), _ok(runs, f"{family}-tp1-pp1")
-    assert got["tokens"] == want["tokens"]
-    for step, (a, b) in enumerate(zip(got["logits"], want["logits"], strict=True)):
-        assert torch.equal(a, b), f"step {step}: pipeline logits differ from one rank's"
-    assert torch.equal(got["prompt_logits"], want["prompt_logits"])
-
-
-def _compare_tensor_parallel(
-    got: dict[str, Any], want: dict[str, Any], prompts: list[list[int]]
-) -> tuple[float, list[str]]:
-    """Logits within TP_TOLERANCE while the inputs agree; tokens equal unless the
-    oracle's top two were a near-tie there. Returns the largest difference and the
-    near-ties seen."""
-    near_ties = []
-    largest = (got["prompt_logits"] - want["prompt_logits"]).abs().max().item()
-    assert largest < TP_TOLERANCE, f"prompt logits differ by {largest}"
-    for r in range(len(prompts)):
-        for step in range(MAX_TOKENS):
-            a, b = got["logits"][step][r], want["logits"][step][r]
-            diff = (a - b).abs().max().item()
-            largest = max(largest, diff)
-            assert diff < TP_TOLERANCE, f"request {r} step {step}: logits differ by {diff}"
-            if got["tokens"][r][step] != want["tokens"][r][step]:
-                top2 = b.topk(2).values
-                gap = (top2[0] - top2[1]).item()
-                assert gap < TP_TOLERANCE, f"request {r} step {step}: tokens differ, gap {gap}"
-                near_ties.append(f"request {r} step {step}: top-2 gap {gap:.2e}")
-                break  # the inputs differ from here on
-    return largest, near_ties
+    got, want = ok(runs, f"{family}-tp1-pp2"), ok(runs, f"{family}-tp1-pp1")
+    assert len(got["logits"]) == MAX_TOKENS
+    assert_pipeline_identical(got, want)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_tensor_parallel_logits_agree_with_one_rank(runs: dict[str, Any], family: str) -> None:
-    prompts = FAMILIES[family][1]
-    largest, near_ties = _compare_tensor_parallel(
-        _ok(runs, f"{family}-tp2-pp1"), _ok(runs, f"{family}-tp1-pp1"), prompts
+    largest, near_ties = compare_tensor_parallel(
+        ok(runs, f"{family}-tp2-pp1"), ok(runs, f"{family}-tp1-pp1"), TP_TOLERANCE
     )
     # the measured agreement (pytest -s shows it)
     print(
@@ -151,31 +115,33 @@ def test_tensor_parallel_logits_agree_with_one_rank(runs: dict[str, Any], family
 def test_latent_attention_modes_split_too(runs: dict[str, Any], mode: str) -> None:
     """Per-step absorption and every head cached (each rank its heads' keys and values)
     agree with one rank's default mode within the tolerance as well."""
-    got, want = _ok(runs, f"deepseek_v2-tp2-{mode}"), _ok(runs, "deepseek_v2-tp1-pp1")
-    largest, near_ties = _compare_tensor_parallel(got, want, mla_parity.PROMPTS)
+    got, want = ok(runs, f"deepseek_v2-tp2-{mode}"), ok(runs, "deepseek_v2-tp1-pp1")
+    largest, near_ties = compare_tensor_parallel(got, want, TP_TOLERANCE)
     print(
         f"deepseek_v2 tp=2 ({mode}) vs tp=1: max |logit diff| {largest:.2e}, near-ties: {near_ties or 'none'}"
     )
 
 
 def test_tensor_and_pipeline_parallel_together(runs: dict[str, Any]) -> None:
-    _compare_tensor_parallel(
-        _ok(runs, "deepseek_v3-tp2-pp2"), _ok(runs, "deepseek_v3-tp1-pp1"), v3_parity.PROMPTS
+    compare_tensor_parallel(
+        ok(runs, "deepseek_v3-tp2-pp2"), ok(runs, "deepseek_v3-tp1-pp1"), TP_TOLERANCE
     )
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_split_models_match_transformers(runs: dict[str, Any], family: str) -> None:
+def test_split_models_match_transformers(
+    runs: dict[str, Any], random_checkpoint: Callable[..., Path], family: str
+) -> None:
     """TP=2's and PP=2's greedy tokens are transformers' (the cached reference of the
     parity test), and the chosen tokens' logprobs within 1e-4 of its; DeepSeek-V2's
     also in its other attention modes."""
     _, prompts, length = FAMILIES[family]
-    reference = hf_greedy(runs[f"{family}-model"], prompts, length)
+    reference = hf_greedy(_checkpoint(family, random_checkpoint), prompts, length)
     shapes = ["tp2-pp1", "tp1-pp2"]
     if family == "deepseek_v2":
         shapes += [f"tp2-{mode}" for mode in MLA_MODES]
     for shape in shapes:
-        run = _ok(runs, f"{family}-{shape}")
+        run = ok(runs, f"{family}-{shape}")
         for r, want in enumerate(reference.tokens):
             assert run["tokens"][r] == want[:MAX_TOKENS], (shape, r)
             for step, token in enumerate(run["tokens"][r]):

@@ -8,9 +8,11 @@ keeps whole outputs, in the shape each ``output_kind`` asks for.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kvrun.engine.llm_engine import LLMEngine
 from kvrun.engine.output_accumulator import OutputAccumulator
 from kvrun.engine.sequence import ParentRequest, SequenceState, make_detokenizer
 from kvrun.outputs import Logprob, RequestMetrics, RequestOutputKind
@@ -129,17 +131,21 @@ def test_prompt_logprobs_are_sent_once_when_complete(tokenizer: Tokenizer) -> No
     assert parent.take_delta().prompt_logprobs is None
 
 
+@pytest.fixture(scope="module")
+def real_engine(random_checkpoint: Any) -> LLMEngine:
+    """One engine for every output kind: each request is seeded, so it repeats exactly."""
+    return make_engine(random_checkpoint("llama", seed=0), num_kv_blocks=64, max_model_len=256)
+
+
 @pytest.mark.parametrize(
     "kind", [RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY]
 )
-def test_output_kinds_from_a_real_engine(
-    random_checkpoint: object, kind: RequestOutputKind
-) -> None:
-    engine = make_engine(random_checkpoint("llama", seed=0), num_kv_blocks=64, max_model_len=256)  # type: ignore[operator]
+def test_output_kinds_from_a_real_engine(real_engine: LLMEngine, kind: RequestOutputKind) -> None:
+    engine = real_engine
     params = SamplingParams(
         n=2, seed=3, temperature=1.0, max_tokens=7, logprobs=2, ignore_eos=True, output_kind=kind
     )
-    engine.add_request("a", [1, 5, 9, 200, 33], params)
+    engine.add_request(engine.new_request_id(), [1, 5, 9, 200, 33], params)
     accumulator = OutputAccumulator()
     outputs = []
     while engine.has_unfinished_requests():

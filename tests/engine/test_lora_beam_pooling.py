@@ -48,11 +48,16 @@ def beam_adapter(beam_base: Path) -> Path:
     return make_adapter(beam_base, seed=21, r=8, targets=("q_proj", "v_proj", "down_proj"))
 
 
+@pytest.fixture(scope="module")
+def beam_llm(beam_base: Path) -> Iterator[LLM]:
+    yield _llm(beam_base, max_model_len=128)
+
+
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0])
 def test_beam_search_with_an_adapter_equals_merged_transformers(
-    beam_base: Path, beam_adapter: Path, length_penalty: float
+    beam_llm: LLM, beam_base: Path, beam_adapter: Path, length_penalty: float
 ) -> None:
-    llm = _llm(beam_base, max_model_len=128)
+    llm = beam_llm
     lora = LoRARequest("beams", 1, str(beam_adapter))
     k, steps = 3, 8
     params = BeamSearchParams(beam_width=k, max_tokens=steps, length_penalty=length_penalty)

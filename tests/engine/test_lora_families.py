@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,21 +46,46 @@ def _run(engine: Any, prompts: Sequence[Any], loras: Sequence[LoRARequest | None
     return [list(done[r].outputs[0].token_ids) for r in ids]
 
 
-def _check_mixed_batch(base: Path, adapters: dict[str, Path], **engine_kwargs: Any) -> None:
+@pytest.fixture(scope="module")
+def lora_engine() -> Iterator[Callable[[Path], Any]]:
+    """``lora_engine(base)``: the module's one LoRA engine on ``base`` (two adapter slots,
+    ranks up to 8), shared by its tests. An engine refuses a lora_int_id that already
+    names another adapter, so each test gives its adapters ids of its own (FIRST_IDS)."""
+    engines: dict[Path, Any] = {}
+
+    def get(base: Path) -> Any:
+        if base not in engines:
+            engines[base] = make_engine(
+                base,
+                enable_lora=True,
+                max_loras=2,
+                max_lora_rank=8,
+                max_model_len=64,
+                num_kv_blocks=64,
+                block_size=4,
+            )
+        return engines[base]
+
+    yield get
+    engines.clear()
+
+
+# the first lora_int_id of each test's adapters on the shared engines (see lora_engine)
+FIRST_IDS = {
+    "mixed": 1,
+    "patterns": 21,
+    "gemma-refusals": 31,
+    "v4": 11,
+    "fused-experts": 41,
+    "mixture-refusals": 51,
+}
+
+
+def _check_mixed_batch(engine: Any, base: Path, adapters: dict[str, Path], first_id: int) -> None:
     """Two adapters and none, interleaved in one batch: each equals peft's."""
-    engine = make_engine(
-        base,
-        enable_lora=True,
-        max_loras=2,
-        max_lora_rank=8,
-        max_model_len=64,
-        num_kv_blocks=64,
-        block_size=4,
-        **engine_kwargs,
-    )
     names: list[str | None] = [*adapters, None]
     requests = {
-        n: None if n is None else LoRARequest(n, i + 1, str(adapters[n]))
+        n: None if n is None else LoRARequest(n, first_id + i, str(adapters[n]))
         for i, n in enumerate(names)
     }
     got = _run(
@@ -98,10 +123,11 @@ GEMMA = {
 
 @pytest.mark.parametrize("arch", list(GEMMA))
 def test_gemma_adapters_in_a_mixed_batch_equal_peft(
-    arch: str, random_checkpoint: Callable[..., Path]
+    arch: str, random_checkpoint: Callable[..., Path], lora_engine: Callable[[Path], Any]
 ) -> None:
     base = random_checkpoint(arch, seed=11, init_std=0.3, num_layers=3, **GEMMA[arch])
     _check_mixed_batch(
+        lora_engine(base),
         base,
         {
             "all": make_adapter(base, seed=1, r=8, alpha=16, targets=ALL),
@@ -114,10 +140,13 @@ def test_gemma_adapters_in_a_mixed_batch_equal_peft(
                 use_rslora=True,
             ),
         },
+        FIRST_IDS["mixed"],
     )
 
 
-def test_per_module_ranks_and_alphas_equal_peft(random_checkpoint: Callable[..., Path]) -> None:
+def test_per_module_ranks_and_alphas_equal_peft(
+    random_checkpoint: Callable[..., Path], lora_engine: Callable[[Path], Any]
+) -> None:
     """PEFT's rank_pattern and alpha_pattern: modules with their own r and alpha (their
     scale folded into B), one of them at a rank above the adapter's r."""
     base = random_checkpoint("gemma3", seed=11, init_std=0.3, num_layers=3, **GEMMA["gemma3"])
@@ -132,8 +161,8 @@ def test_per_module_ranks_and_alphas_equal_peft(random_checkpoint: Callable[...,
     )
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["rank_pattern"] and config["alpha_pattern"]
-    engine = make_engine(base, enable_lora=True, max_lora_rank=8, max_model_len=64)
-    lora = LoRARequest("patterns", 1, str(adapter))
+    engine = lora_engine(base)
+    lora = LoRARequest("patterns", FIRST_IDS["patterns"], str(adapter))
     got = _run(engine, PROMPTS * 2, [lora, None, None, lora])
     want = peft_greedy(base, adapter, PROMPTS, STEPS)
     assert [got[0], got[3]] == want and [got[2], got[1]] == peft_greedy(base, None, PROMPTS, STEPS)
@@ -141,7 +170,7 @@ def test_per_module_ranks_and_alphas_equal_peft(random_checkpoint: Callable[...,
 
 
 def test_gemma_refusals_name_the_module(
-    random_checkpoint: Callable[..., Path], tmp_path: Path
+    random_checkpoint: Callable[..., Path], lora_engine: Callable[[Path], Any], tmp_path: Path
 ) -> None:
     """A module the model lacks (DeepSeek's kv_a_proj_with_mqa), a module without its
     lora_B, and a fused parameter on a model without experts: each a clear refusal."""
@@ -149,7 +178,8 @@ def test_gemma_refusals_name_the_module(
 
     base = random_checkpoint("gemma2", seed=11, init_std=0.3, num_layers=3, **GEMMA["gemma2"])
     good = make_adapter(base, seed=2, r=4, alpha=8, targets=("k_proj", "v_proj"))
-    engine = make_engine(base, enable_lora=True, max_lora_rank=8, max_model_len=64)
+    engine = lora_engine(base)
+    first = FIRST_IDS["gemma-refusals"]
     shutil.copytree(good, tmp_path / "half")
     file = tmp_path / "half" / "adapter_model.safetensors"
     tensors = load_file(str(file))
@@ -167,9 +197,9 @@ def test_gemma_refusals_name_the_module(
     }
     for i, (message, path) in enumerate(cases.items()):
         with pytest.raises(RequestError, match=message):
-            engine.add_lora(LoRARequest(f"bad{i}", i + 1, path))
+            engine.add_lora(LoRARequest(f"bad{i}", first + i, path))
     assert (
-        _run(engine, [PROMPTS[0]], [LoRARequest("good", 9, str(good))])[0]
+        _run(engine, [PROMPTS[0]], [LoRARequest("good", first + 9, str(good))])[0]
         == peft_greedy(base, good, PROMPTS[:1], STEPS)[0]
     )
 
@@ -211,8 +241,37 @@ def _image(seed: int) -> Any:
     return PIL.fromarray(pixels, "RGB")
 
 
-def _hf_vl_greedy(base: Path, adapter: Path | None, text: str, image: Any, cls: str) -> list[int]:
-    """transformers' greedy tokens with the adapter merged into the weights."""
+def _hf_vl_greedy(
+    base: Path, adapter: Path | None, text: str, image_seed: int | None, cls: str
+) -> list[int]:
+    """transformers' greedy tokens with the adapter merged into the weights, on
+    ``_image(image_seed)`` (None: text only); cached on disk like peft_greedy."""
+    from tests.support.checkpoints import cached_build
+
+    key = {
+        "base": str(base),
+        "adapter": str(adapter),
+        "text": text,
+        "image_seed": image_seed,
+        "cls": cls,
+        "steps": STEPS,
+    }
+
+    def build(out: Path) -> Path:
+        image = None if image_seed is None else _image(image_seed)
+        tokens = _hf_vl_greedy_uncached(base, adapter, text, image, cls)
+        (out / "tokens.json").write_text(json.dumps(tokens))
+        return out
+
+    tokens: list[int] = json.loads(
+        (cached_build("hf-vl-lora-greedy", key, build) / "tokens.json").read_text()
+    )
+    return tokens
+
+
+def _hf_vl_greedy_uncached(
+    base: Path, adapter: Path | None, text: str, image: Any, cls: str
+) -> list[int]:
     import warnings
 
     import transformers
@@ -275,14 +334,13 @@ def test_vision_lm_adapters_with_images_equal_transformers_merged(
         base, seed=2, r=4, alpha=8, targets=("k_proj", "v_proj"), model_class=cls, std=0.3
     )
     engine = make_engine(base, enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=128)
-    image = _image(1)
-    media = {"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": image}}
+    media = {"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": _image(1)}}
     la, lb = LoRARequest("a", 1, str(a)), LoRARequest("b", 2, str(b))
     got = _run(engine, [media, media, media, TEXT_PROMPT], [la, lb, None, la])
     want = [
-        _hf_vl_greedy(base, a, IMAGE_PROMPT, image, cls),
-        _hf_vl_greedy(base, b, IMAGE_PROMPT, image, cls),
-        _hf_vl_greedy(base, None, IMAGE_PROMPT, image, cls),
+        _hf_vl_greedy(base, a, IMAGE_PROMPT, 1, cls),
+        _hf_vl_greedy(base, b, IMAGE_PROMPT, 1, cls),
+        _hf_vl_greedy(base, None, IMAGE_PROMPT, 1, cls),
         _hf_vl_greedy(base, a, TEXT_PROMPT, None, cls),
     ]
     assert got == want
@@ -343,7 +401,7 @@ def _moe_checkpoint(name: str, random_checkpoint: Callable[..., Path]) -> Path:
 
 @pytest.mark.parametrize("name", list(MOE))
 def test_mixture_adapters_in_a_mixed_batch_equal_peft(
-    name: str, random_checkpoint: Callable[..., Path]
+    name: str, random_checkpoint: Callable[..., Path], lora_engine: Callable[[Path], Any]
 ) -> None:
     """One adapter on every projection module (attention, dense MLPs, the shared expert)
     and one on the routed experts too (peft's target_parameters, each expert's own A and
@@ -351,6 +409,7 @@ def test_mixture_adapters_in_a_mixed_batch_equal_peft(
     base = _moe_checkpoint(name, random_checkpoint)
     modules = ALL if name != "mixtral" else ALL[:4]  # Mixtral has no dense MLP module
     _check_mixed_batch(
+        lora_engine(base),
         base,
         {
             # Qwen3-MoE: peft turns gate/up/down_proj into the experts' fused parameters
@@ -366,6 +425,7 @@ def test_mixture_adapters_in_a_mixed_batch_equal_peft(
                 std=0.2,
             ),
         },
+        FIRST_IDS["mixed"],
     )
 
 
@@ -409,11 +469,14 @@ def _v4_expert_adapter(base: Path, *, seed: int, names: tuple[str, str, str], pr
     return cached_build("lora-adapter-v4-experts", key, build)
 
 
-def test_transformers_4_expert_adapters_equal_peft(random_checkpoint: Callable[..., Path]) -> None:
+def test_transformers_4_expert_adapters_equal_peft(
+    random_checkpoint: Callable[..., Path], lora_engine: Callable[[Path], Any]
+) -> None:
     """Mixtral adapters on block_sparse_moe.experts.E.w1|w3|w2 (transformers 4's modules),
     beside an attention adapter and none: each equals peft's, which fuses them on load."""
     base = _moe_checkpoint("mixtral", random_checkpoint)
     _check_mixed_batch(
+        lora_engine(base),
         base,
         {
             "v4": _v4_expert_adapter(
@@ -421,21 +484,23 @@ def test_transformers_4_expert_adapters_equal_peft(random_checkpoint: Callable[.
             ),
             "attention": make_adapter(base, seed=1, r=8, alpha=16, targets=ALL[:4]),
         },
+        FIRST_IDS["v4"],
     )
 
 
 def test_mixture_without_expert_adapters_keeps_the_fused_experts(
-    random_checkpoint: Callable[..., Path],
+    random_checkpoint: Callable[..., Path], lora_engine: Callable[[Path], Any]
 ) -> None:
     """Steps whose adapters leave the routed experts alone run the platform's fused_moe,
     with the adapters on attention, the dense layer and the shared expert."""
     base = _moe_checkpoint("qwen2-moe", random_checkpoint)
     adapter = make_adapter(base, seed=1, r=4, alpha=8, targets=ALL)
-    engine = make_engine(base, enable_lora=True, max_lora_rank=8, max_model_len=64)
-    lora = LoRARequest("modules", 1, str(adapter))
+    engine = lora_engine(base)
+    lora = LoRARequest("modules", FIRST_IDS["fused-experts"], str(adapter))
     assert engine.lora is not None
     engine.lora.add(lora)
-    assert engine.lora.batch(torch.tensor([engine.lora.activate([1])[0]])).adapts_experts is False
+    [slot] = engine.lora.activate([lora.lora_int_id])
+    assert engine.lora.batch(torch.tensor([slot])).adapts_experts is False
     got = _run(engine, PROMPTS * 2, [lora, lora, None, None])
     assert got[:2] == peft_greedy(base, adapter, PROMPTS, STEPS)
     assert got[2:] == peft_greedy(base, None, PROMPTS, STEPS)
@@ -449,11 +514,12 @@ def _edit(src: Path, dst: Path, config: dict[str, Any]) -> str:
 
 
 def test_mixture_refusals_name_the_module(
-    random_checkpoint: Callable[..., Path], tmp_path: Path
+    random_checkpoint: Callable[..., Path], lora_engine: Callable[[Path], Any], tmp_path: Path
 ) -> None:
     base = _moe_checkpoint("qwen2-moe", random_checkpoint)
     good = make_adapter(base, seed=3, r=2, targets=("q_proj",), target_parameters=EXPERTS)
-    engine = make_engine(base, enable_lora=True, max_lora_rank=8, max_model_len=64)
+    engine = lora_engine(base)
+    first = FIRST_IDS["mixture-refusals"]
     cases = {
         "target parameter 'mlp.gate.weight' is not a parameter kvrun adapts in "
         "Qwen2MoeForCausalLM; accepted: experts.gate_up_proj, experts.down_proj": _edit(
@@ -465,7 +531,9 @@ def test_mixture_refusals_name_the_module(
     }
     for i, (message, path) in enumerate(cases.items()):
         with pytest.raises(RequestError, match=message):
-            engine.add_request(f"r{i}", [1, 2], GREEDY, lora_request=LoRARequest("x", i + 1, path))
+            engine.add_request(
+                f"r{i}", [1, 2], GREEDY, lora_request=LoRARequest("x", first + i, path)
+            )
     # a dense module's weights in a mixture layer (layer 0): refused by layer and name
     from safetensors.torch import load_file, save_file
 
@@ -480,4 +548,4 @@ def test_mixture_refusals_name_the_module(
     )
     save_file(tensors, str(file))
     with pytest.raises(RequestError, match="layer 0 of Qwen2MoeForCausalLM has no down_proj"):
-        engine.add_lora(LoRARequest("dense", 9, str(tmp_path / "dense")))
+        engine.add_lora(LoRARequest("dense", first + 9, str(tmp_path / "dense")))

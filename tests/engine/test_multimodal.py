@@ -270,10 +270,17 @@ def test_preempted_media_requests_recompute_alike(vl_dir: Path, reference: Refer
         _assert_matches(out, reference.generate(IMAGE_PROMPT, image=image))
 
 
-def test_decode_steps_keep_the_fused_decoder(vl_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def uncached_prefix_engine(vl_dir: Path) -> LLMEngine:
+    """An engine without prefix caching, shared by the tests below (each counts from
+    where the encoder cache stands when it starts)."""
+    return make_engine(vl_dir, max_model_len=256, enable_prefix_caching=False)
+
+
+def test_decode_steps_keep_the_fused_decoder(uncached_prefix_engine: LLMEngine) -> None:
     """After its prefill, a media request's decode steps (plain positions shifted by the
     rope delta) are taken by the cpu plugin's fused decode step."""
-    engine = make_engine(vl_dir, max_model_len=256, enable_prefix_caching=False)
+    engine = uncached_prefix_engine
     fused = engine.runner.fused_decoder  # type: ignore[attr-defined]
     assert fused is not None
     taken: list[bool] = []
@@ -285,26 +292,30 @@ def test_decode_steps_keep_the_fused_decoder(vl_dir: Path) -> None:
         return hidden
 
     fused.run = counting_run
-    image = _image(1)
-    _run(engine, [{"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": image}}])
+    try:
+        image = _image(1)
+        _run(engine, [{"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": image}}])
+    finally:
+        del fused.run  # the class's method again
     assert taken.count(True) == NEW_TOKENS - 1  # every decode step; the prefill is not
 
 
-def test_a_repeated_image_is_encoded_once(vl_dir: Path) -> None:
-    engine = make_engine(vl_dir, max_model_len=256, enable_prefix_caching=False)
+def test_a_repeated_image_is_encoded_once(vl_dir: Path, uncached_prefix_engine: LLMEngine) -> None:
+    engine = uncached_prefix_engine
     cache = engine.runner.encoder_cache  # type: ignore[attr-defined]
-    image = _image(11)
+    runs, hits = cache.encoder_runs, cache.hits
+    image = _image(11)  # encoded by no other test
     prompt = {"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": image}}
     first = _run(engine, [prompt])
     second = _run(engine, [{**prompt, "prompt": IMAGE_PROMPT + " again"}])
-    assert cache.encoder_runs == 1 and cache.hits == 1
+    assert (cache.encoder_runs, cache.hits) == (runs + 1, hits + 1)
     assert first[0].outputs[0].token_ids != ()
     assert second[0].num_cached_tokens == 0  # prefix caching is off: the encoder cache hit
     # an equal copy of the image (another object) has the same content hash
     _run(engine, [{"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": image.copy()}}])
-    assert cache.encoder_runs == 1 and cache.hits == 2
+    assert (cache.encoder_runs, cache.hits) == (runs + 1, hits + 2)
     _run(engine, [{"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": _image(12)}}])
-    assert cache.encoder_runs == 2
+    assert cache.encoder_runs == runs + 2
     # VLLM_MM_INPUT_CACHE_SIZE=0 keeps nothing: the same image is encoded every time
     uncached = make_engine(
         vl_dir, {"VLLM_MM_INPUT_CACHE_SIZE": "0"}, max_model_len=256, enable_prefix_caching=False

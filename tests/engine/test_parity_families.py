@@ -11,6 +11,9 @@ those variants change frequencies with the position.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import inspect
 import json
 import logging
 from collections.abc import Callable
@@ -25,6 +28,7 @@ from kvrun.loader.dummy import dummy_weight_spec
 from kvrun.models.moe import route
 from kvrun.sampling_params import SamplingParams
 from kvrun.testing.checkpoints import build_gguf_from_hf
+from tests.support.checkpoints import cached_build
 from tests.support.engine import hf_greedy, make_engine, run_all
 from tests.support.logs import kvrun_log
 
@@ -123,6 +127,16 @@ PROMPTS = [
     [5, 6, 7],
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5)
+# The families outside the cpu plugin's fused decoder layout, and the word their log line
+# gives as the reason; the others (the Llama arithmetic, q/k norms included) take it.
+MIXTURES = ("mixtral", "qwen2-moe-shared", "qwen3-moe")
+OP_BY_OP = {
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "mixtral": "mixture",
+    "qwen2-moe-shared": "mixture",
+    "qwen3-moe": "mixture",
+}
 
 
 # Only in the GGUF test: Gemma 3 with the rope thetas llama.cpp's format can express.
@@ -139,6 +153,27 @@ GGUF_ONLY: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def _family_gguf(model_dir: Path, tokenizer_gguf: Path) -> Path:
+    """``model_dir`` written as a GGUF file with SmolLM2's tokenizer metadata, built once
+    and kept under $KVRUN_TEST_CACHE; the key holds the writer's module source and gguf-py's
+    version, so a change to either writes the file anew."""
+    import kvrun.testing.checkpoints as writer
+
+    stat = tokenizer_gguf.stat()
+    key = {
+        "model": str(model_dir),
+        "tokenizer": [str(tokenizer_gguf), stat.st_size, stat.st_mtime_ns],
+        "writer": hashlib.sha256(inspect.getsource(writer).encode()).hexdigest()[:16],
+        "gguf": importlib.metadata.version("gguf"),
+    }
+
+    def build(out: Path) -> Path:
+        build_gguf_from_hf(model_dir, out / "model.gguf", tokenizer_gguf=tokenizer_gguf)
+        return out
+
+    return cached_build("family-gguf", key, build) / "model.gguf"
+
+
 def _checkpoint(name: str, random_checkpoint: Callable[..., Path]) -> Path:
     arch, kwargs = {**MODELS, **GGUF_ONLY}[name]
     return random_checkpoint(arch, seed=11, init_std=0.3, num_layers=3, **kwargs)
@@ -148,7 +183,9 @@ def _checkpoint(name: str, random_checkpoint: Callable[..., Path]) -> Path:
 def test_family_matches_transformers(name: str, random_checkpoint: Callable[..., Path]) -> None:
     model_dir = _checkpoint(name, random_checkpoint)
     reference = hf_greedy(model_dir, PROMPTS, NEW_TOKENS)
-    engine = make_engine(model_dir, max_model_len=128)
+    with kvrun_log(logging.INFO) as messages:
+        engine = make_engine(model_dir, max_model_len=128)
+    _assert_decode_path(engine, name, messages)
     for one_at_a_time in (False, True):
         outputs = run_all(engine, PROMPTS, GREEDY, one_at_a_time=one_at_a_time)
         assert [o.outputs[0].token_ids for o in outputs] == reference.tokens, one_at_a_time
@@ -161,29 +198,35 @@ def test_family_matches_transformers(name: str, random_checkpoint: Callable[...,
                 ), (i, step)
     # the second pass above hit the prefix cache for every prompt's leading blocks
     assert engine.stats().scheduler.prefix_cache_hits > 0
-    # under a KV budget that holds about two sequences at once, in 16-token chunks
+    # under a KV budget that holds about two sequences at once, in 16-token chunks; a
+    # mixture's tokens also run through its experts in chunks of 5 (VLLM_FUSED_MOE_CHUNK_SIZE)
+    moe_chunks = {"VLLM_FUSED_MOE_CHUNK_SIZE": "5"} if name in MIXTURES else {}
     tight = make_engine(
-        model_dir, max_model_len=128, num_kv_blocks=10, max_num_batched_tokens=16, max_num_seqs=4
+        model_dir,
+        env=moe_chunks,
+        max_model_len=128,
+        num_kv_blocks=10,
+        max_num_batched_tokens=16,
+        max_num_seqs=4,
     )
+    if name in MIXTURES:
+        _assert_routes_to_every_expert(tight)
     pressured = run_all(tight, PROMPTS, GREEDY)
     assert [o.outputs[0].token_ids for o in pressured] == reference.tokens
     assert tight.stats().scheduler.num_preemptions_total > 0
 
 
-@pytest.mark.parametrize(("name", "reason"), [("mixtral", "mixture"), ("gemma2", "gemma")])
-def test_families_outside_the_fused_layout_run_op_by_op_and_say_why(
-    name: str, reason: str, random_checkpoint: Callable[..., Path]
-) -> None:
+def _assert_decode_path(engine: Any, name: str, messages: list[str]) -> None:
     """Mixtures and Gemma are outside the cpu plugin's fused decoder layout: it is passed
-    over with the reason logged, where Phi-3 and Qwen3 (the Llama arithmetic, q/k norms
-    included) take it; the parity above then covers their fused decode steps."""
-    with kvrun_log(logging.INFO) as messages:
-        engine = make_engine(_checkpoint(name, random_checkpoint), max_model_len=128)
-    assert engine.runner.fused_decoder is None  # type: ignore[attr-defined]
-    assert any("decode steps run op by op" in m and reason in m for m in messages)
-    for fused in ("phi3", "qwen3"):
-        other = make_engine(_checkpoint(fused, random_checkpoint), max_model_len=128)
-        assert other.runner.fused_decoder is not None, fused  # type: ignore[attr-defined]
+    over with the reason logged, where Phi-3, Qwen3 and Llama take it (no such line); the
+    parity of test_family_matches_transformers then covers their fused decode steps."""
+    passed_over = [m for m in messages if "decode steps run op by op" in m]
+    if name in OP_BY_OP:
+        assert engine.runner.fused_decoder is None, name
+        assert any(OP_BY_OP[name] in m for m in passed_over), (name, passed_over)
+    else:
+        assert engine.runner.fused_decoder is not None, name
+        assert not passed_over, (name, passed_over)
 
 
 def test_scaled_rope_extends_the_default_context(random_checkpoint: Callable[..., Path]) -> None:
@@ -194,25 +237,17 @@ def test_scaled_rope_extends_the_default_context(random_checkpoint: Callable[...
     assert dynamic.config.max_model_len == 64 * 2
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe-shared", "qwen3-moe"])
-def test_mixture_routes_a_batch_to_many_experts_in_chunks(
-    name: str, random_checkpoint: Callable[..., Path]
-) -> None:
-    """The parity above covers batches whose tokens go to different experts (checked
-    here on the first mixture layer), and VLLM_FUSED_MOE_CHUNK_SIZE chunks them without
-    changing a token."""
-    model_dir = _checkpoint(name, random_checkpoint)
-    engine = make_engine(model_dir, max_model_len=128, env={"VLLM_FUSED_MOE_CHUNK_SIZE": "5"})
-    model = engine.runner.model  # type: ignore[attr-defined]
+def _assert_routes_to_every_expert(engine: Any) -> None:
+    """The parity of a mixture covers batches whose tokens go to different experts
+    (checked here on the first mixture layer: PROMPTS reach every expert), and the engine
+    holds VLLM_FUSED_MOE_CHUNK_SIZE=5, so its tight run chunks them (16-token steps)."""
+    model = engine.runner.model
     assert model.config.moe_chunk_size == 5
     layer = next(layer for layer in model.layers if layer.moe is not None)
     ids = torch.tensor([t for prompt in PROMPTS for t in prompt])
     h = model.ops.rms_norm(model.ops.embedding(ids, model.embed), layer.input_norm, 1e-5)
     _, experts = route(model.ops, h, layer.moe, model.config)
     assert len(set(experts.flatten().tolist())) == model.config.num_experts
-    reference = hf_greedy(model_dir, PROMPTS, NEW_TOKENS)
-    outputs = run_all(engine, PROMPTS, GREEDY)
-    assert [o.outputs[0].token_ids for o in outputs] == reference.tokens
 
 
 @pytest.mark.parametrize(
@@ -229,19 +264,20 @@ def test_mixture_routes_a_batch_to_many_experts_in_chunks(
     ],
 )
 def test_a_gguf_of_the_family_generates_like_its_checkpoint(
-    name: str, random_checkpoint: Callable[..., Path], smollm2_gguf_path: Path, tmp_path: Path
+    name: str, random_checkpoint: Callable[..., Path], smollm2_gguf_path: Path
 ) -> None:
     """The checkpoint written as llama.cpp lays it out (experts stacked per layer, Q/K
     rows permuted for llama/Mixtral, Gemma's norms as 1 + w and its scale and windows
     from the metadata), with SmolLM2's tokenizer metadata, loads to the same model:
     equal greedy tokens and logprobs."""
     model_dir = _checkpoint(name, random_checkpoint)
-    path = build_gguf_from_hf(model_dir, tmp_path / "model.gguf", tokenizer_gguf=smollm2_gguf_path)
+    path = _family_gguf(model_dir, smollm2_gguf_path)
     from_gguf = make_engine(path, max_model_len=128)
+    from_checkpoint = make_engine(model_dir, max_model_len=128)
     assert from_gguf.runner.model.config.num_experts == (  # type: ignore[attr-defined]
-        make_engine(model_dir, max_model_len=128).runner.model.config.num_experts  # type: ignore[attr-defined]
+        from_checkpoint.runner.model.config.num_experts  # type: ignore[attr-defined]
     )
-    want = run_all(make_engine(model_dir, max_model_len=128), PROMPTS, GREEDY)
+    want = run_all(from_checkpoint, PROMPTS, GREEDY)
     got = run_all(from_gguf, PROMPTS, GREEDY)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     for g, w in zip(got, want, strict=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvrun.engine.llm_engine import LLMEngine
 from kvrun.sampling_params import SamplingParams
 from tests.support.engine import Reference, hf_greedy, make_engine, run_all
 
@@ -56,6 +57,20 @@ def reference(smollm2_hf_dir: object, prompts: list[list[int]]) -> Reference:
     return hf_greedy(smollm2_hf_dir, prompts, NEW_TOKENS)
 
 
+@pytest.fixture(scope="module")
+def shared_engine(smollm2_hf_dir: object) -> LLMEngine:
+    return make_engine(smollm2_hf_dir)
+
+
+@pytest.fixture
+def default_engine(shared_engine: LLMEngine) -> LLMEngine:
+    """An engine with the default settings, built once for the module; each test gets it
+    with an empty prefix cache, so that its prompts are computed, not served."""
+    assert not shared_engine.has_unfinished_requests()
+    assert shared_engine.reset_prefix_cache()
+    return shared_engine
+
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 CONFIGS = {
@@ -70,9 +85,16 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_matches_transformers(
-    name: str, smollm2_hf_dir: object, prompts: list[list[int]], reference: Reference
+    name: str,
+    smollm2_hf_dir: object,
+    prompts: list[list[int]],
+    reference: Reference,
+    request: pytest.FixtureRequest,
 ) -> None:
-    engine = make_engine(smollm2_hf_dir, **CONFIGS[name])
+    if CONFIGS[name]:
+        engine = make_engine(smollm2_hf_dir, **CONFIGS[name])
+    else:
+        engine = request.getfixturevalue("default_engine")
     outputs = run_all(engine, prompts, GREEDY)
     got = [o.outputs[0].token_ids for o in outputs]
     expected = reference.tokens
@@ -85,9 +107,10 @@ def test_greedy_matches_transformers(
 
 
 def test_one_at_a_time_and_prefix_hits(
-    smollm2_hf_dir: object, prompts: list[list[int]], reference: Reference
+    default_engine: LLMEngine, prompts: list[list[int]], reference: Reference
 ) -> None:
-    engine = make_engine(smollm2_hf_dir)
+    engine = default_engine
+    hits = engine.stats().scheduler.prefix_cache_hits
     first = run_all(engine, prompts[:8], GREEDY, one_at_a_time=True)
     # The same prompts again: the chat-template prefix and whole prompts hit the cache.
     again = run_all(engine, prompts[:8], GREEDY, one_at_a_time=True)
@@ -98,7 +121,7 @@ def test_one_at_a_time_and_prefix_hits(
     long_enough = [o for o, p in zip(again, prompts[:8]) if len(p) >= 32]
     assert len(long_enough) >= 5
     assert all(o.num_cached_tokens >= 16 for o in long_enough)
-    assert engine.stats().scheduler.prefix_cache_hits > 0
+    assert engine.stats().scheduler.prefix_cache_hits > hits
 
 
 def test_gguf_file_matches_transformers(
@@ -110,9 +133,9 @@ def test_gguf_file_matches_transformers(
 
 
 def test_logprobs_match_transformers(
-    smollm2_hf_dir: object, prompts: list[list[int]], reference: Reference
+    default_engine: LLMEngine, prompts: list[list[int]], reference: Reference
 ) -> None:
-    engine = make_engine(smollm2_hf_dir)
+    engine = default_engine
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
     outputs = run_all(engine, prompts[:4], params)
     for i, out in enumerate(outputs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,9 +24,14 @@ TEXTS = [
 ]
 
 
-def _reference(model_dir: Path, prompts: list[list[int]], pooling: str) -> list[torch.Tensor]:
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2_hf_dir: Path) -> Any:
+    """transformers' SmolLM2 base model (no LM head), loaded once for the module."""
+    return AutoModel.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
+
+
+def _reference(model: Any, prompts: list[list[int]], pooling: str) -> list[torch.Tensor]:
     """transformers' final hidden states (after the last norm), pooled and normalised."""
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
     out = []
     with torch.no_grad():
         for ids in prompts:
@@ -43,10 +49,10 @@ def embedder(smollm2_hf_dir: Path) -> Iterator[LLM]:
         yield LLM(model=str(smollm2_hf_dir), runner="pooling", dtype="float32", max_model_len=512)
 
 
-def test_embeddings_equal_transformers_last_token(embedder: LLM, smollm2_hf_dir: Path) -> None:
+def test_embeddings_equal_transformers_last_token(embedder: LLM, hf_smollm2: Any) -> None:
     tokenizer = embedder.get_tokenizer()
     prompts = [tokenizer.encode(t) for t in TEXTS]
-    want = _reference(smollm2_hf_dir, prompts, "LAST")
+    want = _reference(hf_smollm2, prompts, "LAST")
     outs = embedder.embed(TEXTS, use_tqdm=False)
     for out, ref, ids in zip(outs, want, prompts, strict=True):
         got = torch.tensor(out.outputs.embedding)
@@ -91,7 +97,7 @@ def test_the_pooling_runner_refuses_generation_and_bad_dimensions(embedder: LLM)
 
 
 @pytest.mark.parametrize("pooling", ["MEAN", "CLS"])
-def test_other_poolings_over_chunks(smollm2_hf_dir: Path, pooling: str) -> None:
+def test_other_poolings_over_chunks(smollm2_hf_dir: Path, hf_smollm2: Any, pooling: str) -> None:
     """MEAN and CLS read every position: prompts split in chunks over several steps,
     batched together, pool every row once (and skip the prefix cache)."""
     engine = make_engine(
@@ -112,7 +118,7 @@ def test_other_poolings_over_chunks(smollm2_hf_dir: Path, pooling: str) -> None:
         for delta in engine.step():
             assert delta.pooled is not None and delta.finished and not delta.sequences
             got[delta.request_id] = delta.pooled
-    want = _reference(smollm2_hf_dir, prompts, pooling)
+    want = _reference(hf_smollm2, prompts, pooling)
     for i, ref in enumerate(want):
         assert float(F.cosine_similarity(got[str(i)], ref, dim=0)) > 0.9999
 
@@ -147,7 +153,9 @@ def test_runner_options_are_checked(smollm2_hf_dir: Path) -> None:
         make_engine(smollm2_hf_dir, convert="embed", max_model_len=128)
 
 
-def test_a_generating_engine_embeds_in_the_same_steps(smollm2_hf_dir: Path) -> None:
+def test_a_generating_engine_embeds_in_the_same_steps(
+    smollm2_hf_dir: Path, hf_smollm2: Any
+) -> None:
     """Embeddings share the scheduler and the steps with generation: each step below
     batches both kinds, and neither changes the other's result."""
     from tests.support.engine import run_all
@@ -175,7 +183,7 @@ def test_a_generating_engine_embeds_in_the_same_steps(smollm2_hf_dir: Path) -> N
                 tokens[delta.request_id].extend(seq.token_ids)
     assert mixed_steps >= 1
     assert [tokens["gen-0"], tokens["gen-1"]] == alone
-    want = _reference(smollm2_hf_dir, prompts[2:], "LAST")
+    want = _reference(hf_smollm2, prompts[2:], "LAST")
     for i, ref in enumerate(want):
         assert float(F.cosine_similarity(pooled[f"emb-{i}"], ref, dim=0)) > 0.9999
 

@@ -32,7 +32,7 @@ from kvrun_cpu.native import PackedWeight
 from kvrun_cpu.native.quantized import QuantizedPackedWeight, quantized_rows
 from tests.engine.test_quantized_gguf import first_divergence, prompt_logprobs
 from tests.support.engine import hf_greedy, make_engine, run_all
-from tests.test_awq import write_awq_checkpoint
+from tests.test_awq import cached_awq_checkpoint
 
 NEW_TOKENS = 24
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -51,21 +51,14 @@ MATRICES = ("qkv", "o", "gate_up", "down")
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def awq_model(
-    request: pytest.FixtureRequest,
-    random_checkpoint: Callable[..., Path],
-    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest, random_checkpoint: Callable[..., Path]
 ) -> tuple[str, Path, Path]:
     """(architecture, AWQ checkpoint, plain checkpoint of its dequantized weights)."""
     arch = str(request.param)
     source = random_checkpoint(
         arch, seed=5, init_std=0.1, hidden_size=128, intermediate_size=384, num_layers=2
     )
-    awq_dir, plain_dir = write_awq_checkpoint(
-        source,
-        tmp_path_factory.mktemp(f"awq-{arch}"),
-        tmp_path_factory.mktemp(f"awq-{arch}-plain"),
-        MODELS[arch],
-    )
+    awq_dir, plain_dir = cached_awq_checkpoint(source, MODELS[arch])
     return arch, awq_dir, plain_dir
 
 
@@ -179,14 +172,10 @@ def test_awq_needs_an_awq_checkpoint(random_checkpoint: Callable[..., Path]) -> 
 
 
 def test_groups_that_are_not_whole_blocks_are_dequantized_with_a_log_line(
-    random_checkpoint: Callable[..., Path],
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    random_checkpoint: Callable[..., Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     source = random_checkpoint("llama", seed=11, init_std=0.3, num_layers=2)
-    (tmp_path / "awq").mkdir()
-    (tmp_path / "plain").mkdir()
-    awq_dir, plain_dir = write_awq_checkpoint(source, tmp_path / "awq", tmp_path / "plain", 16)
+    awq_dir, plain_dir = cached_awq_checkpoint(source, 16)
     with caplog.at_level(logging.INFO, logger="kvrun.engine"):
         engine = make_engine(awq_dir, quantization="awq", max_model_len=128)
     assert "quantization='awq': 0 AWQ matrices run as stored (group size 16); 14 dequantized" in (

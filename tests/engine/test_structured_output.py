@@ -92,9 +92,12 @@ def test_free_rows_are_unchanged_beside_constrained_ones(engine: LLMEngine) -> N
     assert re.fullmatch(r"[a-z]{3,9}( [a-z]{3,9}){2,5}\.", mixed[1].outputs[0].text)
 
 
-def test_choice_regex_and_grammar_through_preemption(smollm2_hf_dir: Path) -> None:
+def test_choice_regex_and_grammar_through_preemption(
+    smollm2_hf_dir: Path, engine: LLMEngine
+) -> None:
     """A KV cache too small for the batch preempts and recomputes sequences: each one's
-    grammar state carries over, and the outputs equal those of a roomy cache."""
+    grammar state carries over, and the outputs equal those of a roomy cache (the
+    module's engine: 160 blocks hold the whole batch)."""
     constraints = [
         Constraint(choice=["red", "green", "blue", "a very long colour name indeed"]),
         Constraint(regex=r"\(\d{3}\) \d{3}-\d{4}"),
@@ -104,10 +107,13 @@ def test_choice_regex_and_grammar_through_preemption(smollm2_hf_dir: Path) -> No
         SamplingParams(max_tokens=48, temperature=0.8, seed=i, structured_outputs=c)
         for i, c in enumerate(constraints * 3)
     ]
-    roomy = make_engine(smollm2_hf_dir, max_model_len=256, num_kv_blocks=200)
+    roomy = engine
+    assert roomy.reset_prefix_cache()  # every prompt computed, as in the tight engine
+    preemptions = roomy.scheduler.stats.num_preemptions_total
     tight = make_engine(smollm2_hf_dir, max_model_len=256, num_kv_blocks=17)
     prompts = [_prompt(roomy, f"Question {i}: give an answer.") for i in range(len(params))]
     want = run_all(roomy, prompts, params)
+    assert roomy.scheduler.stats.num_preemptions_total == preemptions  # roomy indeed
     got = run_all(tight, prompts, params)
     assert tight.scheduler.stats.num_preemptions_total > 0
     assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in want]

@@ -3,21 +3,27 @@ tests/executor/test_executor_lora_media.py, each in a process of its own inside 
 loopback-only network namespace (as tests/executor/scenarios.py; gloo and Ray would
 otherwise pick the machine's outward address).
 
-``python -m tests.executor.adapter_media_scenarios NAME JSON`` prints ``RESULT <json>``.
+``python -m tests.executor.adapter_media_scenarios NAME JSON`` prints ``RESULT <json>``;
+:func:`run_many` runs several scenarios in one such process.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from tests.executor.scenarios import alive, run_scenario, segments
+from tests.executor.ray_scenarios import ray_environ
+from tests.executor.scenarios import (
+    ScenarioResults,
+    alive,
+    run_scenario,
+    run_scenarios,
+    scenario_main,
+    segments,
+)
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 300], [1, 4, 9, 16, 25, 36, 49, 64, 81, 100]]
 IMAGE_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>Describe this picture"
@@ -28,21 +34,15 @@ def run(name: str, timeout_s: float = 300, **kwargs: Any) -> Any:
     return run_scenario("tests.executor.adapter_media_scenarios", name, timeout_s, **kwargs)
 
 
-def run_with_ray(name: str, timeout_s: float = 600, **kwargs: Any) -> Any:
-    """As :func:`run`, with Ray's settings of tests/executor/ray_scenarios.py (no usage
-    stats, token authentication with this run's token, no cluster to join)."""
-    ray_environ = {
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-    }
-    return run_scenario(
+def run_many(scenarios: list[tuple[str, str, dict[str, Any]]], timeout_s: float) -> ScenarioResults:
+    """``(label, name, kwargs)`` scenarios in order in one process (with Ray's settings
+    of tests/executor/ray_scenarios.py, no cluster to join); each result by its label."""
+    return run_scenarios(
         "tests.executor.adapter_media_scenarios",
-        name,
+        scenarios,
         timeout_s,
-        ray_environ,
+        ray_environ(),
         ("RAY_ADDRESS",),
-        **kwargs,
     )
 
 
@@ -119,16 +119,22 @@ def lora(
     return results
 
 
-def lora_ray(model: str, adapters: dict[str, str]) -> dict[str, Any]:
-    """:func:`lora` in-process and through one Ray actor of a local cluster kvrun starts
-    (and stops at close); the Ray processes left afterwards."""
+def lora_ray(
+    model: str, adapters: dict[str, str], configs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """:func:`lora` under ``configs`` (default: in-process and through one Ray actor of a
+    local cluster kvrun starts, and stops at close); the Ray processes left afterwards."""
     from tests.executor.ray_scenarios import _wait_gone
     from tests.support.ray_cluster import processes_with_environ
 
     tmpdir = tempfile.mkdtemp(prefix="kvray", dir="/tmp")
     os.environ["RAY_TMPDIR"] = tmpdir
     try:
-        configs = [{"label": "uni"}, {"label": "ray-tp1", "distributed_executor_backend": "ray"}]
+        if configs is None:
+            configs = [
+                {"label": "uni"},
+                {"label": "ray-tp1", "distributed_executor_backend": "ray"},
+            ]
         out = lora(model, adapters, configs)
         left = [_cmdline(p) for p in _wait_gone(processes_with_environ(f"RAY_TMPDIR={tmpdir}"))]
         # but Python's resource tracker, this process's child, which exits with it
@@ -256,12 +262,6 @@ def media(model: str, configs: list[dict[str, Any]], max_tokens: int = 8) -> dic
     return results
 
 
-def main() -> None:
-    name, kwargs = sys.argv[1], json.loads(sys.argv[2])
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    result = globals()[name](**kwargs)
-    print("RESULT " + json.dumps(result), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    scenario_main(lambda name: globals()[name])

@@ -7,13 +7,11 @@ loopback-only network namespace (tests/executor/scenarios.run_scenario).
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
-from tests.executor.scenarios import alive, segments
+from tests.executor.scenarios import alive, scenario_main, segments
 
 # several lengths; the last two share a 20-token prefix (the prefix cache's case)
 SHARED = [(7 * j) % 900 + 5 for j in range(20)]
@@ -90,8 +88,11 @@ def _requests(stop_string: str | None, stop_token: int | None) -> list[tuple[str
 
 def in_flight(model: str) -> dict[str, Any]:
     """The same requests on TP=1 in process and on PP=2 with batches in flight: a roomy
-    cache, a second wave (prefix hits), a cache small enough to preempt, an abort."""
+    cache, a second wave (prefix hits), an abort; on a second executor one request
+    alone, then a cache small enough to preempt."""
     import torch
+
+    from kvrun import SamplingParams
 
     torch.set_num_threads(1)  # no OpenMP pool here: workers start by fork
     out: dict[str, Any] = {}
@@ -123,6 +124,14 @@ def in_flight(model: str) -> dict[str, Any]:
         model, distributed_executor_backend="mp", pipeline_parallel_size=2, num_kv_blocks=12,
         max_num_seqs=8, max_model_len=64,
     )  # fmt: skip
+    # first one request alone on the fresh executor: nothing to overlap (its next step
+    # needs this one's token), so one batch at a time, and the output still TP=1's
+    only = [("only", PROMPTS[2], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))]
+    out["one_request"] = {
+        "uni": _drive(uni, only),
+        "pp": _drive(tiny, only),
+        "peak_in_flight": tiny.runner.peak_in_flight,
+    }
     out["pp_tiny"] = _drive(tiny, requests)
     out["tiny_block_size"] = tiny.config.block_size
     pids += tiny.runner.pids
@@ -135,26 +144,8 @@ def in_flight(model: str) -> dict[str, Any]:
     return out
 
 
-def one_request(model: str) -> dict[str, Any]:
-    """PP=2 with one request: nothing to overlap (its next step needs this one's token),
-    so one batch at a time, and the output still equals TP=1's."""
-    import torch
-
-    from kvrun import SamplingParams
-
-    torch.set_num_threads(1)
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    uni = _drive(_engine(model), [("only", PROMPTS[2], params)])
-    pp = _engine(model, distributed_executor_backend="mp", pipeline_parallel_size=2)
-    got = _drive(pp, [("only", PROMPTS[2], params)])
-    peak = pp.runner.peak_in_flight
-    pp.runner.close()
-    return {"uni": uni, "pp": got, "peak_in_flight": peak}
-
-
-SCENARIOS: dict[str, Callable[..., Any]] = {"in_flight": in_flight, "one_request": one_request}
+SCENARIOS: dict[str, Callable[..., Any]] = {"in_flight": in_flight}
 
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")
-    result = SCENARIOS[sys.argv[1]](**json.loads(sys.argv[2]))
-    print("RESULT " + json.dumps(result), flush=True)
+    scenario_main(SCENARIOS.__getitem__)

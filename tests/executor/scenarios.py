@@ -4,7 +4,10 @@ machine's outward address).
 
 ``python -m tests.executor.scenarios NAME JSON`` runs scenario NAME with the keyword
 arguments in JSON and prints ``RESULT <json>`` as its last line. :func:`run` does that
-under ``unshare -n`` for a test.
+under ``unshare -n`` for a test. :func:`run_scenarios` runs a list of scenarios in one
+such process (one interpreter, torch and kvrun imported once), each reported on its own
+(``python -m MODULE --many JSON``; :func:`scenario_main` is every scenario module's
+``__main__``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +68,90 @@ def run_scenario(
         f"scenario {name} failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-20000:]}"
     )
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+MANY = "--many"
+
+
+class ScenarioResults(dict[str, Any]):
+    """Each scenario's result by its label; reading a label whose scenario failed (or
+    never reported: the process died or timed out first) fails, with the traceback or
+    the process's output."""
+
+    def __init__(self, failures: dict[str, str], output: str) -> None:
+        super().__init__()
+        self.failures = failures
+        self.output = output
+
+    def __missing__(self, label: str) -> Any:
+        if label in self.failures:
+            raise AssertionError(f"scenario {label} failed:\n{self.failures[label]}")
+        raise AssertionError(f"scenario {label} did not report:\n{self.output}")
+
+
+def run_scenarios(
+    module: str,
+    scenarios: list[tuple[str, str, dict[str, Any]]],
+    timeout_s: float,
+    env: dict[str, str] | None = None,
+    unset: tuple[str, ...] = (),
+) -> ScenarioResults:
+    """Several scenarios, ``(label, name, kwargs)`` each, in order in one process in its
+    own network namespace (as :func:`run_scenario`); a failing scenario is reported
+    (reading its label raises) and the next ones still run."""
+    command = f"ip link set lo up && exec {sys.executable} -m {module} {MANY} " + _quote(
+        json.dumps(scenarios)
+    )
+    environ = {
+        **os.environ,
+        "VLLM_TARGET_DEVICE": "cpu",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        **(env or {}),
+    }
+    for variable in unset:
+        environ.pop(variable, None)
+    try:
+        done = subprocess.run(
+            ["unshare", "-n", "sh", "-c", command],
+            cwd=REPO,
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        stdout, tail = done.stdout, f"exit {done.returncode}\n{done.stderr[-20000:]}"
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        tail = f"timed out after {timeout_s} s\n{stderr[-20000:]}"
+    failures: dict[str, str] = {}
+    results = ScenarioResults(failures, f"{stdout[-5000:]}\n{tail}")
+    for line in stdout.splitlines():
+        if line.startswith("RESULT "):
+            label, result = json.loads(line[len("RESULT ") :])
+            results[label] = result
+        elif line.startswith("FAILED "):
+            label, error = json.loads(line[len("FAILED ") :])
+            failures[label] = error
+    return results
+
+
+def scenario_main(lookup: Callable[[str], Callable[..., Any]]) -> None:
+    """A scenario module's ``__main__``: ``NAME JSON`` prints ``RESULT <json>``;
+    ``--many JSON`` (a list of ``[label, name, kwargs]``) prints ``RESULT [label, json]``
+    or ``FAILED [label, traceback]`` for each, in order."""
+    name, kwargs = sys.argv[1], json.loads(sys.argv[2])
+    if name != MANY:
+        result = lookup(name)(**kwargs)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    for label, scenario, arguments in kwargs:
+        try:
+            result = lookup(scenario)(**arguments)
+        except Exception:
+            print("FAILED " + json.dumps([label, traceback.format_exc()]), flush=True)
+        else:
+            print("RESULT " + json.dumps([label, result]), flush=True)
 
 
 def _quote(text: str) -> str:
@@ -445,5 +533,4 @@ SCENARIOS: dict[str, Callable[..., Any]] = {
 }
 
 if __name__ == "__main__":
-    result = SCENARIOS[sys.argv[1]](**json.loads(sys.argv[2]))  # hold() never returns
-    print("RESULT " + json.dumps(result), flush=True)
+    scenario_main(SCENARIOS.__getitem__)  # hold() never returns

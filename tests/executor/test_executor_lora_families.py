@@ -17,7 +17,8 @@ each run in a loopback-only network namespace (tests/executor/adapter_media_scen
 
 Each prompt with each adapter and with none, in one batch, twice (the second time from
 the prefix cache): greedy equal to uni but at near-ties, logprobs within 1e-4 (the largest
-difference is printed).
+difference is printed). The four families run one after the other in one scenario
+process (``runs``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import pytest
 from tests.engine.test_lora_families import GEMMA, MOE
 from tests.engine.test_parity_mla import MODELS as V2_MODELS
 from tests.executor import adapter_media_scenarios as scenarios
+from tests.executor.scenarios import ScenarioResults
 from tests.executor.test_executor_lora_media import (
     ALL,
     LOGPROB_TOL,
@@ -102,31 +104,40 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(scope="module")
+def runs(random_checkpoint: Callable[..., Path]) -> ScenarioResults:
+    """Each family's :func:`adapter_media_scenarios.lora` (uni, then TP=2 on the mp
+    executor) by the family's name, all in one process."""
+    configs = [{"label": "uni"}, {"label": "mp-tp2", "tensor_parallel_size": 2}]
+    runs = []
+    for family, build in FAMILIES.items():
+        base, adapters = build(random_checkpoint)
+        arguments = {
+            "model": str(base),
+            "adapters": {name: str(path) for name, path in adapters.items()},
+            "configs": configs,
+            "max_tokens": 6,
+        }
+        runs.append((family, "lora", arguments))
+    return scenarios.run_many(runs, timeout_s=2400)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_adapters_through_mp_tp2_equal_uni_but_near_ties(
-    family: str, random_checkpoint: Callable[..., Path]
+    family: str, runs: ScenarioResults
 ) -> None:
-    base, adapters = FAMILIES[family](random_checkpoint)
-    configs = [{"label": "uni"}, {"label": "mp-tp2", "tensor_parallel_size": 2}]
-    runs: dict[str, Any] = scenarios.run(
-        "lora",
-        timeout_s=900,
-        model=str(base),
-        adapters={name: str(path) for name, path in adapters.items()},
-        configs=configs,
-        max_tokens=6,
-    )
-    uni, tp2 = runs["uni"], runs["mp-tp2"]
+    run: dict[str, Any] = runs[family]
+    uni, tp2 = run["uni"], run["mp-tp2"]
     assert uni["runner"] == "ModelRunner" and tp2["runner"] == "MultiprocExecutor"
     # the adapters change the output: no prompt's continuations are all alike
-    choices = 1 + len(adapters)
+    choices = len(uni["tokens"]) // len(scenarios.PROMPTS)  # the adapters and none
     for i in range(len(scenarios.PROMPTS)):
         rows = uni["tokens"][choices * i : choices * (i + 1)]
         assert len({tuple(t) for t in rows}) > 1, (family, i)
     _assert_equal_but_near_ties(tp2, uni, LOGPROB_TOL)
     _assert_equal_but_near_ties(tp2["again"], uni["again"], LOGPROB_TOL)
     assert tp2["alive_after_close"] == []
-    assert runs["segments_left"] == []
+    assert run["segments_left"] == []
 
 
 def test_each_rank_keeps_its_experts_share_and_the_deltas_sum_to_the_whole(

@@ -4,8 +4,8 @@ transformers), float32, each run in a loopback-only network namespace
 (tests/executor/adapter_media_scenarios.py):
 
 - a batch of every prompt with each of three adapters and none (more adapters than the
-  two slots, so the ranks load and evict adapters as the engine says) through TP=1 and
-  PP=2 equals uni token for token and logprob for logprob (the same arithmetic), through
+  two slots, so the ranks load and evict adapters as the engine says) through PP=2
+  equals uni token for token and logprob for logprob (the same arithmetic), through
   TP=2 (adapters split as their projections, the row-parallel delta summed by the
   all-reduce) greedy equal but at near-ties, which the test shows, logprobs within 1e-4;
   run again, each (prompt, adapter) hits the prefix cache as in uni, never across
@@ -13,15 +13,21 @@ transformers), float32, each run in a loopback-only network namespace
 - the same batch through one Ray actor (a local cluster kvrun starts) equals uni;
 - `kvrun serve --distributed-executor-backend mp`: an adapter loaded at run time answers
   as uni with it, unloaded it is a 404, loaded again under another name alike;
-- a random Qwen2-VL with two images (chunked prefill cutting inside them) through TP=1
-  and PP=2 (stage 0 encodes, both apply the M-RoPE positions) equals uni exactly, through
-  TP=2 likewise but at near-ties;
+- a random Qwen2-VL with two images (chunked prefill cutting inside them) through PP=2
+  (stage 0 encodes, both apply the M-RoPE positions) equals uni exactly, through TP=2
+  likewise but at near-ties;
 - the ranks run Qwen2-VL split either way (the mixtures', DeepSeek's and Gemma's
   adapters under tensor parallelism: tests/executor/test_executor_lora_families.py).
+
+One scenario process runs them all (``runs``). TP=1 through the mp executor is not run
+apart: its path (every step's adapters and media sent to a rank that runs them unsplit,
+the same arithmetic as uni) is PP=2's, each stage a rank of its own, and a single rank
+through an executor is the Ray actor's run.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +37,7 @@ import pytest
 
 from kvrun.testing.checkpoints import build_random_qwen2_vl_checkpoint
 from tests.executor import adapter_media_scenarios as scenarios
+from tests.executor.scenarios import ScenarioResults
 from tests.support.checkpoints import cached_build
 from tests.support.lora import make_adapter
 
@@ -65,16 +72,47 @@ def adapters(qwen2: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def lora_runs(qwen2: Path, adapters: dict[str, str]) -> dict[str, Any]:
-    configs = [
+def vl_dir(smollm2_hf_dir: Path) -> Path:
+    return cached_build(
+        "random-qwen2-vl",
+        {"seed": 0},
+        lambda out: build_random_qwen2_vl_checkpoint(out, tokenizer_dir=smollm2_hf_dir),
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(
+    qwen2: Path, adapters: dict[str, str], vl_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> ScenarioResults:
+    """Every scenario of this module in one process: the adapters through one Ray actor
+    (when the ray extra is there; first, while the process is fresh: a local Ray
+    cluster's start is the slowest part on a loaded machine), under uni, PP=2, TP=2, the
+    server's run-time adapter, the images under uni, PP=2, TP=2."""
+    configs: list[dict[str, Any]] = [
         {"label": "uni"},
-        {"label": "mp-tp1", "distributed_executor_backend": "mp"},
         {"label": "mp-pp2", "pipeline_parallel_size": 2},
         {"label": "mp-tp2", "tensor_parallel_size": 2},
     ]
-    result: dict[str, Any] = scenarios.run(
-        "lora", timeout_s=900, model=str(qwen2), adapters=adapters, configs=configs
-    )
+    lora: dict[str, Any] = {"model": str(qwen2), "adapters": adapters}
+    scenario_list: list[tuple[str, str, dict[str, Any]]] = []
+    if importlib.util.find_spec("ray") is not None:  # apart: a Ray failure fails its test
+        ray = [{"label": "ray-tp1", "distributed_executor_backend": "ray"}]
+        scenario_list.append(("lora_ray", "lora_ray", {**lora, "configs": ray}))
+    scenario_list.append(("lora", "lora", {**lora, "configs": configs}))
+    serve = {
+        "model": str(qwen2),
+        "adapter": adapters["all"],
+        "workdir": str(tmp_path_factory.mktemp("serve-lora")),
+        "max_tokens": 8,
+    }
+    scenario_list.append(("serve", "serve_runtime_lora", serve))
+    scenario_list.append(("media", "media", {"model": str(vl_dir), "configs": configs}))
+    return scenarios.run_many(scenario_list, timeout_s=2400)
+
+
+@pytest.fixture(scope="module")
+def lora_runs(runs: ScenarioResults) -> dict[str, Any]:
+    result: dict[str, Any] = runs["lora"]
     return result
 
 
@@ -108,18 +146,17 @@ def _assert_equal_but_near_ties(got: dict[str, Any], want: dict[str, Any], tol: 
     )
 
 
-def test_adapters_through_mp_tp1_and_pp2_equal_uni(lora_runs: dict[str, Any]) -> None:
+def test_adapters_through_mp_pp2_equal_uni(lora_runs: dict[str, Any]) -> None:
     uni = lora_runs["uni"]
     assert uni["runner"] == "ModelRunner"
     # the adapters change the output: every prompt's four continuations are not all alike
     for i in range(len(scenarios.PROMPTS)):
         assert len({tuple(t) for t in uni["tokens"][4 * i : 4 * i + 4]}) > 1
-    for label in ("mp-tp1", "mp-pp2"):
-        run = lora_runs[label]
-        assert run["runner"] == "MultiprocExecutor"
-        _assert_same(run, uni, EXACT_TOL)
-        _assert_same(run["again"], uni["again"], EXACT_TOL)
-        assert run["alive_after_close"] == []
+    run = lora_runs["mp-pp2"]
+    assert run["runner"] == "MultiprocExecutor"
+    _assert_same(run, uni, EXACT_TOL)
+    _assert_same(run["again"], uni["again"], EXACT_TOL)
+    assert run["alive_after_close"] == []
 
 
 def test_adapters_through_mp_tp2_equal_uni_but_near_ties(lora_runs: dict[str, Any]) -> None:
@@ -137,36 +174,29 @@ def test_prefix_cache_keys_keep_the_adapter_through_the_executor(
     # run again, the 10-token prompt finds its first block of 8 with each adapter and
     # with none (each under its own key)
     assert uni["again"]["cached"][8:12] == [8, 8, 8, 8]
-    for label in ("mp-tp1", "mp-pp2", "mp-tp2"):
+    for label in ("mp-pp2", "mp-tp2"):
         assert lora_runs[label]["cached"] == uni["cached"]
         assert lora_runs[label]["again"]["cached"] == uni["again"]["cached"]
         assert lora_runs[label]["engine_reads"] == 3  # each adapter checked once, at add
         assert lora_runs[label]["loras"] == [1, 2, 3]
 
 
-def test_adapters_through_a_ray_actor_equal_uni(qwen2: Path, adapters: dict[str, str]) -> None:
-    pytest.importorskip("ray", reason="the ray extra (pip install 'kvrun[ray]')")
-    runs: dict[str, Any] = scenarios.run_with_ray(
-        "lora_ray", timeout_s=600, model=str(qwen2), adapters=adapters
-    )
-    assert runs["ray-tp1"]["runner"] == "RayExecutor"
-    _assert_same(runs["ray-tp1"], runs["uni"], EXACT_TOL)
-    _assert_same(runs["ray-tp1"]["again"], runs["uni"]["again"], EXACT_TOL)
-    assert runs["ray-tp1"]["cached"] == runs["uni"]["cached"]
-    assert runs["ray_processes_left"] == []
-
-
-def test_runtime_adapter_through_the_server_with_the_mp_executor(
-    qwen2: Path, adapters: dict[str, str], tmp_path: Path
+def test_adapters_through_a_ray_actor_equal_uni(
+    runs: ScenarioResults, lora_runs: dict[str, Any]
 ) -> None:
-    out: dict[str, Any] = scenarios.run(
-        "serve_runtime_lora",
-        timeout_s=600,
-        model=str(qwen2),
-        adapter=adapters["all"],
-        workdir=str(tmp_path),
-        max_tokens=8,
-    )
+    pytest.importorskip("ray", reason="the ray extra (pip install 'kvrun[ray]')")
+    ray_runs = runs["lora_ray"]
+    ray_run, uni = ray_runs["ray-tp1"], lora_runs["uni"]
+    assert ray_run["runner"] == "RayExecutor"
+    _assert_same(ray_run, uni, EXACT_TOL)
+    _assert_same(ray_run["again"], uni["again"], EXACT_TOL)
+    assert ray_run["cached"] == uni["cached"]
+    assert ray_run["alive_after_close"] == []
+    assert ray_runs["ray_processes_left"] == []
+
+
+def test_runtime_adapter_through_the_server_with_the_mp_executor(runs: ScenarioResults) -> None:
+    out: dict[str, Any] = runs["serve"]
     assert out["workers"] >= 1, out["log_tail"]
     assert out["load"] == 200
     assert out["rt"] == [200, out["uni_rt"]]
@@ -190,29 +220,14 @@ def test_the_ranks_run_qwen2_vl_split_either_way() -> None:
         assert unsupported_reason(Qwen2VLForConditionalGeneration, arch, split) is None
 
 
-@pytest.fixture(scope="module")
-def vl_dir(smollm2_hf_dir: Path) -> Path:
-    return cached_build(
-        "random-qwen2-vl",
-        {"seed": 0},
-        lambda out: build_random_qwen2_vl_checkpoint(out, tokenizer_dir=smollm2_hf_dir),
-    )
-
-
-def test_qwen2_vl_images_through_mp_tp2_and_pp2_equal_uni(vl_dir: Path) -> None:
-    configs = [
-        {"label": "uni"},
-        {"label": "mp-tp1", "distributed_executor_backend": "mp"},
-        {"label": "mp-pp2", "pipeline_parallel_size": 2},
-        {"label": "mp-tp2", "tensor_parallel_size": 2},
-    ]
-    runs: dict[str, Any] = scenarios.run("media", timeout_s=900, model=str(vl_dir), configs=configs)
-    uni = runs["uni"]
+def test_qwen2_vl_images_through_mp_tp2_and_pp2_equal_uni(runs: ScenarioResults) -> None:
+    media: dict[str, Any] = runs["media"]
+    uni = media["uni"]
     assert uni["tokens"][0] != uni["tokens"][1], "the image must change the output"
-    assert runs["mp-tp1"]["runner"] == "MultiprocExecutor"
-    _assert_same(runs["mp-tp1"], uni, EXACT_TOL)
-    _assert_same(runs["mp-pp2"], uni, EXACT_TOL)
-    _assert_equal_but_near_ties(runs["mp-tp2"], uni, LOGPROB_TOL)
-    assert runs["mp-tp1"]["prompt_lens"] == uni["prompt_lens"]
-    assert runs["mp-tp2"]["alive_after_close"] == []
-    assert runs["segments_left"] == []
+    assert media["mp-pp2"]["runner"] == "MultiprocExecutor"
+    _assert_same(media["mp-pp2"], uni, EXACT_TOL)
+    _assert_equal_but_near_ties(media["mp-tp2"], uni, LOGPROB_TOL)
+    assert media["mp-pp2"]["prompt_lens"] == uni["prompt_lens"]
+    assert media["mp-pp2"]["alive_after_close"] == []
+    assert media["mp-tp2"]["alive_after_close"] == []
+    assert media["segments_left"] == []

@@ -10,6 +10,9 @@ loopback-only network namespace (tests/executor/pipeline_scenarios.py).
 - an abort of a request with a batch in flight: it stops there, the others go on equal
   to TP=1, and every KV block is free at the end;
 - one request alone runs one batch at a time (nothing to overlap).
+
+One scenario process runs all of it (two PP=2 executors: the roomy cache's, then the
+small cache's, whose first request runs alone).
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ def test_workers_are_gone_after_close(runs: dict[str, Any]) -> None:
     assert all(runs["segments"]) and runs["segments_left"] == []
 
 
-def test_one_request_alone_runs_one_batch_at_a_time(llama: Path) -> None:
-    out = run_scenario(MODULE, "one_request", 300, model=str(llama))
+def test_one_request_alone_runs_one_batch_at_a_time(runs: dict[str, Any]) -> None:
+    out = runs["one_request"]
+    assert out["pp"]["requests"]["only"]["finished"]
     assert out["pp"]["requests"]["only"]["tokens"] == out["uni"]["requests"]["only"]["tokens"]
     assert out["peak_in_flight"] == 1

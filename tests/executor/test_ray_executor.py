@@ -18,15 +18,19 @@ network namespaces (tests/executor/ray_scenarios.py):
   every step through the shared-memory ring (its /dev/shm segment there while the
   engine runs, gone after close; one frame per step) and the driver's logits through
   the result area, also under a compiled graph; across the two nodes one rank takes
-  the ring and the other actor calls; a kill -9'd actor on the ring makes the engine
-  dead, kills the other actor and leaves no segment in /dev/shm;
+  the ring and the other actor calls (a kill -9'd actor on the ring:
+  test_ray_pipeline.py);
 - bad VLLM_RAY_BUNDLE_INDICES are refused naming the numbers, before Ray starts.
+
+Every Ray run here and in test_ray_pipeline.py comes from one scenario process a session
+(tests/executor/conftest.py ``ray_runs``): an actor is killed on an engine that has
+already generated (its clean close is another engine's), and after kvrun's own local
+cluster the one-node engines share a local cluster that process starts.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,7 @@ ray = pytest.importorskip("ray", reason="the ray extra (pip install 'kvrun[ray]'
 
 from kvrun.envs import read_env  # noqa: E402
 from kvrun.executor.ray_executor import bundle_indices  # noqa: E402
-from tests.executor import ray_scenarios  # noqa: E402
+from tests.executor.scenarios import ScenarioResults  # noqa: E402
 
 needs_netns = pytest.mark.skipif(
     shutil.which("unshare") is None or shutil.which("ip") is None,
@@ -50,13 +54,8 @@ EXACT_TOL = 1e-5  # the same arithmetic in another process
 
 
 @pytest.fixture(scope="module")
-def llama(random_checkpoint: Callable[..., Path]) -> Path:
-    return random_checkpoint("llama", seed=3)
-
-
-@pytest.fixture(scope="module")
-def two_nodes(llama: Path) -> dict[str, Any]:
-    result: dict[str, Any] = ray_scenarios.run("cluster", timeout_s=600, model=str(llama))
+def two_nodes(ray_runs: ScenarioResults) -> dict[str, Any]:
+    result: dict[str, Any] = ray_runs["cluster"]
     return result
 
 
@@ -86,14 +85,19 @@ def test_tp2_across_two_ray_nodes_equals_one_rank(two_nodes: dict[str, Any]) -> 
     assert len(set(tp2["node_ids"])) == 2  # one rank on each node
     # the rank on the engine's node takes the ring, the other one actor calls
     assert len(tp2["local_ranks"]) == 1, tp2["local_ranks"]
-    assert tp2["segment_while_running"] is True and tp2["segment_after_close"] is False
+    assert tp2["segment_while_running"] is True
     assert _assert_tp_matches(tp2, uni) <= 1  # measured: 0 of 3 sequences diverge
-    assert tp2["alive_after_close"] == []
+    # closed (the bundles run; this one's actor was killed after: "kill"), every actor
+    # is gone and the ring unlinked
+    closed = two_nodes["bundles"]
+    assert len(closed["local_ranks"]) == 1 and closed["segment_while_running"] is True
+    assert closed["segment_after_close"] is False
+    assert closed["alive_after_close"] == []
 
 
 @pytest.fixture(scope="module")
-def one_node(llama: Path) -> dict[str, Any]:
-    result: dict[str, Any] = ray_scenarios.run("local", timeout_s=400, model=str(llama))
+def one_node(ray_runs: ScenarioResults) -> dict[str, Any]:
+    result: dict[str, Any] = ray_runs["local"]
     return result
 
 
@@ -106,7 +110,8 @@ def test_compiled_graph_gives_the_same_tokens(one_node: dict[str, Any]) -> None:
     assert compiled["result_area"] is True
     assert len(compiled["pids"]) == 2 and len(set(compiled["node_ids"])) == 1
     assert _assert_tp_matches(compiled, uni) <= 1  # TP=2: near-ties may differ
-    assert compiled["alive_after_close"] == []
+    # (closed: a compiled graph leaves no actor, test_ray_pipeline.py's PP=2 run; this
+    # one's rank 0 was killed after: "kill")
 
 
 @needs_netns
@@ -126,7 +131,7 @@ def test_compiled_graph_across_nodes_is_refused_with_the_reason(
 def test_a_killed_actor_under_a_compiled_graph_makes_the_engine_dead(
     one_node: dict[str, Any],
 ) -> None:
-    kill = one_node["kill_compiled"]
+    kill = one_node["compiled"]["kill"]
     pid = kill["pids"][0]
     assert kill["error"] is not None
     assert kill["error"].startswith(
@@ -168,7 +173,7 @@ def test_bundle_indices_place_the_ranks(two_nodes: dict[str, Any]) -> None:
 def test_a_killed_actor_makes_the_engine_dead_and_the_cluster_stays(
     two_nodes: dict[str, Any],
 ) -> None:
-    kill = two_nodes["kill"]
+    kill = two_nodes["tp2"]["kill"]
     pid = kill["pids"][1]
     assert kill["error"] is not None
     assert kill["error"].startswith(
@@ -218,14 +223,14 @@ def test_bad_bundle_indices_are_refused_by_number() -> None:
 
 
 def test_bad_bundle_indices_stop_the_engine_before_ray_starts(
-    llama: Path, monkeypatch: pytest.MonkeyPatch
+    ray_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from kvrun import LLM
 
     monkeypatch.setenv("VLLM_RAY_BUNDLE_INDICES", "0,1,2")
     monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
     with pytest.raises(ConfigError, match=r"names 3 bundle\(s\) but the engine has 2"):
-        LLM(str(llama), dtype="float32", tensor_parallel_size=2,
+        LLM(str(ray_llama), dtype="float32", tensor_parallel_size=2,
             distributed_executor_backend="ray")  # fmt: skip
     assert not ray.is_initialized()
 
@@ -245,19 +250,5 @@ def test_a_rank_on_the_engines_node_gets_its_steps_through_shared_memory(
     assert any("node-local shared-memory ring for rank(s) [0]" in line for line in run["logs"])
 
 
-@needs_netns
-def test_a_killed_actor_on_the_ring_makes_the_engine_dead_and_leaks_nothing(
-    one_node: dict[str, Any],
-) -> None:
-    kill = one_node["kill_local"]
-    assert kill["local_ranks"] == [0, 1]
-    pid = kill["pids"][0]
-    assert kill["error"] is not None
-    assert kill["error"].startswith(
-        f"ExecutorDeadError: the engine is dead: worker rank 0 (actor pid {pid}) died during "
-        "execute: ActorDiedError"
-    ), kill["error"]
-    assert kill["seconds"] < 60
-    assert kill["later"] == kill["error"]
-    assert kill["alive"] == []  # the other actor was killed too
-    assert kill["segment"] is not None and kill["segment_after_death"] is False
+# A kill -9'd actor on the ring (engine dead, the other actor killed, no segment left):
+# test_ray_pipeline.py's killed stage 0 (both stages on the ring, batches in flight).

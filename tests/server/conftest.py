@@ -1,14 +1,17 @@
 """Real `kvrun serve` processes on 127.0.0.1 for the server tests.
 
-One session-scoped server (API key, dev mode and profiler routes on) serves most
-tests; fault, SIGTERM and configuration cases start their own short-lived ones
-with :func:`launch`. Every server runs the default model (SmolLM2-135M GGUF) on
-the cpu platform with a small context and KV space, so the whole suite stays
-cheap on two cores.
+Session-scoped servers serve most tests: ``server`` (the default model, SmolLM2-135M
+GGUF; API key, dev mode and profiler routes on), ``tools_server`` (the same model with
+tool and reasoning parsers and trusted request templates) and ``pooler`` (a tiny random
+Qwen2 with ``--runner pooling`` and a LoRA adapter). Fault, SIGTERM and configuration
+cases start their own short-lived ones with :func:`launch`. Every server runs on the cpu
+platform with a small context and KV space, so the whole suite stays cheap on two cores.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
 import re
 import shutil
@@ -18,10 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import openai
@@ -30,6 +33,7 @@ import pytest
 MAX_MODEL_LEN = 1024
 API_KEY = "sk-test-4d1f"
 START_TIMEOUT_S = 300.0
+K = TypeVar("K", bound=Hashable)
 
 
 def free_port() -> int:
@@ -37,6 +41,38 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _run_kvrun(
+    argv: Sequence[str], env: Mapping[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvrun.cli.main", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+    )
+
+
+@contextlib.contextmanager
+def kvrun_runs(
+    cases: Mapping[K, tuple[Sequence[str], Mapping[str, str]]], timeout: float = 300.0
+) -> Iterator[dict[K, concurrent.futures.Future[subprocess.CompletedProcess[str]]]]:
+    """``python -m kvrun.cli.main ARGV`` once per case (``os.environ`` plus the case's
+    variables), two at a time in the background: case -> the future of its run.
+
+    Each run is independent and spends its seconds in interpreter start-up and imports,
+    which one core does alone: on two cores a pair takes the time of one. A test waits
+    for its own run only (``.result()``), so each keeps its own time budget. Leaving the
+    block waits for the runs still going and drops those not started."""
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    try:
+        yield {
+            key: pool.submit(_run_kvrun, argv, env, timeout) for key, (argv, env) in cases.items()
+        }
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -106,12 +142,14 @@ class Server:
         return sorted(self.rpc_base.glob("kvrun-rpc-*"))
 
     def cleanup(self) -> None:
-        """Kill the server if still up and remove its socket base directory."""
+        """Kill the server and whatever it started (its engine processes share its
+        process group, and outlive a frontend that died or was killed alone), then
+        remove its socket base directory."""
         if self._client is not None:
             self._client.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
+        with contextlib.suppress(ProcessLookupError):  # an empty group: all ended already
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
         shutil.rmtree(self.rpc_base, ignore_errors=True)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
@@ -140,7 +178,10 @@ def launch(
     environ = {
         **os.environ,
         "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
+        # the engine writes its whole KV pool at start (~1 s a GiB): 0.25 GiB holds
+        # 5,800 tokens of the default model in float32 (11,600 in bfloat16), above the
+        # ~4,000 any test here keeps in flight
+        "VLLM_CPU_KVCACHE_SPACE": "0.25",
         "VLLM_RPC_BASE_PATH": str(rpc_base),
         **(env or {}),
     }
@@ -201,6 +242,64 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             "VLLM_SERVER_DEV_MODE": "1",
             "VLLM_TORCH_PROFILER_DIR": str(workdir / "traces"),
         },
+    )
+    yield srv
+    status = srv.stop()
+    srv.cleanup()
+    assert status == 0, srv.log()
+
+
+@pytest.fixture(scope="session")
+def tools_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Tool calling and reasoning parsers on, and request chat templates trusted: the tool
+    tests (test_tools.py) and the sandboxed-template test (test_bad_input.py) share it."""
+    srv = launch(
+        tmp_path_factory.mktemp("tools-server"),
+        args=[
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            "hermes",
+            "--reasoning-parser",
+            "qwen3",
+            "--trust-request-chat-template",
+        ],
+    )
+    yield srv
+    status = srv.stop()
+    srv.cleanup()
+    assert status == 0, srv.log()
+
+
+@pytest.fixture(scope="session")
+def pooling_base(random_checkpoint: Callable[..., Path]) -> Path:
+    """A random tiny Qwen2 (tests/server/test_lora.py's base too)."""
+    return random_checkpoint("qwen2", seed=5, num_layers=2)
+
+
+@pytest.fixture(scope="session")
+def pooling_adapter(pooling_base: Path) -> Path:
+    from tests.support.lora import make_adapter
+
+    return make_adapter(pooling_base, seed=1, r=8, targets=("q_proj", "v_proj", "down_proj"))
+
+
+@pytest.fixture(scope="session")
+def pooler(
+    pooling_base: Path, pooling_adapter: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """`kvrun serve --runner pooling` on :func:`pooling_base` in float32 (compared with
+    transformers' float32), served as ``base``, with the LoRA adapter ``adapted``: the
+    pooling tests (test_pooling.py) and the pooling LoRA test (test_lora_pooling.py)."""
+    args = [
+        "--model", str(pooling_base),
+        "--served-model-name", "base",
+        "--runner", "pooling",
+        "--dtype", "float32",
+        "--enable-lora",
+        "--lora-modules", f"adapted={pooling_adapter}",
+    ]  # fmt: skip
+    srv = launch(
+        tmp_path_factory.mktemp("pooling"), args=args, env={"VLLM_CPU_KVCACHE_SPACE": "0.1"}
     )
     yield srv
     status = srv.stop()

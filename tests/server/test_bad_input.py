@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -276,10 +275,8 @@ def test_request_chat_templates_are_refused_unless_trusted(server: Server) -> No
         }
 
 
-def test_a_trusted_request_template_runs_sandboxed_and_bounded(
-    spawn: Callable[..., Server],
-) -> None:
-    srv = spawn(args=["--trust-request-chat-template"])
+def test_a_trusted_request_template_runs_sandboxed_and_bounded(tools_server: Server) -> None:
+    srv = tools_server  # --trust-request-chat-template (and tool parsers, unused here)
     slow = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
     big = "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"
     cases = [

@@ -8,12 +8,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
 from kvrun.cli.bench_cmd import percentile
-from tests.server.conftest import Server
+from tests.server.conftest import Server, kvrun_runs
 
 
 def _kvrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -26,31 +29,62 @@ def _kvrun(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--port", "70000"], "kvrun: error: --port must be in [0, 65535], got 70000"),
-        (["--max-n", "0"], "kvrun: error: --max-n must be > 0, got 0"),
-        (["--shutdown-timeout", "-1"], "kvrun: error: --shutdown-timeout must be >= 0, got -1.0"),
-        (
-            ["--api-key", ""],
-            "kvrun: error: --api-key is empty; give a key, or omit it to use VLLM_API_KEY",
-        ),
-        (["--root-path", "api"], "kvrun: error: --root-path must start with '/', got 'api'"),
-        (
-            ["a.gguf", "--model", "b.gguf"],
-            "kvrun: error: the model is given twice, as MODEL='a.gguf' and --model='b.gguf'; give one",
-        ),
-    ],
-)
-def test_serve_option_errors(args: list[str], message: str) -> None:
-    done = _kvrun("serve", *args)
+OPTION_ERRORS: list[tuple[list[str], str]] = [
+    (["--port", "70000"], "kvrun: error: --port must be in [0, 65535], got 70000"),
+    (["--max-n", "0"], "kvrun: error: --max-n must be > 0, got 0"),
+    (["--shutdown-timeout", "-1"], "kvrun: error: --shutdown-timeout must be >= 0, got -1.0"),
+    (
+        ["--api-key", ""],
+        "kvrun: error: --api-key is empty; give a key, or omit it to use VLLM_API_KEY",
+    ),
+    (["--root-path", "api"], "kvrun: error: --root-path must start with '/', got 'api'"),
+    (
+        ["a.gguf", "--model", "b.gguf"],
+        "kvrun: error: the model is given twice, as MODEL='a.gguf' and --model='b.gguf'; give one",
+    ),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``missing``: a VLLM_RPC_BASE_PATH that does not exist; ``base``: an empty one."""
+    return {
+        "missing": tmp_path_factory.mktemp("rpc") / "missing",
+        "base": tmp_path_factory.mktemp("rpc-base"),
+    }
+
+
+@pytest.fixture(scope="module")
+def serve_errors(dirs: dict[str, Path]) -> Iterator[dict[str, Future[CompletedProcess[str]]]]:
+    """Every failing `kvrun serve` of this module but the port-in-use one (which times
+    itself), started two at a time in the background: case name -> its run."""
+    missing, base = dirs["missing"], dirs["base"]
+    cases: dict[str, tuple[list[str], dict[str, str]]] = {
+        " ".join(args): (["serve", *args], {}) for args, _ in OPTION_ERRORS
+    }
+    cases["empty key"] = (["serve"], {"VLLM_API_KEY": ""})
+    cases["missing rpc base"] = (["serve"], {"VLLM_RPC_BASE_PATH": str(missing)})
+    cases["missing model"] = (
+        ["serve", str(base / "nope.gguf")],
+        {"VLLM_RPC_BASE_PATH": str(base)},
+    )
+    with kvrun_runs(cases) as runs:
+        yield runs
+
+
+@pytest.mark.parametrize(("args", "message"), OPTION_ERRORS)
+def test_serve_option_errors(
+    serve_errors: dict[str, Future[CompletedProcess[str]]], args: list[str], message: str
+) -> None:
+    done = serve_errors[" ".join(args)].result()
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == message
 
 
-def test_an_empty_vllm_api_key_is_refused_not_run_open() -> None:
-    done = _kvrun("serve", env={"VLLM_API_KEY": ""})
+def test_an_empty_vllm_api_key_is_refused_not_run_open(
+    serve_errors: dict[str, Future[CompletedProcess[str]]],
+) -> None:
+    done = serve_errors["empty key"].result()
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         "kvrun: error: VLLM_API_KEY is set but empty, which would start the server without "
@@ -58,7 +92,28 @@ def test_an_empty_vllm_api_key_is_refused_not_run_open() -> None:
     )
 
 
+def test_serve_with_a_missing_rpc_base_path(
+    serve_errors: dict[str, Future[CompletedProcess[str]]], dirs: dict[str, Path]
+) -> None:
+    done, missing = serve_errors["missing rpc base"].result(), dirs["missing"]
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"kvrun: error: VLLM_RPC_BASE_PATH={str(missing)!r} is not an existing directory; "
+        "point it at a writable directory for the server's ipc:// sockets"
+    )
+
+
+def test_serve_with_a_missing_model(
+    serve_errors: dict[str, Future[CompletedProcess[str]]], dirs: dict[str, Path]
+) -> None:
+    done, base = serve_errors["missing model"].result(), dirs["base"]
+    assert done.returncode == 2
+    assert "nope.gguf" in done.stderr.strip().splitlines()[-1]
+    assert list(base.iterdir()) == []  # the socket directory was removed
+
+
 def test_a_port_in_use_fails_before_the_model_loads() -> None:
+    # after the serve_errors tests: their runs, in the background, are over (it times itself)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -74,23 +129,6 @@ def test_a_port_in_use_fails_before_the_model_loads() -> None:
     )
     assert "platform:" not in done.stderr  # the engine never started
     assert elapsed < 30  # the interpreter's start-up and imports, no model load
-
-
-def test_serve_with_a_missing_rpc_base_path(tmp_path: Path) -> None:
-    missing = tmp_path / "missing"
-    done = _kvrun("serve", env={"VLLM_RPC_BASE_PATH": str(missing)})
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (
-        f"kvrun: error: VLLM_RPC_BASE_PATH={str(missing)!r} is not an existing directory; "
-        "point it at a writable directory for the server's ipc:// sockets"
-    )
-
-
-def test_serve_with_a_missing_model(tmp_path: Path) -> None:
-    done = _kvrun("serve", str(tmp_path / "nope.gguf"), env={"VLLM_RPC_BASE_PATH": str(tmp_path)})
-    assert done.returncode == 2
-    assert "nope.gguf" in done.stderr.strip().splitlines()[-1]
-    assert list(tmp_path.iterdir()) == []  # the socket directory was removed
 
 
 def test_percentile() -> None:

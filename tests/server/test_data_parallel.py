@@ -8,6 +8,7 @@ cores (the fault test), so it must stay last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -34,7 +35,7 @@ from kvrun.server.data_parallel import (
     resolve_data_parallel,
 )
 from kvrun.stats import EngineStats
-from tests.server.conftest import MAX_MODEL_LEN, Server, free_port, launch
+from tests.server.conftest import MAX_MODEL_LEN, Server, free_port, kvrun_runs, launch
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 PROMPTS = [f"{i} + {i} =" for i in range(4)] + [
@@ -218,19 +219,17 @@ def test_bad_data_parallel_settings_are_refused(
 
 
 def test_a_bad_variable_value_stops_serve_with_its_name(tmp_path: Path) -> None:
-    for environ, named in (
-        ({"VLLM_DP_SIZE": "two"}, "VLLM_DP_SIZE='two'"),
-        ({"VLLM_DP_SIZE": "3"}, "VLLM_DP_SIZE=3"),  # against --data-parallel-size 2
-    ):
-        proc = subprocess.run(
-            [sys.executable, "-m", "kvrun.cli.main", "serve", "-dp", "2", "--port", "1"],
-            env={**os.environ, "VLLM_TARGET_DEVICE": "cpu", **environ},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode != 0
-        assert named in proc.stderr, proc.stderr
+    cases = {
+        "VLLM_DP_SIZE='two'": {"VLLM_DP_SIZE": "two"},
+        "VLLM_DP_SIZE=3": {"VLLM_DP_SIZE": "3"},  # against --data-parallel-size 2
+    }
+    argv = ["serve", "-dp", "2", "--port", "1"]
+    runs = {named: (argv, {"VLLM_TARGET_DEVICE": "cpu", **env}) for named, env in cases.items()}
+    with kvrun_runs(runs, timeout=120) as started:
+        for named, future in started.items():
+            proc = future.result()
+            assert proc.returncode != 0
+            assert named in proc.stderr, proc.stderr
 
 
 def test_offline_llm_refuses_data_parallelism() -> None:
@@ -409,7 +408,7 @@ def test_externally_launched_ranks_share_the_work(tmp_path: Path) -> None:
     port = free_port()
     common = {
         "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "0.25",  # as launch() gives rank 0
         "VLLM_DP_SIZE": "2",
         "VLLM_DP_MASTER_IP": "127.0.0.1",
         "VLLM_DP_MASTER_PORT": str(port),
@@ -441,7 +440,8 @@ def test_externally_launched_ranks_share_the_work(tmp_path: Path) -> None:
     finally:
         if rank0 is not None:
             rank0.cleanup()
-        if rank1.poll() is None:
-            rank1.kill()
-            rank1.wait(30)
+        # rank 1 and the engine it started (its own process group)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(rank1.pid, signal.SIGKILL)
+        rank1.wait(30)
         log.close()

@@ -1,5 +1,6 @@
 """Engine death, keep-alive, SIGTERM with requests in flight, in-process engine: each on
-its own short-lived server."""
+its own short-lived server, except the body timeout, which runs first on the keep-alive
+server (it leaves that server as it found it)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.server.conftest import Server
+from tests.server.conftest import Server, launch
 
 LONG = {"prompt": "Write a very long story.", "max_tokens": 900, "temperature": 0.0,
         "ignore_eos": True}  # fmt: skip
@@ -59,6 +60,21 @@ def _wait_running(server: Server, n: int) -> None:
     server.wait_metric("vllm:num_requests_running", n, timeout=60)
 
 
+@pytest.fixture(scope="module")
+def keep_alive_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Kept alive on engine death, with a 2 s request-body timeout: the body-timeout test
+    uses it first, then the keep-alive test kills its engine."""
+    srv = launch(
+        tmp_path_factory.mktemp("keep-alive"),
+        args=["--request-body-timeout", "2"],
+        env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"},
+    )
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+
+
 def _sse_error(text: str) -> dict[str, Any]:
     events = [e for e in text.split("\n\n") if e.startswith("data: {")]
     last: dict[str, Any] = json.loads(events[-1][len("data: ") :])
@@ -89,8 +105,35 @@ def test_hung_engine_fails_requests_and_exits(spawn: Callable[..., Server]) -> N
     assert server.rpc_dirs() == []
 
 
-def test_keep_alive_after_engine_death(spawn: Callable[..., Server]) -> None:
-    server = spawn(env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
+def test_a_body_that_never_arrives_is_refused_in_time(keep_alive_server: Server) -> None:
+    """Before test_keep_alive_after_engine_death, which kills this server's engine."""
+    server = keep_alive_server
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {server.api_key}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
+        slow.sendall(head.encode() + b'{"prompt": "Hi", ')  # and then nothing more
+        start = time.monotonic()
+        answer = b""
+        while chunk := slow.recv(65536):  # the server answers, then closes
+            answer += chunk
+        waited = time.monotonic() - start
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 408 Request Timeout", answer[:300]
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "body_timeout"
+    assert error["message"].startswith("the request body did not arrive within 2 s (17 bytes")
+    assert 1.5 < waited < 10
+    with server.http() as http:  # everyone else was served meanwhile
+        assert (
+            http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+        )
+
+
+def test_keep_alive_after_engine_death(keep_alive_server: Server) -> None:
+    server = keep_alive_server
     engine = server.engine_pid()
     plain, plain_out = _start(server, LONG, stream=False)
     _wait_running(server, 1)
@@ -201,29 +244,3 @@ def test_a_shutdown_ends_in_flight_requests_with_abort(spawn: Callable[..., Serv
     assert all(c["text"] for c in choices)  # what was generated before the end is kept
     log = server.log()
     assert "CancelledError" not in log and "Traceback" not in log, log[-3000:]
-
-
-def test_a_body_that_never_arrives_is_refused_in_time(spawn: Callable[..., Server]) -> None:
-    server = spawn(args=["--request-body-timeout", "2"])
-    head = (
-        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Authorization: Bearer {server.api_key}\r\nContent-Type: application/json\r\n"
-        "Content-Length: 100\r\n\r\n"
-    )
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
-        slow.sendall(head.encode() + b'{"prompt": "Hi", ')  # and then nothing more
-        start = time.monotonic()
-        answer = b""
-        while chunk := slow.recv(65536):  # the server answers, then closes
-            answer += chunk
-        waited = time.monotonic() - start
-    status_line, _, rest = answer.partition(b"\r\n")
-    assert status_line == b"HTTP/1.1 408 Request Timeout", answer[:300]
-    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
-    assert error["code"] == "body_timeout"
-    assert error["message"].startswith("the request body did not arrive within 2 s (17 bytes")
-    assert 1.5 < waited < 10
-    with server.http() as http:  # everyone else was served meanwhile
-        assert (
-            http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
-        )

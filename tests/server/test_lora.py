@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +17,7 @@ from starlette.testclient import TestClient
 
 from kvrun.server.app import build_app
 from kvrun.server.config import ServerConfig
-from tests.server.conftest import API_KEY, Server, launch
+from tests.server.conftest import API_KEY, Server, kvrun_runs, launch
 from tests.support.lora import make_adapter, merged_checkpoint, peft_greedy
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [10, 20, 30, 40]]
@@ -321,12 +318,8 @@ def test_lora_modules_need_enable_lora_and_good_entries(tmp_path: Path) -> None:
         ("--enable-lora", "--lora-modules", '{"name": "a"}'): "is not accepted",
         ("--allowed-lora-paths", str(tmp_path / "none")): "is not a directory",
     }
-    for argv, message in cases.items():
-        result = subprocess.run(
-            [sys.executable, "-m", "kvrun.cli.main", "serve", *argv],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"},
-        )
-        assert result.returncode != 0 and message in result.stderr, (argv, result.stderr)
+    runs = {argv: (["serve", *argv], {"VLLM_TARGET_DEVICE": "cpu"}) for argv in cases}
+    with kvrun_runs(runs, timeout=120) as started:
+        for argv, message in cases.items():
+            result = started[argv].result()
+            assert result.returncode != 0 and message in result.stderr, (argv, result.stderr)

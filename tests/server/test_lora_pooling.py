@@ -1,17 +1,18 @@
 """`kvrun serve --runner pooling --enable-lora` (issue 18): /v1/embeddings with ``model``
 naming an adapter answers the hidden states of transformers with the adapter merged by
-peft (cos > 0.9999), the base model's without it; the answer names the model it used."""
+peft (cos > 0.9999), the base model's without it; the answer names the model it used.
+The server is conftest's ``pooler``, shared with test_pooling.py (it stops with status 0
+at the end of the session)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from tests.server.conftest import Server
-from tests.support.lora import make_adapter, merged_checkpoint
+from tests.support.lora import merged_checkpoint
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [10, 20, 30, 40]]
 
@@ -28,30 +29,22 @@ def _reference(directory: Path) -> list[torch.Tensor]:
 
 
 def test_pooling_server_embeds_with_an_adapter(
-    spawn: Callable[..., Server], random_checkpoint: Callable[..., Path]
+    pooler: Server, pooling_base: Path, pooling_adapter: Path
 ) -> None:
-    base = random_checkpoint("qwen2", seed=5, num_layers=2)  # tests/server/test_lora's
-    adapter = make_adapter(base, seed=1, r=8, targets=("q_proj", "v_proj", "down_proj"))
-    args = [
-        "--model", str(base),
-        "--served-model-name", "base",
-        "--runner", "pooling",
-        "--dtype", "float32",
-        "--enable-lora",
-        "--lora-modules", f"adapted={adapter}",
-    ]  # fmt: skip
-    srv = spawn(args=args, env={"VLLM_CPU_KVCACHE_SPACE": "0.1"})
-    for model, directory in (("adapted", merged_checkpoint(base, adapter)), ("base", base)):
-        with srv.http() as http:
+    """conftest's ``pooler``: ``--runner pooling --enable-lora``, the adapter ``adapted``."""
+    for model, directory in (
+        ("adapted", merged_checkpoint(pooling_base, pooling_adapter)),
+        ("base", pooling_base),
+    ):
+        with pooler.http() as http:
             answer = http.post("/v1/embeddings", json={"model": model, "input": PROMPTS})
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"] == model
         for item, want in zip(answer.json()["data"], _reference(directory), strict=True):
             got = torch.tensor(item["embedding"])
             assert float(F.cosine_similarity(got, want, dim=0)) > 0.9999
-    with srv.http() as http:
+    with pooler.http() as http:
         refused = http.post(
             "/v1/completions", json={"model": "adapted", "prompt": PROMPTS[0], "max_tokens": 2}
         )
     assert refused.status_code == 400 and "runner='generate'" in refused.json()["error"]["message"]
-    assert srv.stop() == 0, srv.log()

@@ -162,6 +162,10 @@ def vl_server(
             '{"image": 2}',
             "--dtype",  # compared with transformers' float32 greedy text (auto may be bf16)
             "float32",
+            # room for the longest prompt here (~60 tokens with the image's placeholders
+            # expanded) and its answer: a request without max_tokens runs to this length
+            "--max-model-len",
+            "256",
         ],
         env={
             "VLLM_IMAGE_FETCH_TIMEOUT": str(FETCH_TIMEOUT_S),

@@ -1,10 +1,10 @@
-"""/v1/embeddings, /pooling, /score and /rerank on a real `kvrun serve --runner pooling`,
-through the real `openai` client where it has the route, checked against transformers."""
+"""/v1/embeddings, /pooling, /score and /rerank on a real `kvrun serve --runner pooling`
+(conftest's ``pooler``: a tiny random Qwen2 in float32), through the real `openai`
+client where it has the route, checked against transformers."""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,22 +22,11 @@ TEXTS = ["The cat sat on the mat.", "Paris is the capital of France.", "I like g
 
 
 @pytest.fixture(scope="module")
-def pooler(smollm2_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = launch(
-        tmp_path_factory.mktemp("pooling"),
-        args=["--model", str(smollm2_hf_dir), "--runner", "pooling", "--dtype", "float32"],
-    )
-    yield srv
-    srv.stop()
-    srv.cleanup()
-
-
-@pytest.fixture(scope="module")
-def reference(smollm2_hf_dir: Path) -> dict[str, torch.Tensor]:
+def reference(pooling_base: Path) -> dict[str, torch.Tensor]:
     """transformers' last-token hidden state of each text, normalised (vLLM's default
-    embedding of a causal LM)."""
-    tokenizer = load_tokenizer_from_dir(smollm2_hf_dir)
-    model = AutoModel.from_pretrained(smollm2_hf_dir, dtype=torch.float32)
+    embedding of a causal LM), on the pooling server's base model."""
+    tokenizer = load_tokenizer_from_dir(pooling_base)
+    model = AutoModel.from_pretrained(pooling_base, dtype=torch.float32)
     out = {}
     with torch.no_grad():
         for text in [*TEXTS, "Where is Paris?"]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from subprocess import CompletedProcess
 from typing import Any
 
 import jsonschema
@@ -23,7 +23,7 @@ import pytest
 from kvrun.server.config import ServerConfig
 from kvrun.server.protocol import ChatCompletionRequest
 from kvrun.server.tools import ToolPlan, plan_tools
-from tests.server.conftest import Server, launch
+from tests.server.conftest import Server, kvrun_runs
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the default model is served as
 PARAMETERS = {
@@ -58,25 +58,6 @@ THINKING_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "<|im_start|>assistant\n<think>\n"
 )
-
-
-@pytest.fixture(scope="module")
-def tools_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = launch(
-        tmp_path_factory.mktemp("tools-server"),
-        args=[
-            "--enable-auto-tool-choice",
-            "--tool-call-parser",
-            "hermes",
-            "--reasoning-parser",
-            "qwen3",
-            "--trust-request-chat-template",
-        ],
-    )
-    yield srv
-    status = srv.stop()
-    srv.cleanup()
-    assert status == 0, srv.log()
 
 
 def _post(server: Server, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -370,26 +351,28 @@ def test_reasoning_split_whole_and_streamed(tools_server: Server) -> None:
     assert getattr(default.choices[0].message, "reasoning_content", "absent") is None
 
 
-def _kvrun_serve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kvrun.cli.main", "serve", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+FLAG_ERRORS: list[tuple[list[str], tuple[str, ...]]] = [
+    (["--enable-auto-tool-choice"], ("--tool-call-parser", "hermes")),
+    (["--tool-call-parser", "nope"], ("'nope'", "llama3_json", "mistral", "pythonic")),
+    (["--tool-parser-plugin", str(Path("p.py"))], ("--tool-parser-plugin", "plugins")),
+    (["--reasoning-parser", "granite"], ("'granite'", "deepseek_r1", "qwen3")),
+]
 
 
-@pytest.mark.parametrize(
-    ("args", "words"),
-    [
-        (["--enable-auto-tool-choice"], ("--tool-call-parser", "hermes")),
-        (["--tool-call-parser", "nope"], ("'nope'", "llama3_json", "mistral", "pythonic")),
-        (["--tool-parser-plugin", str(Path("p.py"))], ("--tool-parser-plugin", "plugins")),
-        (["--reasoning-parser", "granite"], ("'granite'", "deepseek_r1", "qwen3")),
-    ],
-)
-def test_serve_flag_errors(args: list[str], words: tuple[str, ...]) -> None:
-    done = _kvrun_serve(*args)
+@pytest.fixture(scope="module")
+def flag_errors() -> Iterator[dict[str, Future[CompletedProcess[str]]]]:
+    """`kvrun serve` with each of FLAG_ERRORS' flags, two at a time in the background."""
+    with kvrun_runs({" ".join(args): (["serve", *args], {}) for args, _ in FLAG_ERRORS}) as runs:
+        yield runs
+
+
+@pytest.mark.parametrize(("args", "words"), FLAG_ERRORS)
+def test_serve_flag_errors(
+    flag_errors: dict[str, Future[CompletedProcess[str]]],
+    args: list[str],
+    words: tuple[str, ...],
+) -> None:
+    done = flag_errors[" ".join(args)].result()
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     for word in words:

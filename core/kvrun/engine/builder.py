@@ -91,6 +91,8 @@ class EngineParts:
     lora: LoraManager | ExecutorLoras | None = None
     # A multimodal model's media processing (prompts with multi_modal_data); None = text.
     multimodal: MultiModalProcessor | None = None
+    # The op table's argmax (greedy rows' picks, in the sampler).
+    argmax: Callable[[torch.Tensor], torch.Tensor] = reference.argmax
 
 
 @dataclass(frozen=True)
@@ -459,6 +461,7 @@ def build_engine_parts(
         ops.apply_token_bitmask,
         lora,
         multimodal,
+        ops.argmax,
     )
 
 

@@ -69,6 +69,7 @@ class LLMEngine:
             logits_processor_threads=env.VLLM_LOGITS_PROCESSOR_THREADS or 0,
             top_k_top_p=parts.top_k_top_p,
             apply_token_bitmask=parts.apply_token_bitmask,
+            argmax=parts.argmax,
         )
         self._parents: dict[str, ParentRequest] = {}
         # constrained requests while their grammar compiles, and those it refused

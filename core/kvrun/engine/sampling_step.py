@@ -34,9 +34,10 @@ class SamplingStep:
         logits_processor_threads: int,
         top_k_top_p: TopKTopPSampler | None = None,  # the platform's kernel, if any
         apply_token_bitmask: Callable[..., None] = reference.apply_token_bitmask,  # the op table's
+        argmax: Callable[[torch.Tensor], torch.Tensor] = reference.argmax,  # the op table's
     ) -> None:
         self.device = device
-        self.sampler = Sampler(logits_processor_threads, top_k_top_p, apply_token_bitmask)
+        self.sampler = Sampler(logits_processor_threads, top_k_top_p, apply_token_bitmask, argmax)
 
     def make_generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else make_generator(seed, self.device)

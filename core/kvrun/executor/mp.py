@@ -40,7 +40,6 @@ import os
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection, wait
@@ -51,6 +50,7 @@ import msgspec
 from kvrun.config import EngineArgs
 from kvrun.engine.batch import StepLogits
 from kvrun.errors import KvrunError
+from kvrun.executor.in_flight import StepsInFlight
 from kvrun.executor.messages import (
     CommitKVCache,
     Committed,
@@ -175,9 +175,10 @@ class MultiprocExecutor:
         self.block_size = block_size
         # one batch in flight per pipeline stage (kvrun.engine.step_runner)
         self.max_concurrent_batches = settings.pipeline_parallel_size
-        self.peak_in_flight = 0  # the most steps submitted and not collected at once
-        self._submitted: deque[int] = deque()  # steps submitted, not collected, oldest first
-        self._step = 0
+        # the numbers of the steps submitted and not collected, oldest first
+        self._in_flight: StepsInFlight[int] = StepsInFlight(
+            "the mp executor", self.max_concurrent_batches
+        )
         self._dead: str | None = None
         self._running = False  # start-up done: a failure now makes the executor dead
         self._workers = _Workers()
@@ -208,7 +209,7 @@ class MultiprocExecutor:
     ) -> StepLogits:
         # a step still submitted here is one whose caller gave up (KeyboardInterrupt):
         # its reply is skipped when it comes
-        self._submitted.clear()
+        self._in_flight.clear()
         self.submit(chunks, prompt_logits_for, hidden_for)
         return self.collect()
 
@@ -219,28 +220,19 @@ class MultiprocExecutor:
         hidden_for: frozenset[str] = frozenset(),
     ) -> None:
         """Publish one step and return at once (ConcurrentStepRunner)."""
-        if len(self._submitted) >= self.max_concurrent_batches:
-            raise RuntimeError(
-                f"the mp executor already has {len(self._submitted)} steps in flight, its "
-                f"maximum (max_concurrent_batches={self.max_concurrent_batches}); collect one"
-            )
-        step = self._step
-        self._step += 1
+        step = self._in_flight.next_step()
         self._publish(step_message(step, chunks, prompt_logits_for, hidden_for, self.lora))
-        self._submitted.append(step)
-        self.peak_in_flight = max(self.peak_in_flight, len(self._submitted))
+        self._in_flight.add(step)
 
     def collect(self) -> StepLogits:
         """The oldest submitted step's logits, once the driver rank replies (views of the
         result area, valid until max_concurrent_batches more steps are submitted)."""
-        if not self._submitted:
-            raise RuntimeError("the mp executor has no step in flight to collect")
-        step = self._submitted[0]
+        step = self._in_flight.oldest()
         result = self._await(StepResult, [self.settings.driver_rank], "execute", step)
         reply = result[self.settings.driver_rank]
         if reply.step != step:
             self._die(f"the driver rank answered step {reply.step} to step {step}")
-        self._submitted.popleft()
+        self._in_flight.pop()
         area = self._workers.area
         try:
             return unpack_step_logits(reply.logits, area.tensor if area is not None else None)
@@ -251,6 +243,11 @@ class MultiprocExecutor:
         self._publish(CommitKVCache())
         replies = self._await(Committed, range(self.settings.world_size), "commit_kv_cache")
         return sum(r.nbytes for r in replies.values())
+
+    @property
+    def peak_in_flight(self) -> int:
+        """The most steps submitted and not collected at once."""
+        return self._in_flight.peak
 
     # life cycle ------------------------------------------------------------------------
     @property

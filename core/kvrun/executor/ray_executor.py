@@ -30,7 +30,10 @@ cluster):
   step). Ranks on other nodes get each step as one actor call, and a driver rank there
   answers with its float32 logits beside the header as numpy arrays (one copy out of
   Ray's object store). A local rank that cannot attach (e.g. a Ray client driver, not
-  on the node it appears on) makes every rank fall back to actor calls, with a warning.
+  on the node it appears on, or an engine whose TMPDIR is private to it, as under
+  systemd's PrivateTmp or in a container of its own, so that its actors cannot reach
+  its Unix socket) makes every rank fall back to actor calls, with one warning
+  (tests/executor/test_ray_attach_fallback.py).
   Under VLLM_USE_RAY_COMPILED_DAG=1 the steps go through a Ray compiled graph
   (InputNode -> every actor's ``execute`` -> MultiOutputNode), over Ray's shared-memory
   channels on cpu, where every rank must be on the engine's node (across nodes Ray
@@ -74,6 +77,7 @@ import torch
 from kvrun.config import EngineArgs
 from kvrun.engine.batch import StepLogits
 from kvrun.errors import ConfigError, KvrunError
+from kvrun.executor.in_flight import StepsInFlight
 from kvrun.executor.messages import (
     AttachedTensor,
     CommitKVCache,
@@ -313,7 +317,6 @@ class RayExecutor:
         self.settings = settings
         self.block_size = block_size
         self._bundles = bundle_indices(settings.bundles, settings.world_size)
-        self._step = 0
         self._dead: str | None = None
         self._running = False
         self._placed = _Placed(ray)
@@ -325,8 +328,9 @@ class RayExecutor:
         self._remote: dict[int, Any] = {}  # rank -> its actor call of commit_kv_cache
         # one batch in flight per pipeline stage (kvrun.engine.step_runner)
         self.max_concurrent_batches = settings.pipeline_parallel_size
-        self.peak_in_flight = 0  # the most steps submitted and not collected at once
-        self._in_flight: deque[_InFlight] = deque()  # oldest first
+        self._in_flight: StepsInFlight[_InFlight] = StepsInFlight(
+            "the ray executor", self.max_concurrent_batches
+        )
         # the driver's StepResults that came while the engine waited for something else
         self._early: deque[Reply] = deque()
         try:
@@ -359,13 +363,7 @@ class RayExecutor:
     ) -> None:
         """Publish one step to every rank and return at once (ConcurrentStepRunner)."""
         self._check_alive()
-        if len(self._in_flight) >= self.max_concurrent_batches:
-            raise RuntimeError(
-                f"the ray executor already has {len(self._in_flight)} steps in flight, its "
-                f"maximum (max_concurrent_batches={self.max_concurrent_batches}); collect one"
-            )
-        step = self._step
-        self._step += 1
+        step = self._in_flight.next_step()
         payload = encode(step_message(step, chunks, prompt_logits_for, hidden_for, self.lora))
         if self._placed.dag is not None:
             entry = _InFlight(step, {}, self._graph_call(lambda: self._placed.dag.execute(payload)))
@@ -379,17 +377,14 @@ class RayExecutor:
                 for rank in self._remote_ranks()
             }
             entry = _InFlight(step, remote)
-        self._in_flight.append(entry)
-        self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
+        self._in_flight.add(entry)
 
     def collect(self) -> StepLogits:
         """The oldest submitted step's logits, once the driver rank replies (views of the
         result area, valid until max_concurrent_batches more steps are submitted, or
         copies of what came through Ray)."""
         self._check_alive()
-        if not self._in_flight:
-            raise RuntimeError("the ray executor has no step in flight to collect")
-        entry = self._in_flight[0]
+        entry = self._in_flight.oldest()
         step = entry.step
         driver = self.settings.driver_rank
         arrays: Sequence[Any] = ()
@@ -403,7 +398,7 @@ class RayExecutor:
                 message = self._driver_reply()
             replies = self._gather_ranks(entry.remote, "execute")
             reply = replies.get(driver)
-        self._in_flight.popleft()
+        self._in_flight.pop()
         try:
             if message is None:
                 if not (
@@ -417,6 +412,11 @@ class RayExecutor:
             return unpack_step_logits(message.logits, lambda ref: self._outside(ref, arrays))
         except (MessageError, ValueError) as exc:
             self._die(f"the driver rank's step result is malformed: {exc}")
+
+    @property
+    def peak_in_flight(self) -> int:
+        """The most steps submitted and not collected at once."""
+        return self._in_flight.peak
 
     def _driver_reply(self) -> Reply:
         """The local driver rank's next reply on its connection (one that came early,

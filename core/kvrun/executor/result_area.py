@@ -76,7 +76,7 @@ class ResultArea:
         count = 1
         for d in ref.shape:
             count *= d
-        size = count * torch.empty((), dtype=dtype).element_size()
+        size = count * dtype.itemsize  # no tensor made per step
         if ref.offset % ALIGN or ref.offset < 0 or ref.offset + size > self.nbytes:
             raise ValueError(
                 f"a {ref.dtype} tensor of shape {ref.shape} at offset {ref.offset} does not lie "

@@ -34,6 +34,7 @@ class OpTable:
     paged_attention: Callable[..., Any]
     awq_dequantize: Callable[..., Any]  # at load, not in the forward: AWQ layers' weights
     apply_token_bitmask: Callable[..., Any]  # in the sampler: structured output's token mask
+    argmax: Callable[..., Any]  # in the sampler: greedy rows' token ids
     add_lora: Callable[..., Any]  # LoRA adapters: each token's adapter added to a projection
 
     def with_overrides(self, overrides: Mapping[str, Callable[..., Any]], source: str) -> OpTable:

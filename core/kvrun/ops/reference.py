@@ -19,6 +19,7 @@ from kvrun.quantization import QuantizedMatrix
 __all__ = [
     "AWQ_ORDER",
     "add_lora",
+    "argmax",
     "awq_dequantize",
     "embedding",
     "fused_add_rms_norm",
@@ -301,3 +302,9 @@ def apply_token_bitmask(
         allowed = F.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
     allowed = allowed[:, :vocab].to(logits.device)
     logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:  # [B, V] float32 -> [B] int64
+    """Greedy sampling's pick: each row's first maximal index, a NaN counting as the
+    largest value (torch.argmax's rule). A platform's version must return the same ids."""
+    return logits.argmax(dim=1)

@@ -124,11 +124,14 @@ class Sampler:
         logits_processor_threads: int = 0,
         top_k_top_p: TopKTopPSampler | None = None,
         apply_token_bitmask: Callable[..., None] = reference.apply_token_bitmask,
+        argmax: Callable[[torch.Tensor], torch.Tensor] = reference.argmax,
     ) -> None:
         # Platform.top_k_top_p_sampler(): a device kernel for unseeded random rows.
         self._top_k_top_p = top_k_top_p
         # The op table's apply_token_bitmask: structured output's masks, in place.
         self._apply_token_bitmask = apply_token_bitmask
+        # The op table's argmax: greedy rows' picks ([B, V] float32 -> [B] int64).
+        self._argmax = argmax
         # VLLM_LOGITS_PROCESSOR_THREADS, read by the entry point: > 0 runs rows' logits
         # processors concurrently (worth it when they release the GIL).
         self._pool = (
@@ -154,14 +157,14 @@ class Sampler:
         logits = process_logits(logits, md, self._pool.map if self._pool is not None else None)
 
         if md.all_greedy:
-            sampled = logits.argmax(dim=1)  # [B]
+            sampled = self._argmax(logits)  # [B]
         else:
             assert md.random_rows is not None
             fast = self._top_k_top_p
             if md.greedy_rows is None:
                 sampled = _sample_random(logits, md, fast)
             else:
-                sampled = logits.argmax(dim=1)
+                sampled = self._argmax(logits)
                 sampled[md.random_rows] = _sample_random(logits[md.random_rows], md, fast)
 
         logprobs: list[dict[int, Logprob] | None] = [None] * md.num_rows

@@ -542,6 +542,7 @@ def build_gguf_from_hf(
     seed: int = 0,
     tokenizer_gguf: str | Path | None = None,
     tokenizer_overrides: Mapping[str, Any] | None = None,
+    tensor_types: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a Llama, Mistral, Qwen2/3, Mixtral, Qwen2/3-MoE or Gemma 2/3 Hugging Face
     checkpoint as a GGUF file, as llama.cpp's converter lays it out (experts stacked per
@@ -551,6 +552,8 @@ def build_gguf_from_hf(
     ``tensor_type``: quantized from the checkpoint where gguf-py can quantize that
     type, and as seeded random blocks of it for the K-quants (Q2_K..Q6_K), which
     gguf-py can only read. Random blocks keep every float16 scale below 1.0.
+    ``tensor_types`` (GGUF tensor name, e.g. ``blk.0.attn_v.weight`` -> type) overrides
+    ``tensor_type`` for those tensors, as real files mix types (Q4_K_M: Q6_K layers).
     The tokenizer metadata is copied from ``tokenizer_gguf`` (none when None), with
     ``tokenizer_overrides`` (e.g. ``{"tokenizer.ggml.add_bos_token": True}``) on top.
     """
@@ -631,16 +634,19 @@ def build_gguf_from_hf(
             values = _llama_cpp_permute(values, heads)
         elif arch == "llama" and ".attn_k." in name:
             values = _llama_cpp_permute(values, kv_heads)
-        if values.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        this_type = qtype
+        if tensor_types is not None and name in tensor_types:
+            this_type = gguf.GGMLQuantizationType[tensor_types[name]]
+        if values.ndim == 1 or this_type == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, np.ascontiguousarray(values, dtype=np.float32))
             continue
         try:
-            data = gguf.quants.quantize(values, qtype)
+            data = gguf.quants.quantize(values, this_type)
         except NotImplementedError:
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            block, size = gguf.GGML_QUANT_SIZES[this_type]
             row_bytes = values.shape[-1] // block * size
             data = rng.integers(0, 0x3C, (*values.shape[:-1], row_bytes), dtype=np.uint8)
-        writer.add_tensor(name, data, raw_dtype=qtype)
+        writer.add_tensor(name, data, raw_dtype=this_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

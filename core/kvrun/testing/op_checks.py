@@ -247,6 +247,26 @@ def _bitmask_case(rows: list[int], batch: int, vocab: int) -> Any:
     return make
 
 
+def _argmax_case(batch: int, vocab: int) -> Any:
+    """Greedy picks (logits are float32 whatever the model's dtype): random rows, and
+    where there are at least 4 rows, a row whose maximum appears 3 times, one of -inf
+    only and one with NaNs (the first NaN wins)."""
+
+    def make(
+        dtype: torch.dtype, device: torch.device, seed: int
+    ) -> tuple[list[Any], frozenset[int]]:
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(batch, vocab, generator=g)
+        if batch >= 4:
+            top = float(logits[0].max()) + 1.0
+            logits[0, [vocab // 3, vocab // 2, vocab - 1]] = top
+            logits[1] = float("-inf")
+            logits[2, [vocab // 2, vocab // 4]] = float("nan")
+        return [logits.to(device)], frozenset()
+
+    return make
+
+
 def _lora_case(tokens: int, inner: int, outer: int, slots: int, rank: int) -> Any:
     """Tokens spread over every slot and none (-1), one slot used by no token; adapters
     of smaller rank than the slots' (zero rows in A), as the slots hold them."""
@@ -311,6 +331,9 @@ OP_CASES: tuple[OpCase, ...] = (
     OpCase("apply_token_bitmask", "3-of-5-rows-v100", _bitmask_case([0, 2, 4], 5, 100)),
     OpCase("apply_token_bitmask", "1-row-v4096", _bitmask_case([0], 1, 4096)),
     OpCase("apply_token_bitmask", "2-of-8-rows-v49152", _bitmask_case([6, 1], 8, 49152)),
+    OpCase("argmax", "3-rows-v7", _argmax_case(3, 7)),
+    OpCase("argmax", "5-rows-v100-ties-inf-nan", _argmax_case(5, 100)),
+    OpCase("argmax", "64-rows-v49152-ties-inf-nan", _argmax_case(64, 49152)),
 )
 
 
@@ -346,6 +369,11 @@ def assert_close(
         f"{what}: {int(nan.sum())} NaN value(s) where the reference has numbers "
         "(a skipped write, or poisoned cache slots leaking into the result)"
     )
+    if not want.is_floating_point():  # ids and indices: no tolerance
+        assert torch.equal(got.cpu(), want.cpu()), (
+            f"{what}: differs from the reference: {got.tolist()} != {want.tolist()}"
+        )
+        return
     atol, rtol = TOLERANCE.get(dtype, (3e-2, 3e-2))
     try:
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol, equal_nan=poisoned)

@@ -32,6 +32,7 @@ from kvrun_cpu.native.quantized import (
 __all__ = [
     "add_lora",
     "apply_token_bitmask",
+    "argmax",
     "cpu_ops",
     "embedding",
     "fused_add_rms_norm",
@@ -267,6 +268,24 @@ def apply_token_bitmask(
     reference.apply_token_bitmask(logits, bitmask, rows)
 
 
+def argmax(
+    logits: torch.Tensor,  # [B, V] float32
+    native: NativeKernels | None = None,
+) -> torch.Tensor:  # [B] int64
+    """Greedy picks in one vectorized pass per row, the rows split among the threads
+    (torch's argmax over 64 x 49152 logits took ~9 ms, longer than the lm_head)."""
+    if (
+        native is not None
+        and logits.dtype == torch.float32
+        and logits.device.type == "cpu"
+        and logits.dim() == 2
+        and logits.shape[1] > 0
+        and logits.stride(1) == 1
+    ):
+        return native.argmax(logits)
+    return reference.argmax(logits)
+
+
 def reshape_and_cache(
     key: torch.Tensor,  # [T, Hk, D]
     value: torch.Tensor,  # [T, Hk, D]
@@ -422,6 +441,7 @@ _OPS: dict[str, Callable[..., Any]] = {
     "reshape_and_cache": reshape_and_cache,
     "paged_attention": paged_attention,
     "apply_token_bitmask": apply_token_bitmask,
+    "argmax": argmax,
     "add_lora": add_lora,
 }
 

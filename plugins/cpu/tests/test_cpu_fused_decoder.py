@@ -2,77 +2,39 @@
 
 The decoder must give the same hidden states bit for bit and write the same KV cache
 rows, for every batch it takes; it must decline what it does not take and refuse input
-its C code would otherwise read out of bounds.
+its C code would otherwise read out of bounds. Checkpoints, engines and the decode batch:
+tests/support/fused_decoder.py (shared with test_cpu_fused_decoder_lora.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from kvrun.config import EngineArgs
-from kvrun.engine.batch import BatchInputs, build_batch
-from kvrun.engine.llm_engine import LLMEngine
-from kvrun.envs import read_env
+from kvrun.engine.batch import build_batch
 from kvrun.errors import KvrunError
 from kvrun.models.layout import DECODER_LAYOUT
 from kvrun.sampling_params import SamplingParams
-from kvrun.testing.checkpoints import build_random_checkpoint
 from kvrun_cpu.native import NativeKernels
 from kvrun_cpu.native.build import find_compiler
 from kvrun_cpu.native.decoder import NativeDecoder, unsupported_reason
+from tests.support.fused_decoder import (
+    MODELS,
+    decode_batch,
+    fused_decoder_checkpoints,
+    make_engine,
+)
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on PATH")
 
-# (arch, sizes): head_dim 16 on the kernels' generic length; 64 on their unrolled one,
-# with Qwen2's q/k/v bias.
-MODELS = {
-    "llama-d16": ("llama", {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 2}),
-    "qwen2-d64": ("qwen2", {"hidden_size": 128, "num_heads": 2, "num_kv_heads": 1}),
-    # per-head q/k norms (layout version 2)
-    "qwen3-d32": ("qwen3", {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32}),
-}
-
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("fused-decoder")
-    return {
-        name: build_random_checkpoint(arch, root / name, intermediate_size=128, **sizes)
-        for name, (arch, sizes) in MODELS.items()
-    }
-
-
-def make_engine(model: Path, cache_root: str, **kwargs: Any) -> LLMEngine:
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CACHE_ROOT": cache_root}
-    kwargs.setdefault("dtype", "float32")
-    return LLMEngine.from_args(
-        EngineArgs(
-            model=str(model),
-            num_kv_blocks=64,
-            max_model_len=256,
-            enable_prefix_caching=False,
-            **kwargs,
-        ),
-        read_env(env),
-    )
-
-
-def decode_batch(engine: LLMEngine, prompt_lens: list[int]) -> BatchInputs:
-    """Prefill one request per length, then the batch of their first decode step."""
-    for i, n in enumerate(prompt_lens):
-        ids = [(7 * i + 3 * t) % 1000 + 10 for t in range(n)]
-        engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=4, ignore_eos=True))
-    while engine.scheduler.stats.num_waiting:
-        engine.step()
-    out = engine.scheduler.schedule()
-    assert all(len(c.token_ids) == 1 for c in out.chunks)
-    return build_batch(out.chunks, engine.config.block_size, engine.platform.device)
+def checkpoints() -> dict[str, Path]:
+    return fused_decoder_checkpoints()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

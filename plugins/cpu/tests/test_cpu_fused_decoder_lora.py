@@ -4,38 +4,32 @@ With the adapter slots attached, a decode step given each token's slot must give
 hidden states and KV cache rows of the op-by-op forward with the same adapters, bit for
 bit where that forward runs the native ``add_lora`` on the same kernels, and within
 float tolerance of the forward with the reference ``add_lora``; on every ISA this CPU
-runs. It must refuse slots it was not given and tensors it cannot read.
+runs. It must refuse slots it was not given and tensors it cannot read. The models,
+their checkpoints and the decode batch are test_cpu_fused_decoder.py's
+(tests/support/fused_decoder.py).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from kvrun.config import EngineArgs
-from kvrun.engine.batch import BatchInputs, build_batch
+from kvrun.engine.batch import BatchInputs
 from kvrun.engine.llm_engine import LLMEngine
-from kvrun.envs import read_env
 from kvrun.errors import KvrunError
 from kvrun.lora.manager import LoraBatch
 from kvrun.ops import reference
-from kvrun.sampling_params import SamplingParams
-from kvrun.testing.checkpoints import build_random_checkpoint
 from kvrun_cpu.native import NativeKernels
 from kvrun_cpu.native.build import find_compiler
 from kvrun_cpu.native.decoder import NativeDecoder
+from tests.support.fused_decoder import MODELS, decode_batch, fused_decoder_checkpoints
+from tests.support.fused_decoder import make_engine as fused_engine
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on PATH")
 
-MODELS = {  # as test_cpu_fused_decoder: head_dim 16, 64 with Qwen2's bias, Qwen3's norms
-    "llama-d16": ("llama", {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 2}),
-    "qwen2-d64": ("qwen2", {"hidden_size": 128, "num_heads": 2, "num_kv_heads": 1}),
-    "qwen3-d32": ("qwen3", {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32}),
-}
 MAX_LORAS, MAX_RANK = 3, 8
 SCALES = (2.0, 0.5, 1.25)
 # Against the reference add_lora (torch's matmuls, other summation orders), over two
@@ -44,28 +38,19 @@ TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.bfloat16: {"atol": 6e-
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("fused-decoder-lora")
-    return {
-        name: build_random_checkpoint(arch, root / name, intermediate_size=128, **sizes)
-        for name, (arch, sizes) in MODELS.items()
-    }
+def checkpoints() -> dict[str, Path]:
+    return fused_decoder_checkpoints()
 
 
 def make_engine(model: Path, cache_root: str, dtype: str) -> LLMEngine:
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CACHE_ROOT": cache_root}
-    return LLMEngine.from_args(
-        EngineArgs(
-            model=str(model),
-            dtype=dtype,
-            num_kv_blocks=64,
-            max_model_len=256,
-            enable_prefix_caching=False,
-            enable_lora=True,
-            max_loras=MAX_LORAS,
-            max_lora_rank=MAX_RANK,
-        ),
-        read_env(env),
+    """An engine with MAX_LORAS adapter slots of rank MAX_RANK."""
+    return fused_engine(
+        model,
+        cache_root,
+        dtype=dtype,
+        enable_lora=True,
+        max_loras=MAX_LORAS,
+        max_lora_rank=MAX_RANK,
     )
 
 
@@ -91,18 +76,6 @@ def fill_slots(
                     block = torch.randn(rows[part + 1] - rows[part], used, generator=g) / 4
                     b[slot, rows[part] : rows[part + 1], cols] = block.to(b.dtype)
     scales.copy_(torch.tensor(SCALES))
-
-
-def decode_batch(engine: LLMEngine, prompt_lens: list[int]) -> BatchInputs:
-    """Prefill one request per length, then the batch of their first decode step."""
-    for i, n in enumerate(prompt_lens):
-        ids = [(7 * i + 3 * t) % 1000 + 10 for t in range(n)]
-        engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=4, ignore_eos=True))
-    while engine.scheduler.stats.num_waiting:
-        engine.step()
-    out = engine.scheduler.schedule()
-    assert all(len(c.token_ids) == 1 for c in out.chunks)
-    return build_batch(out.chunks, engine.config.block_size, engine.platform.device)
 
 
 def token_slots(m: int) -> torch.Tensor:

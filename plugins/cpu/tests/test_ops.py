@@ -215,3 +215,25 @@ def test_native_token_bitmask_equals_the_reference(
     assert torch.equal(got, want)
     with pytest.raises(IndexError, match="outside"):
         native_kernels.apply_token_bitmask(got, bitmask[:1], torch.tensor([batch]))
+
+
+@pytest.mark.parametrize(("batch", "vocab"), [(1, 1), (3, 15), (4, 16), (9, 17), (64, 49152)])
+def test_native_argmax_picks_what_torch_argmax_picks(
+    native_kernels: NativeKernels, batch: int, vocab: int
+) -> None:
+    g = torch.Generator().manual_seed(batch * vocab)
+    # few distinct values: many ties, inside a vector lane, across lanes and in the tail
+    logits = torch.randint(-3, 4, (batch, vocab), generator=g).float()
+    assert torch.equal(ops.argmax(logits, native=native_kernels), logits.argmax(dim=1))
+    logits = torch.randn(batch, vocab, generator=g)
+    assert torch.equal(ops.argmax(logits, native=native_kernels), logits.argmax(dim=1))
+    if vocab >= 16:
+        logits[0] = float("-inf")  # nothing larger than the first
+        logits[-1, vocab - 1] = float("nan")  # a NaN in the tail wins
+        if batch > 2:
+            logits[1, [5, vocab // 2]] = float("nan")  # the first NaN wins
+            logits[2] = 0.0
+            logits[2, : vocab // 2] = -0.0  # -0.0 equals 0.0: the first index
+    assert torch.equal(ops.argmax(logits, native=native_kernels), logits.argmax(dim=1))
+    wide = torch.randn(batch, vocab + 40, generator=g)[:, 3 : vocab + 3]  # rows with a stride
+    assert torch.equal(ops.argmax(wide, native=native_kernels), wide.argmax(dim=1))

@@ -65,6 +65,8 @@ _SIGNATURES: dict[str, list[type]] = {
     "kvrun_silu_and_mul": [_PTR, _I64, _PTR, _I64, _I64, _I64, _INT, _INT],
     # logits, row, bitmask, words, rows, count, vocab, workers
     "kvrun_apply_token_bitmask": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _INT],
+    # logits, row, rows, vocab, out, workers
+    "kvrun_argmax": [_PTR, _I64, _I64, _I64, _PTR, _INT],
     # positions, q, q_tok, q_head, k, k_tok, k_head, cos_sin, max_pos, out, tokens, Hq, Hk, D,
     # dtype, workers -> bad position or -1
     "kvrun_rotary": [
@@ -482,6 +484,17 @@ class NativeKernels:
             width // 2,
             DTYPE_CODES[x.dtype],
             self.threads,
+        )
+        return out
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:  # [B, V] float32 -> [B] int64
+        """torch.argmax(logits, dim=1): each row's first maximal index, NaN the largest."""
+        assert logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1
+        rows, vocab = logits.shape
+        assert vocab > 0
+        out = torch.empty(rows, dtype=torch.int64)
+        self._argmax(  # type: ignore[attr-defined]
+            logits.data_ptr(), logits.stride(0), rows, vocab, out.data_ptr(), self.threads
         )
         return out
 

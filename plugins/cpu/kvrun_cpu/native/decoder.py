@@ -12,6 +12,14 @@ LoRA: once :meth:`NativeDecoder.attach_lora` has handed it the adapter slots' te
 (:class:`kvrun.lora.manager.LoraManager`'s, filled in place as adapters come and go), a
 step given each token's slot adds the adapters after each projection in the same call,
 as the op-by-op path's ``add_lora`` (``csrc/lora.c``) does, bit for bit.
+
+Quantized weights (``quantization="gguf"`` / ``"awq"``): each matrix carries its format
+(``_Layer.quant``: float panels, or ``csrc/quant.c``'s code), so a model mixing them (a
+GGUF file's Q4_1 layers beside Q6_K or dequantized ones) runs whole. A quantized
+projection's input is quantized to int8 per token and block of 32 once, by the thread
+that wrote it, before the barrier; the matmul is quant.c's, so the step is bit for bit
+the op-by-op quantized path (``plugins/cpu/tests/test_cpu_fused_quantized.py``). LoRA on
+such a model stays op by op (:meth:`NativeDecoder.attach_lora` says so).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import torch
 from kvrun.attention.base import AttentionMetadata
 from kvrun.errors import KvrunError
 from kvrun_cpu.native.packed import PANEL, PackedWeight
-from kvrun_cpu.native.quantized import QuantizedPackedWeight
+from kvrun_cpu.native.quantized import QBLOCK, QuantizedPackedWeight
 
 __all__ = ["NativeDecoder", "unsupported_reason"]
 
@@ -61,6 +69,7 @@ class _Layer(ctypes.Structure):
         *((name, ctypes.c_void_p) for name in _LAYER_FIELDS),
         ("lora_a", ctypes.c_void_p * len(LORA_MATRICES)),
         ("lora_b", ctypes.c_void_p * len(LORA_MATRICES)),
+        ("quant", ctypes.c_int64 * len(_MATRICES)),  # 0: float panels; else quant.c's format
     ]
 
 
@@ -84,6 +93,7 @@ class _Model(ctypes.Structure):
         ("lora_slots", ctypes.c_int64),
         ("lora_rank", ctypes.c_int64 * len(LORA_MATRICES)),
         ("lora_scales", ctypes.c_void_p),
+        ("embed_quant", ctypes.c_int64),
     ]
 
 
@@ -103,13 +113,26 @@ def unsupported_reason(model: Any, kv_caches: list[torch.Tensor]) -> str | None:
     if any(c.dtype != dtype or not c.is_contiguous() for c in kv_caches):
         return "the KV cache is not contiguous and in the model's dtype"
     matrices = [model.embed, *(getattr(lay, n) for lay in model.layers for n in _MATRICES)]
-    if any(isinstance(m, QuantizedPackedWeight) for m in matrices):
-        return "the weights are GGUF blocks (quantization='gguf'); decoder.c reads float panels"
-    if not all(isinstance(m, PackedWeight) and m.dtype == dtype for m in matrices):
+    if not all(
+        isinstance(m, (PackedWeight, QuantizedPackedWeight)) and m.dtype == dtype for m in matrices
+    ):
         return "the weights are not packed for the native kernels"
-    if model.config.intermediate_size % PANEL:
-        return f"intermediate_size {model.config.intermediate_size} is not a multiple of {PANEL}"
+    c = model.config
+    if c.intermediate_size % PANEL:
+        return f"intermediate_size {c.intermediate_size} is not a multiple of {PANEL}"
+    group = c.num_heads // c.num_kv_heads * c.head_dim  # attn columns one kv head writes
+    if group % QBLOCK and any(isinstance(lay.o, QuantizedPackedWeight) for lay in model.layers):
+        return (
+            f"o_proj is quantized and a kv head's {group} attention columns are not whole "
+            f"blocks of {QBLOCK}"
+        )
     return None
+
+
+def _format(matrix: PackedWeight | QuantizedPackedWeight) -> int:
+    """csrc/decoder.c's code for how a matrix is stored: 0 for float panels, else
+    csrc/quant.c's format."""
+    return matrix.bits if isinstance(matrix, QuantizedPackedWeight) else 0
 
 
 class NativeDecoder:
@@ -127,12 +150,15 @@ class NativeDecoder:
         self._tensors: list[torch.Tensor] = []
 
         def ptr(
-            t: torch.Tensor | PackedWeight | None, dtype: torch.dtype = model.dtype
+            t: torch.Tensor | PackedWeight | QuantizedPackedWeight | None,
+            dtype: torch.dtype = model.dtype,
         ) -> int | None:
             if t is None:
                 return None
             if isinstance(t, PackedWeight):
                 t = t.panels
+            elif isinstance(t, QuantizedPackedWeight):
+                t, dtype = t.blocks, torch.uint8
             assert t.dtype == dtype and t.is_contiguous()
             self._tensors.append(t)
             return t.data_ptr()
@@ -143,6 +169,8 @@ class NativeDecoder:
                 setattr(dst, name, ptr(getattr(layer, name)))
             dst.key_cache, dst.value_cache = ptr(cache[0]), ptr(cache[1])
             dst.q_norm, dst.k_norm = ptr(layer.q_norm), ptr(layer.k_norm)  # None: no norms
+            for i, name in enumerate(_MATRICES):
+                dst.quant[i] = _format(getattr(layer, name))
         _, _, num_blocks, block_size, _ = kv_caches[0].shape
         c_head, c_block, c_slot, _ = kv_caches[0][0].stride()
         self._model = _Model(
@@ -166,7 +194,10 @@ class NativeDecoder:
             num_blocks=num_blocks,
             layers=self._layers,
             dtype=_DTYPES[model.dtype],
+            embed_quant=_format(model.embed),
         )
+        # GGUF/AWQ matrices run as stored (csrc/quant.c), the rest as float panels
+        self.quantized = any(dst.quant[i] for dst in self._layers for i in range(len(_MATRICES)))
         self.hidden_size = c.hidden_size
         self.dtype = model.dtype
         self.max_tokens = max_tokens
@@ -200,6 +231,8 @@ class NativeDecoder:
         at each step, so their contents may change (adapters loaded into slots), never
         their storage.
         """
+        if self.quantized:
+            return "LoRA adapters on GGUF/AWQ weights run as stored are not in decoder.c"
         if len(layers) != len(self._layers):
             return f"the adapters have {len(layers)} layers, the model {len(self._layers)}"
         num_slots = scales.shape[0] if scales.dim() == 1 else -1

@@ -122,10 +122,23 @@ KV_INLINE void store_c(const amx_args *a, const float *c, int64_t i, int64_t row
                                  kv_f32x16_to_bf16(_mm512_add_ps(_mm512_load_ps(c + r * PANEL), b)));
 }
 
+/* How far ahead (in chunks of 1 KiB per panel) the first row block of a panel pair asks
+   for the weights: tile loads start no hardware prefetch stream of their own, and at
+   decode sizes every B tile is a fresh read from memory (~6% of a 64-token step's
+   projections). Prefetches past a panel's end fetch the next panel, read next anyway. */
+#define PREFETCH_CHUNKS 8
+
+/* A B tile (16 lines of 64 bytes) into L1, ahead of its use. */
+KV_INLINE void prefetch_tile(const uint16_t *b)
+{
+    for (int l = 0; l < 16; ++l) _mm_prefetch((const char *)b + 64 * l, _MM_HINT_T0);
+}
+
 /* Rows [i, i + rows) (rows <= 32) against panels [p, p + np) (np <= 2). `b_tail[j]` is
-   the zero-padded last chunk of panel p + j (or NULL when k pairs fill whole chunks). */
+   the zero-padded last chunk of panel p + j (or NULL when k pairs fill whole chunks).
+   `prefetch`: the first row block of these panels, which reads them from memory. */
 static void block(const amx_args *a, int64_t i, int64_t rows, int64_t p, int np,
-                  const uint16_t *const *b_tail)
+                  const uint16_t *const *b_tail, int prefetch)
 {
     int64_t s0, s1 = 0;
     const uint16_t *a0 = a_rows(a, i, &s0);
@@ -139,6 +152,10 @@ static void block(const amx_args *a, int64_t i, int64_t rows, int64_t p, int np,
     _tile_zero(3);
     for (int64_t c = 0; c < a->chunks; ++c) {
         const uint16_t *w0 = c < full ? b0 + c * KCHUNK * PANEL : b_tail[0];
+        if (prefetch) {
+            prefetch_tile(b0 + (c + PREFETCH_CHUNKS) * KCHUNK * PANEL);
+            if (np > 1) prefetch_tile(b1 + (c + PREFETCH_CHUNKS) * KCHUNK * PANEL);
+        }
         _tile_loadd(4, a0 + c * KCHUNK, s0);
         _tile_loadd(6, w0, 64);
         _tile_dpbf16ps(0, 4, 6);
@@ -210,7 +227,7 @@ void kv_amx_panels_bf16(const uint16_t *x, int64_t x_row, const uint16_t *panels
                     b_tail[j] = tails[j];
                 }
             for (int64_t i = i0; i < i_end; i += 32)
-                block(&a, i, i_end - i < 32 ? i_end - i : 32, p, np, b_tail);
+                block(&a, i, i_end - i < 32 ? i_end - i : 32, p, np, b_tail, i == i0);
         }
     }
     _tile_release();

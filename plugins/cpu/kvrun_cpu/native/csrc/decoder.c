@@ -28,6 +28,13 @@
  * input's; the expand runs on the columns of the output each thread has just computed.
  * lora.c's arithmetic per element does not depend on how the work is split, so the
  * projections are bit for bit those of the op-by-op path's add_lora.
+ *
+ * Quantized matrices (GGUF, AWQ: quant.c's panels; kv_decoder_layer.quant): the thread
+ * that writes a row (or a kv head's columns of attn, or a block-aligned share of act) of
+ * a quantized projection's input quantizes it to int8 per block of 32 (kv_quantize_blocks)
+ * before the barrier; the projection then runs kv_quant_panels on its share of panels.
+ * quant.c's result for a row does not depend on the batch or the split either, so the
+ * step is bit for bit the op-by-op quantized path.
  */
 #include <omp.h>
 #include <sched.h>
@@ -47,6 +54,9 @@ typedef struct {
     /* Per projection, every adapter slot's A [S, R, in] and B [S, out, R] (R the
        kv_decoder's lora_rank), contiguous in the model's dtype; NULL: no adapters on it. */
     const void *lora_a[LORA_MATRICES], *lora_b[LORA_MATRICES];
+    /* Per projection (LORA_QKV ..): 0, its matrix is float panels in the model's dtype;
+       else quant.c's format code of its quantized panels (GGUF, AWQ). */
+    int64_t quant[LORA_MATRICES];
 } kv_decoder_layer;
 
 /* Layout of every field: 8 bytes (kvrun_cpu.native.decoder mirrors it with ctypes). */
@@ -63,6 +73,7 @@ typedef struct {
     int64_t lora_slots;                   /* S: adapter slots (0: no adapters attached) */
     int64_t lora_rank[LORA_MATRICES];     /* each projection's slot rank R */
     const float *lora_scales;             /* [S] */
+    int64_t embed_quant; /* 0: embed is float panels; else quant.c's format code */
 } kv_decoder;
 
 /* A sense-reversing barrier for the step's threads: spin for up to SPIN_NS (the phases
@@ -153,6 +164,15 @@ typedef struct {
     const int64_t *lora_slots;
     int64_t *lora_order, *lora_starts, *lora_pos;
     float *lora_buf;
+    /* A quantized projection's input, quantized row by row (kv_quantize_blocks) where it
+       is written, before the barrier that precedes the projection: [0] of h (qkv,
+       gate_up), [1] of attn (o) and act (down). Rows [m, k], k that projection's. */
+    struct {
+        int8_t *q;        /* [m, k] */
+        float *s;         /* [m, k/32, 2] */
+        int32_t *halves;  /* [m, k/32, 2] */
+        int32_t *sums;    /* [m, k/32] */
+    } qin[2];
 } step_args;
 
 /* Whether the step adds adapters to projection `mat` of `layer`. */
@@ -191,6 +211,20 @@ static void shrink_part(const step_args *s, const kv_decoder_layer *layer, int m
     if (begin < end) kv_lora_shrink(&a, begin, end);
 }
 
+/* Which of s->qin a projection reads: 0 for h, 1 for attn and act. */
+static int quant_input_of(int mat) { return mat == LORA_O || mat == LORA_DOWN; }
+
+/* Blocks [b_begin, b_end) of row r of x [m, k], projection `mat`'s input, quantized. */
+static void quantize_part(const step_args *s, int mat, const void *x, int64_t k, int64_t r,
+                          int64_t b_begin, int64_t b_end)
+{
+    const int which = quant_input_of(mat);
+    const int64_t kb = k / 32;
+    kv_quantize_blocks((const char *)x + r * k * s->es, b_begin, b_end, s->dt,
+                       s->qin[which].q + r * k, s->qin[which].s + r * kb * 2,
+                       s->qin[which].halves + r * kb * 2, s->qin[which].sums + r * kb);
+}
+
 /* h = norm(residual (+= x)) row by row; then, where `next` (the layer whose projection
    `mat` reads h next; NULL: none) has adapters, the shrink of each row. */
 static void residual_norm(const step_args *s, const void *weight, int worker, int workers,
@@ -199,20 +233,33 @@ static void residual_norm(const step_args *s, const void *weight, int worker, in
     const int64_t H = s->md->hidden;
     const int lora = next && has_lora(s, next, mat);
     const kv_lora_args a = lora ? lora_args(s, next, mat, s->hidden, H, 0, n) : (kv_lora_args){0};
+    const int quant = next && next->quant[mat];
     for (int64_t r = worker; r < s->m; r += workers) {
         char *res = s->residual + r * H * s->es;
         if (add) kv_add_row(s->x + r * H * s->es, res, H, s->dt);
         kv_rms_norm_row(res, weight, (char *)s->hidden + r * H * s->es, H, (float)s->md->eps, s->dt);
         if (lora) shrink_row(&a, s, r);
+        if (quant) quantize_part(s, mat, s->hidden, H, r, 0, H / 32);
     }
 }
 
-/* y[:, 16 p_begin : 16 p_end] = x W^T (+ bias), W packed with n rows. */
-static void panels(const step_args *s, const void *x, const void *w, const void *bias, void *y,
-                   int64_t n, int64_t k, int64_t p_begin, int64_t p_end)
+/* y[:, 16 p_begin : 16 p_end] = x W^T (+ bias), W (n rows) projection `mat` of `layer`:
+   float panels, or quantized ones (reading x as s->qin quantized it). */
+static void panels(const step_args *s, const kv_decoder_layer *layer, int mat, const void *x,
+                   const void *w, const void *bias, void *y, int64_t n, int64_t k, int64_t p_begin,
+                   int64_t p_end)
 {
     if (p_begin >= p_end) return;
-    if (s->dt == KV_BF16) {
+    const int64_t format = layer->quant[mat];
+    if (format) {
+        const int which = quant_input_of(mat);
+        const int32_t *xh = format == KV_QUANT_Q6    ? s->qin[which].halves
+                            : format > KV_QUANT_AWQ ? s->qin[which].sums
+                                                    : 0;
+        const kv_quant_args a = {s->qin[which].q, s->qin[which].s, xh, w, bias, y, n, s->m, n, k,
+                                 (int)format, s->dt};
+        kv_quant_panels(&a, p_begin, p_end);
+    } else if (s->dt == KV_BF16) {
         kv_packed_panels_bf16(x, k, w, bias, y, n, s->m, n, k, p_begin, p_end);
     } else {
         const kv_packed_args a = {x, k, w, bias, y, n, s->m, n, k};
@@ -228,7 +275,7 @@ static void linear_part(const step_args *s, const kv_decoder_layer *layer, int m
 {
     int64_t begin, end;
     kv_split((n + 15) / 16, 1, worker, workers, &begin, &end);
-    panels(s, x, w, bias, y, n, k, begin, end);
+    panels(s, layer, mat, x, w, bias, y, n, k, begin, end);
     if (begin < end && has_lora(s, layer, mat)) {
         const kv_lora_args a = lora_args(s, layer, mat, x, k, y, n);
         kv_lora_expand(&a, 16 * begin, 16 * end < n ? 16 * end : n);
@@ -267,6 +314,8 @@ static void attention_part(const step_args *s, const kv_decoder_layer *layer, in
         kv_rotate_head(row + (Hq + h) * D * es, (char *)layer->key_cache + dst, cs, D / 2, s->dt);
         memcpy((char *)layer->value_cache + dst, row + (Hq + Hk + h) * D * es, (size_t)(D * es));
         kv_decode_item(&a, r, h);
+        if (layer->quant[LORA_O]) /* its G heads: whole blocks (NativeDecoder checks) */
+            quantize_part(s, LORA_O, s->attn, Hq * D, r, h * G * D / 32, (h + 1) * G * D / 32);
     }
 }
 
@@ -278,7 +327,10 @@ static void step_body(const step_args *s, int worker, int workers)
     const int64_t attn_width = md->num_heads * md->head_dim;
     int sense = 0;
     for (int64_t r = worker; r < m; r += workers)
-        kv_packed_row(md->embed, H, s->tokens[r], s->residual + r * H * es, s->dt);
+        if (md->embed_quant)
+            kv_quant_row(md->embed, (int)md->embed_quant, H, s->tokens[r], s->residual + r * H * es, s->dt);
+        else
+            kv_packed_row(md->embed, H, s->tokens[r], s->residual + r * H * es, s->dt);
     residual_norm(s, md->layers[0].input_norm, worker, workers, 0, md->layers, LORA_QKV, qkv_width);
     barrier_wait(s->sync, &sense);
     for (int64_t l = 0; l < md->num_layers; ++l) {
@@ -297,12 +349,15 @@ static void step_body(const step_args *s, int worker, int workers)
         residual_norm(s, layer->post_norm, worker, workers, 1, layer, LORA_GATE_UP, 2 * I);
         barrier_wait(s->sync, &sense);
         { /* gate panels [b, e) and their up panels, then act for those columns
-             (I is a multiple of 16: NativeDecoder checks) */
+             (I is a multiple of 16: NativeDecoder checks); where down is quantized, whole
+             blocks of 32 columns, quantized as soon as act has them */
+            const int quant_down = layer->quant[LORA_DOWN] != 0;
             int64_t b, e;
-            kv_split(I / 16, 1, worker, workers, &b, &e);
+            kv_split(I / 16, quant_down ? 2 : 1, worker, workers, &b, &e);
             if (b < e) {
-                panels(s, s->hidden, layer->gate_up, 0, s->gate_up, 2 * I, H, b, e);
-                panels(s, s->hidden, layer->gate_up, 0, s->gate_up, 2 * I, H, I / 16 + b, I / 16 + e);
+                panels(s, layer, LORA_GATE_UP, s->hidden, layer->gate_up, 0, s->gate_up, 2 * I, H, b, e);
+                panels(s, layer, LORA_GATE_UP, s->hidden, layer->gate_up, 0, s->gate_up, 2 * I, H,
+                       I / 16 + b, I / 16 + e);
                 if (has_lora(s, layer, LORA_GATE_UP)) { /* the deltas before the silu */
                     const kv_lora_args a = lora_args(s, layer, LORA_GATE_UP, s->hidden, H, s->gate_up, 2 * I);
                     kv_lora_expand(&a, 16 * b, 16 * e);
@@ -311,6 +366,7 @@ static void step_body(const step_args *s, int worker, int workers)
                 for (int64_t r = 0; r < m; ++r) {
                     const char *gu = s->gate_up + (r * 2 * I + 16 * b) * es;
                     kv_silu_mul(gu, gu + I * es, s->act + (r * I + 16 * b) * es, 16 * (e - b), s->dt);
+                    if (quant_down) quantize_part(s, LORA_DOWN, s->act, I, r, b / 2, e / 2);
                 }
             }
         }
@@ -357,6 +413,35 @@ static int64_t lora_scratch_offset(const kv_decoder *md, int64_t m)
     return (bytes + 63) / 64 * 64;
 }
 
+/* Bytes of the scratch before the quantized inputs (64-byte aligned): the dtype scratch
+   and the LoRA scratch. */
+static int64_t quant_scratch_offset(const kv_decoder *md, int64_t m)
+{
+    int64_t rank = 0;
+    for (int i = 0; i < LORA_MATRICES; ++i) rank = md->lora_rank[i] > rank ? md->lora_rank[i] : rank;
+    const int64_t lora = (int64_t)sizeof(int64_t) * (2 * m + md->lora_slots + 2) +
+                         (int64_t)sizeof(float) * rank * m;
+    return (lora_scratch_offset(md, m) + lora + 63) / 64 * 64;
+}
+
+/* The widest input of a quantized projection (0: none is quantized). */
+static int64_t quant_width(const kv_decoder *md)
+{
+    const int64_t widths[LORA_MATRICES] = {md->hidden, md->num_heads * md->head_dim, md->hidden,
+                                           md->intermediate};
+    int64_t k = 0;
+    for (int64_t l = 0; l < md->num_layers; ++l)
+        for (int i = 0; i < LORA_MATRICES; ++i)
+            if (md->layers[l].quant[i] && widths[i] > k) k = widths[i];
+    return k;
+}
+
+/* Bytes of one of step_args' qin for m rows of up to k columns (64-byte aligned). */
+static int64_t quant_input_bytes(int64_t m, int64_t k)
+{
+    return (m * k + 63) / 64 * 64 + m * (k / 32) * (int64_t)(2 * sizeof(float) + 3 * sizeof(int32_t));
+}
+
 /* lora_slots: each token's adapter slot in [-1, md->lora_slots) (-1: none), or NULL. */
 int64_t kvrun_decode_step(const kv_decoder *md, const int64_t *tokens, const int64_t *positions,
                           const int64_t *slots, const int32_t *tables, int64_t t_row,
@@ -388,6 +473,17 @@ int64_t kvrun_decode_step(const kv_decoder *md, const int64_t *tokens, const int
         for (int64_t p = 0; p < m; ++p) s.lora_pos[s.lora_order[p]] = p;
         if (s.lora_starts[S] > 0) s.lora_slots = lora_slots; /* else: no token has one */
     }
+    const int64_t qk = quant_width(md);
+    if (qk) {
+        char *base = (char *)scratch + quant_scratch_offset(md, m);
+        for (int i = 0; i < 2; ++i) {
+            char *at = base + i * quant_input_bytes(m, qk);
+            s.qin[i].q = (int8_t *)at;
+            s.qin[i].s = (float *)(at + (m * qk + 63) / 64 * 64);
+            s.qin[i].halves = (int32_t *)(s.qin[i].s + m * (qk / 32) * 2);
+            s.qin[i].sums = s.qin[i].halves + m * (qk / 32) * 2;
+        }
+    }
     barrier sync = {0, 0, 0, 1};
     s.sync = &sync;
     if (workers <= 1) {
@@ -408,10 +504,7 @@ int64_t kvrun_decode_step(const kv_decoder *md, const int64_t *tokens, const int
    room for the adapters' grouping and shrink, as attached when it is called). */
 int64_t kvrun_decode_scratch(const kv_decoder *md, int64_t m)
 {
-    const int64_t es = md->dtype == KV_BF16 ? 2 : 4;
-    int64_t rank = 0;
-    for (int i = 0; i < LORA_MATRICES; ++i) rank = md->lora_rank[i] > rank ? md->lora_rank[i] : rank;
-    const int64_t lora = (int64_t)sizeof(int64_t) * (2 * m + md->lora_slots + 2) +
-                         (int64_t)sizeof(float) * rank * m;
-    return (lora_scratch_offset(md, m) + lora + es - 1) / es;
+    const int64_t es = md->dtype == KV_BF16 ? 2 : 4, qk = quant_width(md);
+    const int64_t bytes = quant_scratch_offset(md, m) + (qk ? 2 * quant_input_bytes(m, qk) : 0);
+    return (bytes + es - 1) / es;
 }

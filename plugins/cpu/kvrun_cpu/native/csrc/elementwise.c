@@ -311,3 +311,77 @@ void kvrun_apply_token_bitmask(float *logits, int64_t row, const int32_t *bitmas
     const bitmask_args a = {logits, row, bitmask, words, rows, count, vocab};
     kv_pool_run(bitmask_task, &a, workers_for(count * vocab, workers));
 }
+
+/* --- argmax (greedy sampling) ------------------------------------------------------------ */
+
+/* torch.argmax's answer per row: the first index of the row's maximum, where NaN counts
+   as larger than any number (the first NaN wins). The vector loop keeps, per lane, the
+   first index of that lane's maximum (a later value must be strictly greater to replace
+   it); the lanes' maxima are then merged taking the smallest index among equal ones, so
+   the result is the first maximal index whatever the lane split. A row with a NaN is
+   rescanned for its first NaN. */
+typedef struct {
+    const float *logits; /* [B, row] float32 */
+    int64_t row, rows, vocab;
+    int64_t *out; /* [B] */
+} argmax_args;
+
+static int64_t argmax_row(const float *x, int64_t n)
+{
+    int64_t best = 0, i = 0;
+    int nan = 0;
+#if KV_AVX512
+    if (n >= 16) {
+        __m512 vmax = _mm512_loadu_ps(x);
+        __m512i vidx = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        __m512i cur = vidx;
+        const __m512i step = _mm512_set1_epi32(16);
+        __mmask16 unordered = _mm512_cmp_ps_mask(vmax, vmax, _CMP_UNORD_Q);
+        for (i = 16; i + 16 <= n; i += 16) {
+            const __m512 v = _mm512_loadu_ps(x + i);
+            cur = _mm512_add_epi32(cur, step);
+            const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
+            unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            vmax = _mm512_mask_mov_ps(vmax, gt, v);
+            vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
+        }
+        nan = unordered != 0;
+        if (!nan) {
+            const float top = _mm512_reduce_max_ps(vmax);
+            const __mmask16 at = _mm512_cmp_ps_mask(vmax, _mm512_set1_ps(top), _CMP_EQ_OQ);
+            best = _mm512_mask_reduce_min_epi32(at, vidx);
+        }
+    } else {
+        i = 1;
+    }
+#else
+    i = 1;
+#endif
+    if (!nan) {
+        float top = x[best];
+        nan = top != top;
+        for (; i < n && !nan; ++i) {
+            if (x[i] != x[i]) nan = 1;
+            else if (x[i] > top) top = x[i], best = i;
+        }
+    }
+    if (nan)
+        for (i = 0; i < n; ++i)
+            if (x[i] != x[i]) return i;
+    return best;
+}
+
+static void argmax_task(const void *p, int worker, int workers)
+{
+    const argmax_args *a = p;
+    int64_t begin, end;
+    kv_split(a->rows, 1, worker, workers, &begin, &end);
+    for (int64_t r = begin; r < end; ++r) a->out[r] = argmax_row(a->logits + r * a->row, a->vocab);
+}
+
+void kvrun_argmax(const float *logits, int64_t row, int64_t rows, int64_t vocab, int64_t *out,
+                  int workers)
+{
+    const argmax_args a = {logits, row, rows, vocab, out};
+    kv_pool_run(argmax_task, &a, workers_for(rows * vocab, workers));
+}

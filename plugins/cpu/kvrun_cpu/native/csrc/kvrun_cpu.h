@@ -82,6 +82,32 @@ KV_INTERNAL void kv_amx_panels_bf16(const uint16_t *x, int64_t x_row, const uint
 /* Row `row` of a packed [n, k] matrix into out [k]. */
 KV_INTERNAL void kv_packed_row(const void *panels, int64_t k, int64_t row, void *out, int dt);
 
+/* Quantized matrices (quant.c): y = x W^T (+ bias), x quantized per row and block of 32
+   to int8 (kv_quantize_blocks), W in one of quant.c's formats (`bits`: 8, 4, 36 (4-bit,
+   fp32 scales), KV_QUANT_Q6, or KV_QUANT_AWQ + blocks of 32 per group). */
+enum { KV_QUANT_Q6 = 6, KV_QUANT_AWQ = 1000 };
+typedef struct {
+    const int8_t *xq;  /* [m, k] */
+    const float *xs;   /* [m, k/32, 2]: dx and dx * sum(xq) per block */
+    const int32_t *xh; /* Q6: [m, k/32, 2] each half block's sum of xq; AWQ: [m, k/32]
+                          each block's; else NULL */
+    const uint8_t *w;  /* quant.c's panels, 64-byte aligned */
+    const void *bias;  /* [n] in `dtype`, or NULL */
+    void *y;           /* [m, n] in `dtype`, row stride y_row */
+    int64_t y_row, m, n, k;
+    int bits;
+    int dtype; /* of bias and y (KV_F32 or KV_BF16): float32 sums, rounded once at the end */
+} kv_quant_args;
+/* Blocks [b_begin, b_end) of one row x [k] (dtype dt) into that row's xq [k], xs
+   [k/32, 2], halves [k/32, 2] and sums [k/32]: what kvrun_quant_linear computes for it. */
+KV_INTERNAL void kv_quantize_blocks(const void *x, int64_t b_begin, int64_t b_end, int dt,
+                                    int8_t *xq, float *xs, int32_t *halves, int32_t *sums);
+/* Output panels [p_begin, p_end) (columns [16 p_begin, 16 p_end) of y). */
+KV_INTERNAL void kv_quant_panels(const kv_quant_args *a, int64_t p_begin, int64_t p_end);
+/* Row `row` of a quantized [n, k] matrix into out [k] (dtype dt), as kvrun_quant_rows. */
+KV_INTERNAL void kv_quant_row(const uint8_t *w, int bits, int64_t k, int64_t row, void *out,
+                              int dt);
+
 /* Decode attention over a paged cache (attention.c). */
 typedef struct {
     const void *query; /* [n, Hq, D], strides q_tok, q_head (elements) */

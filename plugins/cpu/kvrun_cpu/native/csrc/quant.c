@@ -57,8 +57,8 @@
 /* The formats (kvrun_cpu.native.quantized): 8 = 8-bit, 4 = 4-bit with fp16 scales,
    QF32 = 4-bit with fp32 scales, Q6 = 6-bit with two fp32 scales per row. */
 #define QF32 36
-#define Q6 6
-#define QAWQ 1000 /* + blocks of 32 per group */
+#define Q6 KV_QUANT_Q6
+#define QAWQ KV_QUANT_AWQ /* + blocks of 32 per group */
 #define AWQ_BLOCK (4 * 64) /* one block's nibble lines; a group adds one line of scales */
 KV_INLINE int64_t block_bytes(int bits)
 {
@@ -74,6 +74,13 @@ KV_INLINE int q6_value(const uint8_t *blk, int64_t l, int c)
     const uint8_t nib = blk[(g % 4) * 64 + l * 4 + t];
     const uint8_t top = blk[4 * 64 + (g / 4) * 64 + l * 4 + t];
     return (g < 4 ? nib & 0x0f : nib >> 4) | ((top >> (2 * (g % 4))) & 3) << 4;
+}
+
+/* 4-bit formats (GGUF's and AWQ's nibble lines): the value of row l, column c (0..31). */
+KV_INLINE int nibble_value(const uint8_t *blk, int64_t l, int c)
+{
+    const uint8_t byte = blk[(c % 16) / 4 * 64 + l * 4 + c % 4];
+    return c < 16 ? byte & 0x0f : byte >> 4;
 }
 
 /* Row l's scale and offset in a block whose scales start at sc. */
@@ -110,51 +117,63 @@ KV_INLINE float f16_to_f32(uint16_t h)
 
 /* --- activations -------------------------------------------------------------------- */
 
-/* Row i of x [m, k] (row stride x_row) into xq [m, k] int8 and xs [m, k/32, 2] (dx and
-   dx * sum(xq) per block). */
+/* One block of 32 values v into q [32] int8 and xs2 [2] (dx and dx * sum(q)); returns
+   sum(q). */
+KV_INLINE int quantize_block(const float *v, int8_t *q, float *xs2)
+{
+#if KV_AVX512
+    const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+    const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#else
+    float amax = 0.f;
+    for (int j = 0; j < QBLOCK; ++j) amax = fmaxf(amax, fabsf(v[j]));
+    const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    for (int j = 0; j < QBLOCK; ++j) {
+        const float s = v[j] * id;
+        q[j] = (int8_t)nearbyintf(s);
+        sum += q[j];
+    }
+#endif
+    xs2[0] = d;
+    xs2[1] = d * (float)sum;
+    return sum;
+}
+
+/* Row x [k] into xq [k] int8 and xs [k/32, 2] (dx and dx * sum(xq) per block). */
 static void quantize_row(const float *x, int64_t k, int8_t *xq, float *xs)
 {
-    for (int64_t b = 0; b < k / QBLOCK; ++b) {
-        const float *v = x + b * QBLOCK;
+    for (int64_t b = 0; b < k / QBLOCK; ++b) quantize_block(x + b * QBLOCK, xq + b * QBLOCK, xs + 2 * b);
+}
+
+void kv_quantize_blocks(const void *x, int64_t b_begin, int64_t b_end, int dt, int8_t *xq,
+                        float *xs, int32_t *halves, int32_t *sums)
+{
+    float v[QBLOCK];
+    for (int64_t b = b_begin; b < b_end; ++b) {
+        const float *src = v;
+        if (dt == KV_BF16) /* exact, as the op's x.float() */
+            for (int j = 0; j < QBLOCK; ++j) v[j] = kv_ld(x, b * QBLOCK + j, KV_BF16);
+        else
+            src = (const float *)x + b * QBLOCK;
         int8_t *q = xq + b * QBLOCK;
-#if KV_AVX512
-        const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
-        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
-        _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
-        const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-#else
-        float amax = 0.f;
-        for (int j = 0; j < QBLOCK; ++j) amax = fmaxf(amax, fabsf(v[j]));
-        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-        int sum = 0;
-        for (int j = 0; j < QBLOCK; ++j) {
-            const float s = v[j] * id;
-            q[j] = (int8_t)nearbyintf(s);
-            sum += q[j];
-        }
-#endif
-        xs[2 * b] = d;
-        xs[2 * b + 1] = d * (float)sum;
+        sums[b] = quantize_block(src, q, xs + 2 * b);
+        int32_t half = 0;
+        for (int j = 0; j < QBLOCK / 2; ++j) half += q[j];
+        halves[2 * b] = half;
+        halves[2 * b + 1] = sums[b] - half;
     }
 }
 
 /* --- the matmul ----------------------------------------------------------------------- */
 
-typedef struct {
-    const int8_t *xq; /* [m, k] */
-    const float *xs;  /* [m, k/32, 2] */
-    const int32_t *xh; /* Q6: [m, k/32, 2] the sums of each half's xq; AWQ: [m, k/32]
-                          each block's; else NULL */
-    const uint8_t *w; /* [ceil(n/16), k/32, block_bytes], 64-byte aligned */
-    const float *bias; /* [n] or NULL */
-    float *y;          /* [m, n], row stride y_row */
-    int64_t y_row, m, n, k;
-    int bits;
-} quant_args;
+typedef kv_quant_args quant_args; /* kvrun_cpu.h */
 
 KV_INLINE void store_tile(const quant_args *a, int64_t i, int64_t p, int MR, int NP,
                           float acc[4][4][PANEL])
@@ -164,7 +183,8 @@ KV_INLINE void store_tile(const quant_args *a, int64_t i, int64_t p, int MR, int
         const int64_t cols = a->n - col < PANEL ? a->n - col : PANEL;
         for (int r = 0; r < MR; ++r)
             for (int64_t l = 0; l < cols; ++l)
-                a->y[(i + r) * a->y_row + col + l] = acc[r][j][l] + (a->bias ? a->bias[col + l] : 0.f);
+                kv_st(a->y, (i + r) * a->y_row + col + l,
+                      acc[r][j][l] + (a->bias ? kv_ld(a->bias, col + l, a->dtype) : 0.f), a->dtype);
     }
 }
 
@@ -176,12 +196,29 @@ KV_INLINE __m512i bcast32(const int8_t *p)
     return _mm512_set1_epi32(v);
 }
 
+/* isum[r][j] += the 16 rows of a 4-bit block (4 nibble lines: column c low, c + 16 high)
+   times block b of rows i .. i + MR - 1 of xq: GGUF's 4-bit formats and AWQ alike. */
+KV_INLINE void nibble_dots(const quant_args *a, const uint8_t *blk, int64_t i, int64_t b,
+                           const int MR, int j, __m512i isum[4][4])
+{
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    for (int g = 0; g < 4; ++g) {
+        const __m512i v = _mm512_load_si512((const void *)(blk + 64 * g));
+        const __m512i lo = _mm512_and_si512(v, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int r = 0; r < MR; ++r) {
+            const int8_t *xr = a->xq + (i + r) * a->k + b * QBLOCK;
+            isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], lo, bcast32(xr + 4 * g));
+            isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], hi, bcast32(xr + 16 + 4 * g));
+        }
+    }
+}
+
 /* MR (<= 4) rows of x from row i against NP (<= 4) panels from panel p, BITS 4 or 8. */
 KV_INLINE void tile(const quant_args *a, int64_t i, int64_t p, const int MR, const int NP,
                     const int BITS)
 {
     const int64_t kb = a->k / QBLOCK, bs = block_bytes(BITS), data = value_bits(BITS) * 64;
-    const __m512i low = _mm512_set1_epi8(0x0f);
     __m512 acc[4][4];
     for (int r = 0; r < MR; ++r)
         for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_ps();
@@ -192,16 +229,7 @@ KV_INLINE void tile(const quant_args *a, int64_t i, int64_t p, const int MR, con
         for (int j = 0; j < NP; ++j) {
             const uint8_t *blk = a->w + ((p + j) * kb + b) * bs;
             if (BITS != 8) {
-                for (int g = 0; g < 4; ++g) {
-                    const __m512i v = _mm512_load_si512((const void *)(blk + 64 * g));
-                    const __m512i lo = _mm512_and_si512(v, low);
-                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                    for (int r = 0; r < MR; ++r) {
-                        const int8_t *xr = a->xq + (i + r) * a->k + b * QBLOCK;
-                        isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], lo, bcast32(xr + 4 * g));
-                        isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], hi, bcast32(xr + 16 + 4 * g));
-                    }
-                }
+                nibble_dots(a, blk, i, b, MR, j, isum);
             } else {
                 for (int g = 0; g < 8; ++g) {
                     const __m512i v = _mm512_load_si512((const void *)(blk + 64 * g));
@@ -283,7 +311,6 @@ KV_INLINE void tile_awq(const quant_args *a, int64_t i, int64_t p, const int MR,
 {
     const int64_t kb = a->k / QBLOCK, gb = a->bits - QAWQ, gbytes = gb * AWQ_BLOCK + 64;
     const int64_t stride = kb / gb * gbytes; /* one panel */
-    const __m512i low = _mm512_set1_epi8(0x0f);
     __m512 acc[4][4];
     for (int r = 0; r < MR; ++r)
         for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_ps();
@@ -301,17 +328,7 @@ KV_INLINE void tile_awq(const quant_args *a, int64_t i, int64_t p, const int MR,
             for (int r = 0; r < MR; ++r)
                 for (int j = 0; j < NP; ++j) isum[r][j] = _mm512_setzero_si512();
             for (int j = 0; j < NP; ++j) {
-                const uint8_t *blk = a->w + (p + j) * stride + g * gbytes + e * AWQ_BLOCK;
-                for (int l4 = 0; l4 < 4; ++l4) {
-                    const __m512i v = _mm512_load_si512((const void *)(blk + 64 * l4));
-                    const __m512i lo = _mm512_and_si512(v, low);
-                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                    for (int r = 0; r < MR; ++r) {
-                        const int8_t *xr = a->xq + (i + r) * a->k + b * QBLOCK;
-                        isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], lo, bcast32(xr + 4 * l4));
-                        isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], hi, bcast32(xr + 16 + 4 * l4));
-                    }
-                }
+                nibble_dots(a, a->w + (p + j) * stride + g * gbytes + e * AWQ_BLOCK, i, b, MR, j, isum);
             }
             for (int r = 0; r < MR; ++r) {
                 const __m512 dx = _mm512_set1_ps(a->xs[((i + r) * kb + b) * 2]);
@@ -351,8 +368,7 @@ KV_INLINE void tile(const quant_args *a, int64_t i, int64_t p, const int MR, con
                     for (int c = 0; c < QBLOCK; ++c) {
                         int v;
                         if (BITS != 8) {
-                            const uint8_t byte = blk[(c % 16) / 4 * 64 + l * 4 + c % 4];
-                            v = c < 16 ? byte & 0x0f : byte >> 4;
+                            v = nibble_value(blk, l, c);
                         } else {
                             v = blk[c / 4 * 64 + l * 4 + c % 4];
                         }
@@ -415,10 +431,7 @@ KV_INLINE void tile_awq(const quant_args *a, int64_t i, int64_t p, const int MR,
                 const int32_t sx = a->xh[(i + r) * kb + b];
                 for (int l = 0; l < PANEL; ++l) {
                     int32_t isum = 0;
-                    for (int c = 0; c < QBLOCK; ++c) {
-                        const uint8_t byte = blk[(c % 16) / 4 * 64 + l * 4 + c % 4];
-                        isum += (c < 16 ? byte & 0x0f : byte >> 4) * xr[c];
-                    }
+                    for (int c = 0; c < QBLOCK; ++c) isum += nibble_value(blk, l, c) * xr[c];
                     uint16_t h;
                     memcpy(&h, sc + 2 * l, 2);
                     const float t = (float)(isum - (int32_t)sc[32 + l] * sx) * dx;
@@ -446,18 +459,25 @@ static void tile_any(const quant_args *a, int64_t i, int64_t p, int64_t mr, int6
 #undef T
 }
 
+/* Decode (one row): 4 panels per tile for four independent chains of vpdpbusd;
+   batches: 4 rows x 2 panels, the weights unpacked once per 4 rows. */
+KV_INLINE int64_t tile_width(const quant_args *a) { return a->m == 1 ? 4 : 2; }
+
+void kv_quant_panels(const quant_args *a, int64_t p_begin, int64_t p_end)
+{
+    const int64_t wide = tile_width(a);
+    for (int64_t p = p_begin; p < p_end; p += wide) {
+        const int64_t np = p_end - p < wide ? p_end - p : wide;
+        for (int64_t i = 0; i < a->m; i += 4) tile_any(a, i, p, a->m - i < 4 ? a->m - i : 4, np);
+    }
+}
+
 static void quant_task(const void *args, int worker, int workers)
 {
     const quant_args *a = args;
     int64_t begin, end;
-    /* Decode (one row): 4 panels per tile for four independent chains of vpdpbusd;
-       batches: 4 rows x 2 panels, the weights unpacked once per 4 rows. */
-    const int64_t wide = a->m == 1 ? 4 : 2;
-    kv_split((a->n + PANEL - 1) / PANEL, wide, worker, workers, &begin, &end);
-    for (int64_t p = begin; p < end; p += wide) {
-        const int64_t np = end - p < wide ? end - p : wide;
-        for (int64_t i = 0; i < a->m; i += 4) tile_any(a, i, p, a->m - i < 4 ? a->m - i : 4, np);
-    }
+    kv_split((a->n + PANEL - 1) / PANEL, tile_width(a), worker, workers, &begin, &end);
+    kv_quant_panels(a, begin, end);
 }
 
 /* y [m, n] = x [m, k] (float32, row stride x_row) times the packed matrix transposed
@@ -489,7 +509,7 @@ int kvrun_quant_linear(const float *x, int64_t x_row, const uint8_t *w, int bits
             for (int c = 0; c < span; ++c) sum += xq[i * span + c];
             xh[i] = sum;
         }
-    const quant_args a = {xq, xs, xh, w, bias, y, y_row, m, n, k, bits};
+    const quant_args a = {xq, xs, xh, w, bias, y, y_row, m, n, k, bits, KV_F32};
     /* Below ~32 KiB of quantized weights a second thread costs more than it saves. */
     if (n * k < 65536) workers = 1;
     kv_pool_run(quant_task, &a, workers);
@@ -497,6 +517,43 @@ int kvrun_quant_linear(const float *x, int64_t x_row, const uint8_t *w, int bits
     free(xs);
     free(xh);
     return 0;
+}
+
+void kv_quant_row(const uint8_t *w, int bits, int64_t k, int64_t row, void *out, int dt)
+{
+    const int64_t kb = k / QBLOCK, p = row / PANEL, l = row % PANEL;
+    if (bits > QAWQ) { /* s (q - z): AWQ's dequantisation, one rounding */
+        const int64_t gb = bits - QAWQ, gbytes = gb * AWQ_BLOCK + 64, stride = kb / gb * gbytes;
+        for (int64_t b = 0; b < kb; ++b) {
+            const uint8_t *grp = w + p * stride + b / gb * gbytes;
+            const uint8_t *blk = grp + b % gb * AWQ_BLOCK, *sc = grp + gb * AWQ_BLOCK;
+            uint16_t h;
+            memcpy(&h, sc + 2 * l, 2);
+            const float s = f16_to_f32(h);
+            for (int c = 0; c < QBLOCK; ++c)
+                kv_st(out, b * QBLOCK + c, s * (float)(nibble_value(blk, l, c) - sc[32 + l]), dt);
+        }
+        return;
+    }
+    const int64_t bs = block_bytes(bits), data = value_bits(bits) * 64;
+    for (int64_t b = 0; b < kb; ++b) {
+        const uint8_t *blk = w + (p * kb + b) * bs;
+        if (bits == Q6) { /* the loader's (d sc) (v - 32), one rounding */
+            for (int c = 0; c < QBLOCK; ++c) {
+                float d;
+                memcpy(&d, blk + data + 64 * (c / 16) + 4 * l, sizeof d);
+                kv_st(out, b * QBLOCK + c, d * (float)(q6_value(blk, l, c) - 32), dt);
+            }
+            continue;
+        }
+        float d, o;
+        scale_offset(blk + data, bits, l, &d, &o);
+        for (int c = 0; c < QBLOCK; ++c) {
+            const int v = bits != 8 ? nibble_value(blk, l, c) : blk[c / 4 * 64 + l * 4 + c % 4];
+            const float dv = d * (float)v; /* exact: at most 17 by 8 significant bits */
+            kv_st(out, b * QBLOCK + c, dv + o, dt);
+        }
+    }
 }
 
 /* Rows `ids` of the packed [n, k] matrix in float32 (an embedding lookup): out [m, k],
@@ -507,53 +564,6 @@ int64_t kvrun_quant_rows(const int64_t *ids, int64_t m, const uint8_t *w, int bi
 {
     for (int64_t i = 0; i < m; ++i)
         if (ids[i] < 0 || ids[i] >= n) return i;
-    const int64_t kb = k / QBLOCK;
-    if (bits > QAWQ) { /* s (q - z): AWQ's dequantisation, one rounding */
-        const int64_t gb = bits - QAWQ, gbytes = gb * AWQ_BLOCK + 64, stride = kb / gb * gbytes;
-        for (int64_t i = 0; i < m; ++i) {
-            const int64_t p = ids[i] / PANEL, l = ids[i] % PANEL;
-            for (int64_t b = 0; b < kb; ++b) {
-                const uint8_t *grp = w + p * stride + b / gb * gbytes;
-                const uint8_t *blk = grp + b % gb * AWQ_BLOCK, *sc = grp + gb * AWQ_BLOCK;
-                uint16_t h;
-                memcpy(&h, sc + 2 * l, 2);
-                const float s = f16_to_f32(h);
-                for (int c = 0; c < QBLOCK; ++c) {
-                    const uint8_t byte = blk[(c % 16) / 4 * 64 + l * 4 + c % 4];
-                    const int q = c < 16 ? byte & 0x0f : byte >> 4;
-                    out[i * k + b * QBLOCK + c] = s * (float)(q - sc[32 + l]);
-                }
-            }
-        }
-        return -1;
-    }
-    const int64_t bs = block_bytes(bits), data = value_bits(bits) * 64;
-    for (int64_t i = 0; i < m; ++i) {
-        const int64_t p = ids[i] / PANEL, l = ids[i] % PANEL;
-        for (int64_t b = 0; b < kb; ++b) {
-            const uint8_t *blk = w + (p * kb + b) * bs;
-            if (bits == Q6) { /* the loader's (d sc) (v - 32), one rounding */
-                for (int c = 0; c < QBLOCK; ++c) {
-                    float d;
-                    memcpy(&d, blk + data + 64 * (c / 16) + 4 * l, sizeof d);
-                    out[i * k + b * QBLOCK + c] = d * (float)(q6_value(blk, l, c) - 32);
-                }
-                continue;
-            }
-            float d, o;
-            scale_offset(blk + data, bits, l, &d, &o);
-            for (int c = 0; c < QBLOCK; ++c) {
-                int v;
-                if (bits != 8) {
-                    const uint8_t byte = blk[(c % 16) / 4 * 64 + l * 4 + c % 4];
-                    v = c < 16 ? byte & 0x0f : byte >> 4;
-                } else {
-                    v = blk[c / 4 * 64 + l * 4 + c % 4];
-                }
-                const float dv = d * (float)v; /* exact: at most 17 by 8 significant bits */
-                out[i * k + b * QBLOCK + c] = dv + o;
-            }
-        }
-    }
+    for (int64_t i = 0; i < m; ++i) kv_quant_row(w, bits, k, ids[i], out + i * k, KV_F32);
     return -1;
 }
