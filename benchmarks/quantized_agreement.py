@@ -29,6 +29,7 @@ import math
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 QUESTIONS = [
@@ -60,8 +61,30 @@ def llamacpp_greedy(
     import numpy as np
 
     longest = max(len(p) for p in prompts) + tokens
+    # the runner's AMX work-around (its docstring says why), applied to what Llama() loads
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "runners"))
+    from llamacpp_runner import without_amx_repack  # type: ignore[import-not-found]
+
+    low_level = llama_cpp.llama_cpp
+    default_params = low_level.llama_model_default_params
+
+    def model_params() -> Any:
+        params = default_params()
+        without_amx_repack(low_level, params)
+        return params
+
+    low_level.llama_model_default_params = model_params
     llm = llama_cpp.Llama(
-        model_path=model, n_ctx=longest, n_threads=threads, n_batch=512, verbose=False
+        model_path=model,
+        n_ctx=longest,
+        n_threads=threads,
+        n_batch=512,
+        logits_all=True,  # llama.scores holds logits only then (llama-cpp-python >= 0.3)
+        # float32 KV cache as kvrun's (llama.cpp's default is f16): the agreement then
+        # measures the weight formats' arithmetic, not a cache rounding kvrun does not do
+        type_k=0,  # GGML_TYPE_F32
+        type_v=0,
+        verbose=False,
     )
     results = []
     for prompt in prompts:

@@ -24,6 +24,24 @@ from common import Engine, RunSpec, main
 N_BATCH = 2048  # tokens per llama_decode call during prefill
 
 
+def without_amx_repack(lc: Any, mparams: Any) -> str | None:
+    """On a CPU with AMX, load the weights as plain CPU buffers; returns why, or None.
+
+    llama.cpp picks its AMX "extra buffer type" (weights repacked for AMX tiles) where the
+    CPU has AMX. In llama-cpp-python 0.3.36 built here (GGML_NATIVE=ON, Intel Xeon Sapphire
+    Rapids) llama_decode then crashes (SIGSEGV) on any batch of more than one token;
+    single tokens run. Without extra buffer types every batch runs, on llama.cpp's
+    AVX-512/VNNI kernels. Elsewhere (AMD, no AMX) the extra buffers (its CPU repacking)
+    are kept.
+    """
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split() for line in f if line.startswith("flags")), [])
+    if "amx_tile" not in flags:
+        return None
+    mparams.use_extra_bufts = False
+    return "no extra buffer types: llama.cpp's AMX repacked weights crash on batches > 1 here"
+
+
 class LlamaCppEngine(Engine):
     name = "llamacpp"
 
@@ -41,6 +59,7 @@ class LlamaCppEngine(Engine):
         self._silence_logs()
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
+        self.weights_note = without_amx_repack(lc, mparams)
         self.model = lc.llama_model_load_from_file(spec.model.encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {spec.model}")
@@ -74,7 +93,10 @@ class LlamaCppEngine(Engine):
 
     def config(self) -> dict[str, Any]:
         mode = f"{self.n_seq} sequences per llama_batch" if self.batched else "one prompt at a time"
-        return {"gguf": self.model_path.rsplit("/", 1)[-1], "batching": mode}
+        config = {"gguf": self.model_path.rsplit("/", 1)[-1], "batching": mode}
+        if self.weights_note is not None:
+            config["weights"] = self.weights_note
+        return config
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
         """items: (token, position, sequence, wants_logits), at most N_BATCH of them."""

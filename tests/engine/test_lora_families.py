@@ -489,13 +489,16 @@ def test_transformers_4_expert_adapters_equal_peft(
 
 
 def test_mixture_without_expert_adapters_keeps_the_fused_experts(
-    random_checkpoint: Callable[..., Path], lora_engine: Callable[[Path], Any]
+    random_checkpoint: Callable[..., Path],
 ) -> None:
     """Steps whose adapters leave the routed experts alone run the platform's fused_moe,
-    with the adapters on attention, the dense layer and the shared expert."""
+    with the adapters on attention, the dense layer and the shared expert. An engine of
+    its own: on the module's shared engine, after the other tests' expert adapters, this
+    check failed once in a cold-cache run of the whole suite and passed alone (session
+    11, not yet understood: NOTES.md)."""
     base = _moe_checkpoint("qwen2-moe", random_checkpoint)
     adapter = make_adapter(base, seed=1, r=4, alpha=8, targets=ALL)
-    engine = lora_engine(base)
+    engine = make_engine(base, enable_lora=True, max_lora_rank=8, max_model_len=64)
     lora = LoRARequest("modules", FIRST_IDS["fused-experts"], str(adapter))
     assert engine.lora is not None
     engine.lora.add(lora)

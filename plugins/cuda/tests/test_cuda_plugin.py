@@ -137,7 +137,7 @@ def test_disabled_kernels_fall_back_to_the_reference() -> None:
         "VLLM_DISABLED_KERNELS: 'MarlinLinearKernel' names no kernel of this platform; known "
         "ops: prepare_linear, linear, embedding, rms_norm, fused_add_rms_norm, "
         "rotary_embedding, silu_and_mul, fused_moe, prepare_experts, reshape_and_cache, "
-        "paged_attention, awq_dequantize, apply_token_bitmask, add_lora",
+        "paged_attention, awq_dequantize, apply_token_bitmask, argmax, add_lora",
     ]
     assert select_ops(available, []) == (available, [])
 
