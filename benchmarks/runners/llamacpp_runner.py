@@ -16,6 +16,7 @@ Greedy is an argmax over each sequence's logits (first index on ties, as torch).
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,19 +25,24 @@ from common import Engine, RunSpec, main
 N_BATCH = 2048  # tokens per llama_decode call during prefill
 
 
+def has_amx() -> bool:
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split() for line in f if line.startswith("flags")), [])
+    return "amx_tile" in flags
+
+
 def without_amx_repack(lc: Any, mparams: Any) -> str | None:
     """On a CPU with AMX, load the weights as plain CPU buffers; returns why, or None.
 
     llama.cpp picks its AMX "extra buffer type" (weights repacked for AMX tiles) where the
     CPU has AMX. In llama-cpp-python 0.3.36 built here (GGML_NATIVE=ON, Intel Xeon Sapphire
     Rapids) llama_decode then crashes (SIGSEGV) on any batch of more than one token;
-    single tokens run. Without extra buffer types every batch runs, on llama.cpp's
-    AVX-512/VNNI kernels. Elsewhere (AMD, no AMX) the extra buffers (its CPU repacking)
-    are kept.
+    single tokens run, and fast (~147 tok/s single-stream on the Q4_1 default model
+    against ~76 without the repack, measured once). Without extra buffer types every
+    batch runs, on llama.cpp's AVX-512/VNNI kernels. Elsewhere (AMD, no AMX) the extra
+    buffers (its CPU repacking) are kept.
     """
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split() for line in f if line.startswith("flags")), [])
-    if "amx_tile" not in flags:
+    if not has_amx():
         return None
     mparams.use_extra_bufts = False
     return "no extra buffer types: llama.cpp's AMX repacked weights crash on batches > 1 here"
@@ -46,6 +52,11 @@ class LlamaCppEngine(Engine):
     name = "llamacpp"
 
     def __init__(self, spec: RunSpec) -> None:
+        # llama.cpp's own OpenMP settings, not kvrun's: with OMP_WAIT_POLICY=PASSIVE (what
+        # the kvrun command and the harness's usual environment set) its threads sleep
+        # between graph nodes and single-stream decode drops from ~147 to ~27 tok/s here
+        # (measured). libgomp reads the variable once, when llama.cpp loads it below.
+        os.environ.pop("OMP_WAIT_POLICY", None)
         import llama_cpp as lc  # type: ignore[import-not-found]  # only in its venv
         import numpy as np
 
@@ -59,7 +70,16 @@ class LlamaCppEngine(Engine):
         self._silence_logs()
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
-        self.weights_note = without_amx_repack(lc, mparams)
+        # One sequence on an AMX CPU: keep llama.cpp's AMX repacked weights (its fastest
+        # decode here) and feed every llama_decode one token, prompts included (slower
+        # TTFT); with several sequences a decode step is a batch, so no repack
+        # (without_amx_repack says why).
+        self.token_at_a_time = self.n_seq == 1 and has_amx()
+        self.weights_note = (
+            "AMX repacked weights, every llama_decode one token (batches > 1 crash here)"
+            if self.token_at_a_time
+            else without_amx_repack(lc, mparams)
+        )
         self.model = lc.llama_model_load_from_file(spec.model.encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {spec.model}")
@@ -100,6 +120,8 @@ class LlamaCppEngine(Engine):
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
         """items: (token, position, sequence, wants_logits), at most N_BATCH of them."""
+        if self.token_at_a_time and len(items) > 1:
+            raise RuntimeError("this llama.cpp configuration decodes one token per call")
         b = self.batch
         for i, (tok, pos, seq, logits) in enumerate(items):
             b.token[i] = tok
@@ -125,8 +147,9 @@ class LlamaCppEngine(Engine):
             for pos, tok in enumerate(p)
         ]
         nexts: list[int] = [0] * len(prompts)
-        for start in range(0, len(flat), N_BATCH):
-            chunk = flat[start : start + N_BATCH]
+        per_call = 1 if self.token_at_a_time else N_BATCH
+        for start in range(0, len(flat), per_call):
+            chunk = flat[start : start + per_call]
             self._decode(chunk)
             for i, (_, _, seq, wants) in enumerate(chunk):
                 if wants:
