@@ -44,19 +44,9 @@ def run_scenario(
 ) -> Any:
     """``python -m module name JSON`` in its own network namespace (the cpu platform,
     passive OpenMP, ``env`` added, ``unset`` removed); the ``RESULT`` it printed last."""
-    command = f"ip link set lo up && exec {sys.executable} -m {module} {name} " + _quote(
-        json.dumps(kwargs)
-    )
-    environ = {
-        **os.environ,
-        "VLLM_TARGET_DEVICE": "cpu",
-        "OMP_WAIT_POLICY": "PASSIVE",
-        **(env or {}),
-    }
-    for variable in unset:
-        environ.pop(variable, None)
+    command, environ = _in_namespace(module, name, json.dumps(kwargs), env, unset)
     done = subprocess.run(
-        ["unshare", "-n", "sh", "-c", command],
+        command,
         cwd=REPO,
         env=environ,
         capture_output=True,
@@ -99,20 +89,10 @@ def run_scenarios(
     """Several scenarios, ``(label, name, kwargs)`` each, in order in one process in its
     own network namespace (as :func:`run_scenario`); a failing scenario is reported
     (reading its label raises) and the next ones still run."""
-    command = f"ip link set lo up && exec {sys.executable} -m {module} {MANY} " + _quote(
-        json.dumps(scenarios)
-    )
-    environ = {
-        **os.environ,
-        "VLLM_TARGET_DEVICE": "cpu",
-        "OMP_WAIT_POLICY": "PASSIVE",
-        **(env or {}),
-    }
-    for variable in unset:
-        environ.pop(variable, None)
+    command, environ = _in_namespace(module, MANY, json.dumps(scenarios), env, unset)
     try:
         done = subprocess.run(
-            ["unshare", "-n", "sh", "-c", command],
+            command,
             cwd=REPO,
             env=environ,
             capture_output=True,
@@ -152,6 +132,24 @@ def scenario_main(lookup: Callable[[str], Callable[..., Any]]) -> None:
             print("FAILED " + json.dumps([label, traceback.format_exc()]), flush=True)
         else:
             print("RESULT " + json.dumps([label, result]), flush=True)
+
+
+def _in_namespace(
+    module: str, name: str, arguments: str, env: dict[str, str] | None, unset: tuple[str, ...]
+) -> tuple[list[str], dict[str, str]]:
+    """The command running ``python -m module name ARGUMENTS`` in a network namespace of
+    its own (loopback up), and its environment: the cpu platform, passive OpenMP, ``env``
+    added, ``unset`` removed."""
+    shell = f"ip link set lo up && exec {sys.executable} -m {module} {name} " + _quote(arguments)
+    environ = {
+        **os.environ,
+        "VLLM_TARGET_DEVICE": "cpu",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        **(env or {}),
+    }
+    for variable in unset:
+        environ.pop(variable, None)
+    return ["unshare", "-n", "sh", "-c", shell], environ
 
 
 def _quote(text: str) -> str:

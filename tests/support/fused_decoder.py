@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ from kvrun.engine.batch import BatchInputs, build_batch
 from kvrun.engine.llm_engine import LLMEngine
 from kvrun.envs import read_env
 from kvrun.sampling_params import SamplingParams
+from kvrun.scheduling.output import ScheduledChunk
 from kvrun.testing.checkpoints import Arch, build_random_checkpoint
 from tests.support.checkpoints import cached_build
 
-__all__ = ["MODELS", "decode_batch", "fused_decoder_checkpoints", "make_engine"]
+__all__ = ["MODELS", "decode_batch", "decode_chunks", "fused_decoder_checkpoints", "make_engine"]
 
 # (arch, sizes): head_dim 16 on the kernels' generic length; 64 on their unrolled one,
 # with Qwen2's q/k/v bias; 32 with Qwen3's per-head q/k norms (layout version 2).
@@ -60,8 +62,9 @@ def make_engine(model: Path, cache_root: str, **kwargs: Any) -> LLMEngine:
     )
 
 
-def decode_batch(engine: LLMEngine, prompt_lens: list[int]) -> BatchInputs:
-    """Prefill one request per length, then the batch of their first decode step."""
+def decode_chunks(engine: LLMEngine, prompt_lens: Sequence[int]) -> list[ScheduledChunk]:
+    """Prefill one request per length, then schedule their first decode step: its chunks
+    (one token each)."""
     for i, n in enumerate(prompt_lens):
         ids = [(7 * i + 3 * t) % 1000 + 10 for t in range(n)]
         engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=4, ignore_eos=True))
@@ -69,4 +72,10 @@ def decode_batch(engine: LLMEngine, prompt_lens: list[int]) -> BatchInputs:
         engine.step()
     out = engine.scheduler.schedule()
     assert all(len(c.token_ids) == 1 for c in out.chunks)
-    return build_batch(out.chunks, engine.config.block_size, engine.platform.device)
+    return list(out.chunks)
+
+
+def decode_batch(engine: LLMEngine, prompt_lens: Sequence[int]) -> BatchInputs:
+    """Prefill one request per length, then the batch of their first decode step."""
+    chunks = decode_chunks(engine, prompt_lens)
+    return build_batch(chunks, engine.config.block_size, engine.platform.device)

@@ -10,23 +10,21 @@ and logprobs over a whole generation.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from kvrun.config import EngineArgs
 from kvrun.engine.batch import BatchInputs, build_batch
 from kvrun.engine.llm_engine import LLMEngine
-from kvrun.envs import read_env
 from kvrun.loader.resolve import DEFAULT_HUB_MODEL, default_model
 from kvrun.sampling_params import SamplingParams
 from kvrun.testing.checkpoints import build_gguf_from_hf, build_random_checkpoint
 from kvrun_cpu.native.build import find_compiler
 from kvrun_cpu.native.decoder import NativeDecoder
 from kvrun_cpu.native.quantized import QuantizedPackedWeight
+from tests.support.fused_decoder import decode_chunks, make_engine
 
 pytestmark = [
     pytest.mark.skipif(find_compiler() is None, reason="no C compiler on PATH"),
@@ -88,33 +86,12 @@ def ggufs(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
     return files
 
 
-def make_engine(model: Path, cache_root: str, **kwargs: Any) -> LLMEngine:
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CACHE_ROOT": cache_root}
-    kwargs.setdefault("dtype", "float32")
-    return LLMEngine.from_args(
-        EngineArgs(
-            model=str(model),
-            num_kv_blocks=64,
-            max_model_len=256,
-            enable_prefix_caching=False,
-            **kwargs,
-        ),
-        read_env(env),
-    )
-
-
 def decode_batches(engine: LLMEngine) -> list[BatchInputs]:
     """Prefill one request per PROMPT_LENS, then their first decode step: its batch of 8
     rows, and the first row alone (quant.c's one-row tiles: 4 panels wide)."""
-    for i, n in enumerate(PROMPT_LENS):
-        ids = [(7 * i + 3 * t) % 1000 + 10 for t in range(n)]
-        engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=4, ignore_eos=True))
-    while engine.scheduler.stats.num_waiting:
-        engine.step()
-    out = engine.scheduler.schedule()
-    assert all(len(c.token_ids) == 1 for c in out.chunks)
+    chunks = decode_chunks(engine, PROMPT_LENS)
     size, device = engine.config.block_size, engine.platform.device
-    return [build_batch(out.chunks, size, device), build_batch(out.chunks[:1], size, device)]
+    return [build_batch(chunks, size, device), build_batch(chunks[:1], size, device)]
 
 
 def assert_fused_steps_are_the_forward(engine: LLMEngine) -> None:
